@@ -1,0 +1,44 @@
+"""Sans-I/O protocol of the sled uplink: frames, payloads, decisions, JSON-RPC, SSE.
+
+Nothing here does I/O or imports pykka, websockets, httpx or asyncio; every
+function is text or values in, values out (in the manner of h11).
+"""
+
+from protocol.decisions import DENY_MESSAGES, Decision, Mapped, Outcome, Reason, decide
+from protocol.envelope import JSON, Envelope, Kind, dumps, loads, parse, serialize
+from protocol.exceptions import (
+    ConfigError,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    UplinkError,
+)
+from protocol.frames import HEARTBEAT, McpRequest, PermRequest, identity, mcp_response
+from protocol.urls import redact
+
+__all__ = [
+    "DENY_MESSAGES",
+    "HEARTBEAT",
+    "JSON",
+    "ConfigError",
+    "Decision",
+    "Envelope",
+    "Kind",
+    "LocalProtocolError",
+    "Mapped",
+    "McpRequest",
+    "Outcome",
+    "PermRequest",
+    "ProtocolError",
+    "Reason",
+    "RemoteProtocolError",
+    "UplinkError",
+    "decide",
+    "dumps",
+    "identity",
+    "loads",
+    "mcp_response",
+    "parse",
+    "redact",
+    "serialize",
+]

@@ -1,0 +1,92 @@
+"""Permission decisions and the ``perm_response`` → decision mapping.
+
+PROTOCOL.md §1: ``always_allow: true`` wins unless ``approved`` is explicitly
+``false`` (contradictory → deny, with a warning); else ``approved: true``
+approves; anything else denies. Only real JSON booleans count: ``1`` or
+``"true"`` are not ``true``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from protocol.envelope import JSON
+
+
+class Decision(enum.StrEnum):
+    APPROVE = "approve"
+    ALWAYS_ALLOW = "always_allow"
+    DENY = "deny"
+
+    @property
+    def allows(self) -> bool:
+        return self is not Decision.DENY
+
+
+class Reason(enum.StrEnum):
+    """Why a request got its decision. Every decision has exactly one."""
+
+    GATEWAY = "gateway"  # the gateway (a human or policy) answered
+    CONTRADICTORY = "contradictory"  # always_allow true but approved false
+    SESSION_ENDED = "session_ended"  # sent on a session that ended unanswered
+    TIMEOUT = "timeout"  # not answered within the permission timeout
+    SHUTDOWN = "shutdown"  # the uplink stopped
+    OVER_LIMIT = "over_limit"  # too many undecided requests
+    DUPLICATE_ID = "duplicate_id"  # an undecided request already has this id
+    DISABLED = "disabled"  # no gateway configured
+    CRASH = "crash"  # the registry itself failed; fail closed
+
+
+# What a caller (or Claude Code's permission prompt) is told on a deny.
+DENY_MESSAGES: dict[Reason, str] = {
+    Reason.GATEWAY: "Denied by the gateway.",
+    Reason.CONTRADICTORY: "Denied: the gateway sent a contradictory answer "
+    "(always_allow without approval).",
+    Reason.SESSION_ENDED: "Denied: the connection to the gateway was lost before an answer came.",
+    Reason.TIMEOUT: "Denied: no answer from the gateway before the permission timeout.",
+    Reason.SHUTDOWN: "Denied: the uplink is shutting down.",
+    Reason.OVER_LIMIT: "Denied: too many permission requests are waiting.",
+    Reason.DUPLICATE_ID: "Denied: a request with this id is already waiting.",
+    Reason.DISABLED: "Denied: no upstream gateway is configured.",
+    Reason.CRASH: "Denied: the uplink's permission registry failed.",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The one decision a permission request gets, and why."""
+
+    request_id: str
+    decision: Decision
+    reason: Reason
+
+    @property
+    def message(self) -> str:
+        """Human-readable words for a deny (always non-empty); empty for an allow."""
+        return DENY_MESSAGES[self.reason] if self.decision is Decision.DENY else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Mapped:
+    decision: Decision
+    reason: Reason
+    warning: str | None = None
+
+
+def decide(payload: JSON) -> Mapped:
+    """Map a ``perm_response`` payload to a decision (PROTOCOL.md §1)."""
+    if not isinstance(payload, dict):
+        return Mapped(Decision.DENY, Reason.GATEWAY)
+    approved = payload.get("approved")
+    if payload.get("always_allow") is True:
+        if approved is False:
+            return Mapped(
+                Decision.DENY,
+                Reason.CONTRADICTORY,
+                "contradictory perm_response: always_allow=true with approved=false; denying",
+            )
+        return Mapped(Decision.ALWAYS_ALLOW, Reason.GATEWAY)
+    if approved is True:
+        return Mapped(Decision.APPROVE, Reason.GATEWAY)
+    return Mapped(Decision.DENY, Reason.GATEWAY)
