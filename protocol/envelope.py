@@ -8,6 +8,8 @@ separators, non-ASCII written as UTF-8, and no NaN/Infinity.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -41,7 +43,40 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not JSON")
 
 
-_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+def _parse_float(text: str) -> float:
+    # Python reads 1e400 as inf; serde_json refuses it ("number out of range"),
+    # and an inf could never be serialized again.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {text[:50]}")
+    return value
+
+
+# A \uD800-\uDFFF escape: may decode to a lone surrogate, which serde_json
+# refuses and which cannot be sent in a (UTF-8) text frame.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: JSON) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+    return False
+
+
+_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float)
+_body_decoder = json.JSONDecoder(parse_constant=_reject_constant)  # loads(): unchanged
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
@@ -59,6 +94,8 @@ def parse(data: str | bytes) -> Envelope:
         value = _decoder.decode(data)
     except (ValueError, RecursionError) as exc:
         raise RemoteProtocolError("not_json", str(exc)[:200]) from None
+    if (not data.isascii() or _SURROGATE_ESCAPE.search(data)) and _has_lone_surrogate(value):
+        raise RemoteProtocolError("not_json", "lone surrogate in a string")
     if not isinstance(value, dict):
         raise RemoteProtocolError("not_object", f"JSON {type(value).__name__}, not an object")
     kind = value.get("type")
@@ -75,11 +112,14 @@ def serialize(envelope: Envelope) -> str:
     if not isinstance(envelope.type, str) or not isinstance(envelope.req_id, str):
         raise LocalProtocolError("type and req_id must be strings")
     try:
-        return _encoder.encode(
+        text = _encoder.encode(
             {"type": envelope.type, "req_id": envelope.req_id, "payload": envelope.payload}
         )
+        if not text.isascii():
+            text.encode("utf-8")  # a lone surrogate cannot go in a text frame
     except (TypeError, ValueError, RecursionError) as exc:
         raise LocalProtocolError(f"payload is not JSON: {exc}") from None
+    return text
 
 
 def dumps(value: JSON) -> str:
@@ -91,4 +131,4 @@ def loads(text: str | bytes) -> JSON:
     """Strict JSON parse (no NaN/Infinity); raises ``ValueError``."""
     if isinstance(text, bytes):
         text = text.decode("utf-8")
-    return _decoder.decode(text)
+    return _body_decoder.decode(text)

@@ -1,0 +1,213 @@
+"""The connection actor: one WebSocket session to the gateway.
+
+The supervisor starts a fresh ``ConnectionActor`` for every session (session
+numbers only grow) and stops it when the session ends, so "restart the
+connection" is literal. The socket itself lives in the event loop: the actor
+starts the session task, and hands outbound frames to it through a queue.
+
+The session task: connect, send ``identity`` first, report ``SessionUp``,
+then forward every inbound message to the router and every queued frame to the
+socket, until the socket ends. Whatever ends it, it reports ``SessionEnded``
+exactly once, which is what makes the registry fail closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import ssl
+import time
+from typing import Any
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from actors.base import UplinkActor, handles
+from actors.context import Role, UplinkContext
+from actors.messages import CloseSession, FrameIn, SendFrame, SessionEnded, SessionUp
+from protocol import identity, redact, serialize
+
+# websockets logs handshakes (URL and all) at DEBUG through this logger; the
+# log setup routes it to loguru, whose sink redacts the token.
+_ws_logger = logging.getLogger("websockets.client")
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """System trust store, plus ``ca_file`` when given; hostnames are verified."""
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    return context
+
+
+def describe_close(exc: ConnectionClosed) -> tuple[str, bool]:
+    """Human words for how a session closed, and whether it closed cleanly."""
+    received = exc.rcvd
+    sent = exc.sent
+    if received is not None:
+        words = f"gateway closed the connection (code {received.code}"
+        words += f", {received.reason!r})" if received.reason else ")"
+        return words, received.code in (1000, 1001)
+    if sent is not None:
+        return f"uplink closed the connection (code {sent.code}: {sent.reason or 'no reason'})", False
+    return "connection lost without a close frame", False
+
+
+class _Connected:
+    """Internal: the session task tells its actor that the socket is open."""
+
+    __slots__ = ()
+
+
+class ConnectionActor(UplinkActor):
+    role = Role.CONNECTION
+
+    def __init__(self, ctx: UplinkContext, session: int) -> None:
+        self.session = session  # before super(): the logger is bound to the name
+        super().__init__(ctx)
+        self.url = redact(ctx.config.upstream_url)
+        self._ws: ClientConnection | None = None
+        self._outbox: asyncio.Queue[str] | None = None
+        self._task: concurrent.futures.Future[None] | None = None
+        self._sent = 0
+
+    @property
+    def name(self) -> str:
+        return f"connection#{self.session}"
+
+    def session_of(self) -> int | None:
+        return self.session
+
+    def publish(self) -> None:
+        """Not on the board: the supervisor publishes the connection state."""
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"state": self.state, "session": self.session, "url": self.url}
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.set_state("connecting", self.url)
+        self._task = self.ctx.loop.spawn(self._run_session)
+
+    def on_stop(self) -> None:
+        # The session task outlives no actor: cancelling it closes the socket.
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        super().on_stop()
+
+    def fail_closed(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    # ── messages ────────────────────────────────────────────────────────
+
+    @handles(SendFrame)
+    def _on_send_frame(self, message: SendFrame) -> None:
+        if message.session != self.session or self._outbox is None:
+            self.log.debug("dropped {} for session {}", message.envelope.type, message.session)
+            return
+        self.ctx.loop.call_soon(self._outbox.put_nowait, serialize(message.envelope))
+
+    @handles(CloseSession)
+    def _on_close(self, message: CloseSession) -> None:
+        ws = self._ws
+        if ws is not None:
+            self.set_state("closing", f"code {message.code}")
+            self.ctx.loop.spawn(ws.close, message.code, message.reason)
+        elif self._task is not None:
+            self._task.cancel()
+
+    # ── the session, in the event loop ──────────────────────────────────
+
+    async def _run_session(self) -> None:
+        config = self.ctx.config
+        up_at: float | None = None
+        ended = SessionEnded(self.session, "connection attempt ended")
+        try:
+            async with connect(
+                config.upstream_url,
+                open_timeout=config.open_timeout,
+                ping_interval=config.ping_interval,
+                ping_timeout=config.ping_timeout,
+                close_timeout=config.close_timeout,
+                max_size=config.max_frame_bytes,
+                max_queue=64,
+                ssl=tls_context(config.ca_file) if config.upstream_url.startswith("wss:") else None,
+                user_agent_header=f"sled-uplink/{config.identity_extra.get('version', '0')}",
+                proxy=None,
+                logger=_ws_logger,
+            ) as ws:
+                self._ws = ws
+                # identity is the first frame of every session, before anything queued.
+                await ws.send(serialize(identity(config.project, **config.identity_extra)))
+                up_at = time.monotonic()
+                self._outbox = asyncio.Queue()
+                self.ctx.directory.tell(Role.SUPERVISOR, SessionUp(self.session))
+                self.actor_ref.tell(_Connected())
+                writer = asyncio.create_task(self._write(ws, self._outbox))
+                try:
+                    await self._read(ws)
+                finally:
+                    writer.cancel()
+            # The reader ends quietly only after a normal close handshake.
+            code = ws.close_code
+            words = f"connection closed (code {code}"
+            words += f", {ws.close_reason!r})" if ws.close_reason else ")"
+            ended = self._ended(up_at, words, clean=code in (1000, 1001))
+        except ConnectionClosed as exc:
+            words, clean = describe_close(exc)
+            ended = self._ended(up_at, words, clean=clean)
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status in (401, 403):
+                ended = self._ended(
+                    up_at,
+                    f"gateway refused the token (HTTP {status}): check the token in the "
+                    "--upstream-gateway URL",
+                    auth_failed=True,
+                )
+            else:
+                ended = self._ended(up_at, f"gateway refused the handshake (HTTP {status})")
+        except TimeoutError:
+            ended = self._ended(up_at, f"handshake timed out after {config.open_timeout:g}s")
+        except asyncio.CancelledError:
+            ended = self._ended(up_at, "session cancelled")
+            raise
+        except (OSError, websockets.exceptions.WebSocketException, ssl.SSLError) as exc:
+            ended = self._ended(up_at, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a bug; still end the session so requests fail closed
+            self.log.opt(exception=exc).error("session task failed")
+            ended = self._ended(up_at, f"internal error: {exc!r}")
+        finally:
+            self._ws = None
+            self._outbox = None
+            self.ctx.directory.tell(Role.SUPERVISOR, ended)
+
+    def _ended(
+        self, up_at: float | None, reason: str, *, clean: bool = False, auth_failed: bool = False
+    ) -> SessionEnded:
+        up_for = None if up_at is None else time.monotonic() - up_at
+        return SessionEnded(self.session, redact(reason), up_for, auth_failed, clean)
+
+    async def _read(self, ws: ClientConnection) -> None:
+        async for data in ws:
+            self.ctx.directory.tell(Role.ROUTER, FrameIn(self.session, data))
+
+    async def _write(self, ws: ClientConnection, outbox: asyncio.Queue[str]) -> None:
+        while True:
+            text = await outbox.get()
+            try:
+                await ws.send(text)
+            except ConnectionClosed:
+                return  # the reader sees the same close and ends the session
+            except Exception as exc:
+                # A send failure ends the session: what it carried is then denied.
+                self.log.error("send failed: {!r}; closing the session", exc)
+                ws.transport.abort()
+                return
+
+    @handles(_Connected)
+    def _on_connected(self, _: _Connected) -> None:
+        self.set_state("connected")

@@ -1,0 +1,130 @@
+"""What every actor shares: config, event loop, directory, status board, counters.
+
+The :class:`Directory` maps a role to the live actor for it, so that a
+restarted actor is found under the same name. The :class:`StatusBoard` holds
+each actor's last published state, so a snapshot never has to ``ask`` a busy
+actor. :class:`Stats` keeps the counters that ``/status`` and ``/metrics``
+show.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import pykka
+from loguru import logger
+
+from actors.config import UplinkConfig
+from actors.loop import EventLoop
+
+
+class Role:
+    SUPERVISOR: Final = "supervisor"
+    CONNECTION: Final = "connection"
+    ROUTER: Final = "router"
+    PERMISSIONS: Final = "permissions"
+    HEARTBEAT: Final = "heartbeat"
+    MCP: Final = "mcp"
+
+
+class Directory:
+    """role → live actor. ``tell`` to a missing or dead actor returns False."""
+
+    def __init__(self) -> None:
+        self._refs: dict[str, pykka.ActorRef[Any]] = {}
+        self._lock = threading.Lock()
+
+    def set(self, role: str, ref: pykka.ActorRef[Any] | None) -> None:
+        with self._lock:
+            if ref is None:
+                self._refs.pop(role, None)
+            else:
+                self._refs[role] = ref
+
+    def get(self, role: str) -> pykka.ActorRef[Any] | None:
+        return self._refs.get(role)
+
+    def roles(self) -> list[str]:
+        with self._lock:
+            return list(self._refs)
+
+    def tell(self, role: str, message: object) -> bool:
+        ref = self._refs.get(role)
+        if ref is None:
+            return False
+        try:
+            ref.tell(message)
+        except pykka.ActorDeadError:
+            logger.bind(actor="directory").debug(
+                "{} is not running; dropped {}", role, type(message).__name__
+            )
+            return False
+        return True
+
+
+class StatusBoard:
+    """Each actor's last published state (thread-safe; read without asking)."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def publish(self, name: str, state: dict[str, Any]) -> None:
+        with self._lock:
+            self._states[name] = state
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {name: dict(state) for name, state in self._states.items()}
+
+
+class Stats:
+    """Monotonic counters by (family, label) plus gauges; thread-safe."""
+
+    def __init__(self) -> None:
+        self._counters: dict[str, Counter[str]] = {}
+        self._gauges: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def inc(self, family: str, label: str, amount: int = 1) -> None:
+        with self._lock:
+            self._counters.setdefault(family, Counter())[label] += amount
+
+    def gauge(self, name: str, value: float) -> None:
+        self._gauges[name] = value
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            counters = {family: dict(c) for family, c in self._counters.items()}
+            return {"counters": counters, "gauges": dict(self._gauges)}
+
+    def counter(self, family: str, label: str) -> int:
+        with self._lock:
+            return self._counters.get(family, Counter())[label]
+
+
+@dataclass(slots=True)
+class UplinkContext:
+    """The shared, long-lived pieces handed to every actor's constructor."""
+
+    config: UplinkConfig
+    loop: EventLoop
+    directory: Directory = field(default_factory=Directory)
+    board: StatusBoard = field(default_factory=StatusBoard)
+    stats: Stats = field(default_factory=Stats)
+    # kind → role of the actor that handles frames of that kind (the router's table).
+    routes: dict[str, str] = field(default_factory=dict)
+    # role → how to build a fresh actor for it (used by the supervisor to restart).
+    factories: dict[str, Callable[[], pykka.ActorRef[Any]]] = field(default_factory=dict)
+    # roles that want SessionOpened / SessionClosed.
+    session_listeners: list[str] = field(default_factory=list)
+    # Session numbers only grow, even across a supervisor restart.
+    last_session: int = 0
+
+    def next_session(self) -> int:
+        self.last_session += 1
+        return self.last_session

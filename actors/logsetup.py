@@ -1,0 +1,85 @@
+"""Logging: loguru everywhere, stdlib (pykka, websockets, httpx) routed into it.
+
+Every line passes through :func:`protocol.redact` at the sink, the one place
+text leaves the process, so a token in a URL never reaches a log at any level
+(websockets logs the handshake request line at DEBUG). ``json_lines`` gives one
+JSON object per line: time, level, actor, message, and any bound extras.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from typing import Any, TextIO
+
+from loguru import logger
+
+from protocol import redact
+
+_TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {extra[actor]: <13} | {message}"
+
+
+class InterceptHandler(logging.Handler):
+    """Forward stdlib log records to loguru, keeping level and origin."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        actor = record.name.split(".")[0]
+        logger.bind(actor=actor).opt(exception=record.exc_info, depth=0).log(
+            level, record.getMessage()
+        )
+
+
+def _text_sink(stream: TextIO) -> Any:
+    def write(message: Any) -> None:
+        stream.write(redact(str(message)))
+        stream.flush()
+
+    return write
+
+
+def _json_sink(stream: TextIO) -> Any:
+    def write(message: Any) -> None:
+        record = message.record
+        line: dict[str, Any] = {
+            "time": record["time"].isoformat(),
+            "level": record["level"].name,
+            "actor": record["extra"].get("actor", "main"),
+            "message": record["message"],
+        }
+        extras = {k: v for k, v in record["extra"].items() if k != "actor"}
+        if extras:
+            line["extra"] = extras
+        if record["exception"] is not None:
+            line["exception"] = "".join(traceback.format_exception(*record["exception"]))
+        stream.write(redact(json.dumps(line, default=str)) + "\n")
+        stream.flush()
+
+    return write
+
+
+def configure_logging(level: str = "INFO", *, json_lines: bool = False, stream: TextIO | None = None) -> None:
+    """(Re)configure loguru and route the stdlib loggers into it."""
+    out = stream or sys.stderr
+    logger.remove()
+    logger.configure(extra={"actor": "main"})
+    if json_lines:
+        # diagnose=False: tracebacks must not print variable values (secrets).
+        logger.add(
+            _json_sink(out), level=level.upper(), format="{message}", backtrace=False, diagnose=False
+        )
+    else:
+        logger.add(
+            _text_sink(out), level=level.upper(), format=_TEXT_FORMAT, backtrace=False, diagnose=False
+        )
+    logging.basicConfig(handlers=[InterceptHandler()], level=0, force=True)
+    # websockets is chatty at DEBUG (every frame); follow our level otherwise.
+    numeric = logging.getLevelName(level.upper())
+    for name in ("websockets", "pykka", "httpx", "httpcore", "uvicorn"):
+        logging.getLogger(name).setLevel(numeric if isinstance(numeric, int) else logging.INFO)
+    logging.getLogger("httpcore").setLevel(max(logging.INFO, numeric if isinstance(numeric, int) else 0))

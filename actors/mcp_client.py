@@ -1,0 +1,245 @@
+"""The MCP Streamable-HTTP replay client (runs in the event loop; not an actor).
+
+It replays a gateway's JSON-RPC body against the sled's local MCP endpoint the
+way an MCP client would (PROTOCOL.md §1 "MCP replay"): the ``Accept`` header
+for JSON or SSE answers, the ``Mcp-Session-Id`` the server issued, the
+``MCP-Protocol-Version`` once negotiated, and, when the server forgets its
+session (404), a re-initialize with the gateway's last ``initialize`` body and
+one retry. Every failure becomes a JSON-RPC error object carrying the
+request's id: the caller always gets an answer to send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+from loguru import logger
+
+from protocol import JSON, McpRequest, RemoteProtocolError, dumps, loads
+from protocol.jsonrpc import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    error_for,
+    error_object,
+    expected_ids,
+    is_initialize,
+    response_ids,
+)
+from protocol.sse import SseParser
+
+ACCEPT = "application/json, text/event-stream"
+_INITIALIZED = dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+
+class ReplayError(Exception):
+    """A replay failed; the message becomes the JSON-RPC error's message."""
+
+
+class _SessionExpired(ReplayError):
+    pass
+
+
+class LocalMcpClient:
+    """Replays JSON-RPC bodies against one local MCP URL, keeping its session."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float,
+        concurrency: int,
+        max_response_bytes: int,
+        log: Any = logger,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.max_response_bytes = max_response_bytes
+        self.session_id: str | None = None
+        self.protocol_version: str | None = None
+        self.last_initialize: str | None = None
+        self.in_flight = 0
+        self.waiting = 0
+        self._log = log
+        self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
+        self._renew_lock = asyncio.Lock()
+        self._client: httpx.AsyncClient | None = None
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            limits = httpx.Limits(max_connections=self._concurrency + 2, max_keepalive_connections=8)
+            # trust_env=False: a proxy set for the internet must not catch loopback MCP.
+            self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits, trust_env=False)
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    # ── the one entry point ────────────────────────────────────────────
+
+    async def replay(self, payload: JSON) -> JSON:
+        """Replay one ``mcp_request`` payload; always returns the answer to send."""
+        try:
+            text = McpRequest.from_payload(payload).body
+        except RemoteProtocolError:
+            return error_object(None, INVALID_REQUEST, "mcp_request payload has no string 'body'")
+        try:
+            body = loads(text)
+        except ValueError as exc:
+            return error_object(None, INVALID_REQUEST, f"mcp_request body is not JSON: {exc}")
+        self.waiting += 1
+        async with self._slots:
+            self.waiting -= 1
+            self.in_flight += 1
+            try:
+                async with asyncio.timeout(self.timeout):
+                    return await self._replay(text, body)
+            except TimeoutError:
+                return error_for(
+                    body, INTERNAL_ERROR, f"local MCP server timed out after {self.timeout:g}s"
+                )
+            except ReplayError as exc:
+                return error_for(body, INTERNAL_ERROR, str(exc))
+            except httpx.HTTPError as exc:
+                return error_for(
+                    body, INTERNAL_ERROR, f"local MCP server unreachable: {type(exc).__name__}: {exc}"
+                )
+            finally:
+                self.in_flight -= 1
+
+    # ── Streamable HTTP ────────────────────────────────────────────────
+
+    async def _replay(self, text: str, body: JSON) -> JSON:
+        if is_initialize(body):
+            # A new initialize starts a new local session; remember it to renew later.
+            self.last_initialize = text
+            self.session_id = None
+            self.protocol_version = None
+        sent_with = self.session_id
+        try:
+            return await self._post(text, body)
+        except _SessionExpired:
+            if sent_with is None:
+                raise ReplayError("local MCP server answered HTTP 404") from None
+        await self._renew(sent_with)
+        try:
+            return await self._post(text, body)
+        except _SessionExpired:
+            raise ReplayError(
+                "local MCP server answered HTTP 404 again after re-initializing the session"
+            ) from None
+
+    async def _renew(self, expired: str) -> None:
+        """Re-initialize once for every request that found ``expired`` stale."""
+        async with self._renew_lock:
+            if self.session_id is not None and self.session_id != expired:
+                return  # another request already renewed it
+            self.session_id = None
+            self.protocol_version = None
+            if self.last_initialize is None:
+                raise ReplayError(
+                    "local MCP session expired and no initialize has been seen to renew it"
+                )
+            self._log.warning("local MCP session expired (404); re-initializing")
+            answer = await self._post(self.last_initialize, loads(self.last_initialize))
+            if isinstance(answer, dict) and "error" in answer:
+                raise ReplayError(f"re-initialize failed: {dumps(answer['error'])[:200]}")
+            await self._post(_INITIALIZED, loads(_INITIALIZED))
+            self._log.info("local MCP session renewed")
+
+    async def _post(self, text: str, body: JSON) -> JSON:
+        headers = {"Content-Type": "application/json", "Accept": ACCEPT}
+        if self.session_id is not None:
+            headers["Mcp-Session-Id"] = self.session_id
+        if self.protocol_version is not None:
+            headers["MCP-Protocol-Version"] = self.protocol_version
+        carried_session = self.session_id is not None
+        async with self._http().stream(
+            "POST", self.url, content=text.encode("utf-8"), headers=headers
+        ) as response:
+            status = response.status_code
+            if status == 404 and carried_session:
+                raise _SessionExpired()
+            if status in (202, 204):
+                return None
+            if not 200 <= status < 300:
+                detail = (await self._read_capped(response)).decode("utf-8", "replace")[:200]
+                raise ReplayError(
+                    f"local MCP server answered HTTP {status}"
+                    + (f": {detail.strip()}" if detail.strip() else "")
+                )
+            new_session = response.headers.get("mcp-session-id")
+            if new_session:
+                self.session_id = new_session
+            media = response.headers.get("content-type", "").split(";")[0].strip().lower()
+            if media == "text/event-stream":
+                answer = await self._read_sse(response, body)
+            else:
+                raw = await self._read_capped(response)
+                if not raw.strip():
+                    return None
+                try:
+                    answer = loads(raw)
+                except ValueError as exc:
+                    raise ReplayError(f"local MCP server sent unreadable JSON: {exc}") from None
+        if is_initialize(body) and isinstance(answer, dict):
+            version = (answer.get("result") or {}).get("protocolVersion")
+            if isinstance(version, str):
+                self.protocol_version = version
+        return answer
+
+    async def _read_capped(self, response: httpx.Response) -> bytes:
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_response_bytes:
+            raise ReplayError(self._too_large())
+        chunks = bytearray()
+        async for chunk in response.aiter_bytes():
+            chunks += chunk
+            if len(chunks) > self.max_response_bytes:
+                raise ReplayError(self._too_large())
+        return bytes(chunks)
+
+    async def _read_sse(self, response: httpx.Response, body: JSON) -> JSON:
+        """Read events until every id the body asked about has its response."""
+        wanted = expected_ids(body)
+        answers: dict[Any, JSON] = {}
+        parser = SseParser()
+        size = 0
+        async for chunk in response.aiter_text():
+            size += len(chunk)
+            if size > self.max_response_bytes:
+                raise ReplayError(self._too_large())
+            for event in parser.feed(chunk):
+                if not event.data.strip():
+                    continue
+                try:
+                    message = loads(event.data)
+                except ValueError:
+                    self._log.debug("unreadable SSE event skipped: {!r}", event.data[:200])
+                    continue
+                ids = response_ids(message)
+                if not ids:
+                    self._log.debug("server message in stream ignored: {}", event.data[:200])
+                    continue
+                for item in message if isinstance(message, list) else [message]:
+                    answers[item.get("id")] = item
+                if all(i in answers for i in wanted):
+                    return self._assemble(body, wanted, answers)
+        if wanted and all(i in answers for i in wanted):
+            return self._assemble(body, wanted, answers)
+        if not wanted:
+            return None
+        raise ReplayError("local MCP server ended its event stream before the response")
+
+    @staticmethod
+    def _assemble(body: JSON, wanted: list[Any], answers: dict[Any, JSON]) -> JSON:
+        if isinstance(body, list):
+            return [answers[i] for i in wanted]
+        return answers[wanted[0]]
+
+    def _too_large(self) -> str:
+        return f"local MCP answer is larger than {self.max_response_bytes} bytes"

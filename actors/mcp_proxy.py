@@ -1,0 +1,113 @@
+"""The MCP proxy actor: replays ``mcp_request`` frames and sends the answers back.
+
+Replays run in the event loop (at most ``--mcp-concurrency`` at once, the
+rest wait), so a slow local server never delays heartbeats or permission
+traffic. An answer whose session has ended is dropped and logged: it must not
+leak into the next session, whose gateway never asked for it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+from typing import Any
+
+import pykka
+
+from actors.base import UplinkActor, handles
+from actors.context import Role, UplinkContext
+from actors.mcp_client import LocalMcpClient
+from actors.messages import EnvelopeIn, McpDone, SendFrame, SessionClosed, SessionOpened
+from protocol import JSON, Kind, mcp_response
+from protocol.jsonrpc import INTERNAL_ERROR, error_object
+
+
+class McpProxyActor(UplinkActor):
+    role = Role.MCP
+
+    def __init__(self, ctx: UplinkContext) -> None:
+        super().__init__(ctx)
+        config = ctx.config
+        self.client = LocalMcpClient(
+            config.local_mcp_url,
+            timeout=config.mcp_timeout,
+            concurrency=config.mcp_concurrency,
+            max_response_bytes=config.mcp_max_response_bytes,
+            log=self.log,
+        )
+        self.session: int | None = None
+        self.in_flight = 0
+        self.answered = 0
+        self.dropped = 0
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.set_state("idle")
+
+    def on_stop(self) -> None:
+        try:
+            self.ctx.loop.run(self.client.aclose, timeout=2)
+        except Exception as exc:  # closing a pool must never block shutdown
+            self.log.debug("closing the HTTP client: {!r}", exc)
+        super().on_stop()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "session": self.session,
+            "in_flight": self.in_flight,
+            "answered": self.answered,
+            "dropped_after_session_end": self.dropped,
+            "local_session": self.client.session_id is not None,
+            "protocol_version": self.client.protocol_version,
+        }
+
+    @handles(SessionOpened)
+    def _on_opened(self, message: SessionOpened) -> None:
+        self.session = message.session
+        self.set_state("serving", f"session {message.session}")
+
+    @handles(SessionClosed)
+    def _on_closed(self, message: SessionClosed) -> None:
+        if message.session == self.session:
+            self.session = None
+            self.set_state("idle", f"session {message.session} ended")
+
+    @handles(EnvelopeIn)
+    def _on_request(self, message: EnvelopeIn) -> None:
+        if message.envelope.type != Kind.MCP_REQUEST:
+            return
+        session, req_id = message.session, message.envelope.req_id
+        self.in_flight += 1
+        self._gauge()
+        future = self.ctx.loop.spawn(self.client.replay, message.envelope.payload)
+        ref = self.actor_ref
+
+        def finished(done: concurrent.futures.Future[JSON]) -> None:
+            try:
+                payload = done.result()
+            except BaseException as exc:  # cancelled at shutdown, or a bug: still answer
+                payload = error_object(None, INTERNAL_ERROR, f"replay failed: {exc!r}")
+            with contextlib.suppress(pykka.ActorDeadError):  # stopped meanwhile
+                ref.tell(McpDone(session, req_id, payload))
+
+        future.add_done_callback(finished)
+
+    @handles(McpDone)
+    def _on_done(self, message: McpDone) -> None:
+        self.in_flight -= 1
+        if message.session != self.session:
+            self.dropped += 1
+            self.log.warning(
+                "MCP answer {!r} dropped: its session {} has ended", message.req_id, message.session
+            )
+        else:
+            self.answered += 1
+            self.ctx.stats.inc("frames_out", Kind.MCP_RESPONSE)
+            envelope = mcp_response(message.req_id, message.payload)
+            self.ctx.directory.tell(Role.CONNECTION, SendFrame(message.session, envelope))
+        self._gauge()
+
+    def _gauge(self) -> None:
+        self.ctx.stats.gauge("mcp_in_flight", self.in_flight)
+        self.publish()

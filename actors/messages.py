@@ -1,0 +1,184 @@
+"""Every message the actors exchange, as frozen dataclasses.
+
+pykka never copies messages, so they are immutable. Messages about a
+connection carry its ``session`` number: a late message from an old session
+is recognised and cannot touch the new one (DESIGN.md principle 5).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from dataclasses import dataclass, field
+
+from protocol import JSON, Envelope, Outcome, Reason
+
+# ── lifecycle (system → supervisor) ─────────────────────────────────────────
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Begin connecting (or report ``disabled``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """Close the session with ``close_code`` and stop reconnecting."""
+
+    close_code: int = 1001
+    done: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """SIGHUP: end a back-off wait now (ignored at any other time)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffElapsed:
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatusTick:
+    """Time to log the periodic snapshot of every actor."""
+
+
+# ── session lifecycle ───────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True, slots=True)
+class SessionUp:
+    """connection → supervisor: connected, identity sent."""
+
+    session: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnded:
+    """connection → supervisor: the session is over (or never came up)."""
+
+    session: int
+    reason: str
+    up_for: float | None = None  # seconds it was up; None if it never came up
+    auth_failed: bool = False  # handshake refused with 401/403
+    clean: bool = False  # closed with a normal close handshake
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOpened:
+    """supervisor → session users (registry, heartbeat, MCP proxy, extensions)."""
+
+    session: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClosed:
+    """supervisor → session users: ``session`` is gone; fail closed what it carried."""
+
+    session: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CloseSession:
+    """supervisor → connection: close the WebSocket with this code."""
+
+    code: int = 1000
+    reason: str = ""
+
+
+# ── frames ──────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True, slots=True)
+class SendFrame:
+    """anyone → connection: send ``envelope`` if ``session`` is still the live one."""
+
+    session: int
+    envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class FrameIn:
+    """connection → router: one raw WebSocket message."""
+
+    session: int
+    data: str | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EnvelopeIn:
+    """router → handler: a parsed frame of the handler's kind."""
+
+    session: int
+    envelope: Envelope
+
+
+# ── permissions ─────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    """edge → registry: decide this request; the answer goes into ``future``."""
+
+    request_id: str
+    tool_name: str
+    tool_input: JSON
+    future: concurrent.futures.Future[Outcome]
+    submitted_at: float  # time.monotonic(); the timeout counts from here
+
+
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    """registry timer: deny what has outlived the permission timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class DenyAll:
+    """Deny every undecided request; with ``close``, deny all later ones too."""
+
+    reason: Reason
+    close: bool = False
+    done: concurrent.futures.Future[int] = field(default_factory=concurrent.futures.Future)
+
+
+# ── heartbeat / MCP ─────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    session: int
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class McpDone:
+    """loop → MCP proxy: a replay finished; answer it if its session lives."""
+
+    session: int
+    req_id: str
+    payload: JSON
+
+
+# ── supervision and inspection ──────────────────────────────────────────────
+
+
+@dataclass(frozen=True, slots=True)
+class ChildFailed:
+    """actor → supervisor: ``role`` crashed (``session`` for a connection)."""
+
+    role: str
+    error: str
+    session: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InjectFault:
+    """Test hook: the receiving actor raises inside its handler."""
+
+    note: str = "injected fault"
+
+
+@dataclass(frozen=True, slots=True)
+class GetSnapshot:
+    """Ask an actor for its state dict (edges only, with a timeout)."""

@@ -1,0 +1,333 @@
+"""The permission registry: every request gets exactly one decision (fail closed).
+
+:class:`PermissionBook` holds the whole lifecycle of PROTOCOL.md §1 and can be
+driven by tests without threads; :class:`PermissionRegistryActor` is the thin
+actor around it. The only ways out of the book are :meth:`_decide` (exactly
+once per request, enforced by popping it) and nothing else.
+
+Rules, each with its own deny reason:
+- no session up → held in arrival order, sent right after the next identity;
+- the session a request was sent on ends → denied (``session_ended``);
+- not decided within the permission timeout from submission → ``timeout``;
+- shutdown → ``shutdown``; too many undecided → ``over_limit``;
+- an id already undecided → the new one is denied (``duplicate_id``).
+A response is honoured only for an undecided request, and only when it
+arrives on the session the request was sent on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import heapq
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from loguru import logger
+
+from actors.base import UplinkActor, handles
+from actors.context import Role, UplinkContext
+from actors.loop import Timer
+from actors.messages import (
+    DenyAll,
+    EnvelopeIn,
+    SendFrame,
+    SessionClosed,
+    SessionOpened,
+    Submit,
+    Sweep,
+)
+from protocol import JSON, Decision, Envelope, Kind, Outcome, PermRequest, Reason, decide
+
+
+@dataclass(slots=True)
+class Pending:
+    request_id: str
+    tool_name: str
+    tool_input: JSON
+    future: concurrent.futures.Future[Outcome]
+    deadline: float
+    session: int | None = None  # the session it was sent on; None while held
+
+
+SendFn = Callable[[int, Envelope], None]
+DecidedFn = Callable[[Pending, Outcome], None]
+
+
+class PermissionBook:
+    """The registry's state and rules, free of threads and sockets."""
+
+    def __init__(
+        self,
+        *,
+        timeout: float,
+        max_pending: int,
+        send: SendFn,
+        on_decided: DecidedFn | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        log: Any = logger,
+    ) -> None:
+        self.timeout = timeout
+        self.max_pending = max_pending
+        self._send = send
+        self._on_decided = on_decided
+        self._clock = clock
+        self._log = log
+        self.pending: dict[str, Pending] = {}
+        self.held: deque[str] = deque()
+        self.session: int | None = None
+        self.closed = False
+        self._deadlines: list[tuple[float, str]] = []
+
+    # ── inputs ──────────────────────────────────────────────────────────
+
+    def submit(
+        self,
+        request_id: str,
+        tool_name: str,
+        tool_input: JSON,
+        future: concurrent.futures.Future[Outcome],
+        submitted_at: float | None = None,
+    ) -> None:
+        if submitted_at is None:
+            submitted_at = self._clock()
+        entry = Pending(request_id, tool_name, tool_input, future, submitted_at + self.timeout)
+        if self.closed:
+            self._answer(entry, Decision.DENY, Reason.SHUTDOWN)
+            return
+        if request_id in self.pending:
+            self._log.warning("request id {!r} is already waiting; denying the new one", request_id)
+            self._answer(entry, Decision.DENY, Reason.DUPLICATE_ID)
+            return
+        if len(self.pending) >= self.max_pending:
+            self._log.warning("{} requests already waiting; denying {!r}", len(self.pending), request_id)
+            self._answer(entry, Decision.DENY, Reason.OVER_LIMIT)
+            return
+        if entry.deadline <= self._clock():
+            self._answer(entry, Decision.DENY, Reason.TIMEOUT)
+            return
+        self.pending[request_id] = entry
+        heapq.heappush(self._deadlines, (entry.deadline, request_id))
+        if self.session is None:
+            self.held.append(request_id)
+            self._log.debug("holding {!r} until a session is up", request_id)
+        else:
+            self._transmit(entry, self.session)
+
+    def open_session(self, session: int) -> None:
+        """A session is up and identified: send what was held, in arrival order."""
+        self.session = session
+        while self.held:
+            entry = self.pending.get(self.held.popleft())
+            if entry is not None and entry.session is None:
+                self._transmit(entry, session)
+
+    def close_session(self, session: int) -> int:
+        """``session`` ended: deny everything sent on it. Returns how many."""
+        if self.session == session:
+            self.session = None
+        lost = [e for e in self.pending.values() if e.session == session]
+        for entry in lost:
+            self._decide(entry, Decision.DENY, Reason.SESSION_ENDED)
+        return len(lost)
+
+    def respond(self, session: int, request_id: str, payload: JSON) -> Outcome | None:
+        """A ``perm_response`` arrived on ``session``. Returns the outcome, if it decided one."""
+        entry = self.pending.get(request_id)
+        if entry is None:
+            self._log.info("perm_response for unknown or already decided {!r} ignored", request_id)
+            return None
+        if entry.session != session:
+            self._log.warning(
+                "perm_response for {!r} came on session {}, but it was sent on {}; ignored",
+                request_id,
+                session,
+                entry.session,
+            )
+            return None
+        mapped = decide(payload)
+        if mapped.warning:
+            self._log.warning("{} (request {!r})", mapped.warning, request_id)
+        return self._decide(entry, mapped.decision, mapped.reason)
+
+    def expire(self) -> float | None:
+        """Deny what is past its deadline; return the next deadline, if any."""
+        now = self._clock()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, request_id = heapq.heappop(self._deadlines)
+            entry = self.pending.get(request_id)
+            if entry is not None and entry.deadline <= now:
+                self._decide(entry, Decision.DENY, Reason.TIMEOUT)
+        # Decided requests leave stale heap entries; compact so state never grows.
+        if len(self._deadlines) > 2 * len(self.pending) + 64:
+            self._deadlines = [(e.deadline, e.request_id) for e in self.pending.values()]
+            heapq.heapify(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def deny_all(self, reason: Reason, *, close: bool = False) -> int:
+        """Deny every undecided request; with ``close`` also every later one."""
+        self.closed = self.closed or close
+        entries = list(self.pending.values())
+        for entry in entries:
+            self._decide(entry, Decision.DENY, reason)
+        self.held.clear()
+        return len(entries)
+
+    # ── outputs ─────────────────────────────────────────────────────────
+
+    def _transmit(self, entry: Pending, session: int) -> None:
+        entry.session = session
+        self._send(session, PermRequest(entry.tool_name, entry.tool_input).envelope(entry.request_id))
+
+    def _decide(self, entry: Pending, decision: Decision, reason: Reason) -> Outcome:
+        # Popping is what makes a decision final: no second path can find it.
+        del self.pending[entry.request_id]
+        if not self.pending:
+            self._deadlines.clear()
+            self.held.clear()
+        return self._answer(entry, decision, reason)
+
+    def _answer(self, entry: Pending, decision: Decision, reason: Reason) -> Outcome:
+        outcome = Outcome(entry.request_id, decision, reason)
+        if not entry.future.done():  # a caller may have cancelled its future
+            entry.future.set_result(outcome)
+        if self._on_decided is not None:
+            self._on_decided(entry, outcome)
+        return outcome
+
+
+class PermissionRegistryActor(UplinkActor):
+    role = Role.PERMISSIONS
+
+    def __init__(self, ctx: UplinkContext) -> None:
+        super().__init__(ctx)
+        self.book = PermissionBook(
+            timeout=ctx.config.permission_timeout,
+            max_pending=ctx.config.max_pending,
+            send=self._send,
+            on_decided=self._on_decided,
+            log=self.log,
+        )
+        self.decided = 0
+        self._sweep_at: float | None = None
+        self._sweep_timer: Timer | None = None
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.set_state("waiting_for_session")
+
+    def on_stop(self) -> None:
+        # Nothing may be lost by stopping: whatever is left is denied.
+        if self.book.pending:
+            self.book.deny_all(Reason.SHUTDOWN, close=True)
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+        super().on_stop()
+
+    def fail_closed(self) -> None:
+        self.book.deny_all(Reason.CRASH, close=True)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "session": self.book.session,
+            "pending": len(self.book.pending),
+            "held": len(self.book.held),
+            "decided": self.decided,
+        }
+
+    # ── messages ────────────────────────────────────────────────────────
+
+    @handles(Submit)
+    def _on_submit(self, message: Submit) -> None:
+        self.book.submit(
+            message.request_id,
+            message.tool_name,
+            message.tool_input,
+            message.future,
+            message.submitted_at,
+        )
+        self._arm_sweep()
+        self._publish_gauges()
+
+    @handles(EnvelopeIn)
+    def _on_envelope(self, message: EnvelopeIn) -> None:
+        if message.envelope.type == Kind.PERM_RESPONSE:
+            self.book.respond(message.session, message.envelope.req_id, message.envelope.payload)
+            self._publish_gauges()
+
+    @handles(SessionOpened)
+    def _on_session_opened(self, message: SessionOpened) -> None:
+        held = len(self.book.held)
+        self.book.open_session(message.session)
+        self.set_state("forwarding", f"session {message.session}, sent {held} held")
+
+    @handles(SessionClosed)
+    def _on_session_closed(self, message: SessionClosed) -> None:
+        denied = self.book.close_session(message.session)
+        if denied:
+            self.log.warning(
+                "session {} ended ({}): denied {} unanswered request(s)",
+                message.session,
+                message.reason,
+                denied,
+            )
+        if self.book.session is None and not self.book.closed:
+            self.set_state("holding", f"session {message.session} ended")
+        self._publish_gauges()
+
+    @handles(Sweep)
+    def _on_sweep(self, _: Sweep) -> None:
+        self._sweep_at = None
+        self._arm_sweep()
+        self._publish_gauges()
+
+    @handles(DenyAll)
+    def _on_deny_all(self, message: DenyAll) -> int:
+        count = self.book.deny_all(message.reason, close=message.close)
+        if count:
+            self.log.warning("denied all {} undecided request(s): {}", count, message.reason)
+        if message.close:
+            self.set_state("closed", str(message.reason))
+        self._publish_gauges()
+        if not message.done.done():
+            message.done.set_result(count)
+        return count
+
+    # ── helpers ─────────────────────────────────────────────────────────
+
+    def _send(self, session: int, envelope: Envelope) -> None:
+        self.ctx.stats.inc("frames_out", envelope.type)
+        self.ctx.directory.tell(Role.CONNECTION, SendFrame(session, envelope))
+
+    def _on_decided(self, entry: Pending, outcome: Outcome) -> None:
+        self.decided += 1
+        stats = self.ctx.stats
+        stats.inc("decisions", str(outcome.decision))
+        stats.inc("decision_reasons", str(outcome.reason))
+        level = "INFO" if outcome.reason is Reason.GATEWAY else "WARNING"
+        self.log.log(
+            level,
+            "decided {!r} ({}): {} [{}]",
+            entry.request_id,
+            entry.tool_name,
+            outcome.decision,
+            outcome.reason,
+        )
+
+    def _arm_sweep(self) -> None:
+        next_deadline = self.book.expire()
+        if next_deadline is None:
+            return
+        if self._sweep_at is not None and self._sweep_at <= next_deadline:
+            return  # an earlier sweep is already armed
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+        self._sweep_at = next_deadline
+        self._sweep_timer = self.tell_self_later(next_deadline - time.monotonic() + 0.001, Sweep())
+
+    def _publish_gauges(self) -> None:
+        self.ctx.stats.gauge("permissions_pending", len(self.book.pending))
+        self.publish()

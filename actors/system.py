@@ -1,0 +1,240 @@
+"""The library API: build, start, use and stop one uplink (PROTOCOL.md §4).
+
+::
+
+    from actors import Uplink, UplinkConfig
+
+    with Uplink(UplinkConfig(upstream_url="ws://gw/api/sled-uplink?token=…",
+                             project="my-sled")) as uplink:
+        outcome = uplink.decide("Bash", {"command": "rm -rf build"}, timeout=130)
+        if outcome.decision.allows: ...
+        print(uplink.status()["connection"]["state"])
+
+Actors start dependencies first and stop in reverse, in a ``finally`` (DESIGN.md
+principle 9); anything still alive after that is stopped and logged as a bug.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pykka
+from loguru import logger
+
+from actors.base import UplinkActor
+from actors.config import UplinkConfig
+from actors.context import Role, UplinkContext
+from actors.heartbeat import HeartbeatActor
+from actors.loop import EventLoop
+from actors.mcp_proxy import McpProxyActor
+from actors.messages import DenyAll, GetSnapshot, Reconnect, Shutdown, Start, Submit
+from actors.permissions import PermissionRegistryActor
+from actors.router import RouterActor
+from actors.status import snapshot
+from actors.supervisor import SupervisorActor
+from protocol import JSON, Decision, Kind, Outcome, Reason
+
+# The router's table: envelope kind → the actor class that handles it. A new
+# kind is one actor class plus one entry here (or in ``Uplink(handlers=…)``).
+DEFAULT_HANDLERS: dict[str, type[UplinkActor]] = {
+    Kind.PERM_RESPONSE: PermissionRegistryActor,
+    Kind.MCP_REQUEST: McpProxyActor,
+}
+
+# Roles that are told SessionOpened / SessionClosed, in this order.
+_SESSION_USERS: tuple[type[UplinkActor], ...] = (
+    PermissionRegistryActor,
+    HeartbeatActor,
+    McpProxyActor,
+)
+
+_log = logger.bind(actor="system")
+
+
+class Uplink:
+    """One running uplink: its actors, its event loop and (optionally) its ingress."""
+
+    def __init__(
+        self,
+        config: UplinkConfig,
+        *,
+        handlers: Mapping[str, type[UplinkActor]] | None = None,
+    ) -> None:
+        self.config = config.validate()
+        self._handlers = {**DEFAULT_HANDLERS, **(handlers or {})}
+        self._ctx: UplinkContext | None = None
+        self._started: list[str] = []
+        self._ingress: Any = None
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+
+    # ── lifecycle ───────────────────────────────────────────────────────
+
+    def start(self) -> Uplink:
+        with self._lock:
+            if self._ctx is not None:
+                raise RuntimeError("this Uplink was already started")
+            ctx = self._ctx = UplinkContext(self.config, EventLoop())
+        try:
+            self._start_actors(ctx)
+            if self.config.listen is not None:
+                from actors.ingress import Ingress  # optional edge; imports uvicorn
+
+                self._ingress = Ingress(self, ctx)
+                self._ingress.start()
+            ctx.directory.tell(Role.SUPERVISOR, Start())
+        except BaseException:
+            self.stop()
+            raise
+        _log.info(
+            "uplink started for project {!r} (gateway {})",
+            self.config.project,
+            "disabled" if not self.config.enabled else self.config.upstream_url,
+        )
+        return self
+
+    def _start_actors(self, ctx: UplinkContext) -> None:
+        classes: list[type[UplinkActor]] = [PermissionRegistryActor, HeartbeatActor, McpProxyActor]
+        for kind, actor_class in self._handlers.items():
+            ctx.routes[kind] = actor_class.role
+            if actor_class not in classes:
+                classes.append(actor_class)
+        ctx.session_listeners.extend(c.role for c in _SESSION_USERS)
+        ctx.session_listeners.extend(
+            c.role for c in classes if c not in _SESSION_USERS and c.role not in ctx.session_listeners
+        )
+        classes += [RouterActor, SupervisorActor]
+        for actor_class in classes:
+            ctx.factories[actor_class.role] = _factory(actor_class, ctx)
+            ref = ctx.factories[actor_class.role]()
+            ctx.directory.set(actor_class.role, ref)
+            self._started.append(actor_class.role)
+            # Dependencies first, each proven alive before the next starts.
+            ref.ask(GetSnapshot(), timeout=5)
+
+    def stop(self, timeout: float = 5.0, *, close_code: int = 1001) -> None:
+        """Deny everything undecided, close the session, stop every actor."""
+        ctx = self._ctx
+        if ctx is None or self._stopped.is_set():
+            return
+        self._stopped.set()
+        deadline = time.monotonic() + timeout
+        directory = ctx.directory
+        try:
+            # 1. Fail closed first, so callers hear "shutdown", not "session ended".
+            denial = DenyAll(Reason.SHUTDOWN, close=True)
+            if directory.tell(Role.PERMISSIONS, denial):
+                _wait(denial.done, deadline, share=0.3)
+            # 2. Close the WebSocket with 1001 (going away).
+            closing = Shutdown(close_code)
+            if directory.tell(Role.SUPERVISOR, closing):
+                _wait(closing.done, deadline, share=0.5)
+            # 3. Let waiting HTTP callers get their answers, then stop listening.
+            if self._ingress is not None:
+                self._ingress.stop(timeout=max(0.5, (deadline - time.monotonic()) / 2))
+        finally:
+            # 4. Actors in reverse start order, then anything left over.
+            for role in [Role.CONNECTION, *reversed(self._started)]:
+                ref = directory.get(role)
+                if ref is not None:
+                    with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+                        ref.stop(timeout=max(0.2, deadline - time.monotonic()))
+                    directory.set(role, None)
+            for ref in pykka.ActorRegistry.get_all():
+                actor = getattr(ref, "_actor", None)
+                if getattr(actor, "ctx", None) is ctx:
+                    _log.error("bug: {} was still running after shutdown; stopping it", ref)
+                    with contextlib.suppress(pykka.ActorDeadError):
+                        ref.stop(block=False)
+            ctx.loop.close()
+            _log.info("uplink stopped")
+
+    def __enter__(self) -> Uplink:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    # ── using it ────────────────────────────────────────────────────────
+
+    def request_permission(
+        self, tool_name: str, tool_input: JSON = None, *, request_id: str | None = None
+    ) -> concurrent.futures.Future[Outcome]:
+        """Submit a permission request; the future resolves with its one :class:`Outcome`."""
+        if not isinstance(tool_name, str) or not tool_name:
+            raise ValueError("tool_name must be a non-empty string")
+        request_id = request_id or uuid.uuid4().hex
+        future: concurrent.futures.Future[Outcome] = concurrent.futures.Future()
+        submitted = Submit(
+            request_id, tool_name, {} if tool_input is None else tool_input, future, time.monotonic()
+        )
+        if not self.config.enabled:
+            future.set_result(Outcome(request_id, Decision.DENY, Reason.DISABLED))
+        elif (
+            self._ctx is None
+            or self._stopped.is_set()
+            or not self._ctx.directory.tell(Role.PERMISSIONS, submitted)
+        ):
+            future.set_result(Outcome(request_id, Decision.DENY, Reason.SHUTDOWN))
+        return future
+
+    def decide(
+        self,
+        tool_name: str,
+        tool_input: JSON = None,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Outcome:
+        """Blocking :meth:`request_permission`. The wait defaults to the permission
+        timeout plus a margin; a caller that gives up earlier gets a deny."""
+        request_id = request_id or uuid.uuid4().hex
+        future = self.request_permission(tool_name, tool_input, request_id=request_id)
+        wait = self.config.permission_timeout + 5 if timeout is None else timeout
+        try:
+            return future.result(timeout=wait)
+        except concurrent.futures.TimeoutError:
+            return Outcome(request_id, Decision.DENY, Reason.TIMEOUT)
+
+    def status(self) -> dict[str, Any]:
+        """The actor-state snapshot that the logs and ``/status`` show."""
+        if self._ctx is None:
+            return {"connection": {"state": "stopped"}, "permissions": {"pending": 0}}
+        return snapshot(self._ctx)
+
+    def reconnect(self) -> None:
+        """End a back-off wait now (what SIGHUP does)."""
+        if self._ctx is not None:
+            self._ctx.directory.tell(Role.SUPERVISOR, Reconnect())
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait until a session is up and identified (for tests and scripts)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.status()["connection"].get("state") == "connected":
+                return True
+            time.sleep(0.01)
+        return False
+
+    @property
+    def context(self) -> UplinkContext:
+        if self._ctx is None:
+            raise RuntimeError("the Uplink is not started")
+        return self._ctx
+
+
+def _factory(actor_class: type[UplinkActor], ctx: UplinkContext) -> Callable[[], pykka.ActorRef[Any]]:
+    return lambda: actor_class.start(ctx)
+
+
+def _wait(future: concurrent.futures.Future[Any], deadline: float, *, share: float) -> None:
+    budget = max(0.05, (deadline - time.monotonic()) * share)
+    with contextlib.suppress(concurrent.futures.TimeoutError):
+        future.result(timeout=budget)
+
