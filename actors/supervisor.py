@@ -78,9 +78,6 @@ class SupervisorActor(UplinkActor):
             "sessions_up": self.sessions_up,
             "up_for": None if self.up_at is None else round(time.monotonic() - self.up_at, 3),
             "backoff": None if self.wait is None else round(self.wait, 3),
-            "reconnect_in": None
-            if self.reconnect_at is None
-            else round(max(0.0, self.reconnect_at - time.monotonic()), 3),
             "last_end": self.last_end,
         }
 

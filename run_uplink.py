@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Command-line entry point of the sled uplink (PROTOCOL.md §2).
+
+    python run_uplink.py --upstream-gateway 'ws://gw:8080/api/sled-uplink?token=…'
+
+Every option is checked before anything starts: a bad value exits 2 with one
+line on stderr. With no gateway configured it logs that it is disabled and
+exits 0. SIGINT/SIGTERM deny what is undecided, close the WebSocket (1001) and
+exit 0; SIGHUP ends a back-off wait; SIGUSR1 logs every thread's traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from protocol import ConfigError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+DEFAULT_LISTEN = "127.0.0.1:3002"
+_NO_LISTEN = ("", "off", "none")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), never a wall."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _duration(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds greater than 0, not {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
+
+
+def _multiplier(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value else default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="run_uplink.py",
+        description="The sled's single outbound WebSocket to its upstream gateway.",
+    )
+    add = parser.add_argument
+    add("--upstream-gateway", metavar="URL", default=_env("HUSKIES_UPSTREAM_GATEWAY", ""),
+        help="ws:// or wss:// URL of the gateway's /api/sled-uplink (may carry ?token=); "
+        "env HUSKIES_UPSTREAM_GATEWAY; unset disables the uplink")
+    add("--project", metavar="NAME", default=_env("HUSKIES_PROJECT", Path.cwd().name or "sled"),
+        help="name this sled identifies as (env HUSKIES_PROJECT; default: current directory name)")
+    add("--local-mcp-url", metavar="URL",
+        default=_env("HUSKIES_LOCAL_MCP_URL", "http://127.0.0.1:3001/mcp"),
+        help="the sled's own MCP endpoint (env HUSKIES_LOCAL_MCP_URL)")
+    add("--listen", metavar="HOST:PORT", default=_env("HUSKIES_UPLINK_LISTEN", DEFAULT_LISTEN),
+        help="local HTTP ingress (env HUSKIES_UPLINK_LISTEN; 'off' disables it)")
+    add("--heartbeat-interval", metavar="S", type=_duration, default=10.0)
+    add("--backoff-initial", metavar="S", type=_duration, default=1.0)
+    add("--backoff-max", metavar="S", type=_duration, default=60.0)
+    add("--backoff-multiplier", metavar="X", type=_multiplier, default=2.0)
+    add("--backoff-reset-after", metavar="S", type=_duration, default=30.0)
+    add("--permission-timeout", metavar="S", type=_duration, default=120.0)
+    add("--max-pending", metavar="N", type=_count, default=10_000)
+    add("--mcp-timeout", metavar="S", type=_duration, default=120.0)
+    add("--mcp-concurrency", metavar="N", type=_count, default=16)
+    add("--mcp-max-bytes", metavar="N", type=_count, default=8 * 1024 * 1024,
+        help="largest local MCP answer accepted (default 8 MiB)")
+    add("--ping-interval", metavar="S", type=_duration, default=20.0,
+        help="WebSocket keepalive ping interval")
+    add("--ping-timeout", metavar="S", type=_duration, default=20.0,
+        help="WebSocket keepalive: drop the session if no pong within this")
+    add("--open-timeout", metavar="S", type=_duration, default=10.0,
+        help="give up a connect/handshake after this")
+    add("--ca-file", metavar="PATH", default=None, help="extra CA certificate(s) for wss://")
+    add("--status-interval", metavar="S", type=_duration, default=60.0,
+        help="how often to log the snapshot of every actor's state")
+    add("--log-level", metavar="LEVEL", default="INFO", type=str.upper,
+        choices=["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"])
+    add("--log-json", action="store_true", help="one JSON object per log line")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from actors.config import UplinkConfig
+
+    listen = None if args.listen.strip().lower() in _NO_LISTEN else args.listen
+    return UplinkConfig(
+        upstream_url=args.upstream_gateway,
+        project=args.project,
+        local_mcp_url=args.local_mcp_url,
+        listen=listen,
+        heartbeat_interval=args.heartbeat_interval,
+        backoff_initial=args.backoff_initial,
+        backoff_max=args.backoff_max,
+        backoff_multiplier=args.backoff_multiplier,
+        backoff_reset_after=args.backoff_reset_after,
+        permission_timeout=args.permission_timeout,
+        max_pending=args.max_pending,
+        mcp_timeout=args.mcp_timeout,
+        mcp_concurrency=args.mcp_concurrency,
+        mcp_max_response_bytes=args.mcp_max_bytes,
+        ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout,
+        open_timeout=args.open_timeout,
+        ca_file=args.ca_file,
+        status_interval=args.status_interval,
+    ).validate()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from actors.config import check_bindable
+
+    try:
+        config = config_from_args(args)
+        if config.listen_address is not None:
+            check_bindable(config.listen_address)
+    except ConfigError as exc:
+        parser.error(f"argument {exc.option}: {exc.problem}")
+
+    from loguru import logger
+
+    from actors.logsetup import configure_logging
+
+    configure_logging(args.log_level, json_lines=args.log_json)
+    log = logger.bind(actor="main")
+    if not config.enabled:
+        log.info("uplink disabled: no --upstream-gateway (or HUSKIES_UPSTREAM_GATEWAY) set")
+        return EXIT_OK
+    return _run(config, log)
+
+
+def _run(config, log) -> int:  # type: ignore[no-untyped-def]
+    import pykka.debug
+
+    from actors.system import Uplink
+
+    stop = threading.Event()
+    uplink = Uplink(config)
+
+    def on_stop_signal(signum: int, _frame: object) -> None:
+        log.info("{} received: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    def on_hup(_signum: int, _frame: object) -> None:
+        uplink.reconnect()
+
+    signal.signal(signal.SIGINT, on_stop_signal)
+    signal.signal(signal.SIGTERM, on_stop_signal)
+    signal.signal(signal.SIGHUP, on_hup)
+    signal.signal(signal.SIGUSR1, pykka.debug.log_thread_tracebacks)
+    try:
+        uplink.start()
+    except ConfigError as exc:  # e.g. the ingress port was taken meanwhile
+        sys.stderr.write(f"run_uplink.py: error: argument {exc.option}: {exc.problem}\n")
+        return EXIT_USAGE
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        uplink.stop(timeout=4.0)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
