@@ -88,7 +88,10 @@ class Uplink:
 
                 self._ingress = Ingress(self, ctx)
                 self._ingress.start()
-            ctx.directory.tell(Role.SUPERVISOR, Start())
+            supervisor = ctx.directory.get(Role.SUPERVISOR)
+            assert supervisor is not None
+            supervisor.tell(Start())
+            supervisor.ask(GetSnapshot(), timeout=5)  # mailboxes are FIFO: Start is handled
         except BaseException:
             self.stop()
             raise

@@ -1,0 +1,73 @@
+"""Shared fixtures: a real test gateway, fast-configured uplinks, and cleanup.
+
+Timeouts scale with ``SLED_TEST_TIME_FACTOR`` (default 1) for slow machines.
+Every test ends with every pykka actor stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pykka
+import pytest
+
+from actors import Uplink, UplinkConfig
+from actors.logsetup import configure_logging
+from tests.support.gateway import Gateway
+
+TIME_FACTOR = float(os.environ.get("SLED_TEST_TIME_FACTOR", "1"))
+
+
+def scaled(seconds: float) -> float:
+    """A timeout in seconds, scaled for slow machines."""
+    return seconds * TIME_FACTOR
+
+
+FAST = {
+    "heartbeat_interval": 10.0,
+    "backoff_initial": 0.05,
+    "backoff_max": 0.5,
+    "backoff_reset_after": 30.0,
+    "permission_timeout": 30.0,
+    "open_timeout": 2.0,
+}
+
+
+@pytest.fixture(autouse=True)
+def _logging() -> None:
+    configure_logging(os.environ.get("SLED_TEST_LOG_LEVEL", "DEBUG"))
+
+
+@pytest.fixture(autouse=True)
+def _stop_all_actors() -> Iterator[None]:
+    yield
+    pykka.ActorRegistry.stop_all(timeout=5)
+
+
+@pytest.fixture
+def gateway() -> Iterator[Gateway]:
+    with Gateway() as gw:
+        yield gw
+
+
+@pytest.fixture
+def make_uplink() -> Iterator[Callable[..., Uplink]]:
+    """``make_uplink(url, **config)`` → a started Uplink, stopped after the test."""
+    started: list[Uplink] = []
+
+    def make(url: str, **overrides: Any) -> Uplink:
+        settings: dict[str, Any] = {"project": "test-proj", **FAST, **overrides}
+        uplink = Uplink(UplinkConfig(upstream_url=url, **settings)).start()
+        started.append(uplink)
+        return uplink
+
+    yield make
+    for uplink in started:
+        uplink.stop()
+
+
+def non_daemon_threads() -> set[str]:
+    return {t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()}
