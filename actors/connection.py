@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from actors.base import UplinkActor, handles
 from actors.context import Role, UplinkContext
 from actors.messages import CloseSession, FrameIn, SendFrame, SessionEnded, SessionUp
-from protocol import identity, redact, serialize
+from protocol import LocalProtocolError, identity, redact, serialize
 
 # websockets logs handshakes (URL and all) at DEBUG through this logger; the
 # log setup routes it to loguru, whose sink redacts the token.
@@ -108,7 +108,12 @@ class ConnectionActor(UplinkActor):
         if message.session != self.session or self._outbox is None:
             self.log.debug("dropped {} for session {}", message.envelope.type, message.session)
             return
-        self.ctx.loop.call_soon(self._outbox.put_nowait, serialize(message.envelope))
+        try:
+            text = serialize(message.envelope)
+        except LocalProtocolError as exc:  # a bug upstream; never worth the session
+            self.log.error("dropped an unencodable {} frame: {}", message.envelope.type, exc)
+            return
+        self.ctx.loop.call_soon(self._outbox.put_nowait, text)
 
     @handles(CloseSession)
     def _on_close(self, message: CloseSession) -> None:

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from actors.config import check_bindable
 from actors.context import UplinkContext
-from protocol import JSON, ConfigError, Decision, Outcome, dumps, loads
+from protocol import JSON, ConfigError, Decision, LocalProtocolError, Outcome, dumps, loads
 
 if TYPE_CHECKING:
     from actors.system import Uplink
@@ -248,7 +248,10 @@ class Ingress:
 
     async def _permission(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
         tool_name, tool_input, request_id = parse_permission_body(await self._read_body(scope, receive))
-        future = self.uplink.request_permission(tool_name, tool_input, request_id=request_id)
+        try:
+            future = self.uplink.request_permission(tool_name, tool_input, request_id=request_id)
+        except LocalProtocolError as exc:
+            raise HttpError(400, f"request cannot be forwarded: {exc}") from None
         # Wait without tying the decision to this caller: if the client goes
         # away, the request is still decided (and logged) as usual.
         loop = asyncio.get_running_loop()

@@ -18,7 +18,7 @@ from actors.base import UplinkActor, handles
 from actors.context import Role, UplinkContext
 from actors.mcp_client import LocalMcpClient
 from actors.messages import EnvelopeIn, McpDone, SendFrame, SessionClosed, SessionOpened
-from protocol import JSON, Kind, mcp_response
+from protocol import JSON, Kind, mcp_response, serialize
 from protocol.jsonrpc import INTERNAL_ERROR, error_object
 
 
@@ -86,7 +86,8 @@ class McpProxyActor(UplinkActor):
         def finished(done: concurrent.futures.Future[JSON]) -> None:
             try:
                 payload = done.result()
-            except BaseException as exc:  # cancelled at shutdown, or a bug: still answer
+                serialize(mcp_response(req_id, payload))  # what the wire cannot carry
+            except BaseException as exc:  # cancelled at shutdown, a bug, or unencodable
                 payload = error_object(None, INTERNAL_ERROR, f"replay failed: {exc!r}")
             with contextlib.suppress(pykka.ActorDeadError):  # stopped meanwhile
                 ref.tell(McpDone(session, req_id, payload))

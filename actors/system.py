@@ -38,7 +38,7 @@ from actors.permissions import PermissionRegistryActor
 from actors.router import RouterActor
 from actors.status import snapshot
 from actors.supervisor import SupervisorActor
-from protocol import JSON, Decision, Kind, Outcome, Reason
+from protocol import JSON, Decision, Kind, Outcome, PermRequest, Reason, serialize
 
 # The router's table: envelope kind → the actor class that handles it. A new
 # kind is one actor class plus one entry here (or in ``Uplink(handlers=…)``).
@@ -170,13 +170,13 @@ class Uplink:
         self, tool_name: str, tool_input: JSON = None, *, request_id: str | None = None
     ) -> concurrent.futures.Future[Outcome]:
         """Submit a permission request; the future resolves with its one :class:`Outcome`."""
-        if not isinstance(tool_name, str) or not tool_name:
-            raise ValueError("tool_name must be a non-empty string")
         request_id = request_id or uuid.uuid4().hex
+        tool_input = {} if tool_input is None else tool_input
+        # Raises LocalProtocolError (a ValueError-like caller bug) for what the
+        # wire cannot carry, before anything is queued.
+        serialize(PermRequest(tool_name, tool_input).envelope(request_id))
         future: concurrent.futures.Future[Outcome] = concurrent.futures.Future()
-        submitted = Submit(
-            request_id, tool_name, {} if tool_input is None else tool_input, future, time.monotonic()
-        )
+        submitted = Submit(request_id, tool_name, tool_input, future, time.monotonic())
         if not self.config.enabled:
             future.set_result(Outcome(request_id, Decision.DENY, Reason.DISABLED))
         elif (

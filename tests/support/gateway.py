@@ -50,11 +50,17 @@ class Gateway:
         auto: str | Auto | None = None,
         reject_status: int | None = None,
         ping_interval: float | None = None,
+        ping_timeout: float | None = None,
+        ssl: Any = None,
+        host: str = "127.0.0.1",
     ) -> None:
         self.token = token
         self.auto = auto  # "approve" | "deny" | "always" | callable | None
         self.reject_status = reject_status
         self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.ssl = ssl
+        self.host = host
         self.sessions: list[Session] = []
         self.handshakes = 0
         self.port = 0
@@ -75,7 +81,8 @@ class Gateway:
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/api/sled-uplink?token={self.token}"
+        scheme = "wss" if self.ssl is not None else "ws"
+        return f"{scheme}://{self.host}:{self.port}/api/sled-uplink?token={self.token}"
 
     def start(self, port: int = 0) -> None:
         ready = threading.Event()
@@ -106,6 +113,8 @@ class Gateway:
                 port,
                 process_request=self._process_request,
                 ping_interval=self.ping_interval,
+                ping_timeout=self.ping_timeout,
+                ssl=self.ssl,
                 max_size=None,
                 close_timeout=1,
             ) as server:
