@@ -128,7 +128,7 @@ class Uplink:
             return
         self._stopped.set()
         deadline = time.monotonic() + timeout
-        directory = ctx.directory
+        directory, loop = ctx.directory, ctx.loop
         try:
             # 1. Fail closed first, so callers hear "shutdown", not "session ended".
             denial = DenyAll(Reason.SHUTDOWN, close=True)
@@ -155,7 +155,7 @@ class Uplink:
                     _log.error("bug: {} was still running after shutdown; stopping it", ref)
                     with contextlib.suppress(pykka.ActorDeadError):
                         ref.stop(block=False)
-            ctx.loop.close()
+            loop.close()
             _log.info("uplink stopped")
 
     def __enter__(self) -> Uplink:
