@@ -78,10 +78,12 @@ class UplinkActor(pykka.ThreadingActor):
     # ── pykka hooks ─────────────────────────────────────────────────────
 
     def on_start(self) -> None:
+        self.ctx.live.add(self.actor_ref)
         self.log.debug("started")
         self.publish()
 
     def on_stop(self) -> None:
+        self.ctx.live.discard(self.actor_ref)
         self.log.debug("stopped")
 
     def on_receive(self, message: Any) -> Any:
@@ -99,6 +101,7 @@ class UplinkActor(pykka.ThreadingActor):
     ) -> None:
         # pykka's own "Unhandled exception" line (routed to loguru) has the traceback.
         self.log.error("actor crashed in its handler: {!r}", exception_value)
+        self.ctx.live.discard(self.actor_ref)
         try:
             self.fail_closed()
         finally:

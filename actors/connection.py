@@ -71,7 +71,7 @@ class ConnectionActor(UplinkActor):
         self._ws: ClientConnection | None = None
         self._outbox: asyncio.Queue[str] | None = None
         self._task: concurrent.futures.Future[None] | None = None
-        self._sent = 0
+        self._dead_reason: str | None = None
 
     @property
     def name(self) -> str:
@@ -134,8 +134,9 @@ class ConnectionActor(UplinkActor):
             async with connect(
                 config.upstream_url,
                 open_timeout=config.open_timeout,
-                ping_interval=config.ping_interval,
-                ping_timeout=config.ping_timeout,
+                # Our own keepalive (below) aborts at once on a missed pong;
+                # websockets' would first wait out a close handshake.
+                ping_interval=None,
                 close_timeout=config.close_timeout,
                 max_size=config.max_frame_bytes,
                 max_queue=64,
@@ -152,10 +153,12 @@ class ConnectionActor(UplinkActor):
                 self.ctx.directory.tell(Role.SUPERVISOR, SessionUp(self.session))
                 self.actor_ref.tell(_Connected())
                 writer = asyncio.create_task(self._write(ws, self._outbox))
+                keepalive = asyncio.create_task(self._keepalive(ws))
                 try:
                     await self._read(ws)
                 finally:
                     writer.cancel()
+                    keepalive.cancel()
             # The reader ends quietly only after a normal close handshake.
             code = ws.close_code
             words = f"connection closed (code {code}"
@@ -163,7 +166,7 @@ class ConnectionActor(UplinkActor):
             ended = self._ended(up_at, words, clean=code in (1000, 1001))
         except ConnectionClosed as exc:
             words, clean = describe_close(exc)
-            ended = self._ended(up_at, words, clean=clean)
+            ended = self._ended(up_at, self._dead_reason or words, clean=clean)
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status in (401, 403):
@@ -199,6 +202,27 @@ class ConnectionActor(UplinkActor):
     async def _read(self, ws: ClientConnection) -> None:
         async for data in ws:
             self.ctx.directory.tell(Role.ROUTER, FrameIn(self.session, data))
+
+    async def _keepalive(self, ws: ClientConnection) -> None:
+        """Ping every interval; a pong later than the timeout means a dead path."""
+        interval, timeout = self.ctx.config.ping_interval, self.ctx.config.ping_timeout
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                pong = await ws.ping()
+            except ConnectionClosed:
+                return
+            try:
+                async with asyncio.timeout(timeout):
+                    await pong
+            except TimeoutError:
+                self._dead_reason = (
+                    f"keepalive: no pong within {timeout:g}s (half-open connection)"
+                )
+                self.log.warning("{}; dropping the session", self._dead_reason)
+                # No close handshake over a dead path: deny in-flight requests now.
+                ws.transport.abort()
+                return
 
     async def _write(self, ws: ClientConnection, outbox: asyncio.Queue[str]) -> None:
         while True:

@@ -122,6 +122,8 @@ class UplinkContext:
     factories: dict[str, Callable[[], pykka.ActorRef[Any]]] = field(default_factory=dict)
     # roles that want SessionOpened / SessionClosed.
     session_listeners: list[str] = field(default_factory=list)
+    # Every actor of this uplink that is running, so stop() can find stragglers.
+    live: set[pykka.ActorRef[Any]] = field(default_factory=set)
     # Session numbers only grow, even across a supervisor restart.
     last_session: int = 0
 

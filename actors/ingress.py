@@ -67,6 +67,8 @@ def parse_permission_body(raw: bytes) -> tuple[str, JSON, str | None]:
         body = loads(raw)
     except ValueError:
         raise HttpError(400, "body is not valid JSON") from None
+    except RecursionError:
+        raise HttpError(400, "body is nested too deeply") from None
     if not isinstance(body, dict):
         raise HttpError(400, "body must be a JSON object")
     tool_name = body.get("tool_name")
@@ -216,6 +218,9 @@ class Ingress:
             status, body = await handler(scope, receive)
         except HttpError as exc:
             status, body = exc.status, {"error": exc.message}
+        except Exception:  # every answer is JSON, even a bug's
+            _log.exception("{} {} failed", scope["method"], scope["path"])
+            status, body = 500, {"error": "internal error"}
         if isinstance(body, bytes):
             content_type = b"text/plain; version=0.0.4; charset=utf-8"
             payload = body
@@ -250,7 +255,7 @@ class Ingress:
         tool_name, tool_input, request_id = parse_permission_body(await self._read_body(scope, receive))
         try:
             future = self.uplink.request_permission(tool_name, tool_input, request_id=request_id)
-        except LocalProtocolError as exc:
+        except (LocalProtocolError, RecursionError) as exc:
             raise HttpError(400, f"request cannot be forwarded: {exc}") from None
         # Wait without tying the decision to this caller: if the client goes
         # away, the request is still decided (and logged) as usual.

@@ -114,6 +114,10 @@ class LocalMcpClient:
     # ── Streamable HTTP ────────────────────────────────────────────────
 
     async def _replay(self, text: str, body: JSON) -> JSON:
+        if self._renew_lock.locked():
+            # A re-initialize is under way (no session id meanwhile): wait for its session.
+            async with self._renew_lock:
+                pass
         if is_initialize(body):
             # A new initialize starts a new local session; remember it to renew later.
             self.last_initialize = text
@@ -163,7 +167,7 @@ class LocalMcpClient:
         ) as response:
             status = response.status_code
             if status == 404 and carried_session:
-                raise _SessionExpired()
+                raise _SessionExpired("local MCP server answered HTTP 404: its session expired")
             if status in (202, 204):
                 return None
             if not 200 <= status < 300:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import heapq
+import queue
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -76,9 +76,11 @@ class PermissionBook:
         self._clock = clock
         self._log = log
         self.pending: dict[str, Pending] = {}
-        self.held: deque[str] = deque()
+        # Held ids in arrival order (a dict: a decided one leaves it at once).
+        self.held: dict[str, None] = {}
         self.session: int | None = None
         self.closed = False
+        self.closed_reason = Reason.SHUTDOWN  # what a submission to a closed book is told
         self._deadlines: list[tuple[float, str]] = []
 
     # ── inputs ──────────────────────────────────────────────────────────
@@ -95,7 +97,7 @@ class PermissionBook:
             submitted_at = self._clock()
         entry = Pending(request_id, tool_name, tool_input, future, submitted_at + self.timeout)
         if self.closed:
-            self._answer(entry, Decision.DENY, Reason.SHUTDOWN)
+            self._answer(entry, Decision.DENY, self.closed_reason)
             return
         if request_id in self.pending:
             self._log.warning("request id {!r} is already waiting; denying the new one", request_id)
@@ -111,7 +113,7 @@ class PermissionBook:
         self.pending[request_id] = entry
         heapq.heappush(self._deadlines, (entry.deadline, request_id))
         if self.session is None:
-            self.held.append(request_id)
+            self.held[request_id] = None
             self._log.debug("holding {!r} until a session is up", request_id)
         else:
             self._transmit(entry, self.session)
@@ -119,8 +121,9 @@ class PermissionBook:
     def open_session(self, session: int) -> None:
         """A session is up and identified: send what was held, in arrival order."""
         self.session = session
-        while self.held:
-            entry = self.pending.get(self.held.popleft())
+        held, self.held = self.held, {}
+        for request_id in held:
+            entry = self.pending.get(request_id)
             if entry is not None and entry.session is None:
                 self._transmit(entry, session)
 
@@ -168,6 +171,8 @@ class PermissionBook:
 
     def deny_all(self, reason: Reason, *, close: bool = False) -> int:
         """Deny every undecided request; with ``close`` also every later one."""
+        if close and not self.closed:
+            self.closed_reason = reason
         self.closed = self.closed or close
         entries = list(self.pending.values())
         for entry in entries:
@@ -184,6 +189,7 @@ class PermissionBook:
     def _decide(self, entry: Pending, decision: Decision, reason: Reason) -> Outcome:
         # Popping is what makes a decision final: no second path can find it.
         del self.pending[entry.request_id]
+        self.held.pop(entry.request_id, None)
         if not self.pending:
             self._deadlines.clear()
             self.held.clear()
@@ -220,14 +226,42 @@ class PermissionRegistryActor(UplinkActor):
 
     def on_stop(self) -> None:
         # Nothing may be lost by stopping: whatever is left is denied.
-        if self.book.pending:
-            self.book.deny_all(Reason.SHUTDOWN, close=True)
+        self.book.deny_all(Reason.SHUTDOWN, close=True)
+        self._drain_mailbox()
         if self._sweep_timer is not None:
             self._sweep_timer.cancel()
         super().on_stop()
 
     def fail_closed(self) -> None:
         self.book.deny_all(Reason.CRASH, close=True)
+        self._drain_mailbox()
+
+    def _drain_mailbox(self) -> None:
+        """Answer what is still queued: pykka silently drops the ``tell``ed
+        messages left in a stopped actor's mailbox, and a dropped ``Submit``
+        would never get its decision. The book is closed, so each is denied."""
+        others = []
+        while True:
+            try:
+                envelope = self.actor_inbox.get_nowait()
+            except queue.Empty:
+                break
+            message = envelope.message
+            if isinstance(message, Submit):
+                self.book.submit(
+                    message.request_id,
+                    message.tool_name,
+                    message.tool_input,
+                    message.future,
+                    message.submitted_at,
+                )
+            elif isinstance(message, DenyAll):
+                if not message.done.done():
+                    message.done.set_result(0)
+            else:
+                others.append(envelope)
+        for envelope in others:  # pykka answers queued asks with ActorDeadError
+            self.actor_inbox.put(envelope)
 
     def snapshot(self) -> dict[str, Any]:
         return {

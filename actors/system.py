@@ -149,9 +149,8 @@ class Uplink:
                     with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
                         ref.stop(timeout=max(0.2, deadline - time.monotonic()))
                     directory.set(role, None)
-            for ref in pykka.ActorRegistry.get_all():
-                actor = getattr(ref, "_actor", None)
-                if getattr(actor, "ctx", None) is ctx:
+            for ref in list(ctx.live):
+                if ref.is_alive():
                     _log.error("bug: {} was still running after shutdown; stopping it", ref)
                     with contextlib.suppress(pykka.ActorDeadError):
                         ref.stop(block=False)

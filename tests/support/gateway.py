@@ -199,6 +199,16 @@ class Gateway:
     def close(self, session: Session, code: int = 1000, reason: str = "") -> None:
         self._call(lambda: session.ws.close(code, reason))
 
+    def abort_mid_frame(self, session: Session) -> None:
+        """Write the first bytes of a text frame header, then drop the TCP connection."""
+        assert self._loop is not None
+
+        def cut() -> None:
+            session.ws.transport.write(b"\x81\x7e\x01")  # text, 16-bit length, 1 of 2 length bytes
+            session.ws.transport.abort()
+
+        self._loop.call_soon_threadsafe(cut)
+
     def abort(self, session: Session) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(session.ws.transport.abort)

@@ -65,9 +65,12 @@ class FreezableRelay:
             self._writers.append(writer)
             return
         self.connections += 1
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        self._writers += [writer, up_writer]
-        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+            self._writers += [writer, up_writer]
+            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+        except (asyncio.CancelledError, OSError):
+            pass  # the relay is shutting down, or upstream is gone
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
