@@ -1,0 +1,31 @@
+"""The reference sled gateway: the upstream end of the uplink (PROTOCOL.md §1).
+
+It accepts sled WebSockets at ``/api/sled-uplink?token=…``, tracks each sled's
+identity and heartbeat, turns ``perm_request`` frames into pending items that
+a policy (``auto``), the terminal or the web console answers, and relays MCP
+JSON-RPC posted to ``/sleds/{project}/mcp`` to that sled as ``mcp_request``.
+
+It is a test peer and a demo, not a production gateway: one process, state in
+memory. Run it with ``run_gateway.py`` (console script ``sled-gateway``) or
+embed :class:`Gateway` (see :mod:`gateway.server`).
+"""
+
+from gateway.config import GatewayConfig
+from gateway.server import Gateway
+from gateway.state import (
+    AlreadyDecided,
+    DecisionRecord,
+    PendingPermission,
+    SledState,
+    UnknownRequest,
+)
+
+__all__ = [
+    "AlreadyDecided",
+    "DecisionRecord",
+    "Gateway",
+    "GatewayConfig",
+    "PendingPermission",
+    "SledState",
+    "UnknownRequest",
+]

@@ -1,0 +1,372 @@
+"""Bookkeeping of the reference gateway: sleds, pending permission requests, decisions.
+
+No I/O and no asyncio. The web app mutates a :class:`GatewayState` from its
+event loop; any thread may take a :meth:`~GatewayState.snapshot` or block in
+:meth:`~GatewayState.wait_for` until something changes. One re-entrant lock
+guards everything, and a Condition on it wakes waiters on every change, so
+tests and the terminal prompt wait on events instead of sleeping.
+
+Sessions are numbered (DESIGN.md principle 5): a sled record and each pending
+request remember the session that produced them, so the late end of a replaced
+session cannot touch its successor.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from protocol import JSON, Decision
+
+#: A sled is stale after this many missed heartbeat intervals.
+STALE_AFTER_INTERVALS = 3
+#: How many decided request keys are remembered to answer 409 (not 404).
+DECIDED_MEMORY = 10_000
+#: How many decisions the console's log shows.
+RECENT_DECISIONS = 200
+#: Pseudo-decision recorded when a sled disconnects with requests pending.
+WITHDRAWN = "withdrawn"
+
+
+class SledState(enum.StrEnum):
+    CONNECTED = "connected"
+    STALE = "stale"
+    DISCONNECTED = "disconnected"
+
+
+class UnknownRequest(LookupError):
+    """No permission request with this project and id was ever seen (HTTP 404)."""
+
+
+class AlreadyDecided(Exception):
+    """The request already has its one decision (HTTP 409)."""
+
+    def __init__(self, record: DecisionRecord) -> None:
+        super().__init__(
+            f"{record.project}/{record.req_id} already {record.decision} by {record.by}"
+        )
+        self.record = record
+
+
+def iso(t: float | None) -> str | None:
+    """Wall-clock seconds → ISO 8601 UTC with milliseconds (None stays None)."""
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class SledRecord:
+    """What the gateway knows of one project's sled (the newest session wins)."""
+
+    project: str
+    session: int
+    remote: str
+    connected_at: float  # wall clock
+    beat_mono: float  # monotonic time of the last heartbeat (or of identity)
+    info: dict[str, JSON] = field(default_factory=dict)  # identity's extra keys
+    last_heartbeat: float | None = None  # wall clock
+    disconnected_at: float | None = None
+    close_code: int | None = None
+    frames_in: int = 0
+    frames_dropped: int = 0
+    reported: SledState = SledState.CONNECTED  # last state announced in the log
+
+    def state_at(self, mono_now: float, stale_after: float) -> SledState:
+        if self.disconnected_at is not None:
+            return SledState.DISCONNECTED
+        if mono_now - self.beat_mono > stale_after:
+            return SledState.STALE
+        return SledState.CONNECTED
+
+
+@dataclass(frozen=True, slots=True)
+class PendingPermission:
+    """A ``perm_request`` waiting for its answer."""
+
+    project: str
+    req_id: str
+    tool_name: str
+    tool_input: JSON
+    received_at: float  # wall clock
+    session: int
+
+    def to_json(self) -> dict[str, JSON]:
+        return {
+            "project": self.project,
+            "req_id": self.req_id,
+            "tool_name": self.tool_name,
+            "tool_input": self.tool_input,
+            "received_at": iso(self.received_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """One answered (or withdrawn) permission request, for the console's log."""
+
+    project: str
+    req_id: str
+    tool_name: str
+    decision: str  # a Decision value, or WITHDRAWN
+    by: str  # auto | terminal | console | library | invalid | sled_disconnected
+    decided_at: float  # wall clock
+    waited_s: float
+
+    def to_json(self) -> dict[str, JSON]:
+        return {
+            "project": self.project,
+            "req_id": self.req_id,
+            "tool_name": self.tool_name,
+            "decision": self.decision,
+            "by": self.by,
+            "decided_at": iso(self.decided_at),
+            "waited_s": round(self.waited_s, 3),
+        }
+
+
+Key = tuple[str, str]  # (project, req_id)
+
+
+class GatewayState:
+    """Thread-safe registry of sleds, pending requests and recent decisions."""
+
+    def __init__(
+        self,
+        heartbeat_interval: float,
+        *,
+        mono: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.heartbeat_interval = heartbeat_interval
+        self.stale_after = STALE_AFTER_INTERVALS * heartbeat_interval
+        self._mono = mono
+        self._wall = wall
+        self._cond = threading.Condition(threading.RLock())
+        self._sleds: dict[str, SledRecord] = {}
+        self._pending: OrderedDict[Key, PendingPermission] = OrderedDict()
+        self._decided: OrderedDict[Key, DecisionRecord] = OrderedDict()
+        self._recent: deque[DecisionRecord] = deque(maxlen=RECENT_DECISIONS)
+        self._version = 0  # bumped on every change; lets waiters see "something happened"
+
+    # -- changes (called from the event loop) ---------------------------------
+
+    def _changed(self) -> None:
+        self._version += 1
+        self._cond.notify_all()
+
+    def identify(
+        self, session: int, project: str, remote: str, info: dict[str, JSON]
+    ) -> SledRecord | None:
+        """Record ``project`` as served by ``session``; return the record it replaces, if live."""
+        with self._cond:
+            old = self._sleds.get(project)
+            now_wall, now_mono = self._wall(), self._mono()
+            self._sleds[project] = SledRecord(
+                project=project,
+                session=session,
+                remote=remote,
+                connected_at=now_wall,
+                beat_mono=now_mono,
+                info=info,
+            )
+            self._changed()
+            if old is not None and old.disconnected_at is None and old.session != session:
+                return old
+            return None
+
+    def heartbeat(self, session: int, project: str) -> SledState | None:
+        """Note a heartbeat; return the state the sled had before it (None if not ours)."""
+        with self._cond:
+            rec = self._sleds.get(project)
+            if rec is None or rec.session != session:
+                return None
+            before = rec.state_at(self._mono(), self.stale_after)
+            rec.last_heartbeat = self._wall()
+            rec.beat_mono = self._mono()
+            rec.reported = SledState.CONNECTED
+            self._changed()
+            return before
+
+    def count_frame(self, session: int, project: str | None, *, dropped: bool) -> None:
+        with self._cond:
+            rec = self._sleds.get(project) if project is not None else None
+            if rec is None or rec.session != session:
+                return
+            rec.frames_in += 1
+            if dropped:
+                rec.frames_dropped += 1
+
+    def disconnected(
+        self, session: int, project: str | None, close_code: int | None
+    ) -> list[PendingPermission]:
+        """End ``session``: mark its sled disconnected and withdraw its pending requests.
+
+        The sled denies those requests itself when its session ends
+        (PROTOCOL.md fail-closed lifecycle), so the gateway only forgets them.
+        """
+        with self._cond:
+            rec = self._sleds.get(project) if project is not None else None
+            if rec is not None and rec.session == session and rec.disconnected_at is None:
+                rec.disconnected_at = self._wall()
+                rec.close_code = close_code
+                rec.reported = SledState.DISCONNECTED
+            gone = [p for p in self._pending.values() if p.session == session]
+            now = self._wall()
+            for item in gone:
+                del self._pending[(item.project, item.req_id)]
+                self._remember(
+                    DecisionRecord(
+                        item.project,
+                        item.req_id,
+                        item.tool_name,
+                        WITHDRAWN,
+                        "sled_disconnected",
+                        now,
+                        now - item.received_at,
+                    )
+                )
+            self._changed()
+            return gone
+
+    def add_pending(
+        self, session: int, project: str, req_id: str, tool_name: str, tool_input: JSON
+    ) -> PendingPermission | None:
+        """Register a ``perm_request``; None if that id is already pending (keep the first)."""
+        key = (project, req_id)
+        with self._cond:
+            if key in self._pending:
+                return None
+            self._decided.pop(key, None)  # a reused id (sled restarted) is a new request
+            item = PendingPermission(project, req_id, tool_name, tool_input, self._wall(), session)
+            self._pending[key] = item
+            self._changed()
+            return item
+
+    def resolve(
+        self, project: str, req_id: str, decision: Decision, by: str
+    ) -> tuple[DecisionRecord, PendingPermission]:
+        """Give a pending request its one decision.
+
+        Raises :class:`UnknownRequest` or :class:`AlreadyDecided`.
+        """
+        key = (project, req_id)
+        with self._cond:
+            item = self._pending.pop(key, None)
+            if item is None:
+                done = self._decided.get(key)
+                if done is not None:
+                    raise AlreadyDecided(done)
+                raise UnknownRequest(f"no permission request {req_id!r} from sled {project!r}")
+            now = self._wall()
+            record = DecisionRecord(
+                project, req_id, item.tool_name, decision.value, by, now, now - item.received_at
+            )
+            self._remember(record)
+            self._changed()
+            return record, item
+
+    def record_immediate(
+        self, project: str, req_id: str, tool_name: str, decision: Decision, by: str
+    ) -> DecisionRecord:
+        """Log a decision made without a pending phase (e.g. a malformed request denied)."""
+        with self._cond:
+            record = DecisionRecord(
+                project, req_id, tool_name, decision.value, by, self._wall(), 0.0
+            )
+            self._remember(record)
+            self._changed()
+            return record
+
+    def _remember(self, record: DecisionRecord) -> None:
+        key = (record.project, record.req_id)
+        self._decided[key] = record
+        self._decided.move_to_end(key)
+        while len(self._decided) > DECIDED_MEMORY:
+            self._decided.popitem(last=False)
+        self._recent.appendleft(record)
+
+    def refresh(self) -> list[tuple[SledRecord, SledState]]:
+        """Find sleds whose state changed since last announced (e.g. went stale)."""
+        with self._cond:
+            now = self._mono()
+            changes = []
+            for rec in self._sleds.values():
+                current = rec.state_at(now, self.stale_after)
+                if current is not rec.reported:
+                    rec.reported = current
+                    changes.append((rec, current))
+            if changes:
+                self._changed()
+            return changes
+
+    # -- reads (any thread) ---------------------------------------------------
+
+    def is_pending(self, project: str, req_id: str) -> bool:
+        with self._cond:
+            return (project, req_id) in self._pending
+
+    def pending_items(self) -> list[PendingPermission]:
+        with self._cond:
+            return list(self._pending.values())
+
+    def snapshot(self) -> dict[str, Any]:
+        """The JSON document ``GET /api/state`` serves."""
+        with self._cond:
+            now_mono, now_wall = self._mono(), self._wall()
+            pending_per_project: dict[str, int] = {}
+            for p in self._pending.values():
+                pending_per_project[p.project] = pending_per_project.get(p.project, 0) + 1
+            sleds = []
+            for rec in sorted(self._sleds.values(), key=lambda r: r.project):
+                sleds.append(
+                    {
+                        "project": rec.project,
+                        "state": rec.state_at(now_mono, self.stale_after).value,
+                        "session": rec.session,
+                        "remote": rec.remote,
+                        "connected_at": iso(rec.connected_at),
+                        "last_heartbeat": iso(rec.last_heartbeat),
+                        "since_heartbeat_s": round(now_mono - rec.beat_mono, 3),
+                        "disconnected_at": iso(rec.disconnected_at),
+                        "close_code": rec.close_code,
+                        "info": rec.info,
+                        "frames_in": rec.frames_in,
+                        "frames_dropped": rec.frames_dropped,
+                        "pending": pending_per_project.get(rec.project, 0),
+                    }
+                )
+            return {
+                "now": iso(now_wall),
+                "version": self._version,
+                "heartbeat_interval_s": self.heartbeat_interval,
+                "stale_after_s": round(self.stale_after, 6),
+                "sleds": sleds,
+                "pending": [p.to_json() for p in self._pending.values()],
+                "decisions": [r.to_json() for r in self._recent],
+            }
+
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float
+    ) -> dict[str, Any]:
+        """Block until ``predicate(snapshot)`` holds; return that snapshot.
+
+        Re-checks on every change and at least every 50 ms (staleness is a
+        function of time, not only of changes). Raises ``TimeoutError``.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                snap = self.snapshot()
+                if predicate(snap):
+                    return snap
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"gateway state did not reach the condition in {timeout} s")
+                self._cond.wait(min(left, 0.05))
