@@ -10,6 +10,7 @@ supervision of its own: DESIGN.md principle 7).
 from __future__ import annotations
 
 import contextlib
+import queue
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
@@ -50,6 +51,12 @@ class UplinkActor(pykka.ThreadingActor):
                 for message_type in getattr(attr, "_handles", ()):
                     table[message_type] = name
         cls._dispatch = table
+
+    @staticmethod
+    def _create_actor_inbox() -> Any:
+        # SimpleQueue (C, lock-free put) instead of queue.Queue: pykka only
+        # needs put/get/empty, and every hand-off on the hot path is cheaper.
+        return queue.SimpleQueue()
 
     def __init__(self, ctx: UplinkContext) -> None:
         super().__init__()

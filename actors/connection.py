@@ -26,8 +26,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from actors.base import UplinkActor, handles
 from actors.context import Role, UplinkContext
-from actors.messages import CloseSession, FrameIn, SendFrame, SessionEnded, SessionUp
-from protocol import LocalProtocolError, identity, redact, serialize
+from actors.messages import CloseSession, SendFrame, SessionEnded, SessionUp
+from protocol import Envelope, LocalProtocolError, identity, redact, serialize
 
 # websockets logs handshakes (URL and all) at DEBUG through this logger; the
 # log setup routes it to loguru, whose sink redacts the token.
@@ -55,6 +55,37 @@ def describe_close(exc: ConnectionClosed) -> tuple[str, bool]:
     return "connection lost without a close frame", False
 
 
+class FrameSink:
+    """Sends frames on one session from any thread, straight to its writer.
+
+    Handed out in ``SessionUp``/``SessionOpened``. After the session ends it
+    drops what it is given: the session's users are told ``SessionClosed``
+    and fail closed what they had sent.
+    """
+
+    __slots__ = ("_loop", "_outbox", "closed", "session")
+
+    def __init__(self, session: int, loop: asyncio.AbstractEventLoop, outbox: asyncio.Queue[str]) -> None:
+        self.session = session
+        self._loop = loop
+        self._outbox = outbox
+        self.closed = False
+
+    def send(self, envelope: Envelope) -> bool:
+        """Serialize and send; LocalProtocolError if the envelope is not legal."""
+        return self.send_text(serialize(envelope))
+
+    def send_text(self, text: str) -> bool:
+        """Send already-serialized frame text; False if the session is over."""
+        if self.closed:
+            return False
+        try:
+            self._loop.call_soon_threadsafe(self._outbox.put_nowait, text)
+        except RuntimeError:  # the loop is closed: the uplink is stopping
+            return False
+        return True
+
+
 class _Connected:
     """Internal: the session task tells its actor that the socket is open."""
 
@@ -72,6 +103,7 @@ class ConnectionActor(UplinkActor):
         self._outbox: asyncio.Queue[str] | None = None
         self._task: concurrent.futures.Future[None] | None = None
         self._dead_reason: str | None = None
+        self._sink: FrameSink | None = None
 
     @property
     def name(self) -> str:
@@ -140,6 +172,8 @@ class ConnectionActor(UplinkActor):
                 close_timeout=config.close_timeout,
                 max_size=config.max_frame_bytes,
                 max_queue=64,
+                # Frames are small JSON; the Rust original negotiates no compression.
+                compression=None,
                 ssl=tls_context(config.ca_file) if config.upstream_url.startswith("wss:") else None,
                 user_agent_header=f"sled-uplink/{config.identity_extra.get('version', '0')}",
                 proxy=None,
@@ -150,7 +184,8 @@ class ConnectionActor(UplinkActor):
                 await ws.send(serialize(identity(config.project, **config.identity_extra)))
                 up_at = time.monotonic()
                 self._outbox = asyncio.Queue()
-                self.ctx.directory.tell(Role.SUPERVISOR, SessionUp(self.session))
+                sink = self._sink = FrameSink(self.session, asyncio.get_running_loop(), self._outbox)
+                self.ctx.directory.tell(Role.SUPERVISOR, SessionUp(self.session, sink))
                 self.actor_ref.tell(_Connected())
                 writer = asyncio.create_task(self._write(ws, self._outbox))
                 keepalive = asyncio.create_task(self._keepalive(ws))
@@ -189,6 +224,8 @@ class ConnectionActor(UplinkActor):
             self.log.opt(exception=exc).error("session task failed")
             ended = self._ended(up_at, f"internal error: {exc!r}")
         finally:
+            if self._sink is not None:
+                self._sink.closed = True
             self._ws = None
             self._outbox = None
             self.ctx.directory.tell(Role.SUPERVISOR, ended)
@@ -200,8 +237,10 @@ class ConnectionActor(UplinkActor):
         return SessionEnded(self.session, redact(reason), up_for, auth_failed, clean)
 
     async def _read(self, ws: ClientConnection) -> None:
+        # Dispatch in the loop: one hand-off per frame (loop → handler actor).
+        dispatch = self.ctx.router.dispatch
         async for data in ws:
-            self.ctx.directory.tell(Role.ROUTER, FrameIn(self.session, data))
+            dispatch(self.session, data)
 
     async def _keepalive(self, ws: ClientConnection) -> None:
         """Ping every interval; a pong later than the timeout means a dead path."""

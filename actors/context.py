@@ -67,19 +67,31 @@ class Directory:
 
 
 class StatusBoard:
-    """Each actor's last published state (thread-safe; read without asking)."""
+    """Each actor's state, read without asking the actor (thread-safe).
+
+    An actor either publishes a dict when its state changes, or registers a
+    ``watch`` function that renders its state when a snapshot is taken, which
+    keeps busy actors (the registry, the router) from rebuilding a dict per
+    message. Watch functions only read plain attributes, which is safe from
+    another thread.
+    """
 
     def __init__(self) -> None:
-        self._states: dict[str, dict[str, Any]] = {}
+        self._states: dict[str, dict[str, Any] | Callable[[], dict[str, Any]]] = {}
         self._lock = threading.Lock()
 
     def publish(self, name: str, state: dict[str, Any]) -> None:
         with self._lock:
             self._states[name] = state
 
+    def watch(self, name: str, render: Callable[[], dict[str, Any]]) -> None:
+        with self._lock:
+            self._states[name] = render
+
     def snapshot(self) -> dict[str, dict[str, Any]]:
         with self._lock:
-            return {name: dict(state) for name, state in self._states.items()}
+            states = dict(self._states)
+        return {name: dict(s() if callable(s) else s) for name, s in states.items()}
 
 
 class Stats:
@@ -118,6 +130,8 @@ class UplinkContext:
     stats: Stats = field(default_factory=Stats)
     # kind → role of the actor that handles frames of that kind (the router's table).
     routes: dict[str, str] = field(default_factory=dict)
+    # The router's logic, called from the event loop for every inbound frame.
+    router: Any = None
     # role → how to build a fresh actor for it (used by the supervisor to restart).
     factories: dict[str, Callable[[], pykka.ActorRef[Any]]] = field(default_factory=dict)
     # roles that want SessionOpened / SessionClosed.

@@ -9,13 +9,18 @@ never leaks into the next one.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from actors.base import UplinkActor, handles
 from actors.context import Role, UplinkContext
 from actors.loop import Timer
 from actors.messages import SendFrame, SessionClosed, SessionOpened, Tick
-from protocol import HEARTBEAT
+from protocol import HEARTBEAT, serialize
+
+if TYPE_CHECKING:
+    from actors.connection import FrameSink
+
+_HEARTBEAT_TEXT = serialize(HEARTBEAT)
 
 
 class HeartbeatActor(UplinkActor):
@@ -24,6 +29,7 @@ class HeartbeatActor(UplinkActor):
     def __init__(self, ctx: UplinkContext) -> None:
         super().__init__(ctx)
         self.session: int | None = None
+        self.sink: FrameSink | None = None
         self.generation = 0
         self.sent = 0
         self._next_at = 0.0
@@ -49,6 +55,7 @@ class HeartbeatActor(UplinkActor):
     def _on_opened(self, message: SessionOpened) -> None:
         self._cancel()
         self.session = message.session
+        self.sink = message.sink
         self.generation += 1
         self._next_at = time.monotonic() + self.ctx.config.heartbeat_interval
         self._schedule()
@@ -59,6 +66,7 @@ class HeartbeatActor(UplinkActor):
         if message.session == self.session:
             self._cancel()
             self.session = None
+            self.sink = None
             self.generation += 1
             self.set_state("idle", f"session {message.session} ended")
 
@@ -66,7 +74,10 @@ class HeartbeatActor(UplinkActor):
     def _on_tick(self, tick: Tick) -> None:
         if tick.session != self.session or tick.generation != self.generation:
             return  # a stale tick from an ended session
-        self.ctx.directory.tell(Role.CONNECTION, SendFrame(tick.session, HEARTBEAT))
+        if self.sink is not None:
+            self.sink.send_text(_HEARTBEAT_TEXT)
+        else:
+            self.ctx.directory.tell(Role.CONNECTION, SendFrame(tick.session, HEARTBEAT))
         self.ctx.stats.inc("frames_out", HEARTBEAT.type)
         self.sent += 1
         self.log.debug("heartbeat {} on session {}", self.sent, tick.session)

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import concurrent.futures
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from protocol import JSON, Envelope, Outcome, Reason
+
+if TYPE_CHECKING:
+    from actors.connection import FrameSink
 
 # ── lifecycle (system → supervisor) ─────────────────────────────────────────
 
@@ -51,6 +55,7 @@ class SessionUp:
     """connection → supervisor: connected, identity sent."""
 
     session: int
+    sink: FrameSink | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +71,15 @@ class SessionEnded:
 
 @dataclass(frozen=True, slots=True)
 class SessionOpened:
-    """supervisor → session users (registry, heartbeat, MCP proxy, extensions)."""
+    """supervisor → session users (registry, heartbeat, MCP proxy, extensions).
+
+    ``sink`` sends frames on this session straight to the socket's writer
+    (thread-safe); ``SendFrame`` to the connection actor does the same with
+    one more hand-off.
+    """
 
     session: int
+    sink: FrameSink | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +115,14 @@ class FrameIn:
 
     session: int
     data: str | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    """→ router: frames of ``kind`` go to the actor of ``role`` from now on."""
+
+    kind: str
+    role: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ import pykka
 
 from actors.backoff import Backoff
 from actors.base import UplinkActor, handles
-from actors.connection import ConnectionActor
+from actors.connection import ConnectionActor, FrameSink
 from actors.context import Role, UplinkContext
 from actors.loop import Timer
 from actors.messages import (
@@ -60,6 +60,7 @@ class SupervisorActor(UplinkActor):
         self._backoff_timer: Timer | None = None
         self._status_timer: Timer | None = None
         self._shutdown: Shutdown | None = None
+        self.sink: FrameSink | None = None  # the live session's, for restarted listeners
 
     @property
     def name(self) -> str:
@@ -169,8 +170,9 @@ class SupervisorActor(UplinkActor):
         self.ctx.stats.inc("sessions", "up")
         self.ctx.stats.inc("frames_out", "identity")
         self.set_state("connected", f"session {message.session} identified")
+        self.sink = message.sink
         for role in self.ctx.session_listeners:
-            self.ctx.directory.tell(role, SessionOpened(message.session))
+            self.ctx.directory.tell(role, SessionOpened(message.session, message.sink))
 
     @handles(SessionEnded)
     def _on_session_ended(self, message: SessionEnded) -> None:
@@ -193,7 +195,7 @@ class SupervisorActor(UplinkActor):
         ref = factory()
         self.ctx.directory.set(message.role, ref)
         if self.state == "connected" and message.role in self.ctx.session_listeners:
-            ref.tell(SessionOpened(self.session))
+            ref.tell(SessionOpened(self.session, self.sink))
 
     def _end_session(self, reason: str, auth_failed: bool) -> None:
         session = self.session
