@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import heapq
-import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -241,11 +240,8 @@ class PermissionRegistryActor(UplinkActor):
         messages left in a stopped actor's mailbox, and a dropped ``Submit``
         would never get its decision. The book is closed, so each is denied."""
         others = []
-        while True:
-            try:
-                envelope = self.actor_inbox.get_nowait()
-            except queue.Empty:
-                break
+        while not self.actor_inbox.empty():  # only this thread takes from it
+            envelope = self.actor_inbox.get()
             message = envelope.message
             if isinstance(message, Submit):
                 self.book.submit(
