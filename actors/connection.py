@@ -14,6 +14,7 @@ exactly once, which is what makes the registry fail closed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import ssl
@@ -55,6 +56,49 @@ def describe_close(exc: ConnectionClosed) -> tuple[str, bool]:
     return "connection lost without a close frame", False
 
 
+class Outbox:
+    """Frames waiting for one session's socket: any thread puts, the loop writes.
+
+    Puts from other threads are coalesced: only the first put after a drain
+    wakes the event loop (one ``call_soon_threadsafe`` per burst, not per
+    frame), and the writer sends everything queued in one go.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._frames: collections.deque[str] = collections.deque()
+        self._armed = False
+        self._ready = asyncio.Event()  # created in the loop thread
+        self.closed = False
+
+    def put(self, text: str) -> bool:
+        """Queue ``text`` from any thread; False if the session is over."""
+        if self.closed:
+            return False
+        self._frames.append(text)
+        if not self._armed:
+            self._armed = True
+            try:
+                self._loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the loop is closed: the uplink is stopping
+                return False
+        return True
+
+    def _wake(self) -> None:
+        self._armed = False  # before draining: a later put arms a new wake
+        self._ready.set()
+
+    async def batch(self) -> list[str]:
+        """Wait for frames; return all that are queued, in order."""
+        while not self._frames:
+            await self._ready.wait()
+            self._ready.clear()
+        frames = list(self._frames)
+        for _ in frames:
+            self._frames.popleft()
+        return frames
+
+
 class FrameSink:
     """Sends frames on one session from any thread, straight to its writer.
 
@@ -63,27 +107,23 @@ class FrameSink:
     and fail closed what they had sent.
     """
 
-    __slots__ = ("_loop", "_outbox", "closed", "session")
+    __slots__ = ("_outbox", "session")
 
-    def __init__(self, session: int, loop: asyncio.AbstractEventLoop, outbox: asyncio.Queue[str]) -> None:
+    def __init__(self, session: int, outbox: Outbox) -> None:
         self.session = session
-        self._loop = loop
         self._outbox = outbox
-        self.closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._outbox.closed
 
     def send(self, envelope: Envelope) -> bool:
         """Serialize and send; LocalProtocolError if the envelope is not legal."""
-        return self.send_text(serialize(envelope))
+        return self._outbox.put(serialize(envelope))
 
     def send_text(self, text: str) -> bool:
         """Send already-serialized frame text; False if the session is over."""
-        if self.closed:
-            return False
-        try:
-            self._loop.call_soon_threadsafe(self._outbox.put_nowait, text)
-        except RuntimeError:  # the loop is closed: the uplink is stopping
-            return False
-        return True
+        return self._outbox.put(text)
 
 
 class _Connected:
@@ -100,10 +140,9 @@ class ConnectionActor(UplinkActor):
         super().__init__(ctx)
         self.url = redact(ctx.config.upstream_url)
         self._ws: ClientConnection | None = None
-        self._outbox: asyncio.Queue[str] | None = None
+        self._outbox: Outbox | None = None
         self._task: concurrent.futures.Future[None] | None = None
         self._dead_reason: str | None = None
-        self._sink: FrameSink | None = None
 
     @property
     def name(self) -> str:
@@ -145,7 +184,7 @@ class ConnectionActor(UplinkActor):
         except LocalProtocolError as exc:  # a bug upstream; never worth the session
             self.log.error("dropped an unencodable {} frame: {}", message.envelope.type, exc)
             return
-        self.ctx.loop.call_soon(self._outbox.put_nowait, text)
+        self._outbox.put(text)
 
     @handles(CloseSession)
     def _on_close(self, message: CloseSession) -> None:
@@ -183,8 +222,8 @@ class ConnectionActor(UplinkActor):
                 # identity is the first frame of every session, before anything queued.
                 await ws.send(serialize(identity(config.project, **config.identity_extra)))
                 up_at = time.monotonic()
-                self._outbox = asyncio.Queue()
-                sink = self._sink = FrameSink(self.session, asyncio.get_running_loop(), self._outbox)
+                self._outbox = Outbox(asyncio.get_running_loop())
+                sink = FrameSink(self.session, self._outbox)
                 self.ctx.directory.tell(Role.SUPERVISOR, SessionUp(self.session, sink))
                 self.actor_ref.tell(_Connected())
                 writer = asyncio.create_task(self._write(ws, self._outbox))
@@ -224,8 +263,8 @@ class ConnectionActor(UplinkActor):
             self.log.opt(exception=exc).error("session task failed")
             ended = self._ended(up_at, f"internal error: {exc!r}")
         finally:
-            if self._sink is not None:
-                self._sink.closed = True
+            if self._outbox is not None:
+                self._outbox.closed = True
             self._ws = None
             self._outbox = None
             self.ctx.directory.tell(Role.SUPERVISOR, ended)
@@ -263,18 +302,18 @@ class ConnectionActor(UplinkActor):
                 ws.transport.abort()
                 return
 
-    async def _write(self, ws: ClientConnection, outbox: asyncio.Queue[str]) -> None:
+    async def _write(self, ws: ClientConnection, outbox: Outbox) -> None:
         while True:
-            text = await outbox.get()
-            try:
-                await ws.send(text)
-            except ConnectionClosed:
-                return  # the reader sees the same close and ends the session
-            except Exception as exc:
-                # A send failure ends the session: what it carried is then denied.
-                self.log.error("send failed: {!r}; closing the session", exc)
-                ws.transport.abort()
-                return
+            for text in await outbox.batch():
+                try:
+                    await ws.send(text)
+                except ConnectionClosed:
+                    return  # the reader sees the same close and ends the session
+                except Exception as exc:
+                    # A send failure ends the session: what it carried is then denied.
+                    self.log.error("send failed: {!r}; closing the session", exc)
+                    ws.transport.abort()
+                    return
 
     @handles(_Connected)
     def _on_connected(self, _: _Connected) -> None:
