@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh test >&2
+# The console's browser test drives Debian's chromium (installed if missing).
+bash scripts/install-browser.sh >&2 || true
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?

@@ -1,0 +1,93 @@
+"""Use the demo sled's tools through the gateway with the official MCP SDK client.
+
+    python -m demo.call_tools                      # http://127.0.0.1:8080/sleds/demo-sled/mcp
+    python -m demo.call_tools --text "hi there"
+
+The gateway relays each JSON-RPC request over the sled's uplink WebSocket
+(``mcp_request``); the uplink replays it against the sled's local MCP server
+and sends the answer back (``mcp_response``). This client neither knows nor
+cares: it is an ordinary Streamable-HTTP MCP client (``ClientSession``).
+
+Exit status: 0 if every call worked, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+from urllib.parse import quote
+
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+
+from demo import DEFAULT_GATEWAY_PORT, GATEWAY_PORT_ENV, LOOPBACK, env_port, env_project
+
+
+def _text(result: Any) -> str:
+    """The text parts of a ``tools/call`` result, joined."""
+    return "".join(getattr(part, "text", "") for part in result.content)
+
+
+async def call_tools(url: str, text: str) -> int:
+    async with (
+        streamable_http_client(url) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        init = await session.initialize()
+        server = init.server_info
+        print(f"initialized: {server.name} {server.version or ''} (MCP {init.protocol_version})")
+
+        listed = await session.list_tools()
+        print("tools:")
+        for tool in listed.tools:
+            summary = (tool.description or "").strip().splitlines()
+            print(f"  - {tool.name}: {summary[0] if summary else ''}")
+
+        status = 0
+        for name, arguments in (
+            ("echo", {"text": text}),
+            ("add", {"a": 2, "b": 3}),
+            ("server_time", {}),
+        ):
+            if name not in {t.name for t in listed.tools}:
+                continue
+            result = await session.call_tool(name, arguments)
+            shown = _text(result)
+            print(f"{name}({arguments}) -> {shown!r}{'  [error]' if result.is_error else ''}")
+            if result.is_error:
+                status = 1
+        return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    default_gateway = f"http://{LOOPBACK}:{env_port(GATEWAY_PORT_ENV, DEFAULT_GATEWAY_PORT)}"
+    parser = argparse.ArgumentParser(
+        prog="python -m demo.call_tools",
+        description="List and call the sled's tools through the gateway's MCP relay.",
+    )
+    parser.add_argument(
+        "--gateway",
+        default=default_gateway,
+        help=f"the gateway's base URL (env {GATEWAY_PORT_ENV} sets the port; default %(default)s)",
+    )
+    parser.add_argument(
+        "--project", default=env_project(), help="the sled's name (default %(default)s)"
+    )
+    parser.add_argument("--text", default="hello through the gateway", help="what echo echoes")
+    args = parser.parse_args(argv)
+    url = f"{args.gateway.rstrip('/')}/sleds/{quote(args.project, safe='')}/mcp"
+    print(f"MCP endpoint: {url}", flush=True)
+    try:
+        return asyncio.run(asyncio.wait_for(call_tools(url, args.text), 60))
+    except Exception as exc:
+        # The SDK wraps transport failures in exception groups; show the root causes.
+        causes = exc.exceptions if isinstance(exc, BaseExceptionGroup) else [exc]
+        for cause in causes:
+            print(f"call_tools: failed: {cause!r}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
