@@ -104,7 +104,10 @@ class Stats:
 
     def inc(self, family: str, label: str, amount: int = 1) -> None:
         with self._lock:
-            self._counters.setdefault(family, Counter())[label] += amount
+            counter = self._counters.get(family)
+            if counter is None:
+                counter = self._counters[family] = Counter()
+            counter[label] += amount
 
     def gauge(self, name: str, value: float) -> None:
         self._gauges[name] = value
