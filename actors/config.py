@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -103,11 +104,22 @@ class UplinkConfig:
             raise ConfigError("--max-pending", "must be at least 1")
         if self.mcp_concurrency < 1:
             raise ConfigError("--mcp-concurrency", "must be at least 1")
-        if self.ca_file is not None and not os.path.isfile(self.ca_file):
-            raise ConfigError("--ca-file", f"no such file: {self.ca_file}")
+        if self.ca_file is not None:
+            _check_ca_file(self.ca_file)
         if self.listen is not None:
             parse_listen(self.listen)
         return self
+
+
+def _check_ca_file(path: str) -> None:
+    """ConfigError unless ``path`` holds loadable CA certificates (else every
+    wss:// connect would fail the same way, forever, after the start)."""
+    if not os.path.isfile(path):
+        raise ConfigError("--ca-file", f"no such file: {path}")
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=path)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError("--ca-file", f"cannot load CA certificates from {path}: {exc}") from None
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -57,10 +57,23 @@ def _json_sink(stream: TextIO) -> Any:
             line["extra"] = extras
         if record["exception"] is not None:
             line["exception"] = "".join(traceback.format_exception(*record["exception"]))
-        stream.write(redact(json.dumps(line, default=str)) + "\n")
+        # Redact the values, not the serialized line: redacting JSON text could
+        # eat an escaping backslash (token=abc\" -> token=***") and break the line.
+        stream.write(json.dumps(_redacted(json.loads(json.dumps(line, default=str)))) + "\n")
         stream.flush()
 
     return write
+
+
+def _redacted(value: Any) -> Any:
+    """``value`` (plain JSON data) with every string passed through :func:`redact`."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact(k): _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value
 
 
 def configure_logging(level: str = "INFO", *, json_lines: bool = False, stream: TextIO | None = None) -> None:
