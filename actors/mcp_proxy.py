@@ -8,17 +8,17 @@ leak into the next session, whose gateway never asked for it.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 from typing import Any
 
 import pykka
 
 from actors.base import UplinkActor, handles
+from actors.connection import FrameSink
 from actors.context import Role, UplinkContext
 from actors.mcp_client import LocalMcpClient
 from actors.messages import EnvelopeIn, McpDone, SendFrame, SessionClosed, SessionOpened
-from protocol import JSON, Kind, mcp_response, serialize
+from protocol import Envelope, Kind, mcp_response, serialize
 from protocol.jsonrpc import INTERNAL_ERROR, error_object
 
 
@@ -36,6 +36,7 @@ class McpProxyActor(UplinkActor):
             log=self.log,
         )
         self.session: int | None = None
+        self.sink: FrameSink | None = None
         self.in_flight = 0
         self.answered = 0
         self.dropped = 0
@@ -62,53 +63,60 @@ class McpProxyActor(UplinkActor):
             "protocol_version": self.client.protocol_version,
         }
 
+    def publish(self) -> None:
+        # Read live by the status board: no dict rebuilt per replay.
+        self.ctx.board.watch(Role.MCP, self.snapshot)
+
     @handles(SessionOpened)
     def _on_opened(self, message: SessionOpened) -> None:
         self.session = message.session
+        self.sink = message.sink
         self.set_state("serving", f"session {message.session}")
 
     @handles(SessionClosed)
     def _on_closed(self, message: SessionClosed) -> None:
         if message.session == self.session:
             self.session = None
+            self.sink = None
             self.set_state("idle", f"session {message.session} ended")
 
     @handles(EnvelopeIn)
     def _on_request(self, message: EnvelopeIn) -> None:
         if message.envelope.type != Kind.MCP_REQUEST:
             return
-        session, req_id = message.session, message.envelope.req_id
+        sink = self.sink if self.sink is not None and self.sink.session == message.session else None
         self.in_flight += 1
-        self._gauge()
-        future = self.ctx.loop.spawn(self.client.replay, message.envelope.payload)
-        ref = self.actor_ref
+        self.ctx.stats.gauge("mcp_in_flight", self.in_flight)
+        self.ctx.loop.spawn(self._serve, message.session, message.envelope, sink)
 
-        def finished(done: concurrent.futures.Future[JSON]) -> None:
-            try:
-                payload = done.result()
-                serialize(mcp_response(req_id, payload))  # what the wire cannot carry
-            except BaseException as exc:  # cancelled at shutdown, a bug, or unencodable
-                payload = error_object(None, INTERNAL_ERROR, f"replay failed: {exc!r}")
-            with contextlib.suppress(pykka.ActorDeadError):  # stopped meanwhile
-                ref.tell(McpDone(session, req_id, payload))
-
-        future.add_done_callback(finished)
+    async def _serve(self, session: int, request: Envelope, sink: FrameSink | None) -> None:
+        """Replay in the loop and answer from the loop: the sink drops the answer
+        if the session has ended meanwhile, so it never reaches the next one."""
+        try:
+            payload = await self.client.replay(request.payload)
+            text = serialize(mcp_response(request.req_id, payload))
+        except Exception as exc:  # a bug, or an answer the wire cannot carry
+            payload = error_object(None, INTERNAL_ERROR, f"replay failed: {exc!r}")
+            text = serialize(mcp_response(request.req_id, payload))
+        sent = sink.send_text(text) if sink is not None else False
+        with contextlib.suppress(pykka.ActorDeadError):  # stopped meanwhile
+            self.actor_ref.tell(McpDone(session, request.req_id, None if sent else payload, sent))
 
     @handles(McpDone)
     def _on_done(self, message: McpDone) -> None:
         self.in_flight -= 1
-        if message.session != self.session:
-            self.dropped += 1
-            self.log.warning(
-                "MCP answer {!r} dropped: its session {} has ended", message.req_id, message.session
-            )
-        else:
+        self.ctx.stats.gauge("mcp_in_flight", self.in_flight)
+        if message.sent:
+            self.answered += 1
+            self.ctx.stats.inc("frames_out", Kind.MCP_RESPONSE)
+        elif message.session == self.session and self.sink is None:
+            # No direct sink (a listener restarted without one): go through the actor.
             self.answered += 1
             self.ctx.stats.inc("frames_out", Kind.MCP_RESPONSE)
             envelope = mcp_response(message.req_id, message.payload)
             self.ctx.directory.tell(Role.CONNECTION, SendFrame(message.session, envelope))
-        self._gauge()
-
-    def _gauge(self) -> None:
-        self.ctx.stats.gauge("mcp_in_flight", self.in_flight)
-        self.publish()
+        else:
+            self.dropped += 1
+            self.log.warning(
+                "MCP answer {!r} dropped: its session {} has ended", message.req_id, message.session
+            )

@@ -176,7 +176,8 @@ class McpDone:
 
     session: int
     req_id: str
-    payload: JSON
+    payload: JSON  # None once sent
+    sent: bool = False  # already sent on the session's sink
 
 
 # ── supervision and inspection ──────────────────────────────────────────────

@@ -55,7 +55,6 @@ class SupervisorActor(UplinkActor):
         self.sessions_up = 0
         self.last_end: str | None = None
         self.wait: float | None = None
-        self.reconnect_at: float | None = None
         self._backoff_token = 0
         self._backoff_timer: Timer | None = None
         self._status_timer: Timer | None = None
@@ -156,7 +155,6 @@ class SupervisorActor(UplinkActor):
 
     def _connect(self) -> None:
         self.session = self.ctx.next_session()
-        self.reconnect_at = None
         self.set_state("connecting", f"session {self.session}")
         self.connection = ConnectionActor.start(self.ctx, self.session)
         self.ctx.directory.set(Role.CONNECTION, self.connection)
@@ -166,6 +164,7 @@ class SupervisorActor(UplinkActor):
         if message.session != self.session or self.connection is None:
             return
         self.up_at = time.monotonic()
+        self.wait = None  # no back-off while connected
         self.sessions_up += 1
         self.ctx.stats.inc("sessions", "up")
         self.ctx.stats.inc("frames_out", "identity")
@@ -226,7 +225,6 @@ class SupervisorActor(UplinkActor):
         else:
             self.log.warning("session {} ended: {}", session, reason)
         self._backoff_token += 1
-        self.reconnect_at = time.monotonic() + self.wait
         self._backoff_timer = self.tell_self_later(self.wait, BackoffElapsed(self._backoff_token))
         self.set_state("backoff", f"reconnecting in {self.wait:.2f}s")
 
@@ -236,7 +234,6 @@ class SupervisorActor(UplinkActor):
 
     def _cancel_backoff(self) -> None:
         self._backoff_token += 1
-        self.reconnect_at = None
         if self._backoff_timer is not None:
             self._backoff_timer.cancel()
             self._backoff_timer = None
