@@ -143,6 +143,7 @@ class ConnectionActor(UplinkActor):
         self._outbox: Outbox | None = None
         self._task: concurrent.futures.Future[None] | None = None
         self._dead_reason: str | None = None
+        self._sink: FrameSink | None = None
 
     @property
     def name(self) -> str:
@@ -223,7 +224,7 @@ class ConnectionActor(UplinkActor):
                 await ws.send(serialize(identity(config.project, **config.identity_extra)))
                 up_at = time.monotonic()
                 self._outbox = Outbox(asyncio.get_running_loop())
-                sink = FrameSink(self.session, self._outbox)
+                sink = self._sink = FrameSink(self.session, self._outbox)
                 self.ctx.directory.tell(Role.SUPERVISOR, SessionUp(self.session, sink))
                 self.actor_ref.tell(_Connected())
                 writer = asyncio.create_task(self._write(ws, self._outbox))
@@ -277,9 +278,9 @@ class ConnectionActor(UplinkActor):
 
     async def _read(self, ws: ClientConnection) -> None:
         # Dispatch in the loop: one hand-off per frame (loop → handler actor).
-        dispatch = self.ctx.router.dispatch
+        dispatch, sink = self.ctx.router.dispatch, self._sink
         async for data in ws:
-            dispatch(self.session, data)
+            dispatch(self.session, data, sink)
 
     async def _keepalive(self, ws: ClientConnection) -> None:
         """Ping every interval; a pong later than the timeout means a dead path."""

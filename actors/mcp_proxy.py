@@ -84,7 +84,10 @@ class McpProxyActor(UplinkActor):
     def _on_request(self, message: EnvelopeIn) -> None:
         if message.envelope.type != Kind.MCP_REQUEST:
             return
-        sink = self.sink if self.sink is not None and self.sink.session == message.session else None
+        # Answer on the session the request came on, whatever this actor has heard yet.
+        sink = message.sink
+        if sink is None and self.sink is not None and self.sink.session == message.session:
+            sink = self.sink
         self.in_flight += 1
         self.ctx.stats.gauge("mcp_in_flight", self.in_flight)
         self.ctx.loop.spawn(self._serve, message.session, message.envelope, sink)
@@ -100,7 +103,9 @@ class McpProxyActor(UplinkActor):
             text = serialize(mcp_response(request.req_id, payload))
         sent = sink.send_text(text) if sink is not None else False
         with contextlib.suppress(pykka.ActorDeadError):  # stopped meanwhile
-            self.actor_ref.tell(McpDone(session, request.req_id, None if sent else payload, sent))
+            self.actor_ref.tell(
+                McpDone(session, request.req_id, None if sent else payload, sent, sink is not None)
+            )
 
     @handles(McpDone)
     def _on_done(self, message: McpDone) -> None:
@@ -109,8 +114,9 @@ class McpProxyActor(UplinkActor):
         if message.sent:
             self.answered += 1
             self.ctx.stats.inc("frames_out", Kind.MCP_RESPONSE)
-        elif message.session == self.session and self.sink is None:
-            # No direct sink (a listener restarted without one): go through the actor.
+        elif message.payload is not None and not message.had_sink:
+            # No sink came with the request: the connection actor of that
+            # session sends it, or drops it if the session is gone.
             self.answered += 1
             self.ctx.stats.inc("frames_out", Kind.MCP_RESPONSE)
             envelope = mcp_response(message.req_id, message.payload)

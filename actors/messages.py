@@ -127,10 +127,15 @@ class Register:
 
 @dataclass(frozen=True, slots=True)
 class EnvelopeIn:
-    """router → handler: a parsed frame of the handler's kind."""
+    """router → handler: a parsed frame of the handler's kind.
+
+    ``sink`` answers on the session the frame came on (and drops the answer
+    if that session has ended by then).
+    """
 
     session: int
     envelope: Envelope
+    sink: FrameSink | None = None
 
 
 # ── permissions ─────────────────────────────────────────────────────────────
@@ -178,6 +183,7 @@ class McpDone:
     req_id: str
     payload: JSON  # None once sent
     sent: bool = False  # already sent on the session's sink
+    had_sink: bool = False  # False: send through the connection actor instead
 
 
 # ── supervision and inspection ──────────────────────────────────────────────

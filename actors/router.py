@@ -12,7 +12,7 @@ connection stays up.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
@@ -20,6 +20,9 @@ from actors.base import UplinkActor, handles
 from actors.context import Role, UplinkContext
 from actors.messages import EnvelopeIn, FrameIn, Register
 from protocol import RemoteProtocolError, parse
+
+if TYPE_CHECKING:
+    from actors.connection import FrameSink
 
 # Floods of bad frames must not flood the log: after the first few of a
 # reason, only every Nth is logged (all are counted).
@@ -36,7 +39,7 @@ class Router:
         self.dropped = 0
         self.log = logger.bind(actor=Role.ROUTER)
 
-    def dispatch(self, session: int, data: str | bytes) -> None:
+    def dispatch(self, session: int, data: str | bytes, sink: FrameSink | None = None) -> None:
         stats = self.ctx.stats
         try:
             envelope = parse(data)
@@ -49,7 +52,7 @@ class Router:
             self._drop("unknown_type", "frame of unknown type {!r} dropped", envelope.type)
             return
         stats.inc("frames_in", envelope.type)
-        if self.ctx.directory.tell(role, EnvelopeIn(session, envelope)):
+        if self.ctx.directory.tell(role, EnvelopeIn(session, envelope, sink)):
             self.routed += 1
         else:
             self._drop("no_handler", "no live handler {} for {!r}; dropped", role, envelope.type)
