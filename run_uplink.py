@@ -79,16 +79,31 @@ def build_parser() -> argparse.ArgumentParser:
         description="The sled's single outbound WebSocket to its upstream gateway.",
     )
     add = parser.add_argument
-    add("--upstream-gateway", metavar="URL", default=_env("HUSKIES_UPSTREAM_GATEWAY", ""),
+    add(
+        "--upstream-gateway",
+        metavar="URL",
+        default=_env("HUSKIES_UPSTREAM_GATEWAY", ""),
         help="ws:// or wss:// URL of the gateway's /api/sled-uplink (may carry ?token=); "
-        "env HUSKIES_UPSTREAM_GATEWAY; unset disables the uplink")
-    add("--project", metavar="NAME", default=_env("HUSKIES_PROJECT", Path.cwd().name or "sled"),
-        help="name this sled identifies as (env HUSKIES_PROJECT; default: current directory name)")
-    add("--local-mcp-url", metavar="URL",
+        "env HUSKIES_UPSTREAM_GATEWAY; unset disables the uplink",
+    )
+    add(
+        "--project",
+        metavar="NAME",
+        default=_env("HUSKIES_PROJECT", Path.cwd().name or "sled"),
+        help="name this sled identifies as (env HUSKIES_PROJECT; default: current directory name)",
+    )
+    add(
+        "--local-mcp-url",
+        metavar="URL",
         default=_env("HUSKIES_LOCAL_MCP_URL", "http://127.0.0.1:3001/mcp"),
-        help="the sled's own MCP endpoint (env HUSKIES_LOCAL_MCP_URL)")
-    add("--listen", metavar="HOST:PORT", default=_env("HUSKIES_UPLINK_LISTEN", DEFAULT_LISTEN),
-        help="local HTTP ingress (env HUSKIES_UPLINK_LISTEN; 'off' disables it)")
+        help="the sled's own MCP endpoint (env HUSKIES_LOCAL_MCP_URL)",
+    )
+    add(
+        "--listen",
+        metavar="HOST:PORT",
+        default=_env("HUSKIES_UPLINK_LISTEN", DEFAULT_LISTEN),
+        help="local HTTP ingress (env HUSKIES_UPLINK_LISTEN; 'off' disables it)",
+    )
     add("--heartbeat-interval", metavar="S", type=_duration, default=10.0)
     add("--backoff-initial", metavar="S", type=_duration, default=1.0)
     add("--backoff-max", metavar="S", type=_duration, default=60.0)
@@ -98,19 +113,49 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-pending", metavar="N", type=_count, default=10_000)
     add("--mcp-timeout", metavar="S", type=_duration, default=120.0)
     add("--mcp-concurrency", metavar="N", type=_count, default=16)
-    add("--mcp-max-bytes", metavar="N", type=_count, default=8 * 1024 * 1024,
-        help="largest local MCP answer accepted (default 8 MiB)")
-    add("--ping-interval", metavar="S", type=_duration, default=20.0,
-        help="WebSocket keepalive ping interval")
-    add("--ping-timeout", metavar="S", type=_duration, default=20.0,
-        help="WebSocket keepalive: drop the session if no pong within this")
-    add("--open-timeout", metavar="S", type=_duration, default=10.0,
-        help="give up a connect/handshake after this")
+    add(
+        "--mcp-max-bytes",
+        metavar="N",
+        type=_count,
+        default=8 * 1024 * 1024,
+        help="largest local MCP answer accepted (default 8 MiB)",
+    )
+    add(
+        "--ping-interval",
+        metavar="S",
+        type=_duration,
+        default=20.0,
+        help="WebSocket keepalive ping interval",
+    )
+    add(
+        "--ping-timeout",
+        metavar="S",
+        type=_duration,
+        default=20.0,
+        help="WebSocket keepalive: drop the session if no pong within this",
+    )
+    add(
+        "--open-timeout",
+        metavar="S",
+        type=_duration,
+        default=10.0,
+        help="give up a connect/handshake after this",
+    )
     add("--ca-file", metavar="PATH", default=None, help="extra CA certificate(s) for wss://")
-    add("--status-interval", metavar="S", type=_duration, default=60.0,
-        help="how often to log the snapshot of every actor's state")
-    add("--log-level", metavar="LEVEL", default="INFO", type=str.upper,
-        choices=["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"])
+    add(
+        "--status-interval",
+        metavar="S",
+        type=_duration,
+        default=60.0,
+        help="how often to log the snapshot of every actor's state",
+    )
+    add(
+        "--log-level",
+        metavar="LEVEL",
+        default="INFO",
+        type=str.upper,
+        choices=["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"],
+    )
     add("--log-json", action="store_true", help="one JSON object per log line")
     return parser
 

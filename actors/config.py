@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import ssl
@@ -94,8 +95,10 @@ class UplinkConfig:
             "--status-interval": self.status_interval,
         }
         for option, value in durations.items():
-            if not value > 0 or value != value or value == float("inf"):
-                raise ConfigError(option, f"must be a number of seconds greater than 0, not {value}")
+            if not value > 0 or math.isinf(value):  # NaN fails "> 0" too
+                raise ConfigError(
+                    option, f"must be a number of seconds greater than 0, not {value}"
+                )
         if self.backoff_max < self.backoff_initial:
             raise ConfigError("--backoff-max", "must not be less than --backoff-initial")
         if not self.backoff_multiplier >= 1 or self.backoff_multiplier == float("inf"):
@@ -141,4 +144,6 @@ def check_bindable(address: tuple[str, int]) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(sockaddr)
     except OSError as exc:
-        raise ConfigError("--listen", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise ConfigError(
+            "--listen", f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+        ) from None

@@ -52,7 +52,10 @@ def describe_close(exc: ConnectionClosed) -> tuple[str, bool]:
         words += f", {received.reason!r})" if received.reason else ")"
         return words, received.code in (1000, 1001)
     if sent is not None:
-        return f"uplink closed the connection (code {sent.code}: {sent.reason or 'no reason'})", False
+        return (
+            f"uplink closed the connection (code {sent.code}: {sent.reason or 'no reason'})",
+            False,
+        )
     return "connection lost without a close frame", False
 
 
@@ -182,8 +185,8 @@ class ConnectionActor(UplinkActor):
             return
         try:
             text = serialize(message.envelope)
-        except LocalProtocolError as exc:  # a bug upstream; never worth the session
-            self.log.error("dropped an unencodable {} frame: {}", message.envelope.type, exc)
+        except LocalProtocolError:  # a bug upstream; never worth the session
+            self.log.exception("dropped an unencodable {} frame", message.envelope.type)
             return
         self._outbox.put(text)
 
@@ -261,7 +264,7 @@ class ConnectionActor(UplinkActor):
         except (OSError, websockets.exceptions.WebSocketException, ssl.SSLError) as exc:
             ended = self._ended(up_at, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # a bug; still end the session so requests fail closed
-            self.log.opt(exception=exc).error("session task failed")
+            self.log.exception("session task failed")
             ended = self._ended(up_at, f"internal error: {exc!r}")
         finally:
             if self._outbox is not None:
@@ -295,9 +298,7 @@ class ConnectionActor(UplinkActor):
                 async with asyncio.timeout(timeout):
                     await pong
             except TimeoutError:
-                self._dead_reason = (
-                    f"keepalive: no pong within {timeout:g}s (half-open connection)"
-                )
+                self._dead_reason = f"keepalive: no pong within {timeout:g}s (half-open connection)"
                 self.log.warning("{}; dropping the session", self._dead_reason)
                 # No close handshake over a dead path: deny in-flight requests now.
                 ws.transport.abort()
@@ -310,9 +311,9 @@ class ConnectionActor(UplinkActor):
                     await ws.send(text)
                 except ConnectionClosed:
                     return  # the reader sees the same close and ends the session
-                except Exception as exc:
+                except Exception:
                     # A send failure ends the session: what it carried is then denied.
-                    self.log.error("send failed: {!r}; closing the session", exc)
+                    self.log.exception("send failed; closing the session")
                     ws.transport.abort()
                     return
 

@@ -108,7 +108,9 @@ class _UplinkCollector(Collector):
             value=snap.get("permissions", {}).get("pending", 0),
         )
         yield GaugeMetricFamily(
-            "sled_uplink_mcp_in_flight", "MCP replays running or waiting", value=gauges.get("mcp_in_flight", 0)
+            "sled_uplink_mcp_in_flight",
+            "MCP replays running or waiting",
+            value=gauges.get("mcp_in_flight", 0),
         )
         yield GaugeMetricFamily(
             "sled_uplink_backoff_seconds",
@@ -143,7 +145,9 @@ class Ingress:
         self.port: int | None = None
         self._server: uvicorn.Server | None = None
         self._serving: concurrent.futures.Future[None] | None = None
-        self._routes: dict[str, dict[str, Callable[[Scope, Receive], Awaitable[tuple[int, Any]]]]] = {
+        self._routes: dict[
+            str, dict[str, Callable[[Scope, Receive], Awaitable[tuple[int, Any]]]]
+        ] = {
             "/permission": {"POST": self._permission},
             "/status": {"GET": self._status},
             "/healthz": {"GET": self._healthz},
@@ -189,7 +193,9 @@ class Ingress:
             if time.monotonic() > deadline:
                 raise RuntimeError("the HTTP ingress did not start within 5 s")
             time.sleep(0.005)
-        _log.info("ingress listening on http://{}:{}", host if ":" not in host else f"[{host}]", self.port)
+        _log.info(
+            "ingress listening on http://{}:{}", host if ":" not in host else f"[{host}]", self.port
+        )
         self.ctx.board.publish("ingress", {"state": "listening", "port": self.port})
 
     def stop(self, timeout: float = 2.0) -> None:
@@ -255,7 +261,9 @@ class Ingress:
                 return bytes(body)
 
     async def _permission(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
-        tool_name, tool_input, request_id = parse_permission_body(await self._read_body(scope, receive))
+        tool_name, tool_input, request_id = parse_permission_body(
+            await self._read_body(scope, receive)
+        )
         try:
             future = self.uplink.request_permission(tool_name, tool_input, request_id=request_id)
         except (LocalProtocolError, RecursionError) as exc:

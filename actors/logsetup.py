@@ -76,7 +76,9 @@ def _redacted(value: Any) -> Any:
     return value
 
 
-def configure_logging(level: str = "INFO", *, json_lines: bool = False, stream: TextIO | None = None) -> None:
+def configure_logging(
+    level: str = "INFO", *, json_lines: bool = False, stream: TextIO | None = None
+) -> None:
     """(Re)configure loguru and route the stdlib loggers into it."""
     out = stream or sys.stderr
     logger.remove()
@@ -84,15 +86,25 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = False, stream: 
     if json_lines:
         # diagnose=False: tracebacks must not print variable values (secrets).
         logger.add(
-            _json_sink(out), level=level.upper(), format="{message}", backtrace=False, diagnose=False
+            _json_sink(out),
+            level=level.upper(),
+            format="{message}",
+            backtrace=False,
+            diagnose=False,
         )
     else:
         logger.add(
-            _text_sink(out), level=level.upper(), format=_TEXT_FORMAT, backtrace=False, diagnose=False
+            _text_sink(out),
+            level=level.upper(),
+            format=_TEXT_FORMAT,
+            backtrace=False,
+            diagnose=False,
         )
     logging.basicConfig(handlers=[InterceptHandler()], level=0, force=True)
     # websockets is chatty at DEBUG (every frame); follow our level otherwise.
     numeric = logging.getLevelName(level.upper())
     for name in ("websockets", "pykka", "httpx", "httpcore", "uvicorn"):
         logging.getLogger(name).setLevel(numeric if isinstance(numeric, int) else logging.INFO)
-    logging.getLogger("httpcore").setLevel(max(logging.INFO, numeric if isinstance(numeric, int) else 0))
+    logging.getLogger("httpcore").setLevel(
+        max(logging.INFO, numeric if isinstance(numeric, int) else 0)
+    )

@@ -69,7 +69,9 @@ class LocalMcpClient:
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            limits = httpx.Limits(max_connections=self._concurrency + 2, max_keepalive_connections=8)
+            limits = httpx.Limits(
+                max_connections=self._concurrency + 2, max_keepalive_connections=8
+            )
             # trust_env=False: a proxy set for the internet must not catch loopback MCP.
             self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits, trust_env=False)
         return self._client
@@ -106,7 +108,9 @@ class LocalMcpClient:
                 return error_for(body, INTERNAL_ERROR, str(exc))
             except httpx.HTTPError as exc:
                 return error_for(
-                    body, INTERNAL_ERROR, f"local MCP server unreachable: {type(exc).__name__}: {exc}"
+                    body,
+                    INTERNAL_ERROR,
+                    f"local MCP server unreachable: {type(exc).__name__}: {exc}",
                 )
             finally:
                 self.in_flight -= 1

@@ -104,7 +104,9 @@ class PermissionBook:
             self._answer(entry, Decision.DENY, Reason.DUPLICATE_ID)
             return
         if len(self.pending) >= self.max_pending:
-            self._log.warning("{} requests already waiting; denying {!r}", len(self.pending), request_id)
+            self._log.warning(
+                "{} requests already waiting; denying {!r}", len(self.pending), request_id
+            )
             self._answer(entry, Decision.DENY, Reason.OVER_LIMIT)
             return
         if entry.deadline <= self._clock():
@@ -184,7 +186,9 @@ class PermissionBook:
 
     def _transmit(self, entry: Pending, session: int) -> None:
         entry.session = session
-        self._send(session, PermRequest(entry.tool_name, entry.tool_input).envelope(entry.request_id))
+        self._send(
+            session, PermRequest(entry.tool_name, entry.tool_input).envelope(entry.request_id)
+        )
 
     def _decide(self, entry: Pending, decision: Decision, reason: Reason) -> Outcome:
         # Popping is what makes a decision final: no second path can find it.

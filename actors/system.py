@@ -110,7 +110,9 @@ class Uplink:
                 classes.append(actor_class)
         ctx.session_listeners.extend(c.role for c in _SESSION_USERS)
         ctx.session_listeners.extend(
-            c.role for c in classes if c not in _SESSION_USERS and c.role not in ctx.session_listeners
+            c.role
+            for c in classes
+            if c not in _SESSION_USERS and c.role not in ctx.session_listeners
         )
         classes += [RouterActor, SupervisorActor]
         for actor_class in classes:
@@ -231,7 +233,9 @@ class Uplink:
         return self._ctx
 
 
-def _factory(actor_class: type[UplinkActor], ctx: UplinkContext) -> Callable[[], pykka.ActorRef[Any]]:
+def _factory(
+    actor_class: type[UplinkActor], ctx: UplinkContext
+) -> Callable[[], pykka.ActorRef[Any]]:
     return lambda: actor_class.start(ctx)
 
 
@@ -239,4 +243,3 @@ def _wait(future: concurrent.futures.Future[Any], deadline: float, *, share: flo
     budget = max(0.05, (deadline - time.monotonic()) * share)
     with contextlib.suppress(concurrent.futures.TimeoutError):
         future.result(timeout=budget)
-

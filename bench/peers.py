@@ -26,7 +26,9 @@ async def gateway(auto: str) -> None:
             frame = json.loads(message)
             if frame["type"] == "perm_request" and auto == "approve":
                 await ws.send(
-                    json.dumps({"type": "perm_response", "req_id": frame["req_id"], "payload": APPROVE})
+                    json.dumps(
+                        {"type": "perm_response", "req_id": frame["req_id"], "payload": APPROVE}
+                    )
                 )
 
     async with serve(handler, "127.0.0.1", 0, max_size=None, ping_interval=None) as server:
@@ -45,8 +47,13 @@ def _asgi(answer: Any) -> Any:
             if not message.get("more_body"):
                 break
         payload = json.dumps(answer(body)).encode()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
         await send({"type": "http.response.body", "body": payload})
 
     return app

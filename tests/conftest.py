@@ -70,4 +70,6 @@ def make_uplink() -> Iterator[Callable[..., Uplink]]:
 
 
 def non_daemon_threads() -> set[str]:
-    return {t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()}
+    return {
+        t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()
+    }

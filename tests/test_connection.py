@@ -6,6 +6,7 @@ Every test runs the real uplink against a real WebSocket gateway on loopback.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import ssl
 import subprocess
@@ -47,7 +48,7 @@ def test_heartbeats_start_after_one_interval_and_keep_time(gateway: Gateway, mak
     beats = [t for f, t in zip(session.raw, session.frame_times, strict=True) if f == HEARTBEAT]
     assert session.raw[0].startswith('{"type":"identity"')
     assert beats[0] - identity_at >= interval * 0.9, "first beat only after one interval"
-    gaps = [b - a for a, b in zip(beats, beats[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(beats)]
     assert all(interval * 0.6 < gap < interval + scaled(0.4) for gap in gaps), gaps
 
 
@@ -156,13 +157,54 @@ def _openssl(*args: str, cwd: Path) -> None:
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A self-signed CA and a server certificate for DNS:localhost only."""
     d = tmp_path_factory.mktemp("tls")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=Test CA",
-             "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-             "-keyout", "server.key", "-out", "server.csr", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        cwd=d,
+    )
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        cwd=d,
+    )
     (d / "san.ext").write_text("subjectAltName=DNS:localhost\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-             "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.pem", cwd=d)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+        cwd=d,
+    )
     return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
 
 
@@ -183,8 +225,10 @@ def test_wss_with_ca_file_connects(tls_files, make_uplink) -> None:
 def test_wss_without_the_ca_is_refused_and_retried(tls_files, make_uplink) -> None:
     with Gateway(ssl=_server_context(tls_files), host="localhost") as gw:
         uplink = make_uplink(gw.url, backoff_initial=0.05, backoff_max=0.2)
-        gw.wait_until(lambda: gw.handshakes == 0 and uplink.status()["connection"]["sessions_started"] >= 3,
-                      timeout=scaled(5))
+        gw.wait_until(
+            lambda: gw.handshakes == 0 and uplink.status()["connection"]["sessions_started"] >= 3,
+            timeout=scaled(5),
+        )
         assert not gw.sessions
         assert "CERTIFICATE_VERIFY_FAILED" in uplink.status()["connection"]["last_end"]
 
@@ -192,7 +236,9 @@ def test_wss_without_the_ca_is_refused_and_retried(tls_files, make_uplink) -> No
 def test_wss_with_a_wrong_hostname_is_refused(tls_files, make_uplink) -> None:
     with Gateway(ssl=_server_context(tls_files), host="127.0.0.1") as gw:
         uplink = make_uplink(gw.url, ca_file=str(tls_files["ca"]))
-        gw.wait_until(lambda: uplink.status()["connection"]["sessions_started"] >= 2, timeout=scaled(5))
+        gw.wait_until(
+            lambda: uplink.status()["connection"]["sessions_started"] >= 2, timeout=scaled(5)
+        )
         assert not gw.sessions
         last_end = uplink.status()["connection"]["last_end"]
         assert "match" in last_end or "hostname" in last_end.lower(), last_end

@@ -136,7 +136,10 @@ def test_refused_connections_back_off_then_connect(make_uplink) -> None:
     attempts = connection_state(uplink)["sessions_started"]
     # 0.05+0.1+0.2+0.4+0.4… ≈ 6–7 attempts in 1.5 s (±20 %); a busy loop would be thousands.
     assert 3 <= attempts <= 12, attempts
-    assert "Refused" in connection_state(uplink)["last_end"] or "refused" in connection_state(uplink)["last_end"]
+    assert (
+        "Refused" in connection_state(uplink)["last_end"]
+        or "refused" in connection_state(uplink)["last_end"]
+    )
     revived = Gateway()
     revived.start(port)
     try:
@@ -166,7 +169,9 @@ def test_handshake_refused_with_http_status(make_uplink, status: int) -> None:
         uplink = make_uplink(gw.url, backoff_initial=0.05, backoff_max=0.6)
         gw.wait_until(lambda: gw.handshakes >= 2, timeout=scaled(5))
         times = []
-        gw.wait_until(lambda: (times.append(time.monotonic()) or gw.handshakes >= 3), timeout=scaled(5))
+        gw.wait_until(
+            lambda: times.append(time.monotonic()) or gw.handshakes >= 3, timeout=scaled(5)
+        )
         last_end = connection_state(uplink)["last_end"]
         assert f"HTTP {status}" in last_end
         if status in (401, 403):
@@ -258,10 +263,22 @@ def test_soak_connect_identity_close_cycles() -> None:
     repo = Path(__file__).resolve().parents[1]
     with Gateway() as gw:
         proc = subprocess.Popen(
-            [sys.executable, str(repo / "run_uplink.py"), "--upstream-gateway", gw.url,
-             "--listen", "off", "--backoff-initial", "0.001", "--backoff-max", "0.002",
-             "--log-level", "WARNING"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                str(repo / "run_uplink.py"),
+                "--upstream-gateway",
+                gw.url,
+                "--listen",
+                "off",
+                "--backoff-initial",
+                "0.001",
+                "--backoff-max",
+                "0.002",
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             closed = 0
@@ -322,8 +339,19 @@ Op = tuple[str, int]
 ops = st.lists(
     st.tuples(
         st.sampled_from(
-            ["submit", "approve", "deny", "always", "contradict", "wrong_session",
-             "garbage", "ghost", "close", "abort", "duplicate"]
+            [
+                "submit",
+                "approve",
+                "deny",
+                "always",
+                "contradict",
+                "wrong_session",
+                "garbage",
+                "ghost",
+                "close",
+                "abort",
+                "duplicate",
+            ]
         ),
         st.integers(0, 7),
     ),
@@ -332,17 +360,23 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
 @given(ops)
 def test_fuzz_sequences_decide_everything_exactly_once(sequence: list[Op]) -> None:
     approvals: set[tuple[str, int]] = set()  # (req_id, session) the gateway approved on
-    sent_on: dict[str, int] = {}
+    # Every session each request id went out on (an id may be reused once decided).
+    sent_on: dict[str, list[int]] = {}
     with Gateway() as gw:
+
         def record(session: Session, frame: dict[str, Any]) -> None:
-            sent_on[frame["req_id"]] = session.number
+            sent_on.setdefault(frame["req_id"], []).append(session.number)
 
         gw.auto = record
-        config = UplinkConfig(upstream_url=gw.url, project="fuzz", **{**FAST, "backoff_initial": 0.01, "backoff_max": 0.05})
+        config = UplinkConfig(
+            upstream_url=gw.url,
+            project="fuzz",
+            **{**FAST, "backoff_initial": 0.01, "backoff_max": 0.05},
+        )
         uplink = Uplink(config).start()
         futures: dict[str, concurrent.futures.Future] = {}
         try:
@@ -354,10 +388,15 @@ def test_fuzz_sequences_decide_everything_exactly_once(sequence: list[Op]) -> No
                 if op in ("submit", "duplicate"):
                     rid = target if op == "duplicate" and known else f"r{len(futures)}"
                     future = uplink.request_permission("Bash", {"n": n}, request_id=rid)
-                    futures.setdefault(rid, future) if op == "submit" else futures.setdefault(f"{rid}#dup{len(futures)}", future)
+                    futures.setdefault(rid, future) if op == "submit" else futures.setdefault(
+                        f"{rid}#dup{len(futures)}", future
+                    )
                     if op == "submit":
                         try:
-                            gw.wait_until(lambda rid=rid: rid in sent_on or future.done(), timeout=0.5)
+                            gw.wait_until(
+                                lambda rid=rid, future=future: rid in sent_on or future.done(),
+                                timeout=0.5,
+                            )
                         except TimeoutError:
                             pass  # held while disconnected
                 elif session is None:
@@ -370,9 +409,9 @@ def test_fuzz_sequences_decide_everything_exactly_once(sequence: list[Op]) -> No
                         "deny": {"approved": False},
                         "wrong_session": {"approved": True},
                     }[op]
-                    if op in ("approve", "always") and sent_on.get(target) == session.number:
+                    if op in ("approve", "always") and session.number in sent_on.get(target, []):
                         approvals.add((target, session.number))
-                    if op == "wrong_session" and sent_on.get(target) == session.number:
+                    if op == "wrong_session" and session.number in sent_on.get(target, []):
                         continue  # only meaningful on another session
                     try:
                         gw.respond(session, target, payload)
@@ -403,4 +442,5 @@ def test_fuzz_sequences_decide_everything_exactly_once(sequence: list[Op]) -> No
         base = rid.split("#")[0]
         if outcome.decision.allows:
             # Only what the gateway approved on the session the request went out on.
-            assert (base, sent_on.get(base)) in approvals, (rid, outcome, sent_on.get(base))
+            approved_on = {s for r, s in approvals if r == base}
+            assert approved_on & set(sent_on.get(base, [])), (rid, outcome, sent_on.get(base))

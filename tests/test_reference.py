@@ -108,11 +108,15 @@ def test_integration_perm_request_approved_via_uplink(gateway: Gateway, make_upl
         assert session.frames[0]["type"] == "identity"
         assert session.frames[0]["payload"]["project"] == "test-proj"
         assert frame["payload"]["tool_name"] == "Bash"
-        gateway.send_in_loop(session, "perm_response", frame["req_id"], {"approved": True, "always_allow": False})
+        gateway.send_in_loop(
+            session, "perm_response", frame["req_id"], {"approved": True, "always_allow": False}
+        )
 
     gateway.auto = approve
     uplink = make_uplink(gateway.url)
-    outcome = uplink.decide("Bash", {"command": "echo hello"}, request_id="req-test-1", timeout=scaled(5))
+    outcome = uplink.decide(
+        "Bash", {"command": "echo hello"}, request_id="req-test-1", timeout=scaled(5)
+    )
     assert outcome.decision is Decision.APPROVE
     assert outcome.request_id == "req-test-1"
 

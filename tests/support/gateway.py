@@ -69,6 +69,7 @@ class Gateway:
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
         self._stop: asyncio.Event | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
 
     # ── lifecycle ───────────────────────────────────────────────────────
 
@@ -185,7 +186,9 @@ class Gateway:
 
     def send_in_loop(self, session: Session, kind: str, req_id: str, payload: Any) -> None:
         text = json.dumps({"type": kind, "req_id": req_id, "payload": payload})
-        asyncio.ensure_future(session.ws.send(text))
+        task = asyncio.ensure_future(session.ws.send(text))
+        self._tasks.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._tasks.discard)
 
     def send(self, session: Session, kind: str, req_id: str, payload: Any = None) -> None:
         self.send_raw(session, json.dumps({"type": kind, "req_id": req_id, "payload": payload}))
@@ -232,7 +235,9 @@ class Gateway:
             lambda: self.sessions[number - 1] if len(self.sessions) >= number else None, timeout
         )
 
-    def frame(self, session: Session, kind: str, index: int = 0, timeout: float = 5.0) -> dict[str, Any]:
+    def frame(
+        self, session: Session, kind: str, index: int = 0, timeout: float = 5.0
+    ) -> dict[str, Any]:
         return self.wait_until(
             lambda: session.of_type(kind)[index] if len(session.of_type(kind)) > index else None,
             timeout,
