@@ -109,6 +109,15 @@ class Stats:
                 counter = self._counters[family] = Counter()
             counter[label] += amount
 
+    def inc_each(self, *pairs: tuple[str, str]) -> None:
+        """``inc(family, label)`` for each pair, under one lock acquisition."""
+        with self._lock:
+            for family, label in pairs:
+                counter = self._counters.get(family)
+                if counter is None:
+                    counter = self._counters[family] = Counter()
+                counter[label] += 1
+
     def gauge(self, name: str, value: float) -> None:
         self._gauges[name] = value
 

@@ -150,6 +150,7 @@ class Submit:
     tool_input: JSON
     future: concurrent.futures.Future[Outcome]
     submitted_at: float  # time.monotonic(); the timeout counts from here
+    frame_text: str | None = None  # the perm_request, already serialized by the edge
 
 
 @dataclass(frozen=True, slots=True)

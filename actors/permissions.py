@@ -39,7 +39,17 @@ from actors.messages import (
     Submit,
     Sweep,
 )
-from protocol import JSON, Decision, Envelope, Kind, Outcome, PermRequest, Reason, decide
+from protocol import (
+    JSON,
+    Decision,
+    Envelope,
+    Kind,
+    Outcome,
+    PermRequest,
+    Reason,
+    decide,
+    parse,
+)
 
 
 @dataclass(slots=True)
@@ -50,9 +60,11 @@ class Pending:
     future: concurrent.futures.Future[Outcome]
     deadline: float
     session: int | None = None  # the session it was sent on; None while held
+    frame_text: str | None = None  # its perm_request frame, when the edge serialized it
 
 
-SendFn = Callable[[int, Envelope], None]
+# Sends a perm_request on a session: an Envelope, or its text when already serialized.
+SendFn = Callable[[int, Envelope | str], None]
 DecidedFn = Callable[[Pending, Outcome], None]
 
 
@@ -92,10 +104,14 @@ class PermissionBook:
         tool_input: JSON,
         future: concurrent.futures.Future[Outcome],
         submitted_at: float | None = None,
+        *,
+        frame_text: str | None = None,
     ) -> None:
         if submitted_at is None:
             submitted_at = self._clock()
-        entry = Pending(request_id, tool_name, tool_input, future, submitted_at + self.timeout)
+        entry = Pending(
+            request_id, tool_name, tool_input, future, submitted_at + self.timeout, None, frame_text
+        )
         if self.closed:
             self._answer(entry, Decision.DENY, self.closed_reason)
             return
@@ -186,9 +202,10 @@ class PermissionBook:
 
     def _transmit(self, entry: Pending, session: int) -> None:
         entry.session = session
-        self._send(
-            session, PermRequest(entry.tool_name, entry.tool_input).envelope(entry.request_id)
+        frame = entry.frame_text or PermRequest(entry.tool_name, entry.tool_input).envelope(
+            entry.request_id
         )
+        self._send(session, frame)
 
     def _decide(self, entry: Pending, decision: Decision, reason: Reason) -> Outcome:
         # Popping is what makes a decision final: no second path can find it.
@@ -284,6 +301,7 @@ class PermissionRegistryActor(UplinkActor):
             message.tool_input,
             message.future,
             message.submitted_at,
+            frame_text=message.frame_text,
         )
         self._arm_sweep()
         self._publish_gauges()
@@ -337,19 +355,21 @@ class PermissionRegistryActor(UplinkActor):
 
     # ── helpers ─────────────────────────────────────────────────────────
 
-    def _send(self, session: int, envelope: Envelope) -> None:
-        self.ctx.stats.inc("frames_out", envelope.type)
+    def _send(self, session: int, frame: Envelope | str) -> None:
+        self.ctx.stats.inc("frames_out", Kind.PERM_REQUEST)
         sink = self.sink
         if sink is not None and sink.session == session:
-            sink.send(envelope)  # straight to the socket's writer: one hand-off fewer
+            # Straight to the socket's writer: one hand-off fewer.
+            sink.send_text(frame) if isinstance(frame, str) else sink.send(frame)
         else:
+            envelope = parse(frame) if isinstance(frame, str) else frame
             self.ctx.directory.tell(Role.CONNECTION, SendFrame(session, envelope))
 
     def _on_decided(self, entry: Pending, outcome: Outcome) -> None:
         self.decided += 1
-        stats = self.ctx.stats
-        stats.inc("decisions", str(outcome.decision))
-        stats.inc("decision_reasons", str(outcome.reason))
+        self.ctx.stats.inc_each(
+            ("decisions", outcome.decision.value), ("decision_reasons", outcome.reason.value)
+        )
         level = "INFO" if outcome.reason is Reason.GATEWAY else "WARNING"
         self.log.log(
             level,

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import itertools
+import secrets
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -171,13 +172,13 @@ class Uplink:
         self, tool_name: str, tool_input: JSON = None, *, request_id: str | None = None
     ) -> concurrent.futures.Future[Outcome]:
         """Submit a permission request; the future resolves with its one :class:`Outcome`."""
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or _new_request_id()
         tool_input = {} if tool_input is None else tool_input
         # Raises LocalProtocolError (a ValueError-like caller bug) for what the
         # wire cannot carry, before anything is queued.
-        serialize(PermRequest(tool_name, tool_input).envelope(request_id))
+        frame_text = serialize(PermRequest(tool_name, tool_input).envelope(request_id))
         future: concurrent.futures.Future[Outcome] = concurrent.futures.Future()
-        submitted = Submit(request_id, tool_name, tool_input, future, time.monotonic())
+        submitted = Submit(request_id, tool_name, tool_input, future, time.monotonic(), frame_text)
         if not self.config.enabled:
             future.set_result(Outcome(request_id, Decision.DENY, Reason.DISABLED))
         elif (
@@ -198,7 +199,7 @@ class Uplink:
     ) -> Outcome:
         """Blocking :meth:`request_permission`. The wait defaults to the permission
         timeout plus a margin; a caller that gives up earlier gets a deny."""
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or _new_request_id()
         future = self.request_permission(tool_name, tool_input, request_id=request_id)
         wait = self.config.permission_timeout + 5 if timeout is None else timeout
         try:
@@ -231,6 +232,16 @@ class Uplink:
         if self._ctx is None:
             raise RuntimeError("the Uplink is not started")
         return self._ctx
+
+
+# Generated ids: a random per-process prefix and a counter (unique, and much
+# cheaper than uuid4 on the hot path).
+_ID_PREFIX = secrets.token_hex(6)
+_id_counter = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    return f"{_ID_PREFIX}-{next(_id_counter)}"
 
 
 def _factory(

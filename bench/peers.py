@@ -74,6 +74,7 @@ async def http_server(answer: Any) -> None:
     # written as headers + body waits ~40 ms on the client's delayed ACK.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
+    sock.listen(128)  # accepting before the port is announced
     print(sock.getsockname()[1], flush=True)
     config = uvicorn.Config(_asgi(answer), log_config=None, access_log=False, lifespan="off")
     await uvicorn.Server(config).serve([sock])

@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import queue
 import socket
 import statistics
 import subprocess
@@ -176,23 +177,19 @@ def library_sequential(uplink: Any, n: int) -> list[float]:
 
 
 def library_pipeline(uplink: Any, total: int, in_flight: int) -> float:
-    slots = threading.Semaphore(in_flight)
-    done = threading.Event()
-    remaining = [total]
-    lock = threading.Lock()
+    """Keep ``in_flight`` requests outstanding through the library API."""
+    completed: queue.SimpleQueue[None] = queue.SimpleQueue()
 
     def finished(_: concurrent.futures.Future[Any]) -> None:
-        slots.release()
-        with lock:
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                done.set()
+        completed.put(None)
 
     started = time.perf_counter()
-    for _ in range(total):
-        slots.acquire()
+    for i in range(total):
+        if i >= in_flight:
+            completed.get(timeout=30)  # one finished: start the next
         uplink.request_permission("Bash", {"command": "ls"}).add_done_callback(finished)
-    done.wait(120)
+    for _ in range(min(total, in_flight)):
+        completed.get(timeout=30)
     return total / (time.perf_counter() - started)
 
 
