@@ -144,6 +144,9 @@ class UplinkContext:
     routes: dict[str, str] = field(default_factory=dict)
     # The router's logic, called from the event loop for every inbound frame.
     router: Any = None
+    # kind → a function the router calls in the event loop instead of telling
+    # the kind's actor (set by that actor, for frames whose work is all I/O).
+    loop_handlers: dict[str, Callable[..., None]] = field(default_factory=dict)
     # role → how to build a fresh actor for it (used by the supervisor to restart).
     factories: dict[str, Callable[[], pykka.ActorRef[Any]]] = field(default_factory=dict)
     # roles that want SessionOpened / SessionClosed.

@@ -4,10 +4,15 @@ Replays run in the event loop (at most ``--mcp-concurrency`` at once, the
 rest wait), so a slow local server never delays heartbeats or permission
 traffic. An answer whose session has ended is dropped and logged: it must not
 leak into the next session, whose gateway never asked for it.
+
+The actor registers a loop handler with the router, so a request starts its
+replay in the event loop the moment it arrives (no round trip through the
+mailbox); the actor keeps the books from ``McpStarted``/``McpDone``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any
 
@@ -17,7 +22,14 @@ from actors.base import UplinkActor, handles
 from actors.connection import FrameSink
 from actors.context import Role, UplinkContext
 from actors.mcp_client import LocalMcpClient
-from actors.messages import EnvelopeIn, McpDone, SendFrame, SessionClosed, SessionOpened
+from actors.messages import (
+    EnvelopeIn,
+    McpDone,
+    McpStarted,
+    SendFrame,
+    SessionClosed,
+    SessionOpened,
+)
 from protocol import Envelope, Kind, mcp_response, serialize
 from protocol.jsonrpc import INTERNAL_ERROR, error_object
 
@@ -38,19 +50,28 @@ class McpProxyActor(UplinkActor):
         self.session: int | None = None
         self.sink: FrameSink | None = None
         self.in_flight = 0
+        self._tasks: set[asyncio.Future[None]] = set()  # replays started in the loop
         self.answered = 0
         self.dropped = 0
 
     def on_start(self) -> None:
         super().on_start()
+        self.ctx.loop_handlers[Kind.MCP_REQUEST] = self._start_in_loop
         self.set_state("idle")
 
     def on_stop(self) -> None:
+        if self.ctx.loop_handlers.get(Kind.MCP_REQUEST) == self._start_in_loop:
+            del self.ctx.loop_handlers[Kind.MCP_REQUEST]
         try:
-            self.ctx.loop.run(self.client.aclose, timeout=2)
+            self.ctx.loop.run(self._close, timeout=2)
         except Exception as exc:  # closing a pool must never block shutdown
             self.log.debug("closing the HTTP client: {!r}", exc)
         super().on_stop()
+
+    async def _close(self) -> None:
+        for task in list(self._tasks):  # replays outliving the uplink: cancel, not leak
+            task.cancel()
+        await self.client.aclose()
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -82,15 +103,28 @@ class McpProxyActor(UplinkActor):
 
     @handles(EnvelopeIn)
     def _on_request(self, message: EnvelopeIn) -> None:
+        """The mailbox path (a frame told to this actor rather than started in the loop)."""
         if message.envelope.type != Kind.MCP_REQUEST:
             return
         # Answer on the session the request came on, whatever this actor has heard yet.
         sink = message.sink
         if sink is None and self.sink is not None and self.sink.session == message.session:
             sink = self.sink
+        self._started(McpStarted(message.session))
+        self.ctx.loop.spawn(self._serve, message.session, message.envelope, sink)
+
+    def _start_in_loop(self, session: int, request: Envelope, sink: FrameSink | None) -> None:
+        """Router → here, in the event-loop thread: start the replay at once."""
+        task = asyncio.ensure_future(self._serve(session, request, sink))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        with contextlib.suppress(pykka.ActorDeadError):
+            self.actor_ref.tell(McpStarted(session))
+
+    @handles(McpStarted)
+    def _started(self, _: McpStarted) -> None:
         self.in_flight += 1
         self.ctx.stats.gauge("mcp_in_flight", self.in_flight)
-        self.ctx.loop.spawn(self._serve, message.session, message.envelope, sink)
 
     async def _serve(self, session: int, request: Envelope, sink: FrameSink | None) -> None:
         """Replay in the loop and answer from the loop: the sink drops the answer

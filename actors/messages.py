@@ -177,6 +177,13 @@ class Tick:
 
 
 @dataclass(frozen=True, slots=True)
+class McpStarted:
+    """loop → MCP proxy: a replay started (for the in-flight count)."""
+
+    session: int
+
+
+@dataclass(frozen=True, slots=True)
 class McpDone:
     """loop → MCP proxy: a replay finished; answer it if its session lives."""
 
