@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -248,6 +249,10 @@ class BenchGateway:
         asyncio.run(main())
 
     async def _handler(self, ws: Any) -> None:
+        with contextlib.suppress(ConnectionClosed):  # we abort it on stop
+            await self._serve(ws)
+
+    async def _serve(self, ws: Any) -> None:
         async for message in ws:
             frame = json.loads(message)
             if frame["type"] == "identity":
@@ -275,9 +280,9 @@ class BenchGateway:
         assert self.loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    async def sequential(self, n: int) -> list[float]:
+    async def sequential(self, n: int, start: int = 0) -> list[float]:
         samples = []
-        for i in range(n):
+        for i in range(start, start + n):
             started = time.perf_counter()
             answer = await self.replay(i)
             samples.append(time.perf_counter() - started)
@@ -352,18 +357,39 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+    rounds = 5  # raw and uplink alternate, so drift on the machine hits both alike
+    chunk = max(1, n // rounds)
     with peer("gateway", "--auto", "approve") as gw_port, peer("http") as http_port:
         url = ws_url(gw_port)
-        raw_seq = asyncio.run(raw_ws_sequential(url, n))
-        raw_pipe = asyncio.run(raw_ws_pipeline(url, pipeline_total, 64))
-        raw_http = http_sequential(f"http://127.0.0.1:{http_port}/", {"tool_name": "Bash"}, n)
+        http_url = f"http://127.0.0.1:{http_port}/"
+        body = {"tool_name": "Bash", "tool_input": {"command": "ls"}}
+        ingress_port = free_port()
+        raw_seq: list[float] = []
+        lib_seq: list[float] = []
+        raw_http: list[float] = []
+        ingress: list[float] = []
+        raw_pipes: list[float] = []
+        lib_pipes: list[float] = []
+        with (
+            Uplink(UplinkConfig(upstream_url=url, project="bench")) as uplink,
+            uplink_process(url, "--listen", f"127.0.0.1:{ingress_port}"),
+        ):
+            uplink.wait_connected(10)
+            wait_ready(ingress_port)
+            ingress_url = f"http://127.0.0.1:{ingress_port}/permission"
+            library_sequential(uplink, 200)  # warm-up
+            http_sequential(ingress_url, body, 200)
+            for _ in range(rounds):
+                raw_seq += asyncio.run(raw_ws_sequential(url, chunk))
+                lib_seq += library_sequential(uplink, chunk)
+                raw_http += http_sequential(http_url, body, chunk)
+                ingress += http_sequential(ingress_url, body, chunk)
+            for _ in range(3):
+                raw_pipes.append(asyncio.run(raw_ws_pipeline(url, pipeline_total, 64)))
+                lib_pipes.append(library_pipeline(uplink, pipeline_total, 64))
+        raw_pipe, lib_pipe = statistics.median(raw_pipes), statistics.median(lib_pipes)
 
         # 1a. library API, in this process
-        with Uplink(UplinkConfig(upstream_url=url, project="bench")) as uplink:
-            uplink.wait_connected(10)
-            library_sequential(uplink, 200)  # warm-up
-            lib_seq = library_sequential(uplink, n)
-            lib_pipe = library_pipeline(uplink, pipeline_total, 64)
         ratio = statistics.median(lib_seq) / statistics.median(raw_seq)
         ok = ratio <= 1.5
         misses += not ok
@@ -396,16 +422,6 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         # 1b. HTTP ingress, against a run_uplink.py process
-        ingress_port = free_port()
-        with uplink_process(url, "--listen", f"127.0.0.1:{ingress_port}"):
-            wait_ready(ingress_port)
-            ingress_url = f"http://127.0.0.1:{ingress_port}/permission"
-            http_sequential(
-                ingress_url, {"tool_name": "Bash", "tool_input": {"command": "ls"}}, 200
-            )
-            ingress = http_sequential(
-                ingress_url, {"tool_name": "Bash", "tool_input": {"command": "ls"}}, n
-            )
         base = statistics.median(raw_http) + statistics.median(raw_seq)
         ratio = statistics.median(ingress) / base
         ok = ratio <= 1.3
@@ -431,14 +447,17 @@ def main(argv: list[str] | None = None) -> int:
     with peer("jsonrpc") as rpc_port:
         rpc_url = f"http://127.0.0.1:{rpc_port}/mcp"
         body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo"}}
-        direct = http_sequential(rpc_url, body, n)
+        direct: list[float] = []
+        replay: list[float] = []
         gateway = BenchGateway()
         gateway.start()
         with uplink_process(ws_url(gateway.port), "--local-mcp-url", rpc_url, "--listen", "off"):
             if not gateway.identified.wait(15):
                 raise RuntimeError("uplink did not connect to the bench gateway")
             gateway.run(gateway.sequential(200))
-            replay = gateway.run(gateway.sequential(n))
+            for r in range(rounds):
+                direct += http_sequential(rpc_url, body, chunk)
+                replay += gateway.run(gateway.sequential(chunk, start=r * chunk))
             replay_tput = gateway.run(gateway.pipeline(pipeline_total // 2, 16))
         gateway.stop()
         bound = statistics.median(direct) + statistics.median(raw_seq) + 0.0005
@@ -483,8 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         reconnects = []
         port = gateway.port
         for _ in range(3 if args.quick else 5):
-            gateway.stop()
-            time.sleep(0.5)  # the uplink is now backing off (0.1 s initial)
+            gateway.stop()  # the uplink's session ends; it waits its first back-off (0.1 s)
             gateway = BenchGateway()
             gateway.start(port)
             listening_at = time.perf_counter()
