@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import sys
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
@@ -142,3 +143,97 @@ class UplinkActor(pykka.ThreadingActor):
     @handles(InjectFault)
     def _on_inject_fault(self, message: InjectFault) -> None:
         raise InjectedFault(message.note)
+
+
+class _LoopInbox:
+    """A pykka inbox whose messages are handled in the event-loop thread.
+
+    Any thread may ``put``; only the first put after a drain schedules one
+    (``call_soon_threadsafe``). ``get``/``empty`` are what pykka's teardown
+    and the registry's crash drain use.
+    """
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.armed = False
+        self.wake: Callable[[], object] | None = None
+
+    def put(self, envelope: Any) -> None:
+        self.queue.put(envelope)
+        if not self.armed and self.wake is not None:
+            self.armed = True
+            self.wake()
+
+    def get(self) -> Any:
+        return self.queue.get_nowait()
+
+    def empty(self) -> bool:
+        return self.queue.empty()
+
+
+class UplinkLoopActor(UplinkActor):
+    """An uplink actor scheduled on the event loop instead of its own thread.
+
+    Same mailbox semantics as a pykka ``ThreadingActor`` (one message at a
+    time, in order; ``on_failure`` and a stop after a crash in a ``tell``ed
+    message; ``ask`` and blocking ``stop`` from other threads), but each
+    message runs as a callback in the uplink's event loop. An actor whose
+    every message ends in network I/O saves two thread hand-offs per round
+    trip this way. Its handlers must never block, and nobody may ``ask`` it
+    from the event-loop thread.
+
+    It drives pykka's own ``_handle_receive``/``_handle_failure``/teardown
+    (pinned to pykka 4), so the semantics stay pykka's.
+    """
+
+    _BATCH = 256  # messages per loop turn before yielding to I/O
+
+    @staticmethod
+    def _create_actor_inbox() -> Any:
+        return _LoopInbox()
+
+    def _start_actor_loop(self) -> None:
+        loop = self.ctx.loop.loop
+        inbox: _LoopInbox = self.actor_inbox  # type: ignore[assignment]
+        inbox.wake = lambda: loop.call_soon_threadsafe(self._drain)
+        inbox.armed = True  # the setup callback drains what came before it
+        loop.call_soon_threadsafe(self._setup_then_drain)
+
+    def _setup_then_drain(self) -> None:
+        self._actor_loop_setup()  # on_start, with pykka's failure handling
+        self._drain()
+
+    def _drain(self) -> None:
+        inbox: _LoopInbox = self.actor_inbox  # type: ignore[assignment]
+        inbox.armed = False  # before draining: a later put schedules a new drain
+        for _ in range(self._BATCH):
+            if self.actor_stopped.is_set():
+                break
+            try:
+                envelope = inbox.queue.get_nowait()
+            except queue.Empty:
+                return
+            self._handle_envelope(envelope)
+        else:
+            inbox.armed = True  # more may be waiting: let I/O run, then continue
+            self.ctx.loop.loop.call_soon(self._drain)
+            return
+        if not getattr(self, "_torn_down", False):
+            self._torn_down = True
+            self._actor_loop_teardown()  # answer queued asks with ActorDeadError
+
+    def _handle_envelope(self, envelope: Any) -> None:
+        # pykka's ThreadingActor loop body, for one message.
+        try:
+            response = self._handle_receive(envelope.message)
+            if envelope.reply_to is not None:
+                envelope.reply_to.set(response)
+        except Exception:
+            if envelope.reply_to is not None:
+                envelope.reply_to.set_exception()
+            else:
+                self._handle_failure(*sys.exc_info())
+                try:
+                    self.on_failure(*sys.exc_info())
+                except Exception:
+                    self._handle_failure(*sys.exc_info())

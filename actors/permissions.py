@@ -26,7 +26,7 @@ from typing import Any
 
 from loguru import logger
 
-from actors.base import UplinkActor, handles
+from actors.base import UplinkLoopActor, handles
 from actors.connection import FrameSink
 from actors.context import Role, UplinkContext
 from actors.loop import Timer
@@ -225,7 +225,7 @@ class PermissionBook:
         return outcome
 
 
-class PermissionRegistryActor(UplinkActor):
+class PermissionRegistryActor(UplinkLoopActor):
     role = Role.PERMISSIONS
 
     def __init__(self, ctx: UplinkContext) -> None:
