@@ -193,11 +193,11 @@ class UplinkLoopActor(UplinkActor):
         return _LoopInbox()
 
     def _start_actor_loop(self) -> None:
-        loop = self.ctx.loop.loop
+        loop = self.ctx.loop
         inbox: _LoopInbox = self.actor_inbox  # type: ignore[assignment]
-        inbox.wake = lambda: loop.call_soon_threadsafe(self._drain)
+        inbox.wake = lambda: loop.call_soon(self._drain)
         inbox.armed = True  # the setup callback drains what came before it
-        loop.call_soon_threadsafe(self._setup_then_drain)
+        loop.call_soon(self._setup_then_drain)
 
     def _setup_then_drain(self) -> None:
         self._actor_loop_setup()  # on_start, with pykka's failure handling

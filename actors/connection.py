@@ -27,6 +27,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from actors.base import UplinkActor, handles
 from actors.context import Role, UplinkContext
+from actors.loop import EventLoop
 from actors.messages import CloseSession, SendFrame, SessionEnded, SessionUp
 from protocol import Envelope, LocalProtocolError, identity, redact, serialize
 
@@ -67,7 +68,7 @@ class Outbox:
     frame), and the writer sends everything queued in one go.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: EventLoop) -> None:
         self._loop = loop
         self._frames: collections.deque[str] = collections.deque()
         self._armed = False
@@ -82,7 +83,7 @@ class Outbox:
         if not self._armed:
             self._armed = True
             try:
-                self._loop.call_soon_threadsafe(self._wake)
+                self._loop.call_soon(self._wake)
             except RuntimeError:  # the loop is closed: the uplink is stopping
                 return False
         return True
@@ -226,7 +227,7 @@ class ConnectionActor(UplinkActor):
                 # identity is the first frame of every session, before anything queued.
                 await ws.send(serialize(identity(config.project, **config.identity_extra)))
                 up_at = time.monotonic()
-                self._outbox = Outbox(asyncio.get_running_loop())
+                self._outbox = Outbox(self.ctx.loop)
                 sink = self._sink = FrameSink(self.session, self._outbox)
                 self.ctx.directory.tell(Role.SUPERVISOR, SessionUp(self.session, sink))
                 self.actor_ref.tell(_Connected())

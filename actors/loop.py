@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -43,6 +44,7 @@ class EventLoop:
         self._portal_cm = start_blocking_portal(backend="asyncio")
         self.portal: BlockingPortal = self._portal_cm.__enter__()
         self.loop: asyncio.AbstractEventLoop = self.portal.call(asyncio.get_running_loop)
+        self.thread_id: int = self.portal.call(threading.get_ident)
         self._closed = False
 
     def spawn(self, fn: Callable[..., Awaitable[T]], *args: Any) -> concurrent.futures.Future[T]:
@@ -50,8 +52,15 @@ class EventLoop:
         return self.portal.start_task_soon(fn, *args)
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` in the loop thread soon (cheap; for hot paths)."""
-        self.loop.call_soon_threadsafe(fn, *args)
+        """Run ``fn(*args)`` in the loop thread soon, from any thread.
+
+        From the loop thread itself this is a plain ``call_soon``: no write
+        to the loop's wake-up pipe, no extra turn of the loop.
+        """
+        if threading.get_ident() == self.thread_id:
+            self.loop.call_soon(fn, *args)
+        else:
+            self.loop.call_soon_threadsafe(fn, *args)
 
     def call_later(self, delay: float, fn: Callable[[], Any]) -> Timer:
         """Run ``fn()`` in the loop thread after ``delay`` seconds."""
