@@ -7,7 +7,9 @@ Every test ends with every pykka actor stopped.
 from __future__ import annotations
 
 import os
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +26,25 @@ TIME_FACTOR = float(os.environ.get("SLED_TEST_TIME_FACTOR", "1"))
 def scaled(seconds: float) -> float:
     """A timeout in seconds, scaled for slow machines."""
     return seconds * TIME_FACTOR
+
+
+def eventually(predicate: Callable[[], Any], timeout: float, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it is truthy (returned) or the scaled timeout fails the test."""
+    deadline = time.monotonic() + scaled(timeout)
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {scaled(timeout):.1f}s")
+        time.sleep(0.002)
+
+
+def closed_port() -> int:
+    """A loopback port with nothing listening on it (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 FAST = {

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import random
 import re
-import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,7 +21,7 @@ from actors import Uplink
 from actors.backoff import Backoff
 from actors.messages import GetSnapshot
 from protocol import Decision
-from tests.conftest import scaled
+from tests.conftest import closed_port, eventually, scaled
 from tests.support.gateway import Gateway, Session
 
 
@@ -125,23 +124,6 @@ _BACKOFF_LINE = re.compile(r"-> backoff \(reconnecting in ([0-9.]+)s\)")
 ROUNDING = 0.006  # the log line shows two decimals
 
 
-def _eventually(predicate: Callable[[], Any], timeout: float, what: str = "condition") -> Any:
-    deadline = time.monotonic() + scaled(timeout)
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {scaled(timeout):.1f}s")
-        time.sleep(0.002)
-
-
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _connected(gateway: Gateway, uplink: Uplink, number: int = 1) -> Session:
     session = gateway.session(number, timeout=scaled(5))
     gateway.frame(session, "identity", timeout=scaled(5))
@@ -165,9 +147,7 @@ def _backoff_after(records: list[dict[str, Any]], nth: int, timeout: float = 5) 
                     found.append(float(match.group(1)))
         return found
 
-    return _eventually(lambda: len(waits()) >= nth and waits(), timeout, f"back-off #{nth}")[
-        nth - 1
-    ]
+    return eventually(lambda: len(waits()) >= nth and waits(), timeout, f"back-off #{nth}")[nth - 1]
 
 
 def _handshake_times(gateway: Gateway, count: int, timeout: float) -> list[float]:
@@ -217,7 +197,7 @@ def test_refused_token_heals_when_the_gateway_accepts_again(gateway: Gateway, ma
 
 def test_failed_connects_grow_the_wait(make_uplink, log_records: list[dict[str, Any]]) -> None:
     uplink = make_uplink(
-        f"ws://127.0.0.1:{_closed_port()}/api/sled-uplink", backoff_initial=0.05, backoff_max=0.8
+        f"ws://127.0.0.1:{closed_port()}/api/sled-uplink", backoff_initial=0.05, backoff_max=0.8
     )
     waits = [_backoff_after(log_records, n) for n in range(1, 7)]
     bases = [0.05, 0.1, 0.2, 0.4, 0.8, 0.8]

@@ -11,7 +11,6 @@ import concurrent.futures
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,7 +19,7 @@ from actors import Uplink
 from actors.logsetup import configure_logging
 from actors.permissions import Pending, PermissionBook
 from protocol import Decision, Envelope, Outcome, Reason
-from tests.conftest import scaled
+from tests.conftest import eventually, scaled
 from tests.support.gateway import Gateway, Session
 
 APPROVE = {"approved": True, "always_allow": False}
@@ -74,17 +73,6 @@ def _outcome(future: concurrent.futures.Future) -> tuple[Decision, Reason]:
 
 
 # ── e2e helpers ─────────────────────────────────────────────────────────────
-
-
-def _eventually(predicate: Callable[[], Any], timeout: float, what: str = "condition") -> Any:
-    deadline = time.monotonic() + scaled(timeout)
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {scaled(timeout):.1f}s")
-        time.sleep(0.005)
 
 
 def _connected(gateway: Gateway, uplink: Uplink, number: int = 1) -> Session:
@@ -424,12 +412,12 @@ def test_e2e_held_while_disconnected_then_sent_after_identity_in_order(
     first = _connected(gateway, uplink)
     gateway.stop()  # the gateway goes away; connects are refused meanwhile
     gateway.wait_until(lambda: first.closed, timeout=scaled(5))
-    _eventually(lambda: uplink.status()["connection"]["state"] != "connected", 5, "disconnect")
+    eventually(lambda: uplink.status()["connection"]["state"] != "connected", 5, "disconnect")
     ids = [f"held-{n}" for n in range(4)]
     futures = [uplink.request_permission("Bash", {"n": n}, request_id=i) for n, i in enumerate(ids)]
     # Several failed connects end several sessions: held requests are not denied.
     started = uplink.status()["connection"]["sessions_started"]
-    _eventually(
+    eventually(
         lambda: uplink.status()["connection"]["sessions_started"] >= started + 2, 5, "retries"
     )
     assert not any(f.done() for f in futures)
@@ -458,7 +446,7 @@ def test_e2e_session_end_denies_sent_requests_at_once_and_not_held_ones(
     for future in sent:
         assert _result(future, 5) == (Decision.DENY, Reason.SESSION_ENDED)
     assert time.monotonic() - started < scaled(1.5), "the session end must deny at once"
-    _eventually(lambda: uplink.status()["connection"]["state"] == "backoff", 5, "backoff")
+    eventually(lambda: uplink.status()["connection"]["state"] == "backoff", 5, "backoff")
 
     held = uplink.request_permission("Write", request_id="held")
     uplink.reconnect()  # end the 30 s back-off now
@@ -502,10 +490,10 @@ def test_e2e_held_request_times_out_while_disconnected(gateway: Gateway, make_up
     )
     first = _connected(gateway, uplink)
     gateway.close(first, 1000)
-    _eventually(lambda: uplink.status()["connection"]["state"] == "backoff", 5, "backoff")
+    eventually(lambda: uplink.status()["connection"]["state"] == "backoff", 5, "backoff")
     future = uplink.request_permission("Bash", request_id="never-sent")
     assert _result(future) == (Decision.DENY, Reason.TIMEOUT)
-    _eventually(lambda: uplink.status()["permissions"]["held"] == 0, 5, "held count back to 0")
+    eventually(lambda: uplink.status()["permissions"]["held"] == 0, 5, "held count back to 0")
     uplink.reconnect()
     second = _connected(gateway, uplink, 2)
     # The timed-out request is not sent on the new session.
@@ -536,9 +524,9 @@ def test_e2e_shutdown_denies_held_requests_too(gateway: Gateway, make_uplink) ->
     uplink = make_uplink(gateway.url, backoff_initial=30.0, backoff_max=60.0)
     first = _connected(gateway, uplink)
     gateway.close(first, 1000)
-    _eventually(lambda: uplink.status()["connection"]["state"] == "backoff", 5, "backoff")
+    eventually(lambda: uplink.status()["connection"]["state"] == "backoff", 5, "backoff")
     held = uplink.request_permission("Bash", request_id="held")
-    _eventually(lambda: uplink.status()["permissions"]["held"] == 1, 5, "held")
+    eventually(lambda: uplink.status()["permissions"]["held"] == 1, 5, "held")
     uplink.stop()
     assert _result(held, 1) == (Decision.DENY, Reason.SHUTDOWN)
 
@@ -586,7 +574,7 @@ def test_e2e_repeated_and_unknown_responses_change_nothing(gateway: Gateway, mak
     gateway.respond(session, "probe", DENY)
     assert _result(probe) == (Decision.DENY, Reason.GATEWAY)
     assert _decision_total(uplink) == 2
-    _eventually(lambda: uplink.status()["permissions"]["pending"] == 0, 5, "nothing pending")
+    eventually(lambda: uplink.status()["permissions"]["pending"] == 0, 5, "nothing pending")
 
 
 def test_e2e_response_on_a_later_session_is_ignored(gateway: Gateway, make_uplink) -> None:
@@ -660,7 +648,7 @@ def test_e2e_every_request_gets_exactly_one_decision_randomized(
         if rng.random() < 0.3:
             time.sleep(0.005)
     # Let most settle on their own (answers, timeouts, session ends) ...
-    _eventually(lambda: sum(f.done() for f in futures) >= 200, 10, "most decisions")
+    eventually(lambda: sum(f.done() for f in futures) >= 200, 10, "most decisions")
     # ... and the shutdown decides the rest.
     uplink.stop()
     assert all(f.done() for f in futures)

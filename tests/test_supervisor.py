@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pykka
@@ -22,33 +19,16 @@ import pytest
 from actors import Uplink
 from actors.messages import InjectFault
 from protocol import Decision, Reason
-from tests.conftest import non_daemon_threads, scaled
+from tests.conftest import closed_port, eventually, non_daemon_threads, scaled
 from tests.support.gateway import Gateway, Session
 
 APPROVE = {"approved": True, "always_allow": False}
 
 
-def _eventually(predicate: Callable[[], Any], timeout: float, what: str = "condition") -> Any:
-    deadline = time.monotonic() + scaled(timeout)
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {scaled(timeout):.1f}s")
-        time.sleep(0.005)
-
-
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _connected(gateway: Gateway, uplink: Uplink, number: int = 1) -> Session:
     session = gateway.session(number, timeout=scaled(5))
     gateway.frame(session, "identity", timeout=scaled(5))
-    _eventually(
+    eventually(
         lambda: (
             uplink.status()["connection"]["state"] == "connected"
             and uplink.status()["connection"]["session"] is not None
@@ -107,7 +87,7 @@ def _restarted(uplink: Uplink, role: str, old: pykka.ActorRef[Any]) -> pykka.Act
         ref = uplink.context.directory.get(role)
         return ref if ref is not None and ref is not old and ref.is_alive() else None
 
-    return _eventually(fresh, 5, f"{role} restarted")
+    return eventually(fresh, 5, f"{role} restarted")
 
 
 # ── session ends ────────────────────────────────────────────────────────────
@@ -166,7 +146,7 @@ def test_a_crashed_actor_is_restarted_and_the_uplink_serves_again(
     uplink = make_uplink(
         gateway.url,
         heartbeat_interval=0.1,
-        local_mcp_url=f"http://127.0.0.1:{_closed_port()}/mcp",
+        local_mcp_url=f"http://127.0.0.1:{closed_port()}/mcp",
         mcp_timeout=2.0,
     )
     first = _connected(gateway, uplink)
@@ -214,9 +194,9 @@ def test_registry_crash_denies_held_requests_too(gateway: Gateway, make_uplink) 
     uplink = make_uplink(gateway.url, backoff_initial=30.0, backoff_max=60.0)
     first = _connected(gateway, uplink)
     gateway.close(first, 1000)
-    _eventually(lambda: uplink.status()["connection"]["state"] == "backoff", 5, "backoff")
+    eventually(lambda: uplink.status()["connection"]["state"] == "backoff", 5, "backoff")
     held = uplink.request_permission("Bash", request_id="held")
-    _eventually(lambda: uplink.status()["permissions"]["held"] == 1, 5, "held")
+    eventually(lambda: uplink.status()["permissions"]["held"] == 1, 5, "held")
     old = uplink.context.directory.get("permissions")
     assert old is not None
     old.tell(InjectFault())
@@ -270,4 +250,4 @@ def test_no_actor_threads_leak_after_crashes_and_stop(gateway: Gateway, make_upl
         _round_trip(gateway, uplink, session, f"probe-{number}")
     uplink.stop()
     assert len(pykka.ActorRegistry.get_all()) == baseline, pykka.ActorRegistry.get_all()
-    _eventually(lambda: non_daemon_threads() <= threads_before, 5, "actor threads gone")
+    eventually(lambda: non_daemon_threads() <= threads_before, 5, "actor threads gone")
