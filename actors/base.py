@@ -81,7 +81,8 @@ class UplinkActor(pykka.ThreadingActor):
         return {"state": self.state}
 
     def publish(self) -> None:
-        self.ctx.board.publish(self.name, self.snapshot())
+        """Put this actor on the status board; the board reads ``snapshot`` live."""
+        self.ctx.board.watch(self.name, self.snapshot)
 
     # ── pykka hooks ─────────────────────────────────────────────────────
 

@@ -91,7 +91,16 @@ class StatusBoard:
     def snapshot(self) -> dict[str, dict[str, Any]]:
         with self._lock:
             states = dict(self._states)
-        return {name: dict(s() if callable(s) else s) for name, s in states.items()}
+        return {name: _render(s) for name, s in states.items()}
+
+
+def _render(state: dict[str, Any] | Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    if not callable(state):
+        return dict(state)
+    try:
+        return dict(state())
+    except Exception as exc:  # read while its actor changed it: report, never fail /status
+        return {"state": "unavailable", "error": repr(exc)}
 
 
 class Stats:

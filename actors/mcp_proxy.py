@@ -84,10 +84,6 @@ class McpProxyActor(UplinkActor):
             "protocol_version": self.client.protocol_version,
         }
 
-    def publish(self) -> None:
-        # Read live by the status board: no dict rebuilt per replay.
-        self.ctx.board.watch(Role.MCP, self.snapshot)
-
     @handles(SessionOpened)
     def _on_opened(self, message: SessionOpened) -> None:
         self.session = message.session

@@ -304,13 +304,11 @@ class PermissionRegistryActor(UplinkLoopActor):
             frame_text=message.frame_text,
         )
         self._arm_sweep()
-        self._publish_gauges()
 
     @handles(EnvelopeIn)
     def _on_envelope(self, message: EnvelopeIn) -> None:
         if message.envelope.type == Kind.PERM_RESPONSE:
             self.book.respond(message.session, message.envelope.req_id, message.envelope.payload)
-            self._publish_gauges()
 
     @handles(SessionOpened)
     def _on_session_opened(self, message: SessionOpened) -> None:
@@ -333,13 +331,11 @@ class PermissionRegistryActor(UplinkLoopActor):
             )
         if self.book.session is None and not self.book.closed:
             self.set_state("holding", f"session {message.session} ended")
-        self._publish_gauges()
 
     @handles(Sweep)
     def _on_sweep(self, _: Sweep) -> None:
         self._sweep_at = None
         self._arm_sweep()
-        self._publish_gauges()
 
     @handles(DenyAll)
     def _on_deny_all(self, message: DenyAll) -> int:
@@ -348,7 +344,6 @@ class PermissionRegistryActor(UplinkLoopActor):
             self.log.warning("denied all {} undecided request(s): {}", count, message.reason)
         if message.close:
             self.set_state("closed", str(message.reason))
-        self._publish_gauges()
         if not message.done.done():
             message.done.set_result(count)
         return count
@@ -390,9 +385,3 @@ class PermissionRegistryActor(UplinkLoopActor):
             self._sweep_timer.cancel()
         self._sweep_at = next_deadline
         self._sweep_timer = self.tell_self_later(next_deadline - time.monotonic() + 0.001, Sweep())
-
-    def _publish_gauges(self) -> None:
-        """Nothing to do per message: the status board reads ``snapshot`` live."""
-
-    def publish(self) -> None:
-        self.ctx.board.watch(Role.PERMISSIONS, self.snapshot)

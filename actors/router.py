@@ -84,7 +84,6 @@ class RouterActor(UplinkActor):
 
     def on_start(self) -> None:
         super().on_start()
-        self.ctx.board.watch(Role.ROUTER, self.snapshot)
         self.set_state("routing", ", ".join(f"{k}->{r}" for k, r in self.ctx.routes.items()))
 
     def snapshot(self) -> dict[str, Any]:

@@ -67,7 +67,7 @@ class SupervisorActor(UplinkActor):
 
     def publish(self) -> None:
         # The supervisor's state machine *is* the connection state of /status.
-        self.ctx.board.publish(Role.CONNECTION, self.snapshot())
+        self.ctx.board.watch(Role.CONNECTION, self.snapshot)
 
     def snapshot(self) -> dict[str, Any]:
         return {
