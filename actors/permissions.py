@@ -263,17 +263,11 @@ class PermissionRegistryActor(UplinkLoopActor):
         messages left in a stopped actor's mailbox, and a dropped ``Submit``
         would never get its decision. The book is closed, so each is denied."""
         others = []
-        while not self.actor_inbox.empty():  # only this thread takes from it
+        while not self.actor_inbox.empty():  # only this actor's executor takes from it
             envelope = self.actor_inbox.get()
             message = envelope.message
             if isinstance(message, Submit):
-                self.book.submit(
-                    message.request_id,
-                    message.tool_name,
-                    message.tool_input,
-                    message.future,
-                    message.submitted_at,
-                )
+                self._submit(message)  # the book is closed: denied at once
             elif isinstance(message, DenyAll):
                 if not message.done.done():
                     message.done.set_result(0)
@@ -281,6 +275,16 @@ class PermissionRegistryActor(UplinkLoopActor):
                 others.append(envelope)
         for envelope in others:  # pykka answers queued asks with ActorDeadError
             self.actor_inbox.put(envelope)
+
+    def _submit(self, message: Submit) -> None:
+        self.book.submit(
+            message.request_id,
+            message.tool_name,
+            message.tool_input,
+            message.future,
+            message.submitted_at,
+            frame_text=message.frame_text,
+        )
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -295,14 +299,7 @@ class PermissionRegistryActor(UplinkLoopActor):
 
     @handles(Submit)
     def _on_submit(self, message: Submit) -> None:
-        self.book.submit(
-            message.request_id,
-            message.tool_name,
-            message.tool_input,
-            message.future,
-            message.submitted_at,
-            frame_text=message.frame_text,
-        )
+        self._submit(message)
         self._arm_sweep()
 
     @handles(EnvelopeIn)

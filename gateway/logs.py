@@ -15,6 +15,7 @@ import sys
 
 from loguru import logger
 
+from actors.logsetup import InterceptHandler  # one stdlib → loguru bridge for both
 from protocol import redact
 
 _UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
@@ -57,20 +58,6 @@ def protect_uvicorn_loggers() -> None:
     error_log = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, DenialQuirkFilter) for f in error_log.filters):
         error_log.addFilter(DenialQuirkFilter())
-
-
-class InterceptHandler(logging.Handler):
-    """Send stdlib logging records (uvicorn's) to loguru, redacted."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            level: str | int = logger.level(record.levelname).name
-        except ValueError:
-            level = record.levelno
-        origin = record.name.split(".")[0]  # "uvicorn", "websockets", ...
-        logger.bind(actor=origin).opt(exception=record.exc_info).log(
-            level, redact(record.getMessage())
-        )
 
 
 def _redact_record(record: dict) -> None:  # type: ignore[type-arg]
