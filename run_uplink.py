@@ -75,7 +75,7 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
-        prog="run_uplink.py",
+        # prog defaults to how it was invoked: run_uplink.py or sled-uplink.
         description="The sled's single outbound WebSocket to its upstream gateway.",
     )
     add = parser.add_argument
@@ -233,7 +233,8 @@ def _run(config, log) -> int:  # type: ignore[no-untyped-def]
     try:
         uplink.start()
     except ConfigError as exc:  # e.g. the ingress port was taken meanwhile
-        sys.stderr.write(f"run_uplink.py: error: argument {exc.option}: {exc.problem}\n")
+        prog = Path(sys.argv[0]).name or "run_uplink.py"
+        sys.stderr.write(f"{prog}: error: argument {exc.option}: {exc.problem}\n")
         return EXIT_USAGE
     try:
         while not stop.wait(0.5):
