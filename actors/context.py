@@ -48,10 +48,6 @@ class Directory:
     def get(self, role: str) -> pykka.ActorRef[Any] | None:
         return self._refs.get(role)
 
-    def roles(self) -> list[str]:
-        with self._lock:
-            return list(self._refs)
-
     def tell(self, role: str, message: object) -> bool:
         ref = self._refs.get(role)
         if ref is None:

@@ -118,14 +118,6 @@ class FrameIn:
 
 
 @dataclass(frozen=True, slots=True)
-class Register:
-    """→ router: frames of ``kind`` go to the actor of ``role`` from now on."""
-
-    kind: str
-    role: str
-
-
-@dataclass(frozen=True, slots=True)
 class EnvelopeIn:
     """router → handler: a parsed frame of the handler's kind.
 

@@ -4,10 +4,9 @@
 table (``ctx.routes``: kind → role), count, and ``tell`` the handling actor.
 The connection calls it straight from the event loop as frames arrive, so a
 frame costs one thread hand-off (loop → handler), not two. :class:`RouterActor`
-is the thin actor around it: it owns the table's registrations at run time
-(``Register``), takes ``FrameIn`` from anyone else, and is what ``/status``
-shows. Malformed frames and unknown kinds are logged, counted and dropped; the
-connection stays up.
+is the thin actor around it: it takes ``FrameIn`` from anyone else, is what
+``/status`` shows, and is restarted like any other actor. Malformed frames
+and unknown kinds are logged, counted and dropped; the connection stays up.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from loguru import logger
 
 from actors.base import UplinkActor, handles
 from actors.context import Role, UplinkContext
-from actors.messages import EnvelopeIn, FrameIn, Register
+from actors.messages import EnvelopeIn, FrameIn
 from protocol import RemoteProtocolError, parse
 
 if TYPE_CHECKING:
@@ -92,9 +91,3 @@ class RouterActor(UplinkActor):
     @handles(FrameIn)
     def _on_frame(self, message: FrameIn) -> None:
         self.router.dispatch(message.session, message.data)
-
-    @handles(Register)
-    def _on_register(self, message: Register) -> None:
-        self.ctx.routes[message.kind] = message.role
-        self.log.info("route {} -> {}", message.kind, message.role)
-        self.publish()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from protocol.envelope import JSON, Envelope, Kind
 from protocol.exceptions import LocalProtocolError, RemoteProtocolError
@@ -54,7 +53,3 @@ class McpRequest:
 def mcp_response(req_id: str, payload: JSON) -> Envelope:
     """The answer to an ``mcp_request``: a JSON-RPC response, an array, or null."""
     return Envelope(Kind.MCP_RESPONSE, req_id, payload)
-
-
-def is_identity_payload(payload: Any) -> bool:
-    return isinstance(payload, dict) and isinstance(payload.get("project"), str)
