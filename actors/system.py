@@ -181,12 +181,11 @@ class Uplink:
         submitted = Submit(request_id, tool_name, tool_input, future, time.monotonic(), frame_text)
         if not self.config.enabled:
             future.set_result(Outcome(request_id, Decision.DENY, Reason.DISABLED))
-        elif (
-            self._ctx is None
-            or self._stopped.is_set()
-            or not self._ctx.directory.tell(Role.PERMISSIONS, submitted)
-        ):
+        elif self._ctx is None or self._stopped.is_set():
             future.set_result(Outcome(request_id, Decision.DENY, Reason.SHUTDOWN))
+        elif not self._ctx.directory.tell(Role.PERMISSIONS, submitted):
+            # The registry died and its restart is on the way: fail closed, and say so.
+            future.set_result(Outcome(request_id, Decision.DENY, Reason.CRASH))
         return future
 
     def decide(

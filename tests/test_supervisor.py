@@ -251,3 +251,15 @@ def test_no_actor_threads_leak_after_crashes_and_stop(gateway: Gateway, make_upl
     uplink.stop()
     assert len(pykka.ActorRegistry.get_all()) == baseline, pykka.ActorRegistry.get_all()
     eventually(lambda: non_daemon_threads() <= threads_before, 5, "actor threads gone")
+
+
+def test_a_request_while_the_registry_is_down_is_denied_as_a_crash(
+    gateway: Gateway, make_uplink
+) -> None:
+    uplink = make_uplink(gateway.url)
+    gateway.frame(gateway.session(1), "identity")
+    registry = uplink.context.directory.get("permissions")
+    assert registry is not None
+    registry.stop()  # dead, and (unlike a crash) nobody restarts it
+    outcome = uplink.request_permission("Bash", {}).result(timeout=scaled(2))
+    assert (outcome.decision, outcome.reason) == (Decision.DENY, Reason.CRASH)
