@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from loguru import logger
 
-from tests.conftest import scaled
+from tests.conftest import eventually, scaled
 from tests.support.gateway import Gateway, Session
 from tests.support.mcp_servers import (
     MCP_ACCEPT,
@@ -222,7 +222,8 @@ def test_sdk_session_through_the_gateway(gateway: Gateway, make_uplink, stateles
             session_ids = {r.headers.get("mcp-session-id") for r in after_init}
             assert len(session_ids) == 1
             assert None not in session_ids
-        assert link.uplink.status()["mcp"]["answered"] == 6
+        # The count follows the frame (the answer goes out from the loop first).
+        eventually(lambda: link.uplink.status()["mcp"]["answered"] == 6, 5, "answered == 6")
 
 
 def test_sdk_stateful_session_frames_logged(gateway: Gateway, make_uplink) -> None:
