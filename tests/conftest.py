@@ -18,6 +18,7 @@ import pytest
 
 from actors import Uplink, UplinkConfig
 from actors.logsetup import configure_logging
+from gateway import Gateway as ReferenceGateway
 from tests.support.gateway import Gateway
 
 TIME_FACTOR = float(os.environ.get("SLED_TEST_TIME_FACTOR", "1"))
@@ -72,6 +73,26 @@ def _stop_all_actors() -> Iterator[None]:
 def gateway() -> Iterator[Gateway]:
     with Gateway() as gw:
         yield gw
+
+
+REFERENCE_TOKEN = "s3cret-t0ken"
+
+
+@pytest.fixture
+def make_reference_gateway() -> Iterator[Callable[..., ReferenceGateway]]:
+    """``make_reference_gateway(**kwargs)`` → a started reference gateway
+    (``gateway/``; token ``REFERENCE_TOKEN`` unless given), stopped after the test."""
+    made: list[ReferenceGateway] = []
+
+    def make(**kwargs: Any) -> ReferenceGateway:
+        kwargs.setdefault("token", REFERENCE_TOKEN)
+        gw = ReferenceGateway(**kwargs).start()
+        made.append(gw)
+        return gw
+
+    yield make
+    for gw in made:
+        gw.stop()
 
 
 @pytest.fixture

@@ -36,13 +36,14 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from gateway import AlreadyDecided, Gateway, UnknownRequest
 from gateway.interactive import TerminalPrompter, parse_answer
 from protocol import Decision
+from tests.conftest import REFERENCE_TOKEN
 
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTOR = float(os.environ.get("SLED_TEST_TIME_FACTOR", "1"))  # as in conftest.py
 T = 5.0 * FACTOR  # bound on anything we wait for by event
-TOKEN = "s3cret-t0ken"
+TOKEN = REFERENCE_TOKEN
 
 APPROVE = {"approved": True, "always_allow": False}
 DENY = {"approved": False, "always_allow": False}
@@ -104,23 +105,8 @@ async def sled(gw: Gateway, project: str = "p", **info: Any) -> AsyncIterator[Cl
 
 
 @pytest.fixture
-def make_gateway() -> Iterator[Callable[..., Gateway]]:
-    made: list[Gateway] = []
-
-    def make(**kwargs: Any) -> Gateway:
-        kwargs.setdefault("token", TOKEN)
-        gw = Gateway(**kwargs).start()
-        made.append(gw)
-        return gw
-
-    yield make
-    for gw in made:
-        gw.stop()
-
-
-@pytest.fixture
-def gw(make_gateway: Callable[..., Gateway]) -> Gateway:
-    return make_gateway()
+def gw(make_reference_gateway: Callable[..., Gateway]) -> Gateway:
+    return make_reference_gateway()
 
 
 # -- authentication -----------------------------------------------------------------
@@ -140,8 +126,10 @@ def test_bad_token_gets_401_before_upgrade(gw: Gateway, token: str | None) -> No
     assert gw.state()["sleds"] == []
 
 
-def test_no_auth_accepts_a_sled_without_token(make_gateway: Callable[..., Gateway]) -> None:
-    gw = make_gateway(token=None)
+def test_no_auth_accepts_a_sled_without_token(
+    make_reference_gateway: Callable[..., Gateway],
+) -> None:
+    gw = make_reference_gateway(token=None)
     assert "token" not in gw.url_for_sleds()
 
     async def scenario() -> None:
@@ -151,8 +139,8 @@ def test_no_auth_accepts_a_sled_without_token(make_gateway: Callable[..., Gatewa
     run(scenario())
 
 
-def test_token_with_url_special_characters(make_gateway: Callable[..., Gateway]) -> None:
-    gw = make_gateway(token="a&b=c d/é")
+def test_token_with_url_special_characters(make_reference_gateway: Callable[..., Gateway]) -> None:
+    gw = make_reference_gateway(token="a&b=c d/é")
 
     async def scenario() -> None:
         async with sled(gw, "p"):
@@ -216,8 +204,8 @@ def test_identity_is_recorded(gw: Gateway) -> None:
     run(scenario())
 
 
-def test_heartbeat_staleness(make_gateway: Callable[..., Gateway]) -> None:
-    gw = make_gateway(heartbeat_interval=0.2)
+def test_heartbeat_staleness(make_reference_gateway: Callable[..., Gateway]) -> None:
+    gw = make_reference_gateway(heartbeat_interval=0.2)
 
     async def scenario() -> None:
         async with sled(gw, "p") as ws:
@@ -231,8 +219,8 @@ def test_heartbeat_staleness(make_gateway: Callable[..., Gateway]) -> None:
     run(scenario())
 
 
-def test_heartbeats_keep_a_sled_connected(make_gateway: Callable[..., Gateway]) -> None:
-    gw = make_gateway(heartbeat_interval=0.2)
+def test_heartbeats_keep_a_sled_connected(make_reference_gateway: Callable[..., Gateway]) -> None:
+    gw = make_reference_gateway(heartbeat_interval=0.2)
 
     async def scenario() -> None:
         async with sled(gw, "p") as ws:
@@ -276,9 +264,9 @@ def test_a_new_session_replaces_the_old_one(gw: Gateway) -> None:
 
 
 def test_unknown_and_invalid_frames_are_dropped_and_connection_stays_up(
-    make_gateway: Callable[..., Gateway],
+    make_reference_gateway: Callable[..., Gateway],
 ) -> None:
-    gw = make_gateway(auto="approve")
+    gw = make_reference_gateway(auto="approve")
 
     async def scenario() -> None:
         async with sled(gw, "p") as ws:
@@ -322,8 +310,10 @@ def test_perm_request_before_identity_is_denied(gw: Gateway) -> None:
 
 
 @pytest.mark.parametrize("auto", ["approve", "deny"])
-def test_auto_policy_answers_at_once(make_gateway: Callable[..., Gateway], auto: str) -> None:
-    gw = make_gateway(auto=auto)
+def test_auto_policy_answers_at_once(
+    make_reference_gateway: Callable[..., Gateway], auto: str
+) -> None:
+    gw = make_reference_gateway(auto=auto)
 
     async def scenario() -> None:
         async with sled(gw, "p") as ws:
@@ -551,8 +541,8 @@ def test_mcp_relay_unknown_or_gone_sled_is_404(gw: Gateway) -> None:
     run(scenario())
 
 
-def test_mcp_relay_timeout_is_504(make_gateway: Callable[..., Gateway]) -> None:
-    gw = make_gateway(mcp_timeout=0.3)
+def test_mcp_relay_timeout_is_504(make_reference_gateway: Callable[..., Gateway]) -> None:
+    gw = make_reference_gateway(mcp_timeout=0.3)
 
     async def scenario() -> None:
         async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T) as http:
@@ -583,8 +573,8 @@ def test_mcp_relay_sled_disconnecting_is_502(gw: Gateway) -> None:
     run(scenario())
 
 
-def test_mcp_relay_in_flight_at_stop_is_503(make_gateway: Callable[..., Gateway]) -> None:
-    gw = make_gateway()
+def test_mcp_relay_in_flight_at_stop_is_503(make_reference_gateway: Callable[..., Gateway]) -> None:
+    gw = make_reference_gateway()
 
     async def scenario() -> None:
         async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T) as http:
@@ -690,8 +680,8 @@ def test_console_page_and_misc_endpoints(gw: Gateway) -> None:
         assert state["gateway"]["auth"] is True
 
 
-def test_gateway_api_basics(make_gateway: Callable[..., Gateway]) -> None:
-    gw = make_gateway()
+def test_gateway_api_basics(make_reference_gateway: Callable[..., Gateway]) -> None:
+    gw = make_reference_gateway()
     assert gw.port > 0
     assert gw.url_for_sleds() == f"ws://127.0.0.1:{gw.port}/api/sled-uplink?token={TOKEN}"
     assert gw.url_for_sleds("a b&c") == f"ws://127.0.0.1:{gw.port}/api/sled-uplink?token=a%20b%26c"
@@ -706,8 +696,8 @@ def test_gateway_api_basics(make_gateway: Callable[..., Gateway]) -> None:
         pass
 
 
-def test_stop_closes_sleds_with_1001(make_gateway: Callable[..., Gateway]) -> None:
-    gw = make_gateway()
+def test_stop_closes_sleds_with_1001(make_reference_gateway: Callable[..., Gateway]) -> None:
+    gw = make_reference_gateway()
 
     async def scenario() -> None:
         async with sled(gw, "p") as ws:

@@ -39,6 +39,7 @@ from actors import Uplink
 from actors.config import __version__
 from gateway import Gateway
 from protocol import Decision, Reason
+from tests.conftest import REFERENCE_TOKEN, eventually
 from tests.support.mcp_servers import McpSdkServer, SilentServer
 
 pytestmark = pytest.mark.timeout(90)
@@ -46,7 +47,7 @@ pytestmark = pytest.mark.timeout(90)
 ROOT = Path(__file__).resolve().parent.parent
 FACTOR = float(os.environ.get("SLED_TEST_TIME_FACTOR", "1"))
 T = 5.0 * FACTOR  # bound on anything waited for by event
-TOKEN = "e2e-t0ken"
+TOKEN = REFERENCE_TOKEN
 PROJECT = "e2e-sled"
 
 
@@ -63,30 +64,6 @@ def sled_is(state_name: str, project: str = PROJECT) -> Callable[[dict[str, Any]
         return sled is not None and sled["state"] == state_name
 
     return check
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = T, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
-@pytest.fixture
-def make_gw() -> Iterator[Callable[..., Gateway]]:
-    """``make_gw(**kwargs)`` → a started reference Gateway (token TOKEN unless given)."""
-    made: list[Gateway] = []
-
-    def make(**kwargs: Any) -> Gateway:
-        kwargs.setdefault("token", TOKEN)
-        gw = Gateway(**kwargs).start()
-        made.append(gw)
-        return gw
-
-    yield make
-    for gw in made:
-        gw.stop()
 
 
 @pytest.fixture
@@ -221,9 +198,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def test_identity_recorded_and_heartbeats_keep_the_sled_live(
-    make_gw: Callable[..., Gateway], connected: Callable[..., Uplink]
+    make_reference_gateway: Callable[..., Gateway], connected: Callable[..., Uplink]
 ) -> None:
-    gw = make_gw(heartbeat_interval=0.3)  # stale after 0.9 s without a heartbeat
+    gw = make_reference_gateway(heartbeat_interval=0.3)  # stale after 0.9 s without a heartbeat
     uplink = connected(gw, heartbeat_interval=0.1)
 
     state = gw.wait_for(lambda s: sled_of(s)["last_heartbeat"] is not None, T)  # type: ignore[index]
@@ -250,9 +227,9 @@ def test_identity_recorded_and_heartbeats_keep_the_sled_live(
 
 
 def test_stale_when_the_uplink_heartbeats_too_slowly(
-    make_gw: Callable[..., Gateway], connected: Callable[..., Uplink]
+    make_reference_gateway: Callable[..., Gateway], connected: Callable[..., Uplink]
 ) -> None:
-    gw = make_gw(heartbeat_interval=0.2)  # stale after 0.6 s
+    gw = make_reference_gateway(heartbeat_interval=0.2)  # stale after 0.6 s
     uplink = connected(gw, heartbeat_interval=30.0)
     started = time.monotonic()
     state = gw.wait_for(sled_is("stale"), 3 * T)
@@ -263,10 +240,10 @@ def test_stale_when_the_uplink_heartbeats_too_slowly(
 
 
 def test_stale_while_the_uplink_process_is_frozen_then_live_again(
-    make_gw: Callable[..., Gateway], spawn: Callable[..., Proc]
+    make_reference_gateway: Callable[..., Gateway], spawn: Callable[..., Proc]
 ) -> None:
     """run_uplink.py as a process: SIGSTOP silences it, SIGCONT brings it back."""
-    gw = make_gw(heartbeat_interval=0.25)  # stale after 0.75 s
+    gw = make_reference_gateway(heartbeat_interval=0.25)  # stale after 0.75 s
     uplink = spawn(
         str(ROOT / "run_uplink.py"),
         "--project",
@@ -306,9 +283,9 @@ def test_stale_while_the_uplink_process_is_frozen_then_live_again(
 
 @pytest.mark.parametrize("auto", ["approve", "deny"])
 def test_auto_mode(
-    make_gw: Callable[..., Gateway], connected: Callable[..., Uplink], auto: str
+    make_reference_gateway: Callable[..., Gateway], connected: Callable[..., Uplink], auto: str
 ) -> None:
-    gw = make_gw(auto=auto)
+    gw = make_reference_gateway(auto=auto)
     uplink = connected(gw)
     outcome = uplink.decide("Bash", {"command": "make test"}, timeout=2 * T)
     assert outcome.decision == Decision(auto)
@@ -322,10 +299,10 @@ def test_auto_mode(
 
 @pytest.mark.parametrize("decision", ["approve", "deny", "always_allow"])
 def test_console_rest_decision_reaches_the_waiting_caller(
-    make_gw: Callable[..., Gateway], connected: Callable[..., Uplink], decision: str
+    make_reference_gateway: Callable[..., Gateway], connected: Callable[..., Uplink], decision: str
 ) -> None:
     """Ingress POST /permission → uplink → gateway → REST decision → back to the caller."""
-    gw = make_gw()
+    gw = make_reference_gateway()
     uplink = connected(gw, listen="127.0.0.1:0")
     req_id = f"req-{uuid.uuid4().hex[:8]}"
     tool_input = {"file_path": "src/app.py", "content": "print('hi')\n"}
@@ -399,7 +376,7 @@ def test_interactive_terminal_mode(
 
     gw_proc.proc.send_signal(signal.SIGTERM)
     assert gw_proc.proc.wait(2 * T) == 0
-    wait_until(lambda: uplink.status()["connection"]["state"] != "connected", T, "disconnect")
+    eventually(lambda: uplink.status()["connection"]["state"] != "connected", 5.0, "disconnect")
     assert TOKEN not in gw_proc.out["stderr"]
 
 
@@ -432,9 +409,11 @@ async def _use_tools(url: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("stateless", [False, True], ids=["stateful-sse", "stateless-json"])
 def test_mcp_sdk_client_through_gateway_and_uplink_to_sdk_server(
-    make_gw: Callable[..., Gateway], connected: Callable[..., Uplink], stateless: bool
+    make_reference_gateway: Callable[..., Gateway],
+    connected: Callable[..., Uplink],
+    stateless: bool,
 ) -> None:
-    gw = make_gw()
+    gw = make_reference_gateway()
     with McpSdkServer(stateless=stateless) as server:
         connected(gw, local_mcp_url=server.url)
         for _ in range(2):  # a second client re-initializes through the same uplink
@@ -453,9 +432,9 @@ def test_mcp_sdk_client_through_gateway_and_uplink_to_sdk_server(
 
 
 def test_mcp_relay_unknown_sled_is_404(
-    make_gw: Callable[..., Gateway], connected: Callable[..., Uplink]
+    make_reference_gateway: Callable[..., Gateway], connected: Callable[..., Uplink]
 ) -> None:
-    gw = make_gw()
+    gw = make_reference_gateway()
     uplink = connected(gw)
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
     response = httpx.post(gw.mcp_url("no-such-sled"), json=body, timeout=T)
@@ -469,9 +448,9 @@ def test_mcp_relay_unknown_sled_is_404(
 
 
 def test_mcp_relay_sled_not_answering_in_time_is_504(
-    make_gw: Callable[..., Gateway], connected: Callable[..., Uplink]
+    make_reference_gateway: Callable[..., Gateway], connected: Callable[..., Uplink]
 ) -> None:
-    gw = make_gw(mcp_timeout=0.5)
+    gw = make_reference_gateway(mcp_timeout=0.5)
     with SilentServer() as silent:
         uplink = connected(gw, local_mcp_url=silent.url, mcp_timeout=20.0)
         body = {"jsonrpc": "2.0", "id": 7, "method": "tools/list"}
@@ -492,9 +471,9 @@ def test_mcp_relay_sled_not_answering_in_time_is_504(
 
 
 def test_bad_token_is_refused_and_the_uplink_backs_off_then_heals(
-    make_gw: Callable[..., Gateway], make_uplink: Callable[..., Uplink]
+    make_reference_gateway: Callable[..., Gateway], make_uplink: Callable[..., Uplink]
 ) -> None:
-    gw = make_gw()
+    gw = make_reference_gateway()
     port = gw.port
     uplink = make_uplink(
         gw.url_for_sleds("not-the-token"),
@@ -508,9 +487,9 @@ def test_bad_token_is_refused_and_the_uplink_backs_off_then_heals(
         conn: dict[str, Any] = uplink.status()["connection"]
         return conn
 
-    wait_until(
+    eventually(
         lambda: connection().get("sessions_started", 0) >= 1 and connection()["state"] == "backoff",
-        T,
+        5.0,
         "the first refusal",
     )
     first = connection()
@@ -519,7 +498,7 @@ def test_bad_token_is_refused_and_the_uplink_backs_off_then_heals(
     assert first["backoff"] >= 0.5 * 0.8 - 1e-6
     assert first["sessions_up"] == 0
     # It keeps trying, slowly.
-    wait_until(lambda: connection()["sessions_started"] >= 3, 4 * T, "more attempts")
+    eventually(lambda: connection()["sessions_started"] >= 3, 20.0, "more attempts")
     assert connection()["sessions_up"] == 0
     assert "not-the-token" not in json.dumps(uplink.status())  # rendered as token=***
     assert "token=***" in connection()["url"]
@@ -527,6 +506,6 @@ def test_bad_token_is_refused_and_the_uplink_backs_off_then_heals(
 
     # Fix the gateway (same port, now accepting that token): the uplink heals by itself.
     gw.stop()
-    fixed = make_gw(port=port, token="not-the-token")
+    fixed = make_reference_gateway(port=port, token="not-the-token")
     fixed.wait_for(sled_is("connected"), 4 * T)
     assert uplink.wait_connected(T)
