@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from actors import Uplink, UplinkConfig
 from actors.logsetup import configure_logging
 from protocol import Decision, Reason
-from tests.conftest import FAST, scaled
+from tests.conftest import FAST, eventually, scaled
 from tests.support.faulty import RawServer, never_answer
 from tests.support.gateway import Gateway, Session
 from tests.support.relay import FreezableRelay
@@ -47,16 +47,6 @@ def open_fds() -> int:
 
 def connection_state(uplink: Uplink) -> dict[str, Any]:
     return uplink.status()["connection"]
-
-
-def wait_for(predicate, timeout: float) -> Any:
-    deadline = time.monotonic() + scaled(timeout)
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.005)
-    raise TimeoutError("condition not met in time")
 
 
 # ── 1. half-open ────────────────────────────────────────────────────────────
@@ -156,7 +146,7 @@ def test_handshake_that_never_completes_hits_the_open_timeout(make_uplink) -> No
     with RawServer(never_answer) as server:
         uplink = make_uplink(server.url(), open_timeout=0.3, backoff_initial=0.05, backoff_max=0.2)
         started = time.monotonic()
-        wait_for(lambda: server.accepted >= 3, timeout=5)
+        eventually(lambda: server.accepted >= 3, timeout=5)
         state = connection_state(uplink)
         assert "handshake timed out" in state["last_end"]
         assert state["sessions_up"] == 0
@@ -202,7 +192,7 @@ def test_flood_of_unknown_frames_and_responses(gateway: Gateway, make_uplink) ->
 
     started = time.monotonic()
     gateway._call(burst, timeout=scaled(60))
-    wait_for(
+    eventually(
         lambda: uplink.status()["counters"].get("frames_in", {}).get("perm_response", 0) >= 2_000,
         timeout=60,
     )
@@ -241,7 +231,7 @@ def test_storm_of_permission_requests(gateway: Gateway, make_uplink) -> None:
     assert all(o.decision is Decision.APPROVE for o in outcomes)
     assert len({o.request_id for o in outcomes}) == 5_000
     assert sum(uplink.status()["counters"]["decisions"].values()) == 5_000
-    wait_for(lambda: uplink.status()["permissions"]["pending"] == 0, timeout=5)
+    eventually(lambda: uplink.status()["permissions"]["pending"] == 0, timeout=5)
     report("storm 5000", total=elapsed)
 
 
