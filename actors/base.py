@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import sys
+import threading
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
@@ -150,16 +151,30 @@ class _LoopInbox:
     """A pykka inbox whose messages are handled in the event-loop thread.
 
     Any thread may ``put``; only the first put after a drain schedules one
-    (``call_soon_threadsafe``). ``get``/``empty`` are what pykka's teardown
-    and the registry's crash drain use.
+    (``call_soon_threadsafe``). A put made in the loop thread itself, while
+    the actor is idle and nothing is queued, is handled at once: the same
+    one-at-a-time order, one turn of the loop fewer. ``get``/``empty`` are
+    what pykka's teardown and the registry's crash drain use.
     """
 
     def __init__(self) -> None:
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.armed = False
+        self.busy = False  # a message of this actor is being handled (no re-entry)
+        self.loop_thread: int | None = None
         self.wake: Callable[[], object] | None = None
+        self.handle_now: Callable[[Any], None] | None = None
 
     def put(self, envelope: Any) -> None:
+        if (
+            not self.armed
+            and not self.busy
+            and self.handle_now is not None
+            and threading.get_ident() == self.loop_thread
+            and self.queue.empty()
+        ):
+            self.handle_now(envelope)
+            return
         self.queue.put(envelope)
         if not self.armed and self.wake is not None:
             self.armed = True
@@ -196,7 +211,9 @@ class UplinkLoopActor(UplinkActor):
     def _start_actor_loop(self) -> None:
         loop = self.ctx.loop
         inbox: _LoopInbox = self.actor_inbox  # type: ignore[assignment]
+        inbox.loop_thread = loop.thread_id
         inbox.wake = lambda: loop.call_soon(self._drain)
+        inbox.handle_now = self._handle_now
         inbox.armed = True  # the setup callback drains what came before it
         loop.call_soon(self._setup_then_drain)
 
@@ -204,21 +221,42 @@ class UplinkLoopActor(UplinkActor):
         self._actor_loop_setup()  # on_start, with pykka's failure handling
         self._drain()
 
+    def _handle_now(self, envelope: Any) -> None:
+        """Handle one message put from the loop thread while the actor was idle."""
+        inbox: _LoopInbox = self.actor_inbox  # type: ignore[assignment]
+        if self.actor_stopped.is_set():
+            inbox.queue.put(envelope)  # pykka's teardown answers it, as for any late message
+            return
+        inbox.busy = True
+        try:
+            self._handle_envelope(envelope)
+            if self.actor_stopped.is_set():
+                self._teardown_once()
+        finally:
+            inbox.busy = False
+
     def _drain(self) -> None:
         inbox: _LoopInbox = self.actor_inbox  # type: ignore[assignment]
         inbox.armed = False  # before draining: a later put schedules a new drain
-        for _ in range(self._BATCH):
-            if self.actor_stopped.is_set():
-                break
-            try:
-                envelope = inbox.queue.get_nowait()
-            except queue.Empty:
+        inbox.busy = True
+        try:
+            for _ in range(self._BATCH):
+                if self.actor_stopped.is_set():
+                    break
+                try:
+                    envelope = inbox.queue.get_nowait()
+                except queue.Empty:
+                    return
+                self._handle_envelope(envelope)
+            else:
+                inbox.armed = True  # more may be waiting: let I/O run, then continue
+                self.ctx.loop.loop.call_soon(self._drain)
                 return
-            self._handle_envelope(envelope)
-        else:
-            inbox.armed = True  # more may be waiting: let I/O run, then continue
-            self.ctx.loop.loop.call_soon(self._drain)
-            return
+            self._teardown_once()
+        finally:
+            inbox.busy = False
+
+    def _teardown_once(self) -> None:
         if not getattr(self, "_torn_down", False):
             self._torn_down = True
             self._actor_loop_teardown()  # answer queued asks with ActorDeadError
