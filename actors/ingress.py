@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -184,7 +185,7 @@ class Ingress:
             timeout_graceful_shutdown=1,
             backlog=2048,
         )
-        self._server = uvicorn.Server(config)
+        self._server = _QuietServer(config)
         self._serving = self.ctx.loop.spawn(self._server.serve, [sock])
         deadline = time.monotonic() + 5
         while not self._server.started:
@@ -265,21 +266,15 @@ class Ingress:
             await self._read_body(scope, receive)
         )
         try:
-            future = self.uplink.request_permission(tool_name, tool_input, request_id=request_id)
+            future = self.uplink.arequest_permission(tool_name, tool_input, request_id=request_id)
         except (LocalProtocolError, RecursionError) as exc:
             raise HttpError(400, f"request cannot be forwarded: {exc}") from None
         # Wait without tying the decision to this caller: if the client goes
-        # away, the request is still decided (and logged) as usual.
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Outcome] = loop.create_future()
-
-        def relay(done: concurrent.futures.Future[Outcome]) -> None:
-            loop.call_soon_threadsafe(_settle, waiter, done.result())
-
-        future.add_done_callback(relay)
+        # away, the shield keeps the request's future, so it is still decided
+        # (and logged) as usual.
         self.waiting += 1
         try:
-            outcome = await waiter
+            outcome = await asyncio.shield(future)
         finally:
             self.waiting -= 1
         return 200, permission_answer(outcome, tool_input)
@@ -303,6 +298,10 @@ class Ingress:
         return 200, generate_latest(self.registry)
 
 
-def _settle(waiter: asyncio.Future[Outcome], outcome: Outcome) -> None:
-    if not waiter.done():
-        waiter.set_result(outcome)
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its signal handlers: the uplink's owner (run_uplink.py,
+    or an asyncio application that lent its loop) decides what a signal means."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield

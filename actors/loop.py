@@ -1,8 +1,11 @@
-"""The one asyncio event loop that does all network I/O, in a helper thread.
+"""The one asyncio event loop that does all network I/O.
 
 Actors never block their mailboxes on sockets or HTTP (DESIGN.md principle 4):
 they hand coroutines and timers to this loop, and the loop answers them with
-``tell``. anyio's :class:`BlockingPortal` owns the thread.
+``tell``. Either anyio's :class:`BlockingPortal` runs the loop in a helper
+thread (``EventLoop()``), or an asyncio application lends the uplink its own
+running loop (``await EventLoop.adopt()``), so that its awaits reach the
+socket without crossing threads.
 """
 
 from __future__ import annotations
@@ -38,14 +41,46 @@ class Timer:
 
 
 class EventLoop:
-    """A running asyncio loop in its own thread, with thread-safe entry points."""
+    """A running asyncio loop with thread-safe entry points."""
 
     def __init__(self) -> None:
-        self._portal_cm = start_blocking_portal(backend="asyncio")
+        self._portal_cm: Any = start_blocking_portal(backend="asyncio")
         self.portal: BlockingPortal = self._portal_cm.__enter__()
         self.loop: asyncio.AbstractEventLoop = self.portal.call(asyncio.get_running_loop)
         self.thread_id: int = self.portal.call(threading.get_ident)
+        self._holder: asyncio.Task[None] | None = None
         self._closed = False
+
+    @classmethod
+    async def adopt(cls) -> EventLoop:
+        """Use the running loop (the caller's) instead of starting a thread.
+
+        The portal lives in a task of its own, so that whichever task later
+        closes the uplink, anyio's task group is entered and left by one task.
+        """
+        self = cls.__new__(cls)
+        self._portal_cm = None
+        self.loop = asyncio.get_running_loop()
+        self.thread_id = threading.get_ident()
+        self._closed = False
+        ready: asyncio.Future[BlockingPortal] = self.loop.create_future()
+
+        async def hold() -> None:
+            async with BlockingPortal() as portal:
+                ready.set_result(portal)
+                await portal.sleep_until_stopped()
+
+        self._holder = self.loop.create_task(hold(), name="sled-uplink portal")
+        self.portal = await ready
+        return self
+
+    @property
+    def adopted(self) -> bool:
+        """True when the loop belongs to the application, not to a helper thread."""
+        return self._portal_cm is None
+
+    def in_loop_thread(self) -> bool:
+        return threading.get_ident() == self.thread_id
 
     def spawn(self, fn: Callable[..., Awaitable[T]], *args: Any) -> concurrent.futures.Future[T]:
         """Run ``fn(*args)`` as a task in the loop; returns a thread-safe future."""
@@ -69,19 +104,36 @@ class EventLoop:
         def arm() -> None:
             timer._handle = self.loop.call_later(max(0.0, delay), fn)
 
-        self.loop.call_soon_threadsafe(arm)
+        self.call_soon(arm)
         return timer
 
     def run(self, fn: Callable[..., Awaitable[T]], *args: Any, timeout: float) -> T:
         """Run a coroutine in the loop and wait (edges only) up to ``timeout``."""
+        if self.in_loop_thread():
+            raise RuntimeError("EventLoop.run would block the event loop it waits on")
         return self.spawn(fn, *args).result(timeout=timeout)
 
     def close(self) -> None:
-        """Cancel what still runs in the loop and stop its thread."""
+        """Cancel what still runs in the loop; stop the helper thread, if it is ours.
+
+        Not from the loop thread: an adopted loop is closed by :meth:`aclose`.
+        """
         if self._closed:
             return
+        if self.in_loop_thread():
+            raise RuntimeError("EventLoop.close would block the event loop; use aclose")
         self._closed = True
         with contextlib.suppress(Exception):
             self.portal.call(self.portal.stop, True)
-        with contextlib.suppress(Exception):
-            self._portal_cm.__exit__(None, None, None)
+        if self._portal_cm is not None:
+            with contextlib.suppress(Exception):
+                self._portal_cm.__exit__(None, None, None)
+
+    async def aclose(self) -> None:
+        """Close an adopted loop's portal from inside that loop."""
+        if not self._closed:
+            self._closed = True
+            await self.portal.stop(cancel_remaining=True)
+        if self._holder is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._holder

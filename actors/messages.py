@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import concurrent.futures
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from protocol import JSON, Envelope, Outcome, Reason
 
 if TYPE_CHECKING:
     from actors.connection import FrameSink
+
+T_contra = TypeVar("T_contra", contravariant=True)
+
+
+class Settable(Protocol[T_contra]):
+    """What the registry needs of a caller's future: a concurrent.futures or
+    an asyncio one (the latter only when it lives in the uplink's own loop)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: T_contra, /) -> None: ...
+
 
 # ── lifecycle (system → supervisor) ─────────────────────────────────────────
 
@@ -140,7 +152,7 @@ class Submit:
     request_id: str
     tool_name: str
     tool_input: JSON
-    future: concurrent.futures.Future[Outcome]
+    future: Settable[Outcome]  # a concurrent or (in the uplink's loop) asyncio future
     submitted_at: float  # time.monotonic(); the timeout counts from here
     frame_text: str | None = None  # the perm_request, already serialized by the edge
 

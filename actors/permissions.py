@@ -17,7 +17,6 @@ arrives on the session the request was sent on.
 
 from __future__ import annotations
 
-import concurrent.futures
 import heapq
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from actors.messages import (
     SendFrame,
     SessionClosed,
     SessionOpened,
+    Settable,
     Submit,
     Sweep,
 )
@@ -57,7 +57,7 @@ class Pending:
     request_id: str
     tool_name: str
     tool_input: JSON
-    future: concurrent.futures.Future[Outcome]
+    future: Settable[Outcome]
     deadline: float
     session: int | None = None  # the session it was sent on; None while held
     frame_text: str | None = None  # its perm_request frame, when the edge serialized it
@@ -102,7 +102,7 @@ class PermissionBook:
         request_id: str,
         tool_name: str,
         tool_input: JSON,
-        future: concurrent.futures.Future[Outcome],
+        future: Settable[Outcome],
         submitted_at: float | None = None,
         *,
         frame_text: str | None = None,

@@ -16,6 +16,7 @@ principle 9); anything still alive after that is stopped and logged as a bug.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import itertools
@@ -23,8 +24,10 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
+import anyio.to_thread
 import pykka
 from loguru import logger
 
@@ -34,7 +37,7 @@ from actors.context import Role, UplinkContext
 from actors.heartbeat import HeartbeatActor
 from actors.loop import EventLoop
 from actors.mcp_proxy import McpProxyActor
-from actors.messages import DenyAll, GetSnapshot, Reconnect, Shutdown, Start, Submit
+from actors.messages import DenyAll, GetSnapshot, Reconnect, Settable, Shutdown, Start, Submit
 from actors.permissions import PermissionRegistryActor
 from actors.router import RouterActor
 from actors.status import snapshot
@@ -74,14 +77,40 @@ class Uplink:
         self._ingress: Any = None
         self._stopped = threading.Event()
         self._lock = threading.Lock()
+        self._claimed = False
 
     # ── lifecycle ───────────────────────────────────────────────────────
 
     def start(self) -> Uplink:
+        """Start the actors, with the uplink's event loop in a helper thread."""
+        self._claim()
+        self._bring_up(UplinkContext(self.config, EventLoop()))
+        return self
+
+    async def astart(self) -> Uplink:
+        """Start inside the running asyncio loop, which becomes the uplink's I/O loop.
+
+        Then :meth:`adecide` reaches the socket without crossing a thread.
+        The actors' own threads start in a worker thread, so the loop keeps
+        running meanwhile. Stop it with :meth:`astop` (``async with`` does both).
+        """
+        self._claim()
+        ctx = UplinkContext(self.config, await EventLoop.adopt())
+        try:
+            await anyio.to_thread.run_sync(self._bring_up, ctx)
+        finally:
+            if self._stopped.is_set():  # it failed, and _bring_up stopped it
+                await ctx.loop.aclose()
+        return self
+
+    def _claim(self) -> None:
         with self._lock:
-            if self._ctx is not None:
+            if self._claimed:
                 raise RuntimeError("this Uplink was already started")
-            ctx = self._ctx = UplinkContext(self.config, EventLoop())
+            self._claimed = True
+
+    def _bring_up(self, ctx: UplinkContext) -> None:
+        self._ctx = ctx
         try:
             self._start_actors(ctx)
             if self.config.listen is not None:
@@ -101,7 +130,6 @@ class Uplink:
             self.config.project,
             "disabled" if not self.config.enabled else self.config.upstream_url,
         )
-        return self
 
     def _start_actors(self, ctx: UplinkContext) -> None:
         classes: list[type[UplinkActor]] = [PermissionRegistryActor, HeartbeatActor, McpProxyActor]
@@ -129,6 +157,8 @@ class Uplink:
         ctx = self._ctx
         if ctx is None or self._stopped.is_set():
             return
+        if ctx.loop.in_loop_thread():
+            raise RuntimeError("stop() would block the event loop the uplink runs on; use astop()")
         self._stopped.set()
         deadline = time.monotonic() + timeout
         directory, loop = ctx.directory, ctx.loop
@@ -160,11 +190,26 @@ class Uplink:
             loop.close()
             _log.info("uplink stopped")
 
+    async def astop(self, timeout: float = 5.0, *, close_code: int = 1001) -> None:
+        """:meth:`stop` for an uplink started with :meth:`astart`, awaited in its loop."""
+        ctx = self._ctx
+        if ctx is None:
+            return
+        await anyio.to_thread.run_sync(partial(self.stop, timeout, close_code=close_code))
+        if ctx.loop.adopted:
+            await ctx.loop.aclose()
+
     def __enter__(self) -> Uplink:
         return self.start()
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+    async def __aenter__(self) -> Uplink:
+        return await self.astart()
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.astop()
 
     # ── using it ────────────────────────────────────────────────────────
 
@@ -172,12 +217,38 @@ class Uplink:
         self, tool_name: str, tool_input: JSON = None, *, request_id: str | None = None
     ) -> concurrent.futures.Future[Outcome]:
         """Submit a permission request; the future resolves with its one :class:`Outcome`."""
+        future: concurrent.futures.Future[Outcome] = concurrent.futures.Future()
+        self._submit(tool_name, tool_input, request_id or _new_request_id(), future)
+        return future
+
+    def arequest_permission(
+        self, tool_name: str, tool_input: JSON = None, *, request_id: str | None = None
+    ) -> asyncio.Future[Outcome]:
+        """:meth:`request_permission` for asyncio code: an asyncio future of the running loop.
+
+        In the uplink's own loop (after :meth:`astart`) the registry settles
+        the future directly; from any other loop the answer crosses threads
+        once. Cancelling the future abandons the wait, not the request: it
+        is still decided and logged.
+        """
+        loop = asyncio.get_running_loop()
         request_id = request_id or _new_request_id()
+        ctx = self._ctx
+        if ctx is not None and ctx.loop.loop is loop:
+            future: asyncio.Future[Outcome] = loop.create_future()
+            self._submit(tool_name, tool_input, request_id, future)
+            return future
+        return asyncio.wrap_future(
+            self.request_permission(tool_name, tool_input, request_id=request_id), loop=loop
+        )
+
+    def _submit(
+        self, tool_name: str, tool_input: JSON, request_id: str, future: Settable[Outcome]
+    ) -> None:
         tool_input = {} if tool_input is None else tool_input
         # Raises LocalProtocolError (a ValueError-like caller bug) for what the
         # wire cannot carry, before anything is queued.
         frame_text = serialize(PermRequest(tool_name, tool_input).envelope(request_id))
-        future: concurrent.futures.Future[Outcome] = concurrent.futures.Future()
         submitted = Submit(request_id, tool_name, tool_input, future, time.monotonic(), frame_text)
         if not self.config.enabled:
             future.set_result(Outcome(request_id, Decision.DENY, Reason.DISABLED))
@@ -186,7 +257,6 @@ class Uplink:
         elif not self._ctx.directory.tell(Role.PERMISSIONS, submitted):
             # The registry died and its restart is on the way: fail closed, and say so.
             future.set_result(Outcome(request_id, Decision.DENY, Reason.CRASH))
-        return future
 
     def decide(
         self,
@@ -198,13 +268,36 @@ class Uplink:
     ) -> Outcome:
         """Blocking :meth:`request_permission`. The wait defaults to the permission
         timeout plus a margin; a caller that gives up earlier gets a deny."""
+        if self._ctx is not None and self._ctx.loop.in_loop_thread():
+            raise RuntimeError(
+                "decide() would block the event loop the uplink runs on; use await adecide()"
+            )
         request_id = request_id or _new_request_id()
         future = self.request_permission(tool_name, tool_input, request_id=request_id)
-        wait = self.config.permission_timeout + 5 if timeout is None else timeout
         try:
-            return future.result(timeout=wait)
+            return future.result(timeout=self._wait_for(timeout))
         except concurrent.futures.TimeoutError:
             return Outcome(request_id, Decision.DENY, Reason.TIMEOUT)
+
+    async def adecide(
+        self,
+        tool_name: str,
+        tool_input: JSON = None,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Outcome:
+        """:meth:`decide` for asyncio code; a caller that gives up earlier gets a deny."""
+        request_id = request_id or _new_request_id()
+        future = self.arequest_permission(tool_name, tool_input, request_id=request_id)
+        try:
+            async with asyncio.timeout(self._wait_for(timeout)):
+                return await future
+        except TimeoutError:
+            return Outcome(request_id, Decision.DENY, Reason.TIMEOUT)
+
+    def _wait_for(self, timeout: float | None) -> float:
+        return self.config.permission_timeout + 5 if timeout is None else timeout
 
     def status(self) -> dict[str, Any]:
         """The actor-state snapshot that the logs and ``/status`` show."""
@@ -219,12 +312,29 @@ class Uplink:
 
     def wait_connected(self, timeout: float) -> bool:
         """Wait until a session is up and identified (for tests and scripts)."""
+        if self._ctx is not None and self._ctx.loop.in_loop_thread():
+            raise RuntimeError(
+                "wait_connected() would block the event loop the uplink runs on; "
+                "use await await_connected()"
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.status()["connection"].get("state") == "connected":
+            if self._connected():
                 return True
             time.sleep(0.01)
         return False
+
+    async def await_connected(self, timeout: float) -> bool:
+        """:meth:`wait_connected` for asyncio code."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._connected():
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    def _connected(self) -> bool:
+        return bool(self.status()["connection"].get("state") == "connected")
 
     @property
     def context(self) -> UplinkContext:
