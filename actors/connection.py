@@ -27,6 +27,7 @@ from typing import Any
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import DATA_OPCODES, Frame, Opcode
 from websockets.protocol import State
 
 from actors.base import UplinkActor, handles
@@ -150,6 +151,42 @@ class FrameSink:
         return self._outbox.put(text)
 
 
+class _DirectConnection(ClientConnection):
+    """websockets' client connection, handing each complete text frame to the
+    router as soon as it is parsed (in ``data_received``), not through a
+    ``recv()`` that resumes a reader task one turn of the loop later.
+
+    Anything else (binary, fragmented or undecodable messages, and every
+    frame that arrives while one of those waits in websockets' own queue)
+    takes the usual ``recv()`` path, so the order of messages never changes
+    and websockets still answers bad UTF-8 with close code 1007.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_text: Callable[[str], None] | None = None
+        self.queued_messages = 0  # complete messages left for recv()
+
+    def process_event(self, event: Any) -> None:
+        if (
+            self.on_text is not None
+            and self.queued_messages == 0
+            and isinstance(event, Frame)
+            and event.opcode is Opcode.TEXT
+            and event.fin
+        ):
+            try:
+                text = str(event.data, "utf-8")
+            except UnicodeDecodeError:
+                pass  # recv() fails the connection with 1007, as websockets does
+            else:
+                self.on_text(text)
+                return
+        if isinstance(event, Frame) and event.opcode in DATA_OPCODES and event.fin:
+            self.queued_messages += 1
+        super().process_event(event)
+
+
 class _Connected:
     """Internal: the session task tells its actor that the socket is open."""
 
@@ -242,6 +279,7 @@ class ConnectionActor(UplinkActor):
                 user_agent_header=f"sled-uplink/{config.identity_extra.get('version', '0')}",
                 proxy=None,
                 logger=_ws_logger,
+                create_connection=_DirectConnection,
             ) as ws:
                 self._ws = ws
                 # identity is the first frame of every session, before anything queued.
@@ -301,10 +339,27 @@ class ConnectionActor(UplinkActor):
         return SessionEnded(self.session, redact(reason), up_for, auth_failed, clean)
 
     async def _read(self, ws: ClientConnection) -> None:
-        # Dispatch in the loop: one hand-off per frame (loop → handler actor).
-        dispatch, sink = self.ctx.router.dispatch, self._sink
-        async for data in ws:
-            dispatch(self.session, data, sink)
+        # Dispatch in the loop: one hand-off per frame (loop → handler actor),
+        # complete text frames straight from data_received (_DirectConnection).
+        dispatch, sink, session = self.ctx.router.dispatch, self._sink, self.session
+        direct = ws if isinstance(ws, _DirectConnection) else None
+
+        def on_text(text: str) -> None:
+            try:
+                dispatch(session, text, sink)
+            except Exception:  # a bug in a handler: drop the frame, keep the session
+                self.log.exception("dispatching an inbound frame failed; dropped it")
+
+        if direct is not None:
+            direct.on_text = on_text
+        try:
+            async for data in ws:
+                if direct is not None:
+                    direct.queued_messages -= 1
+                dispatch(session, data, sink)
+        finally:
+            if direct is not None:
+                direct.on_text = None
 
     async def _keepalive(self, ws: ClientConnection) -> None:
         """Ping every interval; a pong later than the timeout means a dead path."""

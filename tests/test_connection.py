@@ -8,16 +8,19 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import queue
 import ssl
 import subprocess
 import time
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
+from actors import EnvelopeIn, Uplink, UplinkActor, UplinkConfig, handles
 from actors.logsetup import configure_logging
 from protocol import Decision, Reason
-from tests.conftest import scaled
+from tests.conftest import FAST, scaled
 from tests.support.gateway import Gateway
 from tests.support.relay import FreezableRelay
 
@@ -242,3 +245,68 @@ def test_wss_with_a_wrong_hostname_is_refused(tls_files, make_uplink) -> None:
         assert not gw.sessions
         last_end = uplink.status()["connection"]["last_end"]
         assert "match" in last_end or "hostname" in last_end.lower(), last_end
+
+
+class _OrderRecorder(UplinkActor):
+    """Records the req_id of every ``test_order`` frame, in arrival order."""
+
+    role = "test_order"
+    seen: ClassVar[queue.Queue[str]] = queue.Queue()
+
+    @handles(EnvelopeIn)
+    def _on_frame(self, message: EnvelopeIn) -> None:
+        self.seen.put(message.envelope.req_id)
+
+
+def test_inbound_order_holds_across_fragmented_binary_and_plain_text_frames(
+    gateway: Gateway,
+) -> None:
+    """Complete text frames are dispatched as they are parsed; a fragmented or
+    binary message before them goes through websockets' queue, and the text
+    frames behind it must wait their turn."""
+    uplink = Uplink(
+        UplinkConfig(upstream_url=gateway.url, project="order", **FAST),
+        handlers={"test_order": _OrderRecorder},
+    ).start()
+    try:
+        session = gateway.session(1)
+        gateway.frame(session, "identity")
+
+        def frame(req_id: str) -> str:
+            return json.dumps({"type": "test_order", "req_id": req_id, "payload": None})
+
+        async def burst() -> None:  # one turn of the gateway's loop: one TCP segment
+            whole = frame("o1")
+            await session.ws.send([whole[:10], whole[10:]])  # fragmented text
+            await session.ws.send(b"\x00binary")  # dropped by the router, in its turn
+            for i in range(2, 6):
+                await session.ws.send(frame(f"o{i}"))
+            await session.ws.send(frame("o6"))
+
+        gateway._call(burst)
+        got = [_OrderRecorder.seen.get(timeout=scaled(5)) for _ in range(6)]
+        assert got == ["o1", "o2", "o3", "o4", "o5", "o6"]
+        # And once the queue is drained, plain frames take the direct path again.
+        gateway.send(session, "test_order", "o7")
+        assert _OrderRecorder.seen.get(timeout=scaled(5)) == "o7"
+        assert uplink.status()["counters"]["frames_dropped"] == {"binary": 1}
+    finally:
+        uplink.stop()
+
+
+def test_a_text_frame_that_is_not_utf8_fails_the_session_with_1007(
+    gateway: Gateway, make_uplink
+) -> None:
+    """As websockets does (RFC 6455 §8.1); the uplink then reconnects."""
+    make_uplink(gateway.url)
+    session = gateway.session(1)
+    gateway.frame(session, "identity")
+    text_frame = b"\x81\x02\xff\xfe"  # FIN + text, unmasked, 2 bytes of bad UTF-8
+    gateway._call(lambda: _write_raw(session.ws, text_frame))
+    gateway.wait_closed(session)
+    assert session.close_code == 1007
+    gateway.frame(gateway.session(2), "identity")
+
+
+async def _write_raw(ws: Any, data: bytes) -> None:
+    ws.transport.write(data)
