@@ -183,10 +183,12 @@ class Uplink:
                         ref.stop(timeout=max(0.2, deadline - time.monotonic()))
                     directory.set(role, None)
             for ref in list(ctx.live):
+                # A session's connection actor may still be finishing the stop
+                # its supervisor asked for (without waiting): wait for it too.
+                with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+                    ref.stop(timeout=max(0.2, deadline - time.monotonic()))
                 if ref.is_alive():
-                    _log.error("bug: {} was still running after shutdown; stopping it", ref)
-                    with contextlib.suppress(pykka.ActorDeadError):
-                        ref.stop(block=False)
+                    _log.error("bug: {} was still running after shutdown", ref)
             loop.close()
             _log.info("uplink stopped")
 
