@@ -7,7 +7,9 @@ leak into the next session, whose gateway never asked for it.
 
 The actor registers a loop handler with the router, so a request starts its
 replay in the event loop the moment it arrives (no round trip through the
-mailbox); the actor keeps the books from ``McpStarted``/``McpDone``.
+mailbox); the actor keeps the books from ``McpStarted``/``McpDone``. It is an
+``UplinkLoopActor``: its work is all I/O in the loop, and its books are kept
+there too, so a replay wakes no other thread.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import pykka
 
-from actors.base import UplinkActor, handles
+from actors.base import UplinkLoopActor, handles
 from actors.connection import FrameSink
 from actors.context import Role, UplinkContext
 from actors.mcp_client import LocalMcpClient
@@ -34,7 +36,7 @@ from protocol import Envelope, Kind, mcp_response, serialize
 from protocol.jsonrpc import INTERNAL_ERROR, error_object
 
 
-class McpProxyActor(UplinkActor):
+class McpProxyActor(UplinkLoopActor):
     role = Role.MCP
 
     def __init__(self, ctx: UplinkContext) -> None:
@@ -50,7 +52,7 @@ class McpProxyActor(UplinkActor):
         self.session: int | None = None
         self.sink: FrameSink | None = None
         self.in_flight = 0
-        self._tasks: set[asyncio.Future[None]] = set()  # replays started in the loop
+        self._tasks: set[asyncio.Future[Any]] = set()  # replays started in the loop
         self.answered = 0
         self.dropped = 0
 
@@ -60,18 +62,21 @@ class McpProxyActor(UplinkActor):
         self.set_state("idle")
 
     def on_stop(self) -> None:
+        # In the loop thread: cancel what is left and close the pool without
+        # waiting (a wait here would block the loop the close runs on).
         if self.ctx.loop_handlers.get(Kind.MCP_REQUEST) == self._start_in_loop:
             del self.ctx.loop_handlers[Kind.MCP_REQUEST]
-        try:
-            self.ctx.loop.run(self._close, timeout=2)
-        except Exception as exc:  # closing a pool must never block shutdown
-            self.log.debug("closing the HTTP client: {!r}", exc)
+        for task in list(self._tasks):  # replays outliving the uplink: cancel, not leak
+            task.cancel()
+        _closing.add(closing := asyncio.ensure_future(self._close()))
+        closing.add_done_callback(_closing.discard)
         super().on_stop()
 
     async def _close(self) -> None:
-        for task in list(self._tasks):  # replays outliving the uplink: cancel, not leak
-            task.cancel()
-        await self.client.aclose()
+        try:
+            await self.client.aclose()
+        except Exception as exc:  # closing a pool must never trouble shutdown
+            self.log.debug("closing the HTTP client: {!r}", exc)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -106,8 +111,7 @@ class McpProxyActor(UplinkActor):
         sink = message.sink
         if sink is None and self.sink is not None and self.sink.session == message.session:
             sink = self.sink
-        self._started(McpStarted(message.session))
-        self.ctx.loop.spawn(self._serve, message.session, message.envelope, sink)
+        self._start_in_loop(message.session, message.envelope, sink)
 
     def _start_in_loop(self, session: int, request: Envelope, sink: FrameSink | None) -> None:
         """Router → here, in the event-loop thread: start the replay at once."""
@@ -115,7 +119,7 @@ class McpProxyActor(UplinkActor):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         with contextlib.suppress(pykka.ActorDeadError):
-            self.actor_ref.tell(McpStarted(session))
+            self.actor_ref.tell(McpStarted(session))  # idle and in the loop: handled at once
 
     @handles(McpStarted)
     def _started(self, _: McpStarted) -> None:
@@ -156,3 +160,7 @@ class McpProxyActor(UplinkActor):
             self.log.warning(
                 "MCP answer {!r} dropped: its session {} has ended", message.req_id, message.session
             )
+
+
+# Pool closes still running after their actor stopped (a reference keeps each alive).
+_closing: set[asyncio.Future[None]] = set()

@@ -157,8 +157,7 @@ class Uplink:
         ctx = self._ctx
         if ctx is None or self._stopped.is_set():
             return
-        if ctx.loop.in_loop_thread():
-            raise RuntimeError("stop() would block the event loop the uplink runs on; use astop()")
+        self._refuse_in_loop("stop()", "await astop()")
         self._stopped.set()
         deadline = time.monotonic() + timeout
         directory, loop = ctx.directory, ctx.loop
@@ -270,10 +269,7 @@ class Uplink:
     ) -> Outcome:
         """Blocking :meth:`request_permission`. The wait defaults to the permission
         timeout plus a margin; a caller that gives up earlier gets a deny."""
-        if self._ctx is not None and self._ctx.loop.in_loop_thread():
-            raise RuntimeError(
-                "decide() would block the event loop the uplink runs on; use await adecide()"
-            )
+        self._refuse_in_loop("decide()", "await adecide()")
         request_id = request_id or _new_request_id()
         future = self.request_permission(tool_name, tool_input, request_id=request_id)
         try:
@@ -298,6 +294,13 @@ class Uplink:
         except TimeoutError:
             return Outcome(request_id, Decision.DENY, Reason.TIMEOUT)
 
+    def _refuse_in_loop(self, call: str, instead: str) -> None:
+        """A blocking call from the uplink's own loop would wait on itself."""
+        if self._ctx is not None and self._ctx.loop.in_loop_thread():
+            raise RuntimeError(
+                f"{call} would block the event loop the uplink runs on; use {instead}"
+            )
+
     def _wait_for(self, timeout: float | None) -> float:
         return self.config.permission_timeout + 5 if timeout is None else timeout
 
@@ -314,11 +317,7 @@ class Uplink:
 
     def wait_connected(self, timeout: float) -> bool:
         """Wait until a session is up and identified (for tests and scripts)."""
-        if self._ctx is not None and self._ctx.loop.in_loop_thread():
-            raise RuntimeError(
-                "wait_connected() would block the event loop the uplink runs on; "
-                "use await await_connected()"
-            )
+        self._refuse_in_loop("wait_connected()", "await await_connected()")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._connected():

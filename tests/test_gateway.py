@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -37,6 +36,7 @@ from gateway import AlreadyDecided, Gateway, UnknownRequest
 from gateway.interactive import TerminalPrompter, parse_answer
 from protocol import Decision
 from tests.conftest import REFERENCE_TOKEN
+from tests.support.proc import WatchedProcess
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -741,7 +741,8 @@ def prompter(gw: Gateway) -> Iterator[tuple[TerminalPrompter, Screen, io.TextIOB
     yield p, screen, keyboard
     p.stop()
     if not keyboard.closed:
-        keyboard.close()
+        keyboard.close()  # EOF: the prompter's stdin reader ends
+    stdin.close()
 
 
 def test_parse_answer() -> None:
@@ -813,58 +814,21 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-class GatewayProcess:
+class GatewayProcess(WatchedProcess):
     """``run_gateway.py`` in a subprocess, its output readable by pattern."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
+        super().__init__(
             [sys.executable, str(ROOT / "run_gateway.py"), *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env or _env(),
             cwd=ROOT,
+            env=env or _env(),
+            timeout=T,
         )
-        self.out: dict[str, str] = {"stdout": "", "stderr": ""}
-        self._cond = threading.Condition()
-        for name in ("stdout", "stderr"):
-            threading.Thread(target=self._pump, args=(name,), daemon=True).start()
-
-    def _pump(self, name: str) -> None:
-        stream = getattr(self.proc, name)
-        # Chunks, not lines: the interactive prompt does not end with a newline.
-        while chunk := os.read(stream.fileno(), 65536):
-            with self._cond:
-                self.out[name] += chunk.decode("utf-8", "replace")
-                self._cond.notify_all()
-
-    def wait_for(self, pattern: str, stream: str = "stderr") -> re.Match[str]:
-        found: list[re.Match[str]] = []
-
-        def check() -> bool:
-            m = re.search(pattern, self.out[stream])
-            if m:
-                found.append(m)
-            return m is not None or self.proc.poll() is not None
-
-        with self._cond:
-            self._cond.wait_for(check, 3 * T)
-        if not found:
-            raise AssertionError(f"{pattern!r} not in {stream}:\n{self.out[stream]}")
-        return found[0]
 
     def port(self) -> int:
         return int(self.wait_for(r"gateway listening on http://[^\s]+:(\d+)").group(1))
 
-    def type(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(T)
+    close = WatchedProcess.kill
 
 
 @pytest.fixture

@@ -16,12 +16,9 @@ Waits are on events (gateway state, uplink status, process output), bounded by
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -41,6 +38,7 @@ from gateway import Gateway
 from protocol import Decision, Reason
 from tests.conftest import REFERENCE_TOKEN, eventually
 from tests.support.mcp_servers import McpSdkServer, SilentServer
+from tests.support.proc import WatchedProcess
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -115,58 +113,11 @@ class Background:
         return self._value
 
 
-class Proc:
-    """A subprocess whose stdout/stderr are readable by pattern while it runs."""
+class Proc(WatchedProcess):
+    """A ``python`` subprocess whose stdout/stderr are readable by pattern while it runs."""
 
     def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        self.out = {"stdout": "", "stderr": ""}
-        self._cond = threading.Condition()
-        for name in ("stdout", "stderr"):
-            threading.Thread(target=self._pump, args=(name,), daemon=True).start()
-
-    def _pump(self, name: str) -> None:
-        stream = getattr(self.proc, name)
-        # Chunks, not lines: the interactive prompt has no trailing newline.
-        while chunk := os.read(stream.fileno(), 65536):
-            with self._cond:
-                self.out[name] += chunk.decode("utf-8", "replace")
-                self._cond.notify_all()
-
-    def wait_for(self, pattern: str, stream: str = "stderr", count: int = 1) -> re.Match[str]:
-        def found() -> list[re.Match[str]]:
-            return list(re.finditer(pattern, self.out[stream]))
-
-        with self._cond:
-            self._cond.wait_for(
-                lambda: len(found()) >= count or self.proc.poll() is not None, 3 * T
-            )
-            matches = found()
-        if len(matches) < count:
-            raise AssertionError(
-                f"{pattern!r} x{count} not in {stream} (exit {self.proc.poll()}):\n"
-                f"{self.out[stream][-4000:]}"
-            )
-        return matches[count - 1]
-
-    def type(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGCONT)  # in case a test left it stopped
-            self.proc.kill()
-        self.proc.wait(T)
+        super().__init__(argv, cwd=ROOT, env=env, timeout=T)
 
 
 @pytest.fixture
