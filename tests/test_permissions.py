@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import random
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -700,9 +701,14 @@ def test_e2e_requests_queued_behind_the_registry_stop_are_denied(
     _connected(gateway, uplink)
     registry = uplink.context.directory.get("permissions")
     assert registry is not None
+    # Hold the event loop (where the registry runs) so that the stop and the
+    # requests all wait in its mailbox, the requests behind the stop.
+    release = threading.Event()
+    uplink.context.loop.call_soon(release.wait, scaled(5))
     registry.stop(block=False)
-    # These land in its mailbox behind the stop; pykka would drop them unanswered.
+    # pykka would drop these unanswered when the stop is handled.
     futures = [uplink.request_permission("Bash", request_id=f"late-{n}") for n in range(100)]
+    release.set()
     done, not_done = concurrent.futures.wait(futures, timeout=scaled(5))
     assert not not_done, f"{len(not_done)} request(s) never got a decision"
     assert {f.result().reason for f in done} == {Reason.SHUTDOWN}
