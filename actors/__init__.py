@@ -1,11 +1,12 @@
 """The uplink's actors (pykka) and the library API built on them.
 
 ``Uplink`` + ``UplinkConfig`` are the public entry points; the actor modules
-(one actor each) are the extension points: subclass :class:`UplinkActor`,
-handle :class:`EnvelopeIn`, and register the class for a new envelope kind.
+(one actor each) are the extension points: subclass :class:`UplinkActor` (or
+:class:`UplinkLoopActor` for an actor whose work is all I/O), handle
+:class:`EnvelopeIn`, and register the class for a new envelope kind.
 """
 
-from actors.base import UplinkActor, handles
+from actors.base import UplinkActor, UplinkLoopActor, handles
 from actors.config import UplinkConfig
 from actors.context import Role, UplinkContext
 from actors.messages import EnvelopeIn, SendFrame, SessionClosed, SessionOpened
@@ -22,5 +23,6 @@ __all__ = [
     "UplinkActor",
     "UplinkConfig",
     "UplinkContext",
+    "UplinkLoopActor",
     "handles",
 ]

@@ -8,7 +8,8 @@ session numbers, and can answer on the session, with no other change.
 from __future__ import annotations
 
 import queue
-from typing import Any
+import threading
+from typing import Any, ClassVar
 
 from actors import (
     EnvelopeIn,
@@ -18,6 +19,7 @@ from actors import (
     Uplink,
     UplinkActor,
     UplinkConfig,
+    UplinkLoopActor,
     handles,
 )
 from protocol import Envelope
@@ -79,3 +81,36 @@ def test_without_registration_the_same_kind_is_dropped(gateway: Gateway, make_up
         lambda: uplink.status()["counters"].get("frames_dropped", {}).get("unknown_type") == 1
     )
     assert not session.of_type("test_pong")
+
+
+class EchoLoopActor(UplinkLoopActor):
+    """A loop-scheduled extension: answers ``test_echo`` from the event loop."""
+
+    role = "test_echo"
+    threads: ClassVar[queue.Queue[int]] = queue.Queue()
+
+    @handles(EnvelopeIn)
+    def _on_echo(self, message: EnvelopeIn) -> None:
+        self.threads.put(threading.get_ident())
+        assert message.sink is not None
+        message.sink.send(
+            Envelope("test_echoed", message.envelope.req_id, message.envelope.payload)
+        )
+
+
+def test_a_loop_actor_extension_runs_in_the_event_loop_and_answers(gateway: Gateway) -> None:
+    uplink = Uplink(
+        UplinkConfig(upstream_url=gateway.url, project="ext", **FAST),
+        handlers={"test_echo": EchoLoopActor},
+    ).start()
+    try:
+        session = gateway.session(1)
+        gateway.frame(session, "identity")
+        for i in range(3):
+            gateway.send(session, "test_echo", f"e-{i}", {"n": i})
+        for i in range(3):
+            echoed = gateway.frame(session, "test_echoed", i)
+            assert echoed == {"type": "test_echoed", "req_id": f"e-{i}", "payload": {"n": i}}
+        assert EchoLoopActor.threads.get(timeout=scaled(5)) == uplink.context.loop.thread_id
+    finally:
+        uplink.stop()
