@@ -43,6 +43,13 @@ async def connected(uplink: Uplink) -> None:
     assert await uplink.await_connected(scaled(5)), uplink.status()
 
 
+async def nothing_pending(uplink: Uplink) -> None:
+    """Wait (in the loop, which must keep serving) until every request is decided."""
+    async with asyncio.timeout(scaled(5)):
+        while uplink.status()["permissions"]["pending"]:
+            await asyncio.sleep(0.01)
+
+
 def test_the_uplink_runs_in_the_callers_loop_and_gets_the_gateways_answer() -> None:
     with Gateway(auto="approve") as gateway:
 
@@ -128,11 +135,7 @@ def test_a_caller_that_gives_up_gets_a_deny_and_the_request_is_still_decided() -
                 await asyncio.to_thread(
                     gateway.respond, session, "slow", {"approved": True, "always_allow": False}
                 )
-                for _ in range(500):
-                    if uplink.status()["permissions"]["pending"] == 0:
-                        break
-                    await asyncio.sleep(0.01)
-                assert uplink.status()["permissions"]["pending"] == 0
+                await nothing_pending(uplink)
                 assert uplink.status()["permissions"]["decided"] == 1
 
         run(main)
@@ -157,10 +160,7 @@ def test_cancelling_a_waiting_task_abandons_the_wait_not_the_request() -> None:
                 await asyncio.to_thread(
                     gateway.respond, session, "c-1", {"approved": False, "always_allow": False}
                 )
-                for _ in range(500):
-                    if uplink.status()["permissions"]["pending"] == 0:
-                        break
-                    await asyncio.sleep(0.01)
+                await nothing_pending(uplink)
                 assert uplink.status()["counters"]["decision_reasons"] == {
                     "duplicate_id": 1,
                     "gateway": 1,
