@@ -10,8 +10,11 @@
         if outcome.decision.allows: ...
         print(uplink.status()["connection"]["state"])
 
+    async with Uplink(config) as uplink:   # in an asyncio application: its own loop
+        outcome = await uplink.adecide("Bash", {"command": "ls"})
+
 Actors start dependencies first and stop in reverse, in a ``finally`` (DESIGN.md
-principle 9); anything still alive after that is stopped and logged as a bug.
+principle 9); an actor still alive after that is waited for, then logged as a bug.
 """
 
 from __future__ import annotations
