@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import queue
 import sys
-import threading
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
@@ -21,7 +20,7 @@ import pykka
 from loguru import logger
 
 from actors.context import Role, UplinkContext
-from actors.loop import Timer
+from actors.loop import EventLoop, Timer
 from actors.messages import ChildFailed, GetSnapshot, InjectFault
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -161,7 +160,7 @@ class _LoopInbox:
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.armed = False
         self.busy = False  # a message of this actor is being handled (no re-entry)
-        self.loop_thread: int | None = None
+        self.loop: EventLoop | None = None
         self.wake: Callable[[], object] | None = None
         self.handle_now: Callable[[Any], None] | None = None
 
@@ -170,7 +169,8 @@ class _LoopInbox:
             not self.armed
             and not self.busy
             and self.handle_now is not None
-            and threading.get_ident() == self.loop_thread
+            and self.loop is not None
+            and self.loop.in_loop_thread()
             and self.queue.empty()
         ):
             self.handle_now(envelope)
@@ -211,7 +211,7 @@ class UplinkLoopActor(UplinkActor):
     def _start_actor_loop(self) -> None:
         loop = self.ctx.loop
         inbox: _LoopInbox = self.actor_inbox  # type: ignore[assignment]
-        inbox.loop_thread = loop.thread_id
+        inbox.loop = loop
         inbox.wake = lambda: loop.call_soon(self._drain)
         inbox.handle_now = self._handle_now
         inbox.armed = True  # the setup callback drains what came before it

@@ -18,11 +18,10 @@ import collections
 import concurrent.futures
 import logging
 import ssl
-import threading
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
@@ -94,7 +93,7 @@ class Outbox:
             and not self._frames
             and not self._armed
             and not self.writing
-            and threading.get_ident() == self._loop.thread_id
+            and self._loop.in_loop_thread()
             and self._send_now(text)
         ):
             return True
@@ -292,7 +291,7 @@ class ConnectionActor(UplinkActor):
                 writer = asyncio.create_task(self._write(ws, self._outbox))
                 keepalive = asyncio.create_task(self._keepalive(ws))
                 try:
-                    await self._read(ws)
+                    await self._read(cast(_DirectConnection, ws))  # create_connection
                 finally:
                     writer.cancel()
                     keepalive.cancel()
@@ -338,11 +337,10 @@ class ConnectionActor(UplinkActor):
         up_for = None if up_at is None else time.monotonic() - up_at
         return SessionEnded(self.session, redact(reason), up_for, auth_failed, clean)
 
-    async def _read(self, ws: ClientConnection) -> None:
+    async def _read(self, ws: _DirectConnection) -> None:
         # Dispatch in the loop: one hand-off per frame (loop → handler actor),
         # complete text frames straight from data_received (_DirectConnection).
         dispatch, sink, session = self.ctx.router.dispatch, self._sink, self.session
-        direct = ws if isinstance(ws, _DirectConnection) else None
 
         def on_text(text: str) -> None:
             try:
@@ -350,16 +348,13 @@ class ConnectionActor(UplinkActor):
             except Exception:  # a bug in a handler: drop the frame, keep the session
                 self.log.exception("dispatching an inbound frame failed; dropped it")
 
-        if direct is not None:
-            direct.on_text = on_text
+        ws.on_text = on_text
         try:
             async for data in ws:
-                if direct is not None:
-                    direct.queued_messages -= 1
+                ws.queued_messages -= 1
                 dispatch(session, data, sink)
         finally:
-            if direct is not None:
-                direct.on_text = None
+            ws.on_text = None
 
     async def _keepalive(self, ws: ClientConnection) -> None:
         """Ping every interval; a pong later than the timeout means a dead path."""
@@ -388,9 +383,7 @@ class ConnectionActor(UplinkActor):
                 except ConnectionClosed:
                     return  # the reader sees the same close and ends the session
                 except Exception:
-                    # A send failure ends the session: what it carried is then denied.
-                    self.log.exception("send failed; closing the session")
-                    ws.transport.abort()
+                    self._send_failed(ws)
                     return
 
     def _send_now(self, ws: ClientConnection, text: str) -> bool:
@@ -411,11 +404,13 @@ class ConnectionActor(UplinkActor):
             ws.protocol.send_text(text.encode())
             ws.send_data()
         except Exception:
-            # As in _write: a send failure ends the session, and what it
-            # carried is then denied.
-            self.log.exception("send failed; closing the session")
-            ws.transport.abort()
+            self._send_failed(ws)
         return True
+
+    def _send_failed(self, ws: ClientConnection) -> None:
+        """A send failure ends the session: what it carried is then denied."""
+        self.log.exception("send failed; closing the session")
+        ws.transport.abort()
 
     @handles(_Connected)
     def _on_connected(self, _: _Connected) -> None:

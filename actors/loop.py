@@ -80,6 +80,7 @@ class EventLoop:
         return self._portal_cm is None
 
     def in_loop_thread(self) -> bool:
+        """True in the loop's own thread, where a blocking wait on it would deadlock."""
         return threading.get_ident() == self.thread_id
 
     def spawn(self, fn: Callable[..., Awaitable[T]], *args: Any) -> concurrent.futures.Future[T]:
@@ -92,7 +93,7 @@ class EventLoop:
         From the loop thread itself this is a plain ``call_soon``: no write
         to the loop's wake-up pipe, no extra turn of the loop.
         """
-        if threading.get_ident() == self.thread_id:
+        if self.in_loop_thread():
             self.loop.call_soon(fn, *args)
         else:
             self.loop.call_soon_threadsafe(fn, *args)
