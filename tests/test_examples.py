@@ -9,9 +9,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_library_example_runs_and_approves() -> None:
+def run_example(name: str) -> subprocess.CompletedProcess[str]:
+    """Run ``examples/<name>`` as a user would; it must exit 0."""
     result = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "library.py")],
+        [sys.executable, str(REPO / "examples" / name)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -19,6 +20,11 @@ def test_library_example_runs_and_approves() -> None:
         cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_library_example_runs_and_approves() -> None:
+    result = run_example("library.py")
     lines = result.stdout.splitlines()
     assert lines[0] == "decision: approve reason: gateway"
     assert lines[1] == "second decision: approve"
@@ -28,15 +34,7 @@ def test_library_example_runs_and_approves() -> None:
 
 
 def test_asyncio_library_example_runs_and_approves() -> None:
-    result = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "library_async.py")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_example("library_async.py")
     assert result.stdout.splitlines() == [
         "decision: approve reason: gateway",
         "gathered: approve, approve, approve",
