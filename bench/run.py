@@ -79,9 +79,12 @@ def pin() -> bool:
     return True
 
 
-def _on_peer_cpus() -> None:
-    if PLACEMENT.peers is not None:
-        os.sched_setaffinity(0, PLACEMENT.peers)
+def _place(proc: subprocess.Popen[str], cpus: set[int] | None) -> None:
+    """Move a just-started child onto ``cpus`` (set from here, not in a
+    ``preexec_fn``, which is unsafe while this process runs threads); it has
+    started no threads of its own yet, so they all inherit the placement."""
+    if cpus is not None:
+        os.sched_setaffinity(proc.pid, cpus)
 
 
 @contextlib.contextmanager
@@ -92,8 +95,8 @@ def peer(*args: str) -> Iterator[int]:
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,
-        preexec_fn=_on_peer_cpus,  # noqa: PLW1509 (no threads run in this process yet)
     )
+    _place(proc, PLACEMENT.peers)
     try:
         assert proc.stdout is not None
         yield int(proc.stdout.readline())
@@ -109,14 +112,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def uplink_process(
-    gateway_url: str, *extra: str, cpus: set[int] | None = None
-) -> Iterator[subprocess.Popen[str]]:
-    def place() -> None:
-        chosen = cpus or PLACEMENT.uplinks
-        if chosen is not None:
-            os.sched_setaffinity(0, chosen)
-
+def uplink_process(gateway_url: str, *extra: str) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen(
         [
             PY,
@@ -133,8 +129,8 @@ def uplink_process(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         text=True,
-        preexec_fn=place,  # noqa: PLW1509
     )
+    _place(proc, PLACEMENT.uplinks)
     try:
         yield proc
     finally:
