@@ -30,6 +30,7 @@ from gateway.config import positive_seconds
 from gateway.interactive import TerminalPrompter
 from gateway.logs import configure_cli_logging
 from protocol import ConfigError, redact
+from protocol.version import __version__
 
 TOKEN_ENV = "SLED_GATEWAY_TOKEN"
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reference gateway for sled uplinks: "
         "WebSocket endpoint, web console, MCP relay.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--listen",
         default="127.0.0.1:8080",

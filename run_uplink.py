@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from protocol import ConfigError
+from protocol.version import __version__
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The sled's single outbound WebSocket to its upstream gateway.",
     )
     add = parser.add_argument
+    add("--version", action="version", version=f"%(prog)s {__version__}")
     add(
         "--upstream-gateway",
         metavar="URL",

@@ -11,8 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from protocol import ConfigError, redact
-
-__version__ = "0.1.0"
+from protocol.version import __version__
 
 MiB = 1024 * 1024
 

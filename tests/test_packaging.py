@@ -1,0 +1,43 @@
+"""Packaging facts a user relies on: one version everywhere, ``--version`` on both commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from protocol.version import __version__
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("script", ["run_uplink.py", "run_gateway.py"])
+def test_version_flag_prints_the_package_version(script: str) -> None:
+    done = subprocess.run(
+        [sys.executable, script, "--version"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(f" {__version__}")
+    assert done.stderr == ""
+
+
+def test_version_is_written_once() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["project"]
+    assert "version" not in project
+    assert project["dynamic"] == ["version"]
+    assert isinstance(project["license"], str)  # an SPDX expression, not the deprecated table
+    assert (ROOT / "LICENSE").is_file()
+
+
+def test_identity_carries_the_same_version() -> None:
+    from actors.config import UplinkConfig
+
+    assert UplinkConfig().identity_extra["version"] == __version__
