@@ -29,6 +29,7 @@ import pytest
 from loguru import logger
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -84,6 +85,11 @@ def sled_of(state: dict[str, Any], project: str) -> dict[str, Any] | None:
 
 def pending_ids(state: dict[str, Any]) -> set[str]:
     return {p["req_id"] for p in state["pending"]}
+
+
+def api(gw: Gateway) -> dict[str, str]:
+    """An API client's headers: the operator token, and JSON (the CSRF check wants it)."""
+    return {**gw.api_headers(), "Content-Type": "application/json"}
 
 
 @asynccontextmanager
@@ -335,7 +341,10 @@ def test_auto_policy_answers_at_once(
 @pytest.mark.parametrize("decision", ["approve", "deny", "always_allow"])
 def test_console_rest_decides(gw: Gateway, decision: str) -> None:
     async def scenario() -> None:
-        async with sled(gw, "p") as ws, httpx.AsyncClient(base_url=gw.http_url, timeout=T) as http:
+        async with (
+            sled(gw, "p") as ws,
+            httpx.AsyncClient(base_url=gw.http_url, timeout=T, headers=api(gw)) as http,
+        ):
             await ws.send(perm_request("r/1 ü", "Bash", {"command": "rm -rf build"}))
             state = await wait_state(gw, lambda s: "r/1 ü" in pending_ids(s))
             item = state["pending"][0]
@@ -365,14 +374,17 @@ def test_console_rest_decides(gw: Gateway, decision: str) -> None:
             after = (await http.get("/api/state")).json()
             assert after["pending"] == []
             assert after["decisions"][0]["decision"] == decision
-            assert after["decisions"][0]["by"] == "console"
+            assert after["decisions"][0]["by"] == "api"  # a bearer token, not the console
 
     run(scenario())
 
 
 def test_console_rest_errors(gw: Gateway) -> None:
     async def scenario() -> None:
-        async with sled(gw, "p") as ws, httpx.AsyncClient(base_url=gw.http_url, timeout=T) as http:
+        async with (
+            sled(gw, "p") as ws,
+            httpx.AsyncClient(base_url=gw.http_url, timeout=T, headers=api(gw)) as http,
+        ):
             unknown = await http.post("/api/permissions/p/nope", json={"decision": "approve"})
             assert unknown.status_code == 404
             assert "error" in unknown.json()
@@ -459,7 +471,7 @@ def test_mcp_relay_round_trip(gw: Gateway) -> None:
     body = '{ "jsonrpc":"2.0",  "id": 7, "method":"tools/list", "params": {"x": "é\\n"} }\n'
 
     async def scenario() -> None:
-        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T) as http:
+        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T, headers=api(gw)) as http:
             post = asyncio.create_task(
                 http.post(
                     gw.mcp_url("p"),
@@ -488,7 +500,7 @@ def test_mcp_relay_round_trip(gw: Gateway) -> None:
 
 def test_mcp_relay_batch_and_concurrent_requests(gw: Gateway) -> None:
     async def scenario() -> None:
-        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T) as http:
+        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T, headers=api(gw)) as http:
             posts = [
                 asyncio.create_task(http.post(gw.mcp_url("p"), content=f'[{{"id":{i}}}]'))
                 for i in range(3)
@@ -510,7 +522,7 @@ def test_mcp_relay_batch_and_concurrent_requests(gw: Gateway) -> None:
 
 def test_mcp_relay_null_payload_is_202(gw: Gateway) -> None:
     async def scenario() -> None:
-        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T) as http:
+        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T, headers=api(gw)) as http:
             post = asyncio.create_task(
                 http.post(
                     gw.mcp_url("p"),
@@ -528,7 +540,7 @@ def test_mcp_relay_null_payload_is_202(gw: Gateway) -> None:
 
 def test_mcp_relay_unknown_or_gone_sled_is_404(gw: Gateway) -> None:
     async def scenario() -> None:
-        async with httpx.AsyncClient(timeout=T) as http:
+        async with httpx.AsyncClient(timeout=T, headers=api(gw)) as http:
             response = await http.post(gw.mcp_url("nobody"), content="{}")
             assert response.status_code == 404
             assert "nobody" in response.json()["error"]
@@ -545,7 +557,7 @@ def test_mcp_relay_timeout_is_504(make_reference_gateway: Callable[..., Gateway]
     gw = make_reference_gateway(mcp_timeout=0.3)
 
     async def scenario() -> None:
-        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T) as http:
+        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T, headers=api(gw)) as http:
             post = asyncio.create_task(http.post(gw.mcp_url("p"), content='{"id":1}'))
             request = await recv(ws)
             response = await post
@@ -563,7 +575,7 @@ def test_mcp_relay_timeout_is_504(make_reference_gateway: Callable[..., Gateway]
 
 def test_mcp_relay_sled_disconnecting_is_502(gw: Gateway) -> None:
     async def scenario() -> None:
-        async with httpx.AsyncClient(timeout=T) as http:
+        async with httpx.AsyncClient(timeout=T, headers=api(gw)) as http:
             async with sled(gw, "p") as ws:
                 post = asyncio.create_task(http.post(gw.mcp_url("p"), content='{"id":1}'))
                 await recv(ws)
@@ -577,7 +589,7 @@ def test_mcp_relay_in_flight_at_stop_is_503(make_reference_gateway: Callable[...
     gw = make_reference_gateway()
 
     async def scenario() -> None:
-        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T) as http:
+        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T, headers=api(gw)) as http:
             post = asyncio.create_task(http.post(gw.mcp_url("p"), content='{"id":1}'))
             await recv(ws)
             await asyncio.to_thread(gw.stop)
@@ -588,7 +600,7 @@ def test_mcp_relay_in_flight_at_stop_is_503(make_reference_gateway: Callable[...
 
 def test_mcp_relay_get_and_delete_are_405(gw: Gateway) -> None:
     async def scenario() -> None:
-        async with sled(gw, "p"), httpx.AsyncClient(timeout=T) as http:
+        async with sled(gw, "p"), httpx.AsyncClient(timeout=T, headers=api(gw)) as http:
             for method in ("GET", "DELETE"):
                 response = await http.request(
                     method, gw.mcp_url("p"), headers={"Accept": "text/event-stream"}
@@ -646,7 +658,9 @@ def test_mcp_sdk_client_through_the_relay(gw: Gateway) -> None:
         async with sled(gw, "p") as ws:
             server = asyncio.create_task(_answer_like_an_mcp_server(ws, seen))
             async with (
-                streamable_http_client(gw.mcp_url("p")) as (read, write),
+                streamable_http_client(
+                    gw.mcp_url("p"), http_client=create_mcp_http_client(headers=gw.api_headers())
+                ) as (read, write),
                 ClientSession(read, write) as session,
             ):
                 await session.initialize()
@@ -664,7 +678,7 @@ def test_mcp_sdk_client_through_the_relay(gw: Gateway) -> None:
 
 
 def test_console_page_and_misc_endpoints(gw: Gateway) -> None:
-    with httpx.Client(base_url=gw.http_url, timeout=T) as http:
+    with httpx.Client(base_url=gw.http_url, timeout=T, headers=api(gw)) as http:
         page = http.get("/")
         assert page.status_code == 200
         assert page.headers["content-type"].startswith("text/html")
