@@ -129,7 +129,7 @@ class Session:
                 await self.ws.send_text(text)
         except Exception as exc:
             log.warning(
-                "sled {}: could not send {} {!r}: {}",
+                "sled {}: could not send {} '{}': {}",
                 self.label(),
                 envelope.type,
                 printable(envelope.req_id, 120),
@@ -343,12 +343,12 @@ class GatewayApp:
             # An impostor (or a misconfigured sled): its token is not this
             # project's. The real sled's session, if any, is not touched.
             holder = (
-                f"the token of project {printable(session.allowed_project, 120)!r}"
+                f"the token of project '{printable(session.allowed_project, 120)}'"
                 if session.allowed_project is not None
                 else "the shared token"
             )
             log.warning(
-                "sled session {} from {} presented {} but claimed project {!r}; closing (1008)",
+                "sled session {} from {} presented {} but claimed project '{}'; closing (1008)",
                 session.id,
                 session.remote,
                 holder,
@@ -366,7 +366,7 @@ class GatewayApp:
         self.state.identify(session.id, project, session.remote, info)
         self.state.count_frame(session.id, project, dropped=False)
         log.info(
-            "sled {!r} identified (session {}, from {}, {})",
+            "sled '{}' identified (session {}, from {}, {})",
             printable(project, 120),
             session.id,
             session.remote,
@@ -376,7 +376,7 @@ class GatewayApp:
             # Usually a restarted sled whose old connection is half-open. If two
             # sleds share a name they will keep replacing each other: logged loudly.
             log.warning(
-                "sled {!r}: session {} replaces session {}; closing the old one",
+                "sled '{}': session {} replaces session {}; closing the old one",
                 printable(project, 120),
                 session.id,
                 old.id,
@@ -393,7 +393,7 @@ class GatewayApp:
         tool_name = payload.get("tool_name") if isinstance(payload, dict) else None
         if not isinstance(tool_name, str) or not tool_name:
             log.warning(
-                "sled {}: perm_request {!r} without a tool_name; denying",
+                "sled {}: perm_request '{}' without a tool_name; denying",
                 session.label(),
                 printable(env.req_id, 120),
             )
@@ -409,7 +409,7 @@ class GatewayApp:
         ):
             log.warning(
                 "sled {}: {} permission requests already pending (--max-pending-per-sled); "
-                "denying {!r} ({})",
+                "denying '{}' ({})",
                 session.label(),
                 self.config.max_pending_per_sled,
                 printable(env.req_id, 120),
@@ -423,13 +423,13 @@ class GatewayApp:
         item = self.state.add_pending(session.id, project, env.req_id, tool_name, tool_input)
         if item is None:
             log.warning(
-                "sled {}: perm_request {!r} is already pending; ignored",
+                "sled {}: perm_request '{}' is already pending; ignored",
                 session.label(),
                 printable(env.req_id, 120),
             )
             return
         log.info(
-            "sled {!r} asks permission {!r}: {}",
+            "sled '{}' asks permission '{}': {}",
             printable(project, 120),
             printable(env.req_id, 120),
             printable(tool_name, 200),
@@ -447,7 +447,7 @@ class GatewayApp:
         fut = session.mcp_waiters.pop(env.req_id, None)
         if fut is None or fut.done():
             log.warning(
-                "sled {}: mcp_response for unknown or expired req_id {!r}; dropped",
+                "sled {}: mcp_response for unknown or expired req_id '{}'; dropped",
                 session.label(),
                 printable(env.req_id, 80),
             )
@@ -475,7 +475,7 @@ class GatewayApp:
         """Answer a pending request (raises UnknownRequest / AlreadyDecided)."""
         record, item = self.state.resolve(project, req_id, decision, by)
         log.info(
-            "permission {!r} of sled {!r} ({}): {} by {}",
+            "permission '{}' of sled '{}' ({}): {} by {}",
             printable(req_id, 120),
             printable(project, 120),
             printable(item.tool_name, 200),
@@ -485,7 +485,7 @@ class GatewayApp:
         session = self.sessions.get(item.session)
         if session is None:  # cannot happen on the loop: its end withdraws its items
             log.warning(
-                "permission {!r}: the sled's session is gone; answer not sent",
+                "permission '{}': the sled's session is gone; answer not sent",
                 printable(req_id, 120),
             )
         else:
@@ -609,7 +609,7 @@ class GatewayApp:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         session.mcp_waiters[req_id] = fut
         log.debug(
-            "relaying MCP request {} ({} bytes) to sled {!r}", req_id, len(raw), session.label()
+            "relaying MCP request {} ({} bytes) to sled {}", req_id, len(raw), session.label()
         )
         if not await session.send(Envelope(Kind.MCP_REQUEST, req_id, {"body": body})):
             session.mcp_waiters.pop(req_id, None)
@@ -645,13 +645,13 @@ class GatewayApp:
             for rec, new in self.state.refresh():
                 if new is SledState.STALE:
                     log.warning(
-                        "sled {!r} is stale: no heartbeat for {:.1f} s",
+                        "sled '{}' is stale: no heartbeat for {:.1f} s",
                         printable(rec.project, 120),
                         self.state.stale_after,
                     )
             for project in self.state.forget_disconnected(self.config.forget_disconnected_after):
                 log.info(
-                    "forgot sled {!r}: disconnected more than {} s ago",
+                    "forgot sled '{}': disconnected more than {} s ago",
                     printable(project, 120),
                     self.config.forget_disconnected_after,
                 )

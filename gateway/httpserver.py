@@ -94,13 +94,16 @@ class GuardedH11Protocol(H11Protocol):
         self._enforce_cap()
 
     def _enforce_cap(self) -> None:
-        over = len(self.connections) - self.max_connections
+        # Connections already told to close linger in the set until their
+        # connection_lost: they no longer count.
+        live = [c for c in self.connections if not _closing(c)]
+        over = len(live) - self.max_connections
         if over <= 0:
             return
         idle = sorted(
             (
                 c
-                for c in self.connections
+                for c in live
                 if isinstance(c, GuardedH11Protocol) and c is not self and c.awaiting_head
             ),
             key=lambda c: c._order,
@@ -134,6 +137,11 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+
+def _closing(protocol: object) -> bool:
+    transport = getattr(protocol, "transport", None)
+    return transport is None or bool(transport.is_closing())
 
 
 def guarded_protocol(*, header_timeout: float, max_connections: int) -> type[GuardedH11Protocol]:

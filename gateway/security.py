@@ -307,7 +307,7 @@ class SecurityMiddleware:
         if host is None or not self.allowed_hosts.allows(*host):
             client = scope.get("client") or ("?", 0)
             log.warning(
-                "refused a request for {} with Host {!r} from {}:{} (not an allowed host)",
+                "refused a request for {} with Host '{}' from {}:{} (not an allowed host)",
                 printable(path, 200),
                 printable(headers.get("host", ""), 200),
                 client[0],
@@ -369,7 +369,7 @@ class SecurityMiddleware:
             origin = headers.get("origin")
             if origin is not None and not self._origin_ok(origin, host, scope.get("scheme", "")):
                 log.warning(
-                    "refused {} {} from Origin {!r} (not this gateway's origin)",
+                    "refused {} {} from Origin '{}' (not this gateway's origin)",
                     method,
                     printable(path, 200),
                     printable(origin, 200),
