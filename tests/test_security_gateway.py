@@ -315,10 +315,11 @@ def test_the_console_does_not_render_in_a_frame(
     framed = [f for f in page.frames if f is not page.main_frame]
     assert framed, "the iframe is missing from the attacker's page"
     for frame in framed:
+        rendered = ""
         with suppress(Exception):  # a blocked frame may refuse evaluation: that is fine
             rendered = frame.evaluate("document.body ? document.body.innerText : ''")
-            assert "Sled gateway" not in rendered, "the console rendered inside a frame"
-            assert req_id not in rendered
+        assert "Sled gateway" not in rendered, "the console rendered inside a frame"
+        assert req_id not in rendered
     assert gw.is_pending(VICTIM, req_id)
 
 
@@ -929,25 +930,3 @@ def test_the_cli_escapes_a_tool_name_in_its_prompt_and_log(tmp_path: Path) -> No
     # The generated operator token was printed once (the console URL) and never logged.
     assert err.count(operator) == 1
     assert VICTIM_TOKEN not in err + out
-
-
-def test_the_token_free_log_line_of_a_refused_host(gateways: Callable[..., Gateway]) -> None:
-    gw = gateways()
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
-    sink = logger.add(lambda m: records.append(str(m)), level="WARNING")
-    try:
-        r = httpx.get(
-            f"{gw.http_url}/?token={gw.operator_token}",
-            headers={"Host": "evil.example\r"},
-            timeout=T,
-        )
-    except httpx.HTTPError:
-        r = None
-    finally:
-        logger.remove(sink)
-    if r is not None:
-        assert r.status_code in (400, 421)
-    assert gw.operator_token not in "\n".join(records)
-    assert not re.search(r"evil\.example\r", "\n".join(records))
