@@ -823,7 +823,7 @@ def test_terminal_prompt_stdin_eof(
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "SLED_GATEWAY_TOKEN"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLED_GATEWAY_")}
     env.update(extra)
     return env
 
@@ -875,6 +875,18 @@ def spawn() -> Iterator[Callable[..., GatewayProcess]]:
         (["--no-auth", "--token", "x"], "--no-auth"),
         ([], "--token"),
         (["--bogus"], "--bogus"),
+        (["--no-auth", "--sled-tokens", "/nonexistent.json"], "--no-auth"),
+        (["--sled-tokens", "/nonexistent/sleds.json"], "--sled-tokens"),
+        (["--token", "x", "--max-relays-per-sled", "0"], "--max-relays-per-sled"),
+        (["--token", "x", "--max-pending-per-sled", "many"], "--max-pending-per-sled"),
+        (["--token", "x", "--max-connections", "-3"], "--max-connections"),
+        (["--token", "x", "--identity-timeout", "0"], "--identity-timeout"),
+        (["--token", "x", "--header-timeout", "soon"], "--header-timeout"),
+        (["--token", "x", "--forget-disconnected-after", "inf"], "--forget-disconnected-after"),
+        (["--token", "x", "--operator-token", "x"], "--operator-token"),
+        (["--token", "x", "--operator-token", ""], "--operator-token"),
+        (["--token", "x", "--allowed-host", "a/b"], "--allowed-host"),
+        (["--token", "x", "--allowed-host", "[zz"], "--allowed-host"),
     ],
 )
 def test_cli_bad_option_exits_2_with_one_line(args: list[str], names: str) -> None:
@@ -891,6 +903,69 @@ def test_cli_bad_option_exits_2_with_one_line(args: list[str], names: str) -> No
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert names in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"a": "s3cret-one", "b": "s3cret-one"}',
+        '{"a": "s3cret-one", "b": ""}',
+        '["s3cret-one"]',
+        '{"a": "s3cret-one",',
+        '{"a": "s3cret-one", "b": 7}',
+    ],
+    ids=["shared", "empty", "not-an-object", "not-json", "not-a-string"],
+)
+def test_cli_bad_sled_tokens_file_exits_2_without_echoing_a_token(
+    tmp_path: Path, content: str
+) -> None:
+    path = tmp_path / "sleds.json"
+    path.write_text(content)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "run_gateway.py"), "--sled-tokens", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=6 * T,
+        env=_env(),
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "--sled-tokens" in done.stderr
+    assert "s3cret-one" not in done.stderr
+
+
+def test_cli_prints_a_generated_console_url_once_and_it_logs_in(
+    spawn: Callable[..., GatewayProcess],
+) -> None:
+    gp = spawn("--listen", "127.0.0.1:0", "--no-auth")
+    port = gp.port()
+    url = gp.wait_for(rf"(http://127\.0\.0\.1:{port}/\?token=\S+)").group(1)
+    token = url.rsplit("=", 1)[1]
+    with httpx.Client(timeout=T) as browser:
+        assert browser.get(f"http://127.0.0.1:{port}/api/state").status_code == 401
+        page = browser.get(url, follow_redirects=True)
+        assert page.status_code == 200
+        assert str(page.url) == f"http://127.0.0.1:{port}/"
+        assert browser.get(f"http://127.0.0.1:{port}/api/state").status_code == 200
+    gp.proc.send_signal(signal.SIGTERM)
+    assert gp.proc.wait(T) == 0
+    assert gp.out["stderr"].count(token) == 1
+
+
+def test_cli_operator_token_from_env_is_not_printed(
+    spawn: Callable[..., GatewayProcess],
+) -> None:
+    gp = spawn(
+        "--listen", "127.0.0.1:0", "--no-auth", env=_env(SLED_GATEWAY_OPERATOR_TOKEN="op-t0k")
+    )
+    port = gp.port()
+    headers = {"Authorization": "Bearer op-t0k"}
+    assert httpx.get(f"http://127.0.0.1:{port}/api/state", headers=headers).status_code == 200
+    gp.proc.send_signal(signal.SIGTERM)
+    assert gp.proc.wait(T) == 0
+    assert "op-t0k" not in gp.out["stderr"] + gp.out["stdout"]
 
 
 def test_cli_port_in_use_exits_2() -> None:

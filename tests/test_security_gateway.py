@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import os
-import re
 import socket
 import threading
 import time
