@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds("--header-timeout"),
         default=10.0,
         metavar="S",
-        help="close an HTTP connection whose request head is not in within this (default 10)",
+        help="close an HTTP connection whose request head is not in within this; "
+        "a body gets 3 times as long (408) (default 10)",
     )
     parser.add_argument(
         "--max-connections",

@@ -102,6 +102,10 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyTooSlow(Exception):
+    """The body did not arrive within the body deadline (a slow-body attack or a dead client)."""
+
+
 @dataclass(eq=False)
 class Session:
     """One WebSocket connection from a sled."""
@@ -538,12 +542,18 @@ class GatewayApp:
         return JSONResponse(snap, headers={"Cache-Control": "no-store"})
 
     async def _read_body(self, request: Request, limit: int) -> bytes:
+        # The server's header deadline ends once the head is in; a body sent a
+        # byte at a time would hold this request (and a relay slot) forever.
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.config.body_timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise BodyTooLarge
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise BodyTooSlow from None
         return b"".join(chunks)
 
     async def _post_decision(self, request: Request) -> Response:
@@ -553,6 +563,8 @@ class GatewayApp:
             body = json.loads(await self._read_body(request, _MAX_DECISION_BODY))
         except BodyTooLarge:
             return _error(413, "body too large")
+        except BodyTooSlow:
+            return _error(408, f"body not received within {self.config.body_timeout} s")
         except (ValueError, UnicodeDecodeError):
             return _error(400, 'body must be JSON: {"decision": "approve"|"deny"|"always_allow"}')
         value = body.get("decision") if isinstance(body, dict) else None
@@ -599,6 +611,8 @@ class GatewayApp:
             raw = await self._read_body(request, self.config.max_mcp_body)
         except BodyTooLarge:
             return _error(413, f"body larger than {self.config.max_mcp_body} bytes")
+        except BodyTooSlow:
+            return _error(408, f"body not received within {self.config.body_timeout} s")
         try:
             body = raw.decode("utf-8")
         except UnicodeDecodeError:

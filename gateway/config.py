@@ -113,6 +113,11 @@ class GatewayConfig:
     header_timeout: float = 10.0  # an HTTP request head must arrive within this
     max_connections: int = 200  # open TCP connections; idle ones are evicted first
 
+    @property
+    def body_timeout(self) -> float:
+        """How long a request body may take to arrive, once its head is in."""
+        return 3 * self.header_timeout
+
     def __post_init__(self) -> None:
         if not isinstance(self.operator_token, str) or not self.operator_token:
             raise ConfigError("--operator-token", "must be a non-empty string")
