@@ -1,13 +1,20 @@
 """``sled-gateway``: run the reference gateway (the upstream end of the sled uplink).
 
-    python run_gateway.py --token s3cret                 # console at http://127.0.0.1:8080/
-    python run_gateway.py --no-auth --auto approve       # a permissive test peer
-    SLED_GATEWAY_TOKEN=s3cret python run_gateway.py --interactive --listen 0.0.0.0:8080
+    python run_gateway.py --sled-tokens sleds.json       # prints the console URL with its token
+    python run_gateway.py --no-auth --auto approve       # a test peer: sleds need no token
+    SLED_GATEWAY_TOKEN=s3cret python run_gateway.py --interactive --listen 0.0.0.0:8080 \
+        --allowed-host gw.example.com
 
-Sleds connect to ``ws://HOST:PORT/api/sled-uplink?token=TOKEN``. Permission
-requests are answered by ``--auto``, the ``--interactive`` terminal prompt,
-or the web console (always available). MCP clients reach a sled's tools at
-``http://HOST:PORT/sleds/{project}/mcp``.
+Sleds connect to ``ws://HOST:PORT/api/sled-uplink?token=TOKEN`` with their own
+token (``--sled-tokens``) or the one shared demo token (``--token``).
+Permission requests are answered by ``--auto``, the ``--interactive``
+terminal prompt, or the web console (always available). MCP clients reach a
+sled's tools at ``http://HOST:PORT/sleds/{project}/mcp``.
+
+Operator authentication is always on: the console, the REST API and the MCP
+relay need the operator token (``--operator-token`` / env
+``SLED_GATEWAY_OPERATOR_TOKEN``, or one generated at start and printed once
+in the console URL, as Jupyter does).
 
 Exit status: 0 after SIGINT/SIGTERM, 2 for a bad option (one line on stderr,
 no traceback), 1 if the server dies.
@@ -26,13 +33,14 @@ from typing import NoReturn
 from loguru import logger
 
 from gateway import Gateway
-from gateway.config import positive_seconds
+from gateway.config import load_sled_tokens, positive_int, positive_seconds
 from gateway.interactive import TerminalPrompter
 from gateway.logs import configure_cli_logging
 from protocol import ConfigError, redact
 from protocol.version import __version__
 
 TOKEN_ENV = "SLED_GATEWAY_TOKEN"
+OPERATOR_TOKEN_ENV = "SLED_GATEWAY_OPERATOR_TOKEN"
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -72,11 +80,25 @@ def _seconds(option: str) -> Callable[[str], float]:
     return convert
 
 
+def _count(option: str) -> Callable[[str], int]:
+    """An argparse ``type`` for a whole-number option (>= 1)."""
+
+    def convert(text: str) -> int:
+        try:
+            return positive_int(option, text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(exc.problem) from None
+
+    return convert
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="sled-gateway",
         description="Reference gateway for sled uplinks: "
-        "WebSocket endpoint, web console, MCP relay.",
+        "WebSocket endpoint, web console, MCP relay. Operator authentication is "
+        "always on (the console, REST API and MCP relay need the operator token); "
+        "it has no TLS of its own: off loopback, put it behind a TLS proxy.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
@@ -88,11 +110,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--token",
         default=None,
-        help=f"token sleds must present as ?token= (env {TOKEN_ENV}; "
-        "prefer the env var: arguments show in ps)",
+        help=f"the one shared sled token, for demos: any sled not in --sled-tokens may "
+        f"present it as ?token= (env {TOKEN_ENV}; prefer the env var: arguments show in ps)",
     )
     parser.add_argument(
-        "--no-auth", action="store_true", help="accept sleds without a token (tests and demos only)"
+        "--sled-tokens",
+        default=None,
+        metavar="FILE",
+        help='per-sled tokens, a JSON object {"<project>": "<token>", ...}: '
+        "a token admits only its own project",
+    )
+    parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="accept sleds without a token (tests and demos only; "
+        "the operator token is still required)",
+    )
+    parser.add_argument(
+        "--operator-token",
+        default=None,
+        metavar="TOKEN",
+        help=f"the operator's token for the console, REST API and MCP relay "
+        f"(env {OPERATOR_TOKEN_ENV}; default: a new one, printed once in the console URL)",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a Host name (or HOST:PORT) the gateway answers to, repeatable; always allowed: "
+        "localhost, 127.0.0.1, [::1] and the --listen host (DNS-rebinding guard)",
     )
     parser.add_argument(
         "--auto",
@@ -120,6 +167,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long an MCP relay waits for the sled (default 30)",
     )
     parser.add_argument(
+        "--max-relays-per-sled",
+        type=_count("--max-relays-per-sled"),
+        default=8,
+        metavar="N",
+        help="MCP relays in flight to one sled; 503 beyond (default 8)",
+    )
+    parser.add_argument(
+        "--max-pending-per-sled",
+        type=_count("--max-pending-per-sled"),
+        default=1000,
+        metavar="N",
+        help="pending permission requests of one sled; more are denied (default 1000)",
+    )
+    parser.add_argument(
+        "--forget-disconnected-after",
+        type=_seconds("--forget-disconnected-after"),
+        default=3600.0,
+        metavar="S",
+        help="drop a disconnected sled from the state after this long (default 3600)",
+    )
+    parser.add_argument(
+        "--identity-timeout",
+        type=_seconds("--identity-timeout"),
+        default=10.0,
+        metavar="S",
+        help="close (1008) a sled that sends no identity within this (default 10)",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=_seconds("--header-timeout"),
+        default=10.0,
+        metavar="S",
+        help="close an HTTP connection whose request head is not in within this; "
+        "a body gets 3 times as long (408) (default 10)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_count("--max-connections"),
+        default=200,
+        metavar="N",
+        help="open connections; beyond, idle ones are closed first (default 200)",
+    )
+    parser.add_argument(
         "--log-level",
         type=str.upper,
         choices=LOG_LEVELS,
@@ -131,18 +221,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace) -> tuple[str, int, str | None]:
-    """Cross-option checks → (host, port, token or None); :class:`ConfigError` if unusable."""
+    """Cross-option checks → (host, port, token or None); :class:`ConfigError` if unusable.
+
+    Also reads ``--sled-tokens`` into ``args.sled_token_map`` and the operator
+    token (option or environment) into ``args.operator_token``.
+    """
     host, port = parse_listen(args.listen)
     if args.no_auth and args.token is not None:
         raise ConfigError("--no-auth", "cannot be combined with --token")
+    if args.no_auth and args.sled_tokens is not None:
+        raise ConfigError("--no-auth", "cannot be combined with --sled-tokens")
     if args.auto and args.interactive:
         raise ConfigError("--interactive", "cannot be combined with --auto")
+    args.sled_token_map = load_sled_tokens(args.sled_tokens) if args.sled_tokens else {}
+    if args.operator_token is None:
+        args.operator_token = os.environ.get(OPERATOR_TOKEN_ENV) or None
+    elif not args.operator_token:
+        raise ConfigError("--operator-token", "must not be empty")
+    for entry in args.allowed_host:
+        if not entry.strip() or "/" in entry:
+            raise ConfigError("--allowed-host", f"expected HOST or HOST:PORT, not {entry!r}")
     if args.no_auth:
         return host, port, None
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
-    if not token:
-        raise ConfigError("--token", f"required (or set {TOKEN_ENV}, or pass --no-auth)")
-    return host, port, token
+    if not token and not args.sled_token_map:
+        raise ConfigError(
+            "--token", f"required (or set {TOKEN_ENV}, give --sled-tokens, or pass --no-auth)"
+        )
+    return host, port, token or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,15 +259,29 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
 
+    try:
+        gateway = Gateway(
+            host=host,
+            port=port,
+            token=token,
+            auto=args.auto,
+            heartbeat_interval=args.heartbeat_interval,
+            mcp_timeout=args.mcp_timeout,
+            operator_token=args.operator_token,
+            allowed_hosts=args.allowed_host,
+            sled_tokens=args.sled_token_map,
+            max_relays_per_sled=args.max_relays_per_sled,
+            max_pending_per_sled=args.max_pending_per_sled,
+            forget_disconnected_after=args.forget_disconnected_after,
+            identity_timeout=args.identity_timeout,
+            header_timeout=args.header_timeout,
+            max_connections=args.max_connections,
+        )
+    except ConfigError as exc:
+        parser.error(str(exc))
+    except ValueError as exc:  # an --allowed-host the Host parser refuses
+        parser.error(f"--allowed-host: {exc}")
     configure_cli_logging(args.log_level)
-    gateway = Gateway(
-        host=host,
-        port=port,
-        token=token,
-        auto=args.auto,
-        heartbeat_interval=args.heartbeat_interval,
-        mcp_timeout=args.mcp_timeout,
-    )
     try:
         gateway.start()
     except OSError as exc:
@@ -176,17 +296,29 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    if token is None:
-        logger.warning("authentication is OFF (--no-auth): any client may connect as a sled")
+    if token is None and not args.sled_token_map:
+        logger.warning("sled authentication is OFF (--no-auth): any client may connect as a sled")
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning(
-            "the web console, REST API and MCP relay need no token: "
-            "anyone who can reach {} can answer permission requests",
+            "listening on {} without TLS: the operator token and every decision cross the "
+            "network in clear; put the gateway behind a TLS proxy",
             args.listen,
         )
     logger.info(
-        "console: {}/   sleds connect to: {}", gateway.http_url, redact(gateway.url_for_sleds())
+        "console: {}/   sleds connect to: {}   allowed hosts: {}",
+        gateway.http_url,
+        redact(gateway.url_for_sleds()),
+        ", ".join(gateway.allowed_hosts),
     )
+    if args.operator_token is None:
+        # Printed, not logged: a log file or a JSON sink must not keep it.
+        print(
+            f"\n    Open the console (operator token included; shown only this once):\n"
+            f"        {gateway.console_url()}\n"
+            f"    API and MCP clients send: Authorization: Bearer <the token>\n",
+            file=sys.stderr,
+            flush=True,
+        )
     logger.info(
         "permission requests answered by: {}",
         f"auto-{args.auto}"

@@ -1,7 +1,10 @@
 """Use the demo sled's tools through the gateway with the official MCP SDK client.
 
-    python -m demo.call_tools                      # http://127.0.0.1:8080/sleds/demo-sled/mcp
-    python -m demo.call_tools --text "hi there"
+    python -m demo.call_tools --token-file /tmp/sled-demo-…/operator-token
+    SLED_GATEWAY_OPERATOR_TOKEN=… python -m demo.call_tools --text "hi there"
+
+The gateway's relay needs the operator token (``Authorization: Bearer``); it is
+read from a file or the environment, never from the command line.
 
 The gateway relays each JSON-RPC request over the sled's uplink WebSocket
 (``mcp_request``); the uplink replays it against the sled's local MCP server
@@ -15,14 +18,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 
 from demo import DEFAULT_GATEWAY_PORT, GATEWAY_PORT_ENV, LOOPBACK, env_port, env_project
+
+OPERATOR_TOKEN_ENV = "SLED_GATEWAY_OPERATOR_TOKEN"
 
 
 def _text(result: Any) -> str:
@@ -30,9 +38,10 @@ def _text(result: Any) -> str:
     return "".join(getattr(part, "text", "") for part in result.content)
 
 
-async def call_tools(url: str, text: str) -> int:
+async def call_tools(url: str, text: str, token: str) -> int:
+    client = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
     async with (
-        streamable_http_client(url) as (read, write),
+        streamable_http_client(url, http_client=client) as (read, write),
         ClientSession(read, write) as session,
     ):
         init = await session.initialize()
@@ -76,11 +85,25 @@ def main(argv: list[str] | None = None) -> int:
         "--project", default=env_project(), help="the sled's name (default %(default)s)"
     )
     parser.add_argument("--text", default="hello through the gateway", help="what echo echoes")
+    parser.add_argument(
+        "--token-file",
+        default=None,
+        help=f"file holding the gateway's operator token (default: env {OPERATOR_TOKEN_ENV})",
+    )
     args = parser.parse_args(argv)
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text("utf-8").strip()
+        except OSError as exc:
+            parser.error(f"--token-file: cannot read {args.token_file}: {exc.strerror or exc}")
+    else:
+        token = os.environ.get(OPERATOR_TOKEN_ENV, "").strip()
+    if not token:
+        parser.error(f"the operator token is needed: --token-file PATH or env {OPERATOR_TOKEN_ENV}")
     url = f"{args.gateway.rstrip('/')}/sleds/{quote(args.project, safe='')}/mcp"
     print(f"MCP endpoint: {url}", flush=True)
     try:
-        return asyncio.run(asyncio.wait_for(call_tools(url, args.text), 60))
+        return asyncio.run(asyncio.wait_for(call_tools(url, args.text, token), 60))
     except Exception as exc:
         # The SDK wraps transport failures in exception groups; show the root causes.
         causes = exc.exceptions if isinstance(exc, BaseExceptionGroup) else [exc]

@@ -6,11 +6,16 @@ Three processes, each in its own session (so a terminal's Ctrl-C reaches only
 this orchestrator, which then stops them in a safe order):
 
 1. the sled's local MCP server — ``python -m demo.local_mcp_server`` (MCP SDK) on :3001
-2. the reference gateway — ``run_gateway.py`` on :8080, with a fresh random token
+2. the reference gateway — ``run_gateway.py`` on :8080, with a fresh operator
+   token (``SLED_GATEWAY_OPERATOR_TOKEN``) and one sled token for the demo sled
+   (a ``--sled-tokens`` file in the log directory, mode 0600)
 3. the uplink — ``run_uplink.py --project demo-sled --local-mcp-url
    http://127.0.0.1:3001/mcp --listen 127.0.0.1:3002``, connecting to the
-   gateway (the URL with the token goes in ``HUSKIES_UPSTREAM_GATEWAY``, not
-   on the command line, where ``ps`` would show it)
+   gateway (the URL with the sled token goes in ``HUSKIES_UPSTREAM_GATEWAY``,
+   not on the command line, where ``ps`` would show it)
+
+It prints the console URL with the operator token in it (opening it logs the
+browser in), and the MCP client command reads that token from a file.
 
 Ports: ``SLED_DEMO_GATEWAY_PORT``, ``SLED_DEMO_MCP_PORT``,
 ``SLED_DEMO_UPLINK_PORT``; the sled's name: ``SLED_DEMO_PROJECT``; logs go to
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -127,7 +133,8 @@ class Demo:
         self.mcp_port: int = args.mcp_port
         self.uplink_port: int = args.uplink_port
         self.project: str = args.project
-        self.token = secrets.token_urlsafe(18)
+        self.token = secrets.token_urlsafe(18)  # the demo sled's own token
+        self.operator_token = secrets.token_urlsafe(24)  # console, REST API, MCP relay
         self.log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="sled-demo-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.children: list[Child] = []
@@ -139,6 +146,18 @@ class Demo:
     @property
     def gateway_url(self) -> str:
         return f"http://{LOOPBACK}:{self.gateway_port}"
+
+    @property
+    def console_url(self) -> str:
+        return f"{self.gateway_url}/?token={self.operator_token}"
+
+    @property
+    def operator_token_file(self) -> Path:
+        return self.log_dir / "operator-token"
+
+    @property
+    def sled_tokens_file(self) -> Path:
+        return self.log_dir / "sled-tokens.json"
 
     @property
     def ingress_url(self) -> str:
@@ -197,7 +216,8 @@ class Demo:
         env = {
             k: v
             for k, v in os.environ.items()
-            if not k.startswith("HUSKIES_") and k != "SLED_GATEWAY_TOKEN"
+            if not k.startswith("HUSKIES_")
+            and k not in ("SLED_GATEWAY_TOKEN", "SLED_GATEWAY_OPERATOR_TOKEN")
         }
         env["PYTHONUNBUFFERED"] = "1"
         env.update(extra)
@@ -215,8 +235,15 @@ class Demo:
             ),
             Child(
                 "gateway",
-                [py, str(ROOT / "run_gateway.py"), "--listen", f"{LOOPBACK}:{self.gateway_port}"],
-                self._env(SLED_GATEWAY_TOKEN=self.token),
+                [
+                    py,
+                    str(ROOT / "run_gateway.py"),
+                    "--listen",
+                    f"{LOOPBACK}:{self.gateway_port}",
+                    "--sled-tokens",
+                    str(self.sled_tokens_file),
+                ],
+                self._env(SLED_GATEWAY_OPERATOR_TOKEN=self.operator_token),
                 self.log_dir / "gateway.log",
             ),
             Child(
@@ -293,7 +320,10 @@ class Demo:
         def sled_connected(http: httpx.Client) -> bool:
             if http.get(f"{self.ingress_url}/ready").status_code != 200:
                 return False
-            state = http.get(f"{self.gateway_url}/api/state").json()
+            state = http.get(
+                f"{self.gateway_url}/api/state",
+                headers={"Authorization": f"Bearer {self.operator_token}"},
+            ).json()
             return any(
                 s["project"] == self.project and s["state"] == "connected" for s in state["sleds"]
             )
@@ -311,7 +341,7 @@ class Demo:
         ask = f"{py} -m demo.ask_permission"
         if self.uplink_port != DEFAULT_UPLINK_PORT:
             ask += f" --ingress {self.ingress_url}"
-        call = f"{py} -m demo.call_tools"
+        call = f"{py} -m demo.call_tools --token-file {self.operator_token_file}"
         if self.gateway_port != DEFAULT_GATEWAY_PORT:
             call += f" --gateway {self.gateway_url}"
         if self.project != DEFAULT_PROJECT:
@@ -325,9 +355,10 @@ class Demo:
         return f"""
 ==> {READY_MARKER}: sled {self.project!r} is connected to the gateway.
 
-  1. Open the web console in a browser:
+  1. Open the web console in a browser (the operator token in this URL logs
+     the browser in; keep it to yourself):
 
-         {self.gateway_url}/
+         {self.console_url}
 
   2. In another terminal, ask for a permission (it waits for your click on
      Approve / Deny / Always allow in the console):
@@ -348,7 +379,8 @@ class Demo:
   Running (logs: tail -f {self.log_dir}/*.log):
 {pids}
   The uplink's status: curl -s {self.ingress_url}/status
-  Sleds connect with a token kept in {self.log_dir / "token"}.
+  The sled's token is in {self.sled_tokens_file}; the operator token in
+  {self.operator_token_file} (API clients send Authorization: Bearer <it>).
 
   Press Ctrl-C to stop everything.
 """
@@ -397,9 +429,16 @@ class Demo:
         if problem is not None:
             say(f"demo: {problem}")
             return EXIT_PORT_TAKEN
-        token_file = self.log_dir / "token"
-        token_file.write_text(self.token + "\n")
-        token_file.chmod(0o600)
+        for path, text in (
+            (self.log_dir / "token", self.token + "\n"),
+            (self.sled_tokens_file, json.dumps({self.project: self.token}) + "\n"),
+            (self.operator_token_file, self.operator_token + "\n"),
+        ):
+            # Created 0600 before the secret is written: no window where others may read it.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            path.chmod(0o600)
         status = EXIT_FAILED
         try:
             if self.start():

@@ -5,6 +5,10 @@ identity and heartbeat, turns ``perm_request`` frames into pending items that
 a policy (``auto``), the terminal or the web console answers, and relays MCP
 JSON-RPC posted to ``/sleds/{project}/mcp`` to that sled as ``mcp_request``.
 
+Everything but ``GET /healthz`` and the sled WebSocket needs the operator
+token (a bearer header, or the console's session cookie), and every request
+passes a Host allowlist and CSRF checks first (:mod:`gateway.security`).
+
 It is a test peer and a demo, not a production gateway: one process, state in
 memory. Run it with ``run_gateway.py`` (console script ``sled-gateway``) or
 embed :class:`Gateway` (see :mod:`gateway.server`).

@@ -11,6 +11,11 @@ One ASGI app (Starlette) serves everything on one port:
 ``GET /healthz``                liveness
 ==============================  =========================================================
 
+All of it sits behind :class:`gateway.security.SecurityMiddleware` (Host
+allowlist, operator token or console session, CSRF checks, headers); only
+``GET /healthz`` and the sled WebSocket pass without the operator credential,
+and the sled WebSocket checks the sled's own token here.
+
 Why ASGI and not ``websockets.asyncio.server.serve``: websockets' HTTP parser
 refuses requests with a body ("unsupported request body"), so the REST and
 MCP POSTs cannot share its port. uvicorn runs the WebSocket side on the
@@ -43,6 +48,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from gateway.config import GatewayConfig
+from gateway.security import PRINCIPAL_KEY, AllowedHosts, SecurityMiddleware
 from gateway.state import (
     AlreadyDecided,
     DecisionRecord,
@@ -58,6 +64,7 @@ from protocol import (
     RemoteProtocolError,
     dumps,
     parse,
+    printable,
     serialize,
 )
 
@@ -71,6 +78,13 @@ RESPONSE_PAYLOADS: dict[Decision, dict[str, bool]] = {
 }
 
 _MAX_DECISION_BODY = 64 * 1024
+UPLINK_PATH = "/api/sled-uplink"
+# The console's own policy: its inline script and style, its own API, no framing.
+CONSOLE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
 # Frame kinds a sled may send; anything else (perm_response, mcp_request,
 # future kinds) is logged, counted and dropped.
 _HANDLED = frozenset({Kind.IDENTITY, Kind.HEARTBEAT, Kind.PERM_REQUEST, Kind.MCP_RESPONSE})
@@ -88,6 +102,10 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyTooSlow(Exception):
+    """The body did not arrive within the body deadline (a slow-body attack or a dead client)."""
+
+
 @dataclass(eq=False)
 class Session:
     """One WebSocket connection from a sled."""
@@ -95,12 +113,17 @@ class Session:
     id: int
     ws: WebSocket
     remote: str
+    # The only project this session may claim (its per-sled token's), or None
+    # for the shared token / --no-auth, which may claim any unlisted project.
+    allowed_project: str | None = None
     project: str | None = None
+    relays: int = 0  # MCP relays in flight to this sled
+    identity_timer: asyncio.TimerHandle | None = None
     mcp_waiters: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def label(self) -> str:
-        return f"{self.project or '?'}#{self.id}"
+        return f"{printable(self.project or '?', 120)}#{self.id}"
 
     async def send(self, envelope: Envelope) -> bool:
         """Send one frame; False (logged) if the socket is already gone."""
@@ -110,10 +133,10 @@ class Session:
                 await self.ws.send_text(text)
         except Exception as exc:
             log.warning(
-                "sled {}: could not send {} {!r}: {}",
+                "sled {}: could not send {} '{}': {}",
                 self.label(),
                 envelope.type,
-                envelope.req_id,
+                printable(envelope.req_id, 120),
                 exc or type(exc).__name__,
             )
             return False
@@ -137,19 +160,26 @@ def _load_console() -> str:
 class GatewayApp:
     """The ASGI app plus the live sessions it serves."""
 
-    def __init__(self, config: GatewayConfig, state: GatewayState) -> None:
+    def __init__(
+        self, config: GatewayConfig, state: GatewayState, listen_host: str = "127.0.0.1"
+    ) -> None:
         self.config = config
         self.state = state
         self.sessions: dict[int, Session] = {}
         self.by_project: dict[str, Session] = {}  # identified, live sessions
         self._ids = itertools.count(1)
+        self._background: set[asyncio.Future[None]] = set()
         self._pending_listeners: list[Callable[[PendingPermission], None]] = []
         self._console_html = _load_console()
         self._stopping = False
-        self.asgi = Starlette(
+        self.allowed_hosts = AllowedHosts.default(listen_host, config.allowed_hosts)
+        # Sled tokens as bytes once, for constant-time compares.
+        self._shared_token = config.token.encode("utf-8") if config.token is not None else None
+        self._sled_tokens = [(p, t.encode("utf-8")) for p, t in config.sled_tokens.items()]
+        self.routes = Starlette(
             routes=[
-                WebSocketRoute("/api/sled-uplink", self._uplink),
-                Route("/api/sled-uplink", self._upgrade_required, methods=["GET"]),
+                WebSocketRoute(UPLINK_PATH, self._uplink),
+                Route(UPLINK_PATH, self._upgrade_required, methods=["GET"]),
                 Route("/", self._console, methods=["GET"]),
                 Route("/healthz", self._healthz, methods=["GET"]),
                 Route("/api/state", self._state, methods=["GET"]),
@@ -161,8 +191,18 @@ class GatewayApp:
                 # GET/DELETE are answered 405 by the router; the MCP SDK tolerates
                 # that (no server→client stream, no session to terminate).
                 Route("/sleds/{project}/mcp", self._mcp, methods=["POST"]),
+                # Starlette closes an unrouted WebSocket before the handshake
+                # (an HTTP 403); a 404 says what is wrong: the path.
+                WebSocketRoute("/{path:path}", self._no_such_websocket),
             ],
             exception_handlers={HTTPException: self._http_error},
+        )
+        self.asgi = SecurityMiddleware(
+            self.routes,
+            operator_token=config.operator_token,
+            allowed_hosts=self.allowed_hosts,
+            public_websockets=(UPLINK_PATH,),
+            public_http_paths=(UPLINK_PATH,),
         )
 
     # -- listeners ------------------------------------------------------------
@@ -173,17 +213,29 @@ class GatewayApp:
 
     # -- the sled uplink WebSocket ----------------------------------------------
 
-    def _authorized(self, token: str | None) -> bool:
-        if self.config.token is None:
-            return True
+    def _admit(self, token: str | None) -> tuple[bool, str | None]:
+        """(admitted, the one project it may claim or None for any unlisted project)."""
+        if self._shared_token is None and not self._sled_tokens:
+            return True, None  # --no-auth
         if token is None:
-            return False
-        # Constant-time compare, on bytes: compare_digest rejects non-ASCII str.
-        return hmac.compare_digest(token.encode("utf-8"), self.config.token.encode("utf-8"))
+            return False, None
+        # Constant time, on bytes (compare_digest rejects non-ASCII str); every
+        # token is compared, so the time does not tell which one matched.
+        given = token.encode("utf-8", "surrogatepass")
+        match: str | None = None
+        for project, expected in self._sled_tokens:
+            if hmac.compare_digest(given, expected):
+                match = project
+        if match is not None:
+            return True, match
+        if self._shared_token is not None and hmac.compare_digest(given, self._shared_token):
+            return True, None
+        return False, None
 
     async def _uplink(self, ws: WebSocket) -> None:
         remote = f"{ws.client.host}:{ws.client.port}" if ws.client else "?"
-        if not self._authorized(ws.query_params.get("token")):
+        admitted, allowed_project = self._admit(ws.query_params.get("token"))
+        if not admitted:
             why = "no token" if "token" not in ws.query_params else "a wrong token"
             log.warning("refused a sled from {} with {} (HTTP 401)", remote, why)
             await ws.send_denial_response(_error(401, "unauthorized: missing or wrong token"))
@@ -192,9 +244,12 @@ class GatewayApp:
             await ws.send_denial_response(_error(503, "gateway is shutting down"))
             return
         await ws.accept()
-        session = Session(next(self._ids), ws, remote)
+        session = Session(next(self._ids), ws, remote, allowed_project=allowed_project)
         self.sessions[session.id] = session
         log.info("sled connected from {} (session {})", remote, session.id)
+        session.identity_timer = asyncio.get_running_loop().call_later(
+            self.config.identity_timeout, self._identity_overdue, session
+        )
         close_code: int | None = None
         try:
             while True:
@@ -212,10 +267,33 @@ class GatewayApp:
                     continue
                 await self._on_text(session, text)
         finally:
+            if session.identity_timer is not None:
+                session.identity_timer.cancel()
             self._end(session, close_code)
 
+    def _identity_overdue(self, session: Session) -> None:
+        session.identity_timer = None
+        if session.project is None and session.id in self.sessions:
+            log.warning(
+                "sled session {} from {}: no identity within {} s; closing (1008)",
+                session.id,
+                session.remote,
+                self.config.identity_timeout,
+            )
+            task = asyncio.ensure_future(self._close(session, 1008, "no identity in time"))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _close(self, session: Session, code: int, reason: str) -> None:
+        try:
+            await session.ws.close(code, reason)
+        except Exception as exc:
+            log.debug("closing session {}: {}", session.id, exc)
+
     def _drop(self, session: Session, reason: str, detail: str) -> None:
-        log.warning("sled {}: dropped a frame ({}): {}", session.label(), reason, detail)
+        log.warning(
+            "sled {}: dropped a frame ({}): {}", session.label(), reason, printable(detail, 300)
+        )
         self.state.count_frame(session.id, session.project, dropped=True)
 
     async def _on_text(self, session: Session, text: str) -> None:
@@ -262,6 +340,29 @@ class GatewayApp:
         if session.project is not None:
             log.warning("sled {}: second identity frame ignored", session.label())
             return
+        claimed_by_token = project in self.config.sled_tokens
+        if session.allowed_project != project and (
+            session.allowed_project is not None or claimed_by_token
+        ):
+            # An impostor (or a misconfigured sled): its token is not this
+            # project's. The real sled's session, if any, is not touched.
+            holder = (
+                f"the token of project '{printable(session.allowed_project, 120)}'"
+                if session.allowed_project is not None
+                else "the shared token"
+            )
+            log.warning(
+                "sled session {} from {} presented {} but claimed project '{}'; closing (1008)",
+                session.id,
+                session.remote,
+                holder,
+                printable(project, 120),
+            )
+            await session.ws.close(1008, "this token does not admit that project")
+            return
+        if session.identity_timer is not None:
+            session.identity_timer.cancel()
+            session.identity_timer = None
         info = {k: v for k, v in payload.items() if k != "project"}
         session.project = project
         old = self.by_project.get(project)
@@ -269,18 +370,18 @@ class GatewayApp:
         self.state.identify(session.id, project, session.remote, info)
         self.state.count_frame(session.id, project, dropped=False)
         log.info(
-            "sled {!r} identified (session {}, from {}, {})",
-            project,
+            "sled '{}' identified (session {}, from {}, {})",
+            printable(project, 120),
             session.id,
             session.remote,
-            info or "no extra info",
+            printable(info, 500) if info else "no extra info",
         )
         if old is not None and old is not session:
             # Usually a restarted sled whose old connection is half-open. If two
             # sleds share a name they will keep replacing each other: logged loudly.
             log.warning(
-                "sled {!r}: session {} replaces session {}; closing the old one",
-                project,
+                "sled '{}': session {} replaces session {}; closing the old one",
+                printable(project, 120),
                 session.id,
                 old.id,
             )
@@ -296,9 +397,9 @@ class GatewayApp:
         tool_name = payload.get("tool_name") if isinstance(payload, dict) else None
         if not isinstance(tool_name, str) or not tool_name:
             log.warning(
-                "sled {}: perm_request {!r} without a tool_name; denying",
+                "sled {}: perm_request '{}' without a tool_name; denying",
                 session.label(),
-                env.req_id,
+                printable(env.req_id, 120),
             )
             self.state.record_immediate(project, env.req_id, "?", Decision.DENY, "invalid")
             await session.send(
@@ -306,15 +407,37 @@ class GatewayApp:
             )
             return
         tool_input = payload.get("tool_input")
+        if (
+            not self.state.is_pending(project, env.req_id)
+            and self.state.pending_count(project) >= self.config.max_pending_per_sled
+        ):
+            log.warning(
+                "sled {}: {} permission requests already pending (--max-pending-per-sled); "
+                "denying '{}' ({})",
+                session.label(),
+                self.config.max_pending_per_sled,
+                printable(env.req_id, 120),
+                printable(tool_name, 120),
+            )
+            self.state.record_immediate(project, env.req_id, tool_name, Decision.DENY, "limit")
+            await session.send(
+                Envelope(Kind.PERM_RESPONSE, env.req_id, RESPONSE_PAYLOADS[Decision.DENY])
+            )
+            return
         item = self.state.add_pending(session.id, project, env.req_id, tool_name, tool_input)
         if item is None:
             log.warning(
-                "sled {}: perm_request {!r} is already pending; ignored",
+                "sled {}: perm_request '{}' is already pending; ignored",
                 session.label(),
-                env.req_id,
+                printable(env.req_id, 120),
             )
             return
-        log.info("sled {!r} asks permission {!r}: {}", project, env.req_id, tool_name)
+        log.info(
+            "sled '{}' asks permission '{}': {}",
+            printable(project, 120),
+            printable(env.req_id, 120),
+            printable(tool_name, 200),
+        )
         if self.config.auto is not None:
             await self.decide(project, env.req_id, self.config.auto, by="auto")
             return
@@ -328,9 +451,9 @@ class GatewayApp:
         fut = session.mcp_waiters.pop(env.req_id, None)
         if fut is None or fut.done():
             log.warning(
-                "sled {}: mcp_response for unknown or expired req_id {!r}; dropped",
+                "sled {}: mcp_response for unknown or expired req_id '{}'; dropped",
                 session.label(),
-                env.req_id[:80],
+                printable(env.req_id, 80),
             )
             return
         fut.set_result(env.payload)
@@ -356,16 +479,19 @@ class GatewayApp:
         """Answer a pending request (raises UnknownRequest / AlreadyDecided)."""
         record, item = self.state.resolve(project, req_id, decision, by)
         log.info(
-            "permission {!r} of sled {!r} ({}): {} by {}",
-            req_id,
-            project,
-            item.tool_name,
+            "permission '{}' of sled '{}' ({}): {} by {}",
+            printable(req_id, 120),
+            printable(project, 120),
+            printable(item.tool_name, 200),
             decision.value,
             by,
         )
         session = self.sessions.get(item.session)
         if session is None:  # cannot happen on the loop: its end withdraws its items
-            log.warning("permission {!r}: the sled's session is gone; answer not sent", req_id)
+            log.warning(
+                "permission '{}': the sled's session is gone; answer not sent",
+                printable(req_id, 120),
+            )
         else:
             await session.send(Envelope(Kind.PERM_RESPONSE, req_id, RESPONSE_PAYLOADS[decision]))
         return record
@@ -383,28 +509,51 @@ class GatewayApp:
             headers={"Upgrade": "websocket"},
         )
 
+    async def _no_such_websocket(self, ws: WebSocket) -> None:
+        await ws.send_denial_response(
+            _error(404, f"no WebSocket endpoint at {printable(ws.url.path, 200)}")
+        )
+
     async def _console(self, request: Request) -> Response:
-        return HTMLResponse(self._console_html, headers={"Cache-Control": "no-store"})
+        return HTMLResponse(
+            self._console_html,
+            headers={"Cache-Control": "no-store", "Content-Security-Policy": CONSOLE_CSP},
+        )
 
     async def _healthz(self, request: Request) -> Response:
         return JSONResponse({"ok": True, "sleds": len(self.by_project)})
 
     async def _state(self, request: Request) -> Response:
         snap = self.state.snapshot()
+        sled_auth = (
+            "per-sled"
+            if self.config.sled_tokens
+            else "shared"
+            if self.config.token is not None
+            else "off"
+        )
         snap["gateway"] = {
-            "auth": self.config.token is not None,
+            # Whether sleds need a token (the operator always does); never a token itself.
+            "auth": sled_auth != "off",
+            "sled_auth": sled_auth,
             "auto": self.config.auto.value if self.config.auto else None,
             "mcp_timeout_s": self.config.mcp_timeout,
         }
         return JSONResponse(snap, headers={"Cache-Control": "no-store"})
 
     async def _read_body(self, request: Request, limit: int) -> bytes:
+        # The server's header deadline ends once the head is in; a body sent a
+        # byte at a time would hold this request (and a relay slot) forever.
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.config.body_timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise BodyTooLarge
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise BodyTooSlow from None
         return b"".join(chunks)
 
     async def _post_decision(self, request: Request) -> Response:
@@ -414,6 +563,8 @@ class GatewayApp:
             body = json.loads(await self._read_body(request, _MAX_DECISION_BODY))
         except BodyTooLarge:
             return _error(413, "body too large")
+        except BodyTooSlow:
+            return _error(408, f"body not received within {self.config.body_timeout} s")
         except (ValueError, UnicodeDecodeError):
             return _error(400, 'body must be JSON: {"decision": "approve"|"deny"|"always_allow"}')
         value = body.get("decision") if isinstance(body, dict) else None
@@ -424,7 +575,9 @@ class GatewayApp:
                 400, f"decision must be one of {[d.value for d in Decision]}, not {value!r}"
             )
         try:
-            record = await self.decide(project, req_id, decision, by="console")
+            # Who asked: the console's cookie or an API client's bearer token.
+            by = request.scope.get(PRINCIPAL_KEY) or "api"
+            record = await self.decide(project, req_id, decision, by=by)
         except UnknownRequest as exc:
             return _error(404, str(exc.args[0]))
         except AlreadyDecided as exc:
@@ -435,11 +588,31 @@ class GatewayApp:
         project = request.path_params["project"]
         session = self.by_project.get(project)
         if session is None:
-            return _error(404, f"no connected sled named {project!r}")
+            return _error(404, f"no connected sled named {printable(project, 120)!r}")
+        if session.relays >= self.config.max_relays_per_sled:
+            log.warning(
+                "sled {}: {} MCP relays in flight (--max-relays-per-sled); answered 503",
+                session.label(),
+                session.relays,
+            )
+            return JSONResponse(
+                {"error": f"too many MCP requests in flight to sled {printable(project, 120)!r}"},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
+        session.relays += 1
+        try:
+            return await self._relay(request, session, project)
+        finally:
+            session.relays -= 1
+
+    async def _relay(self, request: Request, session: Session, project: str) -> Response:
         try:
             raw = await self._read_body(request, self.config.max_mcp_body)
         except BodyTooLarge:
             return _error(413, f"body larger than {self.config.max_mcp_body} bytes")
+        except BodyTooSlow:
+            return _error(408, f"body not received within {self.config.body_timeout} s")
         try:
             body = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -449,7 +622,9 @@ class GatewayApp:
         req_id = f"mcp-{uuid.uuid4().hex}"
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         session.mcp_waiters[req_id] = fut
-        log.debug("relaying MCP request {} ({} bytes) to sled {!r}", req_id, len(raw), project)
+        log.debug(
+            "relaying MCP request {} ({} bytes) to sled {}", req_id, len(raw), session.label()
+        )
         if not await session.send(Envelope(Kind.MCP_REQUEST, req_id, {"body": body})):
             session.mcp_waiters.pop(req_id, None)
             return _error(502, f"sled {project!r} went away before the request was sent")
@@ -458,9 +633,9 @@ class GatewayApp:
         except TimeoutError:
             session.mcp_waiters.pop(req_id, None)
             log.warning(
-                "MCP request {} to sled {!r}: no answer in {} s",
+                "MCP request {} to sled {}: no answer in {} s",
                 req_id,
-                project,
+                session.label(),
                 self.config.mcp_timeout,
             )
             return _error(
@@ -484,10 +659,16 @@ class GatewayApp:
             for rec, new in self.state.refresh():
                 if new is SledState.STALE:
                     log.warning(
-                        "sled {!r} is stale: no heartbeat for {:.1f} s",
-                        rec.project,
+                        "sled '{}' is stale: no heartbeat for {:.1f} s",
+                        printable(rec.project, 120),
                         self.state.stale_after,
                     )
+            for project in self.state.forget_disconnected(self.config.forget_disconnected_after):
+                log.info(
+                    "forgot sled '{}': disconnected more than {} s ago",
+                    printable(project, 120),
+                    self.config.forget_disconnected_after,
+                )
 
     async def shutdown(self) -> None:
         """Abandon relays (503) and close every sled session with 1001 (going away)."""

@@ -5,6 +5,10 @@ cannot be interrupted, so it must never hold anything else up), the other
 asks about the oldest unanswered request and applies the answer with
 :meth:`Gateway.decide`. A request decided elsewhere (the web console) while
 its prompt is showing is noticed within a fraction of a second and skipped.
+
+Everything a sled sent (project, tool name, request id, tool input) is shown
+through :func:`protocol.printable`: an escape sequence in a tool name must
+not repaint the operator's terminal or fake a different prompt.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from loguru import logger
 
 from gateway.server import Gateway
 from gateway.state import AlreadyDecided, PendingPermission, UnknownRequest
-from protocol import Decision
+from protocol import Decision, printable
 
 log = logger.bind(actor="gateway")
 
@@ -108,18 +112,19 @@ class TerminalPrompter:
 
     def _ask(self, item: PendingPermission) -> bool:
         """Prompt until answered or moot; False once stdin is closed."""
-        shown = json.dumps(item.tool_input, ensure_ascii=False)
-        if len(shown) > _MAX_INPUT_SHOWN:
-            shown = shown[:_MAX_INPUT_SHOWN] + " …"
+        # json.dumps escapes C0 controls but not DEL, C1 or bidi overrides.
+        shown = printable(json.dumps(item.tool_input, ensure_ascii=False), _MAX_INPUT_SHOWN)
+        project, tool = printable(item.project, 200), printable(item.tool_name, 200)
+        req_id = printable(item.req_id, 200)
         self._say(
-            f"\n[permission] sled {item.project!r} asks to run {item.tool_name}"
-            f" (req {item.req_id})\n"
+            f"\n[permission] sled {project!r} asks to run {tool}"
+            f" (req {req_id})\n"
             f"  input: {shown}\n"
             "  approve [y] / deny [n] / always [a]? "
         )
         while not self._stop.is_set():
             if not self._gateway.is_pending(item.project, item.req_id):
-                self._say(f"\n  (req {item.req_id} was answered elsewhere)\n")
+                self._say(f"\n  (req {req_id} was answered elsewhere)\n")
                 return True
             try:
                 line = self._lines.get(timeout=_POLL)
@@ -136,7 +141,7 @@ class TerminalPrompter:
             try:
                 self._gateway.decide(item.project, item.req_id, decision, by="terminal")
             except (UnknownRequest, AlreadyDecided) as exc:
-                self._say(f"  too late: {exc}\n")
+                self._say(f"  too late: {printable(exc)}\n")
             except Exception as exc:
                 self._say(f"  could not answer: {exc!r}\n")
             else:

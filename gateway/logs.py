@@ -6,6 +6,12 @@ and websockets' debug line ``< GET /api/sled-uplink?token=… HTTP/1.1``). A
 filter on uvicorn's loggers rewrites each record through
 :func:`protocol.redact` before any handler (ours or an embedding
 application's) can see it.
+
+Text lines also pass through :func:`protocol.printable` at the sink, so a CR,
+LF or escape sequence that reached a message (from a sled's project name or
+tool name, a request path uvicorn logs) cannot forge a line or drive the
+terminal. The gateway escapes those fields where it logs them too, for
+embedding programs with sinks of their own.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import sys
 from loguru import logger
 
 from actors.logsetup import InterceptHandler  # one stdlib → loguru bridge for both
-from protocol import redact
+from protocol import printable, redact
 
 _UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
 
@@ -61,7 +67,7 @@ def protect_uvicorn_loggers() -> None:
 
 
 def _redact_record(record: dict) -> None:  # type: ignore[type-arg]
-    record["message"] = redact(record["message"])
+    record["message"] = printable(redact(record["message"]))
 
 
 def configure_cli_logging(level: str) -> None:

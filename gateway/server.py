@@ -12,15 +12,21 @@ crosses into the loop with ``run_coroutine_threadsafe``.
         url = gw.url_for_sleds()          # ws://127.0.0.1:PORT/api/sled-uplink?token=s3cret
         gw.wait_for(lambda s: any(x["project"] == "p" for x in s["sleds"]), timeout=5)
         gw.decide("p", "req-1", "approve")
+        httpx.get(gw.http_url + "/api/state", headers=gw.api_headers())
+        print(gw.console_url())           # http://127.0.0.1:PORT/?token=<operator token>
+
+The operator token (console, REST API, MCP relay) is generated when none is
+given: operator authentication cannot be switched off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import secrets
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -29,6 +35,7 @@ from loguru import logger
 
 from gateway.app import GatewayApp
 from gateway.config import MAX_FRAME, GatewayConfig
+from gateway.httpserver import guarded_protocol
 from gateway.logs import protect_uvicorn_loggers
 from gateway.state import DecisionRecord, GatewayState, PendingPermission
 from protocol import Decision
@@ -91,19 +98,45 @@ class Gateway:
         mcp_timeout: float = 30.0,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
+        operator_token: str | None = None,
+        allowed_hosts: Sequence[str] | None = None,
+        sled_tokens: Mapping[str, str] | None = None,
+        max_relays_per_sled: int = 8,
+        max_pending_per_sled: int = 1000,
+        forget_disconnected_after: float = 3600.0,
+        identity_timeout: float = 10.0,
+        header_timeout: float = 10.0,
+        max_connections: int = 200,
     ) -> None:
+        """``token``: the one shared sled token (demos); ``sled_tokens``: project → its token.
+
+        ``operator_token`` opens the console and the API (generated if None);
+        ``allowed_hosts`` are Host names served besides the loopback names and
+        ``host``. The other limits are described in ``run_gateway.py --help``.
+        """
         self.config = GatewayConfig(
+            operator_token=(
+                operator_token if operator_token is not None else secrets.token_urlsafe(24)
+            ),
             token=token,
+            sled_tokens=dict(sled_tokens or {}),
+            allowed_hosts=tuple(allowed_hosts or ()),
             auto=Decision(auto) if auto is not None else None,
             heartbeat_interval=heartbeat_interval,
             mcp_timeout=mcp_timeout,
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
+            max_relays_per_sled=max_relays_per_sled,
+            max_pending_per_sled=max_pending_per_sled,
+            forget_disconnected_after=forget_disconnected_after,
+            identity_timeout=identity_timeout,
+            header_timeout=header_timeout,
+            max_connections=max_connections,
         )
         self.host = host
         self._requested_port = port
         self._state = GatewayState(self.config.heartbeat_interval)
-        self._app = GatewayApp(self.config, self._state)
+        self._app = GatewayApp(self.config, self._state, listen_host=host)
         self._sock: socket.socket | None = None
         self._port: int | None = None
         self._thread: threading.Thread | None = None
@@ -145,6 +178,13 @@ class Gateway:
             lifespan="off",
             log_config=None,  # the embedding program owns logging
             access_log=False,  # access lines carry ?token=
+            # A header-read deadline and an evicting connection cap on top of
+            # uvicorn's h11 protocol (uvicorn has neither).
+            http=guarded_protocol(
+                header_timeout=self.config.header_timeout,
+                max_connections=self.config.max_connections,
+            ),
+            timeout_keep_alive=5,
             ws="websockets-sansio",  # the websockets library's ServerProtocol
             ws_max_size=MAX_FRAME,
             ws_ping_interval=self.config.ping_interval,
@@ -200,6 +240,24 @@ class Gateway:
     def http_url(self) -> str:
         """``http://host:port`` (the console is at ``/``)."""
         return f"http://{_url_host(self.host)}:{self.port}"
+
+    @property
+    def operator_token(self) -> str:
+        """The operator's credential (console, REST API, MCP relay). Never log it."""
+        return self.config.operator_token
+
+    def console_url(self) -> str:
+        """``http://host:port/?token=…``: opening it logs a browser in (then redirects to ``/``)."""
+        return f"{self.http_url}/?token={quote(self.operator_token, safe='')}"
+
+    def api_headers(self) -> dict[str, str]:
+        """The header API and MCP clients send: ``{"Authorization": "Bearer …"}``."""
+        return {"Authorization": f"Bearer {self.operator_token}"}
+
+    @property
+    def allowed_hosts(self) -> list[str]:
+        """The Host names served, as configured (loopback names and the listen host first)."""
+        return list(self._app.allowed_hosts.shown)
 
     def url_for_sleds(self, token: str | None = None) -> str:
         """The uplink URL a sled connects to; ``token`` defaults to the configured one.

@@ -73,6 +73,7 @@ class SledRecord:
     info: dict[str, JSON] = field(default_factory=dict)  # identity's extra keys
     last_heartbeat: float | None = None  # wall clock
     disconnected_at: float | None = None
+    disconnected_mono: float | None = None  # for forgetting it after a while
     close_code: int | None = None
     frames_in: int = 0
     frames_dropped: int = 0
@@ -215,6 +216,7 @@ class GatewayState:
             rec = self._sleds.get(project) if project is not None else None
             if rec is not None and rec.session == session and rec.disconnected_at is None:
                 rec.disconnected_at = self._wall()
+                rec.disconnected_mono = self._mono()
                 rec.close_code = close_code
                 rec.reported = SledState.DISCONNECTED
             gone = [p for p in self._pending.values() if p.session == session]
@@ -291,6 +293,30 @@ class GatewayState:
         while len(self._decided) > DECIDED_MEMORY:
             self._decided.popitem(last=False)
         self._recent.appendleft(record)
+
+    def forget_disconnected(self, older_than: float) -> list[str]:
+        """Drop the records of sleds disconnected more than ``older_than`` s ago.
+
+        Without this, every project name a sled ever used stays in memory and
+        in ``/api/state`` for as long as the gateway runs.
+        """
+        with self._cond:
+            now = self._mono()
+            gone = [
+                project
+                for project, rec in self._sleds.items()
+                if rec.disconnected_mono is not None and now - rec.disconnected_mono > older_than
+            ]
+            for project in gone:
+                del self._sleds[project]
+            if gone:
+                self._changed()
+            return gone
+
+    def pending_count(self, project: str) -> int:
+        """How many requests of ``project`` wait for a decision."""
+        with self._cond:
+            return sum(1 for p in self._pending.values() if p.project == project)
 
     def refresh(self) -> list[tuple[SledRecord, SledState]]:
         """Find sleds whose state changed since last announced (e.g. went stale)."""

@@ -14,6 +14,7 @@ from protocol.exceptions import (
     UplinkError,
 )
 from protocol.frames import HEARTBEAT, McpRequest, PermRequest, identity, mcp_response
+from protocol.text import printable
 from protocol.urls import redact
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "loads",
     "mcp_response",
     "parse",
+    "printable",
     "redact",
     "serialize",
 ]

@@ -143,7 +143,8 @@ def test_clicking_in_the_console_answers_the_waiting_permission_call(
     decision: str,
 ) -> None:
     uplink = _connected_uplink(gw, make_uplink)
-    page.goto(gw.http_url + "/")
+    page.goto(gw.console_url())  # logs in (session cookie), then redirects to /
+    assert page.url == gw.http_url + "/", "the token must leave the address bar"
     page.wait_for_selector(
         f"#sleds tr{_sel(data_project=PROJECT, data_state='connected')}", timeout=UI_WAIT_MS
     )
@@ -209,7 +210,7 @@ def test_console_shows_a_stale_then_disconnected_sled(
 ) -> None:
     # Gateway: stale after 3 x 0.3 s without a heartbeat; this uplink beats every 30 s.
     uplink = _connected_uplink(gw, make_uplink, heartbeat_interval=30.0)
-    page.goto(gw.http_url + "/")
+    page.goto(gw.console_url())
     page.wait_for_selector(
         f"#sleds tr{_sel(data_project=PROJECT, data_state='stale')}", timeout=UI_WAIT_MS
     )

@@ -156,7 +156,8 @@ def demo_env(ports: dict[str, int], tmp_path: Path) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("SLED_DEMO_", "HUSKIES_")) and k != "SLED_GATEWAY_TOKEN"
+        if not k.startswith(("SLED_DEMO_", "HUSKIES_"))
+        and k not in ("SLED_GATEWAY_TOKEN", "SLED_GATEWAY_OPERATOR_TOKEN")
     }
     env.update(
         SLED_DEMO_GATEWAY_PORT=str(ports["gateway"]),
@@ -193,9 +194,18 @@ def spawn_printed(argv: list[str]) -> subprocess.Popen[str]:
     )
 
 
-def wait_pending(gateway: str, tool: str, seen: set[str]) -> dict[str, object]:
+def operator_headers(run: DemoRun) -> dict[str, str]:
+    """The operator token, taken from the console URL the demo printed."""
+    m = re.search(r"^\s+(http://\S+)/\?token=(\S+)$", run.output, re.M)
+    assert m, f"the demo did not print the console URL with its token:\n{run.output}"
+    return {"Authorization": f"Bearer {m.group(2)}"}
+
+
+def wait_pending(
+    gateway: str, tool: str, seen: set[str], headers: dict[str, str]
+) -> dict[str, object]:
     deadline = time.monotonic() + 3 * T
-    with httpx.Client(timeout=T) as http:
+    with httpx.Client(timeout=T, headers=headers) as http:
         while time.monotonic() < deadline:
             for item in http.get(f"{gateway}/api/state").json()["pending"]:
                 if item["tool_name"] == tool and item["req_id"] not in seen:
@@ -219,17 +229,18 @@ def assert_stopped_cleanly(run: DemoRun, pids: dict[str, int], ports: dict[str, 
         assert port_is_free(port), f"the {name} port {port} is still taken"
 
 
-def ask_and_approve(ask_cmd: list[str], gateway: str) -> str:
+def ask_and_approve(ask_cmd: list[str], gateway: str, headers: dict[str, str]) -> str:
     """Step 2: the printed ask_permission command waits; approve it via the REST API."""
     ask = spawn_printed(ask_cmd)
     try:
-        item = wait_pending(gateway, "Bash", set())
+        item = wait_pending(gateway, "Bash", set(), headers)
         assert item["project"] == PROJECT
         assert ask.poll() is None  # still waiting for a human
         decided = httpx.post(
             f"{gateway}/api/permissions/{PROJECT}/{item['req_id']}",
             json={"decision": "approve"},
             timeout=T,
+            headers=headers,
         )
         assert decided.status_code == 200, decided.text
         out, _ = ask.communicate(timeout=3 * T)
@@ -246,6 +257,7 @@ def call_tools_as_printed(run: DemoRun, gateway: str) -> None:
     """Step 3: the printed call_tools command, an MCP SDK client through the gateway."""
     call_cmd = run.command("demo.call_tools")
     assert f"--gateway {gateway}" in shlex.join(call_cmd)
+    assert "--token-file " in shlex.join(call_cmd)  # the token itself stays out of argv
     done = subprocess.run(
         call_cmd,
         cwd=ROOT,
@@ -273,24 +285,31 @@ def test_demo_end_to_end_then_ctrl_c(
     pids = run.pids()
     assert set(pids) == {"mcp", "gateway", "uplink"}
     gateway = f"http://127.0.0.1:{ports['gateway']}"
-    assert f"{gateway}/" in run.output  # the console URL
+    assert f"{gateway}/?token=" in run.output  # the console URL, with the operator token
     assert f"{gateway}/sleds/{PROJECT}/mcp" in run.output
     assert "curl -s -X POST" in run.output
+    headers = operator_headers(run)
 
-    # The console page is up.
-    page = httpx.get(f"{gateway}/", timeout=T)
-    assert page.status_code == 200
-    assert "data-action" in page.text
+    # The console page is up: without the token it asks for it; the printed
+    # URL logs a browser in (a session cookie) and sends it on to /.
+    assert httpx.get(f"{gateway}/", timeout=T).status_code == 401
+    with httpx.Client(timeout=T, follow_redirects=True) as browser:
+        m = re.search(rf"^\s+({re.escape(gateway)}/\?token=\S+)$", run.output, re.M)
+        assert m
+        page = browser.get(m.group(1))
+        assert page.status_code == 200
+        assert str(page.url) == f"{gateway}/"
+        assert "data-action" in page.text
 
     ask_cmd = run.command("demo.ask_permission")
     assert f"--ingress http://127.0.0.1:{ports['uplink']}" in shlex.join(ask_cmd)
-    first = ask_and_approve(ask_cmd, gateway)
+    first = ask_and_approve(ask_cmd, gateway, headers)
     call_tools_as_printed(run, gateway)
 
     # One more request, left unanswered: Ctrl-C must deny it (fail closed).
     late = spawn_printed([*ask_cmd, "--tool", "Write", "--input", '{"path": "x.txt"}'])
     try:
-        wait_pending(gateway, "Write", {first})
+        wait_pending(gateway, "Write", {first}, headers)
         # Ctrl-C in the terminal: SIGINT to the whole foreground process group.
         os.killpg(run.proc.pid, signal.SIGINT)
         late_out, _ = late.communicate(timeout=6 * T)
@@ -301,12 +320,19 @@ def test_demo_end_to_end_then_ctrl_c(
     assert "decision: deny (reason: shutdown)" in late_out
 
     assert_stopped_cleanly(run, pids, ports)
-    # The gateway token never shows: not in the demo's output, not in any log.
+    # The sled token never shows: not in the demo's output, not in any log.
+    # The operator token is printed once (the console URL), and logged nowhere.
     token = (tmp_path / "logs" / "token").read_text().strip()
+    operator = (tmp_path / "logs" / "operator-token").read_text().strip()
     assert len(token) >= 16
+    assert len(operator) >= 16
     assert token not in run.output
+    assert run.output.count(operator) == 1
+    assert headers == {"Authorization": f"Bearer {operator}"}
     for log in (tmp_path / "logs").glob("*.log"):
-        assert token not in log.read_text("utf-8", "replace"), log.name
+        text = log.read_text("utf-8", "replace")
+        assert token not in text, log.name
+        assert operator not in text, log.name
 
 
 def test_demo_stops_cleanly_on_sigterm(start_demo: DemoRun, ports: dict[str, int]) -> None:
@@ -314,7 +340,7 @@ def test_demo_stops_cleanly_on_sigterm(start_demo: DemoRun, ports: dict[str, int
     run.wait_for(r"sled-uplink demo is ready", READY_TIMEOUT)
     pids = run.pids()
     gateway = f"http://127.0.0.1:{ports['gateway']}"
-    state = httpx.get(f"{gateway}/api/state", timeout=T).json()
+    state = httpx.get(f"{gateway}/api/state", timeout=T, headers=operator_headers(run)).json()
     assert [(s["project"], s["state"]) for s in state["sleds"]] == [(PROJECT, "connected")]
     ready = httpx.get(f"http://127.0.0.1:{ports['uplink']}/ready", timeout=T)
     assert ready.status_code == 200

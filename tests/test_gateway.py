@@ -29,6 +29,7 @@ import pytest
 from loguru import logger
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -84,6 +85,11 @@ def sled_of(state: dict[str, Any], project: str) -> dict[str, Any] | None:
 
 def pending_ids(state: dict[str, Any]) -> set[str]:
     return {p["req_id"] for p in state["pending"]}
+
+
+def api(gw: Gateway) -> dict[str, str]:
+    """An API client's headers: the operator token, and JSON (the CSRF check wants it)."""
+    return {**gw.api_headers(), "Content-Type": "application/json"}
 
 
 @asynccontextmanager
@@ -335,7 +341,10 @@ def test_auto_policy_answers_at_once(
 @pytest.mark.parametrize("decision", ["approve", "deny", "always_allow"])
 def test_console_rest_decides(gw: Gateway, decision: str) -> None:
     async def scenario() -> None:
-        async with sled(gw, "p") as ws, httpx.AsyncClient(base_url=gw.http_url, timeout=T) as http:
+        async with (
+            sled(gw, "p") as ws,
+            httpx.AsyncClient(base_url=gw.http_url, timeout=T, headers=api(gw)) as http,
+        ):
             await ws.send(perm_request("r/1 ü", "Bash", {"command": "rm -rf build"}))
             state = await wait_state(gw, lambda s: "r/1 ü" in pending_ids(s))
             item = state["pending"][0]
@@ -365,14 +374,17 @@ def test_console_rest_decides(gw: Gateway, decision: str) -> None:
             after = (await http.get("/api/state")).json()
             assert after["pending"] == []
             assert after["decisions"][0]["decision"] == decision
-            assert after["decisions"][0]["by"] == "console"
+            assert after["decisions"][0]["by"] == "api"  # a bearer token, not the console
 
     run(scenario())
 
 
 def test_console_rest_errors(gw: Gateway) -> None:
     async def scenario() -> None:
-        async with sled(gw, "p") as ws, httpx.AsyncClient(base_url=gw.http_url, timeout=T) as http:
+        async with (
+            sled(gw, "p") as ws,
+            httpx.AsyncClient(base_url=gw.http_url, timeout=T, headers=api(gw)) as http,
+        ):
             unknown = await http.post("/api/permissions/p/nope", json={"decision": "approve"})
             assert unknown.status_code == 404
             assert "error" in unknown.json()
@@ -459,7 +471,7 @@ def test_mcp_relay_round_trip(gw: Gateway) -> None:
     body = '{ "jsonrpc":"2.0",  "id": 7, "method":"tools/list", "params": {"x": "é\\n"} }\n'
 
     async def scenario() -> None:
-        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T) as http:
+        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T, headers=api(gw)) as http:
             post = asyncio.create_task(
                 http.post(
                     gw.mcp_url("p"),
@@ -488,7 +500,7 @@ def test_mcp_relay_round_trip(gw: Gateway) -> None:
 
 def test_mcp_relay_batch_and_concurrent_requests(gw: Gateway) -> None:
     async def scenario() -> None:
-        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T) as http:
+        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T, headers=api(gw)) as http:
             posts = [
                 asyncio.create_task(http.post(gw.mcp_url("p"), content=f'[{{"id":{i}}}]'))
                 for i in range(3)
@@ -510,7 +522,7 @@ def test_mcp_relay_batch_and_concurrent_requests(gw: Gateway) -> None:
 
 def test_mcp_relay_null_payload_is_202(gw: Gateway) -> None:
     async def scenario() -> None:
-        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T) as http:
+        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T, headers=api(gw)) as http:
             post = asyncio.create_task(
                 http.post(
                     gw.mcp_url("p"),
@@ -528,7 +540,7 @@ def test_mcp_relay_null_payload_is_202(gw: Gateway) -> None:
 
 def test_mcp_relay_unknown_or_gone_sled_is_404(gw: Gateway) -> None:
     async def scenario() -> None:
-        async with httpx.AsyncClient(timeout=T) as http:
+        async with httpx.AsyncClient(timeout=T, headers=api(gw)) as http:
             response = await http.post(gw.mcp_url("nobody"), content="{}")
             assert response.status_code == 404
             assert "nobody" in response.json()["error"]
@@ -545,7 +557,7 @@ def test_mcp_relay_timeout_is_504(make_reference_gateway: Callable[..., Gateway]
     gw = make_reference_gateway(mcp_timeout=0.3)
 
     async def scenario() -> None:
-        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T) as http:
+        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T, headers=api(gw)) as http:
             post = asyncio.create_task(http.post(gw.mcp_url("p"), content='{"id":1}'))
             request = await recv(ws)
             response = await post
@@ -563,7 +575,7 @@ def test_mcp_relay_timeout_is_504(make_reference_gateway: Callable[..., Gateway]
 
 def test_mcp_relay_sled_disconnecting_is_502(gw: Gateway) -> None:
     async def scenario() -> None:
-        async with httpx.AsyncClient(timeout=T) as http:
+        async with httpx.AsyncClient(timeout=T, headers=api(gw)) as http:
             async with sled(gw, "p") as ws:
                 post = asyncio.create_task(http.post(gw.mcp_url("p"), content='{"id":1}'))
                 await recv(ws)
@@ -577,7 +589,7 @@ def test_mcp_relay_in_flight_at_stop_is_503(make_reference_gateway: Callable[...
     gw = make_reference_gateway()
 
     async def scenario() -> None:
-        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T) as http:
+        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T, headers=api(gw)) as http:
             post = asyncio.create_task(http.post(gw.mcp_url("p"), content='{"id":1}'))
             await recv(ws)
             await asyncio.to_thread(gw.stop)
@@ -588,7 +600,7 @@ def test_mcp_relay_in_flight_at_stop_is_503(make_reference_gateway: Callable[...
 
 def test_mcp_relay_get_and_delete_are_405(gw: Gateway) -> None:
     async def scenario() -> None:
-        async with sled(gw, "p"), httpx.AsyncClient(timeout=T) as http:
+        async with sled(gw, "p"), httpx.AsyncClient(timeout=T, headers=api(gw)) as http:
             for method in ("GET", "DELETE"):
                 response = await http.request(
                     method, gw.mcp_url("p"), headers={"Accept": "text/event-stream"}
@@ -646,7 +658,9 @@ def test_mcp_sdk_client_through_the_relay(gw: Gateway) -> None:
         async with sled(gw, "p") as ws:
             server = asyncio.create_task(_answer_like_an_mcp_server(ws, seen))
             async with (
-                streamable_http_client(gw.mcp_url("p")) as (read, write),
+                streamable_http_client(
+                    gw.mcp_url("p"), http_client=create_mcp_http_client(headers=gw.api_headers())
+                ) as (read, write),
                 ClientSession(read, write) as session,
             ):
                 await session.initialize()
@@ -664,7 +678,7 @@ def test_mcp_sdk_client_through_the_relay(gw: Gateway) -> None:
 
 
 def test_console_page_and_misc_endpoints(gw: Gateway) -> None:
-    with httpx.Client(base_url=gw.http_url, timeout=T) as http:
+    with httpx.Client(base_url=gw.http_url, timeout=T, headers=api(gw)) as http:
         page = http.get("/")
         assert page.status_code == 200
         assert page.headers["content-type"].startswith("text/html")
@@ -809,7 +823,7 @@ def test_terminal_prompt_stdin_eof(
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "SLED_GATEWAY_TOKEN"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLED_GATEWAY_")}
     env.update(extra)
     return env
 
@@ -861,6 +875,18 @@ def spawn() -> Iterator[Callable[..., GatewayProcess]]:
         (["--no-auth", "--token", "x"], "--no-auth"),
         ([], "--token"),
         (["--bogus"], "--bogus"),
+        (["--no-auth", "--sled-tokens", "/nonexistent.json"], "--no-auth"),
+        (["--sled-tokens", "/nonexistent/sleds.json"], "--sled-tokens"),
+        (["--token", "x", "--max-relays-per-sled", "0"], "--max-relays-per-sled"),
+        (["--token", "x", "--max-pending-per-sled", "many"], "--max-pending-per-sled"),
+        (["--token", "x", "--max-connections", "-3"], "--max-connections"),
+        (["--token", "x", "--identity-timeout", "0"], "--identity-timeout"),
+        (["--token", "x", "--header-timeout", "soon"], "--header-timeout"),
+        (["--token", "x", "--forget-disconnected-after", "inf"], "--forget-disconnected-after"),
+        (["--token", "x", "--operator-token", "x"], "--operator-token"),
+        (["--token", "x", "--operator-token", ""], "--operator-token"),
+        (["--token", "x", "--allowed-host", "a/b"], "--allowed-host"),
+        (["--token", "x", "--allowed-host", "[zz"], "--allowed-host"),
     ],
 )
 def test_cli_bad_option_exits_2_with_one_line(args: list[str], names: str) -> None:
@@ -877,6 +903,69 @@ def test_cli_bad_option_exits_2_with_one_line(args: list[str], names: str) -> No
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert names in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"a": "s3cret-one", "b": "s3cret-one"}',
+        '{"a": "s3cret-one", "b": ""}',
+        '["s3cret-one"]',
+        '{"a": "s3cret-one",',
+        '{"a": "s3cret-one", "b": 7}',
+    ],
+    ids=["shared", "empty", "not-an-object", "not-json", "not-a-string"],
+)
+def test_cli_bad_sled_tokens_file_exits_2_without_echoing_a_token(
+    tmp_path: Path, content: str
+) -> None:
+    path = tmp_path / "sleds.json"
+    path.write_text(content)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "run_gateway.py"), "--sled-tokens", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=6 * T,
+        env=_env(),
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "--sled-tokens" in done.stderr
+    assert "s3cret-one" not in done.stderr
+
+
+def test_cli_prints_a_generated_console_url_once_and_it_logs_in(
+    spawn: Callable[..., GatewayProcess],
+) -> None:
+    gp = spawn("--listen", "127.0.0.1:0", "--no-auth")
+    port = gp.port()
+    url = gp.wait_for(rf"(http://127\.0\.0\.1:{port}/\?token=\S+)").group(1)
+    token = url.rsplit("=", 1)[1]
+    with httpx.Client(timeout=T) as browser:
+        assert browser.get(f"http://127.0.0.1:{port}/api/state").status_code == 401
+        page = browser.get(url, follow_redirects=True)
+        assert page.status_code == 200
+        assert str(page.url) == f"http://127.0.0.1:{port}/"
+        assert browser.get(f"http://127.0.0.1:{port}/api/state").status_code == 200
+    gp.proc.send_signal(signal.SIGTERM)
+    assert gp.proc.wait(T) == 0
+    assert gp.out["stderr"].count(token) == 1
+
+
+def test_cli_operator_token_from_env_is_not_printed(
+    spawn: Callable[..., GatewayProcess],
+) -> None:
+    gp = spawn(
+        "--listen", "127.0.0.1:0", "--no-auth", env=_env(SLED_GATEWAY_OPERATOR_TOKEN="op-t0k")
+    )
+    port = gp.port()
+    headers = {"Authorization": "Bearer op-t0k"}
+    assert httpx.get(f"http://127.0.0.1:{port}/api/state", headers=headers).status_code == 200
+    gp.proc.send_signal(signal.SIGTERM)
+    assert gp.proc.wait(T) == 0
+    assert "op-t0k" not in gp.out["stderr"] + gp.out["stdout"]
 
 
 def test_cli_port_in_use_exits_2() -> None:

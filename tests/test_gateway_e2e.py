@@ -31,6 +31,7 @@ import httpx
 import pytest
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 
 from actors import Uplink
 from actors.config import __version__
@@ -47,6 +48,7 @@ FACTOR = float(os.environ.get("SLED_TEST_TIME_FACTOR", "1"))
 T = 5.0 * FACTOR  # bound on anything waited for by event
 TOKEN = REFERENCE_TOKEN
 PROJECT = "e2e-sled"
+OPERATOR = "e2e-operator-t0ken"
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -138,7 +140,8 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith("HUSKIES_") and k != "SLED_GATEWAY_TOKEN"
+        if not k.startswith("HUSKIES_")
+        and k not in ("SLED_GATEWAY_TOKEN", "SLED_GATEWAY_OPERATOR_TOKEN")
     }
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
@@ -271,9 +274,9 @@ def test_console_rest_decision_reaches_the_waiting_caller(
     assert not caller.done()  # it really waits for a human
 
     url = f"{gw.http_url}/api/permissions/{PROJECT}/{req_id}"
-    answer = httpx.post(url, json={"decision": decision}, timeout=T)
+    answer = httpx.post(url, json={"decision": decision}, timeout=T, headers=gw.api_headers())
     assert answer.status_code == 200, answer.text
-    assert answer.json()["decided"]["by"] == "console"
+    assert answer.json()["decided"]["by"] == "api"
 
     status, body = caller.result()
     assert status == 200
@@ -288,7 +291,7 @@ def test_console_rest_decision_reaches_the_waiting_caller(
         assert body["updatedInput"] == tool_input
 
     # A decision never changes: a second answer is refused.
-    again = httpx.post(url, json={"decision": "approve"}, timeout=T)
+    again = httpx.post(url, json={"decision": "approve"}, timeout=T, headers=gw.api_headers())
     assert again.status_code == 409
     assert uplink.status()["permissions"]["pending"] == 0
 
@@ -302,7 +305,7 @@ def test_interactive_terminal_mode(
         "--listen",
         "127.0.0.1:0",
         "--interactive",
-        env=clean_env(SLED_GATEWAY_TOKEN=TOKEN),
+        env=clean_env(SLED_GATEWAY_TOKEN=TOKEN, SLED_GATEWAY_OPERATOR_TOKEN=OPERATOR),
     )
     port = int(gw_proc.wait_for(r"gateway listening on http://127\.0\.0\.1:(\d+)").group(1))
     uplink = make_uplink(f"ws://127.0.0.1:{port}/api/sled-uplink?token={TOKEN}", project=PROJECT)
@@ -321,7 +324,11 @@ def test_interactive_terminal_mode(
         assert outcome.decision is expected
         assert outcome.reason is Reason.GATEWAY
 
-    state = httpx.get(f"http://127.0.0.1:{port}/api/state", timeout=T).json()
+    state = httpx.get(
+        f"http://127.0.0.1:{port}/api/state",
+        timeout=T,
+        headers={"Authorization": f"Bearer {OPERATOR}"},
+    ).json()
     assert [d["decision"] for d in state["decisions"]] == ["always_allow", "deny", "approve"]
     assert {d["by"] for d in state["decisions"]} == {"terminal"}
 
@@ -329,14 +336,18 @@ def test_interactive_terminal_mode(
     assert gw_proc.proc.wait(2 * T) == 0
     eventually(lambda: uplink.status()["connection"]["state"] != "connected", 5.0, "disconnect")
     assert TOKEN not in gw_proc.out["stderr"]
+    assert OPERATOR not in gw_proc.out["stderr"] + gw_proc.out["stdout"]
 
 
 # -- the MCP relay --------------------------------------------------------------------------
 
 
-async def _use_tools(url: str) -> dict[str, Any]:
+async def _use_tools(url: str, headers: dict[str, str]) -> dict[str, Any]:
     async with (
-        streamable_http_client(url) as (read, write),
+        streamable_http_client(url, http_client=create_mcp_http_client(headers=headers)) as (
+            read,
+            write,
+        ),
         ClientSession(read, write) as session,
     ):
         init = await session.initialize()
@@ -368,7 +379,9 @@ def test_mcp_sdk_client_through_gateway_and_uplink_to_sdk_server(
     with McpSdkServer(stateless=stateless) as server:
         connected(gw, local_mcp_url=server.url)
         for _ in range(2):  # a second client re-initializes through the same uplink
-            got = asyncio.run(asyncio.wait_for(_use_tools(gw.mcp_url(PROJECT)), 6 * T))
+            got = asyncio.run(
+                asyncio.wait_for(_use_tools(gw.mcp_url(PROJECT), gw.api_headers()), 6 * T)
+            )
             assert got["server"] == "sled-uplink-test"
             assert {"echo", "add", "sleep"} <= got["tools"]
             assert got["echo"] == "hello via the gateway"
@@ -388,13 +401,15 @@ def test_mcp_relay_unknown_sled_is_404(
     gw = make_reference_gateway()
     uplink = connected(gw)
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
-    response = httpx.post(gw.mcp_url("no-such-sled"), json=body, timeout=T)
+    response = httpx.post(
+        gw.mcp_url("no-such-sled"), json=body, timeout=T, headers=gw.api_headers()
+    )
     assert response.status_code == 404
     assert "no-such-sled" in response.json()["error"]
 
     uplink.stop()  # a sled that has gone is unknown too
     gw.wait_for(sled_is("disconnected"), T)
-    response = httpx.post(gw.mcp_url(PROJECT), json=body, timeout=T)
+    response = httpx.post(gw.mcp_url(PROJECT), json=body, timeout=T, headers=gw.api_headers())
     assert response.status_code == 404
 
 
@@ -406,7 +421,9 @@ def test_mcp_relay_sled_not_answering_in_time_is_504(
         uplink = connected(gw, local_mcp_url=silent.url, mcp_timeout=20.0)
         body = {"jsonrpc": "2.0", "id": 7, "method": "tools/list"}
         started = time.monotonic()
-        response = httpx.post(gw.mcp_url(PROJECT), json=body, timeout=3 * T)
+        response = httpx.post(
+            gw.mcp_url(PROJECT), json=body, timeout=3 * T, headers=gw.api_headers()
+        )
         took = time.monotonic() - started
         assert response.status_code == 504
         assert PROJECT in response.json()["error"]

@@ -1,0 +1,53 @@
+"""Untrusted text made safe for a terminal or a one-line log record.
+
+Tool names, request ids, project names and identity fields come from sleds,
+and through them from whatever an agent was told to do. Printed raw, an
+``ESC [`` sequence can recolour, move the cursor or rewrite the screen of the
+operator's terminal, a CR or LF can forge a whole extra log line, and a
+bidirectional override can make ``rm -rf /`` read as something else. So every
+such character is shown as an escape (``\\x1b``, ``\\n``, ``\\u202e``) and
+nothing is executed.
+
+Backslashes are left alone, which makes :func:`printable` idempotent: text
+escaped at a call site and again at a log sink is escaped once.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Format characters that reorder or hide text (bidi embeddings, overrides and
+# isolates, zero-width marks) and the Unicode line/paragraph separators.
+_INVISIBLE = frozenset(
+    "\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+    "\u2028\u2029\u2060\u2066\u2067\u2068\u2069\ufeff"
+)
+
+
+def _escape(ch: str) -> str:
+    if ch in _NAMED:
+        return _NAMED[ch]
+    code = ord(ch)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def _unsafe(ch: str) -> bool:
+    # Cc: C0 controls (ESC, CR, LF, BEL…), DEL and the C1 controls (0x9b is
+    # an 8-bit CSI on some terminals). Cs: lone surrogates cannot be encoded.
+    return ch in _INVISIBLE or unicodedata.category(ch) in ("Cc", "Cs")
+
+
+def printable(text: object, limit: int | None = None) -> str:
+    """``text`` (``str()`` of it if not a string) with control characters shown escaped.
+
+    ``limit`` cuts the result to about that many characters, marked with ``…``.
+    """
+    s = text if isinstance(text, str) else str(text)
+    if any(_unsafe(ch) for ch in s):
+        s = "".join(_escape(ch) if _unsafe(ch) else ch for ch in s)
+    if limit is not None and len(s) > limit:
+        s = s[:limit] + "…"
+    return s
