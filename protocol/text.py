@@ -1,0 +1,27 @@
+"""Untrusted text made safe for a terminal or a text log line.
+
+A tool name or a request id comes from a sled process or the gateway; written
+raw, an ANSI escape would recolour or clear the operator's terminal and a CR/LF
+would forge a log line. Pure: strings in, strings out.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+
+
+def printable(text: str) -> str:
+    """``text`` with every control or format character (C0, DEL, C1, ESC,
+    bidi overrides, ...) and the backslash written as a visible escape."""
+    out = []
+    for char in text:
+        if char in _NAMED:
+            out.append(_NAMED[char])
+        elif unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp", "Cs"):
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)
