@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import unicodedata
 
-_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def printable(text: str) -> str:
     """``text`` with every control or format character (C0, DEL, C1, ESC,
-    bidi overrides, ...) and the backslash written as a visible escape."""
+    bidi overrides, line separators, ...) written as a visible escape.
+
+    A backslash stays as it is, so text already escaped (a ``repr``) reads
+    the same; what matters is that nothing in the result is a control.
+    """
     out = []
     for char in text:
         if char in _NAMED:
