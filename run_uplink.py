@@ -15,6 +15,7 @@ import argparse
 import difflib
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -56,7 +57,8 @@ class _OneLineParser(argparse.ArgumentParser):
         if message.startswith(_UNRECOGNIZED):
             message = _UNRECOGNIZED + self._unrecognized(message[len(_UNRECOGNIZED) :])
         for secret in self._secrets():
-            message = message.replace(secret, "***")
+            # Case-blind: a value may come back changed (--log-level upper-cases it).
+            message = re.sub(re.escape(secret), "***", message, flags=re.IGNORECASE)
         return redact(message)
 
     def _unrecognized(self, words: str) -> str:

@@ -21,7 +21,7 @@ _SECRET = re.compile(
     rf"[^{_VALUE_END}]*"
 )
 # scheme://userinfo@ : the userinfo may carry a password (or be a bare token).
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^\s/?#@\"'`<>()\[\]{}]+)@")
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^\s/?#@\"`<>\[\]{}\\]+)@")
 # An HTTP credential quoted in prose: "Authorization: Bearer abc".
 _BEARER = re.compile(rf"(?i)\b(bearer\s+)[^{_VALUE_END}]+")
 
