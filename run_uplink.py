@@ -12,8 +12,10 @@ exit 0; SIGHUP ends a back-off wait; SIGUSR1 logs every thread's traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -32,11 +34,61 @@ DEFAULT_LISTEN = "127.0.0.1:3002"
 _NO_LISTEN = ("", "off", "none")
 
 
+# Options whose value is a secret, and the environment variables that hold one.
+SECRET_OPTIONS = ("--ingress-token",)
+SECRET_ENV = ("HUSKIES_UPSTREAM_TOKEN", "HUSKIES_UPLINK_INGRESS_TOKEN")
+_UNRECOGNIZED = "unrecognized arguments: "
+
+
 class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit 2), never a wall."""
+    """argparse, but a usage error is one line on stderr (exit 2), never a wall,
+    and never shows a secret: argparse echoes what it did not understand, and
+    a mistyped ``--upstream-gatway 'ws://h/?token=…'`` would print the token."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {self._safe(message)}\n")
+
+    def _safe(self, message: str) -> str:
+        from protocol import redact
+
+        if message.startswith(_UNRECOGNIZED):
+            message = _UNRECOGNIZED + self._unrecognized(message[len(_UNRECOGNIZED) :])
+        for secret in self._secrets():
+            # Case-blind: a value may come back changed (--log-level upper-cases it).
+            message = re.sub(re.escape(secret), "***", message, flags=re.IGNORECASE)
+        return redact(message)
+
+    def _unrecognized(self, words: str) -> str:
+        """Option names as typed (with a suggestion); every value as ``***``."""
+        known = [s for action in self._actions for s in action.option_strings]
+        shown, hints = [], []
+        for word in words.split(" "):
+            name, eq, _ = word.partition("=")
+            if not (name.startswith("--") and name[2:3].isalpha()) and len(name) != 2:
+                shown.append("***")  # a value: it may be a secret
+                continue
+            shown.append(name + ("=***" if eq else ""))
+            hints += difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {', '.join(dict.fromkeys(hints))}?)" if hints else ""
+        return " ".join(shown) + hint
+
+    def _secrets(self) -> list[str]:
+        argv = getattr(self, "_argv", [])
+        found = [os.environ[name] for name in SECRET_ENV if os.environ.get(name)]
+        for index, word in enumerate(argv):
+            name, eq, value = word.partition("=")
+            # A secret option, or an abbreviation argparse would accept for it.
+            if len(name) > 2 and any(option.startswith(name) for option in SECRET_OPTIONS):
+                if eq:
+                    found.append(value)
+                elif index + 1 < len(argv):
+                    found.append(argv[index + 1])
+        # Longest first, so a secret containing another is replaced whole.
+        return sorted({f for f in found if f}, key=len, reverse=True)
 
 
 def _duration(text: str) -> float:
@@ -74,6 +126,39 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value if value else default
 
 
+def _bytes(text: str) -> int:
+    """A byte count: a whole number, optionally with a KiB/MiB/GiB suffix."""
+    units = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "k": 1024, "m": 1024**2, "g": 1024**3}
+    number, factor = text.strip().lower(), 1
+    for suffix, size in units.items():
+        if number.endswith(suffix):
+            number, factor = number[: -len(suffix)].strip(), size
+            break
+    try:
+        value = int(number) * factor
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a byte count (e.g. 67108864 or 64MiB)"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
+
+
+def read_token_file(path: str) -> str:
+    """The token in ``path`` (surrounding whitespace and the newline dropped);
+    ConfigError naming the file, never its content."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            token = handle.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+        raise ConfigError("--token-file", f"cannot read {path}: {reason}") from None
+    if not token:
+        raise ConfigError("--token-file", f"{path} is empty")
+    return token
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         # prog defaults to how it was invoked: run_uplink.py or sled-uplink.
@@ -85,8 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--upstream-gateway",
         metavar="URL",
         default=_env("HUSKIES_UPSTREAM_GATEWAY", ""),
-        help="ws:// or wss:// URL of the gateway's /api/sled-uplink (may carry ?token=); "
+        help="ws:// or wss:// URL of the gateway's /api/sled-uplink (may carry ?token=, "
+        "but --token-file keeps it out of the process list); "
         "env HUSKIES_UPSTREAM_GATEWAY; unset disables the uplink",
+    )
+    add(
+        "--token-file",
+        metavar="PATH",
+        default=None,
+        help="file holding the gateway token, sent as the URL's ?token= (added, or replacing "
+        "one in the URL); env HUSKIES_UPSTREAM_TOKEN holds the token itself; "
+        "default: none (the URL's own ?token=, if any)",
     )
     add(
         "--project",
@@ -106,6 +200,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("HUSKIES_UPLINK_LISTEN", DEFAULT_LISTEN),
         help="local HTTP ingress (env HUSKIES_UPLINK_LISTEN; 'off' disables it)",
     )
+    add(
+        "--ingress-token",
+        metavar="TOKEN",
+        default=_env("HUSKIES_UPLINK_INGRESS_TOKEN"),
+        help="require 'Authorization: Bearer TOKEN' on every ingress endpoint but /healthz "
+        "(env HUSKIES_UPLINK_INGRESS_TOKEN, preferred: argv is visible to other users; "
+        "default: none, no token needed)",
+    )
+    add(
+        "--ingress-allowed-host",
+        metavar="HOST",
+        action="append",
+        default=[],
+        help="also accept this Host header at the ingress (repeatable; default: localhost, "
+        "127.0.0.1, [::1] and the --listen host; others get 421)",
+    )
     add("--heartbeat-interval", metavar="S", type=_duration, default=10.0)
     add("--backoff-initial", metavar="S", type=_duration, default=1.0)
     add("--backoff-max", metavar="S", type=_duration, default=60.0)
@@ -113,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--backoff-reset-after", metavar="S", type=_duration, default=30.0)
     add("--permission-timeout", metavar="S", type=_duration, default=120.0)
     add("--max-pending", metavar="N", type=_count, default=10_000)
+    add(
+        "--max-pending-bytes",
+        metavar="N",
+        type=_bytes,
+        default=64 * 1024 * 1024,
+        help="deny a permission request at once when the undecided ones would hold more than "
+        "this many bytes of tool input together (e.g. 64MiB; default: 64 MiB)",
+    )
     add("--mcp-timeout", metavar="S", type=_duration, default=120.0)
     add("--mcp-concurrency", metavar="N", type=_count, default=16)
     add(
@@ -166,8 +284,13 @@ def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from actors.config import UplinkConfig
 
     listen = None if args.listen.strip().lower() in _NO_LISTEN else args.listen
+    token = read_token_file(args.token_file) if args.token_file else _env("HUSKIES_UPSTREAM_TOKEN")
     return UplinkConfig(
         upstream_url=args.upstream_gateway,
+        upstream_token=token,
+        ingress_token=args.ingress_token,
+        ingress_allowed_hosts=tuple(args.ingress_allowed_host),
+        max_pending_bytes=args.max_pending_bytes,
         project=args.project,
         local_mcp_url=args.local_mcp_url,
         listen=listen,
@@ -235,8 +358,10 @@ def _run(config, log) -> int:  # type: ignore[no-untyped-def]
     try:
         uplink.start()
     except ConfigError as exc:  # e.g. the ingress port was taken meanwhile
+        from protocol import redact
+
         prog = Path(sys.argv[0]).name or "run_uplink.py"
-        sys.stderr.write(f"{prog}: error: argument {exc.option}: {exc.problem}\n")
+        sys.stderr.write(redact(f"{prog}: error: argument {exc.option}: {exc.problem}\n"))
         return EXIT_USAGE
     try:
         while not stop.wait(0.5):

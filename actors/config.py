@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from protocol import ConfigError, redact
+from protocol.urls import with_token
 from protocol.version import __version__
 
 MiB = 1024 * 1024
@@ -50,15 +51,37 @@ class UplinkConfig:
     max_frame_bytes: int = 16 * MiB
     ca_file: str | None = None
     status_interval: float = 60.0
+    # The gateway token kept out of the URL text (--token-file, env
+    # HUSKIES_UPSTREAM_TOKEN); it still travels as the URL's ?token=.
+    upstream_token: str | None = None
+    # The local ingress's request checks (DNS rebinding, CSRF, local users).
+    ingress_token: str | None = None
+    ingress_allowed_hosts: tuple[str, ...] = ()
+    # The tool inputs undecided requests may hold in memory, all together.
+    max_pending_bytes: int = 64 * MiB
     # Extra identity keys; the token never goes here (it rides in the URL).
     identity_extra: dict[str, object] = field(default_factory=lambda: {"version": __version__})
 
     def __repr__(self) -> str:
+        def shown(name: str) -> str:
+            value = getattr(self, name)
+            if name in _SECRET_FIELDS and value is not None:
+                return "'***'"
+            return repr(value)
+
         return redact(
             "UplinkConfig("
-            + ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__dataclass_fields__)
+            + ", ".join(f"{name}={shown(name)}" for name in self.__dataclass_fields__)
             + ")"
         )
+
+    @property
+    def connect_url(self) -> str:
+        """The URL the connection dials: ``upstream_url`` with ``upstream_token``
+        as its ``?token=`` (added or replaced) when one is set."""
+        if self.upstream_token and self.upstream_url:
+            return with_token(self.upstream_url, self.upstream_token)
+        return self.upstream_url
 
     @property
     def enabled(self) -> bool:
@@ -104,6 +127,17 @@ class UplinkConfig:
             raise ConfigError("--backoff-multiplier", "must be at least 1")
         if self.max_pending < 1:
             raise ConfigError("--max-pending", "must be at least 1")
+        if self.max_pending_bytes < 1:
+            raise ConfigError("--max-pending-bytes", "must be at least 1")
+        if self.upstream_token is not None and not self.upstream_token.strip():
+            raise ConfigError("--token-file", "the gateway token is empty")
+        if self.ingress_token is not None and not self.ingress_token.strip():
+            raise ConfigError("--ingress-token", "must not be empty")
+        for host in self.ingress_allowed_hosts:
+            if not host or any(c in host for c in "/ @?#") or host != host.strip():
+                raise ConfigError(
+                    "--ingress-allowed-host", f"expected a host name or address, got {host!r}"
+                )
         if self.mcp_concurrency < 1:
             raise ConfigError("--mcp-concurrency", "must be at least 1")
         if self.ca_file is not None:
@@ -111,6 +145,9 @@ class UplinkConfig:
         if self.listen is not None:
             parse_listen(self.listen)
         return self
+
+
+_SECRET_FIELDS = frozenset({"upstream_token", "ingress_token"})
 
 
 def _check_ca_file(path: str) -> None:

@@ -198,7 +198,7 @@ class ConnectionActor(UplinkActor):
     def __init__(self, ctx: UplinkContext, session: int) -> None:
         self.session = session  # before super(): the logger is bound to the name
         super().__init__(ctx)
-        self.url = redact(ctx.config.upstream_url)
+        self.url = redact(ctx.config.connect_url)
         self._ws: ClientConnection | None = None
         self._outbox: Outbox | None = None
         self._task: concurrent.futures.Future[None] | None = None
@@ -264,7 +264,7 @@ class ConnectionActor(UplinkActor):
         ended = SessionEnded(self.session, "connection attempt ended")
         try:
             async with connect(
-                config.upstream_url,
+                config.connect_url,
                 open_timeout=config.open_timeout,
                 # Our own keepalive (below) aborts at once on a missed pong;
                 # websockets' would first wait out a close handshake.
@@ -274,7 +274,7 @@ class ConnectionActor(UplinkActor):
                 max_queue=64,
                 # Frames are small JSON; the Rust original negotiates no compression.
                 compression=None,
-                ssl=tls_context(config.ca_file) if config.upstream_url.startswith("wss:") else None,
+                ssl=tls_context(config.ca_file) if config.connect_url.startswith("wss:") else None,
                 user_agent_header=f"sled-uplink/{config.identity_extra.get('version', '0')}",
                 proxy=None,
                 logger=_ws_logger,

@@ -4,6 +4,16 @@ process, plus status, readiness and Prometheus metrics.
 A small ASGI app served by uvicorn inside the uplink's own event loop: a
 caller waiting on ``POST /permission`` costs a coroutine, not a thread, so
 thousands can wait at once. Every answer is JSON (but ``/metrics``).
+
+The ingress is a security control (an approval a web page can forge is worse
+than none), so every request passes :class:`RequestGuard` before any routing:
+its ``Host`` must be allowed (DNS rebinding), a ``POST`` must be
+``application/json`` and any ``Origin`` must be the ingress itself (CSRF), and
+with an ingress token every endpoint but ``/healthz`` needs it. An early
+answer (413, 415, ...) to a request whose body is still arriving is followed by
+reading and discarding that body, within bounds, before the connection closes:
+closing a socket with unread data makes the kernel reset it, and the client
+then never sees the answer.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hmac
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -30,6 +41,13 @@ if TYPE_CHECKING:
     from actors.system import Uplink
 
 MAX_BODY = 1024 * 1024
+# After an early answer, at most this much of a request's unread body is read
+# (and discarded), for at most this long, so the answer is not lost to a reset.
+DRAIN_MAX_BYTES = 16 * MAX_BODY
+DRAIN_SECONDS = 5.0
+# Always allowed as a Host (with the --listen host, unless a wildcard).
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+_WILDCARDS = ("0.0.0.0", "::", "")
 CONNECTION_STATES = ("disabled", "connecting", "connected", "backoff", "stopping", "stopped")
 
 Scope = dict[str, Any]
@@ -40,10 +58,145 @@ _log = logger.bind(actor="ingress")
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(
+        self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or []
+
+
+def host_name(authority: str) -> str:
+    """The host of a ``Host`` header or an allowlist entry, lower-cased, without
+    port or IPv6 brackets: ``[::1]:3002`` → ``::1``, ``Localhost:80`` → ``localhost``."""
+    text = authority.strip().lower()
+    if text.startswith("["):
+        return text[1:].partition("]")[0]
+    if text.count(":") == 1:  # name:port (more than one colon: a bare IPv6 address)
+        text = text.partition(":")[0]
+    return text.rstrip(".")
+
+
+class RequestGuard:
+    """The checks every request passes before routing; pure (scope in, HttpError out).
+
+    - ``Host`` in the allowlist, else 421: a DNS-rebinding page's requests
+      carry its own name, whatever address that name now resolves to;
+    - an ``Origin``, when sent, must be this ingress itself (an allowed host
+      with the ingress's port), else 403: browsers send it on every
+      cross-origin request and on every POST, even a ``no-cors`` one;
+    - with a token, ``Authorization: Bearer <token>`` on every path but
+      ``/healthz``, else 401 (compared in constant time);
+    - ``POST`` only with ``Content-Type: application/json``, else 415: a page
+      can send ``text/plain`` or a form anywhere without a CORS preflight, but
+      not JSON.
+    """
+
+    def __init__(self, allowed_hosts: tuple[str, ...], port: int, token: str | None = None) -> None:
+        self.allowed = frozenset(host_name(h) for h in allowed_hosts)
+        self.port = port
+        self._token = None if token is None else token.encode("utf-8")
+
+    @classmethod
+    def for_config(cls, config: Any, port: int) -> RequestGuard:
+        hosts = list(LOOPBACK_NAMES) + list(config.ingress_allowed_hosts)
+        address = config.listen_address
+        if address is not None and address[0] not in _WILDCARDS:
+            hosts.append(address[0])
+        return cls(tuple(hosts), port, config.ingress_token)
+
+    @property
+    def authenticates(self) -> bool:
+        return self._token is not None
+
+    def check(self, scope: Scope) -> None:
+        headers: dict[bytes, bytes] = {}
+        for name, value in scope["headers"]:
+            # A repeated security header is ambiguous: refuse rather than guess.
+            if name in headers and name in (b"host", b"origin", b"authorization"):
+                raise HttpError(400, f"more than one {name.decode().title()} header")
+            headers[name] = value
+        host = headers.get(b"host")
+        if host is None:
+            raise HttpError(421, "a Host header is required")
+        if host_name(host.decode("latin-1")) not in self.allowed:
+            raise HttpError(421, "this Host is not served here (see --ingress-allowed-host)")
+        origin = headers.get(b"origin")
+        if origin is not None and not self._own_origin(origin.decode("latin-1")):
+            raise HttpError(403, "cross-origin requests are refused")
+        if self._token is not None and scope["path"] != "/healthz":
+            self._authenticate(headers.get(b"authorization"))
+        if scope["method"] == "POST" and not _is_json(headers.get(b"content-type")):
+            raise HttpError(415, "Content-Type must be application/json")
+
+    def _own_origin(self, origin: str) -> bool:
+        scheme, sep, rest = origin.strip().lower().partition("://")
+        if not sep or scheme != "http" or "/" in rest or "@" in rest:
+            return False  # "null", https://..., or not an origin at all
+        name = host_name(rest)
+        port_text = rest.rpartition("]")[2] if rest.startswith("[") else rest
+        _, colon, port = port_text.rpartition(":") if port_text.count(":") == 1 else ("", "", "")
+        if colon and not port.isdigit():
+            return False
+        return name in self.allowed and (int(port) if colon else 80) == self.port
+
+    def _authenticate(self, header: bytes | None) -> None:
+        challenge = [(b"www-authenticate", b'Bearer realm="sled-uplink"')]
+        if header is None:
+            raise HttpError(401, "an Authorization: Bearer token is required", challenge)
+        scheme, _, given = header.strip().partition(b" ")
+        assert self._token is not None
+        # compare_digest on bytes: its time does not depend on where they differ.
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self._token):
+            raise HttpError(401, "wrong or malformed Authorization: Bearer token", challenge)
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    if content_type is None:
+        return False
+    media, _, params = content_type.decode("latin-1").partition(";")
+    if media.strip().lower() != "application/json":
+        return False
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in (
+            "utf-8",
+            "utf8",
+        ):
+            return False
+    return True
+
+
+class _Body:
+    """``receive`` that remembers whether the request body has been read to its end."""
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self._receive = receive
+        self.ended = not _declares_body(scope)
+
+    async def __call__(self) -> dict[str, Any]:
+        message = await self._receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body"):
+            self.ended = True
+        return message
+
+    async def drain(self) -> None:
+        """Read and discard the rest of the body, within DRAIN_MAX_BYTES and DRAIN_SECONDS."""
+        read = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DRAIN_SECONDS):
+                while not self.ended and read <= DRAIN_MAX_BYTES:
+                    read += len((await self()).get("body", b""))
+
+
+def _declares_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            return bool(value.strip() != b"0")
+    return False
 
 
 def permission_answer(outcome: Outcome, tool_input: JSON) -> dict[str, JSON]:
@@ -145,6 +298,7 @@ class Ingress:
         self.waiting = 0
         self.port: int | None = None
         self._server: uvicorn.Server | None = None
+        self.guard: RequestGuard | None = None  # set once the port is known
         self._serving: concurrent.futures.Future[None] | None = None
         self._routes: dict[
             str, dict[str, Callable[[Scope, Receive], Awaitable[tuple[int, Any]]]]
@@ -177,6 +331,7 @@ class Ingress:
         sock.listen(2048)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
+        self.guard = RequestGuard.for_config(self.ctx.config, self.port)
         config = uvicorn.Config(
             self,
             log_config=None,
@@ -219,29 +374,48 @@ class Ingress:
         if scope["type"] != "http":
             return
         methods = self._routes.get(scope["path"])
+        body = _Body(scope, receive)
+        receive = body
+        extra: list[tuple[bytes, bytes]] = []
         try:
+            # One place, before any routing: every endpoint, present or added
+            # later, is behind the same Host, Origin, token and JSON checks.
+            assert self.guard is not None
+            self.guard.check(scope)
             if methods is None:
                 raise HttpError(404, f"no such endpoint: {scope['path']}")
             handler = methods.get(scope["method"])
             if handler is None:
                 raise HttpError(405, f"{scope['method']} is not allowed on {scope['path']}")
-            status, body = await handler(scope, receive)
+            status, answer = await handler(scope, receive)
         except HttpError as exc:
-            status, body = exc.status, {"error": exc.message}
+            status, answer = exc.status, {"error": exc.message}
+            extra = exc.headers
         except Exception:  # every answer is JSON, even a bug's
             _log.exception("{} {} failed", scope["method"], scope["path"])
-            status, body = 500, {"error": "internal error"}
-        if isinstance(body, bytes):
+            status, answer = 500, {"error": "internal error"}
+        if isinstance(answer, bytes):
             content_type = b"text/plain; version=0.0.4; charset=utf-8"
-            payload = body
+            payload = answer
         else:
             content_type = b"application/json"
-            payload = dumps(body).encode("utf-8")
+            payload = dumps(answer).encode("utf-8")
         headers = [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())]
+        headers += extra
         if status == 405 and methods is not None:
             headers.append((b"allow", ", ".join(methods).encode()))
+        if body.ended:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        # Answered before the body was read (413, 415, 401, ...): send the
+        # answer now, read what the client is still sending, then close, so
+        # the close is a FIN after the answer, not a reset that discards it.
+        headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await send({"type": "http.response.body", "body": payload, "more_body": True})
+        await body.drain()
+        await send({"type": "http.response.body", "body": b""})
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         for name, value in scope["headers"]:

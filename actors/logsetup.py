@@ -4,6 +4,11 @@ Every line passes through :func:`protocol.redact` at the sink, the one place
 text leaves the process, so a token in a URL never reaches a log at any level
 (websockets logs the handshake request line at DEBUG). ``json_lines`` gives one
 JSON object per line: time, level, actor, message, and any bound extras.
+
+A text line's message also passes :func:`protocol.text.printable`: a tool
+name or request id comes from a sled process or the gateway, and a raw CR/LF
+would forge a log line, an ANSI escape would drive the reader's terminal.
+JSON lines need no such care (JSON escapes control characters itself).
 """
 
 from __future__ import annotations
@@ -17,8 +22,21 @@ from typing import Any, TextIO
 from loguru import logger
 
 from protocol import redact
+from protocol.text import printable
 
-_TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {extra[actor]: <13} | {message}"
+_TEXT_FORMAT = (
+    "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {extra[actor]: <13} | {extra[_printable]}"
+)
+
+
+def _text_format(record: Any) -> str:
+    """The text line's format, with the message made printable (see the module
+    docstring). pykka's thread dump (SIGUSR1) is our own multi-line text: kept."""
+    message = record["message"]
+    record["extra"]["_printable"] = (
+        message if record["extra"].get("_multiline") else printable(message)
+    )
+    return _TEXT_FORMAT + "\n{exception}"
 
 
 class InterceptHandler(logging.Handler):
@@ -30,9 +48,10 @@ class InterceptHandler(logging.Handler):
         except ValueError:
             level = record.levelno
         actor = record.name.split(".")[0]
-        logger.bind(actor=actor).opt(exception=record.exc_info, depth=0).log(
-            level, record.getMessage()
-        )
+        bound = logger.bind(actor=actor)
+        if record.name == "pykka" and record.levelno >= logging.CRITICAL:
+            bound = bound.bind(_multiline=True)  # log_thread_tracebacks: one block per thread
+        bound.opt(exception=record.exc_info, depth=0).log(level, record.getMessage())
 
 
 def _text_sink(stream: TextIO) -> Any:
@@ -52,7 +71,9 @@ def _json_sink(stream: TextIO) -> Any:
             "actor": record["extra"].get("actor", "main"),
             "message": record["message"],
         }
-        extras = {k: v for k, v in record["extra"].items() if k != "actor"}
+        extras = {
+            k: v for k, v in record["extra"].items() if k != "actor" and not k.startswith("_")
+        }
         if extras:
             line["extra"] = extras
         if record["exception"] is not None:
@@ -96,7 +117,7 @@ def configure_logging(
         logger.add(
             _text_sink(out),
             level=level.upper(),
-            format=_TEXT_FORMAT,
+            format=_text_format,
             backtrace=False,
             diagnose=False,
         )

@@ -9,7 +9,9 @@ Rules, each with its own deny reason:
 - no session up → held in arrival order, sent right after the next identity;
 - the session a request was sent on ends → denied (``session_ended``);
 - not decided within the permission timeout from submission → ``timeout``;
-- shutdown → ``shutdown``; too many undecided → ``over_limit``;
+- shutdown → ``shutdown``; too many undecided → ``over_limit``; undecided
+  requests whose frames would together exceed ``max_pending_bytes`` →
+  ``over_bytes`` (a count cap alone lets 10 000 one-MiB inputs pin 10 GB);
 - an id already undecided → the new one is denied (``duplicate_id``).
 A response is honoured only for an undecided request, and only when it
 arrives on the session the request was sent on.
@@ -49,6 +51,7 @@ from protocol import (
     Reason,
     decide,
     parse,
+    serialize,
 )
 
 
@@ -61,6 +64,7 @@ class Pending:
     deadline: float
     session: int | None = None  # the session it was sent on; None while held
     frame_text: str | None = None  # its perm_request frame, when the edge serialized it
+    size: int = 0  # what it counts against max_pending_bytes
 
 
 # Sends a perm_request on a session: an Envelope, or its text when already serialized.
@@ -76,6 +80,7 @@ class PermissionBook:
         *,
         timeout: float,
         max_pending: int,
+        max_pending_bytes: int | None = None,
         send: SendFn,
         on_decided: DecidedFn | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -83,6 +88,8 @@ class PermissionBook:
     ) -> None:
         self.timeout = timeout
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        self.pending_bytes = 0
         self._send = send
         self._on_decided = on_decided
         self._clock = clock
@@ -125,10 +132,24 @@ class PermissionBook:
             )
             self._answer(entry, Decision.DENY, Reason.OVER_LIMIT)
             return
+        if self.max_pending_bytes is not None:
+            entry.size = _frame_size(entry)
+            if self.pending_bytes + entry.size > self.max_pending_bytes:
+                self._log.warning(
+                    "{} requests already hold {} bytes (limit {}); denying {!r} ({} bytes)",
+                    len(self.pending),
+                    self.pending_bytes,
+                    self.max_pending_bytes,
+                    request_id,
+                    entry.size,
+                )
+                self._answer(entry, Decision.DENY, Reason.OVER_BYTES)
+                return
         if entry.deadline <= self._clock():
             self._answer(entry, Decision.DENY, Reason.TIMEOUT)
             return
         self.pending[request_id] = entry
+        self.pending_bytes += entry.size
         heapq.heappush(self._deadlines, (entry.deadline, request_id))
         if self.session is None:
             self.held[request_id] = None
@@ -210,6 +231,7 @@ class PermissionBook:
     def _decide(self, entry: Pending, decision: Decision, reason: Reason) -> Outcome:
         # Popping is what makes a decision final: no second path can find it.
         del self.pending[entry.request_id]
+        self.pending_bytes -= entry.size
         self.held.pop(entry.request_id, None)
         if not self.pending:
             self._deadlines.clear()
@@ -225,6 +247,14 @@ class PermissionBook:
         return outcome
 
 
+def _frame_size(entry: Pending) -> int:
+    """UTF-8 bytes of the request's ``perm_request`` frame: what holding it costs."""
+    text = entry.frame_text
+    if text is None:
+        text = serialize(PermRequest(entry.tool_name, entry.tool_input).envelope(entry.request_id))
+    return len(text.encode("utf-8"))
+
+
 class PermissionRegistryActor(UplinkLoopActor):
     role = Role.PERMISSIONS
 
@@ -233,6 +263,7 @@ class PermissionRegistryActor(UplinkLoopActor):
         self.book = PermissionBook(
             timeout=ctx.config.permission_timeout,
             max_pending=ctx.config.max_pending,
+            max_pending_bytes=ctx.config.max_pending_bytes,
             send=self._send,
             on_decided=self._on_decided,
             log=self.log,
@@ -291,6 +322,7 @@ class PermissionRegistryActor(UplinkLoopActor):
             "state": self.state,
             "session": self.book.session,
             "pending": len(self.book.pending),
+            "pending_bytes": self.book.pending_bytes,
             "held": len(self.book.held),
             "decided": self.decided,
         }

@@ -72,7 +72,7 @@ class SupervisorActor(UplinkActor):
     def snapshot(self) -> dict[str, Any]:
         return {
             "state": self.state,
-            "url": redact(self.ctx.config.upstream_url),
+            "url": redact(self.ctx.config.connect_url),
             "session": self.session if self.connection is not None else None,
             "sessions_started": self.session,
             "sessions_up": self.sessions_up,

@@ -45,7 +45,8 @@ from actors.permissions import PermissionRegistryActor
 from actors.router import RouterActor
 from actors.status import snapshot
 from actors.supervisor import SupervisorActor
-from protocol import JSON, Decision, Kind, Outcome, PermRequest, Reason, serialize
+from protocol import JSON, Decision, Kind, Outcome, PermRequest, Reason, redact, serialize
+from protocol.urls import plain_text_token_host
 
 # The router's table: envelope kind → the actor class that handles it. A new
 # kind is one actor class plus one entry here (or in ``Uplink(handlers=…)``).
@@ -114,6 +115,14 @@ class Uplink:
 
     def _bring_up(self, ctx: UplinkContext) -> None:
         self._ctx = ctx
+        # Said once, before the first connect sends it.
+        exposed = plain_text_token_host(self.config.connect_url) if self.config.enabled else None
+        if exposed is not None:
+            _log.warning(
+                "the gateway token travels unencrypted over ws:// to {!r}, which is not "
+                "loopback: anyone on the path can read it; use wss://",
+                exposed,
+            )
         try:
             self._start_actors(ctx)
             if self.config.listen is not None:
@@ -131,7 +140,7 @@ class Uplink:
         _log.info(
             "uplink started for project {!r} (gateway {})",
             self.config.project,
-            "disabled" if not self.config.enabled else self.config.upstream_url,
+            "disabled" if not self.config.enabled else redact(self.config.connect_url),
         )
 
     def _start_actors(self, ctx: UplinkContext) -> None:

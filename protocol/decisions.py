@@ -33,6 +33,7 @@ class Reason(enum.StrEnum):
     TIMEOUT = "timeout"  # not answered within the permission timeout
     SHUTDOWN = "shutdown"  # the uplink stopped
     OVER_LIMIT = "over_limit"  # too many undecided requests
+    OVER_BYTES = "over_bytes"  # the undecided requests already hold too much data
     DUPLICATE_ID = "duplicate_id"  # an undecided request already has this id
     DISABLED = "disabled"  # no gateway configured
     CRASH = "crash"  # the registry itself failed; fail closed
@@ -47,6 +48,7 @@ DENY_MESSAGES: dict[Reason, str] = {
     Reason.TIMEOUT: "Denied: no answer from the gateway before the permission timeout.",
     Reason.SHUTDOWN: "Denied: the uplink is shutting down.",
     Reason.OVER_LIMIT: "Denied: too many permission requests are waiting.",
+    Reason.OVER_BYTES: "Denied: the permission requests waiting already hold too much data.",
     Reason.DUPLICATE_ID: "Denied: a request with this id is already waiting.",
     Reason.DISABLED: "Denied: no upstream gateway is configured.",
     Reason.CRASH: "Denied: the uplink's permission registry failed.",

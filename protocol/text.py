@@ -17,14 +17,6 @@ from __future__ import annotations
 import unicodedata
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-# Format characters that reorder or hide text (bidi embeddings, overrides and
-# isolates, zero-width marks) and the Unicode line/paragraph separators.
-_INVISIBLE = frozenset(
-    "\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
-    "\u2028\u2029\u2060\u2066\u2067\u2068\u2069\ufeff"
-)
-
-
 def _escape(ch: str) -> str:
     if ch in _NAMED:
         return _NAMED[ch]
@@ -34,10 +26,15 @@ def _escape(ch: str) -> str:
     return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
+# Cc: C0 controls (ESC, CR, LF, BEL…), DEL and the C1 controls (0x9b is an
+# 8-bit CSI on some terminals). Cf: format characters that reorder or hide text
+# (bidi overrides and isolates, zero-width marks). Zl/Zp: the Unicode line and
+# paragraph separators. Cs: lone surrogates, which cannot be encoded.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
 def _unsafe(ch: str) -> bool:
-    # Cc: C0 controls (ESC, CR, LF, BEL…), DEL and the C1 controls (0x9b is
-    # an 8-bit CSI on some terminals). Cs: lone surrogates cannot be encoded.
-    return ch in _INVISIBLE or unicodedata.category(ch) in ("Cc", "Cs")
+    return unicodedata.category(ch) in _UNSAFE_CATEGORIES
 
 
 def printable(text: object, limit: int | None = None) -> str:

@@ -41,6 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 APPROVE = {"approved": True, "always_allow": False}
 DENY = {"approved": False, "always_allow": False}
 ALWAYS = {"approved": True, "always_allow": True}
+# What a real caller sends with a body it gives as bytes (the ingress refuses
+# a POST without it: 415).
+AS_JSON = {"content-type": "application/json"}
 
 
 # ── fixtures and helpers ────────────────────────────────────────────────
@@ -613,7 +616,7 @@ def test_nesting_near_the_recursion_limit_is_answered_in_json(live: Live) -> Non
     for depth in range(940, 1030, 3):
         nested = "[" * depth + '"leaf"' + "]" * depth
         body = '{"tool_name": "Bash", "tool_input": ' + nested + "}"
-        response = live.client.post("/permission", content=body.encode())
+        response = live.client.post("/permission", content=body.encode(), headers=AS_JSON)
         assert response.headers["content-type"] == "application/json", (depth, response.text[:80])
         assert response.status_code in answered, (depth, response.status_code, response.text[:80])
         answered[response.status_code] += 1
@@ -657,7 +660,7 @@ def test_a_chunked_body_over_1mib_gets_413_without_waiting_for_its_end(live: Liv
             yield chunk
 
     # The same through an ordinary client that streams the whole body.
-    response = live.client.post("/permission", content=chunks())
+    response = live.client.post("/permission", content=chunks(), headers=AS_JSON)
     assert response.request.headers["transfer-encoding"] == "chunked"
     json_error(response, 413)
     assert live.status()["permissions"]["pending"] == 0
@@ -669,12 +672,12 @@ def test_a_body_of_exactly_1mib_is_accepted_and_one_byte_more_is_not(live: Live)
     tail = b'"}}'
     body = head + b"a" * (MiB - len(head) - len(tail)) + tail
     assert len(body) == MiB
-    response = live.client.post("/permission", content=body)
+    response = live.client.post("/permission", content=body, headers=AS_JSON)
     assert response.status_code == 200
     assert response.json()["decision"] == "approve"
     assert len(response.json()["updatedInput"]["content"]) == MiB - len(head) - len(tail)
     over = head + b"a" * (MiB - len(head) - len(tail) + 1) + tail
-    json_error(live.client.post("/permission", content=over), 413)
+    json_error(live.client.post("/permission", content=over, headers=AS_JSON), 413)
 
 
 def test_unknown_paths_get_404_and_wrong_methods_405(live: Live) -> None:
@@ -688,7 +691,7 @@ def test_unknown_paths_get_404_and_wrong_methods_405(live: Live) -> None:
         ("POST", "/PERMISSION"),
         ("GET", "/metrics.txt"),
     ]:
-        json_error(live.client.request(method, path), 404)
+        json_error(live.client.request(method, path, headers=AS_JSON), 404)
     for method, path, allow in [
         ("GET", "/permission", "POST"),
         ("PUT", "/permission", "POST"),
@@ -699,7 +702,7 @@ def test_unknown_paths_get_404_and_wrong_methods_405(live: Live) -> None:
         ("PUT", "/ready", "GET"),
         ("POST", "/metrics", "GET"),
     ]:
-        response = live.client.request(method, path)
+        response = live.client.request(method, path, headers=AS_JSON)
         json_error(response, 405)
         assert response.headers["allow"] == allow
     # A query string does not change the route.
@@ -714,7 +717,7 @@ def test_bad_requests_change_nothing_else(live: Live) -> None:
     before = live.status()
 
     for _, body in MALFORMED:
-        assert live.client.post("/permission", content=body).status_code == 400
+        assert live.client.post("/permission", content=body, headers=AS_JSON).status_code == 400
     with raw_socket(live.port) as sock:  # declared too long
         sock.sendall(permission_head(f"Content-Length: {2 * MiB}\r\n") + b"{")
         assert read_response(sock)[0] == 413
