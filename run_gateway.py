@@ -23,6 +23,7 @@ no traceback), 1 if the server dies.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -298,6 +299,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if token is None and not args.sled_token_map:
         logger.warning("sled authentication is OFF (--no-auth): any client may connect as a sled")
+    if host in ("", "0.0.0.0", "::") and not args.allowed_host:
+        logger.warning(
+            "listening on every interface, but only loopback names are allowed as Host: "
+            "add --allowed-host with the name or address clients use (others get 421)"
+        )
+    if args.sled_tokens:
+        with contextlib.suppress(OSError):
+            if os.stat(args.sled_tokens).st_mode & 0o077:
+                logger.warning(
+                    "--sled-tokens {}: readable by other users; chmod 600 it", args.sled_tokens
+                )
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning(
             "listening on {} without TLS: the operator token and every decision cross the "
@@ -307,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.info(
         "console: {}/   sleds connect to: {}   allowed hosts: {}",
         gateway.http_url,
-        redact(gateway.url_for_sleds()),
+        redact(gateway.url_for_sleds())
+        + ("" if token is not None or not args.sled_token_map else "?token=<its own token>"),
         ", ".join(gateway.allowed_hosts),
     )
     if args.operator_token is None:
