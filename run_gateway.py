@@ -6,7 +6,8 @@
 
 Sleds connect to ``ws://HOST:PORT/api/sled-uplink?token=TOKEN``. Permission
 requests are answered by ``--auto``, the ``--interactive`` terminal prompt,
-or the web console (always available). MCP clients reach a sled's tools at
+or the web console (always available); every decision is kept in the audit
+log of ``--db`` (SQLite), with the always-allow and deny rules. MCP clients reach a sled's tools at
 ``http://HOST:PORT/sleds/{project}/mcp``.
 
 Exit status: 0 after SIGINT/SIGTERM, 2 for a bad option (one line on stderr,
@@ -29,6 +30,7 @@ from gateway import Gateway
 from gateway.config import positive_seconds
 from gateway.interactive import TerminalPrompter
 from gateway.logs import configure_cli_logging
+from gateway.store import StoreError, default_db_path
 from protocol import ConfigError, redact
 
 TOKEN_ENV = "SLED_GATEWAY_TOKEN"
@@ -69,6 +71,15 @@ def _seconds(option: str) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(exc.problem) from None
 
     return convert
+
+
+def _days(text: str) -> float:
+    try:
+        return positive_seconds("--audit-retention-days", text)  # same rule: finite, > 0
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of days greater than 0, not {text!r}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long an MCP relay waits for the sled (default 30)",
     )
     parser.add_argument(
+        "--db",
+        default=None,
+        metavar="PATH",
+        help="SQLite file for the audit log and rules (default "
+        "$XDG_DATA_HOME/sled-gateway/gateway.db; ':memory:' keeps nothing)",
+    )
+    parser.add_argument(
+        "--audit-retention-days",
+        type=_days,
+        default=None,
+        metavar="N",
+        help="delete audit rows older than N days (default: keep them all)",
+    )
+    parser.add_argument(
         "--log-level",
         type=str.upper,
         choices=LOG_LEVELS,
@@ -159,11 +184,15 @@ def main(argv: list[str] | None = None) -> int:
         auto=args.auto,
         heartbeat_interval=args.heartbeat_interval,
         mcp_timeout=args.mcp_timeout,
+        db=args.db if args.db is not None else default_db_path(),
+        audit_retention_days=args.audit_retention_days,
     )
     try:
         gateway.start()
     except OSError as exc:
         parser.error(f"--listen: cannot listen on {args.listen}: {exc.strerror or exc}")
+    except StoreError as exc:
+        parser.error(f"--db: {exc}")
 
     stop = threading.Event()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from gateway.app import GatewayApp
 from gateway.config import MAX_FRAME, GatewayConfig
 from gateway.logs import protect_uvicorn_loggers
 from gateway.state import DecisionRecord, GatewayState, PendingPermission
+from gateway.store import MEMORY, Store
 from protocol import Decision
 
 log = logger.bind(actor="gateway")
@@ -91,6 +93,8 @@ class Gateway:
         mcp_timeout: float = 30.0,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
+        db: str | os.PathLike[str] = MEMORY,
+        audit_retention_days: float | None = None,
     ) -> None:
         self.config = GatewayConfig(
             token=token,
@@ -103,7 +107,9 @@ class Gateway:
         self.host = host
         self._requested_port = port
         self._state = GatewayState(self.config.heartbeat_interval)
-        self._app = GatewayApp(self.config, self._state)
+        # Opened in start(), on the caller's thread, so a bad file is an error there.
+        self.store = Store(db, retention_days=audit_retention_days)
+        self._app = GatewayApp(self.config, self._state, self.store)
         self._sock: socket.socket | None = None
         self._port: int | None = None
         self._thread: threading.Thread | None = None
@@ -120,6 +126,12 @@ class Gateway:
             raise RuntimeError("Gateway already started")
         protect_uvicorn_loggers()
         self._sock = _bind(self.host, self._requested_port)
+        try:
+            self.store.open()
+        except BaseException:
+            self._sock.close()
+            self._sock = None
+            raise
         self._port = self._sock.getsockname()[1]
         self._thread = threading.Thread(target=self._run, name="sled-gateway", daemon=True)
         self._thread.start()
@@ -176,6 +188,7 @@ class Gateway:
                 log.error("gateway thread did not stop within {} s", timeout)
         if self._sock is not None:
             self._sock.close()
+        self.store.close()  # after the loop: the sessions' last audit rows are queued by then
         log.info("gateway stopped")
 
     def __enter__(self) -> Gateway:
@@ -200,6 +213,14 @@ class Gateway:
     def http_url(self) -> str:
         """``http://host:port`` (the console is at ``/``)."""
         return f"http://{_url_host(self.host)}:{self.port}"
+
+    def console_url(self) -> str:
+        """Where a person opens the web console."""
+        return self.http_url + "/"
+
+    def api_headers(self) -> dict[str, str]:
+        """HTTP headers an API client of this gateway sends (none needed yet)."""
+        return {}
 
     def url_for_sleds(self, token: str | None = None) -> str:
         """The uplink URL a sled connects to; ``token`` defaults to the configured one.
@@ -258,3 +279,20 @@ class Gateway:
     def add_pending_listener(self, callback: Callable[[PendingPermission], None]) -> None:
         """``callback(item)`` for each new pending request; runs on the gateway's loop thread."""
         self._app.add_pending_listener(callback)
+
+    # -- the durable store ----------------------------------------------------------
+
+    def _in_loop(self, coro: Any, timeout: float) -> Any:
+        if self._loop is None:
+            raise RuntimeError("Gateway not started")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def audit(self, *, timeout: float = 5.0, **filters: Any) -> list[dict[str, Any]]:
+        """Audit rows newest first, as ``GET /api/audit`` lists them (same filters)."""
+        rows = self._in_loop(self.store.audit(**filters), timeout)
+        return [r.to_json() for r in rows]
+
+    def rules(self, *, include_revoked: bool = False, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Rules newest first, as ``GET /api/rules`` lists them."""
+        rules = self._in_loop(self.store.rules(include_revoked=include_revoked), timeout)
+        return [r.to_json() for r in rules]
