@@ -12,6 +12,8 @@ pings, as a real uplink does). Then:
 
 * **idle cost**: the gateway's RSS, and its CPU over ``--idle`` seconds with
   only heartbeats and pings flowing;
+* **console poll**: the p50 of ``GET /api/state?limit=200``, what the console
+  fetches every second;
 * **round trip**: a probe sled in this process sends ``perm_request``; a
   driver in this process, which knows the request id, POSTs the decision to
   ``/api/permissions/{project}/{req_id}`` (with ``Authorization: Bearer``,
@@ -150,6 +152,7 @@ class Result:
     p50_ms: float
     p99_ms: float
     retries: float  # 404s per request (POST raced the frame)
+    state_ms: float  # p50 of the console's poll, GET /api/state?limit=200
 
 
 @contextlib.contextmanager
@@ -276,6 +279,21 @@ async def round_trips(base: str, ws_url: str, samples: int) -> tuple[list[float]
     return times, retries
 
 
+async def state_polls(base: str, n: int) -> float:
+    """p50 of the console's poll (``GET /api/state?limit=200``), in ms."""
+    import httpx
+
+    took = []
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        for _ in range(n):
+            start = time.perf_counter()
+            response = await http.get("/api/state", params={"limit": "200"})
+            response.raise_for_status()
+            took.append(time.perf_counter() - start)
+            await asyncio.sleep(0.05)
+    return 1000 * statistics.median(took)
+
+
 def measure(sleds: int, samples: int, idle_s: float) -> Result:
     import httpx
 
@@ -320,6 +338,7 @@ def measure(sleds: int, samples: int, idle_s: float) -> Result:
                     return await connected_count(http)
 
             still = asyncio.run(check())
+            state_ms = asyncio.run(state_polls(base, 30))
             if still < sleds - 1:
                 raise RuntimeError(f"only {still} of {sleds} sleds stayed connected")
             rss = max(rss, rss_mib(gw.pid))
@@ -332,6 +351,7 @@ def measure(sleds: int, samples: int, idle_s: float) -> Result:
         1000 * statistics.median(times),
         1000 * pct(times, 0.99),
         retries / len(times),
+        state_ms,
     )
 
 
@@ -369,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     base = results[0].p50_ms
     header = (
         f"{'sleds':>6} {'connect s':>9} {'RSS MiB':>8} {'CPU idle':>9} {'CPU probing':>11} "
-        f"{'p50 ms':>7} {'p99 ms':>7} {'x 1-sled p50':>12} {'404/req':>7}"
+        f"{'p50 ms':>7} {'p99 ms':>7} {'x 1-sled p50':>12} {'404/req':>7} {'state ms':>8}"
     )
     print("\n" + header)
     print("-" * len(header))
@@ -377,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r.sleds:>6} {r.connect_s:>9.1f} {r.rss_mib:>8.1f} {r.cpu_idle:>8.1f}% "
             f"{r.cpu_probe:>10.1f}% {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} "
-            f"{r.p50_ms / base:>11.2f}x {r.retries:>7.2f}"
+            f"{r.p50_ms / base:>11.2f}x {r.retries:>7.2f} {r.state_ms:>8.2f}"
         )
     print(f"\nload average after the run: {os.getloadavg()[0]:.2f}")
     worst = results[-1]
