@@ -6,8 +6,9 @@ a policy (``auto``), the terminal or the web console answers, and relays MCP
 JSON-RPC posted to ``/sleds/{project}/mcp`` to that sled as ``mcp_request``.
 
 It is a test peer and a demo, not a production gateway: one process, live
-state in memory, and the audit log and rules in a SQLite file (``--db``). Run it with ``run_gateway.py`` (console script ``sled-gateway``) or
-embed :class:`Gateway` (see :mod:`gateway.server`).
+state in memory, and the audit log and rules in a SQLite file (``--db``).
+Run it with ``run_gateway.py`` (console script ``sled-gateway``) or embed
+:class:`Gateway` (see :mod:`gateway.server`).
 """
 
 from gateway.config import GatewayConfig

@@ -161,6 +161,26 @@ def _who(request: Request) -> str:
     return "api" if "authorization" in request.headers else "console"
 
 
+def _cross_site(request: Request, *, body: bool) -> Response | None:
+    """Refuse what a hostile page can send without a CORS preflight.
+
+    A form can POST ``text/plain`` whose body parses as JSON, so a body must
+    be declared ``application/json`` (a browser preflights that across
+    origins); and a request a browser marks with a foreign ``Origin`` is
+    refused whatever it carries.
+    """
+    origin = request.headers.get("origin")
+    if origin is not None:
+        own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+        if origin != own:
+            return _error(403, "cross-origin request refused")
+    if body:
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            return _error(415, "Content-Type must be application/json")
+    return None
+
+
 def _int_param(request: Request, name: str, default: int | None, low: int, high: int) -> Any:
     text = request.query_params.get(name)
     if text is None or text == "":
@@ -686,6 +706,8 @@ class GatewayApp:
         )
 
     async def _post_rule(self, request: Request) -> Response:
+        if (refused := _cross_site(request, body=True)) is not None:
+            return refused
         try:
             body = json.loads(await self._read_body(request, _MAX_DECISION_BODY))
         except BodyTooLarge:
@@ -728,6 +750,8 @@ class GatewayApp:
         return JSONResponse({"ok": True, "rule": rule.to_json()}, status_code=201)
 
     async def _delete_rule(self, request: Request) -> Response:
+        if (refused := _cross_site(request, body=False)) is not None:
+            return refused
         text = request.path_params["rule_id"]
         if not text.isdigit() or len(text) > 18:
             return _error(400, f"a rule id is a number, not {text[:40]!r}")

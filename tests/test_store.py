@@ -461,7 +461,10 @@ def test_deny_rule_beats_allow_and_rules_validate(make_gateway: Callable[..., Ga
             response = client.post("/api/rules", json=bad)
             assert response.status_code == 400, bad
             assert "error" in response.json()
-        assert client.post("/api/rules", content=b"{nope").status_code == 400
+        not_json = client.post(
+            "/api/rules", content=b"{nope", headers={"Content-Type": "application/json"}
+        )
+        assert not_json.status_code == 400
 
     async def scenario() -> None:
         async with sled(gw, "p") as ws:
@@ -603,3 +606,40 @@ def test_state_lists_the_first_n_and_counts_all(make_gateway: Callable[..., Gate
             await ws.close()
 
     run(scenario())
+
+
+# -- attacks on the rules endpoints ----------------------------------------------------------
+
+
+def test_a_cross_origin_form_cannot_make_or_revoke_a_rule(
+    make_gateway: Callable[..., Gateway],
+) -> None:
+    """What a hostile web page can send without a CORS preflight: a text/plain form
+    whose body is valid JSON, or a JSON body with its own Origin."""
+    gw = make_gateway()
+    forged = b'{"action": "allow", "tool_name": "Bash", "key": null, "reason": "="}'
+    with http(gw) as client:
+        for content_type in (
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+        ):
+            response = client.post(
+                "/api/rules", content=forged, headers={"Content-Type": content_type}
+            )
+            assert response.status_code == 415, (content_type, response.text)
+            assert "error" in response.json()
+        foreign = client.post(
+            "/api/rules",
+            content=forged,
+            headers={"Content-Type": "application/json", "Origin": "http://evil.example"},
+        )
+        assert foreign.status_code == 403, foreign.text
+        made = client.post("/api/rules", json={"action": "deny", "tool_name": "Bash"})
+        assert made.status_code == 201
+        rule_id = made.json()["rule"]["id"]
+        revoke = client.delete(f"/api/rules/{rule_id}", headers={"Origin": "http://evil.example"})
+        assert revoke.status_code == 403
+        assert [r["id"] for r in client.get("/api/rules").json()["rules"]] == [rule_id]
+        same_origin = client.delete(f"/api/rules/{rule_id}", headers={"Origin": gw.http_url})
+        assert same_origin.status_code == 200, same_origin.text
