@@ -270,7 +270,8 @@ class Gateway:
 
         ``decision`` is ``"approve"``, ``"deny"`` or ``"always_allow"``. Raises
         ``ValueError`` for another word, :class:`~gateway.state.UnknownRequest`
-        or :class:`~gateway.state.AlreadyDecided`.
+        or :class:`~gateway.state.AlreadyDecided`; :class:`~gateway.app.NotRecorded`
+        if the audit row could not be committed (the sled was then sent a deny).
         """
         choice = Decision(decision)
         if self._loop is None:

@@ -643,3 +643,26 @@ def test_a_cross_origin_form_cannot_make_or_revoke_a_rule(
         assert [r["id"] for r in client.get("/api/rules").json()["rules"]] == [rule_id]
         same_origin = client.delete(f"/api/rules/{rule_id}", headers={"Origin": gw.http_url})
         assert same_origin.status_code == 200, same_origin.text
+
+
+def test_a_decision_that_cannot_be_recorded_is_sent_as_deny(
+    make_gateway: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    gw = make_gateway(db=tmp_path / "gone.db")
+
+    async def scenario() -> None:
+        async with (
+            sled(gw, "p") as ws,
+            httpx.AsyncClient(base_url=gw.http_url, timeout=T) as client,
+        ):
+            await ws.send(perm_request("r1", "Bash", {"command": "make"}))
+            await wait_state(gw, lambda s: "r1" in pending_ids(s))
+            await asyncio.to_thread(gw.store.close)  # the store is gone (as after a disk failure)
+            response = await client.post("/api/permissions/p/r1", json={"decision": "approve"})
+            assert response.status_code == 503, response.text
+            assert "denied" in response.json()["error"]
+            assert await recv(ws) == frame_payload("r1", "deny")  # fail closed, exactly once
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(ws.recv(), 0.5)
+
+    run(scenario())
