@@ -666,3 +666,27 @@ def test_a_decision_that_cannot_be_recorded_is_sent_as_deny(
                 await asyncio.wait_for(ws.recv(), 0.5)
 
     run(scenario())
+
+
+def test_audit_retention_deletes_old_rows_and_keeps_rules(
+    make_gateway: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    db = tmp_path / "old.db"
+    _fill(db, {"old": 5})  # decided in January 2026
+    store = Store(db).open()
+    from gateway.store import AuditEntry
+
+    now = time.time()
+    recent = AuditEntry("new", 1, "fresh", "Read", {}, "approve", "console", None, now, now)
+    store.submit(lambda c: Store._insert(c, recent)).result(T)
+    store.close()
+
+    keep_all = make_gateway(db=db, audit_retention_days=3650)
+    with http(keep_all) as client:
+        client.post("/api/rules", json={"action": "deny", "tool_name": "Bash"})
+    assert len(keep_all.audit()) == 6
+    keep_all.stop()
+
+    month = make_gateway(db=db, audit_retention_days=30)
+    eventually(lambda: [e["req_id"] for e in month.audit()] == ["fresh"], T, "old rows purged")
+    assert len(month.rules()) == 1
