@@ -8,8 +8,10 @@
 Sleds connect to ``ws://HOST:PORT/api/sled-uplink?token=TOKEN`` with their own
 token (``--sled-tokens``) or the one shared demo token (``--token``).
 Permission requests are answered by ``--auto``, the ``--interactive``
-terminal prompt, or the web console (always available). MCP clients reach a
-sled's tools at ``http://HOST:PORT/sleds/{project}/mcp``.
+terminal prompt, or the web console (always available); every decision is
+kept in the audit log of ``--db`` (SQLite), with the always-allow and deny
+rules. MCP clients reach a sled's tools at
+``http://HOST:PORT/sleds/{project}/mcp``.
 
 Operator authentication is always on: the console, the REST API and the MCP
 relay need the operator token (``--operator-token`` / env
@@ -37,6 +39,7 @@ from gateway import Gateway
 from gateway.config import load_sled_tokens, positive_int, positive_seconds
 from gateway.interactive import TerminalPrompter
 from gateway.logs import configure_cli_logging
+from gateway.store import StoreError, default_db_path
 from protocol import ConfigError, redact
 from protocol.version import __version__
 
@@ -91,6 +94,15 @@ def _count(option: str) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(exc.problem) from None
 
     return convert
+
+
+def _days(text: str) -> float:
+    try:
+        return positive_seconds("--audit-retention-days", text)  # same rule: finite, > 0
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of days greater than 0, not {text!r}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="open connections; beyond, idle ones are closed first (default 200)",
     )
     parser.add_argument(
+        "--db",
+        default=None,
+        metavar="PATH",
+        help="SQLite file for the audit log and rules (default "
+        "$XDG_DATA_HOME/sled-gateway/gateway.db; ':memory:' keeps nothing)",
+    )
+    parser.add_argument(
+        "--audit-retention-days",
+        type=_days,
+        default=None,
+        metavar="N",
+        help="delete audit rows older than N days (default: keep them all)",
+    )
+    parser.add_argument(
         "--log-level",
         type=str.upper,
         choices=LOG_LEVELS,
@@ -277,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             identity_timeout=args.identity_timeout,
             header_timeout=args.header_timeout,
             max_connections=args.max_connections,
+            db=args.db if args.db is not None else default_db_path(),
+            audit_retention_days=args.audit_retention_days,
         )
     except ConfigError as exc:
         parser.error(str(exc))
@@ -287,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         gateway.start()
     except OSError as exc:
         parser.error(f"--listen: cannot listen on {args.listen}: {exc.strerror or exc}")
+    except StoreError as exc:
+        parser.error(f"--db: {exc}")
 
     stop = threading.Event()
 

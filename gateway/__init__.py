@@ -9,9 +9,10 @@ Everything but ``GET /healthz`` and the sled WebSocket needs the operator
 token (a bearer header, or the console's session cookie), and every request
 passes a Host allowlist and CSRF checks first (:mod:`gateway.security`).
 
-It is a test peer and a demo, not a production gateway: one process, state in
-memory. Run it with ``run_gateway.py`` (console script ``sled-gateway``) or
-embed :class:`Gateway` (see :mod:`gateway.server`).
+It is a test peer and a demo, not a production gateway: one process, live
+state in memory, and the audit log and rules in a SQLite file (``--db``).
+Run it with ``run_gateway.py`` (console script ``sled-gateway``) or embed
+:class:`Gateway` (see :mod:`gateway.server`).
 """
 
 from gateway.config import GatewayConfig

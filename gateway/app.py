@@ -7,6 +7,8 @@ One ASGI app (Starlette) serves everything on one port:
 ``GET /``                       the web console (``gateway/static/console.html``)
 ``GET /api/state``              sleds, pending permission requests, recent decisions
 ``POST /api/permissions/{project}/{req_id}``   ``{"decision": "approve"|"deny"|"always_allow"}``
+``GET /api/audit``              the durable audit log, newest first (``?project=&since=&limit=``)
+``GET|POST /api/rules``         always-allow and deny rules; ``DELETE /api/rules/{id}`` revokes one
 ``POST /sleds/{project}/mcp``   JSON-RPC relayed to that sled as ``mcp_request``
 ``GET /healthz``                liveness
 ==============================  =========================================================
@@ -33,9 +35,12 @@ import asyncio
 import hmac
 import itertools
 import json
+import math
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
@@ -56,6 +61,17 @@ from gateway.state import (
     PendingPermission,
     SledState,
     UnknownRequest,
+)
+from gateway.store import (
+    ALLOW,
+    DENY,
+    MAX_PAGE,
+    AuditEntry,
+    Rule,
+    RuleRevoked,
+    Store,
+    UnknownRule,
+    rule_key,
 )
 from protocol import (
     Decision,
@@ -106,6 +122,10 @@ class BodyTooSlow(Exception):
     """The body did not arrive within the body deadline (a slow-body attack or a dead client)."""
 
 
+class NotRecorded(Exception):
+    """The audit row could not be committed, so the sled was sent a deny instead."""
+
+
 @dataclass(eq=False)
 class Session:
     """One WebSocket connection from a sled."""
@@ -149,6 +169,53 @@ class Session:
         self.mcp_waiters.clear()
 
 
+#: How many sleds and pending requests ``GET /api/state`` lists unless ``?limit=`` says.
+STATE_LIMIT = 500
+_MAX_REASON = 1000
+_AUDIT_DECISIONS = frozenset({*(d.value for d in Decision), "withdrawn"})
+_RULE_SHAPE = (
+    'body must be JSON: {"action": "allow"|"deny", "tool_name": str, '
+    '"project": str|null, "key": str|null, "reason": str}'
+)
+
+
+def _who(request: Request) -> str:
+    """Who made a change: ``console`` (the session cookie) or ``api`` (a bearer token),
+    as the security middleware established it."""
+    return str(request.scope.get(PRINCIPAL_KEY) or "api")
+
+
+def _int_param(request: Request, name: str, default: int | None, low: int, high: int) -> Any:
+    text = request.query_params.get(name)
+    if text is None or text == "":
+        return default
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise ValueError(f"{name} must be a whole number from {low} to {high}, not {text[:40]!r}")
+    return int(text)
+
+
+def _time_param(text: str | None) -> float | None:
+    """``since=``: ISO 8601 (UTC unless it says) or Unix seconds."""
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if math.isfinite(seconds):
+            return seconds
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"since must be an ISO 8601 time or Unix seconds, not {text[:40]!r}"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
@@ -161,10 +228,15 @@ class GatewayApp:
     """The ASGI app plus the live sessions it serves."""
 
     def __init__(
-        self, config: GatewayConfig, state: GatewayState, listen_host: str = "127.0.0.1"
+        self,
+        config: GatewayConfig,
+        state: GatewayState,
+        listen_host: str = "127.0.0.1",
+        store: Store | None = None,
     ) -> None:
         self.config = config
         self.state = state
+        self.store = store if store is not None else Store().open()
         self.sessions: dict[int, Session] = {}
         self.by_project: dict[str, Session] = {}  # identified, live sessions
         self._ids = itertools.count(1)
@@ -191,6 +263,10 @@ class GatewayApp:
                 # GET/DELETE are answered 405 by the router; the MCP SDK tolerates
                 # that (no server→client stream, no session to terminate).
                 Route("/sleds/{project}/mcp", self._mcp, methods=["POST"]),
+                Route("/api/audit", self._get_audit, methods=["GET"]),
+                Route("/api/rules", self._get_rules, methods=["GET"]),
+                Route("/api/rules", self._post_rule, methods=["POST"]),
+                Route("/api/rules/{rule_id}", self._delete_rule, methods=["DELETE"]),
                 # Starlette closes an unrouted WebSocket before the handshake
                 # (an HTTP 403); a 404 says what is wrong: the path.
                 WebSocketRoute("/{path:path}", self._no_such_websocket),
@@ -306,6 +382,7 @@ class GatewayApp:
             self._drop(session, "before_identity", f"{env.type!r} frame before identity")
             if env.type == Kind.PERM_REQUEST:
                 # Fail fast rather than let the sled wait out its permission timeout.
+                await self._record_invalid(session, env, "?", "perm_request before identity")
                 await session.send(
                     Envelope(Kind.PERM_RESPONSE, env.req_id, RESPONSE_PAYLOADS[Decision.DENY])
                 )
@@ -402,11 +479,20 @@ class GatewayApp:
                 printable(env.req_id, 120),
             )
             self.state.record_immediate(project, env.req_id, "?", Decision.DENY, "invalid")
+            await self._record_invalid(session, env, "?", "perm_request without a tool_name")
             await session.send(
                 Envelope(Kind.PERM_RESPONSE, env.req_id, RESPONSE_PAYLOADS[Decision.DENY])
             )
             return
         tool_input = payload.get("tool_input")
+        rule = (
+            None
+            if self.state.is_pending(project, env.req_id)
+            else self.store.match(project, tool_name, tool_input)
+        )
+        if rule is not None:
+            await self._answer_by_rule(session, env.req_id, tool_name, tool_input, rule)
+            return
         if (
             not self.state.is_pending(project, env.req_id)
             and self.state.pending_count(project) >= self.config.max_pending_per_sled
@@ -420,6 +506,9 @@ class GatewayApp:
                 printable(tool_name, 120),
             )
             self.state.record_immediate(project, env.req_id, tool_name, Decision.DENY, "limit")
+            await self._record_invalid(
+                session, env, tool_name, "over --max-pending-per-sled", by="limit"
+            )
             await session.send(
                 Envelope(Kind.PERM_RESPONSE, env.req_id, RESPONSE_PAYLOADS[Decision.DENY])
             )
@@ -464,6 +553,23 @@ class GatewayApp:
             del self.by_project[session.project]
         session.fail_waiters(GatewayStopping() if self._stopping else SledGone())
         withdrawn = self.state.disconnected(session.id, session.project, close_code)
+        now = time.time()
+        for gone in withdrawn:
+            # The sled denies these itself; no answer goes out, so no need to wait.
+            self.store.record_later(
+                AuditEntry(
+                    gone.project,
+                    gone.session,
+                    gone.req_id,
+                    gone.tool_name,
+                    gone.tool_input,
+                    "withdrawn",
+                    "sled_disconnected",
+                    f"the sled disconnected (close code {close_code})",
+                    gone.received_at,
+                    now,
+                )
+            )
         log.info(
             "sled {} disconnected (code {}){}",
             session.label(),
@@ -474,9 +580,13 @@ class GatewayApp:
     # -- decisions ------------------------------------------------------------
 
     async def decide(
-        self, project: str, req_id: str, decision: Decision, by: str
+        self, project: str, req_id: str, decision: Decision, by: str, reason: str | None = None
     ) -> DecisionRecord:
-        """Answer a pending request (raises UnknownRequest / AlreadyDecided)."""
+        """Answer a pending request (raises UnknownRequest / AlreadyDecided / NotRecorded).
+
+        The audit row (and, for always_allow, the rule) is committed before the
+        ``perm_response`` goes out: a sled never acts on an unrecorded decision.
+        """
         record, item = self.state.resolve(project, req_id, decision, by)
         log.info(
             "permission '{}' of sled '{}' ({}): {} by {}",
@@ -486,6 +596,58 @@ class GatewayApp:
             decision.value,
             by,
         )
+        new_rule = None
+        if decision is Decision.ALWAYS_ALLOW:
+            usable, key = rule_key(item.tool_name, item.tool_input)
+            if usable:
+                new_rule = Rule(
+                    0,
+                    project,
+                    item.tool_name,
+                    key,
+                    ALLOW,
+                    record.decided_at,
+                    by,
+                    origin=f"always_allow of request {req_id}",
+                )
+            else:
+                log.warning(
+                    "permission {!r}: {} input has no command or file path; no rule made",
+                    req_id,
+                    item.tool_name,
+                )
+        entry = AuditEntry(
+            project,
+            item.session,
+            req_id,
+            item.tool_name,
+            item.tool_input,
+            decision.value,
+            by,
+            reason,
+            item.received_at,
+            record.decided_at,
+        )
+        session = self.sessions.get(item.session)
+        try:
+            _, rule = await self.store.record(entry, new_rule)
+        except Exception as exc:
+            log.opt(exception=exc).error(
+                "permission {!r}: the decision could not be recorded; denying", req_id
+            )
+            if session is not None:
+                await session.send(
+                    Envelope(Kind.PERM_RESPONSE, req_id, RESPONSE_PAYLOADS[Decision.DENY])
+                )
+            raise NotRecorded(str(exc)) from exc
+        if rule is not None:
+            log.info(
+                "rule {} for sled {!r}: always allow {} {}",
+                rule.id,
+                project,
+                rule.tool_name,
+                rule.key or "(any use)",
+            )
         session = self.sessions.get(item.session)
         if session is None:  # cannot happen on the loop: its end withdraws its items
             log.warning(
@@ -495,6 +657,67 @@ class GatewayApp:
         else:
             await session.send(Envelope(Kind.PERM_RESPONSE, req_id, RESPONSE_PAYLOADS[decision]))
         return record
+
+    async def _answer_by_rule(
+        self, session: Session, req_id: str, tool_name: str, tool_input: Any, rule: Rule
+    ) -> None:
+        """Answer a request a rule covers at once: recorded as ``rule:<id>``, never pending."""
+        project = session.project
+        assert project is not None
+        decision = Decision.ALWAYS_ALLOW if rule.action == ALLOW else Decision.DENY
+        record = self.state.record_immediate(project, req_id, tool_name, decision, rule.who)
+        what = f"{rule.tool_name} {rule.key}" if rule.key is not None else f"any {rule.tool_name}"
+        entry = AuditEntry(
+            project,
+            session.id,
+            req_id,
+            tool_name,
+            tool_input,
+            decision.value,
+            rule.who,
+            f"rule {rule.id}: {rule.action} {what}",
+            record.decided_at,
+            record.decided_at,
+        )
+        try:
+            await self.store.record(entry)
+        except Exception as exc:
+            log.opt(exception=exc).error("permission {!r}: not recorded; denying", req_id)
+            decision = Decision.DENY
+        log.info(
+            "permission {!r} of sled {!r} ({}): {} by {}",
+            req_id,
+            project,
+            tool_name,
+            decision.value,
+            rule.who,
+        )
+        await session.send(Envelope(Kind.PERM_RESPONSE, req_id, RESPONSE_PAYLOADS[decision]))
+
+    async def _record_invalid(
+        self, session: Session, env: Envelope, tool: str, why: str, by: str = "invalid"
+    ) -> None:
+        """Audit a request the gateway denied itself, malformed or over a limit (the
+        deny goes out whatever happens)."""
+        now = time.time()
+        payload = env.payload if isinstance(env.payload, dict) else {}
+        tool_name = payload.get("tool_name")
+        entry = AuditEntry(
+            session.project or "",
+            session.id,
+            env.req_id,
+            tool_name if isinstance(tool_name, str) and tool_name else tool,
+            payload.get("tool_input"),
+            Decision.DENY.value,
+            by,
+            why,
+            now,
+            now,
+        )
+        try:
+            await self.store.record(entry)
+        except Exception as exc:
+            log.opt(exception=exc).error("invalid permission request {!r} not recorded", env.req_id)
 
     # -- HTTP endpoints ---------------------------------------------------------
 
@@ -524,7 +747,11 @@ class GatewayApp:
         return JSONResponse({"ok": True, "sleds": len(self.by_project)})
 
     async def _state(self, request: Request) -> Response:
-        snap = self.state.snapshot()
+        try:
+            limit = _int_param(request, "limit", STATE_LIMIT, 0, 100_000)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        snap = self.state.snapshot(limit=limit)
         sled_auth = (
             "per-sled"
             if self.config.sled_tokens
@@ -574,15 +801,104 @@ class GatewayApp:
             return _error(
                 400, f"decision must be one of {[d.value for d in Decision]}, not {value!r}"
             )
+        reason = body.get("reason")
+        if reason is not None and (not isinstance(reason, str) or len(reason) > _MAX_REASON):
+            return _error(400, f"reason must be a string of at most {_MAX_REASON} characters")
         try:
-            # Who asked: the console's cookie or an API client's bearer token.
-            by = request.scope.get(PRINCIPAL_KEY) or "api"
-            record = await self.decide(project, req_id, decision, by=by)
+            record = await self.decide(project, req_id, decision, by=_who(request), reason=reason)
         except UnknownRequest as exc:
             return _error(404, str(exc.args[0]))
         except AlreadyDecided as exc:
             return _error(409, str(exc), decided=exc.record.to_json())
+        except NotRecorded as exc:
+            return _error(503, f"the decision could not be recorded, so the sled was denied: {exc}")
         return JSONResponse({"ok": True, "decided": record.to_json()})
+
+    async def _get_audit(self, request: Request) -> Response:
+        q = request.query_params
+        try:
+            limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
+            before = _int_param(request, "before", None, 1, 2**62)
+            since = _time_param(q.get("since"))
+            decision = q.get("decision") or None
+            if decision is not None and decision not in _AUDIT_DECISIONS:
+                raise ValueError(f"decision must be one of {sorted(_AUDIT_DECISIONS)}")
+        except ValueError as exc:
+            return _error(400, str(exc))
+        rows = await self.store.audit(
+            project=q.get("project") or None,
+            since=since,
+            before=before,
+            decision=decision,
+            limit=limit,
+        )
+        last = rows[-1].id if len(rows) == limit else None
+        return JSONResponse(
+            {"entries": [r.to_json() for r in rows], "next_before": last},
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def _get_rules(self, request: Request) -> Response:
+        everything = request.query_params.get("include_revoked", "") in ("1", "true", "yes")
+        rules = await self.store.rules(include_revoked=everything)
+        return JSONResponse(
+            {"rules": [r.to_json() for r in rules]}, headers={"Cache-Control": "no-store"}
+        )
+
+    async def _post_rule(self, request: Request) -> Response:
+        try:
+            body = json.loads(await self._read_body(request, _MAX_DECISION_BODY))
+        except BodyTooLarge:
+            return _error(413, "body too large")
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, _RULE_SHAPE)
+        if not isinstance(body, dict):
+            return _error(400, _RULE_SHAPE)
+        unknown = set(body) - {"action", "project", "tool_name", "key", "reason"}
+        action, project, tool = body.get("action"), body.get("project"), body.get("tool_name")
+        key, reason = body.get("key"), body.get("reason")
+        problem = None
+        if unknown:
+            problem = f"unknown field(s) {sorted(unknown)}"
+        elif action not in (ALLOW, DENY):
+            problem = f"action must be {ALLOW!r} or {DENY!r}, not {action!r}"
+        elif not isinstance(tool, str) or not tool or len(tool) > 200:
+            problem = "tool_name must be a non-empty string (at most 200 characters)"
+        elif project is not None and (not isinstance(project, str) or not project):
+            problem = "project must be a sled's project name, or null for every sled"
+        elif key is not None and (not isinstance(key, str) or not key or len(key) > 10_000):
+            problem = "key must be a non-empty string (the command or file path), or null"
+        elif reason is not None and (not isinstance(reason, str) or len(reason) > _MAX_REASON):
+            problem = f"reason must be a string of at most {_MAX_REASON} characters"
+        if problem is not None:
+            return _error(400, problem)
+        assert isinstance(tool, str)
+        assert isinstance(action, str)
+        draft = Rule(0, project, tool, key, action, time.time(), _who(request), "operator", reason)
+        rule = await self.store.add_rule(draft)
+        log.info(
+            "rule {} by {}: {} {} {} for {}",
+            rule.id,
+            rule.created_by,
+            rule.action,
+            rule.tool_name,
+            rule.key or "(any use)",
+            repr(rule.project) if rule.project else "every sled",
+        )
+        return JSONResponse({"ok": True, "rule": rule.to_json()}, status_code=201)
+
+    async def _delete_rule(self, request: Request) -> Response:
+        text = request.path_params["rule_id"]
+        if not text.isdigit() or len(text) > 18:
+            return _error(400, f"a rule id is a number, not {text[:40]!r}")
+        try:
+            rule = await self.store.revoke_rule(int(text), _who(request))
+        except UnknownRule as exc:
+            return _error(404, str(exc))
+        except RuleRevoked as exc:
+            return _error(409, str(exc), rule=exc.rule.to_json())
+        log.info("rule {} revoked by {}", rule.id, rule.revoked_by)
+        return JSONResponse({"ok": True, "rule": rule.to_json()})
 
     async def _mcp(self, request: Request) -> Response:
         project = request.path_params["project"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import secrets
 import socket
 import threading
@@ -38,6 +39,7 @@ from gateway.config import MAX_FRAME, GatewayConfig
 from gateway.httpserver import guarded_protocol
 from gateway.logs import protect_uvicorn_loggers
 from gateway.state import DecisionRecord, GatewayState, PendingPermission
+from gateway.store import MEMORY, Store
 from protocol import Decision
 
 log = logger.bind(actor="gateway")
@@ -61,6 +63,10 @@ def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit it (Linux): uvicorn writes a response's head
+        # and body apart, and without it each HTTP answer waited ~40 ms on the
+        # client's delayed ACK.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(addr)
         sock.listen(128)
     except BaseException:
@@ -107,6 +113,8 @@ class Gateway:
         identity_timeout: float = 10.0,
         header_timeout: float = 10.0,
         max_connections: int = 200,
+        db: str | os.PathLike[str] = MEMORY,
+        audit_retention_days: float | None = None,
     ) -> None:
         """``token``: the one shared sled token (demos); ``sled_tokens``: project → its token.
 
@@ -136,7 +144,9 @@ class Gateway:
         self.host = host
         self._requested_port = port
         self._state = GatewayState(self.config.heartbeat_interval)
-        self._app = GatewayApp(self.config, self._state, listen_host=host)
+        # Opened in start(), on the caller's thread, so a bad file is an error there.
+        self.store = Store(db, retention_days=audit_retention_days)
+        self._app = GatewayApp(self.config, self._state, listen_host=host, store=self.store)
         self._sock: socket.socket | None = None
         self._port: int | None = None
         self._thread: threading.Thread | None = None
@@ -153,6 +163,12 @@ class Gateway:
             raise RuntimeError("Gateway already started")
         protect_uvicorn_loggers()
         self._sock = _bind(self.host, self._requested_port)
+        try:
+            self.store.open()
+        except BaseException:
+            self._sock.close()
+            self._sock = None
+            raise
         self._port = self._sock.getsockname()[1]
         self._thread = threading.Thread(target=self._run, name="sled-gateway", daemon=True)
         self._thread.start()
@@ -216,6 +232,7 @@ class Gateway:
                 log.error("gateway thread did not stop within {} s", timeout)
         if self._sock is not None:
             self._sock.close()
+        self.store.close()  # after the loop: the sessions' last audit rows are queued by then
         log.info("gateway stopped")
 
     def __enter__(self) -> Gateway:
@@ -303,7 +320,8 @@ class Gateway:
 
         ``decision`` is ``"approve"``, ``"deny"`` or ``"always_allow"``. Raises
         ``ValueError`` for another word, :class:`~gateway.state.UnknownRequest`
-        or :class:`~gateway.state.AlreadyDecided`.
+        or :class:`~gateway.state.AlreadyDecided`; :class:`~gateway.app.NotRecorded`
+        if the audit row could not be committed (the sled was then sent a deny).
         """
         choice = Decision(decision)
         if self._loop is None:
@@ -316,3 +334,20 @@ class Gateway:
     def add_pending_listener(self, callback: Callable[[PendingPermission], None]) -> None:
         """``callback(item)`` for each new pending request; runs on the gateway's loop thread."""
         self._app.add_pending_listener(callback)
+
+    # -- the durable store ----------------------------------------------------------
+
+    def _in_loop(self, coro: Any, timeout: float) -> Any:
+        if self._loop is None:
+            raise RuntimeError("Gateway not started")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def audit(self, *, timeout: float = 5.0, **filters: Any) -> list[dict[str, Any]]:
+        """Audit rows newest first, as ``GET /api/audit`` lists them (same filters)."""
+        rows = self._in_loop(self.store.audit(**filters), timeout)
+        return [r.to_json() for r in rows]
+
+    def rules(self, *, include_revoked: bool = False, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Rules newest first, as ``GET /api/rules`` lists them."""
+        rules = self._in_loop(self.store.rules(include_revoked=include_revoked), timeout)
+        return [r.to_json() for r in rules]

@@ -14,6 +14,8 @@ session cannot touch its successor.
 from __future__ import annotations
 
 import enum
+import heapq
+import itertools
 import threading
 import time
 from collections import OrderedDict, deque
@@ -342,15 +344,29 @@ class GatewayState:
         with self._cond:
             return list(self._pending.values())
 
-    def snapshot(self) -> dict[str, Any]:
-        """The JSON document ``GET /api/state`` serves."""
+    def snapshot(self, limit: int | None = None) -> dict[str, Any]:
+        """The JSON document ``GET /api/state`` serves.
+
+        ``limit`` bounds the sleds (first by project name) and the pending
+        requests (oldest first) listed; ``counts`` always has the totals, so a
+        console over thousands of sleds stays cheap to poll.
+        """
         with self._cond:
             now_mono, now_wall = self._mono(), self._wall()
             pending_per_project: dict[str, int] = {}
             for p in self._pending.values():
                 pending_per_project[p.project] = pending_per_project.get(p.project, 0) + 1
+            by_state = dict.fromkeys((s.value for s in SledState), 0)
+            for rec in self._sleds.values():
+                by_state[rec.state_at(now_mono, self.stale_after).value] += 1
+            if limit is None:
+                chosen = sorted(self._sleds.values(), key=lambda r: r.project)
+                pending = list(self._pending.values())
+            else:
+                chosen = heapq.nsmallest(limit, self._sleds.values(), key=lambda r: r.project)
+                pending = list(itertools.islice(self._pending.values(), limit))
             sleds = []
-            for rec in sorted(self._sleds.values(), key=lambda r: r.project):
+            for rec in chosen:
                 sleds.append(
                     {
                         "project": rec.project,
@@ -373,8 +389,13 @@ class GatewayState:
                 "version": self._version,
                 "heartbeat_interval_s": self.heartbeat_interval,
                 "stale_after_s": round(self.stale_after, 6),
+                "counts": {
+                    "sleds": len(self._sleds),
+                    **by_state,
+                    "pending": len(self._pending),
+                },
                 "sleds": sleds,
-                "pending": [p.to_json() for p in self._pending.values()],
+                "pending": [p.to_json() for p in pending],
                 "decisions": [r.to_json() for r in self._recent],
             }
 

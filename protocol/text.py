@@ -17,6 +17,8 @@ from __future__ import annotations
 import unicodedata
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def _escape(ch: str) -> str:
     if ch in _NAMED:
         return _NAMED[ch]

@@ -64,6 +64,15 @@ def _logging() -> None:
 
 
 @pytest.fixture(autouse=True)
+def _private_data_dir(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # run_gateway.py keeps its database in $XDG_DATA_HOME: each test gets its
+    # own, so no test reads another's audit or rules, nor the user's real one.
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
+
+
+@pytest.fixture(autouse=True)
 def _stop_all_actors() -> Iterator[None]:
     yield
     pykka.ActorRegistry.stop_all(timeout=5)

@@ -1,0 +1,413 @@
+"""The reference gateway under a fleet: RSS, CPU and the permission round trip.
+
+    python -m bench.gateway_fleet                      # 1, 1,000 and 5,000 sleds (about 5 min)
+    python -m bench.gateway_fleet --sleds 1,200 --samples 100 --idle 11   # a smoke run
+
+For each fleet size a fresh gateway is started in its own process
+(``run_gateway.py`` with a token, no ``--auto``, ``--db`` in a temporary
+directory), and the simulated sleds in another (one asyncio process holding N
+WebSocket connections; each sends ``identity``, then a ``heartbeat`` every
+10 s from a random phase, and keeps the client's default 20 s keepalive
+pings, as a real uplink does). Then:
+
+* **idle cost**: the gateway's RSS, and its CPU over ``--idle`` seconds with
+  only heartbeats and pings flowing;
+* **console poll**: the p50 of ``GET /api/state?limit=200``, what the console
+  fetches every second;
+* **round trip**: a probe sled in this process sends ``perm_request``; a
+  driver in this process, which knows the request id, POSTs the decision to
+  ``/api/permissions/{project}/{req_id}`` (with ``Authorization: Bearer``,
+  ignored by a gateway without operator authentication) and retries at once
+  on 404 (the request not yet registered: the POST raced the WebSocket frame);
+  the sample ends when the probe receives its ``perm_response``. The decision
+  is committed to the SQLite audit before the gateway sends it, so the store
+  is inside every sample.
+
+Every size's p50 is also given as a multiple of the one-sled p50 of the same
+run; the target is under 2x at 5,000 sleds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+TOKEN = "fleet-bench-token"
+OPERATOR_TOKEN = "fleet-bench-operator"
+HEARTBEAT_S = 10.0
+
+
+def raise_nofile() -> int:
+    """Lift the soft file-descriptor limit to the hard one (children inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# -- the fleet process --------------------------------------------------------------
+
+
+async def fleet(url: str, count: int, prefix: str, concurrency: int) -> None:
+    """Hold ``count`` sleds; print ``ready N`` once all are identified; run until killed."""
+    from websockets.asyncio.client import connect
+
+    gate = asyncio.Semaphore(concurrency)
+    failures = 0
+    up = 0
+    done = asyncio.Event()
+    keep: list[Any] = []
+
+    async def one(i: int) -> None:
+        nonlocal failures, up
+        try:
+            async with gate:
+                ws = await connect(url, max_size=None, compression=None, open_timeout=60)
+                await ws.send(
+                    json.dumps(
+                        {
+                            "type": "identity",
+                            "req_id": "identity",
+                            "payload": {"project": f"{prefix}{i}"},
+                        }
+                    )
+                )
+        except Exception as exc:
+            failures += 1
+            print(f"sled {i}: {exc!r}", file=sys.stderr, flush=True)
+            if up + failures == count:
+                done.set()
+            return
+        up += 1
+        keep.append(ws)
+        if up + failures == count:
+            done.set()
+        await asyncio.sleep(random.uniform(0, HEARTBEAT_S))
+        beat = json.dumps({"type": "heartbeat", "req_id": "", "payload": None})
+        while True:
+            await ws.send(beat)
+            await asyncio.sleep(HEARTBEAT_S)
+
+    tasks = [asyncio.create_task(one(i)) for i in range(count)]
+    await done.wait()
+    print(f"ready {up} {failures}", flush=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# -- driving one size -----------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    sleds: int
+    connect_s: float
+    rss_mib: float
+    cpu_idle: float  # percent of one CPU
+    cpu_probe: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    retries: float  # 404s per request (POST raced the frame)
+    state_ms: float  # p50 of the console's poll, GET /api/state?limit=200
+
+
+@contextlib.contextmanager
+def gateway_process(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    port = free_port()
+    log = (workdir / "gateway.log").open("wb")
+    env = {**os.environ, "SLED_GATEWAY_OPERATOR_TOKEN": OPERATOR_TOKEN}
+    proc = subprocess.Popen(
+        [
+            PY,
+            str(REPO / "run_gateway.py"),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--token",
+            TOKEN,
+            "--db",
+            str(workdir / "gateway.db"),
+            "--log-level",
+            "WARNING",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        env=env,
+    )
+    try:
+        yield proc, port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+@contextlib.contextmanager
+def fleet_process(url: str, count: int) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [PY, "-m", "bench.gateway_fleet", "fleet", "--url", url, "--count", str(count)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+async def wait_http(base: str, timeout: float = 30) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(base_url=base, timeout=2) as http:
+        while True:
+            try:
+                if (await http.get("/healthz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not come up")
+            await asyncio.sleep(0.1)
+
+
+async def connected_count(http: Any) -> int:
+    state = (await http.get("/api/state", params={"limit": "0"})).json()
+    counts = state.get("counts")
+    if counts is None:  # a gateway without counts
+        return sum(1 for s in state["sleds"] if s["state"] == "connected")
+    return int(counts["connected"])
+
+
+async def round_trips(base: str, ws_url: str, samples: int) -> tuple[list[float], int]:
+    import httpx
+    from websockets.asyncio.client import connect
+
+    headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}", "Content-Type": "application/json"}
+    times: list[float] = []
+    retries = 0
+    async with (
+        connect(ws_url, max_size=None, compression=None) as ws,
+        httpx.AsyncClient(base_url=base, timeout=30, headers=headers) as http,
+    ):
+        await ws.send(
+            json.dumps({"type": "identity", "req_id": "identity", "payload": {"project": "probe"}})
+        )
+        while True:  # wait until the gateway knows the probe
+            state = (await http.get("/api/state", params={"limit": "100000"})).json()
+            if any(s["project"] == "probe" for s in state["sleds"]):
+                break
+            await asyncio.sleep(0.05)
+        body = json.dumps({"decision": "approve"}).encode()
+        for i in range(samples + 5):  # the first 5 warm up
+            req_id = f"rt-{i}-{uuid.uuid4().hex[:8]}"
+            frame = {
+                "type": "perm_request",
+                "req_id": req_id,
+                "payload": {"tool_name": "Bash", "tool_input": {"command": f"echo {i}"}},
+            }
+            start = time.perf_counter()
+            await ws.send(json.dumps(frame))
+            while True:
+                response = await http.post(f"/api/permissions/probe/{req_id}", content=body)
+                if response.status_code != 404:
+                    break
+                if i >= 5:
+                    retries += 1
+            if response.status_code != 200:
+                raise RuntimeError(f"decision refused: {response.status_code} {response.text}")
+            answer = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            elapsed = time.perf_counter() - start
+            if answer["req_id"] != req_id or answer["payload"] != {
+                "approved": True,
+                "always_allow": False,
+            }:
+                raise RuntimeError(f"unexpected answer {answer}")
+            if i >= 5:
+                times.append(elapsed)
+            await asyncio.sleep(random.uniform(0.01, 0.03))
+    return times, retries
+
+
+async def state_polls(base: str, n: int) -> float:
+    """p50 of the console's poll (``GET /api/state?limit=200``), in ms."""
+    import httpx
+
+    took = []
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        for _ in range(n):
+            start = time.perf_counter()
+            response = await http.get("/api/state", params={"limit": "200"})
+            response.raise_for_status()
+            took.append(time.perf_counter() - start)
+            await asyncio.sleep(0.05)
+    return 1000 * statistics.median(took)
+
+
+def measure(sleds: int, samples: int, idle_s: float) -> Result:
+    import httpx
+
+    with (
+        tempfile.TemporaryDirectory(prefix="gw-fleet-") as tmp,
+        gateway_process(Path(tmp)) as (
+            gw,
+            port,
+        ),
+    ):
+        base = f"http://127.0.0.1:{port}"
+        ws_url = f"ws://127.0.0.1:{port}/api/sled-uplink?token={TOKEN}"
+        asyncio.run(wait_http(base))
+        fleet_size = sleds - 1  # the probe is the last sled
+        t0 = time.monotonic()
+        with contextlib.ExitStack() as stack:
+            if fleet_size > 0:
+                proc = stack.enter_context(fleet_process(ws_url, fleet_size))
+                assert proc.stdout is not None
+                line = proc.stdout.readline().split()
+                if not line or line[0] != "ready" or line[2] != "0":
+                    raise RuntimeError(f"the fleet did not connect: {line}")
+
+                async def settle() -> None:
+                    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+                        while await connected_count(http) < fleet_size:
+                            await asyncio.sleep(0.2)
+
+                asyncio.run(settle())
+            connect_s = time.monotonic() - t0
+            time.sleep(5)  # let the connect burst settle
+            c0, w0 = cpu_seconds(gw.pid), time.monotonic()
+            time.sleep(idle_s)
+            cpu_idle = 100 * (cpu_seconds(gw.pid) - c0) / (time.monotonic() - w0)
+            rss = rss_mib(gw.pid)
+            c1, w1 = cpu_seconds(gw.pid), time.monotonic()
+            times, retries = asyncio.run(round_trips(base, ws_url, samples))
+            cpu_probe = 100 * (cpu_seconds(gw.pid) - c1) / (time.monotonic() - w1)
+
+            async def check() -> int:
+                async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+                    return await connected_count(http)
+
+            still = asyncio.run(check())
+            state_ms = asyncio.run(state_polls(base, 30))
+            if still < sleds - 1:
+                raise RuntimeError(f"only {still} of {sleds} sleds stayed connected")
+            rss = max(rss, rss_mib(gw.pid))
+    return Result(
+        sleds,
+        connect_s,
+        rss,
+        cpu_idle,
+        cpu_probe,
+        1000 * statistics.median(times),
+        1000 * pct(times, 0.99),
+        1000 * max(times),
+        retries / len(times),
+        state_ms,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd")
+    f = sub.add_parser("fleet", help="(internal) hold a fleet of simulated sleds")
+    f.add_argument("--url", required=True)
+    f.add_argument("--count", type=int, required=True)
+    f.add_argument("--prefix", default="fleet-")
+    f.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--sleds", default="1,1000,5000", help="fleet sizes (default %(default)s)")
+    parser.add_argument("--samples", type=int, default=300, help="round trips per size")
+    parser.add_argument("--idle", type=float, default=20.0, help="seconds of idle CPU sampling")
+    args = parser.parse_args(argv)
+    nofile = raise_nofile()
+    if args.cmd == "fleet":
+        asyncio.run(fleet(args.url, args.count, args.prefix, args.concurrency))
+        return 0
+    sizes = [int(x) for x in args.sleds.split(",")]
+    if sizes[0] != 1:
+        sizes.insert(0, 1)  # the baseline every ratio is against
+    if max(sizes) + 64 > nofile:
+        parser.error(f"RLIMIT_NOFILE is {nofile}: too low for {max(sizes)} sleds")
+    print(
+        f"gateway fleet benchmark: {os.cpu_count()} CPU(s), load average "
+        f"{os.getloadavg()[0]:.2f}, {args.samples} round trips per size, "
+        f"idle CPU over {args.idle:g} s, heartbeats every {HEARTBEAT_S:g} s",
+        flush=True,
+    )
+    results: list[Result] = []
+    for n in sizes:
+        print(f"... {n} sled(s)", file=sys.stderr, flush=True)
+        results.append(measure(n, args.samples, args.idle))
+    base = results[0].p50_ms
+    header = (
+        f"{'sleds':>6} {'connect s':>9} {'RSS MiB':>8} {'CPU idle':>9} {'CPU probing':>11} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'x 1-sled p50':>12} {'404/req':>7} "
+        f"{'state ms':>8}"
+    )
+    print("\n" + header)
+    print("-" * len(header))
+    for r in results:
+        print(
+            f"{r.sleds:>6} {r.connect_s:>9.1f} {r.rss_mib:>8.1f} {r.cpu_idle:>8.1f}% "
+            f"{r.cpu_probe:>10.1f}% {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.max_ms:>7.1f} "
+            f"{r.p50_ms / base:>11.2f}x {r.retries:>7.2f} {r.state_ms:>8.2f}"
+        )
+    print(f"\nload average after the run: {os.getloadavg()[0]:.2f}")
+    worst = results[-1]
+    verdict = "met" if worst.p50_ms < 2 * base else "NOT met"
+    print(f"target (p50 at {worst.sleds} sleds < 2x the one-sled p50): {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
