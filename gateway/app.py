@@ -144,6 +144,7 @@ class GatewayApp:
         self.by_project: dict[str, Session] = {}  # identified, live sessions
         self._ids = itertools.count(1)
         self._pending_listeners: list[Callable[[PendingPermission], None]] = []
+        self._decision_listeners: list[Callable[[DecisionRecord], None]] = []
         self._console_html = _load_console()
         self._stopping = False
         self.asgi = Starlette(
@@ -170,6 +171,18 @@ class GatewayApp:
     def add_pending_listener(self, callback: Callable[[PendingPermission], None]) -> None:
         """Call ``callback(item)`` (on the loop thread; keep it quick) for each new request."""
         self._pending_listeners.append(callback)
+
+    def add_decision_listener(self, callback: Callable[[DecisionRecord], None]) -> None:
+        """Call ``callback(record)`` (on the loop thread; keep it quick) for each decision
+        and each withdrawn request, so a transport can show the outcome wherever it asked."""
+        self._decision_listeners.append(callback)
+
+    def _notify_decision(self, record: DecisionRecord) -> None:
+        for callback in self._decision_listeners:
+            try:
+                callback(record)
+            except Exception:
+                log.exception("decision listener failed")
 
     # -- the sled uplink WebSocket ----------------------------------------------
 
@@ -341,6 +354,10 @@ class GatewayApp:
             del self.by_project[session.project]
         session.fail_waiters(GatewayStopping() if self._stopping else SledGone())
         withdrawn = self.state.disconnected(session.id, session.project, close_code)
+        for item in withdrawn:
+            withdrawal = self.state.decision_for(item.project, item.req_id)
+            if withdrawal is not None:
+                self._notify_decision(withdrawal)
         log.info(
             "sled {} disconnected (code {}){}",
             session.label(),
@@ -368,6 +385,7 @@ class GatewayApp:
             log.warning("permission {!r}: the sled's session is gone; answer not sent", req_id)
         else:
             await session.send(Envelope(Kind.PERM_RESPONSE, req_id, RESPONSE_PAYLOADS[decision]))
+        self._notify_decision(record)
         return record
 
     # -- HTTP endpoints ---------------------------------------------------------

@@ -17,11 +17,12 @@ crosses into the loop with ``run_coroutine_threadsafe``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import socket
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import uvicorn
@@ -34,6 +35,7 @@ from gateway.state import DecisionRecord, GatewayState, PendingPermission
 from protocol import Decision
 
 log = logger.bind(actor="gateway")
+T = TypeVar("T")
 
 
 class _Server(uvicorn.Server):
@@ -258,3 +260,24 @@ class Gateway:
     def add_pending_listener(self, callback: Callable[[PendingPermission], None]) -> None:
         """``callback(item)`` for each new pending request; runs on the gateway's loop thread."""
         self._app.add_pending_listener(callback)
+
+    def add_decision_listener(self, callback: Callable[[DecisionRecord], None]) -> None:
+        """``callback(record)`` after each decision and each withdrawn request (decision
+        ``"withdrawn"``); runs on the gateway's loop thread."""
+        self._app.add_decision_listener(callback)
+
+    async def decide_on_loop(
+        self, project: str, req_id: str, decision: Decision | str, *, by: str
+    ) -> DecisionRecord:
+        """:meth:`decide` for code already running on the gateway's loop (a transport).
+
+        Same errors; awaiting it there instead of blocking on :meth:`decide` is
+        what keeps the loop (and so the console and the API) running.
+        """
+        return await self._app.decide(project, req_id, Decision(decision), by)
+
+    def run_on_loop(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coro`` on the gateway's event loop (e.g. a transport's main task)."""
+        if self._loop is None:
+            raise RuntimeError("Gateway not started")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
