@@ -15,6 +15,7 @@ it skips with that one reason.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -74,11 +75,20 @@ class Homeserver:
     mallory: MatrixPerson  # in the room, not an operator
 
 
+NOT_INSTALLED = "Synapse is not installed (bash scripts/install-synapse.sh installs it)"
+
+
+@pytest.fixture(scope="session")
+def synapse_installed() -> None:
+    if synapse_python() is None:
+        pytest.skip(NOT_INSTALLED)
+
+
 @pytest.fixture(scope="session")
 def homeserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Homeserver]:
     python = synapse_python()
     if python is None:
-        pytest.skip("Synapse is not installed (bash scripts/install-synapse.sh installs it)")
+        pytest.skip(NOT_INSTALLED)
     synapse = Synapse(tmp_path_factory.mktemp("synapse"), python)
     try:
         synapse.start()
@@ -665,3 +675,78 @@ def test_request_message_escapes_html() -> None:
     assert "<script>" not in content["formatted_body"]
     assert "&lt;script&gt;" in content["formatted_body"]
     assert "echo <script>" in content["body"]
+
+
+# -- the demo's Matrix mode ---------------------------------------------------------
+
+
+def test_the_demo_matrix_mode_end_to_end(synapse_installed: None, tmp_path: Path) -> None:
+    """``python -m demo.run --matrix``: its own Synapse, the printed login works, a reply
+    to the bot approves a ``POST /permission`` on the demo's uplink (all real processes)."""
+    from tests.support.synapse import free_port
+
+    ports = {
+        "SLED_DEMO_GATEWAY_PORT": free_port(),
+        "SLED_DEMO_MCP_PORT": free_port(),
+        "SLED_DEMO_UPLINK_PORT": free_port(),
+        "SLED_DEMO_MATRIX_PORT": free_port(),
+    }
+    env = {
+        **os.environ,
+        **{k: str(v) for k, v in ports.items()},
+        "SLED_DEMO_LOG_DIR": str(tmp_path / "demo"),
+        "SLED_DEMO_READY_TIMEOUT": str(int(4 * T)),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "demo.run", "--matrix"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    output: list[bytes] = []
+    pump = threading.Thread(target=lambda: output.extend(proc.stdout or []), daemon=True)
+    pump.start()
+
+    def text() -> str:
+        return b"".join(output).decode(errors="replace")
+
+    operator: MatrixPerson | None = None
+    try:
+        try:
+            wait_until(lambda: "Press Ctrl-C" in text() or proc.poll() is not None, 5 * T, "ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; output:\n{text()}") from None
+        printed = text()
+        assert "sled-uplink demo is ready" in printed, printed
+        lines = [line.split() for line in printed.splitlines() if line.strip()]
+        homeserver_url = next(words[1] for words in lines if words[0] == "homeserver")
+        password = next(words[1] for words in lines if words[0] == "password")
+        room_id = next(w for w in printed.split() if w.startswith("!")).rstrip(").")
+        assert homeserver_url == f"http://127.0.0.1:{ports['SLED_DEMO_MATRIX_PORT']}"
+        operator = MatrixPerson(homeserver_url, "@operator:localhost", password)
+        operator.join(room_id)
+        ingress = f"http://127.0.0.1:{ports['SLED_DEMO_UPLINK_PORT']}"
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(
+                httpx.post,
+                f"{ingress}/permission",
+                json={"tool_name": "Bash", "tool_input": {"command": "ls -la"}, "request_id": "d1"},
+                timeout=2 * T,
+            )
+            post = operator.wait_event(
+                room_id,
+                lambda e: e["sender"] == "@sled-bot:localhost" and "Request: d1\n" in body(e),
+                T,
+                "the demo bot's post",
+            )
+            operator.reply(room_id, post["event_id"], "approve")
+            assert answer.result(2 * T).json()["decision"] == "approve"
+    finally:
+        if operator is not None:
+            operator.close()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+        pump.join(5)
+    assert proc.returncode == 0, text()
+    assert "the Matrix homeserver stopped" in text()
