@@ -381,6 +381,7 @@ class MatrixTransport:
         # Our message → its request, kept after the outcome so a late answer
         # hears who was first (bounded: oldest forgotten first).
         self._by_event: OrderedDict[str, Key] = OrderedDict()
+        self._edits_due: list[tuple[str, str]] = []  # (our message, its outcome line)
         self._live = False  # past the first sync: events are new, act on them
         self._room_id: str | None = None
         self._client: Any = None
@@ -675,13 +676,20 @@ class MatrixTransport:
 
     async def _settle(self, record: DecisionRecord) -> None:
         key = (record.project, record.req_id)
-        events = self._posted.pop(key, [])
         text = outcome_text(record)
-        for event_id in events:
+        self._edits_due.extend((event_id, text) for event_id in self._posted.pop(key, []))
+        await self._flush_edits()
+
+    async def _flush_edits(self) -> None:
+        """Send the outcome edits not yet sent; one that fails waits for the reconnect."""
+        while self._edits_due:
+            event_id, text = self._edits_due[0]
             await self._send(edit_content(event_id, text))
+            self._edits_due.pop(0)
 
     async def _catch_up(self) -> None:
         """After (re)connecting: post every pending request, again if it was posted before."""
+        await self._flush_edits()
         for item in self.gateway.pending():
             key = (item.project, item.req_id)
             if not self.gateway.is_pending(*key):

@@ -371,12 +371,17 @@ def test_the_homeserver_restarting_mid_run(
     uplink = setup.sled(make_uplink)
     first = uplink.request_permission("Bash", {"command": "one"}, request_id="r-before")
     setup.posted("r-before")
+    third = uplink.request_permission("Bash", {"command": "three"}, request_id="r-console")
+    console_post = setup.posted("r-console")
     homeserver.synapse.stop()
     try:
         wait_until(lambda: not setup.bot.connected, T, "the bot noticed the homeserver gone")
         # Console and API keep working while the homeserver is down.
         second = uplink.request_permission("Bash", {"command": "two"}, request_id="r-during")
-        setup.gw.wait_for(lambda s: len(s["pending"]) == 2, T)
+        setup.gw.wait_for(lambda s: len(s["pending"]) == 3, T)
+        # Decided while the homeserver is down: the edit waits for the reconnect.
+        setup.gw.decide("sled-a", "r-console", "deny", by="console")
+        assert third.result(T).decision is Decision.DENY
         started = time.monotonic()
         api = httpx.get(f"{setup.gw.http_url}/api/state", timeout=T)
         assert api.status_code == 200
@@ -388,6 +393,7 @@ def test_the_homeserver_restarting_mid_run(
     repost = setup.posted("r-before", after=1)
     assert body(repost).startswith("🔐 Still pending")
     during = setup.posted("r-during")
+    assert setup.edit(console_post["event_id"]).startswith("❌ DENIED by console")
     homeserver.alice.reply(setup.room, repost["event_id"], "approve")
     homeserver.alice.reply(setup.room, during["event_id"], "deny")
     assert first.result(T).decision is Decision.APPROVE
