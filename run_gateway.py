@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="a file holding the bot's access token (instead of a password)",
     )
-    matrix.add_argument("--matrix-room", metavar="ROOM", help="room id (!id:server) or #alias")
+    matrix.add_argument(
+        "--matrix-room", metavar="ROOM", help="room id (!id) or alias (#name:server)"
+    )
     matrix.add_argument(
         "--matrix-operators",
         metavar="@A:SERVER,...",
@@ -150,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_matrix(args: argparse.Namespace) -> MatrixConfig | None:
     """The ``--matrix-*`` options → a config; :class:`ConfigError` if unusable."""
+    if args.auto and args.matrix_homeserver is not None:
+        # --auto answers before anyone could read the room.
+        raise ConfigError("--matrix-homeserver", "cannot be combined with --auto")
     config = matrix_config_from_options(
         homeserver=args.matrix_homeserver,
         user=args.matrix_user,

@@ -311,13 +311,20 @@ def edit_content(event_id: str, text: str) -> dict[str, Any]:
     }
 
 
-def reply_content(event_id: str, text: str) -> dict[str, Any]:
-    """A notice replying to ``event_id`` (in its thread, if any, via the reply relation)."""
-    return {
-        "msgtype": "m.notice",
-        "body": text,
-        "m.relates_to": {"m.in_reply_to": {"event_id": event_id}},
-    }
+def reply_content(event_id: str, text: str, *, thread: str | None = None) -> dict[str, Any]:
+    """A notice replying to ``event_id``; inside ``thread`` (its root) when it was in one."""
+    relation: dict[str, Any] = {"m.in_reply_to": {"event_id": event_id}}
+    if thread is not None:
+        relation.update(rel_type="m.thread", event_id=thread, is_falling_back=False)
+    return {"msgtype": "m.notice", "body": text, "m.relates_to": relation}
+
+
+def thread_of(content: dict[str, Any]) -> str | None:
+    rel = content.get("m.relates_to")
+    if isinstance(rel, dict) and rel.get("rel_type") == "m.thread":
+        root = rel.get("event_id")
+        return root if isinstance(root, str) else None
+    return None
 
 
 def _strip_reply_fallback(body: str) -> str:
@@ -585,7 +592,10 @@ class MatrixTransport:
                     # 1 ms: answer at once; a short timeline is all we need to see.
                     resp = await client.sync(timeout=1, sync_filter=_FIRST_SYNC_FILTER)
                 else:
-                    resp = await client.sync(timeout=SYNC_TIMEOUT_MS, since=client.next_batch)
+                    # Coming back, do not long-poll: a quiet room would hold
+                    # the first successful sync (and the catch-up) for 30 s.
+                    poll = SYNC_TIMEOUT_MS if self._connected else 1
+                    resp = await client.sync(timeout=poll, since=client.next_batch)
                 if not isinstance(resp, SyncResponse):
                     raise _SyncFailed(getattr(resp, "message", str(resp)))
             except asyncio.CancelledError:
@@ -709,7 +719,9 @@ class MatrixTransport:
         target = replied_to(content) if isinstance(content, dict) else None
         if target is None or target not in self._by_event:
             return
-        await self._answer(event.sender, event.event_id, target, parse_reply(event.body))
+        await self._answer(
+            event.sender, event.event_id, target, parse_reply(event.body), thread_of(content)
+        )
 
     async def _on_reaction(self, room: Any, event: Any) -> None:
         if not self._ours(room, event):
@@ -721,33 +733,43 @@ class MatrixTransport:
         decision = REACTIONS.get(key)
         if decision is None:
             return
-        await self._answer(event.sender, event.event_id, target, decision)
+        # A refusal answers the reacted-to message (replying to a reaction shows badly).
+        await self._answer(event.sender, target, target, decision)
 
     async def _answer(
-        self, sender: str, event_id: str, target: str, decision: Decision | None
+        self,
+        sender: str,
+        event_id: str,
+        target: str,
+        decision: Decision | None,
+        thread: str | None = None,
     ) -> None:
         key = self._by_event.get(target)
         if key is None:
             return
         if sender not in self.config.operators:
             log.warning("matrix: {} is not an operator; answer refused", sender)
-            await self._reply(event_id, f"{sender}: only the gateway's operators can answer.")
+            await self._reply(
+                thread, event_id, f"{sender}: only the gateway's operators can answer."
+            )
             return
         if decision is None:
-            await self._reply(event_id, "Reply with approve, deny or always.")
+            await self._reply(thread, event_id, "Reply with approve, deny or always.")
             return
         project, req_id = key
         try:
             await self.gateway.decide_on_loop(project, req_id, decision, by=f"matrix:{sender}")
         except AlreadyDecided as exc:
             record = exc.record
-            await self._reply(event_id, f"Too late: already {record.decision} by {record.by}.")
+            await self._reply(
+                thread, event_id, f"Too late: already {record.decision} by {record.by}."
+            )
         except UnknownRequest:
-            await self._reply(event_id, "That request is no longer pending.")
+            await self._reply(thread, event_id, "That request is no longer pending.")
 
-    async def _reply(self, event_id: str, text: str) -> None:
+    async def _reply(self, thread: str | None, event_id: str, text: str) -> None:
         assert self._queue is not None
-        self._queue.put_nowait(("send", reply_content(event_id, text)))
+        self._queue.put_nowait(("send", reply_content(event_id, text, thread=thread)))
 
 
 class _SyncFailed(Exception):

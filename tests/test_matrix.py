@@ -273,6 +273,73 @@ def test_an_unclear_reply_changes_nothing(setup: Setup, make_uplink: Callable[..
     assert outcome.result(T).decision is Decision.DENY
 
 
+def test_answers_inside_a_thread_count_and_refusals_stay_in_it(
+    setup: Setup, make_uplink: Callable[..., Uplink]
+) -> None:
+    uplink = setup.sled(make_uplink)
+    outcome = uplink.request_permission("Bash", {"command": "df -h"}, request_id="r-thread")
+    post = setup.posted("r-thread")
+    root = post["event_id"]
+
+    def in_thread(text: str) -> dict[str, Any]:
+        # What Element sends for a plain message typed in a thread.
+        relation = {
+            "rel_type": "m.thread",
+            "event_id": root,
+            "is_falling_back": True,
+            "m.in_reply_to": {"event_id": root},
+        }
+        return {"msgtype": "m.text", "body": text, "m.relates_to": relation}
+
+    attempt = setup.hs.mallory.send(setup.room, in_thread("approve"))
+    refusal = setup.hs.alice.wait_event(
+        setup.room, lambda e: e["sender"] == BOT and reply_to(e) == attempt, T, "the refusal"
+    )
+    relation = refusal["content"]["m.relates_to"]
+    assert (relation["rel_type"], relation["event_id"]) == ("m.thread", root)
+    assert setup.gw.is_pending("sled-a", "r-thread")
+    setup.hs.alice.send(setup.room, in_thread("always"))
+    assert outcome.result(T).decision is Decision.ALWAYS_ALLOW
+    assert by_of(setup.gw, "r-thread") == f"always_allow by matrix:{ALICE}"
+
+
+def test_the_bot_logs_in_with_an_access_token(
+    homeserver: Homeserver, room: str, make_uplink: Callable[..., Uplink]
+) -> None:
+    token = homeserver.synapse.login(BOT, PASSWORDS["bot"])
+    config = bot_config(homeserver, room, password=None, access_token=token)
+    gw = Gateway(token=REFERENCE_TOKEN).start()
+    bot = MatrixTransport(gw, config).start()
+    try:
+        wait_until(lambda: bot.connected, T, "the bot connected with its token")
+        setup = Setup(gw, bot, room, homeserver)
+        uplink = setup.sled(make_uplink)
+        outcome = uplink.request_permission("Read", {"file_path": "/etc/hosts"}, request_id="r-tok")
+        post = setup.posted("r-tok")
+        homeserver.alice.react(room, post["event_id"], "✅")
+        assert outcome.result(T).decision is Decision.APPROVE
+    finally:
+        bot.stop()
+        gw.stop()
+
+
+def test_a_wrong_password_is_retried_and_never_logged(homeserver: Homeserver, room: str) -> None:
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="TRACE")
+    gw = Gateway(token=REFERENCE_TOKEN).start()
+    config = bot_config(homeserver, room, password="not-the-Password-42")
+    bot = MatrixTransport(gw, config).start()
+    try:
+        wait_until(lambda: any("cannot log in" in line for line in lines), T, "a refused login")
+        assert httpx.get(f"{gw.http_url}/api/state", timeout=T).status_code == 200
+        assert not bot.connected
+    finally:
+        bot.stop()
+        gw.stop()
+        logger.remove(sink)
+    assert not any("not-the-Password-42" in line for line in lines)
+
+
 # -- who may answer -----------------------------------------------------------------
 
 
@@ -598,6 +665,17 @@ def test_run_gateway_with_matrix_options(
                 "--matrix-password-file=/dev/null",
             ],
             "must hold one non-empty line",
+        ),
+        (
+            [
+                "--auto=approve",
+                "--matrix-homeserver=http://x.example",
+                "--matrix-user=@b:x",
+                "--matrix-room=#r:x",
+                "--matrix-operators=@a:x",
+                f"--matrix-password-file={__file__}",
+            ],
+            "--matrix-homeserver: cannot be combined with --auto",
         ),
     ],
 )
