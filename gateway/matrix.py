@@ -264,8 +264,9 @@ def request_message(item: PendingPermission, *, repost: bool = False) -> dict[st
         full = full[:FULL_INPUT_CHARS]
     note = f"\n(input clipped at {FULL_INPUT_CHARS} characters)" if clipped else ""
     head = "Still pending" if repost else "Permission request"
+    project, tool = _shorten(item.project, 100), _shorten(item.tool_name, 100)
     body = (
-        f"🔐 {head}: sled {item.project!r} wants to run {item.tool_name}\n"
+        f"🔐 {head}: sled {project!r} wants to run {tool}\n"
         f"Input: {_summary(item.tool_input)}\n"
         f"Request: {item.req_id}\n"
         f"```\n{full}\n```{note}\n"
@@ -273,8 +274,8 @@ def request_message(item: PendingPermission, *, repost: bool = False) -> dict[st
     )
     esc = html.escape
     formatted = (
-        f"🔐 <b>{esc(head)}</b>: sled <code>{esc(item.project)}</code> wants to run "
-        f"<b>{esc(item.tool_name)}</b><br>"
+        f"🔐 <b>{esc(head)}</b>: sled <code>{esc(project)}</code> wants to run "
+        f"<b>{esc(tool)}</b><br>"
         f"Input: <code>{esc(_summary(item.tool_input))}</code><br>"
         f"Request: <code>{esc(item.req_id)}</code>"
         f"<pre><code>{esc(full)}</code></pre>{esc(note)}"
@@ -388,6 +389,7 @@ class MatrixTransport:
         # Our message → its request, kept after the outcome so a late answer
         # hears who was first (bounded: oldest forgotten first).
         self._by_event: OrderedDict[str, Key] = OrderedDict()
+        self._refused: set[tuple[str, Key]] = set()
         self._edits_due: list[tuple[str, str]] = []  # (our message, its outcome line)
         self._live = False  # past the first sync: events are new, act on them
         self._room_id: str | None = None
@@ -686,6 +688,7 @@ class MatrixTransport:
 
     async def _settle(self, record: DecisionRecord) -> None:
         key = (record.project, record.req_id)
+        self._refused = {refused for refused in self._refused if refused[1] != key}
         text = outcome_text(record)
         self._edits_due.extend((event_id, text) for event_id in self._posted.pop(key, []))
         await self._flush_edits()
@@ -749,6 +752,11 @@ class MatrixTransport:
             return
         if sender not in self.config.operators:
             log.warning("matrix: {} is not an operator; answer refused", sender)
+            # Once per outsider and request: refusals must not become a way
+            # to make the bot flood the room.
+            if (sender, key) in self._refused:
+                return
+            self._refused.add((sender, key))
             await self._reply(
                 thread, event_id, f"{sender}: only the gateway's operators can answer."
             )

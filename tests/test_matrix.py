@@ -356,9 +356,18 @@ def test_a_non_operator_is_refused_and_changes_nothing(
     # The refusal comes after the bot has handled the reply; the request is untouched.
     assert setup.gw.is_pending("sled-a", "r-mal")
     assert not outcome.done()
+    again = setup.hs.mallory.reply(setup.room, post["event_id"], "approve!")
     setup.hs.alice.reply(setup.room, post["event_id"], "deny")
     assert outcome.result(T).decision is Decision.DENY
     assert by_of(setup.gw, "r-mal") == f"deny by matrix:{ALICE}"
+    setup.edit(post["event_id"])  # the bot has handled everything before the answer
+    refusals = [
+        e
+        for e in setup.hs.alice.room_events(setup.room)
+        if e["sender"] == BOT and "only the gateway's operators" in body(e)
+    ]
+    assert len(refusals) == 1, "one refusal per outsider and request, not one per attempt"
+    assert again not in {reply_to(e) for e in refusals}
 
 
 def test_the_same_words_in_another_room_are_ignored(
