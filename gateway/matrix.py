@@ -502,13 +502,22 @@ class MatrixTransport:
         worker = asyncio.create_task(self._work())
         try:
             await self._run(client)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("matrix: the bot crashed; Matrix answers are off until a restart")
         finally:
             worker.cancel()
             with contextlib.suppress(BaseException):
                 await worker
             self._connected = False
-            with contextlib.suppress(Exception):
-                await asyncio.shield(client.close())
+            if self.config.password is not None and client.access_token:
+                # Our login made a device and a token: retire both (briefly; the
+                # homeserver may be the reason we stop).
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(client.logout(), 2.0)
+            with contextlib.suppress(BaseException):
+                await client.close()
             log.info("matrix: bot stopped")
 
     async def _backoff(self, attempt: int) -> None:
@@ -716,6 +725,18 @@ class MatrixTransport:
         return self._live and room.room_id == self._room_id and event.sender != self.config.user_id
 
     async def _on_message(self, room: Any, event: Any) -> None:
+        try:
+            await self._handle_message(room, event)
+        except Exception:
+            log.exception("matrix: could not handle message {}", event.event_id)
+
+    async def _on_reaction(self, room: Any, event: Any) -> None:
+        try:
+            await self._handle_reaction(room, event)
+        except Exception:
+            log.exception("matrix: could not handle reaction {}", event.event_id)
+
+    async def _handle_message(self, room: Any, event: Any) -> None:
         if not self._ours(room, event):
             return
         content = event.source.get("content", {})
@@ -726,7 +747,7 @@ class MatrixTransport:
             event.sender, event.event_id, target, parse_reply(event.body), thread_of(content)
         )
 
-    async def _on_reaction(self, room: Any, event: Any) -> None:
+    async def _handle_reaction(self, room: Any, event: Any) -> None:
         if not self._ours(room, event):
             return
         target = event.reacts_to
