@@ -261,6 +261,9 @@ class Gateway:
         """``callback(item)`` for each new pending request; runs on the gateway's loop thread."""
         self._app.add_pending_listener(callback)
 
+    def api_headers(self) -> dict[str, str]:
+        return {}
+
     def add_decision_listener(self, callback: Callable[[DecisionRecord], None]) -> None:
         """``callback(record)`` after each decision and each withdrawn request (decision
         ``"withdrawn"``); runs on the gateway's loop thread."""

@@ -331,7 +331,10 @@ def test_a_wrong_password_is_retried_and_never_logged(homeserver: Homeserver, ro
     bot = MatrixTransport(gw, config).start()
     try:
         wait_until(lambda: any("cannot log in" in line for line in lines), T, "a refused login")
-        assert httpx.get(f"{gw.http_url}/api/state", timeout=T).status_code == 200
+        assert (
+            httpx.get(f"{gw.http_url}/api/state", headers=gw.api_headers(), timeout=T).status_code
+            == 200
+        )
         assert not bot.connected
     finally:
         bot.stop()
@@ -459,7 +462,7 @@ def test_the_homeserver_restarting_mid_run(
         setup.gw.decide("sled-a", "r-console", "deny", by="console")
         assert third.result(T).decision is Decision.DENY
         started = time.monotonic()
-        api = httpx.get(f"{setup.gw.http_url}/api/state", timeout=T)
+        api = httpx.get(f"{setup.gw.http_url}/api/state", headers=setup.gw.api_headers(), timeout=T)
         assert api.status_code == 200
         assert time.monotonic() - started < 2.0
     finally:
@@ -497,7 +500,10 @@ def test_a_homeserver_down_at_start_blocks_nothing(tmp_path: Path) -> None:
             "three failed logins",
         )
         started = time.monotonic()
-        assert httpx.get(f"{gw.http_url}/api/state", timeout=T).status_code == 200
+        assert (
+            httpx.get(f"{gw.http_url}/api/state", headers=gw.api_headers(), timeout=T).status_code
+            == 200
+        )
         assert gw.state()["pending"] == []
         assert time.monotonic() - started < 2.0
         assert not bot.connected
