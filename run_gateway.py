@@ -39,6 +39,8 @@ from gateway import Gateway
 from gateway.config import load_sled_tokens, positive_int, positive_seconds
 from gateway.interactive import TerminalPrompter
 from gateway.logs import configure_cli_logging
+from gateway.matrix import MatrixConfig, MatrixTransport
+from gateway.matrix import config_from_options as matrix_config_from_options
 from gateway.store import StoreError, default_db_path
 from protocol import ConfigError, redact
 from protocol.version import __version__
@@ -244,7 +246,50 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LEVEL",
         help="TRACE, DEBUG, INFO (default), WARNING, ERROR",
     )
+    # Approve from a Matrix room (gateway/matrix.py; needs the "matrix" extra).
+    matrix = parser.add_argument_group("Matrix transport (all five, or none)")
+    matrix.add_argument("--matrix-homeserver", metavar="URL", help="e.g. https://matrix.org")
+    matrix.add_argument("--matrix-user", metavar="@BOT:SERVER", help="the bot's user id")
+    matrix.add_argument(
+        "--matrix-password-file", metavar="PATH", help="a file holding the bot's password"
+    )
+    matrix.add_argument(
+        "--matrix-access-token-file",
+        metavar="PATH",
+        help="a file holding the bot's access token (instead of a password)",
+    )
+    matrix.add_argument(
+        "--matrix-room", metavar="ROOM", help="room id (!id) or alias (#name:server)"
+    )
+    matrix.add_argument(
+        "--matrix-operators",
+        metavar="@A:SERVER,...",
+        help="who may answer from the room (comma-separated user ids)",
+    )
     return parser
+
+
+def resolve_matrix(args: argparse.Namespace) -> MatrixConfig | None:
+    """The ``--matrix-*`` options → a config; :class:`ConfigError` if unusable."""
+    if args.auto and args.matrix_homeserver is not None:
+        # --auto answers before anyone could read the room.
+        raise ConfigError("--matrix-homeserver", "cannot be combined with --auto")
+    config = matrix_config_from_options(
+        homeserver=args.matrix_homeserver,
+        user=args.matrix_user,
+        password_file=args.matrix_password_file,
+        access_token_file=args.matrix_access_token_file,
+        room=args.matrix_room,
+        operators=args.matrix_operators,
+    )
+    if config is not None:
+        try:
+            import nio  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "--matrix-homeserver", "needs matrix-nio: pip install 'sled-uplink[matrix]'"
+            ) from None
+    return config
 
 
 def resolve(args: argparse.Namespace) -> tuple[str, int, str | None]:
@@ -283,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         host, port, token = resolve(args)
+        matrix_config = resolve_matrix(args)
     except ConfigError as exc:
         parser.error(str(exc))
 
@@ -372,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     prompter = TerminalPrompter(gateway).start() if args.interactive else None
+    bot = MatrixTransport(gateway, matrix_config).start() if matrix_config else None
     status = 0
     try:
         # A timed wait keeps the main thread responsive to signals and lets us
@@ -384,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if prompter is not None:
             prompter.stop()
+        if bot is not None:
+            bot.stop()
         gateway.stop(timeout=4.0)
     return status
 

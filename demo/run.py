@@ -497,6 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(os.environ.get("SLED_DEMO_READY_TIMEOUT", "60")),
         help="seconds to wait for everything to come up (default %(default)s)",
     )
+    parser.add_argument(
+        "--matrix",
+        action="store_true",
+        help="also start a local Matrix homeserver and approve from a Matrix client "
+        "(port: env SLED_DEMO_MATRIX_PORT, default 8008)",
+    )
     return parser
 
 
@@ -505,7 +511,12 @@ def main(argv: list[str] | None = None) -> int:
     for option in ("gateway_port", "mcp_port", "uplink_port"):
         if not 0 < getattr(args, option) < 65536:
             build_parser().error(f"--{option.replace('_', '-')} must be 1-65535")
-    demo = Demo(args)
+    if args.matrix:
+        from demo.matrix_mode import MatrixDemo
+
+        demo: Demo = MatrixDemo(args)
+    else:
+        demo = Demo(args)
     signal.signal(signal.SIGINT, demo.on_signal)
     signal.signal(signal.SIGTERM, demo.on_signal)
     return demo.run()

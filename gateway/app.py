@@ -242,6 +242,7 @@ class GatewayApp:
         self._ids = itertools.count(1)
         self._background: set[asyncio.Future[None]] = set()
         self._pending_listeners: list[Callable[[PendingPermission], None]] = []
+        self._decision_listeners: list[Callable[[DecisionRecord], None]] = []
         self._console_html = _load_console()
         self._stopping = False
         self.allowed_hosts = AllowedHosts.default(listen_host, config.allowed_hosts)
@@ -286,6 +287,18 @@ class GatewayApp:
     def add_pending_listener(self, callback: Callable[[PendingPermission], None]) -> None:
         """Call ``callback(item)`` (on the loop thread; keep it quick) for each new request."""
         self._pending_listeners.append(callback)
+
+    def add_decision_listener(self, callback: Callable[[DecisionRecord], None]) -> None:
+        """Call ``callback(record)`` (on the loop thread; keep it quick) for each decision
+        and each withdrawn request, so a transport can show the outcome wherever it asked."""
+        self._decision_listeners.append(callback)
+
+    def _notify_decision(self, record: DecisionRecord) -> None:
+        for callback in self._decision_listeners:
+            try:
+                callback(record)
+            except Exception:
+                log.exception("decision listener failed")
 
     # -- the sled uplink WebSocket ----------------------------------------------
 
@@ -570,6 +583,10 @@ class GatewayApp:
                     now,
                 )
             )
+        for item in withdrawn:
+            withdrawal = self.state.decision_for(item.project, item.req_id)
+            if withdrawal is not None:
+                self._notify_decision(withdrawal)
         log.info(
             "sled {} disconnected (code {}){}",
             session.label(),
@@ -656,6 +673,7 @@ class GatewayApp:
             )
         else:
             await session.send(Envelope(Kind.PERM_RESPONSE, req_id, RESPONSE_PAYLOADS[decision]))
+        self._notify_decision(record)
         return record
 
     async def _answer_by_rule(

@@ -22,13 +22,14 @@ given: operator authentication cannot be switched off.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import os
 import secrets
 import socket
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import uvicorn
@@ -43,6 +44,7 @@ from gateway.store import MEMORY, Store
 from protocol import Decision
 
 log = logger.bind(actor="gateway")
+T = TypeVar("T")
 
 
 class _Server(uvicorn.Server):
@@ -335,19 +337,23 @@ class Gateway:
         """``callback(item)`` for each new pending request; runs on the gateway's loop thread."""
         self._app.add_pending_listener(callback)
 
-    # -- the durable store ----------------------------------------------------------
+    def add_decision_listener(self, callback: Callable[[DecisionRecord], None]) -> None:
+        """``callback(record)`` after each decision and each withdrawn request (decision
+        ``"withdrawn"``); runs on the gateway's loop thread."""
+        self._app.add_decision_listener(callback)
 
-    def _in_loop(self, coro: Any, timeout: float) -> Any:
+    async def decide_on_loop(
+        self, project: str, req_id: str, decision: Decision | str, *, by: str
+    ) -> DecisionRecord:
+        """:meth:`decide` for code already running on the gateway's loop (a transport).
+
+        Same errors; awaiting it there instead of blocking on :meth:`decide` is
+        what keeps the loop (and so the console and the API) running.
+        """
+        return await self._app.decide(project, req_id, Decision(decision), by)
+
+    def run_on_loop(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coro`` on the gateway's event loop (e.g. a transport's main task)."""
         if self._loop is None:
             raise RuntimeError("Gateway not started")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    def audit(self, *, timeout: float = 5.0, **filters: Any) -> list[dict[str, Any]]:
-        """Audit rows newest first, as ``GET /api/audit`` lists them (same filters)."""
-        rows = self._in_loop(self.store.audit(**filters), timeout)
-        return [r.to_json() for r in rows]
-
-    def rules(self, *, include_revoked: bool = False, timeout: float = 5.0) -> list[dict[str, Any]]:
-        """Rules newest first, as ``GET /api/rules`` lists them."""
-        rules = self._in_loop(self.store.rules(include_revoked=include_revoked), timeout)
-        return [r.to_json() for r in rules]
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)

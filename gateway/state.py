@@ -344,6 +344,11 @@ class GatewayState:
         with self._cond:
             return list(self._pending.values())
 
+    def decision_for(self, project: str, req_id: str) -> DecisionRecord | None:
+        """The remembered decision (or withdrawal) of one request, if any."""
+        with self._cond:
+            return self._decided.get((project, req_id))
+
     def snapshot(self, limit: int | None = None) -> dict[str, Any]:
         """The JSON document ``GET /api/state`` serves.
 

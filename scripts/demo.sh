@@ -12,5 +12,10 @@ set -euo pipefail
 # Where the user stands, so the printed commands are right from there.
 export SLED_DEMO_CALLER_CWD="${SLED_DEMO_CALLER_CWD:-$PWD}"
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh gateway,demo >&2
+extras=gateway,demo
+case " $* " in
+    # The Matrix mode: the bot's client library, and Synapse in its own venv.
+    *" --matrix "*) extras=gateway,demo,matrix; bash scripts/install-synapse.sh >&2 ;;
+esac
+bash scripts/bootstrap.sh "$extras" >&2
 exec .venv/bin/python -m demo.run "$@"

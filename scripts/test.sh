@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh test >&2
 # The console's browser test drives Debian's chromium (installed if missing).
 bash scripts/install-browser.sh >&2 || true
+# The Matrix transport's tests run against a real Synapse, in its own venv (.tools/).
+bash scripts/install-synapse.sh >&2 || true
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?

@@ -1,0 +1,809 @@
+"""Approve from a chat room: the gateway's Matrix transport (a ``matrix-nio`` bot).
+
+The bot runs as one task on the gateway's own event loop, so it shares the
+loop with the console and the API and must never block it: every homeserver
+call is an ``await``, and the gateway's listeners only put work on a queue.
+
+What it does, in one room:
+
+- each pending permission request is posted (sled, tool, a shortened input,
+  the full input in a code block, how to answer);
+- an operator answers by *replying* to that message with ``approve``,
+  ``deny`` or ``always`` (or by reacting with ✅ / ❌ / 🔁); only the listed
+  operators can decide, anyone else gets a short refusal in reply;
+- the first valid answer wins, whichever transport gave it; the bot then
+  edits its message with the outcome and who gave it, and does the same for
+  a request withdrawn because its sled went away;
+- when the homeserver is down (at start or later) it retries with capped
+  exponential back-off, and on reconnect re-posts whatever is still pending.
+
+Events from before the bot's first sync, from other rooms, and the bot's own
+messages are ignored. The password and the access token are read from files
+and never appear in a log line (nio's own loggers are held at WARNING and
+scrubbed too). End-to-end encrypted rooms are not supported: the bot cannot
+read encrypted replies, and says so in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import json
+import logging
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from gateway.state import (
+    WITHDRAWN,
+    AlreadyDecided,
+    DecisionRecord,
+    PendingPermission,
+    UnknownRequest,
+)
+from protocol import ConfigError, Decision
+
+if TYPE_CHECKING:
+    from gateway.server import Gateway
+
+log = logger.bind(actor="matrix")
+
+#: The words an operator may reply with, and the decision each means.
+REPLY_WORDS: dict[str, Decision] = {
+    "approve": Decision.APPROVE,
+    "approved": Decision.APPROVE,
+    "yes": Decision.APPROVE,
+    "deny": Decision.DENY,
+    "denied": Decision.DENY,
+    "no": Decision.DENY,
+    "always": Decision.ALWAYS_ALLOW,
+    "always_allow": Decision.ALWAYS_ALLOW,
+    "always allow": Decision.ALWAYS_ALLOW,
+}
+#: Reaction keys (emoji) and the decision each means.
+REACTIONS: dict[str, Decision] = {
+    "✅": Decision.APPROVE,
+    "👍": Decision.APPROVE,
+    "❌": Decision.DENY,
+    "👎": Decision.DENY,
+    "🔁": Decision.ALWAYS_ALLOW,
+}
+OUTCOME_WORDS: dict[str, str] = {
+    Decision.APPROVE.value: "✅ APPROVED",
+    Decision.ALWAYS_ALLOW.value: "🔁 ALWAYS ALLOWED",
+    Decision.DENY.value: "❌ DENIED",
+    WITHDRAWN: "⏹ WITHDRAWN",
+}
+SUMMARY_CHARS = 200  # the one-line input summary
+FULL_INPUT_CHARS = 16_000  # a Matrix event is at most 64 KiB; leave room for HTML
+SYNC_TIMEOUT_MS = 30_000  # long-poll
+REQUEST_TIMEOUT_S = 15.0  # one non-sync call to the homeserver
+BACKOFF_INITIAL = 0.5
+BACKOFF_MAX = 30.0
+
+_NIO_LOGGERS = ("nio", "aiohttp", "peewee")
+_EVENT_MEMORY = 10_000
+_FIRST_SYNC_FILTER = {"room": {"timeline": {"limit": 1}}, "presence": {"types": []}}
+
+
+@dataclass(frozen=True)
+class MatrixConfig:
+    """Where and as whom the bot runs, and whom it obeys."""
+
+    homeserver: str
+    user_id: str
+    room: str  # a room id (!x:server) or an alias (#x:server)
+    operators: frozenset[str]
+    password: str | None = field(default=None, repr=False)
+    access_token: str | None = field(default=None, repr=False)
+    device_name: str = "sled-gateway"
+    backoff_initial: float = BACKOFF_INITIAL
+    backoff_max: float = BACKOFF_MAX
+
+    def __post_init__(self) -> None:
+        if (self.password is None) == (self.access_token is None):
+            raise ConfigError("--matrix-password-file", "give exactly one of a password or a token")
+
+
+def _is_user_id(text: str) -> bool:
+    local, sep, server = text[1:].partition(":")
+    return (
+        text.startswith("@")
+        and bool(sep and local and server)
+        and not any(c.isspace() for c in text)
+    )
+
+
+def _read_secret(option: str, path: str) -> str:
+    try:
+        text = Path(path).read_text("utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(option, f"cannot read {path!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(option, f"{path!r} is not UTF-8 text") from None
+    if not text or "\n" in text:
+        raise ConfigError(option, f"{path!r} must hold one non-empty line")
+    return text
+
+
+def config_from_options(
+    *,
+    homeserver: str | None,
+    user: str | None,
+    password_file: str | None,
+    access_token_file: str | None,
+    room: str | None,
+    operators: str | None,
+) -> MatrixConfig | None:
+    """The command line's ``--matrix-*`` options → a config (None when none was given).
+
+    Raises :class:`ConfigError` naming the first unusable option, so a bad
+    value stops the gateway before it starts instead of failing in the loop.
+    """
+    given = {
+        "--matrix-homeserver": homeserver,
+        "--matrix-user": user,
+        "--matrix-room": room,
+        "--matrix-operators": operators,
+    }
+    secrets_given = password_file is not None or access_token_file is not None
+    if all(v is None for v in given.values()) and not secrets_given:
+        return None
+    for option, value in given.items():
+        if not value:
+            raise ConfigError(option, "required with the other --matrix-* options")
+    assert homeserver
+    assert user
+    assert room
+    assert operators
+    if password_file is not None and access_token_file is not None:
+        raise ConfigError(
+            "--matrix-password-file", "cannot be combined with --matrix-access-token-file"
+        )
+    if not homeserver.startswith(("http://", "https://")) or len(homeserver) < 10:
+        raise ConfigError("--matrix-homeserver", f"expected an http(s):// URL, not {homeserver!r}")
+    if not _is_user_id(user):
+        raise ConfigError(
+            "--matrix-user", f"expected a Matrix user id like @bot:example.org, not {user!r}"
+        )
+    # Room ids of room version 12 have no ":server" part; aliases always do.
+    is_id = room.startswith("!") and len(room) > 1
+    is_alias = room.startswith("#") and ":" in room[2:]
+    if not (is_id or is_alias) or any(c.isspace() for c in room):
+        raise ConfigError(
+            "--matrix-room",
+            f"expected a room id (!id) or an alias (#name:server), not {room!r}",
+        )
+    names = [name.strip() for name in operators.split(",") if name.strip()]
+    if not names:
+        raise ConfigError("--matrix-operators", "name at least one operator (@user:server)")
+    for name in names:
+        if not _is_user_id(name):
+            raise ConfigError("--matrix-operators", f"{name!r} is not a Matrix user id")
+    if user in names:
+        raise ConfigError("--matrix-operators", "the bot cannot be its own operator")
+    if password_file is None and access_token_file is None:
+        raise ConfigError(
+            "--matrix-password-file", "required (or --matrix-access-token-file) with --matrix-user"
+        )
+    password = (
+        _read_secret("--matrix-password-file", password_file) if password_file is not None else None
+    )
+    token = (
+        _read_secret("--matrix-access-token-file", access_token_file)
+        if access_token_file is not None
+        else None
+    )
+    return MatrixConfig(
+        homeserver=homeserver.rstrip("/"),
+        user_id=user,
+        room=room,
+        operators=frozenset(names),
+        password=password,
+        access_token=token,
+    )
+
+
+class _ScrubFilter(logging.Filter):
+    """Drop the bot's secrets from any stdlib record (nio, aiohttp) before it is handled."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True
+        cleaned = message
+        for secret in self.secrets:
+            cleaned = cleaned.replace(secret, "***")
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _input_text(tool_input: Any) -> str:
+    if isinstance(tool_input, str):
+        return tool_input
+    try:
+        return json.dumps(tool_input, ensure_ascii=False, indent=2, sort_keys=True)
+    except (TypeError, ValueError):
+        return repr(tool_input)
+
+
+def _summary(tool_input: Any) -> str:
+    """One line: a Bash command as itself, anything else as compact JSON."""
+    if isinstance(tool_input, dict) and isinstance(tool_input.get("command"), str):
+        text = tool_input["command"]
+    elif isinstance(tool_input, str):
+        text = tool_input
+    else:
+        try:
+            text = json.dumps(tool_input, ensure_ascii=False, separators=(",", ":"))
+        except (TypeError, ValueError):
+            text = repr(tool_input)
+    return _shorten(" ".join(text.split()), SUMMARY_CHARS)
+
+
+def request_message(item: PendingPermission, *, repost: bool = False) -> dict[str, Any]:
+    """The ``m.room.message`` content announcing one pending request."""
+    full = _input_text(item.tool_input)
+    clipped = len(full) > FULL_INPUT_CHARS
+    if clipped:
+        full = full[:FULL_INPUT_CHARS]
+    note = f"\n(input clipped at {FULL_INPUT_CHARS} characters)" if clipped else ""
+    head = "Still pending" if repost else "Permission request"
+    project, tool = _shorten(item.project, 100), _shorten(item.tool_name, 100)
+    body = (
+        f"🔐 {head}: sled {project!r} wants to run {tool}\n"
+        f"Input: {_summary(item.tool_input)}\n"
+        f"Request: {item.req_id}\n"
+        f"```\n{full}\n```{note}\n"
+        "Reply to this message with approve, deny or always (or react ✅ ❌ 🔁)."
+    )
+    esc = html.escape
+    formatted = (
+        f"🔐 <b>{esc(head)}</b>: sled <code>{esc(project)}</code> wants to run "
+        f"<b>{esc(tool)}</b><br>"
+        f"Input: <code>{esc(_summary(item.tool_input))}</code><br>"
+        f"Request: <code>{esc(item.req_id)}</code>"
+        f"<pre><code>{esc(full)}</code></pre>{esc(note)}"
+        "Reply to this message with <b>approve</b>, <b>deny</b> or <b>always</b> "
+        "(or react ✅ ❌ 🔁)."
+    )
+    return {
+        "msgtype": "m.text",
+        "body": body,
+        "format": "org.matrix.custom.html",
+        "formatted_body": formatted,
+    }
+
+
+def outcome_text(record: DecisionRecord) -> str:
+    """The line that replaces a request's message once it is settled."""
+    word = OUTCOME_WORDS.get(record.decision, record.decision.upper())
+    why = "the sled went away" if record.by == "sled_disconnected" else record.by
+    how = f"({why})" if record.decision == WITHDRAWN else f"by {record.by}"
+    return (
+        f"{word} {how}: {record.tool_name} for sled {record.project!r} "
+        f"(request {record.req_id}, after {record.waited_s:.1f} s)"
+    )
+
+
+def edit_content(event_id: str, text: str) -> dict[str, Any]:
+    """An ``m.replace`` edit of the bot's message ``event_id`` to ``text``."""
+    new = {"msgtype": "m.text", "body": text}
+    return {
+        "msgtype": "m.text",
+        "body": f"* {text}",
+        "m.new_content": new,
+        "m.relates_to": {"rel_type": "m.replace", "event_id": event_id},
+    }
+
+
+def reply_content(event_id: str, text: str, *, thread: str | None = None) -> dict[str, Any]:
+    """A notice replying to ``event_id``; inside ``thread`` (its root) when it was in one."""
+    relation: dict[str, Any] = {"m.in_reply_to": {"event_id": event_id}}
+    if thread is not None:
+        relation.update(rel_type="m.thread", event_id=thread, is_falling_back=False)
+    return {"msgtype": "m.notice", "body": text, "m.relates_to": relation}
+
+
+def thread_of(content: dict[str, Any]) -> str | None:
+    rel = content.get("m.relates_to")
+    if isinstance(rel, dict) and rel.get("rel_type") == "m.thread":
+        root = rel.get("event_id")
+        return root if isinstance(root, str) else None
+    return None
+
+
+def _strip_reply_fallback(body: str) -> str:
+    """A reply's own text, without the ``> <@user> quoted`` lines older clients prepend."""
+    lines = body.splitlines()
+    while lines and lines[0].startswith(">"):
+        lines.pop(0)
+    return "\n".join(lines).strip()
+
+
+def parse_reply(body: str) -> Decision | None:
+    """``approve`` / ``deny`` / ``always`` (any case, trailing ``.`` or ``!`` ok) → a decision.
+
+    The whole reply must be the word: "approve, but not that" is no answer.
+    """
+    text = " ".join(_strip_reply_fallback(body).lower().split()).rstrip(".!")
+    return REPLY_WORDS.get(text)
+
+
+def replied_to(content: dict[str, Any]) -> str | None:
+    """The event an ``m.room.message`` answers: its reply target, or its thread root."""
+    rel = content.get("m.relates_to")
+    if not isinstance(rel, dict):
+        return None
+    in_reply = rel.get("m.in_reply_to")
+    if isinstance(in_reply, dict) and isinstance(in_reply.get("event_id"), str):
+        target: str = in_reply["event_id"]
+        # In a thread, a plain message "falls back" to replying to the latest
+        # event; the root is what it answers.
+        if rel.get("rel_type") == "m.thread" and rel.get("is_falling_back"):
+            root = rel.get("event_id")
+            return root if isinstance(root, str) else target
+        return target
+    if rel.get("rel_type") == "m.thread" and isinstance(rel.get("event_id"), str):
+        root_id: str = rel["event_id"]
+        return root_id
+    return None
+
+
+Key = tuple[str, str]
+
+
+class MatrixTransport:
+    """A Matrix bot answering one gateway's permission requests in one room.
+
+    ``start()`` from any thread once the gateway runs; ``stop()`` before the
+    gateway stops. ``connected`` (a threading-safe snapshot) tells tests and
+    ``/status``-like callers whether the last sync succeeded.
+    """
+
+    def __init__(
+        self, gateway: Gateway, config: MatrixConfig, *, store_dir: str | None = None
+    ) -> None:
+        self.gateway = gateway
+        self.config = config
+        self._store_dir = store_dir
+        self._queue: asyncio.Queue[tuple[str, Any]] | None = None
+        self._future: Any = None
+        self._task: asyncio.Task[Any] | None = None
+        self._posted: dict[Key, list[str]] = {}  # pending request → our messages about it
+        # Our message → its request, kept after the outcome so a late answer
+        # hears who was first (bounded: oldest forgotten first).
+        self._by_event: OrderedDict[str, Key] = OrderedDict()
+        self._refused: set[tuple[str, Key]] = set()
+        self._edits_due: list[tuple[str, str]] = []  # (our message, its outcome line)
+        self._live = False  # past the first sync: events are new, act on them
+        self._room_id: str | None = None
+        self._client: Any = None
+        self._connected = False
+        self._ever_connected = False
+        self.reconnects = 0  # successful syncs after a failed one (tests read it)
+        self.posts = 0  # messages posted (tests read it)
+        self._scrub = _ScrubFilter([config.password or "", config.access_token or ""])
+
+    # -- lifecycle (any thread) ---------------------------------------------------
+
+    def _library_loggers(self) -> list[logging.Logger]:
+        # A logger's filters see only the records it creates itself, not its
+        # children's: filter every logger of those libraries that exists by now.
+        import nio  # noqa: F401 - creates nio's loggers
+
+        names = [
+            name for name in logging.Logger.manager.loggerDict if name.split(".")[0] in _NIO_LOGGERS
+        ]
+        return [logging.getLogger(name) for name in sorted({*names, *_NIO_LOGGERS})]
+
+    def start(self) -> MatrixTransport:
+        # nio logs whole responses at DEBUG (a login's includes the access
+        # token) and every room event at INFO: hold it at WARNING, and scrub.
+        for name in _NIO_LOGGERS:
+            top = logging.getLogger(name)
+            if top.level == logging.NOTSET or top.level < logging.WARNING:
+                top.setLevel(logging.WARNING)
+        for library_logger in self._library_loggers():
+            if (
+                library_logger.name.split(".")[0] == "nio"
+                and library_logger.level < logging.WARNING
+            ):
+                library_logger.setLevel(logging.NOTSET)  # inherit nio's WARNING
+            library_logger.addFilter(self._scrub)
+        self.gateway.add_pending_listener(self._on_pending)
+        self.gateway.add_decision_listener(self._on_decision)
+        self._future = self.gateway.run_on_loop(self._main())
+        log.info(
+            "matrix: bot {} for room {} on {} (operators: {})",
+            self.config.user_id,
+            self.config.room,
+            self.config.homeserver,
+            ", ".join(sorted(self.config.operators)),
+        )
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel the bot's task and wait until it closed its HTTP session. Idempotent."""
+        future, self._future = self._future, None
+        if future is None:
+            return
+        if self.gateway.running:
+            try:
+                self.gateway.run_on_loop(self._cancel()).result(timeout)
+            except Exception as exc:
+                log.warning("matrix: the bot did not stop cleanly: {}", _why(exc))
+        future.cancel()
+        for library_logger in self._library_loggers():
+            library_logger.removeFilter(self._scrub)
+
+    async def _cancel(self) -> None:
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def room_id(self) -> str | None:
+        return self._room_id
+
+    # -- listeners (the gateway's loop thread) ------------------------------------
+
+    def _on_pending(self, item: PendingPermission) -> None:
+        if self._queue is not None:
+            self._queue.put_nowait(("post", item))
+
+    def _on_decision(self, record: DecisionRecord) -> None:
+        if self._queue is not None:
+            self._queue.put_nowait(("settled", record))
+
+    # -- the bot's task -----------------------------------------------------------
+
+    async def _main(self) -> None:
+        from nio import AsyncClient, AsyncClientConfig
+
+        self._queue = asyncio.Queue()
+        self._task = asyncio.current_task()
+        client = AsyncClient(
+            self.config.homeserver,
+            self.config.user_id,
+            store_path=self._store_dir,
+            config=AsyncClientConfig(
+                # nio would retry a dead homeserver forever inside one call;
+                # raise instead, so our loop backs off and keeps the queue moving.
+                max_timeouts=0,
+                max_limit_exceeded=3,
+                request_timeout=REQUEST_TIMEOUT_S,
+                store_sync_tokens=False,
+                encryption_enabled=False,
+            ),
+        )
+        self._client = client
+        worker = asyncio.create_task(self._work())
+        try:
+            await self._run(client)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("matrix: the bot crashed; Matrix answers are off until a restart")
+        finally:
+            worker.cancel()
+            with contextlib.suppress(BaseException):
+                await worker
+            self._connected = False
+            if self.config.password is not None and client.access_token:
+                # Our login made a device and a token: retire both (briefly; the
+                # homeserver may be the reason we stop).
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(client.logout(), 2.0)
+            with contextlib.suppress(BaseException):
+                await client.close()
+            log.info("matrix: bot stopped")
+
+    async def _backoff(self, attempt: int) -> None:
+        delay = min(self.config.backoff_max, self.config.backoff_initial * 2**attempt)
+        await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+
+    async def _run(self, client: Any) -> None:
+        from nio import (
+            JoinError,
+            JoinResponse,
+            LoginResponse,
+            ReactionEvent,
+            RoomMessageText,
+            SyncResponse,
+            WhoamiResponse,
+        )
+
+        attempt = 0
+        # 1. log in (or check the token); a wrong password is not worth hammering.
+        while True:
+            try:
+                if self.config.password is not None:
+                    resp = await client.login(
+                        password=self.config.password, device_name=self.config.device_name
+                    )
+                    if isinstance(resp, LoginResponse):
+                        break
+                else:
+                    client.access_token = self.config.access_token
+                    resp = await client.whoami()
+                    if isinstance(resp, WhoamiResponse):
+                        if resp.user_id != self.config.user_id:
+                            log.error(
+                                "matrix: the access token belongs to {}, not {}; bot disabled",
+                                resp.user_id,
+                                self.config.user_id,
+                            )
+                            return
+                        client.user_id = resp.user_id
+                        client.device_id = resp.device_id or ""
+                        break
+                log.warning(
+                    "matrix: cannot log in as {}: {}; retrying",
+                    self.config.user_id,
+                    getattr(resp, "message", resp),
+                )
+                attempt = min(attempt + 2, 12)  # a refusal: back off faster
+            except Exception as exc:
+                log.warning("matrix: homeserver unreachable at login ({}); retrying", _why(exc))
+                attempt += 1
+            await self._backoff(attempt)
+        log.info("matrix: logged in as {}", self.config.user_id)
+
+        # 2. join the room (an invitation must be pending, or the room public).
+        attempt = 0
+        while True:
+            try:
+                joined = await client.join(self.config.room)
+                if isinstance(joined, JoinResponse):
+                    self._room_id = joined.room_id
+                    break
+                assert isinstance(joined, JoinError)
+                log.warning(
+                    "matrix: cannot join {}: {}; retrying", self.config.room, joined.message
+                )
+                attempt = min(attempt + 2, 12)
+            except Exception as exc:
+                log.warning("matrix: homeserver unreachable at join ({}); retrying", _why(exc))
+                attempt += 1
+            await self._backoff(attempt)
+        log.info("matrix: joined {} ({})", self.config.room, self._room_id)
+
+        client.add_event_callback(self._on_message, RoomMessageText)
+        client.add_event_callback(self._on_reaction, ReactionEvent)
+
+        # 3. sync: the first one only finds where "now" is (history is not ours
+        #    to act on); every later one delivers events to the callbacks.
+        attempt = 0
+        first = True
+        while True:
+            try:
+                if first:
+                    # 1 ms: answer at once; a short timeline is all we need to see.
+                    resp = await client.sync(timeout=1, sync_filter=_FIRST_SYNC_FILTER)
+                else:
+                    # Coming back, do not long-poll: a quiet room would hold
+                    # the first successful sync (and the catch-up) for 30 s.
+                    poll = SYNC_TIMEOUT_MS if self._connected else 1
+                    resp = await client.sync(timeout=poll, since=client.next_batch)
+                if not isinstance(resp, SyncResponse):
+                    raise _SyncFailed(getattr(resp, "message", str(resp)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._connected or attempt == 0:
+                    log.warning("matrix: lost the homeserver ({}); reconnecting", _why(exc))
+                self._connected = False
+                attempt += 1
+                await self._backoff(min(attempt, 12))
+                continue
+            reconnect = attempt > 0 or first
+            attempt = 0
+            if first:
+                first = False
+                self._live = True
+                self._check_encryption(client)
+            if reconnect:
+                self._connected = True
+                if self._ever_connected:
+                    self.reconnects += 1
+                    log.info("matrix: reconnected to the homeserver")
+                self._ever_connected = True
+                assert self._queue is not None
+                self._queue.put_nowait(("catch_up", None))
+
+    def _check_encryption(self, client: Any) -> None:
+        room = client.rooms.get(self._room_id)
+        if room is not None and getattr(room, "encrypted", False):
+            log.error(
+                "matrix: room {} is end-to-end encrypted; the bot cannot read replies there "
+                "(use an unencrypted room)",
+                self.config.room,
+            )
+
+    # -- posting (one worker: posts and edits keep their order) --------------------
+
+    async def _work(self) -> None:
+        assert self._queue is not None
+        while True:
+            kind, obj = await self._queue.get()
+            try:
+                if kind == "post":
+                    key = (obj.project, obj.req_id)
+                    # Offline, or already posted by a catch-up: the next catch-up
+                    # (on reconnect) posts whatever is still pending.
+                    if (
+                        self._connected
+                        and key not in self._posted
+                        and self.gateway.is_pending(*key)
+                    ):
+                        await self._post(obj, repost=False)
+                elif kind == "settled":
+                    await self._settle(obj)
+                elif kind == "catch_up":
+                    await self._catch_up()
+                elif kind == "send":
+                    await self._send(obj)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # The sync loop notices a dead homeserver; catch_up re-posts then.
+                log.warning("matrix: could not {} ({})", kind, _why(exc))
+
+    async def _send(self, content: dict[str, Any]) -> str:
+        from nio import RoomSendResponse
+
+        assert self._room_id is not None
+        resp = await self._client.room_send(
+            self._room_id, "m.room.message", content, ignore_unverified_devices=True
+        )
+        if not isinstance(resp, RoomSendResponse):
+            raise _SyncFailed(getattr(resp, "message", str(resp)))
+        self.posts += 1
+        event_id: str = resp.event_id
+        return event_id
+
+    async def _post(self, item: PendingPermission, *, repost: bool) -> None:
+        key = (item.project, item.req_id)
+        event_id = await self._send(request_message(item, repost=repost))
+        # Decisions reach the queue after the request they settle, so this
+        # message is registered before its outcome is handled.
+        self._posted.setdefault(key, []).append(event_id)
+        self._by_event[event_id] = key
+        while len(self._by_event) > _EVENT_MEMORY:
+            self._by_event.popitem(last=False)
+        log.info("matrix: posted permission {!r} of sled {!r}", item.req_id, item.project)
+
+    async def _settle(self, record: DecisionRecord) -> None:
+        key = (record.project, record.req_id)
+        self._refused = {refused for refused in self._refused if refused[1] != key}
+        text = outcome_text(record)
+        self._edits_due.extend((event_id, text) for event_id in self._posted.pop(key, []))
+        await self._flush_edits()
+
+    async def _flush_edits(self) -> None:
+        """Send the outcome edits not yet sent; one that fails waits for the reconnect."""
+        while self._edits_due:
+            event_id, text = self._edits_due[0]
+            await self._send(edit_content(event_id, text))
+            self._edits_due.pop(0)
+
+    async def _catch_up(self) -> None:
+        """After (re)connecting: post every pending request, again if it was posted before."""
+        await self._flush_edits()
+        for item in self.gateway.pending():
+            key = (item.project, item.req_id)
+            if not self.gateway.is_pending(*key):
+                continue
+            await self._post(item, repost=key in self._posted)
+
+    # -- answers (callbacks run inside client.sync, on the loop) -------------------
+
+    def _ours(self, room: Any, event: Any) -> bool:
+        """Is this a new event, in our room, from someone else?"""
+        return self._live and room.room_id == self._room_id and event.sender != self.config.user_id
+
+    async def _on_message(self, room: Any, event: Any) -> None:
+        try:
+            await self._handle_message(room, event)
+        except Exception:
+            log.exception("matrix: could not handle message {}", event.event_id)
+
+    async def _on_reaction(self, room: Any, event: Any) -> None:
+        try:
+            await self._handle_reaction(room, event)
+        except Exception:
+            log.exception("matrix: could not handle reaction {}", event.event_id)
+
+    async def _handle_message(self, room: Any, event: Any) -> None:
+        if not self._ours(room, event):
+            return
+        content = event.source.get("content", {})
+        target = replied_to(content) if isinstance(content, dict) else None
+        if target is None or target not in self._by_event:
+            return
+        await self._answer(
+            event.sender, event.event_id, target, parse_reply(event.body), thread_of(content)
+        )
+
+    async def _handle_reaction(self, room: Any, event: Any) -> None:
+        if not self._ours(room, event):
+            return
+        target = event.reacts_to
+        if target not in self._by_event:
+            return
+        key = event.key.replace("\ufe0f", "")
+        decision = REACTIONS.get(key)
+        if decision is None:
+            return
+        # A refusal answers the reacted-to message (replying to a reaction shows badly).
+        await self._answer(event.sender, target, target, decision)
+
+    async def _answer(
+        self,
+        sender: str,
+        event_id: str,
+        target: str,
+        decision: Decision | None,
+        thread: str | None = None,
+    ) -> None:
+        key = self._by_event.get(target)
+        if key is None:
+            return
+        if sender not in self.config.operators:
+            log.warning("matrix: {} is not an operator; answer refused", sender)
+            # Once per outsider and request: refusals must not become a way
+            # to make the bot flood the room.
+            if (sender, key) in self._refused:
+                return
+            self._refused.add((sender, key))
+            await self._reply(
+                thread, event_id, f"{sender}: only the gateway's operators can answer."
+            )
+            return
+        if decision is None:
+            await self._reply(thread, event_id, "Reply with approve, deny or always.")
+            return
+        project, req_id = key
+        try:
+            await self.gateway.decide_on_loop(project, req_id, decision, by=f"matrix:{sender}")
+        except AlreadyDecided as exc:
+            record = exc.record
+            await self._reply(
+                thread, event_id, f"Too late: already {record.decision} by {record.by}."
+            )
+        except UnknownRequest:
+            await self._reply(thread, event_id, "That request is no longer pending.")
+
+    async def _reply(self, thread: str | None, event_id: str, text: str) -> None:
+        assert self._queue is not None
+        self._queue.put_nowait(("send", reply_content(event_id, text, thread=thread)))
+
+
+class _SyncFailed(Exception):
+    """The homeserver answered with an error instead of a result."""
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
