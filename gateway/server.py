@@ -357,3 +357,20 @@ class Gateway:
         if self._loop is None:
             raise RuntimeError("Gateway not started")
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    # -- the durable store ----------------------------------------------------------
+
+    def _in_loop(self, coro: Any, timeout: float) -> Any:
+        if self._loop is None:
+            raise RuntimeError("Gateway not started")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def audit(self, *, timeout: float = 5.0, **filters: Any) -> list[dict[str, Any]]:
+        """Audit rows newest first, as ``GET /api/audit`` lists them (same filters)."""
+        rows = self._in_loop(self.store.audit(**filters), timeout)
+        return [r.to_json() for r in rows]
+
+    def rules(self, *, include_revoked: bool = False, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Rules newest first, as ``GET /api/rules`` lists them."""
+        rules = self._in_loop(self.store.rules(include_revoked=include_revoked), timeout)
+        return [r.to_json() for r in rules]
