@@ -19,6 +19,8 @@ def printable(text: str) -> str:
     A backslash stays as it is, so text already escaped (a ``repr``) reads
     the same; what matters is that nothing in the result is a control.
     """
+    if text.isprintable():  # the common case, decided in C: nothing to escape
+        return text
     out = []
     for char in text:
         if char in _NAMED:
