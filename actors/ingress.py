@@ -373,49 +373,34 @@ class Ingress:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        methods = self._routes.get(scope["path"])
         body = _Body(scope, receive)
-        receive = body
-        extra: list[tuple[bytes, bytes]] = []
         try:
             # One place, before any routing: every endpoint, present or added
-            # later, is behind the same Host, Origin, token and JSON checks.
+            # later (mounted apps too: dispatch them after this), is behind
+            # the same Host, Origin, token and JSON checks.
             assert self.guard is not None
             self.guard.check(scope)
+        except HttpError as exc:
+            await _respond(send, body, exc.status, {"error": exc.message}, exc.headers)
+            return
+        methods = self._routes.get(scope["path"])
+        extra: list[tuple[bytes, bytes]] = []
+        try:
             if methods is None:
                 raise HttpError(404, f"no such endpoint: {scope['path']}")
             handler = methods.get(scope["method"])
             if handler is None:
                 raise HttpError(405, f"{scope['method']} is not allowed on {scope['path']}")
-            status, answer = await handler(scope, receive)
+            status, answer = await handler(scope, body)
         except HttpError as exc:
             status, answer = exc.status, {"error": exc.message}
             extra = exc.headers
         except Exception:  # every answer is JSON, even a bug's
             _log.exception("{} {} failed", scope["method"], scope["path"])
             status, answer = 500, {"error": "internal error"}
-        if isinstance(answer, bytes):
-            content_type = b"text/plain; version=0.0.4; charset=utf-8"
-            payload = answer
-        else:
-            content_type = b"application/json"
-            payload = dumps(answer).encode("utf-8")
-        headers = [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())]
-        headers += extra
         if status == 405 and methods is not None:
-            headers.append((b"allow", ", ".join(methods).encode()))
-        if body.ended:
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": payload})
-            return
-        # Answered before the body was read (413, 415, 401, ...): send the
-        # answer now, read what the client is still sending, then close, so
-        # the close is a FIN after the answer, not a reset that discards it.
-        headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload, "more_body": True})
-        await body.drain()
-        await send({"type": "http.response.body", "body": b""})
+            extra = [*extra, (b"allow", ", ".join(methods).encode())]
+        await _respond(send, body, status, answer, extra)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         for name, value in scope["headers"]:
@@ -470,6 +455,32 @@ class Ingress:
 
     async def _metrics(self, _scope: Scope, _receive: Receive) -> tuple[int, Any]:
         return 200, generate_latest(self.registry)
+
+
+async def _respond(
+    send: Send, body: _Body, status: int, answer: Any, extra: list[tuple[bytes, bytes]]
+) -> None:
+    """Send one answer: JSON, or Prometheus text for ``bytes``."""
+    if isinstance(answer, bytes):
+        content_type = b"text/plain; version=0.0.4; charset=utf-8"
+        payload = answer
+    else:
+        content_type = b"application/json"
+        payload = dumps(answer).encode("utf-8")
+    headers = [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())]
+    headers += extra
+    if body.ended:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+        return
+    # Answered before the body was read (413, 415, 401, ...): send the answer
+    # now, read what the client is still sending, then close, so the close is
+    # a FIN after the answer, not a reset that discards it.
+    headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload, "more_body": True})
+    await body.drain()
+    await send({"type": "http.response.body", "body": b""})
 
 
 class _QuietServer(uvicorn.Server):

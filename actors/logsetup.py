@@ -24,19 +24,8 @@ from loguru import logger
 from protocol import redact
 from protocol.text import printable
 
-_TEXT_FORMAT = (
-    "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {extra[actor]: <13} | {extra[_printable]}"
-)
-
-
-def _text_format(record: Any) -> str:
-    """The text line's format, with the message made printable (see the module
-    docstring). pykka's thread dump (SIGUSR1) is our own multi-line text: kept."""
-    message = record["message"]
-    record["extra"]["_printable"] = (
-        message if record["extra"].get("_multiline") else printable(message)
-    )
-    return _TEXT_FORMAT + "\n{exception}"
+_TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {extra[actor]: <13} | {message}"
+_FIELDS = 3  # " | "-separated fields before the message in _TEXT_FORMAT
 
 
 class InterceptHandler(logging.Handler):
@@ -56,10 +45,27 @@ class InterceptHandler(logging.Handler):
 
 def _text_sink(stream: TextIO) -> Any:
     def write(message: Any) -> None:
-        stream.write(redact(str(message)))
+        stream.write(redact(_printable_line(message)))
         stream.flush()
 
     return write
+
+
+def _printable_line(message: Any) -> str:
+    """The formatted text line with its message part made printable; the
+    traceback after it (our own code's) keeps its lines. pykka's thread dump
+    (SIGUSR1) is our own multi-line text too: kept as it is. Done here, not in
+    a loguru patcher, which costs every log call (a flood of frames notices)."""
+    text = str(message)
+    record = message.record
+    if record["extra"].get("_multiline"):
+        return text
+    raw = record["message"]
+    parts = text.split(" | ", _FIELDS)
+    if len(parts) <= _FIELDS or not parts[_FIELDS].startswith(raw):
+        return printable(text.rstrip("\n")) + "\n"  # not our format: the whole line
+    rest = parts[_FIELDS]
+    return " | ".join(parts[:_FIELDS]) + " | " + printable(raw) + rest[len(raw) :]
 
 
 def _json_sink(stream: TextIO) -> Any:
@@ -117,7 +123,7 @@ def configure_logging(
         logger.add(
             _text_sink(out),
             level=level.upper(),
-            format=_text_format,
+            format=_TEXT_FORMAT,
             backtrace=False,
             diagnose=False,
         )

@@ -45,7 +45,9 @@ def printable(text: object, limit: int | None = None) -> str:
     ``limit`` cuts the result to about that many characters, marked with ``…``.
     """
     s = text if isinstance(text, str) else str(text)
-    if any(_unsafe(ch) for ch in s):
+    # isprintable() is decided in C and is False for every unsafe category, so
+    # the common case (nothing to escape) costs one call.
+    if not s.isprintable() and any(_unsafe(ch) for ch in s):
         s = "".join(_escape(ch) if _unsafe(ch) else ch for ch in s)
     if limit is not None and len(s) > limit:
         s = s[:limit] + "…"
