@@ -18,6 +18,7 @@ import logging
 import ssl
 from collections.abc import Callable
 
+from loguru import logger
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.frames import CloseCode, Frame, Opcode
@@ -28,6 +29,7 @@ from websockets.uri import parse_uri
 # websockets logs handshakes (URL and all) at DEBUG through this logger; the
 # log setup routes it to loguru, whose sink redacts the token.
 _ws_logger = logging.getLogger("websockets.client")
+_log = logger.bind(actor="connection")
 
 OnMessage = Callable[[str | bytes], None]
 
@@ -128,8 +130,12 @@ class WebSocket(asyncio.Protocol):
         """Write one text frame now; dropped if the connection is no longer open."""
         if self.protocol.state is not State.OPEN:
             return
-        self.protocol.send_text(text.encode())
-        self._flush()
+        try:
+            self.protocol.send_text(text.encode())
+            self._flush()
+        except Exception:  # a send failure ends the session: what it carried is denied
+            _log.exception("send failed; dropping the connection")
+            self.abort()
 
     def close(self, code: int, reason: str = "") -> None:
         """Start the closing handshake; without one to start, drop the connection."""
