@@ -59,7 +59,8 @@ class WebSocket(asyncio.Protocol):
         self._fragments: list[bytes] = []
         self._fragmented: Opcode | None = None
         self._write_paused = False
-        self._held: list[bytes] = []  # written while the transport asked us to pause
+        self._corked = False  # a write went out this turn of the loop: hold the next ones
+        self._held: list[bytes] = []  # held while corked or while the transport is paused
         self._close_timer: asyncio.TimerHandle | None = None
         self._ping_timer: asyncio.TimerHandle | None = None
         self._pong_timer: asyncio.TimerHandle | None = None
@@ -112,9 +113,7 @@ class WebSocket(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        held, self._held = self._held, []
-        if self.transport is not None and held:
-            self.transport.writelines(held)
+        self._uncork()
 
     def deliver_to(self, on_message: OnMessage) -> None:
         """From now on hand every complete message to ``on_message``, in order,
@@ -233,15 +232,32 @@ class WebSocket(asyncio.Protocol):
             return
         for data in self.protocol.data_to_send():
             if not data:  # SEND_EOF: half-close when the transport can
+                self._uncork()  # what is held goes before the end of the stream
                 if transport.can_write_eof():
                     with contextlib.suppress(Exception):
                         transport.write_eof()
                 else:
                     transport.close()
-            elif self._write_paused:
+            elif self._write_paused or self._corked:
                 self._held.append(data)
             else:
                 transport.write(data)
+                # The frames written later in this turn of the loop (a burst of
+                # answers decided together) go out together, in one system
+                # call, at the start of the next; a lone frame never waits.
+                self._corked = True
+                self.loop.call_soon(self._uncork)
+
+    def _uncork(self) -> None:
+        self._corked = False
+        if self._write_paused or not self._held or self.transport is None:
+            return
+        held, self._held = self._held, []
+        try:
+            self.transport.write(b"".join(held))
+        except Exception:  # the transport is gone: the session is ending anyway
+            _log.exception("writing held frames failed; dropping the connection")
+            self.abort()
 
     def _watch_close(self) -> None:
         """Once a close is under way, the gateway gets ``close_timeout`` to finish it."""
