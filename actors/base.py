@@ -340,8 +340,11 @@ class UplinkLoopActor(UplinkActor):
             self._loop_done.set_result(None)
             if crash is not None:
                 self.set_state("crashed", repr(crash))
+                # Dead before the supervisor hears of it, as pykka's own crash
+                # handling leaves a threading actor: its restart never runs
+                # beside it. (Its thread has nothing left to wait for here.)
+                with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+                    self.actor_ref.stop(block=True, timeout=5)
                 self.ctx.directory.tell(
                     Role.SUPERVISOR, ChildFailed(self.role, repr(crash), self.session_of())
                 )
-                with contextlib.suppress(pykka.ActorDeadError):
-                    self.actor_ref.stop(block=False)

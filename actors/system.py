@@ -122,7 +122,10 @@ class Uplink:
                 from actors.ingress import Ingress  # optional edge; imports uvicorn
 
                 self._ingress = Ingress(
-                    ctx, request_permission=self.arequest_permission, status=self.status
+                    ctx,
+                    request_permission=self.arequest_permission,
+                    # Looked up on each call, like a method call on the uplink.
+                    status=lambda: self.status(),  # noqa: PLW0108
                 )
                 self._ingress.start()
             supervisor = ctx.directory.get(Role.SUPERVISOR)
