@@ -4,14 +4,20 @@ Subclasses mark handlers with ``@handles(MessageType)``. ``set_state`` logs each
 state change as one line bound to ``actor=<name>`` and publishes the actor's
 snapshot to the status board. A crash in a ``tell``ed message is reported to
 the supervisor after the actor's ``fail_closed`` hook has run (pykka has no
-supervision of its own: DESIGN.md principle 7).
+supervision of its own, so the uplink brings its own).
+
+Everything here is pykka's public API: actors are plain ``ThreadingActor``s.
+An :class:`UplinkLoopActor` keeps its pykka thread for its life cycle (start,
+stop, snapshot) and has its handlers run in the event loop from a
+:class:`LoopInbox` of its own.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
-import queue
-import sys
+import threading
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
@@ -52,12 +58,6 @@ class UplinkActor(pykka.ThreadingActor):
                 for message_type in getattr(attr, "_handles", ()):
                     table[message_type] = name
         cls._dispatch = table
-
-    @staticmethod
-    def _create_actor_inbox() -> Any:
-        # SimpleQueue (C, lock-free put) instead of queue.Queue: pykka only
-        # needs put/get/empty, and every hand-off on the hot path is cheaper.
-        return queue.SimpleQueue()
 
     def __init__(self, ctx: UplinkContext) -> None:
         super().__init__()
@@ -146,133 +146,205 @@ class UplinkActor(pykka.ThreadingActor):
         raise InjectedFault(message.note)
 
 
-class _LoopInbox:
-    """A pykka inbox whose messages are handled in the event-loop thread.
+class LoopInbox:
+    """The mailbox of an :class:`UplinkLoopActor`: any thread puts, the loop handles.
 
-    Any thread may ``put``; only the first put after a drain schedules one
-    (``call_soon_threadsafe``). A put made in the loop thread itself, while
-    the actor is idle and nothing is queued, is handled at once: the same
-    one-at-a-time order, one turn of the loop fewer. ``get``/``empty`` are
-    what pykka's teardown and the registry's crash drain use.
+    Messages are handled one at a time, in order, in the event-loop thread.
+    Only the first put after a drain wakes the loop (``call_soon``); a put
+    made in the loop thread itself while the actor is idle and nothing is
+    queued is handled at once (one turn of the loop fewer). Until
+    :meth:`open` runs, puts only queue. After :meth:`close`, ``put``
+    returns False: the caller learns at once that nobody will answer.
     """
 
-    def __init__(self) -> None:
-        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.armed = False
-        self.busy = False  # a message of this actor is being handled (no re-entry)
-        self.loop: EventLoop | None = None
-        self.wake: Callable[[], object] | None = None
-        self.handle_now: Callable[[Any], None] | None = None
+    def __init__(self, loop: EventLoop, handle: Callable[[Any], None]) -> None:
+        self._loop = loop
+        self._handle = handle
+        self._queue: collections.deque[Any] = collections.deque()
+        self._lock = threading.Lock()
+        self._armed = True  # not open yet: open() drains what came before it
+        self._busy = False  # a message is being handled (no re-entry)
+        self.dead = False
 
-    def put(self, envelope: Any) -> None:
+    def put(self, message: Any) -> bool:
         if (
-            not self.armed
-            and not self.busy
-            and self.handle_now is not None
-            and self.loop is not None
-            and self.loop.in_loop_thread()
-            and self.queue.empty()
+            not self._armed
+            and not self._busy
+            and not self._queue
+            and not self.dead
+            and self._loop.in_loop_thread()
         ):
-            self.handle_now(envelope)
+            self._busy = True
+            try:
+                self._handle(message)
+            finally:
+                self._busy = False
+            return True
+        with self._lock:
+            if self.dead:
+                return False
+            self._queue.append(message)
+            if self._armed:
+                return True
+            self._armed = True
+        try:
+            self._loop.call_soon(self.drain)
+        except RuntimeError:  # the loop is closed: the uplink is stopping
+            return False
+        return True
+
+    def open(self) -> None:
+        """In the loop: start handling (what was queued first)."""
+        self.drain()
+
+    def drain(self, limit: int = 256) -> None:
+        """In the loop: handle what is queued, ``limit`` at a time, then yield to I/O."""
+        self._armed = False  # before draining: a later put schedules a new drain
+        if self._busy:  # a handler's own put, handled after the handler returns
+            self._armed = True
+            self._loop.loop.call_soon(self.drain)
             return
-        self.queue.put(envelope)
-        if not self.armed and self.wake is not None:
-            self.armed = True
-            self.wake()
+        self._busy = True
+        try:
+            for _ in range(limit):
+                try:
+                    message = self._queue.popleft()
+                except IndexError:
+                    return
+                self._handle(message)
+            self._armed = True  # more may be waiting: let I/O run, then go on
+            self._loop.loop.call_soon(self.drain)
+        finally:
+            self._busy = False
 
-    def get(self) -> Any:
-        return self.queue.get_nowait()
-
-    def empty(self) -> bool:
-        return self.queue.empty()
+    def close(self) -> list[Any]:
+        """In the loop: refuse later puts; return what was still queued."""
+        with self._lock:
+            self.dead = True
+            left, self._queue = list(self._queue), collections.deque()
+        return left
 
 
 class UplinkLoopActor(UplinkActor):
-    """An uplink actor scheduled on the event loop instead of its own thread.
+    """An uplink actor whose handlers run in the event loop, not in its own thread.
 
-    Same mailbox semantics as a pykka ``ThreadingActor`` (one message at a
-    time, in order; ``on_failure`` and a stop after a crash in a ``tell``ed
-    message; ``ask`` and blocking ``stop`` from other threads), but each
-    message runs as a callback in the uplink's event loop. An actor whose
-    every message ends in network I/O saves two thread hand-offs per round
-    trip this way. Its handlers must never block, and nobody may ``ask`` it
-    from the event-loop thread.
+    For an actor whose every message ends in network I/O: a frame in, a
+    frame out, no thread hand-off between. Same semantics as the mailbox of
+    a threading actor (one message at a time, in order; a crash in a
+    handler runs ``fail_closed``, reports to the supervisor and stops the
+    actor). Its pykka thread answers ``GetSnapshot`` and runs the life
+    cycle; every other message told to it goes to the loop. Handlers must
+    never block.
 
-    It drives pykka's own ``_handle_receive``/``_handle_failure``/teardown
-    (pinned to pykka 4), so the semantics stay pykka's.
+    ``directory.tell`` reaches the loop inbox directly. Messages queued when
+    the actor stops or crashes are handed to it once more, after
+    ``on_loop_stop``/``fail_closed``, when their type is in ``after_stop``
+    (the registry denies the requests among them); the rest are dropped.
     """
 
-    _BATCH = 256  # messages per loop turn before yielding to I/O
+    after_stop: ClassVar[tuple[type, ...]] = ()
 
-    @staticmethod
-    def _create_actor_inbox() -> Any:
-        return _LoopInbox()
+    def __init__(self, ctx: UplinkContext) -> None:
+        super().__init__(ctx)
+        self.inbox = LoopInbox(ctx.loop, self._handle_in_loop)
+        self._loop_closed = False
+        self._loop_done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        # Here, in the thread that starts the actor, before anyone can tell it
+        # anything: from now on the role's messages queue for this inbox.
+        ctx.directory.set_inbox(self.role, self.inbox)
 
-    def _start_actor_loop(self) -> None:
-        loop = self.ctx.loop
-        inbox: _LoopInbox = self.actor_inbox  # type: ignore[assignment]
-        inbox.loop = loop
-        inbox.wake = lambda: loop.call_soon(self._drain)
-        inbox.handle_now = self._handle_now
-        inbox.armed = True  # the setup callback drains what came before it
-        loop.call_soon(self._setup_then_drain)
+    # ── the pykka side ──────────────────────────────────────────────────
 
-    def _setup_then_drain(self) -> None:
-        self._actor_loop_setup()  # on_start, with pykka's failure handling
-        self._drain()
+    def on_start(self) -> None:
+        super().on_start()
+        self.ctx.loop.call_soon(self._open_in_loop)
 
-    def _handle_now(self, envelope: Any) -> None:
-        """Handle one message put from the loop thread while the actor was idle."""
-        inbox: _LoopInbox = self.actor_inbox  # type: ignore[assignment]
-        if self.actor_stopped.is_set():
-            inbox.queue.put(envelope)  # pykka's teardown answers it, as for any late message
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, GetSnapshot):
+            return self.snapshot()
+        self.inbox.put(message)  # InjectFault too: it is handled (and crashes) in the loop
+        return None
+
+    def on_stop(self) -> None:
+        if not self._loop_closed:
+            try:
+                self.ctx.loop.call_soon(self._close_in_loop, None)
+            except RuntimeError:  # no loop any more: nothing runs there to race with
+                self._close_in_loop(None)
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                self._loop_done.result(timeout=5)
+        super().on_stop()
+
+    def on_failure(
+        self,
+        exception_type: type[BaseException] | None,
+        exception_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        # A failure in the pykka thread (a told message it could not forward): fail closed in the
+        # loop, where this actor's state lives, like a crash in a handler.
+        crash = exception_value if isinstance(exception_value, Exception) else None
+        crash = crash or RuntimeError(repr(exception_value))
+        try:
+            self.ctx.loop.call_soon(self._close_in_loop, crash)
+        except RuntimeError:  # no loop any more: nothing runs there to race with
+            self._close_in_loop(crash)
+
+    def tell_self_later(self, delay: float, message: object) -> Timer:
+        return self.ctx.loop.call_later(delay, lambda: self.inbox.put(message))
+
+    # ── the loop side ───────────────────────────────────────────────────
+
+    def on_loop_start(self) -> None:
+        """In the loop, before the first message."""
+
+    def on_loop_stop(self) -> None:
+        """In the loop, when the actor stops (not after a crash: ``fail_closed`` runs)."""
+
+    def _open_in_loop(self) -> None:
+        try:
+            self.on_loop_start()
+        except Exception as exc:
+            self._close_in_loop(exc)
             return
-        inbox.busy = True
-        try:
-            self._handle_envelope(envelope)
-            if self.actor_stopped.is_set():
-                self._teardown_once()
-        finally:
-            inbox.busy = False
+        self.inbox.open()
 
-    def _drain(self) -> None:
-        inbox: _LoopInbox = self.actor_inbox  # type: ignore[assignment]
-        inbox.armed = False  # before draining: a later put schedules a new drain
-        inbox.busy = True
-        try:
-            for _ in range(self._BATCH):
-                if self.actor_stopped.is_set():
-                    break
+    def _handle_in_loop(self, message: Any) -> None:
+        if self._loop_closed:
+            if isinstance(message, self.after_stop):
                 try:
-                    envelope = inbox.queue.get_nowait()
-                except queue.Empty:
-                    return
-                self._handle_envelope(envelope)
-            else:
-                inbox.armed = True  # more may be waiting: let I/O run, then continue
-                self.ctx.loop.loop.call_soon(self._drain)
-                return
-            self._teardown_once()
-        finally:
-            inbox.busy = False
-
-    def _teardown_once(self) -> None:
-        if not getattr(self, "_torn_down", False):
-            self._torn_down = True
-            self._actor_loop_teardown()  # answer queued asks with ActorDeadError
-
-    def _handle_envelope(self, envelope: Any) -> None:
-        # pykka's ThreadingActor loop body, for one message.
+                    super().on_receive(message)
+                except Exception:  # nothing left to crash: log it, go on with the rest
+                    self.log.exception("handling a late {} failed", type(message).__name__)
+            return
         try:
-            response = self._handle_receive(envelope.message)
-            if envelope.reply_to is not None:
-                envelope.reply_to.set(response)
-        except Exception:
-            if envelope.reply_to is not None:
-                envelope.reply_to.set_exception()
+            super().on_receive(message)
+        except Exception as exc:
+            self._close_in_loop(exc)
+
+    def _close_in_loop(self, crash: Exception | None) -> None:
+        """Stop (``crash`` None) or crash, in the loop: exactly once."""
+        if self._loop_closed:
+            return
+        self._loop_closed = True
+        try:
+            if crash is None:
+                self.on_loop_stop()
             else:
-                self._handle_failure(*sys.exc_info())
-                try:
-                    self.on_failure(*sys.exc_info())
-                except Exception:
-                    self._handle_failure(*sys.exc_info())
+                self.log.opt(exception=crash).error("actor crashed in its handler: {!r}", crash)
+                self.ctx.live.discard(self.actor_ref)
+                self.fail_closed()
+            for message in self.inbox.close():
+                self._handle_in_loop(message)
+        finally:
+            self._loop_done.set_result(None)
+            if crash is not None:
+                self.set_state("crashed", repr(crash))
+                # Dead before the supervisor hears of it, as pykka's own crash
+                # handling leaves a threading actor: its restart never runs
+                # beside it. (Its thread has nothing left to wait for here.)
+                with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+                    self.actor_ref.stop(block=True, timeout=5)
+                self.ctx.directory.tell(
+                    Role.SUPERVISOR, ChildFailed(self.role, repr(crash), self.session_of())
+                )

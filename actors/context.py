@@ -13,13 +13,14 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import pykka
 from loguru import logger
 
 from actors.config import UplinkConfig
 from actors.loop import EventLoop
+from actors.sink import FrameSink
 
 
 class Role:
@@ -31,24 +32,50 @@ class Role:
     MCP: Final = "mcp"
 
 
+class Inbox(Protocol):
+    """Where a loop actor's messages go (see ``actors.base.LoopInbox``)."""
+
+    def put(self, message: Any) -> bool: ...
+
+
+class FrameRouter(Protocol):
+    """What a session needs of the router: one call per inbound message, in the loop."""
+
+    def dispatch(self, session: int, data: str | bytes, sink: FrameSink) -> None: ...
+
+
 class Directory:
-    """role → live actor. ``tell`` to a missing or dead actor returns False."""
+    """role → live actor: the one way a message reaches an actor.
+
+    ``tell`` puts it into the role's loop inbox when the actor runs in the
+    event loop, else into its pykka mailbox; to a missing or dead actor it
+    returns False.
+    """
 
     def __init__(self) -> None:
         self._refs: dict[str, pykka.ActorRef[Any]] = {}
+        self._inboxes: dict[str, Inbox] = {}
         self._lock = threading.Lock()
 
     def set(self, role: str, ref: pykka.ActorRef[Any] | None) -> None:
         with self._lock:
             if ref is None:
                 self._refs.pop(role, None)
+                self._inboxes.pop(role, None)
             else:
                 self._refs[role] = ref
+
+    def set_inbox(self, role: str, inbox: Inbox) -> None:
+        with self._lock:
+            self._inboxes[role] = inbox
 
     def get(self, role: str) -> pykka.ActorRef[Any] | None:
         return self._refs.get(role)
 
     def tell(self, role: str, message: object) -> bool:
+        inbox = self._inboxes.get(role)
+        if inbox is not None:
+            return inbox.put(message)
         ref = self._refs.get(role)
         if ref is None:
             return False
@@ -147,14 +174,11 @@ class UplinkContext:
     stats: Stats = field(default_factory=Stats)
     # kind → role of the actor that handles frames of that kind (the router's table).
     routes: dict[str, str] = field(default_factory=dict)
-    # The router's logic, called from the event loop for every inbound frame.
-    router: Any = None
-    # kind → a function the router calls in the event loop instead of telling
-    # the kind's actor (set by that actor, for frames whose work is all I/O).
-    loop_handlers: dict[str, Callable[..., None]] = field(default_factory=dict)
+    # The router, called from the event loop for every inbound frame.
+    router: FrameRouter | None = None
     # role → how to build a fresh actor for it (used by the supervisor to restart).
     factories: dict[str, Callable[[], pykka.ActorRef[Any]]] = field(default_factory=dict)
-    # roles that want SessionOpened / SessionClosed.
+    # roles that want SessionOpened / SessionClosed, in start order.
     session_listeners: list[str] = field(default_factory=list)
     # Every actor of this uplink that is running, so stop() can find stragglers.
     live: set[pykka.ActorRef[Any]] = field(default_factory=set)

@@ -9,16 +9,14 @@ never leaks into the next one.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from actors.base import UplinkActor, handles
 from actors.context import Role, UplinkContext
 from actors.loop import Timer
-from actors.messages import SendFrame, SessionClosed, SessionOpened, Tick
+from actors.messages import SessionClosed, SessionOpened, Tick
+from actors.sink import FrameSink
 from protocol import HEARTBEAT, serialize
-
-if TYPE_CHECKING:
-    from actors.connection import FrameSink
 
 _HEARTBEAT_TEXT = serialize(HEARTBEAT)
 
@@ -74,10 +72,9 @@ class HeartbeatActor(UplinkActor):
     def _on_tick(self, tick: Tick) -> None:
         if tick.session != self.session or tick.generation != self.generation:
             return  # a stale tick from an ended session
-        if self.sink is not None:
-            self.sink.send_text(_HEARTBEAT_TEXT)
-        else:
-            self.ctx.directory.tell(Role.CONNECTION, SendFrame(tick.session, HEARTBEAT))
+        if self.sink is None:
+            return
+        self.sink.send_text(_HEARTBEAT_TEXT)
         self.ctx.stats.inc("frames_out", HEARTBEAT.type)
         self.sent += 1
         self.log.debug("heartbeat {} on session {}", self.sent, tick.session)

@@ -25,7 +25,7 @@ import hmac
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import uvicorn
 from loguru import logger
@@ -36,9 +36,6 @@ from prometheus_client.registry import Collector
 from actors.config import check_bindable
 from actors.context import UplinkContext
 from protocol import JSON, ConfigError, Decision, LocalProtocolError, Outcome, dumps, loads
-
-if TYPE_CHECKING:
-    from actors.system import Uplink
 
 MAX_BODY = 1024 * 1024
 # After an early answer, at most this much of a request's unread body is read
@@ -290,8 +287,17 @@ class _UplinkCollector(Collector):
 class Ingress:
     """The ASGI app plus the uvicorn server that runs it in the uplink's loop."""
 
-    def __init__(self, uplink: Uplink, ctx: UplinkContext) -> None:
-        self.uplink = uplink
+    def __init__(
+        self,
+        ctx: UplinkContext,
+        *,
+        request_permission: Callable[..., Awaitable[Outcome]],
+        status: Callable[[], dict[str, Any]],
+    ) -> None:
+        # The two things the ingress needs of the uplink, not the uplink itself:
+        # ``request_permission(tool_name, tool_input, request_id=...)`` and ``status()``.
+        self.request_permission = request_permission
+        self.status = status
         self.ctx = ctx
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_UplinkCollector(ctx))
@@ -425,7 +431,7 @@ class Ingress:
             await self._read_body(scope, receive)
         )
         try:
-            future = self.uplink.arequest_permission(tool_name, tool_input, request_id=request_id)
+            future = self.request_permission(tool_name, tool_input, request_id=request_id)
         except (LocalProtocolError, RecursionError) as exc:
             raise HttpError(400, f"request cannot be forwarded: {exc}") from None
         # Wait without tying the decision to this caller: if the client goes
@@ -439,10 +445,10 @@ class Ingress:
         return 200, permission_answer(outcome, tool_input)
 
     async def _status(self, _scope: Scope, _receive: Receive) -> tuple[int, Any]:
-        return 200, self.uplink.status()
+        return 200, self.status()
 
     def _state(self) -> str:
-        return str(self.uplink.status()["connection"].get("state", "unknown"))
+        return str(self.status()["connection"].get("state", "unknown"))
 
     async def _healthz(self, _scope: Scope, _receive: Receive) -> tuple[int, Any]:
         state = self._state()

@@ -2,19 +2,17 @@
 
 pykka never copies messages, so they are immutable. Messages about a
 connection carry its ``session`` number: a late message from an old session
-is recognised and cannot touch the new one (DESIGN.md principle 5).
+is recognised and cannot touch the new one.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
+from actors.sink import FrameSink
 from protocol import JSON, Envelope, Outcome, Reason
-
-if TYPE_CHECKING:
-    from actors.connection import FrameSink
 
 T_contra = TypeVar("T_contra", contravariant=True)
 
@@ -67,7 +65,7 @@ class SessionUp:
     """connection → supervisor: connected, identity sent."""
 
     session: int
-    sink: FrameSink | None = None
+    sink: FrameSink
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,13 +83,12 @@ class SessionEnded:
 class SessionOpened:
     """supervisor → session users (registry, heartbeat, MCP proxy, extensions).
 
-    ``sink`` sends frames on this session straight to the socket's writer
-    (thread-safe); ``SendFrame`` to the connection actor does the same with
-    one more hand-off.
+    ``sink`` sends frames on this session straight to its socket, from any
+    thread; it is the only way out.
     """
 
     session: int
-    sink: FrameSink | None = None
+    sink: FrameSink
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,22 +111,6 @@ class CloseSession:
 
 
 @dataclass(frozen=True, slots=True)
-class SendFrame:
-    """anyone → connection: send ``envelope`` if ``session`` is still the live one."""
-
-    session: int
-    envelope: Envelope
-
-
-@dataclass(frozen=True, slots=True)
-class FrameIn:
-    """connection → router: one raw WebSocket message."""
-
-    session: int
-    data: str | bytes
-
-
-@dataclass(frozen=True, slots=True)
 class EnvelopeIn:
     """router → handler: a parsed frame of the handler's kind.
 
@@ -139,7 +120,7 @@ class EnvelopeIn:
 
     session: int
     envelope: Envelope
-    sink: FrameSink | None = None
+    sink: FrameSink
 
 
 # ── permissions ─────────────────────────────────────────────────────────────
@@ -171,31 +152,13 @@ class DenyAll:
     done: concurrent.futures.Future[int] = field(default_factory=concurrent.futures.Future)
 
 
-# ── heartbeat / MCP ─────────────────────────────────────────────────────────
+# ── heartbeat ─────────────────────────────────────────────────────────
 
 
 @dataclass(frozen=True, slots=True)
 class Tick:
     session: int
     generation: int
-
-
-@dataclass(frozen=True, slots=True)
-class McpStarted:
-    """loop → MCP proxy: a replay started (for the in-flight count)."""
-
-    session: int
-
-
-@dataclass(frozen=True, slots=True)
-class McpDone:
-    """loop → MCP proxy: a replay finished; answer it if its session lives."""
-
-    session: int
-    req_id: str
-    payload: JSON  # None once sent
-    sent: bool = False  # already sent on the session's sink
-    had_sink: bool = False  # False: send through the connection actor instead
 
 
 # ── supervision and inspection ──────────────────────────────────────────────

@@ -1,8 +1,10 @@
 """The permission registry: every request gets exactly one decision (fail closed).
 
-:class:`PermissionBook` holds the whole lifecycle of PROTOCOL.md §1 and can be
+:class:`PermissionBook` holds the whole permission lifecycle and can be
 driven by tests without threads; :class:`PermissionRegistryActor` is the thin
-actor around it. The only ways out of the book are :meth:`_decide` (exactly
+actor around it, whose handlers run in the event loop: a response frame
+decides its request where it is parsed, and an asyncio caller in that loop
+is answered without crossing a thread. The only ways out of the book are :meth:`_decide` (exactly
 once per request, enforced by popping it) and nothing else.
 
 Rules, each with its own deny reason:
@@ -28,19 +30,18 @@ from typing import Any
 from loguru import logger
 
 from actors.base import UplinkLoopActor, handles
-from actors.connection import FrameSink
 from actors.context import Role, UplinkContext
 from actors.loop import Timer
 from actors.messages import (
     DenyAll,
     EnvelopeIn,
-    SendFrame,
     SessionClosed,
     SessionOpened,
     Settable,
     Submit,
     Sweep,
 )
+from actors.sink import FrameSink
 from protocol import (
     JSON,
     Decision,
@@ -50,7 +51,6 @@ from protocol import (
     PermRequest,
     Reason,
     decide,
-    parse,
     serialize,
 )
 
@@ -257,6 +257,9 @@ def _frame_size(entry: Pending) -> int:
 
 class PermissionRegistryActor(UplinkLoopActor):
     role = Role.PERMISSIONS
+    # Queued when it stops or crashes: the book is closed by then, so each
+    # request among them is denied, never dropped.
+    after_stop = (Submit, DenyAll)
 
     def __init__(self, ctx: UplinkContext) -> None:
         super().__init__(ctx)
@@ -277,35 +280,16 @@ class PermissionRegistryActor(UplinkLoopActor):
         super().on_start()
         self.set_state("waiting_for_session")
 
-    def on_stop(self) -> None:
+    def on_loop_stop(self) -> None:
         # Nothing may be lost by stopping: whatever is left is denied.
         self.book.deny_all(Reason.SHUTDOWN, close=True)
-        self._drain_mailbox()
         if self._sweep_timer is not None:
             self._sweep_timer.cancel()
-        super().on_stop()
 
     def fail_closed(self) -> None:
         self.book.deny_all(Reason.CRASH, close=True)
-        self._drain_mailbox()
-
-    def _drain_mailbox(self) -> None:
-        """Answer what is still queued: pykka silently drops the ``tell``ed
-        messages left in a stopped actor's mailbox, and a dropped ``Submit``
-        would never get its decision. The book is closed, so each is denied."""
-        others = []
-        while not self.actor_inbox.empty():  # only this actor's executor takes from it
-            envelope = self.actor_inbox.get()
-            message = envelope.message
-            if isinstance(message, Submit):
-                self._submit(message)  # the book is closed: denied at once
-            elif isinstance(message, DenyAll):
-                if not message.done.done():
-                    message.done.set_result(0)
-            else:
-                others.append(envelope)
-        for envelope in others:  # pykka answers queued asks with ActorDeadError
-            self.actor_inbox.put(envelope)
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
 
     def _submit(self, message: Submit) -> None:
         self.book.submit(
@@ -380,14 +364,12 @@ class PermissionRegistryActor(UplinkLoopActor):
     # ── helpers ─────────────────────────────────────────────────────────
 
     def _send(self, session: int, frame: Envelope | str) -> None:
-        self.ctx.stats.inc("frames_out", Kind.PERM_REQUEST)
+        # The book sends only on the session it was opened with, whose sink this is.
         sink = self.sink
-        if sink is not None and sink.session == session:
-            # Straight to the socket's writer: one hand-off fewer.
-            sink.send_text(frame) if isinstance(frame, str) else sink.send(frame)
-        else:
-            envelope = parse(frame) if isinstance(frame, str) else frame
-            self.ctx.directory.tell(Role.CONNECTION, SendFrame(session, envelope))
+        assert sink is not None
+        assert sink.session == session, (session, sink.session)
+        self.ctx.stats.inc("frames_out", Kind.PERM_REQUEST)
+        sink.send_text(frame) if isinstance(frame, str) else sink.send(frame)
 
     def _on_decided(self, entry: Pending, outcome: Outcome) -> None:
         self.decided += 1

@@ -1,27 +1,26 @@
 """The router: parses inbound frames and dispatches them by ``type``.
 
-:class:`Router` is the logic: parse, look the kind up in the registration
-table (``ctx.routes``: kind → role), count, and ``tell`` the handling actor.
-The connection calls it straight from the event loop as frames arrive, so a
-frame costs one thread hand-off (loop → handler), not two. :class:`RouterActor`
-is the thin actor around it: it takes ``FrameIn`` from anyone else, is what
-``/status`` shows, and is restarted like any other actor. Malformed frames
-and unknown kinds are logged, counted and dropped; the connection stays up.
+:class:`Router` is the logic: parse, look the kind up in the handler table
+(``ctx.routes``: kind → role), count, and ``tell`` the handling actor through
+the directory (a loop actor handles it right there, in the event loop). The
+connection calls it from the event loop as each frame is parsed; nothing
+else sends frames in. :class:`RouterActor` is the thin actor that supervises
+it: it publishes the table and counts on the status board and is restarted
+like any other actor. Malformed frames and unknown kinds are logged, counted
+and dropped; the connection stays up.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from loguru import logger
 
-from actors.base import UplinkActor, handles
+from actors.base import UplinkActor
 from actors.context import Role, UplinkContext
-from actors.messages import EnvelopeIn, FrameIn
+from actors.messages import EnvelopeIn
+from actors.sink import FrameSink
 from protocol import RemoteProtocolError, parse
-
-if TYPE_CHECKING:
-    from actors.connection import FrameSink
 
 # Floods of bad frames must not flood the log: after the first few of a
 # reason, only every Nth is logged (all are counted).
@@ -38,7 +37,7 @@ class Router:
         self.dropped = 0
         self.log = logger.bind(actor=Role.ROUTER)
 
-    def dispatch(self, session: int, data: str | bytes, sink: FrameSink | None = None) -> None:
+    def dispatch(self, session: int, data: str | bytes, sink: FrameSink) -> None:
         stats = self.ctx.stats
         try:
             envelope = parse(data)
@@ -51,11 +50,6 @@ class Router:
             self._drop("unknown_type", "frame of unknown type {!r} dropped", envelope.type)
             return
         stats.inc("frames_in", envelope.type)
-        fast = self.ctx.loop_handlers.get(envelope.type)
-        if fast is not None:  # the handler asked to start its work right here, in the loop
-            fast(session, envelope, sink)
-            self.routed += 1
-            return
         if self.ctx.directory.tell(role, EnvelopeIn(session, envelope, sink)):
             self.routed += 1
         else:
@@ -77,9 +71,11 @@ class RouterActor(UplinkActor):
 
     def __init__(self, ctx: UplinkContext) -> None:
         super().__init__(ctx)
-        if ctx.router is None:
-            ctx.router = Router(ctx)
-        self.router = ctx.router
+        # One Router per uplink, kept across restarts of this actor (its counts too).
+        router = ctx.router
+        if not isinstance(router, Router):
+            router = ctx.router = Router(ctx)
+        self.router = router
 
     def on_start(self) -> None:
         super().on_start()
@@ -87,7 +83,3 @@ class RouterActor(UplinkActor):
 
     def snapshot(self) -> dict[str, Any]:
         return {"state": self.state, **self.router.snapshot()}
-
-    @handles(FrameIn)
-    def _on_frame(self, message: FrameIn) -> None:
-        self.router.dispatch(message.session, message.data)

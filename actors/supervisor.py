@@ -18,7 +18,7 @@ import pykka
 
 from actors.backoff import Backoff
 from actors.base import UplinkActor, handles
-from actors.connection import ConnectionActor, FrameSink
+from actors.connection import ConnectionActor
 from actors.context import Role, UplinkContext
 from actors.loop import Timer
 from actors.messages import (
@@ -34,6 +34,7 @@ from actors.messages import (
     Start,
     StatusTick,
 )
+from actors.sink import FrameSink
 from protocol import redact
 
 
@@ -193,8 +194,12 @@ class SupervisorActor(UplinkActor):
         self.log.warning("{} crashed ({}); restarting it", message.role, message.error)
         ref = factory()
         self.ctx.directory.set(message.role, ref)
-        if self.state == "connected" and message.role in self.ctx.session_listeners:
-            ref.tell(SessionOpened(self.session, self.sink))
+        if (
+            self.state == "connected"
+            and self.sink is not None
+            and message.role in self.ctx.session_listeners
+        ):
+            self.ctx.directory.tell(message.role, SessionOpened(self.session, self.sink))
 
     def _end_session(self, reason: str, auth_failed: bool) -> None:
         session = self.session

@@ -13,8 +13,9 @@
     async with Uplink(config) as uplink:   # in an asyncio application: its own loop
         outcome = await uplink.adecide("Bash", {"command": "ls"})
 
-Actors start dependencies first and stop in reverse, in a ``finally`` (DESIGN.md
-principle 9); an actor still alive after that is waited for, then logged as a bug.
+Actors start dependencies first and stop in reverse, in a ``finally``, so that
+nothing outlives the uplink; an actor still alive after that is waited for,
+then logged as a bug.
 """
 
 from __future__ import annotations
@@ -48,19 +49,15 @@ from actors.supervisor import SupervisorActor
 from protocol import JSON, Decision, Kind, Outcome, PermRequest, Reason, redact, serialize
 from protocol.urls import plain_text_token_host
 
-# The router's table: envelope kind → the actor class that handles it. A new
-# kind is one actor class plus one entry here (or in ``Uplink(handlers=…)``).
+# The handler table: envelope kind → the actor class that handles it. It is
+# the only list of session users: each class in it is started (in this
+# order, then the heartbeat), is routed its kind, and is told SessionOpened /
+# SessionClosed. A new kind is one actor class plus one entry, here or in
+# ``Uplink(handlers=…)``, which replaces the default for a kind it names.
 DEFAULT_HANDLERS: dict[str, type[UplinkActor]] = {
     Kind.PERM_RESPONSE: PermissionRegistryActor,
     Kind.MCP_REQUEST: McpProxyActor,
 }
-
-# Roles that are told SessionOpened / SessionClosed, in this order.
-_SESSION_USERS: tuple[type[UplinkActor], ...] = (
-    PermissionRegistryActor,
-    HeartbeatActor,
-    McpProxyActor,
-)
 
 _log = logger.bind(actor="system")
 
@@ -76,6 +73,11 @@ class Uplink:
     ) -> None:
         self.config = config.validate()
         self._handlers = {**DEFAULT_HANDLERS, **(handlers or {})}
+        # Requests go to whichever actor decides the perm_response kind.
+        self._registry = self._handlers[Kind.PERM_RESPONSE].role
+        roles = [c.role for c in session_users(self._handlers)]
+        if len(set(roles)) != len(roles):
+            raise ValueError(f"two handler classes share a role: {roles}")
         self._ctx: UplinkContext | None = None
         self._started: list[str] = []
         self._ingress: Any = None
@@ -128,7 +130,12 @@ class Uplink:
             if self.config.listen is not None:
                 from actors.ingress import Ingress  # optional edge; imports uvicorn
 
-                self._ingress = Ingress(self, ctx)
+                self._ingress = Ingress(
+                    ctx,
+                    request_permission=self.arequest_permission,
+                    # Looked up on each call, like a method call on the uplink.
+                    status=lambda: self.status(),  # noqa: PLW0108
+                )
                 self._ingress.start()
             supervisor = ctx.directory.get(Role.SUPERVISOR)
             assert supervisor is not None
@@ -144,18 +151,10 @@ class Uplink:
         )
 
     def _start_actors(self, ctx: UplinkContext) -> None:
-        classes: list[type[UplinkActor]] = [PermissionRegistryActor, HeartbeatActor, McpProxyActor]
-        for kind, actor_class in self._handlers.items():
-            ctx.routes[kind] = actor_class.role
-            if actor_class not in classes:
-                classes.append(actor_class)
-        ctx.session_listeners.extend(c.role for c in _SESSION_USERS)
-        ctx.session_listeners.extend(
-            c.role
-            for c in classes
-            if c not in _SESSION_USERS and c.role not in ctx.session_listeners
-        )
-        classes += [RouterActor, SupervisorActor]
+        users = session_users(self._handlers)
+        ctx.routes.update({kind: c.role for kind, c in self._handlers.items()})
+        ctx.session_listeners.extend(c.role for c in users)
+        classes: list[type[UplinkActor]] = [*users, RouterActor, SupervisorActor]
         for actor_class in classes:
             ctx.factories[actor_class.role] = _factory(actor_class, ctx)
             ref = ctx.factories[actor_class.role]()
@@ -176,7 +175,7 @@ class Uplink:
         try:
             # 1. Fail closed first, so callers hear "shutdown", not "session ended".
             denial = DenyAll(Reason.SHUTDOWN, close=True)
-            if directory.tell(Role.PERMISSIONS, denial):
+            if directory.tell(self._registry, denial):
                 _wait(denial.done, deadline, share=0.3)
             # 2. Close the WebSocket with 1001 (going away).
             closing = Shutdown(close_code)
@@ -267,7 +266,7 @@ class Uplink:
             future.set_result(Outcome(request_id, Decision.DENY, Reason.DISABLED))
         elif self._ctx is None or self._stopped.is_set():
             future.set_result(Outcome(request_id, Decision.DENY, Reason.SHUTDOWN))
-        elif not self._ctx.directory.tell(Role.PERMISSIONS, submitted):
+        elif not self._ctx.directory.tell(self._registry, submitted):
             # The registry died and its restart is on the way: fail closed, and say so.
             future.set_result(Outcome(request_id, Decision.DENY, Reason.CRASH))
 
@@ -364,6 +363,17 @@ _id_counter = itertools.count(1)
 
 def _new_request_id() -> str:
     return f"{_ID_PREFIX}-{next(_id_counter)}"
+
+
+def session_users(handlers: Mapping[str, type[UplinkActor]]) -> list[type[UplinkActor]]:
+    """The actors a handler table starts, in order: each handler class once, then
+    the heartbeat. All of them are told when a session opens and closes."""
+    users: list[type[UplinkActor]] = []
+    candidates: list[type[UplinkActor]] = [*handlers.values(), HeartbeatActor]
+    for actor_class in candidates:
+        if actor_class not in users:
+            users.append(actor_class)
+    return users
 
 
 def _factory(

@@ -11,9 +11,10 @@ import queue
 import threading
 from typing import Any, ClassVar
 
+import pykka
+
 from actors import (
     EnvelopeIn,
-    SendFrame,
     SessionClosed,
     SessionOpened,
     Uplink,
@@ -22,7 +23,9 @@ from actors import (
     UplinkLoopActor,
     handles,
 )
-from protocol import Envelope
+from actors.messages import Submit
+from actors.permissions import PermissionRegistryActor
+from protocol import Decision, Envelope, Reason
 from tests.conftest import FAST, scaled
 from tests.support.gateway import Gateway
 
@@ -38,7 +41,7 @@ class PingKindActor(UplinkActor):
     def _on_ping(self, message: EnvelopeIn) -> None:
         received.put(message)
         reply = Envelope("test_pong", message.envelope.req_id, {"seen": message.envelope.payload})
-        self.ctx.directory.tell("connection", SendFrame(message.session, reply))
+        message.sink.send(reply)  # the one way out: the session the frame came on
 
     @handles(SessionOpened, SessionClosed)
     def _on_session(self, message: Any) -> None:
@@ -112,5 +115,40 @@ def test_a_loop_actor_extension_runs_in_the_event_loop_and_answers(gateway: Gate
             echoed = gateway.frame(session, "test_echoed", i)
             assert echoed == {"type": "test_echoed", "req_id": f"e-{i}", "payload": {"n": i}}
         assert EchoLoopActor.threads.get(timeout=scaled(5)) == uplink.context.loop.thread_id
+    finally:
+        uplink.stop()
+
+
+class MyRegistry(PermissionRegistryActor):
+    """A replacement registry: the handler table names it for perm_response."""
+
+    role = "my_registry"
+    submitted: ClassVar[queue.Queue[str]] = queue.Queue()
+
+    @handles(Submit)
+    def _on_my_submit(self, message: Submit) -> None:
+        self.submitted.put(message.request_id)
+        self._on_submit(message)
+
+
+def test_a_replaced_handler_is_the_only_one_running(gateway: Gateway) -> None:
+    """``handlers={"perm_response": MyRegistry}`` replaces the default registry:
+    requests go to MyRegistry, and no default registry runs beside it."""
+    gateway.auto = "approve"
+    uplink = Uplink(
+        UplinkConfig(upstream_url=gateway.url, project="ext", **FAST),
+        handlers={"perm_response": MyRegistry},
+    ).start()
+    try:
+        gateway.frame(gateway.session(1), "identity")
+        assert uplink.wait_connected(scaled(5))
+        running = [ref.actor_class for ref in pykka.ActorRegistry.get_all()]
+        assert running.count(MyRegistry) == 1
+        assert PermissionRegistryActor not in running
+        outcome = uplink.decide("Bash", {}, request_id="mine", timeout=scaled(5))
+        assert (outcome.decision, outcome.reason) == (Decision.APPROVE, Reason.GATEWAY)
+        assert MyRegistry.submitted.get(timeout=scaled(5)) == "mine"
+        assert uplink.status()["my_registry"]["decided"] == 1
+        assert uplink.status()["router"]["routes"]["perm_response"] == "my_registry"
     finally:
         uplink.stop()

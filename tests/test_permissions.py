@@ -683,7 +683,7 @@ def test_e2e_deadline_heap_stays_bounded_over_5000_round_trips(
             assert future.result(timeout=scaled(10)).decision is Decision.APPROVE
     registry = uplink.context.directory.get("permissions")
     assert registry is not None
-    book: PermissionBook = registry._actor_weakref().book  # type: ignore[union-attr]
+    book: PermissionBook = registry.proxy().book.get()  # public pykka: a proxy attribute
     assert list(book.pending) == ["keeper"]
     # Bounded by how many were in flight at once (100), not by the 5,000 round trips.
     assert len(book._deadlines) <= 2 * 101 + 64, len(book._deadlines)

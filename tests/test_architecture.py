@@ -1,0 +1,254 @@
+"""The shape of the code: what must stay true as it changes.
+
+- ``actors/`` uses only the public API of pykka and websockets: a private
+  name of either (a ``_`` import, attribute or overridden method, or one of
+  their undocumented internals) is the kind of dependency a minor release
+  breaks silently, and some of these guard security (fail-closed) paths.
+- No import cycles among the actor modules; ``actors.permissions`` can be
+  imported without the WebSocket stack.
+- ``protocol/`` stays sans-I/O: it imports no I/O library at all.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pykka
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ACTORS = sorted((ROOT / "actors").glob("*.py"))
+PROTOCOL = sorted((ROOT / "protocol").glob("*.py"))
+LIBRARIES = ("pykka", "websockets")
+# Public-looking names that are internals of those libraries (their mailbox,
+# websockets' asyncio connection's event hook and send guards).
+INTERNALS = {
+    "actor_inbox",
+    "process_event",
+    "send_in_progress",
+    "fragmented_send_waiter",
+    "paused",
+    "recv_messages",
+    "drain_waiters",
+}
+IO_LIBRARIES = {
+    "pykka",
+    "websockets",
+    "httpx",
+    "httpcore",
+    "anyio",
+    "asyncio",
+    "socket",
+    "ssl",
+    "selectors",
+    "threading",
+    "uvicorn",
+    "starlette",
+    "h11",
+    "loguru",
+    "prometheus_client",
+    "mcp",
+}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _own_private_names(paths: list[Path]) -> set[str]:
+    """Every private name the modules define themselves (methods, attributes, slots)."""
+    names: set[str] = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.arg):
+                names.add(node.arg)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names.add(node.value)  # __slots__ entries
+    return {n for n in names if _private(n)}
+
+
+def private_uses(paths: list[Path]) -> list[str]:
+    """Uses of pykka's or websockets' private names in ``paths``, as readable lines."""
+    own = _own_private_names(paths)
+    found: list[str] = []
+    for path in paths:
+        tree = ast.parse(path.read_text(), str(path))
+        where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    parts = alias.name.split(".")
+                    if parts[0] in LIBRARIES and any(_private(p) for p in parts):
+                        found.append(f"{where}:{node.lineno}: import {alias.name}")
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                parts = node.module.split(".")
+                if parts[0] in LIBRARIES:
+                    if any(_private(p) for p in parts):
+                        found.append(f"{where}:{node.lineno}: from {node.module} import ...")
+                    for alias in node.names:
+                        if _private(alias.name):
+                            found.append(f"{where}:{node.lineno}: {node.module}.{alias.name}")
+            elif isinstance(node, ast.Attribute):
+                if _private(node.attr) and node.attr not in own:
+                    found.append(f"{where}:{node.lineno}: .{node.attr} (not ours)")
+                elif node.attr in INTERNALS:
+                    found.append(f"{where}:{node.lineno}: .{node.attr} (a library internal)")
+    return found
+
+
+def _classes_of(package_paths: list[Path]) -> list[type]:
+    classes = []
+    for path in package_paths:
+        module = importlib.import_module(f"actors.{path.stem}")
+        for _, value in inspect.getmembers(module, inspect.isclass):
+            if value.__module__ == module.__name__:
+                classes.append(value)
+    return classes
+
+
+# ── public APIs only ────────────────────────────────────────────────────────
+
+
+def test_actors_use_no_private_name_of_pykka_or_websockets() -> None:
+    assert private_uses(ACTORS) == []
+
+
+def test_the_scan_finds_what_it_is_for(tmp_path: Path) -> None:
+    """The scan itself must be able to fail: each kind of private use is caught."""
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import pykka\n"
+        "from pykka import _envelope\n"
+        "from websockets.asyncio import connection\n"
+        "def f(actor, ws):\n"
+        "    actor._handle_receive(None)\n"
+        "    actor.actor_inbox.get()\n"
+        "    return ws.send_in_progress, pykka._threading\n"
+    )
+    found = private_uses([sample])
+    assert len(found) == 5, found
+    assert any("_envelope" in f for f in found)
+    assert any("_handle_receive" in f for f in found)
+    assert any("actor_inbox" in f for f in found)
+    assert any("_threading" in f for f in found)
+    assert any("send_in_progress" in f for f in found)
+
+
+def test_no_actor_overrides_a_private_method_of_pykka() -> None:
+    library_private = {
+        n
+        for n in dir(pykka.ThreadingActor)
+        if _private(n) and callable(getattr(pykka.Actor, n, None))
+    }
+    overridden = [
+        f"{cls.__name__}.{name}"
+        for cls in _classes_of(ACTORS)
+        if issubclass(cls, pykka.Actor)
+        for name in vars(cls)
+        if name in library_private
+    ]
+    assert overridden == []
+
+
+def test_no_class_extends_a_websockets_connection() -> None:
+    import websockets.asyncio.connection
+    import websockets.protocol
+
+    bases = (websockets.asyncio.connection.Connection, websockets.protocol.Protocol)
+    extending = [cls.__name__ for cls in _classes_of(ACTORS) if issubclass(cls, bases)]
+    assert extending == []
+
+
+# ── imports ─────────────────────────────────────────────────────────────────
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """``actors.*`` modules imported at module level (TYPE_CHECKING blocks included)."""
+    tree = ast.parse(path.read_text(), str(path))
+    found: set[str] = set()
+
+    def visit(statements: list[ast.stmt]) -> None:
+        for node in statements:
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.If):  # if TYPE_CHECKING: ...
+                visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body)
+
+    visit(tree.body)
+    return {m for m in found if m.startswith("actors.")}
+
+
+def test_actor_modules_import_each_other_without_cycles() -> None:
+    graph = {f"actors.{p.stem}": _module_level_imports(p) for p in ACTORS}
+    graph["actors.__init__"] = set()  # the package's own re-exports are not a cycle
+    cycles: list[list[str]] = []
+
+    def walk(module: str, path: list[str]) -> None:
+        for target in sorted(graph.get(module, ())):
+            if target in path:
+                cycles.append([*path[path.index(target) :], target])
+            elif len(path) < len(graph):
+                walk(target, [*path, target])
+
+    for module in graph:
+        walk(module, [module])
+    assert cycles == []
+
+
+def test_the_ingress_does_not_import_the_uplink() -> None:
+    tree = ast.parse((ROOT / "actors" / "ingress.py").read_text())
+    modules = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert "actors.system" not in modules
+
+
+def _loaded_after_import(module: str) -> list[str]:
+    code = f"import sys, json; import {module}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    return list(json.loads(out))
+
+
+def test_importing_the_permission_registry_does_not_load_websockets() -> None:
+    loaded = _loaded_after_import("actors.permissions")
+    assert "actors.permissions" in loaded
+    assert [m for m in loaded if m.split(".")[0] == "websockets"] == []
+
+
+# ── protocol/ is sans-I/O ───────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("module", ["protocol", *(f"protocol.{p.stem}" for p in PROTOCOL)])
+def test_protocol_loads_no_io_library(module: str) -> None:
+    loaded = {m.split(".")[0] for m in _loaded_after_import(module)}
+    assert loaded & IO_LIBRARIES == set()
+
+
+def test_protocol_source_imports_no_io_library() -> None:
+    imported: list[str] = []
+    for path in PROTOCOL:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                imported += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.append(node.module)
+    assert sorted({m for m in imported if m.split(".")[0] in IO_LIBRARIES}) == []
