@@ -146,6 +146,10 @@ class Ingress:
         self.port: int | None = None
         self._server: uvicorn.Server | None = None
         self._serving: concurrent.futures.Future[None] | None = None
+        # Whole ASGI apps at a path (the MCP endpoint), after the same checks.
+        self._mounts: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {}
+        self._mcp: Any = None
+        self._mcp_running: concurrent.futures.Future[None] | None = None
         self._routes: dict[
             str, dict[str, Callable[[Scope, Receive], Awaitable[tuple[int, Any]]]]
         ] = {
@@ -154,6 +158,7 @@ class Ingress:
             "/healthz": {"GET": self._healthz},
             "/ready": {"GET": self._ready},
             "/metrics": {"GET": self._metrics},
+            "/hooks/claude-code": {"POST": self._claude_hook},
         }
 
     # ── lifecycle ───────────────────────────────────────────────────────
@@ -174,6 +179,7 @@ class Ingress:
             sock.close()
             check_bindable(address)  # raises ConfigError with the OS's words
             raise ConfigError("--listen", f"cannot listen on {host}:{port}") from None
+        self._start_mcp(host)
         sock.listen(2048)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
@@ -206,6 +212,7 @@ class Ingress:
         deadline = time.monotonic() + timeout / 2
         while self.waiting and time.monotonic() < deadline:
             time.sleep(0.01)
+        self._stop_mcp(timeout / 4)
         self._server.should_exit = True
         try:
             self._serving.result(timeout=timeout)
@@ -217,6 +224,10 @@ class Ingress:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            return
+        mounted = self._mounts.get(scope["path"])
+        if mounted is not None:
+            await mounted(scope, receive, send)
             return
         methods = self._routes.get(scope["path"])
         try:
@@ -278,6 +289,52 @@ class Ingress:
         finally:
             self.waiting -= 1
         return 200, permission_answer(outcome, tool_input)
+
+    async def _claude_hook(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
+        from actors.claude_code import answer_hook
+
+        raw = await self._read_body(scope, receive)
+        try:
+            body = loads(raw)
+        except (ValueError, RecursionError):
+            raise HttpError(400, "body is not valid JSON") from None
+        self.waiting += 1
+        try:
+            return 200, await answer_hook(self.uplink, body, self.ctx.config.hook_never_forward)
+        except ValueError as exc:
+            raise HttpError(400, str(exc)) from None
+        finally:
+            self.waiting -= 1
+
+    # ── the MCP endpoint (Claude Code's permission prompt) ──────────────
+
+    def _start_mcp(self, host: str) -> None:
+        from actors.claude_code import McpPermissionServer
+
+        def count(delta: int) -> None:
+            self.waiting += delta
+
+        self._mcp = McpPermissionServer(
+            self.uplink,
+            progress_interval=self.ctx.config.claude_progress_interval,
+            allowed_hosts=[f"[{host}]" if ":" in host else host],
+            waiting=count,
+        )
+        # lifespan is off (the ingress lives in the uplink's loop), so the
+        # session manager's task group runs as a task of that loop instead.
+        self._mcp_running = self.ctx.loop.spawn(self._mcp.run)
+        if not self._mcp.wait_ready(5):
+            raise RuntimeError("the MCP endpoint did not start within 5 s")
+        self._mounts["/mcp"] = self._mounts["/mcp/"] = self._mcp.handle
+
+    def _stop_mcp(self, timeout: float) -> None:
+        if self._mcp is None or self._mcp_running is None:
+            return
+        self.ctx.loop.call_soon(self._mcp.request_stop)
+        try:
+            self._mcp_running.result(timeout=max(0.2, timeout))
+        except Exception as exc:
+            _log.debug("MCP endpoint stop: {!r}", exc)
 
     async def _status(self, _scope: Scope, _receive: Receive) -> tuple[int, Any]:
         return 200, self.uplink.status()

@@ -1,0 +1,354 @@
+"""Claude Code, natively: its permission prompts and hooks answered by the uplink.
+
+Three doors lead to the same permission request, and all answer in Claude
+Code's own words:
+
+* the MCP tool ``permission_prompt`` (``--permission-prompt-tool
+  mcp__sled__permission_prompt``), served by the ingress at ``/mcp`` with the
+  official MCP SDK's Streamable HTTP server;
+* ``POST /hooks/claude-code`` for ``type: "http"`` hooks, and the ``hook``
+  command (stdin → stdout) for command hooks, both for ``PreToolUse`` and
+  ``PermissionRequest``;
+* the ``can_use_tool`` adapter for the Agent SDK (``actors.agent_sdk``).
+
+The request id is Claude Code's ``tool_use_id``, so the sled's and the
+gateway's logs name the same call. Every path that cannot get the gateway's
+answer denies, with the uplink's deny message: this module never allows on
+its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from actors.config import DEFAULT_HOOK_NEVER_FORWARD
+from protocol import JSON, Decision, LocalProtocolError, Outcome, dumps
+
+if TYPE_CHECKING:
+    from actors.system import Uplink
+
+TOOL_NAME = "permission_prompt"
+SERVER_NAME = "sled"  # the --mcp-config key: the tool is mcp__sled__permission_prompt
+PROMPT_TOOL = f"mcp__{SERVER_NAME}__{TOOL_NAME}"
+
+# File tools and the input field holding the path an always-allow rule names.
+# Claude Code matches path rules only under Read and Edit (an Edit rule covers
+# every tool that edits files), and an absolute path is written with a
+# leading ``//``.
+_READ_TOOLS = {"Read": "file_path", "NotebookRead": "notebook_path"}
+_EDIT_TOOLS = {
+    "Edit": "file_path",
+    "MultiEdit": "file_path",
+    "Write": "file_path",
+    "NotebookEdit": "notebook_path",
+}
+# Characters a rule would read as a pattern, not as themselves. A command or
+# path holding one cannot be named exactly, so no rule is added (the approval
+# still stands for this call; the next one asks again).
+_BASH_PATTERN_CHARS = frozenset("*")
+_PATH_PATTERN_CHARS = frozenset("*?[]{}()\\!")
+
+_log = logger.bind(actor="claude-code")
+
+
+# ── answers ─────────────────────────────────────────────────────────────
+
+
+def session_rule(tool_name: str, tool_input: JSON) -> dict[str, str] | None:
+    """The narrowest session allow rule for this use, or None when none is exact.
+
+    ``Bash`` → the exact command; a file tool → its absolute path (under
+    ``Read`` or ``Edit``, the two tools Claude Code matches paths for);
+    anything else → the tool alone.
+    """
+    fields = tool_input if isinstance(tool_input, dict) else {}
+    if tool_name == "Bash":
+        command = fields.get("command")
+        if not isinstance(command, str) or not command.strip():
+            return None
+        if _BASH_PATTERN_CHARS & set(command):
+            return None
+        return {"toolName": "Bash", "ruleContent": command}
+    for family, tools in (("Read", _READ_TOOLS), ("Edit", _EDIT_TOOLS)):
+        if tool_name in tools:
+            path = fields.get(tools[tool_name])
+            if not isinstance(path, str) or not path.startswith("/"):
+                return None
+            if _PATH_PATTERN_CHARS & set(path):
+                return None
+            return {"toolName": family, "ruleContent": "/" + path}
+    return {"toolName": tool_name}
+
+
+def updated_permissions(tool_name: str, tool_input: JSON) -> list[dict[str, Any]]:
+    """``updatedPermissions`` for an always-allow: one session rule, or none."""
+    rule = session_rule(tool_name, tool_input)
+    if rule is None:
+        return []
+    return [{"type": "addRules", "rules": [rule], "behavior": "allow", "destination": "session"}]
+
+
+def prompt_answer(outcome: Outcome, tool_name: str, tool_input: JSON) -> dict[str, Any]:
+    """The permission-prompt answer (``behavior`` allow or deny) for an outcome."""
+    if outcome.decision is Decision.DENY:
+        return deny_answer(outcome.message)
+    answer: dict[str, Any] = {"behavior": "allow", "updatedInput": tool_input}
+    if outcome.decision is Decision.ALWAYS_ALLOW:
+        rules = updated_permissions(tool_name, tool_input)
+        if rules:
+            answer["updatedPermissions"] = rules
+    return answer
+
+
+def deny_answer(message: str) -> dict[str, Any]:
+    return {"behavior": "deny", "message": message}
+
+
+def hook_answer(event: str, answer: dict[str, Any]) -> dict[str, Any]:
+    """A permission-prompt answer in the shape of a hook's output for ``event``."""
+    if event == "PreToolUse":
+        allowed = answer["behavior"] == "allow"
+        return {
+            "hookSpecificOutput": {
+                "hookEventName": "PreToolUse",
+                "permissionDecision": "allow" if allowed else "deny",
+                "permissionDecisionReason": (
+                    "Approved through the sled's gateway." if allowed else answer["message"]
+                ),
+            }
+        }
+    return {"hookSpecificOutput": {"hookEventName": "PermissionRequest", "decision": answer}}
+
+
+HOOK_EVENTS = ("PreToolUse", "PermissionRequest")
+
+
+@dataclass(frozen=True, slots=True)
+class HookCall:
+    event: str
+    tool_name: str
+    tool_input: JSON
+    tool_use_id: str | None
+
+
+def parse_hook(body: JSON) -> HookCall:
+    """The parts of a Claude Code hook JSON the uplink needs; ValueError if unusable."""
+    if not isinstance(body, dict):
+        raise ValueError("the hook input must be a JSON object")
+    event = body.get("hook_event_name")
+    if event not in HOOK_EVENTS:
+        raise ValueError(f"hook_event_name must be one of {', '.join(HOOK_EVENTS)}")
+    tool_name = body.get("tool_name")
+    if not isinstance(tool_name, str) or not tool_name.strip():
+        raise ValueError("tool_name must be a non-empty string")
+    tool_use_id = body.get("tool_use_id")
+    if not isinstance(tool_use_id, str) or not tool_use_id:
+        tool_use_id = None
+    return HookCall(str(event), tool_name, body.get("tool_input", {}), tool_use_id)
+
+
+def trouble_message(problem: str) -> str:
+    return f"Denied: the uplink could not forward the request ({problem})."
+
+
+# ── asking the uplink ───────────────────────────────────────────────────
+
+
+async def ask(
+    uplink: Uplink,
+    tool_name: str,
+    tool_input: JSON,
+    request_id: str | None,
+    *,
+    on_wait: Callable[[float], Awaitable[None]] | None = None,
+    interval: float = 10.0,
+) -> dict[str, Any]:
+    """Ask the uplink and return the permission-prompt answer; never raises.
+
+    ``on_wait(elapsed)`` runs every ``interval`` seconds while the gateway has
+    not answered (the MCP tool sends progress with it). The request is
+    shielded: a caller that goes away abandons the wait, not the request,
+    which is still decided and logged.
+    """
+    try:
+        future = uplink.arequest_permission(tool_name, tool_input, request_id=request_id)
+    except (LocalProtocolError, RecursionError, ValueError, TypeError) as exc:
+        return deny_answer(trouble_message(str(exc) or type(exc).__name__))
+    except Exception as exc:  # fail closed on anything else, and say so in the log
+        _log.exception("permission request for {} could not be submitted", tool_name)
+        return deny_answer(trouble_message(type(exc).__name__))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while True:
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(future), interval)
+            break
+        except TimeoutError:
+            if on_wait is not None:
+                await on_wait(loop.time() - started)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            _log.exception("permission request for {} failed", tool_name)
+            return deny_answer(trouble_message(type(exc).__name__))
+    return prompt_answer(outcome, tool_name, tool_input)
+
+
+async def answer_hook(
+    uplink: Uplink, body: JSON, never_forward: Iterable[str] = DEFAULT_HOOK_NEVER_FORWARD
+) -> dict[str, Any]:
+    """The output for one hook JSON: ``{}`` (no decision) for a never-forwarded
+    PreToolUse, else the gateway's answer in the event's shape."""
+    call = parse_hook(body)
+    if call.event == "PreToolUse" and call.tool_name in set(never_forward):
+        return {}
+    answer = await ask(uplink, call.tool_name, call.tool_input, call.tool_use_id)
+    return hook_answer(call.event, answer)
+
+
+# ── the MCP server ──────────────────────────────────────────────────────
+
+INPUT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "tool_name": {"type": "string", "description": "The tool Claude Code wants to use."},
+        "input": {"type": "object", "description": "The tool's input."},
+        "tool_use_id": {"type": "string", "description": "Claude Code's id for this tool use."},
+    },
+    "required": ["tool_name", "input"],
+}
+
+
+class McpPermissionServer:
+    """The ``permission_prompt`` tool on the SDK's Streamable HTTP session manager.
+
+    Answers stream as SSE (never one JSON body: Claude Code kills a plain
+    answer after 60 s, the permission timeout is longer) and carry a progress
+    notification every ``progress_interval`` seconds while the gateway has
+    not answered. A client that sent no progress token still gets the SSE
+    stream's keep-alive comments. The result is one text block of JSON and
+    no ``structuredContent``, which Claude Code would reject.
+    """
+
+    def __init__(
+        self,
+        uplink: Uplink,
+        *,
+        progress_interval: float = 10.0,
+        allowed_hosts: Iterable[str] = (),
+        waiting: Callable[[int], None] | None = None,
+    ) -> None:
+        import mcp_types as types
+        from mcp.server.lowlevel import Server
+        from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+        from mcp.server.transport_security import TransportSecuritySettings
+
+        self.uplink = uplink
+        self.progress_interval = progress_interval
+        self._waiting = waiting or (lambda _delta: None)
+        self._types = types
+        self.server: Any = Server(
+            SERVER_NAME,
+            version=str(uplink.config.identity_extra.get("version", "")),
+            instructions="Answers Claude Code's permission prompts through the sled's gateway.",
+            on_list_tools=self._list_tools,
+            on_call_tool=self._call_tool,
+        )
+        hosts = sorted({"127.0.0.1", "localhost", "[::1]", *allowed_hosts})
+        # The ingress checks Host and Origin for every endpoint; the SDK's own
+        # check stays on as a second wall, with the same names.
+        security = TransportSecuritySettings(
+            enable_dns_rebinding_protection=True,
+            allowed_hosts=[f"{host}:*" for host in hosts] + hosts,
+            allowed_origins=[f"http://{host}:*" for host in hosts],
+        )
+        self.manager = StreamableHTTPSessionManager(
+            app=self.server, json_response=False, security_settings=security
+        )
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+
+    async def _list_tools(self, _ctx: Any, _params: Any) -> Any:
+        types = self._types
+        return types.ListToolsResult(
+            tools=[
+                types.Tool(
+                    name=TOOL_NAME,
+                    description=(
+                        "Ask the sled's gateway (a human) whether Claude Code may use a tool. "
+                        "Answers Claude Code's --permission-prompt-tool protocol."
+                    ),
+                    input_schema=INPUT_SCHEMA,
+                )
+            ]
+        )
+
+    async def _call_tool(self, ctx: Any, params: Any) -> Any:
+        types = self._types
+        if params.name != TOOL_NAME:
+            answer = deny_answer(trouble_message(f"no such tool: {params.name}"))
+        else:
+            answer = await self._permission(ctx, params.arguments or {})
+        return types.CallToolResult(content=[types.TextContent(type="text", text=dumps(answer))])
+
+    async def _permission(self, ctx: Any, arguments: dict[str, Any]) -> dict[str, Any]:
+        tool_name = arguments.get("tool_name")
+        if not isinstance(tool_name, str) or not tool_name.strip():
+            return deny_answer(trouble_message("tool_name must be a non-empty string"))
+        tool_input = arguments.get("input", {})
+        tool_use_id = arguments.get("tool_use_id")
+        if not isinstance(tool_use_id, str) or not tool_use_id:
+            tool_use_id = None
+        total = self.uplink.config.permission_timeout
+        meta = getattr(ctx, "meta", None) or {}
+        _log.debug(
+            "permission_prompt {} for {} (progress token: {})",
+            tool_use_id,
+            tool_name,
+            "yes" if meta.get("progress_token", meta.get("progressToken")) is not None else "no",
+        )
+
+        async def progress(elapsed: float) -> None:
+            # report_progress is a no-op when the client sent no progressToken.
+            with contextlib.suppress(Exception):
+                await ctx.session.report_progress(
+                    round(elapsed, 1), total, "waiting for the gateway's decision"
+                )
+
+        self._waiting(1)
+        try:
+            return await ask(
+                self.uplink,
+                tool_name,
+                tool_input,
+                tool_use_id,
+                on_wait=progress,
+                interval=self.progress_interval,
+            )
+        finally:
+            self._waiting(-1)
+
+    async def handle(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.manager.handle_request(scope, receive, send)
+
+    async def run(self) -> None:
+        """Keep the session manager's task group alive until :meth:`request_stop`."""
+        self._stop = asyncio.Event()
+        async with self.manager.run():
+            self._ready.set()
+            await self._stop.wait()
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    def request_stop(self) -> None:
+        """From the loop thread (``EventLoop.call_soon``)."""
+        if self._stop is not None:
+            self._stop.set()
