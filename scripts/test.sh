@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh test >&2
 # The console's browser test drives Debian's chromium (installed if missing).
 bash scripts/install-browser.sh >&2 || true
+# The Claude Code tests run the real, pinned binary (npm, into .tools/).
+bash scripts/install-claude-code.sh >&2 || true
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?

@@ -129,7 +129,10 @@ class FakeAnthropic:
                         delta = {"type": "text_delta", "text": block["text"]}
                     else:
                         start = {**block, "input": {}}
-                        delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+                        delta = {
+                            "type": "input_json_delta",
+                            "partial_json": json.dumps(block["input"]),
+                        }
                     events += [
                         (
                             "content_block_start",
