@@ -293,6 +293,14 @@ class Ingress:
     async def _claude_hook(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
         from actors.claude_code import answer_hook
 
+        # Claude Code posts JSON and sends no Origin: a browser's form or
+        # cross-site fetch must not be able to queue questions for the humans.
+        headers = dict(scope["headers"])
+        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if content_type != b"application/json":
+            raise HttpError(415, "the body must be sent as Content-Type: application/json")
+        if b"origin" in headers:
+            raise HttpError(403, "requests from web pages are not accepted here")
         raw = await self._read_body(scope, receive)
         try:
             body = loads(raw)
