@@ -157,7 +157,11 @@ def hook_command(ingress: str) -> str:
 
 
 def claude_config(
-    ingress: str, token: str | None, permission_timeout: float, hooks: str
+    ingress: str,
+    token: str | None,
+    permission_timeout: float,
+    hooks: str,
+    event: str = "PreToolUse",
 ) -> dict[str, Any]:
     """Everything Claude Code needs to ask this uplink, as JSON values."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -175,24 +179,22 @@ def claude_config(
         hook = {"type": "http", "url": f"{ingress}/hooks/claude-code", "timeout": timeout}
         if headers:
             hook["headers"] = headers
-    settings = {"hooks": {event: [{"matcher": "*", "hooks": [hook]}] for event in ("PreToolUse",)}}
+    settings = {"hooks": {event: [{"matcher": "*", "hooks": [hook]}]}}
     mcp_json = json.dumps(mcp_config, separators=(",", ":"))
     return {
         "mcp_config": mcp_config,
         "permission_prompt_tool": PROMPT_TOOL,
-        "claude_args": ["--mcp-config", mcp_json, "--permission-prompt-tool", PROMPT_TOOL],
         "command": shlex.join(
             ["claude", "--mcp-config", mcp_json, "--permission-prompt-tool", PROMPT_TOOL]
         ),
         "hook_settings": settings,
-        "permission_request_hook_settings": {
-            "hooks": {"PermissionRequest": [{"matcher": "*", "hooks": [hook]}]}
-        },
     }
 
 
 def run_claude_config(args: argparse.Namespace) -> int:
-    config = claude_config(args.ingress, args.ingress_token, args.permission_timeout, args.hooks)
+    config = claude_config(
+        args.ingress, args.ingress_token, args.permission_timeout, args.hooks, args.event
+    )
     out = sys.stdout
     if args.print == "mcp":
         out.write(json.dumps(config["mcp_config"]) + "\n")
@@ -205,8 +207,8 @@ def run_claude_config(args: argparse.Namespace) -> int:
             "# Permission prompts through the uplink (MCP tool on the ingress):\n"
             f"{config['command']} -p 'your task'\n\n"
             "# Or hooks: put this in .claude/settings.json (PreToolUse asks for every\n"
-            "# tool but the read-only ones; use PermissionRequest for only what Claude\n"
-            "# Code would ask about, in interactive and SDK sessions):\n"
+            "# tool but the read-only ones; --event PermissionRequest asks only what\n"
+            "# Claude Code would ask about, in interactive and SDK sessions):\n"
             f"{json.dumps(config['hook_settings'], indent=2)}\n"
         )
     return 0
@@ -238,6 +240,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         help="the uplink's --permission-timeout (hooks wait a little longer)",
     )
     config.add_argument("--hooks", choices=["http", "command"], default="http")
+    config.add_argument("--event", choices=list(HOOK_EVENTS), default="PreToolUse")
     config.add_argument(
         "--print", choices=["all", "mcp", "command", "settings"], default="all", dest="print"
     )

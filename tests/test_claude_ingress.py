@@ -541,6 +541,11 @@ def test_claude_config_command_hooks_run_this_checkout() -> None:
     assert "run_uplink.py hook --ingress http://127.0.0.1:3002" in hook["command"]
 
 
+def test_claude_config_permission_request_hooks() -> None:
+    settings = json.loads(run_config("--print", "settings", "--event", "PermissionRequest").stdout)
+    assert list(settings["hooks"]) == ["PermissionRequest"]
+
+
 def test_claude_config_bad_option_exits_2_with_one_line() -> None:
     done = run_config("--print", "everything")
     assert done.returncode == 2
