@@ -179,7 +179,11 @@ class Ingress:
             sock.close()
             check_bindable(address)  # raises ConfigError with the OS's words
             raise ConfigError("--listen", f"cannot listen on {host}:{port}") from None
-        self._start_mcp(host)
+        try:
+            self._start_mcp(host)
+        except BaseException:
+            sock.close()
+            raise
         sock.listen(2048)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]

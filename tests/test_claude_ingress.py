@@ -550,3 +550,27 @@ def test_claude_config_bad_option_exits_2_with_one_line() -> None:
     done = run_config("--print", "everything")
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_mcp_works_on_an_uplink_that_borrowed_the_callers_loop(
+    gw: Gateway, decider: Callable[..., Decider]
+) -> None:
+    # async with Uplink(...): the ingress, its MCP session manager and the
+    # SDK client all run in this one asyncio loop.
+    from actors import UplinkConfig
+    from tests.conftest import FAST
+
+    decider("approve")
+    config = UplinkConfig(
+        upstream_url=gw.url_for_sleds(), project=PROJECT, listen="127.0.0.1:0", **FAST
+    )
+
+    async def main() -> Any:
+        async with Uplink(config) as up:
+            assert await up.await_connected(T)
+            arguments = {"tool_name": "Bash", "input": BASH, "tool_use_id": "toolu_loop"}
+            return await _call_prompt(base(up) + "/mcp", arguments)
+
+    _tools, result, _ = asyncio.run(main())
+    assert json.loads(result.content[0].text) == {"behavior": "allow", "updatedInput": BASH}
+    assert gw.state()["decisions"][0]["req_id"] == "toolu_loop"
