@@ -238,3 +238,83 @@ class McpPermissionServer:
         """From the loop thread (``EventLoop.call_soon``)."""
         if self._stop is not None:
             self._stop.set()
+
+
+class McpEndpoint:
+    """``/mcp`` on the ingress: loads the MCP SDK off the start path, then serves.
+
+    Importing the SDK takes seconds on a busy machine, and an uplink must
+    connect to its gateway without waiting for that, so a helper thread
+    imports it and starts the session manager's task group in the uplink's
+    loop (the ingress runs with lifespan off). A request that comes first
+    waits for it; if it never comes up, the request gets a JSON ``503``.
+    """
+
+    def __init__(
+        self,
+        uplink: Uplink,
+        loop: Any,
+        *,
+        progress_interval: float,
+        allowed_hosts: Iterable[str],
+        waiting: Callable[[int], None],
+    ) -> None:
+        self._uplink = uplink
+        self._loop = loop  # the uplink's EventLoop
+        self._options = {
+            "progress_interval": progress_interval,
+            "allowed_hosts": list(allowed_hosts),
+            "waiting": waiting,
+        }
+        self._server: McpPermissionServer | None = None
+        self._running: Any = None  # concurrent future of McpPermissionServer.run
+        self._loaded = threading.Event()
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    def start(self) -> None:
+        threading.Thread(target=self._load, name="ingress-mcp-load", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            server = McpPermissionServer(self._uplink, **self._options)  # type: ignore[arg-type]
+            with self._lock:
+                if self._stopping:
+                    return
+                self._server = server
+                self._running = self._loop.spawn(server.run)
+            if not server.wait_ready(30):
+                _log.error("the MCP endpoint did not start within 30 s")
+        except Exception:
+            _log.exception("the MCP endpoint could not start; /mcp answers 503")
+        finally:
+            self._loaded.set()
+
+    def wait_loaded(self, timeout: float) -> bool:
+        return self._loaded.wait(timeout)
+
+    async def handle(self, scope: Any, receive: Any, send: Any) -> None:
+        deadline = asyncio.get_running_loop().time() + 60
+        while not self._loaded.is_set() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        server = self._server
+        if server is None or not server.wait_ready(0):
+            payload = dumps({"error": "the MCP endpoint is not available"}).encode()
+            headers = [(b"content-type", b"application/json")]
+            headers.append((b"content-length", str(len(payload)).encode()))
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        await server.handle(scope, receive, send)
+
+    def stop(self, timeout: float) -> None:
+        with self._lock:
+            self._stopping = True
+            server, running = self._server, self._running
+        if server is None or running is None:
+            return
+        self._loop.call_soon(server.request_stop)
+        try:
+            running.result(timeout=max(0.2, timeout))
+        except Exception as exc:
+            _log.debug("MCP endpoint stop: {!r}", exc)

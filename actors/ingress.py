@@ -46,8 +46,11 @@ class HttpError(Exception):
         self.message = message
 
 
-def permission_answer(outcome: Outcome, tool_input: JSON) -> dict[str, JSON]:
-    """The ``POST /permission`` answer, usable as Claude Code's permission-prompt result."""
+def permission_answer(
+    outcome: Outcome, tool_input: JSON, tool_name: str | None = None
+) -> dict[str, JSON]:
+    """The ``POST /permission`` answer, usable as Claude Code's permission-prompt result
+    (with ``tool_name``, an always-allow carries Claude Code's session rule too)."""
     answer: dict[str, JSON] = {
         "request_id": outcome.request_id,
         "decision": str(outcome.decision),
@@ -59,6 +62,12 @@ def permission_answer(outcome: Outcome, tool_input: JSON) -> dict[str, JSON]:
     else:
         answer["behavior"] = "allow"
         answer["updatedInput"] = tool_input
+        if outcome.decision is Decision.ALWAYS_ALLOW and tool_name is not None:
+            from protocol.claude_code import updated_permissions
+
+            rules: list[JSON] = list(updated_permissions(tool_name, tool_input))
+            if rules:
+                answer["updatedPermissions"] = rules
     return answer
 
 
@@ -148,8 +157,7 @@ class Ingress:
         self._serving: concurrent.futures.Future[None] | None = None
         # Whole ASGI apps at a path (the MCP endpoint), after the same checks.
         self._mounts: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {}
-        self._mcp: Any = None
-        self._mcp_running: concurrent.futures.Future[None] | None = None
+        self._mcp: Any = None  # actors.claude_code.McpEndpoint
         self._routes: dict[
             str, dict[str, Callable[[Scope, Receive], Awaitable[tuple[int, Any]]]]
         ] = {
@@ -179,11 +187,7 @@ class Ingress:
             sock.close()
             check_bindable(address)  # raises ConfigError with the OS's words
             raise ConfigError("--listen", f"cannot listen on {host}:{port}") from None
-        try:
-            self._start_mcp(host)
-        except BaseException:
-            sock.close()
-            raise
+        self._start_mcp(host)
         sock.listen(2048)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
@@ -292,7 +296,7 @@ class Ingress:
             outcome = await asyncio.shield(future)
         finally:
             self.waiting -= 1
-        return 200, permission_answer(outcome, tool_input)
+        return 200, permission_answer(outcome, tool_input, tool_name)
 
     async def _claude_hook(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
         from actors.claude_code import answer_hook
@@ -321,32 +325,24 @@ class Ingress:
     # ── the MCP endpoint (Claude Code's permission prompt) ──────────────
 
     def _start_mcp(self, host: str) -> None:
-        from actors.claude_code import McpPermissionServer
+        from actors.claude_code import McpEndpoint
 
         def count(delta: int) -> None:
             self.waiting += delta
 
-        self._mcp = McpPermissionServer(
+        self._mcp = McpEndpoint(
             self.uplink,
+            self.ctx.loop,
             progress_interval=self.ctx.config.claude_progress_interval,
             allowed_hosts=[f"[{host}]" if ":" in host else host],
             waiting=count,
         )
-        # lifespan is off (the ingress lives in the uplink's loop), so the
-        # session manager's task group runs as a task of that loop instead.
-        self._mcp_running = self.ctx.loop.spawn(self._mcp.run)
-        if not self._mcp.wait_ready(5):
-            raise RuntimeError("the MCP endpoint did not start within 5 s")
+        self._mcp.start()
         self._mounts["/mcp"] = self._mounts["/mcp/"] = self._mcp.handle
 
     def _stop_mcp(self, timeout: float) -> None:
-        if self._mcp is None or self._mcp_running is None:
-            return
-        self.ctx.loop.call_soon(self._mcp.request_stop)
-        try:
-            self._mcp_running.result(timeout=max(0.2, timeout))
-        except Exception as exc:
-            _log.debug("MCP endpoint stop: {!r}", exc)
+        if self._mcp is not None:
+            self._mcp.stop(timeout)
 
     async def _status(self, _scope: Scope, _receive: Receive) -> tuple[int, Any]:
         return 200, self.uplink.status()

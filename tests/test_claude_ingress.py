@@ -574,3 +574,16 @@ def test_mcp_works_on_an_uplink_that_borrowed_the_callers_loop(
     _tools, result, _ = asyncio.run(main())
     assert json.loads(result.content[0].text) == {"behavior": "allow", "updatedInput": BASH}
     assert gw.state()["decisions"][0]["req_id"] == "toolu_loop"
+
+
+def test_post_permission_always_allow_carries_the_session_rule(
+    gw: Gateway, uplink: Uplink, decider: Callable[..., Decider]
+) -> None:
+    # The same answer through the plain endpoint, for glue that calls it.
+    decider("always_allow")
+    body = {"tool_name": "Bash", "input": BASH, "tool_use_id": "toolu_p1"}
+    answer = httpx.post(base(uplink) + "/permission", json=body, timeout=3 * T).json()
+    assert answer["behavior"] == "allow"
+    assert answer["updatedPermissions"][0]["rules"] == [
+        {"toolName": "Bash", "ruleContent": "mkdir -p d1"}
+    ]
