@@ -481,3 +481,81 @@ def test_permission_request_hook_in_sdk_mode(
         assert (work / "d1").is_dir()
         assert [d for _, d in decided(gw)] == ["always_allow"]
         assert [e for e, _ in results] == [False, False]
+
+
+# -- an interactive session, driven in tmux ---------------------------------------------
+
+
+@pytest.mark.parametrize("decision", ["approve", "deny"])
+def test_permission_request_hook_in_an_interactive_session(
+    gw: Gateway,
+    connected: Callable[..., Uplink],
+    decider: Callable[..., Decider],
+    work: Path,
+    decision: str,
+) -> None:
+    import shutil
+    import subprocess
+    import time
+
+    from tests.support.claude import CLAUDE
+
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed (apt-get install tmux) for the interactive session")
+    uplink = connected()
+    decider(decision)
+    settings = settings_file(work, "PermissionRequest", http_hook(uplink))
+    home = work.parent / "home"
+    # A first run's questions (onboarding, folder trust, the custom API key)
+    # are answered in its config, as a person would have answered them once.
+    (home / ".claude").mkdir(parents=True)
+    (home / ".claude" / ".claude.json").write_text(
+        json.dumps(
+            {
+                "hasCompletedOnboarding": True,
+                "customApiKeyResponses": {"approved": ["sk-ant-test-dummy"], "rejected": []},
+                "projects": {str(work): {"hasTrustDialogAccepted": True}},
+            }
+        )
+    )
+    session = f"sled-claude-{os.getpid()}-{decision}"
+    with FakeAnthropic([[MKDIR], "Done."]) as model:
+        env = claude_env(model.base_url, home, TERM="xterm-256color")
+        command = shlex.join(
+            [
+                "env",
+                "-i",
+                *(f"{k}={v}" for k, v in env.items()),
+                str(CLAUDE),
+                "--settings",
+                str(settings),
+                "Create the directory d1.",
+            ]
+        )
+        subprocess.run(
+            ["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", "40", "-c",
+             str(work), command],
+            check=True,
+        )  # fmt: skip
+
+        def screen() -> str:
+            return subprocess.run(
+                ["tmux", "capture-pane", "-p", "-t", session],
+                capture_output=True, text=True, check=False,
+            ).stdout  # fmt: skip
+
+        try:
+            wait_until(lambda: len(model.agent_requests()) >= 2, RUN_TIMEOUT, "the second turn")
+            time.sleep(0.5)
+            shown = screen()
+        finally:
+            subprocess.run(["tmux", "kill-session", "-t", session], check=False)
+    print(shown)
+    assert [d for _, d in decided(gw)] == [decision]
+    if decision == "approve":
+        assert (work / "d1").is_dir()
+        assert "Allowed by PermissionRequest hook" in shown
+    else:
+        assert not (work / "d1").exists()
+        [(is_error, text)] = tool_result_texts(model)
+        assert is_error and DENY_MESSAGES[Reason.GATEWAY] in text
