@@ -587,3 +587,26 @@ def test_post_permission_always_allow_carries_the_session_rule(
     assert answer["updatedPermissions"][0]["rules"] == [
         {"toolName": "Bash", "ruleContent": "mkdir -p d1"}
     ]
+
+
+def test_a_bad_progress_interval_exits_2_with_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "run_uplink.py"), "--claude-progress-interval", "0"],
+        capture_output=True,
+        text=True,
+        timeout=6 * T,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "--claude-progress-interval" in done.stderr
+
+
+def test_the_never_forward_option_reaches_the_config() -> None:
+    import run_uplink
+
+    args = run_uplink.build_parser().parse_args(["--hook-never-forward", "Read, Glob,,"])
+    assert run_uplink.config_from_args(args).hook_never_forward == ("Read", "Glob")
+    default = run_uplink.config_from_args(run_uplink.build_parser().parse_args([]))
+    assert "Read" in default.hook_never_forward and "Bash" not in default.hook_never_forward
