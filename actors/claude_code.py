@@ -298,8 +298,9 @@ class McpEndpoint:
         while not self._loaded.is_set() and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
         server = self._server
-        if server is None or not server.wait_ready(0):
-            payload = dumps({"error": "the MCP endpoint is not available"}).encode()
+        if server is None or self._stopping or not server.wait_ready(0):
+            problem = "shutting down" if self._stopping else "not available"
+            payload = dumps({"error": f"the MCP endpoint is {problem}"}).encode()
             headers = [(b"content-type", b"application/json")]
             headers.append((b"content-length", str(len(payload)).encode()))
             await send({"type": "http.response.start", "status": 503, "headers": headers})
