@@ -277,7 +277,31 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"],
     )
     add("--log-json", action="store_true", help="one JSON object per log line")
+    add(
+        "--claude-progress-interval",
+        metavar="S",
+        type=_duration,
+        default=10.0,
+        help="how often a waiting Claude Code permission prompt (/mcp) gets a progress note",
+    )
+    add(
+        "--hook-never-forward",
+        metavar="TOOLS",
+        type=_tool_list,
+        default=None,
+        help="comma-separated tools whose PreToolUse hook is never forwarded (no decision); "
+        "default: the read-only ones (Read,Glob,Grep,LS,NotebookRead,TodoWrite,BashOutput)",
+    )
     return parser
+
+
+def _never_forward(args: argparse.Namespace) -> dict[str, tuple[str, ...]]:
+    given = args.hook_never_forward
+    return {} if given is None else {"hook_never_forward": given}
+
+
+def _tool_list(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -309,10 +333,20 @@ def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         open_timeout=args.open_timeout,
         ca_file=args.ca_file,
         status_interval=args.status_interval,
+        claude_progress_interval=args.claude_progress_interval,
+        **_never_forward(args),
     ).validate()
 
 
+CLAUDE_COMMANDS = ("hook", "claude-config")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in CLAUDE_COMMANDS:  # Claude Code's side: no uplink starts
+        from sled_claude import main as claude_main
+
+        return claude_main(argv, Path(sys.argv[0]).name or "run_uplink.py")
     parser = build_parser()
     args = parser.parse_args(argv)
     from actors.config import check_bindable

@@ -16,6 +16,20 @@ from protocol.version import __version__
 
 MiB = 1024 * 1024
 
+# Tools whose PreToolUse hook the ingress answers "no decision" without asking
+# the gateway: they only read the workspace, and PreToolUse fires on every
+# call, so forwarding them would flood the humans with questions Claude Code
+# itself never asks. WebFetch/WebSearch are absent on purpose: they send data out.
+DEFAULT_HOOK_NEVER_FORWARD: tuple[str, ...] = (
+    "Read",
+    "Glob",
+    "Grep",
+    "LS",
+    "NotebookRead",
+    "TodoWrite",
+    "BashOutput",
+)
+
 
 def _default_project() -> str:
     return Path.cwd().name or "sled"
@@ -59,6 +73,11 @@ class UplinkConfig:
     ingress_allowed_hosts: tuple[str, ...] = ()
     # The tool inputs undecided requests may hold in memory, all together.
     max_pending_bytes: int = 64 * MiB
+    # Claude Code (/mcp and /hooks/claude-code on the ingress): how often a
+    # waiting permission_prompt call sends progress, and the tools whose
+    # PreToolUse hook is never forwarded (answered "no decision").
+    claude_progress_interval: float = 10.0
+    hook_never_forward: tuple[str, ...] = DEFAULT_HOOK_NEVER_FORWARD
     # Extra identity keys; the token never goes here (it rides in the URL).
     identity_extra: dict[str, object] = field(default_factory=lambda: {"version": __version__})
 
@@ -115,6 +134,7 @@ class UplinkConfig:
             "--ping-timeout": self.ping_timeout,
             "--open-timeout": self.open_timeout,
             "--status-interval": self.status_interval,
+            "--claude-progress-interval": self.claude_progress_interval,
         }
         for option, value in durations.items():
             if not value > 0 or math.isinf(value):  # NaN fails "> 0" too

@@ -196,8 +196,11 @@ def _declares_body(scope: Scope) -> bool:
     return False
 
 
-def permission_answer(outcome: Outcome, tool_input: JSON) -> dict[str, JSON]:
-    """The ``POST /permission`` answer, usable as Claude Code's permission-prompt result."""
+def permission_answer(
+    outcome: Outcome, tool_input: JSON, tool_name: str | None = None
+) -> dict[str, JSON]:
+    """The ``POST /permission`` answer, usable as Claude Code's permission-prompt result
+    (with ``tool_name``, an always-allow carries Claude Code's session rule too)."""
     answer: dict[str, JSON] = {
         "request_id": outcome.request_id,
         "decision": str(outcome.decision),
@@ -209,6 +212,12 @@ def permission_answer(outcome: Outcome, tool_input: JSON) -> dict[str, JSON]:
     else:
         answer["behavior"] = "allow"
         answer["updatedInput"] = tool_input
+        if outcome.decision is Decision.ALWAYS_ALLOW and tool_name is not None:
+            from protocol.claude_code import updated_permissions
+
+            rules: list[JSON] = list(updated_permissions(tool_name, tool_input))
+            if rules:
+                answer["updatedPermissions"] = rules
     return answer
 
 
@@ -306,6 +315,9 @@ class Ingress:
         self._server: uvicorn.Server | None = None
         self.guard: RequestGuard | None = None  # set once the port is known
         self._serving: concurrent.futures.Future[None] | None = None
+        # Whole ASGI apps at a path (the MCP endpoint), after the same checks.
+        self._mounts: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {}
+        self._mcp: Any = None  # actors.claude_code.McpEndpoint
         self._routes: dict[
             str, dict[str, Callable[[Scope, Receive], Awaitable[tuple[int, Any]]]]
         ] = {
@@ -314,6 +326,7 @@ class Ingress:
             "/healthz": {"GET": self._healthz},
             "/ready": {"GET": self._ready},
             "/metrics": {"GET": self._metrics},
+            "/hooks/claude-code": {"POST": self._claude_hook},
         }
 
     # ── lifecycle ───────────────────────────────────────────────────────
@@ -334,6 +347,7 @@ class Ingress:
             sock.close()
             check_bindable(address)  # raises ConfigError with the OS's words
             raise ConfigError("--listen", f"cannot listen on {host}:{port}") from None
+        self._start_mcp(host)
         sock.listen(2048)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
@@ -367,6 +381,7 @@ class Ingress:
         deadline = time.monotonic() + timeout / 2
         while self.waiting and time.monotonic() < deadline:
             time.sleep(0.01)
+        self._stop_mcp(timeout / 4)
         self._server.should_exit = True
         try:
             self._serving.result(timeout=timeout)
@@ -382,12 +397,16 @@ class Ingress:
         body = _Body(scope, receive)
         try:
             # One place, before any routing: every endpoint, present or added
-            # later (mounted apps too: dispatch them after this), is behind
-            # the same Host, Origin, token and JSON checks.
+            # later (the mounted MCP app too, dispatched below), is behind the
+            # same Host, Origin, token and JSON checks.
             assert self.guard is not None
             self.guard.check(scope)
         except HttpError as exc:
             await _respond(send, body, exc.status, {"error": exc.message}, exc.headers)
+            return
+        mounted = self._mounts.get(scope["path"])
+        if mounted is not None:
+            await mounted(scope, body, send)
             return
         methods = self._routes.get(scope["path"])
         extra: list[tuple[bytes, bytes]] = []
@@ -442,7 +461,59 @@ class Ingress:
             outcome = await asyncio.shield(future)
         finally:
             self.waiting -= 1
-        return 200, permission_answer(outcome, tool_input)
+        return 200, permission_answer(outcome, tool_input, tool_name)
+
+    async def _claude_hook(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
+        from actors.claude_code import answer_hook
+
+        # Claude Code posts JSON and sends no Origin: a browser's form or
+        # cross-site fetch must not be able to queue questions for the humans.
+        headers = dict(scope["headers"])
+        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if content_type != b"application/json":
+            raise HttpError(415, "the body must be sent as Content-Type: application/json")
+        if b"origin" in headers:
+            raise HttpError(403, "requests from web pages are not accepted here")
+        raw = await self._read_body(scope, receive)
+        try:
+            body = loads(raw)
+        except (ValueError, RecursionError):
+            raise HttpError(400, "body is not valid JSON") from None
+        self.waiting += 1
+        try:
+            return 200, await answer_hook(
+                self.request_permission, body, self.ctx.config.hook_never_forward
+            )
+        except ValueError as exc:
+            raise HttpError(400, str(exc)) from None
+        finally:
+            self.waiting -= 1
+
+    # ── the MCP endpoint (Claude Code's permission prompt) ──────────────
+
+    def _start_mcp(self, host: str) -> None:
+        from actors.claude_code import McpEndpoint
+
+        def count(delta: int) -> None:
+            self.waiting += delta
+
+        config = self.ctx.config
+        self._mcp = McpEndpoint(
+            self.request_permission,
+            self.ctx.loop,
+            version=str(config.identity_extra.get("version", "")),
+            permission_timeout=config.permission_timeout,
+            progress_interval=config.claude_progress_interval,
+            # The SDK's own Host/Origin check, a second wall behind the guard's.
+            allowed_hosts=[f"[{host}]" if ":" in host else host, *config.ingress_allowed_hosts],
+            waiting=count,
+        )
+        self._mcp.start()
+        self._mounts["/mcp"] = self._mounts["/mcp/"] = self._mcp.handle
+
+    def _stop_mcp(self, timeout: float) -> None:
+        if self._mcp is not None:
+            self._mcp.stop(timeout)
 
     async def _status(self, _scope: Scope, _receive: Receive) -> tuple[int, Any]:
         return 200, self.status()

@@ -352,6 +352,10 @@ class Demo:
             """            -d '{"tool_name": "Bash", "tool_input": {"command": "ls -la"}}'"""
         )
         pids = "\n".join(f"    {c.name:<8} pid {c.pid:<7} log {c.log_path}" for c in self.children)
+        from sled_claude import claude_config
+
+        claude = claude_config(self.ingress_url, None, 120.0, "http")["command"]
+        uplink_cli = "run_uplink.py" if caller == ROOT else str(ROOT / "run_uplink.py")
         return f"""
 ==> {READY_MARKER}: sled {self.project!r} is connected to the gateway.
 
@@ -375,6 +379,14 @@ class Demo:
 
      Any MCP client works: the sled's MCP endpoint, relayed, is
      {self.relay_url}
+
+  4. Let Claude Code ask the console before it runs a tool:
+
+         {claude} \\
+             -p 'Create the directory d1 with mkdir'
+
+     Hooks and the Agent SDK instead: {py} {uplink_cli} claude-config
+     --ingress {self.ingress_url} (docs/claude-code.md).
 
   Running (logs: tail -f {self.log_dir}/*.log):
 {pids}

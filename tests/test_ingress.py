@@ -255,11 +255,27 @@ def test_a_taken_listen_port_fails_start_and_leaves_nothing_running(gateway: Gat
     [
         pytest.param(APPROVE, {"decision": "approve", "behavior": "allow"}, id="approve"),
         pytest.param(DENY, {"decision": "deny", "behavior": "deny"}, id="deny"),
-        pytest.param(ALWAYS, {"decision": "always_allow", "behavior": "allow"}, id="always"),
+        pytest.param(
+            ALWAYS,
+            {
+                "decision": "always_allow",
+                "behavior": "allow",
+                # Claude Code's session rule for exactly this command.
+                "updatedPermissions": [
+                    {
+                        "type": "addRules",
+                        "rules": [{"toolName": "Bash", "ruleContent": "rm -rf build"}],
+                        "behavior": "allow",
+                        "destination": "session",
+                    }
+                ],
+            },
+            id="always",
+        ),
     ],
 )
 def test_a_permission_round_trip_blocks_until_the_gateway_answers(
-    live: Live, payload: dict[str, bool], expected: dict[str, str]
+    live: Live, payload: dict[str, bool], expected: dict[str, Any]
 ) -> None:
     tool_input = {"command": "rm -rf build", "nested": [1, {"a": None, "b": "ü"}]}
     pending = live.post_in_background(

@@ -1,0 +1,135 @@
+"""Claude Code's permission vocabulary: answers, session rules, hook shapes.
+
+Pure functions from an :class:`Outcome` to what Claude Code reads, shared by
+the MCP permission tool, the hook endpoint, the ``hook`` command (which must
+start fast, so it imports nothing heavier than this package) and the Agent
+SDK adapter. An allow carries ``updatedInput`` (required by Claude Code); an
+always-allow adds the narrowest session rule that names this use exactly, or
+none when it cannot be named exactly; a deny carries the uplink's message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from protocol.decisions import Decision, Outcome
+from protocol.envelope import JSON
+
+TOOL_NAME = "permission_prompt"
+SERVER_NAME = "sled"  # the --mcp-config key: the tool is mcp__sled__permission_prompt
+PROMPT_TOOL = f"mcp__{SERVER_NAME}__{TOOL_NAME}"
+
+# File tools and the input field holding the path an always-allow rule names.
+# Claude Code matches path rules only under Read and Edit (an Edit rule covers
+# every tool that edits files), and an absolute path is written with a
+# leading ``//``.
+_READ_TOOLS = {"Read": "file_path", "NotebookRead": "notebook_path"}
+_EDIT_TOOLS = {
+    "Edit": "file_path",
+    "MultiEdit": "file_path",
+    "Write": "file_path",
+    "NotebookEdit": "notebook_path",
+}
+# Characters a rule would read as a pattern, not as themselves. A command or
+# path holding one cannot be named exactly, so no rule is added (the approval
+# still stands for this call; the next one asks again).
+_BASH_PATTERN_CHARS = frozenset("*")
+_PATH_PATTERN_CHARS = frozenset("*?[]{}()\\!")
+
+
+def session_rule(tool_name: str, tool_input: JSON) -> dict[str, str] | None:
+    """The narrowest session allow rule for this use, or None when none is exact.
+
+    ``Bash`` → the exact command; a file tool → its absolute path (under
+    ``Read`` or ``Edit``, the two tools Claude Code matches paths for);
+    anything else → the tool alone.
+    """
+    fields = tool_input if isinstance(tool_input, dict) else {}
+    if tool_name == "Bash":
+        command = fields.get("command")
+        if not isinstance(command, str) or not command.strip():
+            return None
+        if _BASH_PATTERN_CHARS & set(command):
+            return None
+        return {"toolName": "Bash", "ruleContent": command}
+    for family, tools in (("Read", _READ_TOOLS), ("Edit", _EDIT_TOOLS)):
+        if tool_name in tools:
+            path = fields.get(tools[tool_name])
+            if not isinstance(path, str) or not path.startswith("/"):
+                return None
+            if _PATH_PATTERN_CHARS & set(path):
+                return None
+            return {"toolName": family, "ruleContent": "/" + path}
+    return {"toolName": tool_name}
+
+
+def updated_permissions(tool_name: str, tool_input: JSON) -> list[dict[str, Any]]:
+    """``updatedPermissions`` for an always-allow: one session rule, or none."""
+    rule = session_rule(tool_name, tool_input)
+    if rule is None:
+        return []
+    return [{"type": "addRules", "rules": [rule], "behavior": "allow", "destination": "session"}]
+
+
+def prompt_answer(outcome: Outcome, tool_name: str, tool_input: JSON) -> dict[str, Any]:
+    """The permission-prompt answer (``behavior`` allow or deny) for an outcome."""
+    if outcome.decision is Decision.DENY:
+        return deny_answer(outcome.message)
+    answer: dict[str, Any] = {"behavior": "allow", "updatedInput": tool_input}
+    if outcome.decision is Decision.ALWAYS_ALLOW:
+        rules = updated_permissions(tool_name, tool_input)
+        if rules:
+            answer["updatedPermissions"] = rules
+    return answer
+
+
+def deny_answer(message: str) -> dict[str, Any]:
+    return {"behavior": "deny", "message": message}
+
+
+def hook_answer(event: str, answer: dict[str, Any]) -> dict[str, Any]:
+    """A permission-prompt answer in the shape of a hook's output for ``event``."""
+    if event == "PreToolUse":
+        allowed = answer["behavior"] == "allow"
+        return {
+            "hookSpecificOutput": {
+                "hookEventName": "PreToolUse",
+                "permissionDecision": "allow" if allowed else "deny",
+                "permissionDecisionReason": (
+                    "Approved through the sled's gateway." if allowed else answer["message"]
+                ),
+            }
+        }
+    return {"hookSpecificOutput": {"hookEventName": "PermissionRequest", "decision": answer}}
+
+
+HOOK_EVENTS = ("PreToolUse", "PermissionRequest")
+
+
+@dataclass(frozen=True, slots=True)
+class HookCall:
+    event: str
+    tool_name: str
+    tool_input: JSON
+    tool_use_id: str | None
+
+
+def parse_hook(body: JSON) -> HookCall:
+    """The parts of a Claude Code hook JSON the uplink needs; ValueError if unusable."""
+    if not isinstance(body, dict):
+        raise ValueError("the hook input must be a JSON object")  # noqa: TRY004 (bad input)
+    event = body.get("hook_event_name")
+    if event not in HOOK_EVENTS:
+        raise ValueError(f"hook_event_name must be one of {', '.join(HOOK_EVENTS)}")
+    tool_name = body.get("tool_name")
+    if not isinstance(tool_name, str) or not tool_name.strip():
+        raise ValueError("tool_name must be a non-empty string")
+    tool_use_id = body.get("tool_use_id")
+    if not isinstance(tool_use_id, str) or not tool_use_id:
+        tool_use_id = None
+    return HookCall(str(event), tool_name, body.get("tool_input", {}), tool_use_id)
+
+
+def trouble_message(problem: str) -> str:
+    return f"Denied: the uplink could not forward the request ({problem})."
