@@ -1,4 +1,4 @@
-"""The local HTTP ingress (PROTOCOL.md §3): permission requests from any sled
+"""The local HTTP ingress: permission requests from any sled
 process, plus status, readiness and Prometheus metrics.
 
 A small ASGI app served by uvicorn inside the uplink's own event loop: a

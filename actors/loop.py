@@ -1,6 +1,6 @@
 """The one asyncio event loop that does all network I/O.
 
-Actors never block their mailboxes on sockets or HTTP (DESIGN.md principle 4):
+Actors never block their mailboxes on sockets or HTTP :
 they hand coroutines and timers to this loop, and the loop answers them with
 ``tell``. Either anyio's :class:`BlockingPortal` runs the loop in a helper
 thread (``EventLoop()``), or an asyncio application lends the uplink its own

@@ -1,7 +1,7 @@
 """The MCP Streamable-HTTP replay client (runs in the event loop; not an actor).
 
 It replays a gateway's JSON-RPC body against the sled's local MCP endpoint the
-way an MCP client would (PROTOCOL.md §1 "MCP replay"): the ``Accept`` header
+way an MCP client would: the ``Accept`` header
 for JSON or SSE answers, the ``Mcp-Session-Id`` the server issued, the
 ``MCP-Protocol-Version`` once negotiated, and, when the server forgets its
 session (404), a re-initialize with the gateway's last ``initialize`` body and

@@ -1,4 +1,4 @@
-"""The library API: build, start, use and stop one uplink (PROTOCOL.md §4).
+"""The library API: build, start, use and stop one uplink (docs/library.md).
 
 ::
 

@@ -1,4 +1,4 @@
-"""The reference sled gateway: the upstream end of the uplink (PROTOCOL.md §1).
+"""The reference sled gateway: the upstream end of the uplink.
 
 It accepts sled WebSockets at ``/api/sled-uplink?token=…``, tracks each sled's
 identity and heartbeat, turns ``perm_request`` frames into pending items that

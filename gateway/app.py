@@ -86,7 +86,7 @@ from protocol import (
 
 log = logger.bind(actor="gateway")
 
-#: The ``perm_response`` payload for each decision (PROTOCOL.md §1).
+#: The ``perm_response`` payload for each decision (the sled maps it back exactly).
 RESPONSE_PAYLOADS: dict[Decision, dict[str, bool]] = {
     Decision.APPROVE: {"approved": True, "always_allow": False},
     Decision.ALWAYS_ALLOW: {"approved": True, "always_allow": True},
@@ -951,7 +951,7 @@ class GatewayApp:
             body = raw.decode("utf-8")
         except UnicodeDecodeError:
             return _error(400, "body is not UTF-8 text")
-        # The sled judges the JSON-RPC (PROTOCOL.md §1: it answers -32600 for
+        # The sled judges the JSON-RPC (it answers -32600 for
         # non-JSON), so the body goes out verbatim, unparsed.
         req_id = f"mcp-{uuid.uuid4().hex}"
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

@@ -6,7 +6,7 @@ event loop; any thread may take a :meth:`~GatewayState.snapshot` or block in
 guards everything, and a Condition on it wakes waiters on every change, so
 tests and the terminal prompt wait on events instead of sleeping.
 
-Sessions are numbered (DESIGN.md principle 5): a sled record and each pending
+Sessions are numbered: a sled record and each pending
 request remember the session that produced them, so the late end of a replaced
 session cannot touch its successor.
 """
@@ -212,7 +212,7 @@ class GatewayState:
         """End ``session``: mark its sled disconnected and withdraw its pending requests.
 
         The sled denies those requests itself when its session ends
-        (PROTOCOL.md fail-closed lifecycle), so the gateway only forgets them.
+        (it fails closed on a lost session), so the gateway only forgets them.
         """
         with self._cond:
             rec = self._sleds.get(project) if project is not None else None

@@ -1,6 +1,6 @@
 """Permission decisions and the ``perm_response`` → decision mapping.
 
-PROTOCOL.md §1: ``always_allow: true`` wins unless ``approved`` is explicitly
+The rule: ``always_allow: true`` wins unless ``approved`` is explicitly
 ``false`` (contradictory → deny, with a warning); else ``approved: true``
 approves; anything else denies. Only real JSON booleans count: ``1`` or
 ``"true"`` are not ``true``.
@@ -77,7 +77,7 @@ class Mapped:
 
 
 def decide(payload: JSON) -> Mapped:
-    """Map a ``perm_response`` payload to a decision (PROTOCOL.md §1)."""
+    """Map a ``perm_response`` payload to a decision, failing closed on anything unclear."""
     if not isinstance(payload, dict):
         return Mapped(Decision.DENY, Reason.GATEWAY)
     approved = payload.get("approved")

@@ -19,7 +19,7 @@ JSON = Any  # JSON value: None, bool, int, float, str, list, dict
 
 
 class Kind:
-    """The frame kinds PROTOCOL.md §1 defines. Unknown kinds are legal envelopes."""
+    """The frame kinds of the protocol. Unknown kinds are legal envelopes."""
 
     IDENTITY: Final = "identity"
     HEARTBEAT: Final = "heartbeat"

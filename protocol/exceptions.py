@@ -21,7 +21,7 @@ class UplinkError(Exception):
 
 
 class ProtocolError(UplinkError):
-    """A frame violates PROTOCOL.md §1."""
+    """A frame violates the wire protocol."""
 
 
 class LocalProtocolError(ProtocolError):

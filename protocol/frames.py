@@ -1,4 +1,4 @@
-"""Typed payloads and constructors for each frame kind of PROTOCOL.md §1."""
+"""Typed payloads and constructors for each frame kind of the protocol (docs/protocol.md)."""
 
 from __future__ import annotations
 

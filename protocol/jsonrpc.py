@@ -41,7 +41,7 @@ def error_object(id_: JSON, code: int, message: str) -> dict[str, JSON]:
 
 
 def error_for(body: JSON, code: int, message: str) -> JSON:
-    """The error answer for a failed replay of ``body`` (PROTOCOL.md §1).
+    """The error answer for a failed replay of ``body``, carrying the request's own id.
 
     An object request gets one error object with its id (or null); a batch
     gets an array with one error object per request id in it (or a single

@@ -1,5 +1,5 @@
 """URLs and secrets: rendering text for humans without leaking a credential,
-and putting the gateway token into the URL it travels in (PROTOCOL.md §1).
+and putting the gateway token into the URL it travels in, where the original protocol puts it.
 
 Pure functions of strings, no I/O: :func:`redact` is applied at every place
 text leaves the process (log sinks, error messages, ``/status``).

@@ -1,4 +1,4 @@
-"""Reconnect back-off (PROTOCOL.md §1): the pure rules, then the real uplink.
+"""Reconnect back-off: the pure rules, then the real uplink.
 
 The pure tests drive :class:`Backoff` with an injected RNG; the end-to-end
 ones watch a real uplink retry against the test gateway (or a closed port),

@@ -1,4 +1,4 @@
-"""The command, ``run_uplink.py`` (PROTOCOL.md §2), run as a real subprocess.
+"""The command, ``run_uplink.py`` run as a real subprocess.
 
 Each test starts the command with ``sys.executable`` against a real test
 gateway in this process and judges it from the outside: its exit status, its

@@ -1,4 +1,4 @@
-"""The local HTTP ingress (PROTOCOL.md §3), over real HTTP.
+"""The local HTTP ingress, over real HTTP.
 
 Every test runs a real uplink (its ingress on 127.0.0.1:0) against the real
 test gateway, and talks to the ingress with httpx or, where the test must

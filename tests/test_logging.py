@@ -1,8 +1,8 @@
-"""Actor-state logging, the inspection surface (DESIGN.md principle 8).
+"""Actor-state logging, the inspection surface.
 
 Every state change is one loguru line bound to ``actor=<name>``; pykka's
 stdlib logger reaches loguru; ``--log-json`` gives one JSON object per line;
-a token never leaves the process in either format (PROTOCOL.md §1).
+a token never leaves the process in either format.
 """
 
 from __future__ import annotations

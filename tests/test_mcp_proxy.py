@@ -1,4 +1,4 @@
-"""MCP replay end to end (PROTOCOL.md §1 "MCP replay").
+"""MCP replay end to end.
 
 Every test runs the real uplink against the real WebSocket test gateway, and
 replays against a real local HTTP server: the official MCP Python SDK server

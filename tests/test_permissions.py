@@ -1,4 +1,4 @@
-"""The permission lifecycle of PROTOCOL.md §1: every request gets exactly one decision.
+"""The permission lifecycle: every request gets exactly one decision.
 
 Each rule is tested twice: on :class:`PermissionBook` directly (no threads, a
 fake clock), and end to end through a real :class:`Uplink` against the real

@@ -1,4 +1,4 @@
-"""``perm_response`` → decision (PROTOCOL.md §1), and the words a deny carries.
+"""``perm_response`` → decision, and the words a deny carries.
 
 Ports ``resolve_perm_response_approve`` / ``_deny`` / ``_always_allow`` from
 ``reference/sled_uplink.rs.txt`` (the registry-level halves — unknown req_id,

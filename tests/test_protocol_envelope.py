@@ -1,4 +1,4 @@
-"""The frame envelope (PROTOCOL.md §1): parse, serialize, and their errors.
+"""The frame envelope: parse, serialize, and their errors.
 
 Ports ``uplink_envelope_roundtrips_json`` and the frame-level halves of
 ``on_gateway_text_ignores_unknown_type`` / ``on_gateway_text_ignores_invalid_json``

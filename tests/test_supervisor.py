@@ -1,4 +1,4 @@
-"""Supervision (DESIGN.md principle 7): sessions end and come back, crashed actors restart.
+"""Supervision: sessions end and come back, crashed actors restart.
 
 Every session end (clean close, abort, error close, the connection actor's own
 crash) brings a new session with identity first, and denies what was sent on

@@ -1,4 +1,4 @@
-"""Real local HTTP servers for testing the uplink's MCP replay (PROTOCOL.md §1).
+"""Real local HTTP servers for testing the uplink's MCP replay.
 
 The replay client POSTs raw JSON-RPC text to a *local MCP URL* and must cope
 with everything a Streamable-HTTP server can do to it. Mocks of httpx would only
