@@ -1,4 +1,4 @@
-"""Reconnect back-off (jittered exponential, reset by a long session), as pure logic with an injectable RNG.
+"""Reconnect back-off (jittered, exponential), as pure logic with an injectable RNG.
 
 The first wait is the initial delay; each failed connect or short session
 multiplies the next wait, up to the cap; every wait is then jittered by up to
