@@ -41,3 +41,23 @@ def test_identity_carries_the_same_version() -> None:
     from actors.config import UplinkConfig
 
     assert UplinkConfig().identity_extra["version"] == __version__
+
+
+def _name(requirement: str) -> str:
+    import re
+
+    return re.split(r"[\s<>=!~\[;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_every_declared_dependency_is_pinned_in_the_constraints() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["project"]
+    declared = set(map(_name, project["dependencies"]))
+    for extra in project["optional-dependencies"].values():
+        declared |= set(map(_name, extra))
+    pinned = {}
+    for line in (ROOT / "constraints.txt").read_text("utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pinned[_name(name)] = version
+    assert declared - pinned.keys() == set(), "declared but not pinned in constraints.txt"
+    assert all(pinned.values()), "every constraint is an exact == pin"
