@@ -11,8 +11,9 @@ this orchestrator, which then stops them in a safe order):
    (a ``--sled-tokens`` file in the log directory, mode 0600)
 3. the uplink — ``run_uplink.py --project demo-sled --local-mcp-url
    http://127.0.0.1:3001/mcp --listen 127.0.0.1:3002``, connecting to the
-   gateway (the URL with the sled token goes in ``HUSKIES_UPSTREAM_GATEWAY``,
-   not on the command line, where ``ps`` would show it)
+   gateway (the URL in ``HUSKIES_UPSTREAM_GATEWAY`` and the sled token in
+   ``HUSKIES_UPSTREAM_TOKEN``, not on the command line, where ``ps`` would
+   show it)
 
 It prints the console URL with the operator token in it (opening it logs the
 browser in), and the MCP client command reads that token from a file.
@@ -225,7 +226,7 @@ class Demo:
 
     def build_children(self) -> None:
         py = sys.executable
-        ws_url = f"ws://{LOOPBACK}:{self.gateway_port}/api/sled-uplink?token={self.token}"
+        ws_url = f"ws://{LOOPBACK}:{self.gateway_port}/api/sled-uplink"
         self.children = [
             Child(
                 "mcp",
@@ -260,7 +261,8 @@ class Demo:
                     "--backoff-max",
                     "5",
                 ],
-                self._env(HUSKIES_UPSTREAM_GATEWAY=ws_url),
+                # The sled token travels as ?token=, but never in argv or the URL text.
+                self._env(HUSKIES_UPSTREAM_GATEWAY=ws_url, HUSKIES_UPSTREAM_TOKEN=self.token),
                 self.log_dir / "uplink.log",
             ),
         ]
@@ -352,6 +354,7 @@ class Demo:
             """            -d '{"tool_name": "Bash", "tool_input": {"command": "ls -la"}}'"""
         )
         pids = "\n".join(f"    {c.name:<8} pid {c.pid:<7} log {c.log_path}" for c in self.children)
+        from gateway.store import default_db_path
         from sled_claude import claude_config
 
         claude = claude_config(self.ingress_url, None, 120.0, "http")["command"]
@@ -393,6 +396,8 @@ class Demo:
   The uplink's status: curl -s {self.ingress_url}/status
   The sled's token is in {self.sled_tokens_file}; the operator token in
   {self.operator_token_file} (API clients send Authorization: Bearer <it>).
+  Every decision and rule is kept in {default_db_path()}: restart the demo
+  and the console still shows them (the Audit log and Rules sections).
 
   Press Ctrl-C to stop everything.
 """
