@@ -29,6 +29,7 @@ from actors import Uplink
 from gateway import Gateway
 from protocol import DENY_MESSAGES, Reason
 from tests.conftest import closed_port
+from tests.support import browser as browser_support
 from tests.support.claude import (
     ROOT,
     SKIP_REASON,
@@ -275,35 +276,22 @@ def test_an_answer_after_more_than_60_seconds_still_counts(
 
 # -- the console, clicked in chromium while claude waits --------------------------------
 
-CHROMIUM = os.environ.get("SLED_CHROMIUM", "/usr/bin/chromium")
-
 
 def test_an_approval_clicked_in_the_console_lets_claude_run_the_command(
     gw: Gateway, connected: Callable[..., Uplink], work: Path
 ) -> None:
-    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-        pytest.skip(f"Debian's chromium is not installed at {CHROMIUM}: run install-browser.sh")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is missing")
-    from tests.test_console_browser import CHROMIUM_ARGS
-
     uplink = connected()
-    with FakeAnthropic([[MKDIR], "Done."]) as model, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
-        try:
-            page = browser.new_page()
-            page.goto(console_url(gw))
-            run = run_claude(model, work, mcp_args(uplink), background=True)
-            req_id = wait_until(lambda: model.tool_use_ids[:1], 6 * T, "the tool use")[0]
-            button = (
-                f'button[data-action="approve"][data-project="{PROJECT}"][data-req-id="{req_id}"]'
-            )
-            page.wait_for_selector(button, timeout=int(6 * T * 1000))
-            assert not run.done(), "claude must wait for the click"
-            assert not (work / "d1").exists()
-            page.click(button)
-            result = run.result(RUN_TIMEOUT)
-        finally:
-            browser.close()
+    with FakeAnthropic([[MKDIR], "Done."]) as model, browser_support.launch() as browser:
+        page = browser.new_page()
+        page.goto(console_url(gw))
+        run = run_claude(model, work, mcp_args(uplink), background=True)
+        req_id = wait_until(lambda: model.tool_use_ids[:1], 6 * T, "the tool use")[0]
+        button = f'button[data-action="approve"][data-project="{PROJECT}"][data-req-id="{req_id}"]'
+        page.wait_for_selector(button, timeout=int(6 * T * 1000))
+        assert not run.done(), "claude must wait for the click"
+        assert not (work / "d1").exists()
+        page.click(button)
+        result = run.result(RUN_TIMEOUT)
     assert result.returncode == 0, result.stderr
     assert (work / "d1").is_dir()
     assert gw.state()["decisions"][0]["by"] == "console"

@@ -28,46 +28,25 @@ import pytest
 
 from actors import Uplink
 from gateway import Gateway
+from tests.support import browser as browser_support
 
 pytestmark = pytest.mark.timeout(120)
 
-CHROMIUM = os.environ.get("SLED_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 FACTOR = float(os.environ.get("SLED_TEST_TIME_FACTOR", "1"))
 T = 5.0 * FACTOR
 UI_WAIT_MS = int(3 * T * 1000)  # the console polls /api/state once a second
 TOKEN = "browser-t0ken"
 PROJECT = "demo-sled"
 
-if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-    pytest.skip(
-        f"Debian's chromium is not installed at {CHROMIUM}: run `bash scripts/install-browser.sh` "
-        "as root (apt-get install chromium) to enable the browser test",
-        allow_module_level=True,
-    )
-sync_api = pytest.importorskip(
-    "playwright.sync_api",
-    reason="the playwright package is missing: install the test extra (bash scripts/test.sh)",
-)
+if (why := browser_support.skip_reason()) is not None:
+    pytest.skip(why, allow_module_level=True)
+sync_api = browser_support.sync_api()
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with browser_support.launch() as chromium:
+        yield chromium
 
 
 @pytest.fixture

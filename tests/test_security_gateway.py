@@ -46,6 +46,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from actors import Uplink
 from gateway import Gateway
 from gateway.interactive import TerminalPrompter
+from tests.support import browser as browser_support
 from tests.support.mcp_servers import McpSdkServer
 from tests.support.proc import WatchedProcess
 
@@ -57,7 +58,6 @@ T = 5.0 * FACTOR
 VICTIM, MALLORY = "victim-sled", "mallory-sled"
 VICTIM_TOKEN, MALLORY_TOKEN = "victim-t0ken-xyz", "mallory-t0ken-xyz"
 REBIND_HOST = "rebind.evil.example"
-CHROMIUM = os.environ.get("SLED_CHROMIUM", "/usr/bin/chromium")
 
 
 # -- the parts -----------------------------------------------------------------------
@@ -186,36 +186,11 @@ def attacker() -> Iterator[Callable[[dict[str, str]], AttackerSite]]:
 # -- the browser ---------------------------------------------------------------------
 
 
-def _playwright() -> Any:
-    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-        pytest.skip(
-            f"Debian's chromium is not installed at {CHROMIUM}: "
-            "run `bash scripts/install-browser.sh` as root"
-        )
-    return pytest.importorskip("playwright.sync_api", reason="the playwright package is missing")
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    sync_api = _playwright()
-    args = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        # The DNS-rebinding attacker's name, resolved to loopback (as its DNS would).
-        f"--host-resolver-rules=MAP {REBIND_HOST} 127.0.0.1",
-    ]
-    with sync_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=args, timeout=60_000)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    # The DNS-rebinding attacker's name, resolved to loopback (as its DNS would).
+    with browser_support.launch([f"--host-resolver-rules=MAP {REBIND_HOST} 127.0.0.1"]) as chromium:
+        yield chromium
 
 
 @pytest.fixture
