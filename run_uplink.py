@@ -21,13 +21,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from actors.cli import OneLineParser, Option, field_options
-from actors.config import UplinkConfig
 from protocol import ConfigError
 from protocol.options import one_of
 from protocol.version import __version__
 
 if TYPE_CHECKING:
     from loguru import Logger
+
+    # Imported where used: the hook subcommand (run on every tool call by
+    # Claude Code) needs none of the uplink's configuration.
+    from actors.config import UplinkConfig
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -70,6 +73,8 @@ COMMAND_OPTIONS: dict[str, Option] = {
 
 def all_options() -> list[tuple[str, Option]]:
     """(dest, Option) for every option of the command, in ``--help`` order."""
+    from actors.config import UplinkConfig
+
     config = field_options(UplinkConfig)
     # The token file right after the gateway's URL, where a reader looks for it.
     return [config[0], ("token_file", COMMAND_OPTIONS["token_file"]), *config[1:]] + [
@@ -109,6 +114,8 @@ def build_parser() -> OneLineParser:
 
 def config_from_args(args: argparse.Namespace) -> UplinkConfig:
     """The parsed options → a validated :class:`UplinkConfig` (ConfigError if unusable)."""
+    from actors.config import UplinkConfig
+
     values: dict[str, Any] = {}
     for dest, _ in field_options(UplinkConfig):
         if hasattr(args, dest):  # absent: the option was not given, the field's default holds
