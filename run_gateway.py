@@ -31,18 +31,19 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import NoReturn
 
 from loguru import logger
 
+from actors.cli import OneLineParser, arg_type
 from gateway import Gateway
-from gateway.config import load_sled_tokens, positive_int, positive_seconds
+from gateway.config import load_sled_tokens
 from gateway.interactive import TerminalPrompter
 from gateway.logs import configure_cli_logging
 from gateway.matrix import MatrixConfig, MatrixTransport
 from gateway.matrix import config_from_options as matrix_config_from_options
 from gateway.store import StoreError, default_db_path
 from protocol import ConfigError, redact
+from protocol.options import parse_listen, positive_int, positive_number, positive_seconds
 from protocol.version import __version__
 
 TOKEN_ENV = "SLED_GATEWAY_TOKEN"
@@ -50,66 +51,23 @@ OPERATOR_TOKEN_ENV = "SLED_GATEWAY_OPERATOR_TOKEN"
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line on stderr (no usage block), exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) → (host, port); port 0 picks a free one."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ConfigError("--listen", f"expected HOST:PORT, not {value!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ConfigError(
-            "--listen", f"put an IPv6 address in brackets, e.g. [::1]:8080, not {value!r}"
-        )
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ConfigError("--listen", f"port must be 0-65535, not {port}")
-    return host, port
+def _days(option: str, value: str) -> float:
+    return positive_number(option, value, "days")
 
 
 def _seconds(option: str) -> Callable[[str], float]:
-    """An argparse ``type`` for a duration option (finite, > 0)."""
-
-    def convert(text: str) -> float:
-        try:
-            return positive_seconds(option, text)
-        except ConfigError as exc:
-            raise argparse.ArgumentTypeError(exc.problem) from None
-
-    return convert
+    return arg_type(option, positive_seconds)
 
 
 def _count(option: str) -> Callable[[str], int]:
-    """An argparse ``type`` for a whole-number option (>= 1)."""
-
-    def convert(text: str) -> int:
-        try:
-            return positive_int(option, text)
-        except ConfigError as exc:
-            raise argparse.ArgumentTypeError(exc.problem) from None
-
-    return convert
+    return arg_type(option, positive_int)
 
 
-def _days(text: str) -> float:
-    try:
-        return positive_seconds("--audit-retention-days", text)  # same rule: finite, > 0
-    except ConfigError:
-        raise argparse.ArgumentTypeError(
-            f"must be a number of days greater than 0, not {text!r}"
-        ) from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(
         prog="sled-gateway",
+        secret_options=("--token", "--operator-token"),
+        secret_env=(TOKEN_ENV, OPERATOR_TOKEN_ENV),
         description="Reference gateway for sled uplinks: "
         "WebSocket endpoint, web console, MCP relay. Operator authentication is "
         "always on (the console, REST API and MCP relay need the operator token); "
@@ -233,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--audit-retention-days",
-        type=_days,
+        type=arg_type("--audit-retention-days", _days),
         default=None,
         metavar="N",
         help="delete audit rows older than N days (default: keep them all)",
@@ -298,7 +256,7 @@ def resolve(args: argparse.Namespace) -> tuple[str, int, str | None]:
     Also reads ``--sled-tokens`` into ``args.sled_token_map`` and the operator
     token (option or environment) into ``args.operator_token``.
     """
-    host, port = parse_listen(args.listen)
+    host, port = parse_listen("--listen", args.listen)
     if args.no_auth and args.token is not None:
         raise ConfigError("--no-auth", "cannot be combined with --token")
     if args.no_auth and args.sled_tokens is not None:
@@ -330,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         host, port, token = resolve(args)
         matrix_config = resolve_matrix(args)
     except ConfigError as exc:
-        parser.error(str(exc))
+        parser.config_error(exc)
 
     try:
         gateway = Gateway(
@@ -353,16 +311,18 @@ def main(argv: list[str] | None = None) -> int:
             audit_retention_days=args.audit_retention_days,
         )
     except ConfigError as exc:
-        parser.error(str(exc))
+        parser.config_error(exc)
     except ValueError as exc:  # an --allowed-host the Host parser refuses
-        parser.error(f"--allowed-host: {exc}")
+        parser.config_error(ConfigError("--allowed-host", str(exc)))
     configure_cli_logging(args.log_level)
     try:
         gateway.start()
     except OSError as exc:
-        parser.error(f"--listen: cannot listen on {args.listen}: {exc.strerror or exc}")
+        parser.config_error(
+            ConfigError("--listen", f"cannot listen on {args.listen}: {exc.strerror or exc}")
+        )
     except StoreError as exc:
-        parser.error(f"--db: {exc}")
+        parser.config_error(ConfigError("--db", str(exc)))
 
     stop = threading.Event()
 

@@ -12,137 +12,74 @@ exit 0; SIGHUP ends a back-off wait; SIGUSR1 logs every thread's traceback.
 from __future__ import annotations
 
 import argparse
-import difflib
-import math
 import os
-import re
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any
 
+from actors.cli import OneLineParser, Option, field_options
 from protocol import ConfigError
+from protocol.options import one_of
 from protocol.version import __version__
+
+if TYPE_CHECKING:
+    from loguru import Logger
+
+    # Imported where used: the hook subcommand (run on every tool call by
+    # Claude Code) needs none of the uplink's configuration.
+    from actors.config import UplinkConfig
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-DEFAULT_LISTEN = "127.0.0.1:3002"
-_NO_LISTEN = ("", "off", "none")
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+TOKEN_ENV = "HUSKIES_UPSTREAM_TOKEN"
 
 
-# Options whose value is a secret, and the environment variables that hold one.
-SECRET_OPTIONS = ("--ingress-token",)
-SECRET_ENV = ("HUSKIES_UPSTREAM_TOKEN", "HUSKIES_UPLINK_INGRESS_TOKEN")
-_UNRECOGNIZED = "unrecognized arguments: "
+def _log_level(option: str, value: str) -> str:
+    return one_of(option, value, LOG_LEVELS)
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit 2), never a wall,
-    and never shows a secret: argparse echoes what it did not understand, and
-    a mistyped ``--upstream-gatway 'ws://h/?token=…'`` would print the token."""
-
-    def parse_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
-        self._argv = list(sys.argv[1:] if args is None else args)
-        return super().parse_args(args, namespace)
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {self._safe(message)}\n")
-
-    def _safe(self, message: str) -> str:
-        from protocol import redact
-
-        if message.startswith(_UNRECOGNIZED):
-            message = _UNRECOGNIZED + self._unrecognized(message[len(_UNRECOGNIZED) :])
-        for secret in self._secrets():
-            # Case-blind: a value may come back changed (--log-level upper-cases it).
-            message = re.sub(re.escape(secret), "***", message, flags=re.IGNORECASE)
-        return redact(message)
-
-    def _unrecognized(self, words: str) -> str:
-        """Option names as typed (with a suggestion); every value as ``***``."""
-        known = [s for action in self._actions for s in action.option_strings]
-        shown, hints = [], []
-        for word in words.split(" "):
-            name, eq, _ = word.partition("=")
-            if not (name.startswith("--") and name[2:3].isalpha()) and len(name) != 2:
-                shown.append("***")  # a value: it may be a secret
-                continue
-            shown.append(name + ("=***" if eq else ""))
-            hints += difflib.get_close_matches(name, known, n=1)
-        hint = f" (did you mean {', '.join(dict.fromkeys(hints))}?)" if hints else ""
-        return " ".join(shown) + hint
-
-    def _secrets(self) -> list[str]:
-        argv = getattr(self, "_argv", [])
-        found = [os.environ[name] for name in SECRET_ENV if os.environ.get(name)]
-        for index, word in enumerate(argv):
-            name, eq, value = word.partition("=")
-            # A secret option, or an abbreviation argparse would accept for it.
-            if len(name) > 2 and any(option.startswith(name) for option in SECRET_OPTIONS):
-                if eq:
-                    found.append(value)
-                elif index + 1 < len(argv):
-                    found.append(argv[index + 1])
-        # Longest first, so a secret containing another is replaced whole.
-        return sorted({f for f in found if f}, key=len, reverse=True)
-
-
-def _duration(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds greater than 0, not {text}")
+def _path(option: str, value: str) -> str:
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
-    return value
+#: The options of the command itself, beside UplinkConfig's fields: the
+#: token file (read into ``upstream_token``) and the logging setup.
+COMMAND_OPTIONS: dict[str, Option] = {
+    "token_file": Option(
+        "--token-file",
+        "file holding the gateway token, sent as the URL's ?token= (added, or replacing "
+        f"one in the URL); env {TOKEN_ENV} holds the token itself",
+        rule=_path,
+        metavar="PATH",
+        default=None,
+        shown_default="none, the URL's own ?token= if any",
+    ),
+    "log_level": Option(
+        "--log-level",
+        f"the least severe log lines shown: {', '.join(LOG_LEVELS)}",
+        rule=_log_level,
+        metavar="LEVEL",
+        default="INFO",
+    ),
+    "log_json": Option("--log-json", "one JSON object per log line", default=False, switch=True),
+}
 
 
-def _multiplier(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 1 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
-    return value
+def all_options() -> list[tuple[str, Option]]:
+    """(dest, Option) for every option of the command, in ``--help`` order."""
+    from actors.config import UplinkConfig
 
-
-def _env(name: str, default: str | None = None) -> str | None:
-    value = os.environ.get(name)
-    return value if value else default
-
-
-def _bytes(text: str) -> int:
-    """A byte count: a whole number, optionally with a KiB/MiB/GiB suffix."""
-    units = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "k": 1024, "m": 1024**2, "g": 1024**3}
-    number, factor = text.strip().lower(), 1
-    for suffix, size in units.items():
-        if number.endswith(suffix):
-            number, factor = number[: -len(suffix)].strip(), size
-            break
-    try:
-        value = int(number) * factor
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a byte count (e.g. 67108864 or 64MiB)"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
-    return value
+    config = field_options(UplinkConfig)
+    # The token file right after the gateway's URL, where a reader looks for it.
+    return [config[0], ("token_file", COMMAND_OPTIONS["token_file"]), *config[1:]] + [
+        (dest, spec) for dest, spec in COMMAND_OPTIONS.items() if dest != "token_file"
+    ]
 
 
 def read_token_file(path: str) -> str:
@@ -159,183 +96,33 @@ def read_token_file(path: str) -> str:
     return token
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+def build_parser() -> OneLineParser:
+    """The command's parser, built from the options' declarations."""
+    options = all_options()
+    parser = OneLineParser(
         # prog defaults to how it was invoked: run_uplink.py or sled-uplink.
         description="The sled's single outbound WebSocket to its upstream gateway.",
+        secret_options=[spec.flag for _, spec in options if spec.secret],
+        # The environment's secrets too: a usage error may repeat a value read from it.
+        secret_env=[TOKEN_ENV, *(spec.env for _, spec in options if spec.secret and spec.env)],
     )
-    add = parser.add_argument
-    add("--version", action="version", version=f"%(prog)s {__version__}")
-    add(
-        "--upstream-gateway",
-        metavar="URL",
-        default=_env("HUSKIES_UPSTREAM_GATEWAY", ""),
-        help="ws:// or wss:// URL of the gateway's /api/sled-uplink (may carry ?token=, "
-        "but --token-file keeps it out of the process list); "
-        "env HUSKIES_UPSTREAM_GATEWAY; unset disables the uplink",
-    )
-    add(
-        "--token-file",
-        metavar="PATH",
-        default=None,
-        help="file holding the gateway token, sent as the URL's ?token= (added, or replacing "
-        "one in the URL); env HUSKIES_UPSTREAM_TOKEN holds the token itself; "
-        "default: none (the URL's own ?token=, if any)",
-    )
-    add(
-        "--project",
-        metavar="NAME",
-        default=_env("HUSKIES_PROJECT", Path.cwd().name or "sled"),
-        help="name this sled identifies as (env HUSKIES_PROJECT; default: current directory name)",
-    )
-    add(
-        "--local-mcp-url",
-        metavar="URL",
-        default=_env("HUSKIES_LOCAL_MCP_URL", "http://127.0.0.1:3001/mcp"),
-        help="the sled's own MCP endpoint (env HUSKIES_LOCAL_MCP_URL)",
-    )
-    add(
-        "--listen",
-        metavar="HOST:PORT",
-        default=_env("HUSKIES_UPLINK_LISTEN", DEFAULT_LISTEN),
-        help="local HTTP ingress (env HUSKIES_UPLINK_LISTEN; 'off' disables it)",
-    )
-    add(
-        "--ingress-token",
-        metavar="TOKEN",
-        default=_env("HUSKIES_UPLINK_INGRESS_TOKEN"),
-        help="require 'Authorization: Bearer TOKEN' on every ingress endpoint but /healthz "
-        "(env HUSKIES_UPLINK_INGRESS_TOKEN, preferred: argv is visible to other users; "
-        "default: none, no token needed)",
-    )
-    add(
-        "--ingress-allowed-host",
-        metavar="HOST",
-        action="append",
-        default=[],
-        help="also accept this Host header at the ingress (repeatable; default: localhost, "
-        "127.0.0.1, [::1] and the --listen host; others get 421)",
-    )
-    add("--heartbeat-interval", metavar="S", type=_duration, default=10.0)
-    add("--backoff-initial", metavar="S", type=_duration, default=1.0)
-    add("--backoff-max", metavar="S", type=_duration, default=60.0)
-    add("--backoff-multiplier", metavar="X", type=_multiplier, default=2.0)
-    add("--backoff-reset-after", metavar="S", type=_duration, default=30.0)
-    add("--permission-timeout", metavar="S", type=_duration, default=120.0)
-    add("--max-pending", metavar="N", type=_count, default=10_000)
-    add(
-        "--max-pending-bytes",
-        metavar="N",
-        type=_bytes,
-        default=64 * 1024 * 1024,
-        help="deny a permission request at once when the undecided ones would hold more than "
-        "this many bytes of tool input together (e.g. 64MiB; default: 64 MiB)",
-    )
-    add("--mcp-timeout", metavar="S", type=_duration, default=120.0)
-    add("--mcp-concurrency", metavar="N", type=_count, default=16)
-    add(
-        "--mcp-max-bytes",
-        metavar="N",
-        type=_count,
-        default=8 * 1024 * 1024,
-        help="largest local MCP answer accepted (default 8 MiB)",
-    )
-    add(
-        "--ping-interval",
-        metavar="S",
-        type=_duration,
-        default=20.0,
-        help="WebSocket keepalive ping interval",
-    )
-    add(
-        "--ping-timeout",
-        metavar="S",
-        type=_duration,
-        default=20.0,
-        help="WebSocket keepalive: drop the session if no pong within this",
-    )
-    add(
-        "--open-timeout",
-        metavar="S",
-        type=_duration,
-        default=10.0,
-        help="give up a connect/handshake after this",
-    )
-    add("--ca-file", metavar="PATH", default=None, help="extra CA certificate(s) for wss://")
-    add(
-        "--status-interval",
-        metavar="S",
-        type=_duration,
-        default=60.0,
-        help="how often to log the snapshot of every actor's state",
-    )
-    add(
-        "--log-level",
-        metavar="LEVEL",
-        default="INFO",
-        type=str.upper,
-        choices=["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"],
-    )
-    add("--log-json", action="store_true", help="one JSON object per log line")
-    add(
-        "--claude-progress-interval",
-        metavar="S",
-        type=_duration,
-        default=10.0,
-        help="how often a waiting Claude Code permission prompt (/mcp) gets a progress note",
-    )
-    add(
-        "--hook-never-forward",
-        metavar="TOOLS",
-        type=_tool_list,
-        default=None,
-        help="comma-separated tools whose PreToolUse hook is never forwarded (no decision); "
-        "default: the read-only ones (Read,Glob,Grep,LS,NotebookRead,TodoWrite,BashOutput)",
-    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    for dest, spec in options:
+        spec.add_to(parser, dest)
     return parser
 
 
-def _never_forward(args: argparse.Namespace) -> dict[str, tuple[str, ...]]:
-    given = args.hook_never_forward
-    return {} if given is None else {"hook_never_forward": given}
-
-
-def _tool_list(text: str) -> tuple[str, ...]:
-    return tuple(name.strip() for name in text.split(",") if name.strip())
-
-
-def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def config_from_args(args: argparse.Namespace) -> UplinkConfig:
+    """The parsed options → a validated :class:`UplinkConfig` (ConfigError if unusable)."""
     from actors.config import UplinkConfig
 
-    listen = None if args.listen.strip().lower() in _NO_LISTEN else args.listen
-    token = read_token_file(args.token_file) if args.token_file else _env("HUSKIES_UPSTREAM_TOKEN")
-    return UplinkConfig(
-        upstream_url=args.upstream_gateway,
-        upstream_token=token,
-        ingress_token=args.ingress_token,
-        ingress_allowed_hosts=tuple(args.ingress_allowed_host),
-        max_pending_bytes=args.max_pending_bytes,
-        project=args.project,
-        local_mcp_url=args.local_mcp_url,
-        listen=listen,
-        heartbeat_interval=args.heartbeat_interval,
-        backoff_initial=args.backoff_initial,
-        backoff_max=args.backoff_max,
-        backoff_multiplier=args.backoff_multiplier,
-        backoff_reset_after=args.backoff_reset_after,
-        permission_timeout=args.permission_timeout,
-        max_pending=args.max_pending,
-        mcp_timeout=args.mcp_timeout,
-        mcp_concurrency=args.mcp_concurrency,
-        mcp_max_response_bytes=args.mcp_max_bytes,
-        ping_interval=args.ping_interval,
-        ping_timeout=args.ping_timeout,
-        open_timeout=args.open_timeout,
-        ca_file=args.ca_file,
-        status_interval=args.status_interval,
-        claude_progress_interval=args.claude_progress_interval,
-        **_never_forward(args),
-    ).validate()
+    values: dict[str, Any] = {}
+    for dest, _ in field_options(UplinkConfig):
+        if hasattr(args, dest):  # absent: the option was not given, the field's default holds
+            value = getattr(args, dest)
+            values[dest] = tuple(value) if isinstance(value, list) else value
+    token = read_token_file(args.token_file) if args.token_file else os.environ.get(TOKEN_ENV)
+    return UplinkConfig(**values, upstream_token=token or None).validate()
 
 
 CLAUDE_COMMANDS = ("hook", "claude-config")
@@ -356,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.listen_address is not None:
             check_bindable(config.listen_address)
     except ConfigError as exc:
-        parser.error(f"argument {exc.option}: {exc.problem}")
+        parser.config_error(exc)
 
     from loguru import logger
 
@@ -370,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(config, log)
 
 
-def _run(config, log) -> int:  # type: ignore[no-untyped-def]
+def _run(config: UplinkConfig, log: Logger) -> int:
     import pykka.debug
 
     from actors.system import Uplink

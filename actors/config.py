@@ -1,8 +1,12 @@
-"""The uplink's configuration: one frozen object, checked before anything starts."""
+"""The uplink's configuration: one frozen object, checked before anything starts.
+
+Its fields are also the command line's options: each carries the option's
+name, environment variable, help and value rule (:func:`actors.cli.option`),
+and ``run_uplink.py`` builds its parser from them.
+"""
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import ssl
@@ -10,11 +14,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from actors.cli import check_fields, library_only, option
 from protocol import ConfigError, redact
+from protocol.options import (
+    NO_LISTEN,
+    MiB,
+    at_least_one,
+    byte_size,
+    host_name,
+    name_list,
+    non_empty,
+    parse_listen,
+    positive_int,
+    positive_seconds,
+)
 from protocol.urls import with_token
 from protocol.version import __version__
 
-MiB = 1024 * 1024
+#: The command's ingress address (the library runs none unless asked).
+DEFAULT_LISTEN = "127.0.0.1:3002"
 
 # Tools whose PreToolUse hook the ingress answers "no decision" without asking
 # the gateway: they only read the workspace, and PreToolUse fires on every
@@ -35,49 +53,226 @@ def _default_project() -> str:
     return Path.cwd().name or "sled"
 
 
+def _ws_url(option: str, value: str) -> str:
+    """A ws:// or wss:// URL with a host; empty means "disabled"."""
+    if value:
+        parts = urlsplit(value)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            # redact(): the URL may carry the token.
+            raise ConfigError(option, f"expected a ws:// or wss:// URL, not {redact(value)!r}")
+    return value
+
+
+def _http_url(option: str, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(option, f"expected an http:// or https:// URL, not {redact(value)!r}")
+    return value
+
+
+def _listen(option: str, value: str) -> str | None:
+    """HOST:PORT, or one of the words that turn the ingress off (→ None)."""
+    if value.strip().lower() in NO_LISTEN:
+        return None
+    parse_listen(option, value)
+    return value
+
+
+def _ca_file(option: str, path: str) -> str:
+    """``path`` if it holds loadable CA certificates (else every wss:// connect
+    would fail the same way, forever, after the start)."""
+    if not os.path.isfile(path):
+        raise ConfigError(option, f"expected a file of CA certificates, not {path!r}")
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=path)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError(option, f"cannot load CA certificates from {path!r}: {exc}") from None
+    return path
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class UplinkConfig:
     """Everything PROTOCOL.md §2 lets a user set. Durations are seconds.
 
-    An empty ``upstream_url`` disables the uplink. ``listen=None`` runs no
-    local HTTP ingress (the library default; the command defaults to
-    ``127.0.0.1:3002``).
+    An empty ``upstream_url`` disables the uplink. ``listen=None`` (or
+    ``"off"``) runs no local HTTP ingress (the library default; the command
+    defaults to ``127.0.0.1:3002``).
+
+    Each field that the command exposes carries its :class:`~actors.cli.Option`
+    in its metadata (the option, the environment variable, help, and the
+    value rule): ``run_uplink.py`` builds its parser from them and
+    :meth:`validate` applies the same rules, so the two cannot disagree.
     """
 
-    upstream_url: str = ""
-    project: str = field(default_factory=_default_project)
-    local_mcp_url: str = "http://127.0.0.1:3001/mcp"
-    listen: str | None = None
-    heartbeat_interval: float = 10.0
-    backoff_initial: float = 1.0
-    backoff_max: float = 60.0
-    backoff_multiplier: float = 2.0
-    backoff_reset_after: float = 30.0
-    permission_timeout: float = 120.0
-    max_pending: int = 10_000
-    mcp_timeout: float = 120.0
-    mcp_concurrency: int = 16
-    mcp_max_response_bytes: int = 8 * MiB
-    ping_interval: float = 20.0
-    ping_timeout: float = 20.0
-    open_timeout: float = 10.0
-    close_timeout: float = 1.0
-    max_frame_bytes: int = 16 * MiB
-    ca_file: str | None = None
-    status_interval: float = 60.0
+    upstream_url: str = option(
+        "",
+        "--upstream-gateway",
+        "ws:// or wss:// URL of the gateway's /api/sled-uplink (may carry ?token=, "
+        "but --token-file keeps it out of the process list); unset disables the uplink",
+        rule=_ws_url,
+        metavar="URL",
+        env="HUSKIES_UPSTREAM_GATEWAY",
+        shown_default="unset",
+    )
+    project: str = option(
+        "",
+        "--project",
+        "name this sled identifies as",
+        rule=non_empty,
+        metavar="NAME",
+        env="HUSKIES_PROJECT",
+        default_factory=_default_project,
+        shown_default="the current directory's name",
+    )
+    local_mcp_url: str = option(
+        "http://127.0.0.1:3001/mcp",
+        "--local-mcp-url",
+        "the sled's own MCP endpoint, where mcp_requests are replayed",
+        rule=_http_url,
+        metavar="URL",
+        env="HUSKIES_LOCAL_MCP_URL",
+    )
+    listen: str | None = option(
+        None,
+        "--listen",
+        "local HTTP ingress; 'off' disables it",
+        rule=_listen,
+        metavar="HOST:PORT",
+        env="HUSKIES_UPLINK_LISTEN",
+        cli_default=DEFAULT_LISTEN,
+    )
+    heartbeat_interval: float = option(
+        10.0, "--heartbeat-interval", "seconds between heartbeats", rule=positive_seconds
+    )
+    backoff_initial: float = option(
+        1.0, "--backoff-initial", "first reconnect wait (jittered)", rule=positive_seconds
+    )
+    backoff_max: float = option(
+        60.0, "--backoff-max", "longest reconnect wait", rule=positive_seconds
+    )
+    backoff_multiplier: float = option(
+        2.0,
+        "--backoff-multiplier",
+        "each failed connect multiplies the wait by this",
+        rule=at_least_one,
+        metavar="X",
+    )
+    backoff_reset_after: float = option(
+        30.0,
+        "--backoff-reset-after",
+        "a session up this long resets the back-off",
+        rule=positive_seconds,
+    )
+    permission_timeout: float = option(
+        120.0,
+        "--permission-timeout",
+        "deny a permission request the gateway has not answered within this",
+        rule=positive_seconds,
+    )
+    max_pending: int = option(
+        10_000,
+        "--max-pending",
+        "deny a permission request at once when this many are undecided",
+        rule=positive_int,
+        metavar="N",
+    )
+    mcp_timeout: float = option(
+        120.0,
+        "--mcp-timeout",
+        "how long a replayed MCP request may take at the local endpoint",
+        rule=positive_seconds,
+    )
+    mcp_concurrency: int = option(
+        16,
+        "--mcp-concurrency",
+        "MCP requests replayed at the same time; more wait their turn",
+        rule=positive_int,
+        metavar="N",
+    )
+    mcp_max_response_bytes: int = option(
+        8 * MiB,
+        "--mcp-max-bytes",
+        "largest local MCP answer accepted (e.g. 8MiB)",
+        rule=byte_size,
+        metavar="N",
+    )
+    ping_interval: float = option(
+        20.0, "--ping-interval", "WebSocket keepalive ping interval", rule=positive_seconds
+    )
+    ping_timeout: float = option(
+        20.0,
+        "--ping-timeout",
+        "WebSocket keepalive: drop the session if no pong within this",
+        rule=positive_seconds,
+    )
+    open_timeout: float = option(
+        10.0, "--open-timeout", "give up a connect/handshake after this", rule=positive_seconds
+    )
+    close_timeout: float = library_only(1.0, "close_timeout", positive_seconds)
+    max_frame_bytes: int = library_only(16 * MiB, "max_frame_bytes", byte_size)
+    ca_file: str | None = option(
+        None,
+        "--ca-file",
+        "extra CA certificate(s) for wss:// (the system's stay trusted)",
+        rule=_ca_file,
+        metavar="PATH",
+        shown_default="none",
+    )
+    status_interval: float = option(
+        60.0,
+        "--status-interval",
+        "how often to log the snapshot of every actor's state",
+        rule=positive_seconds,
+    )
     # The gateway token kept out of the URL text (--token-file, env
     # HUSKIES_UPSTREAM_TOKEN); it still travels as the URL's ?token=.
     upstream_token: str | None = None
     # The local ingress's request checks (DNS rebinding, CSRF, local users).
-    ingress_token: str | None = None
-    ingress_allowed_hosts: tuple[str, ...] = ()
+    ingress_token: str | None = option(
+        None,
+        "--ingress-token",
+        "require 'Authorization: Bearer TOKEN' on every ingress endpoint but /healthz "
+        "(prefer the environment variable: argv is visible to other users)",
+        rule=non_empty,
+        metavar="TOKEN",
+        env="HUSKIES_UPLINK_INGRESS_TOKEN",
+        secret=True,
+        shown_default="none, no token needed",
+    )
+    ingress_allowed_hosts: tuple[str, ...] = option(
+        (),
+        "--ingress-allowed-host",
+        "also accept this Host header at the ingress (repeatable; others get 421)",
+        rule=host_name,
+        metavar="HOST",
+        repeat=True,
+        shown_default="localhost, 127.0.0.1, [::1] and the --listen host",
+    )
     # The tool inputs undecided requests may hold in memory, all together.
-    max_pending_bytes: int = 64 * MiB
+    max_pending_bytes: int = option(
+        64 * MiB,
+        "--max-pending-bytes",
+        "deny a permission request at once when the undecided ones would hold more than "
+        "this many bytes of tool input together (e.g. 64MiB)",
+        rule=byte_size,
+        metavar="N",
+    )
     # Claude Code (/mcp and /hooks/claude-code on the ingress): how often a
     # waiting permission_prompt call sends progress, and the tools whose
     # PreToolUse hook is never forwarded (answered "no decision").
-    claude_progress_interval: float = 10.0
-    hook_never_forward: tuple[str, ...] = DEFAULT_HOOK_NEVER_FORWARD
+    claude_progress_interval: float = option(
+        10.0,
+        "--claude-progress-interval",
+        "how often a waiting Claude Code permission prompt (/mcp) gets a progress note",
+        rule=positive_seconds,
+    )
+    hook_never_forward: tuple[str, ...] = option(
+        DEFAULT_HOOK_NEVER_FORWARD,
+        "--hook-never-forward",
+        "comma-separated tools whose PreToolUse hook is never forwarded (no decision)",
+        rule=name_list,
+        metavar="TOOLS",
+    )
     # Extra identity keys; the token never goes here (it rides in the URL).
     identity_extra: dict[str, object] = field(default_factory=lambda: {"version": __version__})
 
@@ -108,86 +303,30 @@ class UplinkConfig:
 
     @property
     def listen_address(self) -> tuple[str, int] | None:
-        return None if self.listen is None else parse_listen(self.listen)
+        """The ingress's (host, port), or None when it is off."""
+        if self.listen is None or _listen("--listen", self.listen) is None:
+            return None
+        return parse_listen("--listen", self.listen)
 
     def validate(self) -> UplinkConfig:
-        """Raise :class:`ConfigError` naming the first unusable value; return self."""
-        if self.upstream_url:
-            parts = urlsplit(self.upstream_url)
-            if parts.scheme not in ("ws", "wss"):
-                raise ConfigError("--upstream-gateway", "must be a ws:// or wss:// URL")
-            if not parts.hostname:
-                raise ConfigError("--upstream-gateway", "has no host")
-        if not self.project or not self.project.strip():
-            raise ConfigError("--project", "must not be empty")
-        mcp = urlsplit(self.local_mcp_url)
-        if mcp.scheme not in ("http", "https") or not mcp.hostname:
-            raise ConfigError("--local-mcp-url", "must be an http:// or https:// URL")
-        durations = {
-            "--heartbeat-interval": self.heartbeat_interval,
-            "--backoff-initial": self.backoff_initial,
-            "--backoff-max": self.backoff_max,
-            "--backoff-reset-after": self.backoff_reset_after,
-            "--permission-timeout": self.permission_timeout,
-            "--mcp-timeout": self.mcp_timeout,
-            "--ping-interval": self.ping_interval,
-            "--ping-timeout": self.ping_timeout,
-            "--open-timeout": self.open_timeout,
-            "--status-interval": self.status_interval,
-            "--claude-progress-interval": self.claude_progress_interval,
-        }
-        for option, value in durations.items():
-            if not value > 0 or math.isinf(value):  # NaN fails "> 0" too
-                raise ConfigError(
-                    option, f"must be a number of seconds greater than 0, not {value}"
-                )
+        """Raise :class:`ConfigError` naming the first unusable value; return self.
+
+        Each field goes through the same rule as its command-line option;
+        then the checks that relate two fields.
+        """
+        check_fields(self)
         if self.backoff_max < self.backoff_initial:
-            raise ConfigError("--backoff-max", "must not be less than --backoff-initial")
-        if not self.backoff_multiplier >= 1 or self.backoff_multiplier == float("inf"):
-            raise ConfigError("--backoff-multiplier", "must be at least 1")
-        if self.max_pending < 1:
-            raise ConfigError("--max-pending", "must be at least 1")
-        if self.max_pending_bytes < 1:
-            raise ConfigError("--max-pending-bytes", "must be at least 1")
+            raise ConfigError(
+                "--backoff-max",
+                f"expected at least --backoff-initial ({self.backoff_initial:g}), "
+                f"not {self.backoff_max:g}",
+            )
         if self.upstream_token is not None and not self.upstream_token.strip():
             raise ConfigError("--token-file", "the gateway token is empty")
-        if self.ingress_token is not None and not self.ingress_token.strip():
-            raise ConfigError("--ingress-token", "must not be empty")
-        for host in self.ingress_allowed_hosts:
-            if not host or any(c in host for c in "/ @?#") or host != host.strip():
-                raise ConfigError(
-                    "--ingress-allowed-host", f"expected a host name or address, got {host!r}"
-                )
-        if self.mcp_concurrency < 1:
-            raise ConfigError("--mcp-concurrency", "must be at least 1")
-        if self.ca_file is not None:
-            _check_ca_file(self.ca_file)
-        if self.listen is not None:
-            parse_listen(self.listen)
         return self
 
 
 _SECRET_FIELDS = frozenset({"upstream_token", "ingress_token"})
-
-
-def _check_ca_file(path: str) -> None:
-    """ConfigError unless ``path`` holds loadable CA certificates (else every
-    wss:// connect would fail the same way, forever, after the start)."""
-    if not os.path.isfile(path):
-        raise ConfigError("--ca-file", f"no such file: {path}")
-    try:
-        ssl.create_default_context().load_verify_locations(cafile=path)
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        raise ConfigError("--ca-file", f"cannot load CA certificates from {path}: {exc}") from None
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) → (host, port); ConfigError if not."""
-    host, sep, port_text = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError("--listen", f"expected HOST:PORT, got {text!r}")
-    return host, int(port_text)
 
 
 def check_bindable(address: tuple[str, int]) -> None:

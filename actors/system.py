@@ -127,7 +127,7 @@ class Uplink:
             )
         try:
             self._start_actors(ctx)
-            if self.config.listen is not None:
+            if self.config.listen_address is not None:
                 from actors.ingress import Ingress  # optional edge; imports uvicorn
 
                 self._ingress = Ingress(

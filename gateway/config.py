@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,34 +10,13 @@ from types import MappingProxyType
 from typing import Any
 
 from protocol import ConfigError, Decision, printable
+from protocol.options import positive_int, positive_seconds
 
 #: Largest MCP body relayed; JSON escaping inside the frame can grow it, and
 #: the uplink accepts frames up to 16 MiB (PROTOCOL.md §1).
 MAX_MCP_BODY = 8 * 1024 * 1024
 #: WebSocket message limit, matching the uplink's.
 MAX_FRAME = 16 * 1024 * 1024
-
-
-def positive_seconds(option: str, value: float | str) -> float:
-    """``value`` as a finite duration > 0, else :class:`ConfigError` naming ``option``."""
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(option, f"not a number: {value!r}") from None
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(option, f"must be a number of seconds greater than 0, not {value!r}")
-    return seconds
-
-
-def positive_int(option: str, value: int | str) -> int:
-    """``value`` as an integer >= 1, else :class:`ConfigError` naming ``option``."""
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(option, f"not a whole number: {value!r}") from None
-    if number < 1 or (isinstance(value, float) and value != number):
-        raise ConfigError(option, f"must be a whole number of at least 1, not {value!r}")
-    return number
 
 
 def load_sled_tokens(path: str | Path) -> dict[str, str]:
