@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Command-line entry point of the sled uplink (PROTOCOL.md §2).
+"""Command-line entry point of the sled uplink (options: docs/command-line.md).
 
     python run_uplink.py --upstream-gateway 'ws://gw:8080/api/sled-uplink?token=…'
 

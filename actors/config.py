@@ -92,7 +92,7 @@ def _ca_file(option: str, path: str) -> str:
 
 @dataclass(frozen=True, slots=True, repr=False)
 class UplinkConfig:
-    """Everything PROTOCOL.md §2 lets a user set. Durations are seconds.
+    """Everything a user can set. Durations are seconds.
 
     An empty ``upstream_url`` disables the uplink. ``listen=None`` (or
     ``"off"``) runs no local HTTP ingress (the library default; the command

@@ -13,7 +13,7 @@ from protocol import ConfigError, Decision, printable
 from protocol.options import positive_int, positive_seconds
 
 #: Largest MCP body relayed; JSON escaping inside the frame can grow it, and
-#: the uplink accepts frames up to 16 MiB (PROTOCOL.md §1).
+#: the uplink accepts frames up to 16 MiB.
 MAX_MCP_BODY = 8 * 1024 * 1024
 #: WebSocket message limit, matching the uplink's.
 MAX_FRAME = 16 * 1024 * 1024
