@@ -61,3 +61,18 @@ def test_every_declared_dependency_is_pinned_in_the_constraints() -> None:
             pinned[_name(name)] = version
     assert declared - pinned.keys() == set(), "declared but not pinned in constraints.txt"
     assert all(pinned.values()), "every constraint is an exact == pin"
+
+
+def test_no_source_points_at_documents_outside_the_repo() -> None:
+    # The contract and the house style live outside a clone; the code says why
+    # in its own words, or points into docs/.
+    outside = ("DESIGN" + ".md", "PROTOCOL" + ".md")
+    sources = [*ROOT.glob("*.py")]
+    for folder in ("protocol", "actors", "gateway", "demo", "tests", "bench", "examples"):
+        sources += (ROOT / folder).rglob("*.py")
+    cited = [
+        str(path.relative_to(ROOT))
+        for path in sources
+        if any(name in path.read_text("utf-8") for name in outside)
+    ]
+    assert cited == []
