@@ -267,7 +267,10 @@ class McpEndpoint:
         progress_interval: float,
         allowed_hosts: Iterable[str],
         waiting: Callable[[int], None],
+        on_state: Callable[[str], None] = lambda _state: None,
     ) -> None:
+        # on_state("ready" | "unavailable") once loading ends (for /status).
+        self._on_state = on_state
         self._request_permission = request_permission
         self._loop = loop  # the uplink's EventLoop
         self._options: dict[str, Any] = {
@@ -287,6 +290,7 @@ class McpEndpoint:
         threading.Thread(target=self._load, name="ingress-mcp-load", daemon=True).start()
 
     def _load(self) -> None:
+        state = "unavailable"
         try:
             server = McpPermissionServer(self._request_permission, **self._options)
             with self._lock:
@@ -294,12 +298,15 @@ class McpEndpoint:
                     return
                 self._server = server
                 self._running = self._loop.spawn(server.run)
-            if not server.wait_ready(30):
+            if server.wait_ready(30):
+                state = "ready"
+            else:
                 _log.error("the MCP endpoint did not start within 30 s")
         except Exception:
             _log.exception("the MCP endpoint could not start; /mcp answers 503")
         finally:
             self._loaded.set()
+            self._on_state(state)
 
     def wait_loaded(self, timeout: float) -> bool:
         return self._loaded.wait(timeout)

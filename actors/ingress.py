@@ -23,6 +23,7 @@ import concurrent.futures
 import contextlib
 import hmac
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
@@ -318,6 +319,9 @@ class Ingress:
         # Whole ASGI apps at a path (the MCP endpoint), after the same checks.
         self._mounts: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {}
         self._mcp: Any = None  # actors.claude_code.McpEndpoint
+        self._publish_lock = threading.Lock()
+        self._http_state = "starting"
+        self._mcp_state = "loading"
         self._routes: dict[
             str, dict[str, Callable[[Scope, Receive], Awaitable[tuple[int, Any]]]]
         ] = {
@@ -372,7 +376,20 @@ class Ingress:
         _log.info(
             "ingress listening on http://{}:{}", host if ":" not in host else f"[{host}]", self.port
         )
-        self.ctx.board.publish("ingress", {"state": "listening", "port": self.port})
+        self._publish(state="listening")
+
+    def _publish(self, *, state: str | None = None, mcp: str | None = None) -> None:
+        # ``mcp`` is the Claude Code endpoint's state: it loads the MCP SDK in a
+        # helper thread, after or even before the port is up (loading, ready,
+        # unavailable, stopped); the last word of each is what /status shows.
+        with self._publish_lock:
+            if state is not None:
+                self._http_state = state
+            if mcp is not None:
+                self._mcp_state = mcp
+            self.ctx.board.publish(
+                "ingress", {"state": self._http_state, "port": self.port, "mcp": self._mcp_state}
+            )
 
     def stop(self, timeout: float = 2.0) -> None:
         if self._server is None or self._serving is None:
@@ -387,7 +404,7 @@ class Ingress:
             self._serving.result(timeout=timeout)
         except Exception as exc:
             _log.debug("ingress stop: {!r}", exc)
-        self.ctx.board.publish("ingress", {"state": "stopped", "port": self.port})
+        self._publish(state="stopped", mcp="stopped")
 
     # ── ASGI ────────────────────────────────────────────────────────────
 
@@ -507,6 +524,7 @@ class Ingress:
             # The SDK's own Host/Origin check, a second wall behind the guard's.
             allowed_hosts=[f"[{host}]" if ":" in host else host, *config.ingress_allowed_hosts],
             waiting=count,
+            on_state=lambda state: self._publish(mcp=state),
         )
         self._mcp.start()
         self._mounts["/mcp"] = self._mounts["/mcp/"] = self._mcp.handle

@@ -138,12 +138,17 @@ def uplink_process(gateway_url: str, *extra: str) -> Iterator[subprocess.Popen[s
         proc.wait(10)
 
 
-def wait_ready(port: int, timeout: float = 15) -> None:
+def wait_ready(port: int, timeout: float = 30) -> None:
+    """Until the uplink is connected and its ingress has loaded the Claude Code
+    endpoint (the MCP SDK import, a one-time cost, must not land in a sample)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            base = f"http://127.0.0.1:{port}"
+            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                ingress = httpx.get(f"{base}/status", timeout=1).json().get("ingress", {})
+                if ingress.get("mcp", "ready") != "loading":
+                    return
         time.sleep(0.05)
     raise RuntimeError("the uplink did not become ready")
 

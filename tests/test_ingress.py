@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from actors import Uplink, UplinkConfig
 from actors.status import log_snapshot
 from protocol import DENY_MESSAGES, ConfigError, Reason
-from tests.conftest import FAST, scaled
+from tests.conftest import FAST, eventually, scaled
 from tests.support.gateway import Gateway, Session
 
 MiB = 1024 * 1024
@@ -227,7 +227,15 @@ def test_the_ingress_starts_and_stops_with_the_uplink(
     base = f"http://127.0.0.1:{port}"
     # Serving at once, and announcing itself in /status.
     assert httpx.get(f"{base}/healthz").json()["ok"] is True
-    assert httpx.get(f"{base}/status").json()["ingress"] == {"state": "listening", "port": port}
+    shown = httpx.get(f"{base}/status").json()["ingress"]
+    assert (shown["state"], shown["port"]) == ("listening", port)
+    assert shown["mcp"] in ("loading", "ready")
+    # The Claude Code endpoint loads the MCP SDK off the start path, then says so.
+    eventually(
+        lambda: httpx.get(f"{base}/status").json()["ingress"]["mcp"] == "ready",
+        30,
+        "the MCP endpoint reported ready",
+    )
     uplink.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{base}/healthz", timeout=2)
