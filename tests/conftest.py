@@ -19,6 +19,7 @@ import pytest
 from actors import Uplink, UplinkConfig
 from actors.logsetup import configure_logging
 from gateway import Gateway as ReferenceGateway
+from tests.support.claude import Decider
 from tests.support.gateway import Gateway
 
 TIME_FACTOR = float(os.environ.get("SLED_TEST_TIME_FACTOR", "1"))
@@ -124,3 +125,18 @@ def non_daemon_threads() -> set[str]:
     return {
         t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()
     }
+
+
+@pytest.fixture
+def decider(gw: Any) -> Iterator[Callable[..., Decider]]:
+    """``decider(decision, delay=0)`` → a Claude Code test's :class:`Decider` on the
+    module's gateway fixture ``gw``, stopped after the test."""
+    made: list[Decider] = []
+
+    def make(decision: str | None, delay: float = 0.0) -> Decider:
+        made.append(Decider(gw, decision, delay))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.stop()

@@ -19,7 +19,7 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,19 +94,6 @@ def work(tmp_path: Path) -> Path:
     path = tmp_path / "work"
     path.mkdir()
     return path
-
-
-@pytest.fixture
-def decider(gw: Gateway) -> Iterator[Callable[..., Decider]]:
-    made: list[Decider] = []
-
-    def make(decision: str | None, delay: float = 0.0) -> Decider:
-        made.append(Decider(gw, decision, delay))
-        return made[-1]
-
-    yield make
-    for one in made:
-        one.stop()
 
 
 def ingress_url(uplink: Uplink) -> str:

@@ -54,19 +54,6 @@ def uplink(gw: Gateway, make_uplink: Callable[..., Uplink]) -> Uplink:
     return up
 
 
-@pytest.fixture
-def decider(gw: Gateway) -> Any:
-    made: list[Decider] = []
-
-    def make(decision: str | None, delay: float = 0.0) -> Decider:
-        made.append(Decider(gw, decision, delay))
-        return made[-1]
-
-    yield make
-    for one in made:
-        one.stop()
-
-
 def base(uplink: Uplink) -> str:
     return f"http://127.0.0.1:{uplink._ingress.port}"
 

@@ -195,11 +195,8 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def page(browser: Any) -> Iterator[Any]:
-    context = browser.new_context()
-    try:
-        yield context.new_page()
-    finally:
-        context.close()
+    with browser_support.fresh_page(browser) as fresh:
+        yield fresh
 
 
 def console_login(page: Any, gw: Gateway) -> None:

@@ -64,3 +64,13 @@ def launch(extra_args: Sequence[str] = ()) -> Iterator[Any]:
             yield browser
         finally:
             browser.close()
+
+
+@contextmanager
+def fresh_page(browser: Any) -> Iterator[Any]:
+    """A page in a context of its own (no cookies shared between tests), closed on exit."""
+    context = browser.new_context()
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
