@@ -19,7 +19,6 @@ Run just these with ``pytest -m security``.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import os
@@ -49,6 +48,7 @@ from gateway.interactive import TerminalPrompter
 from tests.support import browser as browser_support
 from tests.support.mcp_servers import McpSdkServer
 from tests.support.proc import WatchedProcess
+from tests.test_gateway import Screen  # a stdout the test can wait on
 
 pytestmark = [pytest.mark.security, pytest.mark.timeout(120)]
 
@@ -772,23 +772,6 @@ def test_a_session_without_identity_is_closed_and_gone_sleds_are_forgotten(
 # -- 5. untrusted text at the terminal and in the logs -----------------------------------
 
 EVIL_TOOL = "Bash\x1b[2J\x1b[H\x1b]0;pwned\x07\r\n[permission] sled 'x' asks to run Read\u202e"
-
-
-class Screen(io.TextIOBase):
-    def __init__(self) -> None:
-        self.text = ""
-        self._cond = threading.Condition()
-
-    def write(self, s: str) -> int:
-        with self._cond:
-            self.text += s
-            self._cond.notify_all()
-        return len(s)
-
-    def wait_for(self, needle: str) -> None:
-        with self._cond:
-            if not self._cond.wait_for(lambda: needle in self.text, T):
-                raise AssertionError(f"{needle!r} not shown:\n{self.text}")
 
 
 def test_control_characters_are_shown_escaped_at_the_prompt_and_in_logs(

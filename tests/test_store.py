@@ -9,6 +9,7 @@ file in the test's temporary directory.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import signal
 import sqlite3
@@ -49,18 +50,9 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def make_gateway() -> Iterator[Callable[..., Gateway]]:
-    made: list[Gateway] = []
-
-    def make(**kwargs: Any) -> Gateway:
-        kwargs.setdefault("token", TOKEN)
-        gw = Gateway(**kwargs).start()
-        made.append(gw)
-        return gw
-
-    yield make
-    for gw in made:
-        gw.stop()
+def make_gateway(make_reference_gateway: Callable[..., Gateway]) -> Callable[..., Gateway]:
+    """conftest's gateway factory with this file's sled token (a call may still pass its own)."""
+    return functools.partial(make_reference_gateway, token=TOKEN)
 
 
 def http(gw: Gateway) -> httpx.Client:
