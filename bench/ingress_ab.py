@@ -6,11 +6,15 @@
 Both ``run_uplink.py`` processes connect to the same gateway peer; each is
 warmed up (and has loaded its Claude Code endpoint) before sampling, and the
 rounds alternate which one goes first, so drift on the machine hits both
-alike. Prints p50 and p90 of sequential ``POST /permission`` for each.
+alike. Prints p50 and p90 of sequential ``POST /permission`` for each, and
+the CPU time each uplink process spent per request (user + system, all
+threads): less noisy than latency on a shared machine, and it says which
+side does more work.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -22,6 +26,13 @@ import httpx
 from bench.run import PY, REPO, free_port, peer, wait_ready
 
 PER_ROUND = 200
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, all its threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
 BODY = {"tool_name": "Bash", "tool_input": {"command": "ls"}}
 
 
@@ -37,6 +48,7 @@ def main(argv: list[str]) -> int:
                 command += ["--project", f"ab-{name}", "--listen", f"127.0.0.1:{port}"]
                 sides[name] = (subprocess.Popen(command, cwd=checkout), port)
             samples: dict[str, list[float]] = {name: [] for name in sides}
+            cpu = dict.fromkeys(sides, 0.0)
             with httpx.Client(timeout=10) as client:
                 for _, port in sides.values():
                     wait_ready(port)
@@ -44,12 +56,14 @@ def main(argv: list[str]) -> int:
                         client.post(f"http://127.0.0.1:{port}/permission", json=BODY)
                 for r in range(rounds):
                     order = list(sides.items()) if r % 2 == 0 else list(reversed(sides.items()))
-                    for name, (_, port) in order:
+                    for name, (proc, port) in order:
+                        cpu_before = cpu_seconds(proc.pid)
                         for _ in range(PER_ROUND):
                             started = time.perf_counter()
                             answer = client.post(f"http://127.0.0.1:{port}/permission", json=BODY)
                             samples[name].append(time.perf_counter() - started)
                             assert answer.status_code == 200, answer.text
+                        cpu[name] += cpu_seconds(proc.pid) - cpu_before
         finally:
             for proc, _ in sides.values():
                 proc.terminate()
@@ -57,7 +71,11 @@ def main(argv: list[str]) -> int:
     for name, values in samples.items():
         values.sort()
         p50, p90 = statistics.median(values), values[int(len(values) * 0.9)]
-        print(f"{name:>5}: n {len(values)}  p50 {p50 * 1e6:.0f} µs  p90 {p90 * 1e6:.0f} µs")
+        per_request = cpu[name] / len(values)
+        print(
+            f"{name:>5}: n {len(values)}  p50 {p50 * 1e6:.0f} µs  p90 {p90 * 1e6:.0f} µs"
+            f"  CPU {per_request * 1e6:.0f} µs/request"
+        )
     return 0
 
 
