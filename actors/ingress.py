@@ -46,6 +46,7 @@ DRAIN_SECONDS = 5.0
 # Always allowed as a Host (with the --listen host, unless a wildcard).
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 _WILDCARDS = ("0.0.0.0", "::", "")
+_HOST_VERDICTS_MAX = 256
 CONNECTION_STATES = ("disabled", "connecting", "connected", "backoff", "stopping", "stopped")
 
 Scope = dict[str, Any]
@@ -95,6 +96,7 @@ class RequestGuard:
         self.allowed = frozenset(host_name(h) for h in allowed_hosts)
         self.port = port
         self._token = None if token is None else token.encode("utf-8")
+        self._host_verdicts: dict[bytes, bool] = {}
 
     @classmethod
     def for_config(cls, config: Any, port: int) -> RequestGuard:
@@ -109,24 +111,47 @@ class RequestGuard:
         return self._token is not None
 
     def check(self, scope: Scope) -> None:
-        headers: dict[bytes, bytes] = {}
+        host = origin = authorization = content_type = None
         for name, value in scope["headers"]:
             # A repeated security header is ambiguous: refuse rather than guess.
-            if name in headers and name in (b"host", b"origin", b"authorization"):
-                raise HttpError(400, f"more than one {name.decode().title()} header")
-            headers[name] = value
-        host = headers.get(b"host")
+            if name == b"host":
+                if host is not None:
+                    raise HttpError(400, "more than one Host header")
+                host = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"origin":
+                if origin is not None:
+                    raise HttpError(400, "more than one Origin header")
+                origin = value
+            elif name == b"authorization":
+                if authorization is not None:
+                    raise HttpError(400, "more than one Authorization header")
+                authorization = value
         if host is None:
             raise HttpError(421, "a Host header is required")
-        if host_name(host.decode("latin-1")) not in self.allowed:
+        if not self._allowed_host(host):
             raise HttpError(421, "this Host is not served here (see --ingress-allowed-host)")
-        origin = headers.get(b"origin")
         if origin is not None and not self._own_origin(origin.decode("latin-1")):
             raise HttpError(403, "cross-origin requests are refused")
         if self._token is not None and scope["path"] != "/healthz":
-            self._authenticate(headers.get(b"authorization"))
-        if scope["method"] == "POST" and not _is_json(headers.get(b"content-type")):
+            self._authenticate(authorization)
+        if scope["method"] == "POST" and not (
+            content_type == b"application/json" or _is_json(content_type)
+        ):
             raise HttpError(415, "Content-Type must be application/json")
+
+    def _allowed_host(self, host: bytes) -> bool:
+        # Every request pays for this check, and a client sends the same Host
+        # each time: remember the verdicts, in a table bounded against a
+        # client that sends a new Host with every request.
+        verdict = self._host_verdicts.get(host)
+        if verdict is None:
+            verdict = host_name(host.decode("latin-1")) in self.allowed
+            if len(self._host_verdicts) >= _HOST_VERDICTS_MAX:
+                self._host_verdicts.clear()
+            self._host_verdicts[host] = verdict
+        return verdict
 
     def _own_origin(self, origin: str) -> bool:
         scheme, sep, rest = origin.strip().lower().partition("://")
