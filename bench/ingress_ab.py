@@ -33,6 +33,8 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far, all its threads included."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
 BODY = {"tool_name": "Bash", "tool_input": {"command": "ls"}}
 
 
