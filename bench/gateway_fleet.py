@@ -49,9 +49,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.run import proc_cpu_seconds
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 TOKEN = "fleet-bench-token"
 OPERATOR_TOKEN = "fleet-bench-operator"
 HEARTBEAT_S = 10.0
@@ -71,11 +72,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
 def rss_mib(pid: int) -> float:
@@ -326,13 +322,13 @@ def measure(sleds: int, samples: int, idle_s: float) -> Result:
                 asyncio.run(settle())
             connect_s = time.monotonic() - t0
             time.sleep(5)  # let the connect burst settle
-            c0, w0 = cpu_seconds(gw.pid), time.monotonic()
+            c0, w0 = proc_cpu_seconds(gw.pid), time.monotonic()
             time.sleep(idle_s)
-            cpu_idle = 100 * (cpu_seconds(gw.pid) - c0) / (time.monotonic() - w0)
+            cpu_idle = 100 * (proc_cpu_seconds(gw.pid) - c0) / (time.monotonic() - w0)
             rss = rss_mib(gw.pid)
-            c1, w1 = cpu_seconds(gw.pid), time.monotonic()
+            c1, w1 = proc_cpu_seconds(gw.pid), time.monotonic()
             times, retries = asyncio.run(round_trips(base, ws_url, samples))
-            cpu_probe = 100 * (cpu_seconds(gw.pid) - c1) / (time.monotonic() - w1)
+            cpu_probe = 100 * (proc_cpu_seconds(gw.pid) - c1) / (time.monotonic() - w1)
 
             async def check() -> int:
                 async with httpx.AsyncClient(base_url=base, timeout=30) as http:

@@ -14,7 +14,6 @@ side does more work.
 
 from __future__ import annotations
 
-import os
 import statistics
 import subprocess
 import sys
@@ -23,18 +22,9 @@ from pathlib import Path
 
 import httpx
 
-from bench.run import PY, REPO, free_port, peer, wait_ready
+from bench.run import PY, REPO, free_port, peer, proc_cpu_seconds, wait_ready
 
 PER_ROUND = 200
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far, all its threads included."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
 BODY = {"tool_name": "Bash", "tool_input": {"command": "ls"}}
 
 
@@ -59,13 +49,13 @@ def main(argv: list[str]) -> int:
                 for r in range(rounds):
                     order = list(sides.items()) if r % 2 == 0 else list(reversed(sides.items()))
                     for name, (proc, port) in order:
-                        cpu_before = cpu_seconds(proc.pid)
+                        cpu_before = proc_cpu_seconds(proc.pid)
                         for _ in range(PER_ROUND):
                             started = time.perf_counter()
                             answer = client.post(f"http://127.0.0.1:{port}/permission", json=BODY)
                             samples[name].append(time.perf_counter() - started)
                             assert answer.status_code == 200, answer.text
-                        cpu[name] += cpu_seconds(proc.pid) - cpu_before
+                        cpu[name] += proc_cpu_seconds(proc.pid) - cpu_before
         finally:
             for proc, _ in sides.values():
                 proc.terminate()

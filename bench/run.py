@@ -159,6 +159,7 @@ def pct(samples: list[float], q: float) -> float:
 
 
 def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, all its threads included."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
