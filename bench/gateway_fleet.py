@@ -153,7 +153,7 @@ class Result:
 
 
 @contextlib.contextmanager
-def gateway_process(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def gateway_process(workdir: Path, sleds: int) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port = free_port()
     log = (workdir / "gateway.log").open("wb")
     env = {**os.environ, "SLED_GATEWAY_OPERATOR_TOKEN": OPERATOR_TOKEN}
@@ -167,6 +167,10 @@ def gateway_process(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], in
             TOKEN,
             "--db",
             str(workdir / "gateway.db"),
+            # The fleet is one connection per sled, beside the bench's own HTTP
+            # clients: the default cap would evict sleds the bench counts on.
+            "--max-connections",
+            str(sleds + 64),
             "--log-level",
             "WARNING",
         ],
@@ -206,7 +210,7 @@ async def wait_http(base: str, timeout: float = 30) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(base_url=base, timeout=2) as http:
+    async with operator_client(base, timeout=2) as http:
         while True:
             try:
                 if (await http.get("/healthz")).status_code == 200:
@@ -226,16 +230,22 @@ async def connected_count(http: Any) -> int:
     return int(counts["connected"])
 
 
-async def round_trips(base: str, ws_url: str, samples: int) -> tuple[list[float], int]:
+def operator_client(base: str, timeout: float = 30) -> Any:
+    """An HTTP client of the gateway as its operator: every ``/api`` route needs the token."""
     import httpx
-    from websockets.asyncio.client import connect
 
     headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}", "Content-Type": "application/json"}
+    return httpx.AsyncClient(base_url=base, timeout=timeout, headers=headers)
+
+
+async def round_trips(base: str, ws_url: str, samples: int) -> tuple[list[float], int]:
+    from websockets.asyncio.client import connect
+
     times: list[float] = []
     retries = 0
     async with (
         connect(ws_url, max_size=None, compression=None) as ws,
-        httpx.AsyncClient(base_url=base, timeout=30, headers=headers) as http,
+        operator_client(base) as http,
     ):
         await ws.send(
             json.dumps({"type": "identity", "req_id": "identity", "payload": {"project": "probe"}})
@@ -278,10 +288,9 @@ async def round_trips(base: str, ws_url: str, samples: int) -> tuple[list[float]
 
 async def state_polls(base: str, n: int) -> float:
     """p50 of the console's poll (``GET /api/state?limit=200``), in ms."""
-    import httpx
 
     took = []
-    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+    async with operator_client(base) as http:
         for _ in range(n):
             start = time.perf_counter()
             response = await http.get("/api/state", params={"limit": "200"})
@@ -292,11 +301,10 @@ async def state_polls(base: str, n: int) -> float:
 
 
 def measure(sleds: int, samples: int, idle_s: float) -> Result:
-    import httpx
 
     with (
         tempfile.TemporaryDirectory(prefix="gw-fleet-") as tmp,
-        gateway_process(Path(tmp)) as (
+        gateway_process(Path(tmp), sleds) as (
             gw,
             port,
         ),
@@ -315,7 +323,7 @@ def measure(sleds: int, samples: int, idle_s: float) -> Result:
                     raise RuntimeError(f"the fleet did not connect: {line}")
 
                 async def settle() -> None:
-                    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+                    async with operator_client(base) as http:
                         while await connected_count(http) < fleet_size:
                             await asyncio.sleep(0.2)
 
@@ -331,7 +339,7 @@ def measure(sleds: int, samples: int, idle_s: float) -> Result:
             cpu_probe = 100 * (proc_cpu_seconds(gw.pid) - c1) / (time.monotonic() - w1)
 
             async def check() -> int:
-                async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+                async with operator_client(base) as http:
                     return await connected_count(http)
 
             still = asyncio.run(check())
