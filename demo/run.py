@@ -62,6 +62,7 @@ from demo import (
     env_port,
     env_project,
 )
+from sled_gateway.store import default_db_path
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_MARKER = "sled-uplink demo is ready"
@@ -157,6 +158,12 @@ class Demo:
         return self.log_dir / "operator-token"
 
     @property
+    def db_path(self) -> Path:
+        """The demo's own gateway database, kept across demo restarts, apart from
+        the user's default one so no other gateway run shows up in its audit log."""
+        return default_db_path().parent / "demo" / "gateway.db"
+
+    @property
     def sled_tokens_file(self) -> Path:
         return self.log_dir / "sled-tokens.json"
 
@@ -243,6 +250,8 @@ class Demo:
                     f"{LOOPBACK}:{self.gateway_port}",
                     "--sled-tokens",
                     str(self.sled_tokens_file),
+                    "--db",
+                    str(self.db_path),
                 ],
                 self._env(SLED_GATEWAY_OPERATOR_TOKEN=self.operator_token),
                 self.log_dir / "gateway.log",
@@ -354,7 +363,6 @@ class Demo:
             """            -d '{"tool_name": "Bash", "tool_input": {"command": "ls -la"}}'"""
         )
         pids = "\n".join(f"    {c.name:<8} pid {c.pid:<7} log {c.log_path}" for c in self.children)
-        from gateway.store import default_db_path
         from sled_claude import claude_config
 
         claude = claude_config(self.ingress_url, None, 120.0, "http")["command"]
@@ -396,7 +404,7 @@ class Demo:
   The uplink's status: curl -s {self.ingress_url}/status
   The sled's token is in {self.sled_tokens_file}; the operator token in
   {self.operator_token_file} (API clients send Authorization: Bearer <it>).
-  Every decision and rule is kept in {default_db_path()}: restart the demo
+  Every decision and rule is kept in {self.db_path}: restart the demo
   and the console still shows them (the Audit log and Rules sections).
 
   Press Ctrl-C to stop everything.

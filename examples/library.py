@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from actors import Uplink, UplinkConfig
 from actors.logsetup import configure_logging
-from gateway import Gateway
+from sled_gateway import Gateway
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import asyncio
 
 from actors import Uplink, UplinkConfig
 from actors.logsetup import configure_logging
-from gateway import Gateway
+from sled_gateway import Gateway
 
 
 async def ask(url: str) -> None:

@@ -21,7 +21,7 @@ constraints=()
 newer=""
 if [ -f "$stamp" ]; then
     newer=$(find pyproject.toml constraints.txt run_uplink.py run_gateway.py \
-        protocol actors gateway demo -newer "$stamp" -type f \
+        protocol actors sled_gateway demo -newer "$stamp" -type f \
         \( -name '*.py' -o -name '*.html' -o -name '*.toml' -o -name '*.txt' \) \
         -print -quit 2>/dev/null || true)
 fi

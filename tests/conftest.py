@@ -18,7 +18,7 @@ import pytest
 
 from actors import Uplink, UplinkConfig
 from actors.logsetup import configure_logging
-from gateway import Gateway as ReferenceGateway
+from sled_gateway import Gateway as ReferenceGateway
 from tests.support.claude import Decider
 from tests.support.gateway import Gateway
 
@@ -91,7 +91,7 @@ REFERENCE_TOKEN = "s3cret-t0ken"
 @pytest.fixture
 def make_reference_gateway() -> Iterator[Callable[..., ReferenceGateway]]:
     """``make_reference_gateway(**kwargs)`` → a started reference gateway
-    (``gateway/``; token ``REFERENCE_TOKEN`` unless given), stopped after the test."""
+    (``sled_gateway/``; token ``REFERENCE_TOKEN`` unless given), stopped after the test."""
     made: list[ReferenceGateway] = []
 
     def make(**kwargs: Any) -> ReferenceGateway:

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 from actors import Uplink
-from gateway import Gateway
 from protocol import DENY_MESSAGES, Reason
+from sled_gateway import Gateway
 from tests.conftest import closed_port
 from tests.support import browser as browser_support
 from tests.support.claude import (

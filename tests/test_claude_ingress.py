@@ -25,8 +25,8 @@ from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 from actors import Uplink
-from gateway import Gateway
 from protocol import DENY_MESSAGES, Reason
+from sled_gateway import Gateway
 from tests.conftest import closed_port
 from tests.support.claude import Decider, wait_until
 

@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from actors import Uplink
-from gateway import Gateway
+from sled_gateway import Gateway
 from tests.support import browser as browser_support
 
 pytestmark = pytest.mark.timeout(120)

@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from actors import Uplink
-from gateway import Gateway
 from protocol import Decision
+from sled_gateway import Gateway
 from tests.test_console_browser import (  # noqa: F401 (fixtures)
     TOKEN,
     UI_WAIT_MS,

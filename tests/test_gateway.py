@@ -33,9 +33,9 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from gateway import AlreadyDecided, Gateway, UnknownRequest
-from gateway.interactive import TerminalPrompter, parse_answer
 from protocol import Decision
+from sled_gateway import AlreadyDecided, Gateway, UnknownRequest
+from sled_gateway.interactive import TerminalPrompter, parse_answer
 from tests.conftest import REFERENCE_TOKEN
 from tests.support.proc import WatchedProcess
 

@@ -35,8 +35,8 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 
 from actors import Uplink
 from actors.config import __version__
-from gateway import Gateway
 from protocol import Decision, Reason
+from sled_gateway import Gateway
 from tests.conftest import REFERENCE_TOKEN, eventually
 from tests.support.mcp_servers import McpSdkServer, SilentServer
 from tests.support.proc import WatchedProcess

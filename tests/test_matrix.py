@@ -33,8 +33,9 @@ from loguru import logger
 pytest.importorskip("nio", reason="matrix-nio is not installed (the 'matrix' extra)")
 
 from actors import Uplink
-from gateway import Gateway
-from gateway.matrix import (
+from protocol import ConfigError, Decision
+from sled_gateway import Gateway
+from sled_gateway.matrix import (
     MatrixConfig,
     MatrixTransport,
     config_from_options,
@@ -42,8 +43,7 @@ from gateway.matrix import (
     replied_to,
     request_message,
 )
-from gateway.state import PendingPermission
-from protocol import ConfigError, Decision
+from sled_gateway.state import PendingPermission
 from tests.conftest import REFERENCE_TOKEN, closed_port
 from tests.support.matrix_client import (
     Event,

@@ -68,7 +68,7 @@ def test_no_source_points_at_documents_outside_the_repo() -> None:
     # in its own words, or points into docs/.
     outside = ("DESIGN" + ".md", "PROTOCOL" + ".md")
     sources = [*ROOT.glob("*.py")]
-    for folder in ("protocol", "actors", "gateway", "demo", "tests", "bench", "examples"):
+    for folder in ("protocol", "actors", "sled_gateway", "demo", "tests", "bench", "examples"):
         sources += (ROOT / folder).rglob("*.py")
     cited = [
         str(path.relative_to(ROOT))
@@ -76,3 +76,41 @@ def test_no_source_points_at_documents_outside_the_repo() -> None:
         if any(name in path.read_text("utf-8") for name in outside)
     ]
     assert cited == []
+
+
+def test_the_wheel_installs_exactly_our_top_level_names(tmp_path: Path) -> None:
+    # A top-level name another PyPI project also uses (``gateway``, ``demo``)
+    # would overwrite its files on install and lose ours on its uninstall.
+    import zipfile
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--quiet",
+            "--wheel-dir",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    (wheel,) = tmp_path.glob("sled_uplink-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = {name.split("/", 1)[0] for name in archive.namelist()}
+    top_level = {n.removesuffix(".py") for n in names if not n.endswith(".dist-info")}
+    assert top_level == {
+        "actors",
+        "protocol",
+        "sled_gateway",
+        "run_uplink",
+        "run_gateway",
+        "sled_claude",
+    }
+    assert any(n.startswith("sled_gateway/static/") for n in zipfile.ZipFile(wheel).namelist())

@@ -28,8 +28,8 @@ from loguru import logger
 
 from actors import Uplink, UplinkConfig
 from actors.logsetup import configure_logging
-from gateway import Gateway as ReferenceGateway
 from protocol import DENY_MESSAGES, Reason
+from sled_gateway import Gateway as ReferenceGateway
 from tests.conftest import FAST, scaled
 from tests.support.gateway import Gateway
 from tests.test_ingress import (

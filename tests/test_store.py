@@ -25,9 +25,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from actors import Uplink
-from gateway import Gateway
-from gateway.store import SCHEMA_VERSION, Store, rule_key
 from protocol import Decision
+from sled_gateway import Gateway
+from sled_gateway.store import SCHEMA_VERSION, Store, rule_key
 from tests.conftest import eventually
 from tests.support.proc import WatchedProcess
 from tests.test_gateway import (
@@ -252,7 +252,7 @@ def _ts(iso_text: str) -> float:
 
 def _fill(db: Path, per_project: dict[str, int]) -> None:
     """Write audit rows straight into a store file (a gateway that ran before)."""
-    from gateway.store import AuditEntry
+    from sled_gateway.store import AuditEntry
 
     store = Store(db).open()
     try:
@@ -686,7 +686,7 @@ def test_audit_retention_deletes_old_rows_and_keeps_rules(
     db = tmp_path / "old.db"
     _fill(db, {"old": 5})  # decided in January 2026
     store = Store(db).open()
-    from gateway.store import AuditEntry
+    from sled_gateway.store import AuditEntry
 
     now = time.time()
     recent = AuditEntry("new", 1, "fresh", "Read", {}, "approve", "console", None, now, now)

@@ -39,17 +39,17 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from gateway.state import (
+from protocol import ConfigError, Decision
+from sled_gateway.state import (
     WITHDRAWN,
     AlreadyDecided,
     DecisionRecord,
     PendingPermission,
     UnknownRequest,
 )
-from protocol import ConfigError, Decision
 
 if TYPE_CHECKING:
-    from gateway.server import Gateway
+    from sled_gateway.server import Gateway
 
 log = logger.bind(actor="matrix")
 

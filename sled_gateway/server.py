@@ -35,13 +35,13 @@ from urllib.parse import quote
 import uvicorn
 from loguru import logger
 
-from gateway.app import GatewayApp
-from gateway.config import MAX_FRAME, GatewayConfig
-from gateway.httpserver import guarded_protocol
-from gateway.logs import protect_uvicorn_loggers
-from gateway.state import DecisionRecord, GatewayState, PendingPermission
-from gateway.store import MEMORY, Store
 from protocol import Decision
+from sled_gateway.app import GatewayApp
+from sled_gateway.config import MAX_FRAME, GatewayConfig
+from sled_gateway.httpserver import guarded_protocol
+from sled_gateway.logs import protect_uvicorn_loggers
+from sled_gateway.state import DecisionRecord, GatewayState, PendingPermission
+from sled_gateway.store import MEMORY, Store
 
 log = logger.bind(actor="gateway")
 T = TypeVar("T")
@@ -321,8 +321,8 @@ class Gateway:
         """Answer a pending permission request from any thread.
 
         ``decision`` is ``"approve"``, ``"deny"`` or ``"always_allow"``. Raises
-        ``ValueError`` for another word, :class:`~gateway.state.UnknownRequest`
-        or :class:`~gateway.state.AlreadyDecided`; :class:`~gateway.app.NotRecorded`
+        ``ValueError`` for another word, :class:`~sled_gateway.state.UnknownRequest`
+        or :class:`~sled_gateway.state.AlreadyDecided`; :class:`~sled_gateway.app.NotRecorded`
         if the audit row could not be committed (the sled was then sent a deny).
         """
         choice = Decision(decision)

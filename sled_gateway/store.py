@@ -40,8 +40,8 @@ from typing import Any, TypeVar
 
 from loguru import logger
 
-from gateway.state import iso
 from protocol import JSON
+from sled_gateway.state import iso
 
 log = logger.bind(actor="gateway-store")
 

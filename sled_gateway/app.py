@@ -13,7 +13,7 @@ One ASGI app (Starlette) serves everything on one port:
 ``GET /healthz``                liveness
 ==============================  =========================================================
 
-All of it sits behind :class:`gateway.security.SecurityMiddleware` (Host
+All of it sits behind :class:`sled_gateway.security.SecurityMiddleware` (Host
 allowlist, operator token or console session, CSRF checks, headers); only
 ``GET /healthz`` and the sled WebSocket pass without the operator credential,
 and the sled WebSocket checks the sled's own token here.
@@ -25,7 +25,7 @@ websockets library's own sans-I/O ``ServerProtocol`` (``ws="websockets-sansio"``
 and the ASGI *denial response* extension lets us answer a bad token with a
 real HTTP 401 before the upgrade.
 
-Everything here runs on one event loop; :class:`gateway.state.GatewayState`
+Everything here runs on one event loop; :class:`sled_gateway.state.GatewayState`
 is the only thing other threads touch.
 """
 
@@ -52,27 +52,6 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from gateway.config import GatewayConfig
-from gateway.security import PRINCIPAL_KEY, AllowedHosts, SecurityMiddleware
-from gateway.state import (
-    AlreadyDecided,
-    DecisionRecord,
-    GatewayState,
-    PendingPermission,
-    SledState,
-    UnknownRequest,
-)
-from gateway.store import (
-    ALLOW,
-    DENY,
-    MAX_PAGE,
-    AuditEntry,
-    Rule,
-    RuleRevoked,
-    Store,
-    UnknownRule,
-    rule_key,
-)
 from protocol import (
     Decision,
     Envelope,
@@ -82,6 +61,27 @@ from protocol import (
     parse,
     printable,
     serialize,
+)
+from sled_gateway.config import GatewayConfig
+from sled_gateway.security import PRINCIPAL_KEY, AllowedHosts, SecurityMiddleware
+from sled_gateway.state import (
+    AlreadyDecided,
+    DecisionRecord,
+    GatewayState,
+    PendingPermission,
+    SledState,
+    UnknownRequest,
+)
+from sled_gateway.store import (
+    ALLOW,
+    DENY,
+    MAX_PAGE,
+    AuditEntry,
+    Rule,
+    RuleRevoked,
+    Store,
+    UnknownRule,
+    rule_key,
 )
 
 log = logger.bind(actor="gateway")
@@ -221,7 +221,7 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
 
 
 def _load_console() -> str:
-    return resources.files("gateway").joinpath("static/console.html").read_text("utf-8")
+    return resources.files("sled_gateway").joinpath("static/console.html").read_text("utf-8")
 
 
 class GatewayApp:

@@ -7,17 +7,17 @@ JSON-RPC posted to ``/sleds/{project}/mcp`` to that sled as ``mcp_request``.
 
 Everything but ``GET /healthz`` and the sled WebSocket needs the operator
 token (a bearer header, or the console's session cookie), and every request
-passes a Host allowlist and CSRF checks first (:mod:`gateway.security`).
+passes a Host allowlist and CSRF checks first (:mod:`sled_gateway.security`).
 
 It is a test peer and a demo, not a production gateway: one process, live
 state in memory, and the audit log and rules in a SQLite file (``--db``).
 Run it with ``run_gateway.py`` (console script ``sled-gateway``) or embed
-:class:`Gateway` (see :mod:`gateway.server`).
+:class:`Gateway` (see :mod:`sled_gateway.server`).
 """
 
-from gateway.config import GatewayConfig
-from gateway.server import Gateway
-from gateway.state import (
+from sled_gateway.config import GatewayConfig
+from sled_gateway.server import Gateway
+from sled_gateway.state import (
     AlreadyDecided,
     DecisionRecord,
     PendingPermission,

@@ -21,9 +21,9 @@ from typing import Protocol
 
 from loguru import logger
 
-from gateway.server import Gateway
-from gateway.state import AlreadyDecided, PendingPermission, UnknownRequest
 from protocol import Decision, printable
+from sled_gateway.server import Gateway
+from sled_gateway.state import AlreadyDecided, PendingPermission, UnknownRequest
 
 log = logger.bind(actor="gateway")
 
