@@ -2,6 +2,7 @@
 
     python -m bench.gateway_fleet                      # 1, 1,000 and 5,000 sleds (about 5 min)
     python -m bench.gateway_fleet --sleds 1,200 --samples 100 --idle 11   # a smoke run
+    python -m bench.gateway_fleet --vs ../old-checkout --rounds 2   # this tree against another
 
 For each fleet size a fresh gateway is started in its own process
 (``run_gateway.py`` with a token, no ``--auto``, ``--db`` in a temporary
@@ -153,14 +154,16 @@ class Result:
 
 
 @contextlib.contextmanager
-def gateway_process(workdir: Path, sleds: int) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def gateway_process(
+    workdir: Path, sleds: int, checkout: Path = REPO
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port = free_port()
     log = (workdir / "gateway.log").open("wb")
     env = {**os.environ, "SLED_GATEWAY_OPERATOR_TOKEN": OPERATOR_TOKEN}
     proc = subprocess.Popen(
         [
             PY,
-            str(REPO / "run_gateway.py"),
+            str(checkout / "run_gateway.py"),
             "--listen",
             f"127.0.0.1:{port}",
             "--token",
@@ -174,7 +177,7 @@ def gateway_process(workdir: Path, sleds: int) -> Iterator[tuple[subprocess.Pope
             "--log-level",
             "WARNING",
         ],
-        cwd=REPO,
+        cwd=checkout,
         stdout=subprocess.DEVNULL,
         stderr=log,
         env=env,
@@ -300,11 +303,10 @@ async def state_polls(base: str, n: int) -> float:
     return 1000 * statistics.median(took)
 
 
-def measure(sleds: int, samples: int, idle_s: float) -> Result:
-
+def measure(sleds: int, samples: int, idle_s: float, checkout: Path = REPO) -> Result:
     with (
         tempfile.TemporaryDirectory(prefix="gw-fleet-") as tmp,
-        gateway_process(Path(tmp), sleds) as (
+        gateway_process(Path(tmp), sleds, checkout) as (
             gw,
             port,
         ),
@@ -372,6 +374,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sleds", default="1,1000,5000", help="fleet sizes (default %(default)s)")
     parser.add_argument("--samples", type=int, default=300, help="round trips per size")
     parser.add_argument("--idle", type=float, default=20.0, help="seconds of idle CPU sampling")
+    parser.add_argument(
+        "--vs",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also run another checkout's gateway, alternating with this one at every size, "
+        "and print the ratios (this / other)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="with --vs: alternations per size (median kept)"
+    )
     args = parser.parse_args(argv)
     nofile = raise_nofile()
     if args.cmd == "fleet":
@@ -388,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         f"idle CPU over {args.idle:g} s, heartbeats every {HEARTBEAT_S:g} s",
         flush=True,
     )
+    if args.vs is not None:
+        return compare(sizes, args.samples, args.idle, args.vs.resolve(), args.rounds)
     results: list[Result] = []
     for n in sizes:
         print(f"... {n} sled(s)", file=sys.stderr, flush=True)
@@ -410,6 +424,32 @@ def main(argv: list[str] | None = None) -> int:
     worst = results[-1]
     verdict = "met" if worst.p50_ms < 2 * base else "NOT met"
     print(f"target (p50 at {worst.sleds} sleds < 2x the one-sled p50): {verdict}")
+    return 0
+
+
+def compare(sizes: list[int], samples: int, idle_s: float, other: Path, rounds: int) -> int:
+    """This checkout's gateway against ``other``'s, alternating A B A B at each size so
+    that a drift of the machine's speed falls on both; medians over the rounds."""
+    if not (other / "run_gateway.py").is_file():
+        print(f"--vs: no run_gateway.py in {other}", file=sys.stderr)
+        return 2
+    figures = ("rss_mib", "cpu_idle", "p50_ms", "p99_ms", "state_ms")
+    header = f"{'sleds':>6} {'figure':>9} {'this':>9} {'other':>9} {'this/other':>10}"
+    rows = []
+    for n in sizes:
+        runs: dict[str, list[Result]] = {"this": [], "other": []}
+        for i in range(rounds):
+            for side, checkout in (("this", REPO), ("other", other)):
+                print(f"... {n} sled(s), {side}, round {i + 1}", file=sys.stderr, flush=True)
+                runs[side].append(measure(n, samples, idle_s, checkout))
+        for figure in figures:
+            mine = statistics.median(getattr(r, figure) for r in runs["this"])
+            theirs = statistics.median(getattr(r, figure) for r in runs["other"])
+            ratio = mine / theirs if theirs else float("nan")
+            rows.append(f"{n:>6} {figure:>9} {mine:>9.2f} {theirs:>9.2f} {ratio:>9.2f}x")
+    print(f"\nthis: {REPO}\nother: {other}\n{header}\n{'-' * len(header)}")
+    print("\n".join(rows))
+    print(f"\nload average after the run: {os.getloadavg()[0]:.2f}")
     return 0
 
 
