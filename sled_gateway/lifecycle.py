@@ -10,8 +10,10 @@ first.
 
 The gateway's order (:class:`~sled_gateway.server.Gateway` adds them)::
 
-    store → loop → bus → hub → HTTP → transports
+    socket → store → loop → bus → hub → HTTP → transports
 
+- **socket**: the address, bound (and listening, not yet served) first, so a
+  taken port fails before anything else starts or logs.
 - **store**: the audit log and rules; opened before anything can decide,
   closed last, when the sessions' final audit rows are queued.
 - **loop**: the event loop thread every async part runs on; when it stops it

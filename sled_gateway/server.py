@@ -157,6 +157,7 @@ class Gateway:
         self._stop_timeout = 5.0
         self._lifecycle = Lifecycle()
         # The order of sled_gateway/lifecycle.py: each part one line.
+        self._lifecycle.add("socket", self._bind_socket, self._close_socket)
         # The store closes after the loop ends: the sessions' last audit rows are queued by then.
         self._lifecycle.add("store", self.store.open, self.store.close)
         self._lifecycle.add("loop", self._start_loop, self._stop_loop)
@@ -214,8 +215,6 @@ class Gateway:
         thread.join(self._stop_timeout)
         if thread.is_alive():
             log.error("gateway thread did not stop within {} s", self._stop_timeout)
-        if self._sock is not None:
-            self._sock.close()
 
     def _start_hub(self) -> None:
         self._monitor = self.run_on_loop(self._app.monitor())
@@ -229,9 +228,15 @@ class Gateway:
         if self._monitor is not None:
             self._monitor.cancel()
 
-    def _start_http(self) -> None:
+    def _bind_socket(self) -> None:
         self._sock = _bind(self.host, self._requested_port)
         self._port = self._sock.getsockname()[1]
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+
+    def _start_http(self) -> None:
         serving = self._serving = self.run_on_loop(self._serve())
         serving.add_done_callback(lambda _: self._started.set())  # ended before listening
         if not self._started.wait(self._start_timeout) or serving.done():
