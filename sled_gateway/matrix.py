@@ -137,7 +137,10 @@ def _read_secret(option: str, path: str) -> str:
 #: others), so they carry no value rule of their own.
 MATRIX_OPTIONS: dict[str, Option] = {
     "homeserver": Option(
-        "--matrix-homeserver", "e.g. https://matrix.org", metavar="URL", default=None
+        "--matrix-homeserver",
+        "the bot's homeserver, e.g. https://matrix.org (the --matrix-* options go together)",
+        metavar="URL",
+        default=None,
     ),
     "user": Option("--matrix-user", "the bot's user id", metavar="@BOT:SERVER", default=None),
     "password_file": Option(
