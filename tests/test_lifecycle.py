@@ -98,7 +98,8 @@ def _connect_to(part: ListeningSocket) -> Callable[[], None]:
 
 def test_parts_start_in_order_and_stop_in_reverse(tmp_path: Path) -> None:
     journal = Journal()
-    sock, db, worker = ListeningSocket(journal), Database(journal, tmp_path / "x.db"), Worker(journal)
+    sock, worker = ListeningSocket(journal), Worker(journal)
+    db = Database(journal, tmp_path / "x.db")
     lifecycle = Lifecycle()
     lifecycle.add("socket", sock.start, sock.stop)
     lifecycle.add("database", db.start, db.stop)
@@ -126,14 +127,15 @@ def test_a_failed_third_start_stops_the_first_two_in_reverse(tmp_path: Path) -> 
         lifecycle.start()
     assert journal.lines == ["start socket", "start database", "stop database", "stop socket"]
     assert lifecycle.started == []
+    assert db.conn is not None
     with pytest.raises(sqlite3.ProgrammingError):  # really closed
-        assert db.conn is not None
         db.conn.execute("SELECT 1")
 
 
 def test_a_failing_stop_is_logged_and_the_others_still_stop(tmp_path: Path) -> None:
     journal = Journal()
-    sock, db, worker = ListeningSocket(journal), Database(journal, tmp_path / "x.db"), Worker(journal)
+    sock, worker = ListeningSocket(journal), Worker(journal)
+    db = Database(journal, tmp_path / "x.db")
     lifecycle = Lifecycle()
     lifecycle.add("socket", sock.start, sock.stop)
     lifecycle.add("database", db.start, db.stop)
@@ -207,7 +209,7 @@ def test_a_gateway_whose_port_is_taken_starts_nothing_and_can_start_later(
         port = busy.getsockname()[1]
         gateway = Gateway(port=port, db=tmp_path / "gateway.db")
         gateway.add_transport(RecordingTransport(gateway, journal), "recording")
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="in use"):
             gateway.start()
     assert journal.lines == []
     assert not gateway.running
