@@ -209,8 +209,6 @@ def main(argv: list[str] | None = None) -> int:
         gateway = Gateway(config)
     except ConfigError as exc:
         parser.config_error(exc)
-    except ValueError as exc:  # an --allowed-host the Host parser refuses
-        parser.config_error(ConfigError("--allowed-host", str(exc)))
     configure_cli_logging(args.log_level)
     if args.interactive:
         gateway.add_transport(TerminalPrompter(gateway), "terminal")

@@ -24,6 +24,7 @@ from typing import Any
 from actors.cli import OPTION, Option, check_fields, library_only, option
 from protocol import ConfigError, Decision, printable
 from protocol.options import byte_size, positive_int, positive_number, positive_seconds
+from sled_gateway.security import AllowedHosts
 from sled_gateway.store import MEMORY
 
 #: Largest MCP body relayed; JSON escaping inside the frame can grow it, and
@@ -112,8 +113,13 @@ def _auto(option: str, value: Decision | str) -> Decision:
 
 
 def _allowed_host(option: str, value: str) -> str:
-    if not isinstance(value, str) or not value.strip() or "/" in value:
-        raise ConfigError(option, f"expected HOST or HOST:PORT, not {value!r}")
+    """A Host name or HOST:PORT, as the Host allowlist reads it."""
+    try:
+        if not isinstance(value, str) or not value.strip() or "/" in value:
+            raise ValueError(value)
+        AllowedHosts([value])
+    except ValueError:
+        raise ConfigError(option, f"expected HOST or HOST:PORT, not {value!r}") from None
     return value
 
 

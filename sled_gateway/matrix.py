@@ -404,9 +404,11 @@ Key = tuple[str, str]
 class MatrixTransport:
     """A Matrix bot answering one gateway's permission requests in one room.
 
-    ``start()`` from any thread once the gateway runs; ``stop()`` before the
-    gateway stops. ``connected`` (a threading-safe snapshot) tells tests and
-    ``/status``-like callers whether the last sync succeeded.
+    ``gateway.add_transport(bot)`` before the gateway starts (it then starts
+    and stops with it), or ``start()`` from any thread once the gateway runs
+    and ``stop()`` before the gateway stops. ``connected`` (a threading-safe
+    snapshot) tells tests and ``/status``-like callers whether the last sync
+    succeeded.
     """
 
     def __init__(

@@ -6,9 +6,14 @@ a private event loop in a background thread. Tests and ``run_gateway.py``
 talk to it through thread-safe methods; anything that must touch a session
 crosses into the loop with ``run_coroutine_threadsafe``.
 
+Its parts (the socket, the store, the loop, the sled sessions, the HTTP
+server, then the transports given to :meth:`Gateway.add_transport`) start
+in that order and stop in reverse, through one
+:class:`~sled_gateway.lifecycle.Lifecycle`.
+
 ::
 
-    with Gateway(token="s3cret", auto="approve") as gw:
+    with Gateway(token="s3cret", auto="approve") as gw:   # GatewayConfig's fields as keywords
         url = gw.url_for_sleds()          # ws://127.0.0.1:PORT/api/sled-uplink?token=s3cret
         gw.wait_for(lambda s: any(x["project"] == "p" for x in s["sleds"]), timeout=5)
         gw.decide("p", "req-1", "approve")
@@ -138,7 +143,9 @@ class Gateway:
         are Host names served besides the loopback names and ``host``; ``db``
         is the SQLite file (``:memory:`` by default).
         """
-        self.config = replace(config, **overrides) if config else GatewayConfig(**overrides)
+        self.config = (
+            replace(config, **overrides) if config is not None else GatewayConfig(**overrides)
+        )
         self.host = self.config.host
         self._requested_port = self.config.port
         self._state = GatewayState(self.config.heartbeat_interval)
@@ -237,6 +244,7 @@ class Gateway:
             self._sock.close()
 
     def _start_http(self) -> None:
+        self._started.clear()
         serving = self._serving = self.run_on_loop(self._serve())
         serving.add_done_callback(lambda _: self._started.set())  # ended before listening
         if not self._started.wait(self._start_timeout) or serving.done():
@@ -272,7 +280,7 @@ class Gateway:
         assert self._sock is not None
         try:
             await self._server.serve(sockets=[self._sock])
-        except BaseException as exc:
+        except Exception as exc:
             log.opt(exception=exc).error("gateway server crashed")
             raise
 
