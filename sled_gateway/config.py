@@ -83,8 +83,8 @@ def check_sled_tokens(data: Mapping[Any, Any]) -> dict[str, str]:
 TOKEN_ENV = "SLED_GATEWAY_TOKEN"
 OPERATOR_TOKEN_ENV = "SLED_GATEWAY_OPERATOR_TOKEN"
 
-#: Where the command keeps its database when ``--db`` is not given (the
-#: library keeps nothing: ``:memory:``).
+#: ``--db``'s default as ``--help`` shows it: the command's own file
+#: (run_gateway.py), or nothing kept when asked.
 DEFAULT_DB_SHOWN = "$XDG_DATA_HOME/sled-gateway/gateway.db; ':memory:' keeps nothing"
 
 
@@ -124,7 +124,7 @@ def _allowed_host(option: str, value: str) -> str:
 
 
 def _host(option: str, value: str) -> str:
-    """The address to bind: a name or an address ("" and 0.0.0.0 mean every IPv4 one)."""
+    """The address to bind: a name or an address (0.0.0.0 or :: for every one)."""
     if not isinstance(value, str) or any(c in value for c in "/ @?#"):
         raise ConfigError(option, f"expected a host name or address, not {value!r}")
     return value
