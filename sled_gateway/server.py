@@ -177,6 +177,11 @@ class Gateway:
         """Start ``transport`` after the HTTP server and stop it before (now, if running)."""
         self._lifecycle.add(name or type(transport).__name__, transport.start, transport.stop)
 
+    @property
+    def parts(self) -> list[str]:
+        """The names of the parts running now, in the order they started."""
+        return self._lifecycle.started
+
     def start(self, timeout: float = 10.0) -> Gateway:
         """Bind and serve; returns once listening. ``OSError`` if the address is taken."""
         if self._thread is not None:
@@ -188,7 +193,6 @@ class Gateway:
         except BaseException:
             self._thread = self._loop = None  # not started: start() may be tried again
             raise
-        log.info("gateway listening on {}", self.http_url)
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -250,6 +254,7 @@ class Gateway:
         if not self._started.wait(self._start_timeout) or serving.done():
             error = serving.exception() if serving.done() else None
             raise RuntimeError(f"gateway did not start: {error!r}")
+        log.info("gateway listening on {}", self.http_url)
 
     def _stop_http(self) -> None:
         """Stop accepting connections; the ones open stay for the hub to close."""

@@ -7,9 +7,12 @@ starts and stops in one shared journal, and each test reads the order off it.
 
 from __future__ import annotations
 
+import io
+import os
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import pytest
 from loguru import logger
 
 from sled_gateway import Gateway
+from sled_gateway.interactive import TerminalPrompter
 from sled_gateway.lifecycle import Lifecycle
 
 T = 10.0
@@ -190,10 +194,12 @@ def test_the_gateway_starts_its_transports_last_and_stops_them_first(tmp_path: P
     try:
         assert journal.lines == ["start transport (serving: True)"]
         assert gateway.running
+        assert gateway.parts == ["socket", "store", "loop", "hub", "http", "recording"]
     finally:
         gateway.stop()
     assert journal.lines[1:] == ["stop transport (serving: True)"]
     assert not gateway.running
+    assert gateway.parts == []
     with pytest.raises(httpx.ConnectError):
         httpx.get(gateway.http_url + "/healthz", timeout=T)
     # The store was closed: another gateway can open the same file.
@@ -218,3 +224,18 @@ def test_a_gateway_whose_port_is_taken_starts_nothing_and_can_start_later(
         assert journal.lines == ["start transport (serving: True)"]
     finally:
         gateway.stop()
+
+
+def test_the_terminal_prompt_stops_with_the_gateway(tmp_path: Path) -> None:
+    """What run_gateway.py --interactive does: the prompt is the gateway's to stop."""
+    read_end, write_end = os.pipe()
+    with open(read_end, encoding="utf-8") as stdin, open(write_end, "w") as keep_open:
+        gateway = Gateway(db=tmp_path / "gateway.db")
+        gateway.add_transport(TerminalPrompter(gateway, stdin=stdin, stdout=io.StringIO()))
+        with gateway:
+            assert "gateway-prompt" in {t.name for t in threading.enumerate()}
+        deadline = time.monotonic() + T
+        while "gateway-prompt" in {t.name for t in threading.enumerate()}:
+            assert time.monotonic() < deadline, "the prompt outlived the gateway"
+            time.sleep(0.05)
+        keep_open.write("\n")  # lets the daemon stdin reader end too
