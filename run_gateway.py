@@ -21,7 +21,10 @@ in the console URL, as Jupyter does).
 Every option is declared once: on ``GatewayConfig``'s fields
 (:mod:`sled_gateway.config`), in :data:`COMMAND_OPTIONS` here, or in
 ``MATRIX_OPTIONS`` (:mod:`sled_gateway.matrix`); the parser, ``--help`` and
-docs/command-line.md are built from them.
+docs/command-line.md are built from them. The terminal prompt and the Matrix
+bot are registered on the :class:`Gateway`, which starts them after its HTTP
+server and stops them first (:mod:`sled_gateway.lifecycle`): this file stops
+nothing by hand.
 
 Exit status: 0 after SIGINT/SIGTERM, 2 for a bad option (one line on stderr,
 no traceback), 1 if the server dies.
