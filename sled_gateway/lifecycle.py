@@ -15,13 +15,15 @@ The gateway's order (:class:`~sled_gateway.server.Gateway` adds them)::
 - **socket**: the address, bound (and listening, not yet served) first, so a
   taken port fails before anything else starts or logs.
 - **store**: the audit log and rules; opened before anything can decide,
-  closed last, when the sessions' final audit rows are queued.
+  closed after the loop ends, when the sessions' final audit rows are queued.
 - **loop**: the event loop thread every async part runs on; when it stops it
   lets the HTTP server close the connections left (keep-alive requests) and
   end, then ends every task still on it.
-- **bus**: events and "whoever holds sled X" (once it exists).
-- **hub**: the sled sessions; stopping it fails the relays (503) and closes
-  each session with 1001, before the HTTP server would close them with 1012.
+- **bus**: events, and requests to whoever holds sled X; up before the hub
+  publishes on it, down after.
+- **hub**: the sled sessions (today ``GatewayApp``'s monitor and shutdown);
+  stopping it fails the relays (503) and closes each session with 1001,
+  before the HTTP server would close them with 1012.
 - **HTTP**: the listening socket; stopping it stops accepting connections.
 - **transports**: the terminal prompt, the Matrix bot (anything registered
   with ``Gateway.add_transport``); stopped first, while the gateway still runs.
