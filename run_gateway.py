@@ -18,6 +18,14 @@ relay need the operator token (``--operator-token`` / env
 ``SLED_GATEWAY_OPERATOR_TOKEN``, or one generated at start and printed once
 in the console URL, as Jupyter does).
 
+Every option is declared once: on ``GatewayConfig``'s fields
+(:mod:`sled_gateway.config`), in :data:`COMMAND_OPTIONS` here, or in
+``MATRIX_OPTIONS`` (:mod:`sled_gateway.matrix`); the parser, ``--help`` and
+docs/command-line.md are built from them. The terminal prompt and the Matrix
+bot are registered on the :class:`Gateway`, which starts them after its HTTP
+server and stops them first (:mod:`sled_gateway.lifecycle`): this file stops
+nothing by hand.
+
 Exit status: 0 after SIGINT/SIGTERM, 2 for a bad option (one line on stderr,
 no traceback), 1 if the server dies.
 """
@@ -30,200 +38,117 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from typing import Any, cast
 
 from loguru import logger
 
-from actors.cli import OneLineParser, arg_type
+from actors.cli import OneLineParser, Option, field_options
 from protocol import ConfigError, redact
-from protocol.options import parse_listen, positive_int, positive_number, positive_seconds
+from protocol.options import one_of, parse_listen
 from protocol.version import __version__
 from sled_gateway import Gateway
-from sled_gateway.config import load_sled_tokens
+from sled_gateway.config import TOKEN_ENV, GatewayConfig, load_sled_tokens
 from sled_gateway.interactive import TerminalPrompter
 from sled_gateway.logs import configure_cli_logging
-from sled_gateway.matrix import MatrixConfig, MatrixTransport
+from sled_gateway.matrix import MATRIX_OPTIONS, MatrixConfig, MatrixTransport
 from sled_gateway.matrix import config_from_options as matrix_config_from_options
 from sled_gateway.store import StoreError, default_db_path
 
-TOKEN_ENV = "SLED_GATEWAY_TOKEN"
-OPERATOR_TOKEN_ENV = "SLED_GATEWAY_OPERATOR_TOKEN"
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_LISTEN = "127.0.0.1:8080"
 
 
-def _days(option: str, value: str) -> float:
-    return positive_number(option, value, "days")
+def _listen(option: str, value: str) -> str:
+    parse_listen(option, value)
+    return value
 
 
-def _seconds(option: str) -> Callable[[str], float]:
-    return arg_type(option, positive_seconds)
+def _log_level(option: str, value: str) -> str:
+    return one_of(option, value, LOG_LEVELS)
 
 
-def _count(option: str) -> Callable[[str], int]:
-    return arg_type(option, positive_int)
+def _path(option: str, value: str) -> str:
+    return value
+
+
+#: The command's options that are not one of GatewayConfig's fields: the
+#: address (→ ``host`` and ``port``), the sled tokens' file (→ ``sled_tokens``),
+#: the switches that choose who answers, and the logging.
+COMMAND_OPTIONS: dict[str, Option] = {
+    "listen": Option(
+        "--listen",
+        "address of the HTTP + WebSocket server",
+        rule=_listen,
+        metavar="HOST:PORT",
+        default=DEFAULT_LISTEN,
+    ),
+    "sled_tokens_file": Option(
+        "--sled-tokens",
+        'per-sled tokens, a JSON object {"<project>": "<token>", ...}: '
+        "a token admits only its own project",
+        rule=_path,
+        metavar="FILE",
+        default=None,
+    ),
+    "no_auth": Option(
+        "--no-auth",
+        "accept sleds without a token (tests and demos only; the operator token is still required)",
+        default=False,
+        switch=True,
+    ),
+    "interactive": Option(
+        "--interactive",
+        "ask on this terminal: approve / deny / always, for each request",
+        default=False,
+        switch=True,
+    ),
+    "log_level": Option(
+        "--log-level",
+        f"the least severe log lines shown: {', '.join(LOG_LEVELS)}",
+        rule=_log_level,
+        metavar="LEVEL",
+        default="INFO",
+    ),
+}
+
+MATRIX_GROUP = "Matrix transport (all five, or none)"
+
+
+def all_options() -> list[tuple[str, Option]]:
+    """(dest, Option) for every option of the command but Matrix's, in ``--help`` order."""
+    command = list(COMMAND_OPTIONS.items())
+    return command[:-1] + field_options(GatewayConfig) + command[-1:]
+
+
+def matrix_options() -> list[tuple[str, Option]]:
+    """(dest, Option) of the ``--matrix-*`` options (dest: ``matrix_<parameter>``)."""
+    return [(f"matrix_{name}", spec) for name, spec in MATRIX_OPTIONS.items()]
 
 
 def build_parser() -> OneLineParser:
+    """The command's parser, built from the options' declarations."""
+    options = all_options()
     parser = OneLineParser(
         prog="sled-gateway",
-        secret_options=("--token", "--operator-token"),
-        secret_env=(TOKEN_ENV, OPERATOR_TOKEN_ENV),
+        secret_options=[spec.flag for _, spec in options if spec.secret],
+        secret_env=[spec.env for _, spec in options if spec.secret and spec.env],
         description="Reference gateway for sled uplinks: "
         "WebSocket endpoint, web console, MCP relay. Operator authentication is "
         "always on (the console, REST API and MCP relay need the operator token); "
         "it has no TLS of its own: off loopback, put it behind a TLS proxy.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
-        "--listen",
-        default="127.0.0.1:8080",
-        metavar="HOST:PORT",
-        help="address of the HTTP + WebSocket server (default %(default)s)",
-    )
-    parser.add_argument(
-        "--token",
-        default=None,
-        help=f"the one shared sled token, for demos: any sled not in --sled-tokens may "
-        f"present it as ?token= (env {TOKEN_ENV}; prefer the env var: arguments show in ps)",
-    )
-    parser.add_argument(
-        "--sled-tokens",
-        default=None,
-        metavar="FILE",
-        help='per-sled tokens, a JSON object {"<project>": "<token>", ...}: '
-        "a token admits only its own project",
-    )
-    parser.add_argument(
-        "--no-auth",
-        action="store_true",
-        help="accept sleds without a token (tests and demos only; "
-        "the operator token is still required)",
-    )
-    parser.add_argument(
-        "--operator-token",
-        default=None,
-        metavar="TOKEN",
-        help=f"the operator's token for the console, REST API and MCP relay "
-        f"(env {OPERATOR_TOKEN_ENV}; default: a new one, printed once in the console URL)",
-    )
-    parser.add_argument(
-        "--allowed-host",
-        action="append",
-        default=[],
-        metavar="HOST",
-        help="a Host name (or HOST:PORT) the gateway answers to, repeatable; always allowed: "
-        "localhost, 127.0.0.1, [::1] and the --listen host (DNS-rebinding guard)",
-    )
-    parser.add_argument(
-        "--auto",
-        choices=("approve", "deny"),
-        default=None,
-        help="answer every permission request at once",
-    )
-    parser.add_argument(
-        "--interactive",
-        action="store_true",
-        help="ask on this terminal: approve / deny / always, for each request",
-    )
-    parser.add_argument(
-        "--heartbeat-interval",
-        type=_seconds("--heartbeat-interval"),
-        default=10.0,
-        metavar="S",
-        help="sleds' heartbeat interval; stale after 3 missed (default 10)",
-    )
-    parser.add_argument(
-        "--mcp-timeout",
-        type=_seconds("--mcp-timeout"),
-        default=30.0,
-        metavar="S",
-        help="how long an MCP relay waits for the sled (default 30)",
-    )
-    parser.add_argument(
-        "--max-relays-per-sled",
-        type=_count("--max-relays-per-sled"),
-        default=8,
-        metavar="N",
-        help="MCP relays in flight to one sled; 503 beyond (default 8)",
-    )
-    parser.add_argument(
-        "--max-pending-per-sled",
-        type=_count("--max-pending-per-sled"),
-        default=1000,
-        metavar="N",
-        help="pending permission requests of one sled; more are denied (default 1000)",
-    )
-    parser.add_argument(
-        "--forget-disconnected-after",
-        type=_seconds("--forget-disconnected-after"),
-        default=3600.0,
-        metavar="S",
-        help="drop a disconnected sled from the state after this long (default 3600)",
-    )
-    parser.add_argument(
-        "--identity-timeout",
-        type=_seconds("--identity-timeout"),
-        default=10.0,
-        metavar="S",
-        help="close (1008) a sled that sends no identity within this (default 10)",
-    )
-    parser.add_argument(
-        "--header-timeout",
-        type=_seconds("--header-timeout"),
-        default=10.0,
-        metavar="S",
-        help="close an HTTP connection whose request head is not in within this; "
-        "a body gets 3 times as long (408) (default 10)",
-    )
-    parser.add_argument(
-        "--max-connections",
-        type=_count("--max-connections"),
-        default=200,
-        metavar="N",
-        help="open connections; beyond, idle ones are closed first (default 200)",
-    )
-    parser.add_argument(
-        "--db",
-        default=None,
-        metavar="PATH",
-        help="SQLite file for the audit log and rules (default "
-        "$XDG_DATA_HOME/sled-gateway/gateway.db; ':memory:' keeps nothing)",
-    )
-    parser.add_argument(
-        "--audit-retention-days",
-        type=arg_type("--audit-retention-days", _days),
-        default=None,
-        metavar="N",
-        help="delete audit rows older than N days (default: keep them all)",
-    )
-    parser.add_argument(
-        "--log-level",
-        type=str.upper,
-        choices=LOG_LEVELS,
-        default="INFO",
-        metavar="LEVEL",
-        help="TRACE, DEBUG, INFO (default), WARNING, ERROR",
-    )
+    for dest, spec in options:
+        spec.add_to(parser, dest)
+    # The shared sled token's variable is read after the cross-checks, so
+    # that --no-auth ignores it rather than clashing with it.
+    parser.set_defaults(token=None)
     # Approve from a Matrix room (sled_gateway/matrix.py; needs the "matrix" extra).
-    matrix = parser.add_argument_group("Matrix transport (all five, or none)")
-    matrix.add_argument("--matrix-homeserver", metavar="URL", help="e.g. https://matrix.org")
-    matrix.add_argument("--matrix-user", metavar="@BOT:SERVER", help="the bot's user id")
-    matrix.add_argument(
-        "--matrix-password-file", metavar="PATH", help="a file holding the bot's password"
-    )
-    matrix.add_argument(
-        "--matrix-access-token-file",
-        metavar="PATH",
-        help="a file holding the bot's access token (instead of a password)",
-    )
-    matrix.add_argument(
-        "--matrix-room", metavar="ROOM", help="room id (!id) or alias (#name:server)"
-    )
-    matrix.add_argument(
-        "--matrix-operators",
-        metavar="@A:SERVER,...",
-        help="who may answer from the room (comma-separated user ids)",
-    )
+    group = parser.add_argument_group(MATRIX_GROUP)
+    for dest, spec in matrix_options():
+        # An argument group has add_argument, which is all add_to calls.
+        spec.add_to(cast(argparse.ArgumentParser, group), dest)
+        parser.option_strings.append(spec.flag)  # for "did you mean"
     return parser
 
 
@@ -233,12 +158,7 @@ def resolve_matrix(args: argparse.Namespace) -> MatrixConfig | None:
         # --auto answers before anyone could read the room.
         raise ConfigError("--matrix-homeserver", "cannot be combined with --auto")
     config = matrix_config_from_options(
-        homeserver=args.matrix_homeserver,
-        user=args.matrix_user,
-        password_file=args.matrix_password_file,
-        access_token_file=args.matrix_access_token_file,
-        room=args.matrix_room,
-        operators=args.matrix_operators,
+        **{name: getattr(args, f"matrix_{name}") for name in MATRIX_OPTIONS}
     )
     if config is not None:
         try:
@@ -250,71 +170,53 @@ def resolve_matrix(args: argparse.Namespace) -> MatrixConfig | None:
     return config
 
 
-def resolve(args: argparse.Namespace) -> tuple[str, int, str | None]:
-    """Cross-option checks → (host, port, token or None); :class:`ConfigError` if unusable.
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    """The parsed options → a :class:`GatewayConfig`; :class:`ConfigError` if unusable.
 
-    Also reads ``--sled-tokens`` into ``args.sled_token_map`` and the operator
-    token (option or environment) into ``args.operator_token``.
+    The checks across options come first, then the ``--sled-tokens`` file is
+    read and the config made (which applies each field's rule again).
     """
-    host, port = parse_listen("--listen", args.listen)
     if args.no_auth and args.token is not None:
         raise ConfigError("--no-auth", "cannot be combined with --token")
-    if args.no_auth and args.sled_tokens is not None:
+    if args.no_auth and args.sled_tokens_file is not None:
         raise ConfigError("--no-auth", "cannot be combined with --sled-tokens")
     if args.auto and args.interactive:
         raise ConfigError("--interactive", "cannot be combined with --auto")
-    args.sled_token_map = load_sled_tokens(args.sled_tokens) if args.sled_tokens else {}
-    if args.operator_token is None:
-        args.operator_token = os.environ.get(OPERATOR_TOKEN_ENV) or None
-    elif not args.operator_token:
-        raise ConfigError("--operator-token", "must not be empty")
-    for entry in args.allowed_host:
-        if not entry.strip() or "/" in entry:
-            raise ConfigError("--allowed-host", f"expected HOST or HOST:PORT, not {entry!r}")
-    if args.no_auth:
-        return host, port, None
-    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
-    if not token and not args.sled_token_map:
-        raise ConfigError(
-            "--token", f"required (or set {TOKEN_ENV}, give --sled-tokens, or pass --no-auth)"
-        )
-    return host, port, token or None
+    values: dict[str, Any] = {}
+    for dest, _ in field_options(GatewayConfig):
+        if getattr(args, dest, None) is not None:  # absent or None: the field's default
+            value = getattr(args, dest)
+            values[dest] = tuple(value) if isinstance(value, list) else value
+    values["host"], values["port"] = parse_listen("--listen", args.listen)
+    if args.sled_tokens_file:
+        values["sled_tokens"] = load_sled_tokens(args.sled_tokens_file)
+    if args.db is None:
+        values["db"] = default_db_path()
+    if not args.no_auth:
+        token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
+        if not token and not values.get("sled_tokens"):
+            raise ConfigError(
+                "--token", f"required (or set {TOKEN_ENV}, give --sled-tokens, or pass --no-auth)"
+            )
+        if token:
+            values["token"] = token
+    return GatewayConfig(**values)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        host, port, token = resolve(args)
+        config = config_from_args(args)
         matrix_config = resolve_matrix(args)
+        gateway = Gateway(config)
     except ConfigError as exc:
         parser.config_error(exc)
-
-    try:
-        gateway = Gateway(
-            host=host,
-            port=port,
-            token=token,
-            auto=args.auto,
-            heartbeat_interval=args.heartbeat_interval,
-            mcp_timeout=args.mcp_timeout,
-            operator_token=args.operator_token,
-            allowed_hosts=args.allowed_host,
-            sled_tokens=args.sled_token_map,
-            max_relays_per_sled=args.max_relays_per_sled,
-            max_pending_per_sled=args.max_pending_per_sled,
-            forget_disconnected_after=args.forget_disconnected_after,
-            identity_timeout=args.identity_timeout,
-            header_timeout=args.header_timeout,
-            max_connections=args.max_connections,
-            db=args.db if args.db is not None else default_db_path(),
-            audit_retention_days=args.audit_retention_days,
-        )
-    except ConfigError as exc:
-        parser.config_error(exc)
-    except ValueError as exc:  # an --allowed-host the Host parser refuses
-        parser.config_error(ConfigError("--allowed-host", str(exc)))
     configure_cli_logging(args.log_level)
+    if args.interactive:
+        gateway.add_transport(TerminalPrompter(gateway), "terminal")
+    if matrix_config is not None:
+        gateway.add_transport(MatrixTransport(gateway, matrix_config), "matrix")
     try:
         gateway.start()
     except OSError as exc:
@@ -332,53 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-
-    if token is None and not args.sled_token_map:
-        logger.warning("sled authentication is OFF (--no-auth): any client may connect as a sled")
-    if host in ("", "0.0.0.0", "::") and not args.allowed_host:
-        logger.warning(
-            "listening on every interface, but only loopback names are allowed as Host: "
-            "add --allowed-host with the name or address clients use (others get 421)"
-        )
-    if args.sled_tokens:
-        with contextlib.suppress(OSError):
-            if os.stat(args.sled_tokens).st_mode & 0o077:
-                logger.warning(
-                    "--sled-tokens {}: readable by other users; chmod 600 it", args.sled_tokens
-                )
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning(
-            "listening on {} without TLS: the operator token and every decision cross the "
-            "network in clear; put the gateway behind a TLS proxy",
-            args.listen,
-        )
-    logger.info(
-        "console: {}/   sleds connect to: {}   allowed hosts: {}",
-        gateway.http_url,
-        redact(gateway.url_for_sleds())
-        + ("" if token is not None or not args.sled_token_map else "?token=<its own token>"),
-        ", ".join(gateway.allowed_hosts),
-    )
-    if args.operator_token is None:
-        # Printed, not logged: a log file or a JSON sink must not keep it.
-        print(
-            f"\n    Open the console (operator token included; shown only this once):\n"
-            f"        {gateway.console_url()}\n"
-            f"    API and MCP clients send: Authorization: Bearer <the token>\n",
-            file=sys.stderr,
-            flush=True,
-        )
-    logger.info(
-        "permission requests answered by: {}",
-        f"auto-{args.auto}"
-        if args.auto
-        else "terminal prompt and web console"
-        if args.interactive
-        else "web console",
-    )
-
-    prompter = TerminalPrompter(gateway).start() if args.interactive else None
-    bot = MatrixTransport(gateway, matrix_config).start() if matrix_config else None
+    _announce(gateway, args)
     status = 0
     try:
         # A timed wait keeps the main thread responsive to signals and lets us
@@ -389,12 +245,57 @@ def main(argv: list[str] | None = None) -> int:
                 status = 1
                 break
     finally:
-        if prompter is not None:
-            prompter.stop()
-        if bot is not None:
-            bot.stop()
-        gateway.stop(timeout=4.0)
+        gateway.stop(timeout=4.0)  # the transports first, then the gateway's parts
     return status
+
+
+def _announce(gateway: Gateway, args: argparse.Namespace) -> None:
+    """Log where the gateway is and what is risky about how it runs; print a new token."""
+    config = gateway.config
+    if config.token is None and not config.sled_tokens:
+        logger.warning("sled authentication is OFF (--no-auth): any client may connect as a sled")
+    if config.host in ("", "0.0.0.0", "::") and not config.allowed_hosts:
+        logger.warning(
+            "listening on every interface, but only loopback names are allowed as Host: "
+            "add --allowed-host with the name or address clients use (others get 421)"
+        )
+    if args.sled_tokens_file:
+        with contextlib.suppress(OSError):
+            if os.stat(args.sled_tokens_file).st_mode & 0o077:
+                logger.warning(
+                    "--sled-tokens {}: readable by other users; chmod 600 it",
+                    args.sled_tokens_file,
+                )
+    if config.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning(
+            "listening on {} without TLS: the operator token and every decision cross the "
+            "network in clear; put the gateway behind a TLS proxy",
+            args.listen,
+        )
+    logger.info(
+        "console: {}/   sleds connect to: {}   allowed hosts: {}",
+        gateway.http_url,
+        redact(gateway.url_for_sleds())
+        + ("" if config.token is not None or not config.sled_tokens else "?token=<its own token>"),
+        ", ".join(gateway.allowed_hosts),
+    )
+    if getattr(args, "operator_token", None) is None:  # generated
+        # Printed, not logged: a log file or a JSON sink must not keep it.
+        print(
+            f"\n    Open the console (operator token included; shown only this once):\n"
+            f"        {gateway.console_url()}\n"
+            f"    API and MCP clients send: Authorization: Bearer <the token>\n",
+            file=sys.stderr,
+            flush=True,
+        )
+    logger.info(
+        "permission requests answered by: {}",
+        f"auto-{config.auto.value}"
+        if config.auto
+        else "terminal prompt and web console"
+        if args.interactive
+        else "web console",
+    )
 
 
 if __name__ == "__main__":

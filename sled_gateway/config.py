@@ -1,16 +1,31 @@
-"""Validated settings of the reference gateway (shared by the library and the CLI)."""
+"""The gateway's settings: one frozen object, each field declared once.
+
+Every field carries its :class:`~actors.cli.Option` (flag, environment
+variable, help, value rule, default), as the uplink's ``UplinkConfig`` does:
+``run_gateway.py`` builds its parser and ``--help`` from them,
+``scripts/gen-cli-docs.py`` the table of docs/command-line.md, and
+:class:`~sled_gateway.server.Gateway` takes the same names as keywords.
+A field without a flag (``host``, ``port``, ``sled_tokens``…) is set by a
+command option that is not a plain value (``--listen``, the ``--sled-tokens``
+file) or only by the library; its rule still applies.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import os
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from actors.cli import OPTION, Option, check_fields, library_only, option
 from protocol import ConfigError, Decision, printable
-from protocol.options import positive_int, positive_seconds
+from protocol.options import byte_size, positive_int, positive_number, positive_seconds
+from sled_gateway.security import AllowedHosts
+from sled_gateway.store import MEMORY
 
 #: Largest MCP body relayed; JSON escaping inside the frame can grow it, and
 #: the uplink accepts frames up to 16 MiB.
@@ -65,31 +80,218 @@ def check_sled_tokens(data: Mapping[Any, Any]) -> dict[str, str]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
+TOKEN_ENV = "SLED_GATEWAY_TOKEN"
+OPERATOR_TOKEN_ENV = "SLED_GATEWAY_OPERATOR_TOKEN"
+
+#: ``--db``'s default as ``--help`` shows it: the command's own file
+#: (run_gateway.py), or nothing kept when asked.
+DEFAULT_DB_SHOWN = "$XDG_DATA_HOME/sled-gateway/gateway.db; ':memory:' keeps nothing"
+
+
+def new_operator_token() -> str:
+    """A fresh operator token (the console URL printed at start carries it)."""
+    return secrets.token_urlsafe(24)
+
+
+# ── value rules of the gateway's own options ────────────────────────────────
+# Each takes (option, value) like those of protocol.options: the command
+# line's text or a library caller's typed value, and returns the value to use.
+
+
+def _token(option: str, value: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(option, "must be a non-empty string")
+    return value
+
+
+def _auto(option: str, value: Decision | str) -> Decision:
+    """``approve`` or ``deny`` (or that :class:`Decision`): every request's answer."""
+    word = value.value if isinstance(value, Decision) else value
+    if word not in (Decision.APPROVE.value, Decision.DENY.value):
+        raise ConfigError(option, f"expected approve or deny, not {value!r}")
+    return Decision(word)
+
+
+def _allowed_host(option: str, value: str) -> str:
+    """A Host name or HOST:PORT, as the Host allowlist reads it."""
+    try:
+        if not isinstance(value, str) or not value.strip() or "/" in value:
+            raise ValueError(value)
+        AllowedHosts([value])
+    except ValueError:
+        raise ConfigError(option, f"expected HOST or HOST:PORT, not {value!r}") from None
+    return value
+
+
+def _host(option: str, value: str) -> str:
+    """The address to bind: a name or an address (0.0.0.0 or :: for every one)."""
+    if not isinstance(value, str) or any(c in value for c in "/ @?#"):
+        raise ConfigError(option, f"expected a host name or address, not {value!r}")
+    return value
+
+
+def _port(option: str, value: int) -> int:
+    """0 to 65535; 0 asks the system for a free port."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ConfigError(option, f"expected a port from 0 to 65535, not {value!r}")
+    return value
+
+
+def _days(option: str, value: float | str) -> float:
+    return positive_number(option, value, "days")
+
+
+def _db(option: str, value: str | os.PathLike[str]) -> str | os.PathLike[str]:
+    if not isinstance(value, str | os.PathLike) or not os.fspath(value):
+        raise ConfigError(option, f"expected a file path or ':memory:', not {value!r}")
+    return value
+
+
+def _sled_tokens(option: str, value: Mapping[Any, Any]) -> Mapping[str, str]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(option, 'expected a mapping {"project": "token", ...}')
+    return MappingProxyType(check_sled_tokens(dict(value)))
+
+
+@dataclass(frozen=True, slots=True, repr=False)
 class GatewayConfig:
-    """What the gateway does.
+    """What the gateway does. Durations are seconds.
 
     ``token`` is the one shared sled token (demos); ``sled_tokens`` maps each
     project to its own. With neither, any sled may connect (``--no-auth``).
-    The operator token is always required: the console and API are never open.
+    The operator token is always required: the console and API are never
+    open; one is generated when none is given.
+
+    Each value goes through its option's rule when the object is made (text
+    becomes the typed value, e.g. ``auto="approve"`` → ``Decision.APPROVE``),
+    then the checks that relate two fields; a bad one raises
+    :class:`ConfigError` naming the option.
     """
 
-    operator_token: str = ""
-    token: str | None = None
-    sled_tokens: Mapping[str, str] = field(default_factory=dict)
-    allowed_hosts: tuple[str, ...] = ()  # on top of the loopback names and the listen host
-    auto: Decision | None = None  # answer every permission request at once
-    heartbeat_interval: float = 10.0  # sleds are stale after 3 missed intervals
-    mcp_timeout: float = 30.0
-    ping_interval: float | None = 20.0  # WebSocket keepalive towards sleds
-    ping_timeout: float | None = 20.0
-    max_mcp_body: int = MAX_MCP_BODY
-    max_relays_per_sled: int = 8  # concurrent MCP relays to one sled; 503 beyond
-    max_pending_per_sled: int = 1000  # pending permission requests of one sled; denied beyond
-    forget_disconnected_after: float = 3600.0  # drop a gone sled's record after this long
-    identity_timeout: float = 10.0  # an accepted sled must identify within this
-    header_timeout: float = 10.0  # an HTTP request head must arrive within this
-    max_connections: int = 200  # open TCP connections; idle ones are evicted first
+    host: str = library_only("127.0.0.1", "host", _host)  # --listen sets it
+    port: int = library_only(0, "port", _port)  # --listen sets it
+    operator_token: str = option(
+        None,
+        "--operator-token",
+        "the operator's token for the console, REST API and MCP relay "
+        "(prefer the environment variable: arguments show in ps)",
+        rule=_token,
+        metavar="TOKEN",
+        env=OPERATOR_TOKEN_ENV,
+        secret=True,
+        default_factory=new_operator_token,
+        shown_default="a new one, printed once in the console URL",
+    )
+    token: str | None = option(
+        None,
+        "--token",
+        "the one shared sled token, for demos: any sled not in --sled-tokens may present "
+        "it as ?token= (prefer the environment variable: arguments show in ps)",
+        rule=_token,
+        metavar="TOKEN",
+        env=TOKEN_ENV,
+        secret=True,
+    )
+    # The --sled-tokens FILE's content (run_gateway.py reads it).
+    sled_tokens: Mapping[str, str] = field(
+        default_factory=dict,
+        metadata={OPTION: Option("", "--sled-tokens", rule=_sled_tokens)},
+    )
+    allowed_hosts: tuple[str, ...] = option(
+        (),
+        "--allowed-host",
+        "a Host name (or HOST:PORT) the gateway answers to, repeatable (DNS-rebinding guard)",
+        rule=_allowed_host,
+        metavar="HOST",
+        repeat=True,
+        shown_default="localhost, 127.0.0.1, [::1] and the --listen host",
+    )
+    auto: Decision | None = option(  # noqa: RUF009 (option() returns a dataclasses.field)
+        None,
+        "--auto",
+        "answer every permission request at once: approve or deny",
+        rule=_auto,
+        metavar="approve|deny",
+        shown_default="none, people answer",
+    )
+    heartbeat_interval: float = option(
+        10.0,
+        "--heartbeat-interval",
+        "sleds' heartbeat interval; a sled is stale after 3 missed",
+        rule=positive_seconds,
+    )
+    mcp_timeout: float = option(
+        30.0, "--mcp-timeout", "how long an MCP relay waits for the sled", rule=positive_seconds
+    )
+    ping_interval: float | None = library_only(20.0, "ping_interval", positive_seconds)
+    ping_timeout: float | None = library_only(20.0, "ping_timeout", positive_seconds)
+    max_mcp_body: int = library_only(MAX_MCP_BODY, "max_mcp_body", byte_size)
+    max_relays_per_sled: int = option(
+        8,
+        "--max-relays-per-sled",
+        "MCP relays in flight to one sled; 503 beyond",
+        rule=positive_int,
+        metavar="N",
+    )
+    max_pending_per_sled: int = option(
+        1000,
+        "--max-pending-per-sled",
+        "pending permission requests of one sled; more are denied",
+        rule=positive_int,
+        metavar="N",
+    )
+    forget_disconnected_after: float = option(
+        3600.0,
+        "--forget-disconnected-after",
+        "drop a disconnected sled from the state after this long",
+        rule=positive_seconds,
+    )
+    identity_timeout: float = option(
+        10.0,
+        "--identity-timeout",
+        "close (1008) a sled that sends no identity within this",
+        rule=positive_seconds,
+    )
+    header_timeout: float = option(
+        10.0,
+        "--header-timeout",
+        "close an HTTP connection whose request head is not in within this; "
+        "a body gets 3 times as long (408)",
+        rule=positive_seconds,
+    )
+    max_connections: int = option(
+        200,
+        "--max-connections",
+        "open connections; beyond, idle ones are closed first",
+        rule=positive_int,
+        metavar="N",
+    )
+    db: str | os.PathLike[str] = option(  # noqa: RUF009 (option() returns a field)
+        MEMORY,
+        "--db",
+        "SQLite file for the audit log and rules",
+        rule=_db,
+        metavar="PATH",
+        cli_default=None,  # run_gateway.py puts it in $XDG_DATA_HOME
+        shown_default=DEFAULT_DB_SHOWN,
+    )
+    audit_retention_days: float | None = option(
+        None,
+        "--audit-retention-days",
+        "delete audit rows older than N days",
+        rule=_days,
+        metavar="N",
+        shown_default="keep them all",
+    )
+
+    def __repr__(self) -> str:
+        def shown(name: str) -> str:
+            value = getattr(self, name)
+            if name in _SECRET_FIELDS and value:
+                return "{...}" if isinstance(value, Mapping) else "'***'"
+            return repr(value)
+
+        return f"GatewayConfig({', '.join(f'{n}={shown(n)}' for n in self.__dataclass_fields__)})"
 
     @property
     def body_timeout(self) -> float:
@@ -97,32 +299,39 @@ class GatewayConfig:
         return 3 * self.header_timeout
 
     def __post_init__(self) -> None:
-        if not isinstance(self.operator_token, str) or not self.operator_token:
-            raise ConfigError("--operator-token", "must be a non-empty string")
-        if self.token is not None and (not isinstance(self.token, str) or not self.token):
-            raise ConfigError("--token", "must be a non-empty string")
-        object.__setattr__(
-            self, "sled_tokens", MappingProxyType(check_sled_tokens(dict(self.sled_tokens)))
-        )
+        if self.operator_token is None:  # a caller's explicit "generate one"
+            object.__setattr__(self, "operator_token", new_operator_token())
+        for f in fields(self):
+            spec = f.metadata.get(OPTION)
+            value = getattr(self, f.name)
+            if spec is None or spec.rule is None or value is None:
+                continue
+            name = spec.flag or spec.help  # a field without a flag: its name
+            if spec.repeat:
+                items: Iterable[Any] = (value,) if isinstance(value, str) else value
+                value = tuple(spec.rule(name, item) for item in items)
+            else:
+                value = spec.rule(name, value)
+            object.__setattr__(self, f.name, value)
+        self._check_together()
+
+    def validate(self) -> GatewayConfig:
+        """Raise :class:`ConfigError` naming the first unusable value; return self.
+
+        The object was checked when made; this repeats it (the uplink's
+        ``UplinkConfig.validate`` reads the same).
+        """
+        check_fields(self)
+        self._check_together()
+        return self
+
+    def _check_together(self) -> None:
         sled_secrets = set(self.sled_tokens.values())
         if self.token is not None and self.token in sled_secrets:
             raise ConfigError("--token", "must differ from every token in --sled-tokens")
         if self.operator_token == self.token or self.operator_token in sled_secrets:
             # A sled's credential must never open the console.
             raise ConfigError("--operator-token", "must differ from every sled token")
-        for option, number in (
-            ("--max-relays-per-sled", self.max_relays_per_sled),
-            ("--max-pending-per-sled", self.max_pending_per_sled),
-            ("--max-connections", self.max_connections),
-        ):
-            positive_int(option, number)
-        positive_seconds("--forget-disconnected-after", self.forget_disconnected_after)
-        positive_seconds("--identity-timeout", self.identity_timeout)
-        positive_seconds("--header-timeout", self.header_timeout)
-        if self.auto is not None and self.auto not in (Decision.APPROVE, Decision.DENY):
-            raise ConfigError("--auto", "must be approve or deny")
-        positive_seconds("--heartbeat-interval", self.heartbeat_interval)
-        positive_seconds("--mcp-timeout", self.mcp_timeout)
-        for name, v in (("ping_interval", self.ping_interval), ("ping_timeout", self.ping_timeout)):
-            if v is not None:
-                positive_seconds(name, v)
+
+
+_SECRET_FIELDS = frozenset({"operator_token", "token", "sled_tokens"})

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from actors.cli import Option
 from protocol import ConfigError, Decision
 from sled_gateway.state import (
     WITHDRAWN,
@@ -129,6 +130,38 @@ def _read_secret(option: str, path: str) -> str:
     if not text or "\n" in text:
         raise ConfigError(option, f"{path!r} must hold one non-empty line")
     return text
+
+
+#: The command line's ``--matrix-*`` options, keyed by :func:`config_from_options`'s
+#: parameters. They are checked together there (each is required with the
+#: others), so they carry no value rule of their own.
+MATRIX_OPTIONS: dict[str, Option] = {
+    "homeserver": Option(
+        "--matrix-homeserver",
+        "the bot's homeserver, e.g. https://matrix.org (the --matrix-* options go together)",
+        metavar="URL",
+        default=None,
+    ),
+    "user": Option("--matrix-user", "the bot's user id", metavar="@BOT:SERVER", default=None),
+    "password_file": Option(
+        "--matrix-password-file", "a file holding the bot's password", metavar="PATH", default=None
+    ),
+    "access_token_file": Option(
+        "--matrix-access-token-file",
+        "a file holding the bot's access token (instead of a password)",
+        metavar="PATH",
+        default=None,
+    ),
+    "room": Option(
+        "--matrix-room", "room id (!id) or alias (#name:server)", metavar="ROOM", default=None
+    ),
+    "operators": Option(
+        "--matrix-operators",
+        "who may answer from the room (comma-separated user ids)",
+        metavar="@A:SERVER,...",
+        default=None,
+    ),
+}
 
 
 def config_from_options(
@@ -371,9 +404,11 @@ Key = tuple[str, str]
 class MatrixTransport:
     """A Matrix bot answering one gateway's permission requests in one room.
 
-    ``start()`` from any thread once the gateway runs; ``stop()`` before the
-    gateway stops. ``connected`` (a threading-safe snapshot) tells tests and
-    ``/status``-like callers whether the last sync succeeded.
+    ``gateway.add_transport(bot)`` before the gateway starts (it then starts
+    and stops with it), or ``start()`` from any thread once the gateway runs
+    and ``stop()`` before the gateway stops. ``connected`` (a threading-safe
+    snapshot) tells tests and ``/status``-like callers whether the last sync
+    succeeded.
     """
 
     def __init__(

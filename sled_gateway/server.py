@@ -6,9 +6,14 @@ a private event loop in a background thread. Tests and ``run_gateway.py``
 talk to it through thread-safe methods; anything that must touch a session
 crosses into the loop with ``run_coroutine_threadsafe``.
 
+Its parts (the socket, the store, the loop, the sled sessions, the HTTP
+server, then the transports given to :meth:`Gateway.add_transport`) start
+in that order and stop in reverse, through one
+:class:`~sled_gateway.lifecycle.Lifecycle`.
+
 ::
 
-    with Gateway(token="s3cret", auto="approve") as gw:
+    with Gateway(token="s3cret", auto="approve") as gw:   # GatewayConfig's fields as keywords
         url = gw.url_for_sleds()          # ws://127.0.0.1:PORT/api/sled-uplink?token=s3cret
         gw.wait_for(lambda s: any(x["project"] == "p" for x in s["sleds"]), timeout=5)
         gw.decide("p", "req-1", "approve")
@@ -24,12 +29,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ipaddress
-import os
-import secrets
 import socket
 import threading
-from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine
+from dataclasses import replace
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import uvicorn
@@ -39,9 +43,10 @@ from protocol import Decision
 from sled_gateway.app import GatewayApp
 from sled_gateway.config import MAX_FRAME, GatewayConfig
 from sled_gateway.httpserver import guarded_protocol
+from sled_gateway.lifecycle import Lifecycle
 from sled_gateway.logs import protect_uvicorn_loggers
 from sled_gateway.state import DecisionRecord, GatewayState, PendingPermission
-from sled_gateway.store import MEMORY, Store
+from sled_gateway.store import Store
 
 log = logger.bind(actor="gateway")
 T = TypeVar("T")
@@ -57,6 +62,27 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         self._on_started()
+
+    async def stop_accepting(self) -> None:
+        """Close the listening sockets; connections already open carry on."""
+        for server in self.servers:
+            server.close()
+
+
+def _run_forever(loop: asyncio.AbstractEventLoop) -> None:
+    """The gateway's thread: run ``loop`` until stopped, then end what is left on it."""
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+        leftovers = asyncio.all_tasks(loop)
+        for task in leftovers:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    except BaseException as exc:
+        log.opt(exception=exc).error("gateway loop crashed")
+    finally:
+        loop.close()
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -92,105 +118,150 @@ def _url_host(host: str) -> str:
     return host
 
 
+class Transport(Protocol):
+    """A way to answer permission requests besides the console (the terminal, Matrix).
+
+    Made with the gateway; ``start()`` once the gateway serves (the hub and
+    the HTTP server are up), ``stop()`` before they stop.
+    """
+
+    def start(self) -> object: ...
+
+    def stop(self) -> object: ...
+
+
 class Gateway:
     """The reference sled gateway, usable from tests in a background thread."""
 
-    def __init__(
-        self,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        token: str | None = None,
-        auto: Decision | str | None = None,
-        heartbeat_interval: float = 10.0,
-        mcp_timeout: float = 30.0,
-        ping_interval: float | None = 20.0,
-        ping_timeout: float | None = 20.0,
-        operator_token: str | None = None,
-        allowed_hosts: Sequence[str] | None = None,
-        sled_tokens: Mapping[str, str] | None = None,
-        max_relays_per_sled: int = 8,
-        max_pending_per_sled: int = 1000,
-        forget_disconnected_after: float = 3600.0,
-        identity_timeout: float = 10.0,
-        header_timeout: float = 10.0,
-        max_connections: int = 200,
-        db: str | os.PathLike[str] = MEMORY,
-        audit_retention_days: float | None = None,
-    ) -> None:
-        """``token``: the one shared sled token (demos); ``sled_tokens``: project → its token.
+    def __init__(self, config: GatewayConfig | None = None, **overrides: Any) -> None:
+        """``Gateway(**settings)`` or ``Gateway(config, **overrides)``.
 
-        ``operator_token`` opens the console and the API (generated if None);
-        ``allowed_hosts`` are Host names served besides the loopback names and
-        ``host``. The other limits are described in ``run_gateway.py --help``.
+        The keywords are :class:`GatewayConfig`'s fields (``run_gateway.py
+        --help`` describes each): ``token`` is the one shared sled token
+        (demos), ``sled_tokens`` maps a project to its own, ``operator_token``
+        opens the console and the API (generated if None), ``allowed_hosts``
+        are Host names served besides the loopback names and ``host``; ``db``
+        is the SQLite file (``:memory:`` by default).
         """
-        self.config = GatewayConfig(
-            operator_token=(
-                operator_token if operator_token is not None else secrets.token_urlsafe(24)
-            ),
-            token=token,
-            sled_tokens=dict(sled_tokens or {}),
-            allowed_hosts=tuple(allowed_hosts or ()),
-            auto=Decision(auto) if auto is not None else None,
-            heartbeat_interval=heartbeat_interval,
-            mcp_timeout=mcp_timeout,
-            ping_interval=ping_interval,
-            ping_timeout=ping_timeout,
-            max_relays_per_sled=max_relays_per_sled,
-            max_pending_per_sled=max_pending_per_sled,
-            forget_disconnected_after=forget_disconnected_after,
-            identity_timeout=identity_timeout,
-            header_timeout=header_timeout,
-            max_connections=max_connections,
+        self.config = (
+            replace(config, **overrides) if config is not None else GatewayConfig(**overrides)
         )
-        self.host = host
-        self._requested_port = port
+        self.host = self.config.host
+        self._requested_port = self.config.port
         self._state = GatewayState(self.config.heartbeat_interval)
         # Opened in start(), on the caller's thread, so a bad file is an error there.
-        self.store = Store(db, retention_days=audit_retention_days)
-        self._app = GatewayApp(self.config, self._state, listen_host=host, store=self.store)
+        self.store = Store(self.config.db, retention_days=self.config.audit_retention_days)
+        self._app = GatewayApp(self.config, self._state, listen_host=self.host, store=self.store)
         self._sock: socket.socket | None = None
         self._port: int | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: _Server | None = None
+        self._serving: concurrent.futures.Future[None] | None = None
+        self._monitor: concurrent.futures.Future[None] | None = None
         self._started = threading.Event()
-        self._error: BaseException | None = None
+        self._start_timeout = 10.0
+        self._stop_timeout = 5.0
+        self._lifecycle = Lifecycle()
+        # The order of sled_gateway/lifecycle.py: each part one line.
+        self._lifecycle.add("socket", self._bind_socket, self._close_socket)
+        # The store closes after the loop ends: the sessions' last audit rows are queued by then.
+        self._lifecycle.add("store", self.store.open, self.store.close)
+        self._lifecycle.add("loop", self._start_loop, self._stop_loop)
+        self._lifecycle.add("hub", self._start_hub, self._stop_hub)
+        self._lifecycle.add("http", self._start_http, self._stop_http)
 
     # -- lifecycle ----------------------------------------------------------------
+
+    def add_transport(self, transport: Transport, name: str | None = None) -> None:
+        """Start ``transport`` after the HTTP server and stop it before (now, if running)."""
+        self._lifecycle.add(name or type(transport).__name__, transport.start, transport.stop)
+
+    @property
+    def parts(self) -> list[str]:
+        """The names of the parts running now, in the order they started."""
+        return self._lifecycle.started
 
     def start(self, timeout: float = 10.0) -> Gateway:
         """Bind and serve; returns once listening. ``OSError`` if the address is taken."""
         if self._thread is not None:
             raise RuntimeError("Gateway already started")
         protect_uvicorn_loggers()
-        self._sock = _bind(self.host, self._requested_port)
+        self._start_timeout = timeout
         try:
-            self.store.open()
+            self._lifecycle.start()
         except BaseException:
-            self._sock.close()
-            self._sock = None
+            self._thread = self._loop = None  # not started: start() may be tried again
             raise
-        self._port = self._sock.getsockname()[1]
-        self._thread = threading.Thread(target=self._run, name="sled-gateway", daemon=True)
-        self._thread.start()
-        if not self._started.wait(timeout) or self._error is not None:
-            self.stop()
-            raise RuntimeError(f"gateway did not start: {self._error!r}")
-        log.info("gateway listening on {}", self.http_url)
         return self
 
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:
-            self._error = exc
-            log.opt(exception=exc).error("gateway loop crashed")
-        finally:
-            self._started.set()
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the transports, the listener, the sled sessions (1001), the store and
+        the loop, in that order. Idempotent."""
+        self._stop_timeout = timeout
+        self._lifecycle.stop()
+        log.info("gateway stopped")
+
+    def _start_loop(self) -> None:
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(
+            target=_run_forever, args=(loop,), name="sled-gateway", daemon=True
+        )
+        self._loop, self._thread = loop, thread
+        thread.start()
+
+    def _stop_loop(self) -> None:
+        loop, thread, server, serving = self._loop, self._thread, self._server, self._serving
+        if loop is None or thread is None:
+            return
+        if server is not None and serving is not None:
+            # The hub closed the sled sessions; uvicorn now closes what is left
+            # (keep-alive HTTP connections) and returns.
+            server.should_exit = True
+            concurrent.futures.wait([serving], self._stop_timeout)
+        if thread is threading.current_thread():
+            loop.call_soon(loop.stop)
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(self._stop_timeout)
+        if thread.is_alive():
+            log.error("gateway thread did not stop within {} s", self._stop_timeout)
+
+    def _start_hub(self) -> None:
+        self._monitor = self.run_on_loop(self._app.monitor())
+
+    def _stop_hub(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            try:
+                self.run_on_loop(self._app.shutdown()).result(self._stop_timeout / 2)
+            except Exception as exc:
+                log.warning("gateway shutdown step failed: {!r}", exc)
+        if self._monitor is not None:
+            self._monitor.cancel()
+
+    def _bind_socket(self) -> None:
+        self._sock = _bind(self.host, self._requested_port)
+        self._port = self._sock.getsockname()[1]
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+
+    def _start_http(self) -> None:
+        self._started.clear()
+        serving = self._serving = self.run_on_loop(self._serve())
+        serving.add_done_callback(lambda _: self._started.set())  # ended before listening
+        if not self._started.wait(self._start_timeout) or serving.done():
+            error = serving.exception() if serving.done() else None
+            raise RuntimeError(f"gateway did not start: {error!r}")
+        log.info("gateway listening on {}", self.http_url)
+
+    def _stop_http(self) -> None:
+        """Stop accepting connections; the ones open stay for the hub to close."""
+        if self._server is not None and self.running:
+            self.run_on_loop(self._server.stop_accepting()).result(self._stop_timeout)
 
     async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
         config = uvicorn.Config(
             self._app.asgi,
             lifespan="off",
@@ -211,31 +282,12 @@ class Gateway:
             server_header=False,
         )
         self._server = _Server(config, on_started=self._started.set)
-        monitor = asyncio.create_task(self._app.monitor())
+        assert self._sock is not None
         try:
-            assert self._sock is not None
             await self._server.serve(sockets=[self._sock])
-        finally:
-            monitor.cancel()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Close sled sessions (1001), stop serving, join the thread. Idempotent."""
-        loop, server, thread = self._loop, self._server, self._thread
-        if loop is not None and thread is not None and thread.is_alive():
-            try:
-                asyncio.run_coroutine_threadsafe(self._app.shutdown(), loop).result(timeout / 2)
-            except Exception as exc:
-                log.warning("gateway shutdown step failed: {!r}", exc)
-        if server is not None:
-            server.should_exit = True
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-            if thread.is_alive():
-                log.error("gateway thread did not stop within {} s", timeout)
-        if self._sock is not None:
-            self._sock.close()
-        self.store.close()  # after the loop: the sessions' last audit rows are queued by then
-        log.info("gateway stopped")
+        except Exception as exc:
+            log.opt(exception=exc).error("gateway server crashed")
+            raise
 
     def __enter__(self) -> Gateway:
         return self.start() if self._thread is None else self
@@ -245,7 +297,14 @@ class Gateway:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self._error is None
+        """True from start until stop, unless the server ended on its own."""
+        serving = self._serving
+        return (
+            self._thread is not None
+            and self._thread.is_alive()
+            and serving is not None
+            and not serving.done()
+        )
 
     # -- addresses ----------------------------------------------------------------
 

@@ -1,15 +1,18 @@
 """One source of configuration: the options' declarations, their rules and their help.
 
 The uplink's options are declared once, on ``UplinkConfig``'s fields (and a
-few of the command's own); the parser, ``--help``, ``validate()`` and
-docs/command-line.md all come from them, and both commands share the value
-rules of ``protocol.options``. These tests hold each of those to the
+few of the command's own), the gateway's on ``GatewayConfig``'s (and
+``run_gateway.COMMAND_OPTIONS``, ``sled_gateway.matrix.MATRIX_OPTIONS``); each
+command's parser, ``--help``, the config's checks and docs/command-line.md
+all come from them, and both commands share the value rules of
+``protocol.options``. These tests hold each of those to the
 declarations, and the declarations to a few literal expectations, so that
 none of them can pass by being empty.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import re
@@ -21,10 +24,11 @@ from typing import Any
 
 import pytest
 
+import run_gateway
 import run_uplink
 from actors.cli import OPTION, Option, field_options
 from actors.config import UplinkConfig
-from protocol import ConfigError
+from protocol import ConfigError, Decision
 from protocol.options import (
     byte_size,
     format_bytes,
@@ -32,6 +36,8 @@ from protocol.options import (
     positive_int,
     positive_seconds,
 )
+from sled_gateway import Gateway, GatewayConfig
+from sled_gateway.matrix import MATRIX_OPTIONS, config_from_options
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 30
@@ -328,3 +334,145 @@ def test_the_command_line_page_lists_every_option_as_declared() -> None:
     for _, spec in run_uplink.all_options():
         assert f"| `{spec.flag}" in page, spec.flag
     assert "| `--listen HOST:PORT` | `HUSKIES_UPLINK_LISTEN` | 127.0.0.1:3002 |" in page
+
+
+# ── the gateway's declarations ──────────────────────────────────────────────
+
+# A bad command-line text for each of GatewayConfig's options, and the same value typed.
+GATEWAY_BAD = {
+    "operator_token": ("", ""),
+    "token": ("", ""),
+    "allowed_hosts": ("a/b", ("a/b",)),
+    "auto": ("maybe", "always_allow"),
+    "heartbeat_interval": ("0", 0.0),
+    "mcp_timeout": ("nan", math.nan),
+    "max_relays_per_sled": ("0", 0),
+    "max_pending_per_sled": ("many", 1.5),
+    "forget_disconnected_after": ("inf", math.inf),
+    "identity_timeout": ("-1", -1.0),
+    "header_timeout": ("soon", 0),
+    "max_connections": ("-3", -3),
+    "db": ("", ""),
+    "audit_retention_days": ("0", 0),
+}
+
+
+def test_every_gateway_option_has_a_bad_value_here() -> None:
+    declared = {name for name, _ in field_options(GatewayConfig)}
+    assert declared == set(GATEWAY_BAD)
+
+
+@pytest.mark.parametrize("name", sorted(GATEWAY_BAD))
+def test_the_gateway_library_and_command_refuse_the_same_value_in_the_same_words(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec: Option = next(f.metadata[OPTION] for f in fields(GatewayConfig) if f.name == name)
+    text, typed = GATEWAY_BAD[name]
+    with pytest.raises(ConfigError) as raised:
+        Gateway(**{name: typed})
+    assert raised.value.option == spec.flag
+    with pytest.raises(SystemExit) as exited:
+        run_gateway.config_from_args(
+            run_gateway.build_parser().parse_args(["--no-auth", spec.flag, text])
+        )
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    line = err.split(": error: ", 1)[1].rstrip("\n")
+    assert line.startswith(f"argument {spec.flag}: ")
+    assert (
+        line.split(", not ")[0]
+        == f"argument {spec.flag}: {raised.value.problem}".split(", not ")[0]
+    )
+
+
+def test_gateway_takes_every_setting_by_its_field_name_and_no_other() -> None:
+    defaults = GatewayConfig()
+    every = {f.name: getattr(defaults, f.name) for f in fields(GatewayConfig)}
+    assert Gateway(**every).config == defaults
+    assert Gateway(defaults, auto="deny").config.auto is Decision.DENY
+    assert Gateway(auto="approve", port=0, host="::1").config.auto is Decision.APPROVE
+    with pytest.raises(TypeError, match="heartbeat"):
+        Gateway(heartbeat=3)
+    # The secrets stay out of its repr (a config may be logged).
+    shown = repr(Gateway(token="tok-s3cret", operator_token="op-s3cret", sled_tokens={"p": "x9"}))
+    assert "s3cret" not in shown
+    assert "x9" not in shown
+
+
+def test_the_matrix_options_are_the_parameters_of_their_config() -> None:
+    parameters = inspect.signature(config_from_options).parameters
+    assert set(MATRIX_OPTIONS) == set(parameters)
+    flags = {spec.flag for _, spec in run_gateway.matrix_options()}
+    assert flags == {f"--matrix-{name.replace('_', '-')}" for name in parameters}
+
+
+def _gateway_help_lines() -> dict[str, str]:
+    result = _run("run_gateway.py", "--help")
+    assert result.returncode == 0, result.stderr
+    lines: dict[str, str] = {}
+    flag = None
+    for line in result.stdout.splitlines():
+        match = re.match(r"  (?:-h, )?(--[a-z-]+)", line)
+        if match:
+            flag = match.group(1)
+            lines[flag] = line
+        elif flag and line.startswith("      "):
+            lines[flag] += "  " + line.strip()
+        else:
+            flag = None
+    return lines
+
+
+def test_every_gateway_option_in_help_shows_its_default_and_variable() -> None:
+    lines = _gateway_help_lines()
+    declared = run_gateway.all_options() + run_gateway.matrix_options()
+    assert {spec.flag for _, spec in declared} | {"--help", "--version"} == set(lines)
+    for _, spec in declared:
+        line = lines[spec.flag]
+        tail = f"(default: {spec.default_text()}"
+        tail += f"; env: {spec.env})" if spec.env else ")"
+        assert line.endswith(tail), line
+    literal = {
+        "--listen": "(default: 127.0.0.1:8080)",
+        "--mcp-timeout": "(default: 30)",
+        "--max-connections": "(default: 200)",
+        "--token": "(default: none; env: SLED_GATEWAY_TOKEN)",
+        "--operator-token": "; env: SLED_GATEWAY_OPERATOR_TOKEN)",
+        "--db": "(default: $XDG_DATA_HOME/sled-gateway/gateway.db; ':memory:' keeps nothing)",
+        "--no-auth": "(default: off)",
+    }
+    for flag, text in literal.items():
+        assert re.sub(r"\s{2,}", "  ", lines[flag]).endswith(text), lines[flag]
+    assert len(declared) >= 25
+
+
+def test_the_gateway_help_defaults_are_the_defaults_that_apply() -> None:
+    config = GatewayConfig()
+    for name, spec in field_options(GatewayConfig):
+        if spec.shown_default is None:
+            shown = Option(spec.flag, "", rule=spec.rule, default=getattr(config, name))
+            assert spec.default_text() == shown.default_text(), name
+
+
+def test_the_gateway_reads_its_variables_and_no_auth_ignores_the_sled_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SLED_GATEWAY_TOKEN", "from-env")
+    monkeypatch.setenv("SLED_GATEWAY_OPERATOR_TOKEN", "op-from-env")
+    parse = run_gateway.build_parser().parse_args
+    config = run_gateway.config_from_args(parse([]))
+    assert (config.token, config.operator_token) == ("from-env", "op-from-env")
+    config = run_gateway.config_from_args(parse(["--token", "opt", "--operator-token", "op"]))
+    assert (config.token, config.operator_token) == ("opt", "op")
+    config = run_gateway.config_from_args(parse(["--no-auth"]))
+    assert config.token is None
+
+
+def test_the_command_line_page_lists_every_gateway_option() -> None:
+    page = (ROOT / "docs" / "command-line.md").read_text("utf-8")
+    gateway_part = page.split("gateway-options:begin", 1)[1]
+    for _, spec in run_gateway.all_options() + run_gateway.matrix_options():
+        assert f"| `{spec.flag}" in gateway_part, spec.flag
+    assert "| `--listen HOST:PORT` |  | 127.0.0.1:8080 |" in gateway_part
+    assert "| `--token TOKEN` | `SLED_GATEWAY_TOKEN` | none |" in gateway_part
