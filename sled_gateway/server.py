@@ -38,25 +38,13 @@ from loguru import logger
 from protocol import Decision
 from sled_gateway.app import GatewayApp
 from sled_gateway.config import MAX_FRAME, GatewayConfig
-from sled_gateway.httpserver import guarded_protocol
 from sled_gateway.logs import protect_uvicorn_loggers
 from sled_gateway.state import DecisionRecord, GatewayState, PendingPermission
 from sled_gateway.store import MEMORY, Store
+from sled_gateway.uvicorn_adapter import NotifyingServer, guarded_protocol
 
 log = logger.bind(actor="gateway")
 T = TypeVar("T")
-
-
-class _Server(uvicorn.Server):
-    """uvicorn.Server that tells us when it is listening."""
-
-    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._on_started = on_started
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        self._on_started()
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -153,7 +141,7 @@ class Gateway:
         self._port: int | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: _Server | None = None
+        self._server: NotifyingServer | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
 
@@ -210,7 +198,7 @@ class Gateway:
             timeout_graceful_shutdown=3,
             server_header=False,
         )
-        self._server = _Server(config, on_started=self._started.set)
+        self._server = NotifyingServer(config, on_started=self._started.set)
         monitor = asyncio.create_task(self._app.monitor())
         try:
             assert self._sock is not None
@@ -227,7 +215,7 @@ class Gateway:
             except Exception as exc:
                 log.warning("gateway shutdown step failed: {!r}", exc)
         if server is not None:
-            server.should_exit = True
+            server.request_exit()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
             if thread.is_alive():
