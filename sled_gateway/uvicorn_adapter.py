@@ -93,9 +93,10 @@ class GuardedH11Protocol(H11Protocol):
 
     header_timeout: ClassVar[float] = 10.0
     max_connections: ClassVar[int] = 200
-    # transport → the guarded protocol that accepted it, oldest first; shared by
+    # transport → the guarded protocol serving it (None once upgraded to a
+    # WebSocket, so the spent HTTP protocol can be freed), oldest first; shared by
     # every connection of one server (one class per server, see guarded_protocol).
-    open_transports: ClassVar[dict[asyncio.Transport, GuardedH11Protocol]] = {}
+    open_transports: ClassVar[dict[asyncio.Transport, GuardedH11Protocol | None]] = {}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -160,7 +161,11 @@ class GuardedH11Protocol(H11Protocol):
         over = len(self.open_transports) - self.max_connections
         if over <= 0:
             return
-        idle = [p for p in self.open_transports.values() if p is not self and p.awaiting_head]
+        idle = [
+            p
+            for p in self.open_transports.values()
+            if p is not None and p is not self and p.awaiting_head
+        ]
         for victim in idle[:over]:
             victim._guard_close()
             over -= 1
@@ -179,11 +184,20 @@ class GuardedH11Protocol(H11Protocol):
         super().data_received(data)
         if self._guard_timer is not None and not self.awaiting_head:
             self._guard_disarm()  # the head is in (or the connection became a WebSocket)
+        self._guard_release_if_upgraded()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        super().on_response_complete()  # may serve a pipelined request, even an upgrade
         if self.awaiting_head:
             self._guard_arm()  # the next request on this keep-alive connection
+        self._guard_release_if_upgraded()
+
+    def _guard_release_if_upgraded(self) -> None:
+        transport = self._guard_transport
+        if transport is not None and transport.get_protocol() is not self:
+            # A WebSocket now: the transport still counts toward the cap, but this
+            # spent HTTP protocol is not kept alive for the socket's lifetime.
+            self.open_transports[transport] = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._guard_disarm()

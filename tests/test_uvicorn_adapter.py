@@ -226,3 +226,16 @@ def test_a_newcomer_is_closed_when_every_connection_is_busy(served: list[Served]
             assert _closed(newcomer)  # the WebSocket counts toward the cap
         ws.send("still here")
         assert ws.recv(T) == "still here"
+
+
+def test_an_upgraded_connection_counts_without_keeping_its_http_protocol(
+    served: list[Served],
+) -> None:
+    s = Served(header_timeout=60.0, max_connections=10)
+    served.append(s)
+    protocol = s.server.config.http_protocol_class
+    assert issubclass(protocol, GuardedH11Protocol)
+    with connect(f"ws://127.0.0.1:{s.port}/ws", open_timeout=T) as ws:
+        ws.send("ping")
+        assert ws.recv(T) == "ping"
+        assert list(protocol.open_transports.values()) == [None]
