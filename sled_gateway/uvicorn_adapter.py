@@ -152,9 +152,9 @@ class GuardedH11Protocol(H11Protocol):
         self._guard_transport = transport
         self.open_transports[transport] = self
         self._guard_arm()
-        self._enforce_cap()
+        self._guard_enforce_cap()
 
-    def _enforce_cap(self) -> None:
+    def _guard_enforce_cap(self) -> None:
         # Transports already closed (or told to close) no longer count: drop them.
         for closed in [t for t in self.open_transports if t.is_closing()]:
             del self.open_transports[closed]

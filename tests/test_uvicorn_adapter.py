@@ -90,6 +90,28 @@ def test_h11_protocol_has_the_methods_the_subclass_extends(
     assert method in vars(GuardedH11Protocol)  # and the subclass still extends each one
 
 
+def test_the_subclass_shadows_nothing_of_h11_protocol() -> None:
+    """What the subclass adds must not collide with a name uvicorn has (or adds later)."""
+    overridden = {"connection_made", "data_received", "on_response_complete", "connection_lost"}
+    added = {n for n in vars(GuardedH11Protocol) if not n.startswith("__")} - overridden
+    assert added, "nothing found to check"
+    assert {n for n in added if hasattr(H11Protocol, n)} == set()
+
+    async def build() -> GuardedH11Protocol:
+        config = uvicorn.Config(_app(), lifespan="off", log_config=None)
+        return GuardedH11Protocol(config=config, server_state=ServerState(), app_state={})
+
+    instance = vars(asyncio.run(build()))
+    plain = vars(asyncio.run(_plain_h11()))
+    assert {n for n in instance if n in plain} == set(plain)  # only its own are new
+    assert {n for n in instance if n not in plain} == {"_guard_transport", "_guard_timer"}
+
+
+async def _plain_h11() -> H11Protocol:
+    config = uvicorn.Config(_app(), lifespan="off", log_config=None)
+    return H11Protocol(config=config, server_state=ServerState(), app_state={})
+
+
 def test_server_startup_is_a_coroutine_taking_the_sockets() -> None:
     startup = uvicorn.Server.startup
     assert inspect.iscoroutinefunction(startup)
