@@ -42,31 +42,14 @@ from loguru import logger
 from protocol import Decision
 from sled_gateway.app import GatewayApp
 from sled_gateway.config import MAX_FRAME, GatewayConfig
-from sled_gateway.httpserver import guarded_protocol
 from sled_gateway.lifecycle import Lifecycle
 from sled_gateway.logs import protect_uvicorn_loggers
 from sled_gateway.state import DecisionRecord, GatewayState, PendingPermission
 from sled_gateway.store import Store
+from sled_gateway.uvicorn_adapter import NotifyingServer, guarded_protocol
 
 log = logger.bind(actor="gateway")
 T = TypeVar("T")
-
-
-class _Server(uvicorn.Server):
-    """uvicorn.Server that tells us when it is listening."""
-
-    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._on_started = on_started
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        self._on_started()
-
-    async def stop_accepting(self) -> None:
-        """Close the listening sockets; connections already open carry on."""
-        for server in self.servers:
-            server.close()
 
 
 def _run_forever(loop: asyncio.AbstractEventLoop) -> None:
@@ -156,7 +139,7 @@ class Gateway:
         self._port: int | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: _Server | None = None
+        self._server: NotifyingServer | None = None
         self._serving: concurrent.futures.Future[None] | None = None
         self._monitor: concurrent.futures.Future[None] | None = None
         self._started = threading.Event()
@@ -217,7 +200,7 @@ class Gateway:
         if server is not None and serving is not None:
             # The hub closed the sled sessions; uvicorn now closes what is left
             # (keep-alive HTTP connections) and returns.
-            server.should_exit = True
+            server.request_exit()
             concurrent.futures.wait([serving], self._stop_timeout)
         if thread is threading.current_thread():
             loop.call_soon(loop.stop)
@@ -281,7 +264,7 @@ class Gateway:
             timeout_graceful_shutdown=3,
             server_header=False,
         )
-        self._server = _Server(config, on_started=self._started.set)
+        self._server = NotifyingServer(config, on_started=self._started.set)
         assert self._sock is not None
         try:
             await self._server.serve(sockets=[self._sock])

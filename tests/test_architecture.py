@@ -4,6 +4,10 @@
   name of either (a ``_`` import, attribute or overridden method, or one of
   their undocumented internals) is the kind of dependency a minor release
   breaks silently, and some of these guard security (fail-closed) paths.
+- ``sled_gateway/`` holds to the same rule for every library it uses, with one
+  exception: ``uvicorn_adapter.py``, which names each uvicorn internal it
+  needs (the slowloris defences have no public hook) and whose uses
+  ``tests/test_uvicorn_adapter.py`` checks against the installed uvicorn.
 - No import cycles among the actor modules; ``actors.permissions`` can be
   imported without the WebSocket stack.
 - ``protocol/`` stays sans-I/O: it imports no I/O library at all.
@@ -19,8 +23,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h11
 import pykka
 import pytest
+import uvicorn
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTORS = sorted((ROOT / "actors").glob("*.py"))
@@ -36,6 +42,47 @@ INTERNALS = {
     "paused",
     "recv_messages",
     "drain_waiters",
+}
+GATEWAY = sorted((ROOT / "sled_gateway").rglob("*.py"))
+# The one gateway module allowed past uvicorn's documented API.
+ADAPTER_NAME = "uvicorn_adapter.py"
+GATEWAY_CHECKED = [p for p in GATEWAY if p.name != ADAPTER_NAME]
+GATEWAY_LIBRARIES = (
+    "uvicorn",
+    "h11",
+    "starlette",
+    "sse_starlette",
+    "websockets",
+    "pykka",
+    "httpx",
+    "httpcore",
+    "anyio",
+    "mcp",
+    "loguru",
+    "nio",
+    "sqlalchemy",
+    "alembic",
+    "prometheus_client",
+)
+# Libraries whose public API is what the top-level package exports (``__all__``):
+# their submodules (``uvicorn.protocols...``, ``h11._connection``) are internals.
+TOP_LEVEL_ONLY = {"uvicorn": frozenset(uvicorn.__all__), "h11": frozenset(h11.__all__)}
+# Public-looking names that are internals of uvicorn's server and protocols.
+GATEWAY_INTERNALS = INTERNALS | {
+    "server_state",
+    "http_protocol_class",
+    "ws_protocol_class",
+    "loaded_app",
+    "startup",
+    "main_loop",
+    "on_tick",
+    "should_exit",
+    "servers",
+    "force_exit",
+    "capture_signals",
+    "handle_events",
+    "on_response_complete",
+    "timeout_keep_alive_task",
 }
 IO_LIBRARIES = {
     "pykka",
@@ -79,39 +126,77 @@ def _own_private_names(paths: list[Path]) -> set[str]:
     return {n for n in names if _private(n)}
 
 
-def private_uses(paths: list[Path]) -> list[str]:
-    """Uses of pykka's or websockets' private names in ``paths``, as readable lines."""
+def private_uses(
+    paths: list[Path],
+    libraries: tuple[str, ...] = LIBRARIES,
+    internals: set[str] = INTERNALS,
+    top_level_only: dict[str, frozenset[str]] | None = None,
+) -> list[str]:
+    """Uses of the ``libraries``' private names in ``paths``, as readable lines.
+
+    ``top_level_only`` maps a library to the names its package exports; any
+    other of its modules or attributes is an internal.
+    """
+    top_level_only = top_level_only or {}
     own = _own_private_names(paths)
     found: list[str] = []
     for path in paths:
         tree = ast.parse(path.read_text(), str(path))
         where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+        # Local names bound to a top-level-only library (``import uvicorn as u``).
+        bound = {
+            alias.asname or alias.name.split(".")[0]: alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+            if alias.name.split(".")[0] in top_level_only
+        }
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     parts = alias.name.split(".")
-                    if parts[0] in LIBRARIES and any(_private(p) for p in parts):
+                    if parts[0] in libraries and any(_private(p) for p in parts):
                         found.append(f"{where}:{node.lineno}: import {alias.name}")
+                    elif parts[0] in top_level_only and len(parts) > 1:
+                        found.append(f"{where}:{node.lineno}: import {alias.name} (internal)")
             elif isinstance(node, ast.ImportFrom) and node.module:
                 parts = node.module.split(".")
-                if parts[0] in LIBRARIES:
+                if parts[0] in libraries:
                     if any(_private(p) for p in parts):
                         found.append(f"{where}:{node.lineno}: from {node.module} import ...")
+                    elif parts[0] in top_level_only and len(parts) > 1:
+                        found.append(f"{where}:{node.lineno}: from {node.module} (internal)")
                     for alias in node.names:
-                        if _private(alias.name):
+                        exported = top_level_only.get(parts[0])
+                        if _private(alias.name) or (
+                            exported is not None and len(parts) == 1 and alias.name not in exported
+                        ):
                             found.append(f"{where}:{node.lineno}: {node.module}.{alias.name}")
             elif isinstance(node, ast.Attribute):
+                library = bound.get(node.value.id) if isinstance(node.value, ast.Name) else None
                 if _private(node.attr) and node.attr not in own:
                     found.append(f"{where}:{node.lineno}: .{node.attr} (not ours)")
-                elif node.attr in INTERNALS:
+                elif node.attr in internals:
                     found.append(f"{where}:{node.lineno}: .{node.attr} (a library internal)")
+                elif library is not None and node.attr not in top_level_only[library]:
+                    found.append(f"{where}:{node.lineno}: {library}.{node.attr} (internal)")
     return found
+
+
+def gateway_private_uses(paths: list[Path]) -> list[str]:
+    """:func:`private_uses` with the gateway's libraries and their internals."""
+    return private_uses(paths, GATEWAY_LIBRARIES, GATEWAY_INTERNALS, TOP_LEVEL_ONLY)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _classes_of(package_paths: list[Path]) -> list[type]:
     classes = []
     for path in package_paths:
-        module = importlib.import_module(f"actors.{path.stem}")
+        module = importlib.import_module(_module_name(path))
         for _, value in inspect.getmembers(module, inspect.isclass):
             if value.__module__ == module.__name__:
                 classes.append(value)
@@ -168,6 +253,63 @@ def test_no_class_extends_a_websockets_connection() -> None:
 
     bases = (websockets.asyncio.connection.Connection, websockets.protocol.Protocol)
     extending = [cls.__name__ for cls in _classes_of(ACTORS) if issubclass(cls, bases)]
+    assert extending == []
+
+
+def test_the_gateway_uses_no_private_name_of_a_library() -> None:
+    assert GATEWAY_CHECKED, "no gateway modules found"
+    assert gateway_private_uses(GATEWAY_CHECKED) == []
+
+
+def test_the_gateway_scan_finds_what_it_is_for(tmp_path: Path) -> None:
+    """Each kind of private use the gateway could make is caught."""
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import uvicorn\n"
+        "import uvicorn.protocols.http.h11_impl\n"
+        "from uvicorn import Config, Server\n"
+        "from uvicorn.protocols.http.h11_impl import H11Protocol\n"
+        "from uvicorn import ServerState\n"
+        "from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE\n"
+        "from mcp.shared._httpx_utils import create_mcp_http_client\n"
+        "from starlette.requests import Request\n"
+        "def f(server, protocol):\n"
+        "    server.should_exit = True\n"
+        "    protocol.server_state.connections.clear()\n"
+        "    return uvicorn.protocols, uvicorn.Config\n"
+    )
+    found = gateway_private_uses([sample])
+    assert len(found) == 8, found
+    for expected in (
+        "import uvicorn.protocols.http.h11_impl (internal)",
+        "from uvicorn.protocols.http.h11_impl (internal)",
+        "uvicorn.ServerState",
+        "from h11._connection import",
+        "from mcp.shared._httpx_utils import",
+        ".should_exit (a library internal)",
+        ".server_state (a library internal)",
+        "uvicorn.protocols (internal)",
+    ):
+        assert any(expected in f for f in found), (expected, found)
+
+
+def test_the_uvicorn_adapter_is_one_module_naming_what_it_uses() -> None:
+    (adapter,) = [p for p in GATEWAY if p.name == ADAPTER_NAME]
+    docstring = ast.get_docstring(ast.parse(adapter.read_text())) or ""
+    uses = gateway_private_uses([adapter])
+    assert uses, "the adapter no longer needs uvicorn's internals: fold it back in"
+    for use in uses:
+        name = use.split(": ", 1)[1].split(" (")[0].removeprefix("from ").lstrip(".")
+        assert name in docstring, f"{use}: not named in the adapter's docstring"
+
+
+def test_no_gateway_class_extends_a_uvicorn_or_h11_class() -> None:
+    extending = [
+        f"{cls.__module__}.{cls.__qualname__}"
+        for cls in _classes_of(GATEWAY_CHECKED)
+        for base in cls.__mro__[1:]
+        if base.__module__.split(".")[0] in TOP_LEVEL_ONLY
+    ]
     assert extending == []
 
 

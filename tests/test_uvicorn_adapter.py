@@ -1,0 +1,284 @@
+"""``sled_gateway.uvicorn_adapter`` against the installed uvicorn.
+
+The adapter reaches past uvicorn's documented API (its docstring says where and
+why). A uvicorn release that renames or reshapes one of those internals must
+fail here, by name, rather than quietly turn the gateway's slowloris defences
+off. The first half checks each internal the adapter names; the second runs
+the two limits on a real uvicorn server with real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import socket
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import h11
+import pytest
+import uvicorn
+from packaging.requirements import Requirement
+from packaging.version import Version
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.server import ServerState
+from websockets.sync.client import connect
+
+from sled_gateway.uvicorn_adapter import GuardedH11Protocol, NotifyingServer, guarded_protocol
+from tests.conftest import scaled
+
+ROOT = Path(__file__).resolve().parents[1]
+T = scaled(5.0)
+
+
+# ── the internals the adapter names ─────────────────────────────────────────
+
+
+def test_the_installed_uvicorn_is_the_pinned_minor_release() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pins = [Requirement(r) for r in pyproject["project"]["dependencies"]]
+    (pin,) = [r for r in pins if r.name == "uvicorn"]
+    assert Version(uvicorn.__version__) in pin.specifier, (uvicorn.__version__, str(pin))
+
+
+def test_h11_protocol_is_an_asyncio_protocol_config_accepts_as_a_class() -> None:
+    assert issubclass(H11Protocol, asyncio.Protocol)
+    assert "http" in inspect.signature(uvicorn.Config).parameters
+    protocol = guarded_protocol(header_timeout=1.0, max_connections=2)
+    config = uvicorn.Config(_app(), http=protocol, lifespan="off", log_config=None)
+    config.load()
+    assert config.http_protocol_class is protocol
+
+
+def test_h11_protocol_takes_the_arguments_the_server_builds_it_with() -> None:
+    parameters = list(inspect.signature(H11Protocol.__init__).parameters)
+    assert parameters == ["self", "config", "server_state", "app_state", "_loop"]
+
+
+def test_h11_protocol_keeps_its_h11_connection_in_conn() -> None:
+    async def build() -> H11Protocol:
+        config = uvicorn.Config(_app(), http="h11", lifespan="off", log_config=None)
+        return H11Protocol(config=config, server_state=ServerState(), app_state={})
+
+    protocol = asyncio.run(build())
+    assert isinstance(protocol.conn, h11.Connection)
+    assert protocol.conn.our_role is h11.SERVER
+    assert protocol.conn.their_state is h11.IDLE  # no request head yet
+
+
+@pytest.mark.parametrize(
+    ("method", "parameters"),
+    [
+        ("connection_made", ["self", "transport"]),
+        ("data_received", ["self", "data"]),
+        ("on_response_complete", ["self"]),
+        ("connection_lost", ["self", "exc"]),
+    ],
+)
+def test_h11_protocol_has_the_methods_the_subclass_extends(
+    method: str, parameters: list[str]
+) -> None:
+    assert list(inspect.signature(getattr(H11Protocol, method)).parameters) == parameters
+    assert method in vars(GuardedH11Protocol)  # and the subclass still extends each one
+
+
+def test_the_subclass_shadows_nothing_of_h11_protocol() -> None:
+    """What the subclass adds must not collide with a name uvicorn has (or adds later)."""
+    overridden = {"connection_made", "data_received", "on_response_complete", "connection_lost"}
+    added = {n for n in vars(GuardedH11Protocol) if not n.startswith("__")} - overridden
+    assert added, "nothing found to check"
+    assert {n for n in added if hasattr(H11Protocol, n)} == set()
+
+    async def build() -> GuardedH11Protocol:
+        config = uvicorn.Config(_app(), lifespan="off", log_config=None)
+        return GuardedH11Protocol(config=config, server_state=ServerState(), app_state={})
+
+    instance = vars(asyncio.run(build()))
+    plain = vars(asyncio.run(_plain_h11()))
+    assert {n for n in instance if n in plain} == set(plain)  # only its own are new
+    assert {n for n in instance if n not in plain} == {"_guard_transport", "_guard_timer"}
+
+
+async def _plain_h11() -> H11Protocol:
+    config = uvicorn.Config(_app(), lifespan="off", log_config=None)
+    return H11Protocol(config=config, server_state=ServerState(), app_state={})
+
+
+def test_server_startup_is_a_coroutine_taking_the_sockets() -> None:
+    startup = uvicorn.Server.startup
+    assert inspect.iscoroutinefunction(startup)
+    assert list(inspect.signature(startup).parameters) == ["self", "sockets"]
+
+
+def test_server_has_the_should_exit_flag_serve_stops_on() -> None:
+    server = uvicorn.Server(uvicorn.Config(_app(), lifespan="off", log_config=None))
+    assert vars(server)["should_exit"] is False  # the real server below stops when it is set
+
+
+def test_stop_accepting_closes_the_listening_servers_startup_made() -> None:
+    async def scenario() -> None:
+        started = asyncio.Event()
+        config = uvicorn.Config(_app(), lifespan="off", log_config=None)
+        server = NotifyingServer(config, on_started=started.set)
+        sock = socket.create_server(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        await asyncio.wait_for(started.wait(), 10)
+        assert server.servers and all(isinstance(s, asyncio.Server) for s in server.servers)
+        await server.stop_accepting()
+        for listening in server.servers:
+            await listening.wait_closed()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        server.request_exit()
+        await asyncio.wait_for(serving, 10)
+
+    asyncio.run(scenario())
+
+
+# ── the limits on a real server ─────────────────────────────────────────────
+
+
+def _app() -> Starlette:
+    async def ok(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            while True:
+                await websocket.send_text(await websocket.receive_text())
+        except WebSocketDisconnect:
+            pass
+
+    return Starlette(routes=[Route("/", ok), WebSocketRoute("/ws", echo)])
+
+
+class Served:
+    """A uvicorn server with the guarded protocol on a loopback port, in a thread."""
+
+    def __init__(self, *, header_timeout: float, max_connections: int) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        started = threading.Event()
+        config = uvicorn.Config(
+            _app(),
+            http=guarded_protocol(header_timeout=header_timeout, max_connections=max_connections),
+            ws="websockets-sansio",
+            lifespan="off",
+            log_config=None,
+            timeout_graceful_shutdown=1,
+        )
+        self.server = NotifyingServer(config, on_started=started.set)
+        self.thread = threading.Thread(
+            target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])), daemon=True
+        )
+        self.thread.start()
+        assert started.wait(T), "NotifyingServer never reported it was started"
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=T)
+
+    def stop(self) -> None:
+        self.server.request_exit()
+        self.thread.join(T)
+        self.sock.close()
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def served() -> Iterator[list[Served]]:
+    servers: list[Served] = []
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+def _closed(sock: socket.socket) -> bool:
+    """True once the server has closed ``sock`` (waits up to the test timeout)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def _still_open(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) != b""
+    except BlockingIOError:
+        return True
+    finally:
+        sock.setblocking(True)
+
+
+def _get(sock: socket.socket) -> bytes:
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    answer = b""
+    while not answer.endswith(b"ok"):
+        answer += sock.recv(65536)
+    return answer
+
+
+def test_a_request_head_must_arrive_in_time_on_each_cycle(served: list[Served]) -> None:
+    s = Served(header_timeout=0.5, max_connections=10)
+    served.append(s)
+    with s.connect() as silent, s.connect() as keepalive:
+        started = time.monotonic()
+        assert b"200 OK" in _get(keepalive)  # in time: served, and the connection stays
+        keepalive.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # then stalls
+        assert _closed(silent)
+        assert _closed(keepalive)
+        assert 0.4 <= time.monotonic() - started < T
+
+
+def test_the_cap_evicts_the_oldest_idle_connection_and_never_a_websocket(
+    served: list[Served],
+) -> None:
+    s = Served(header_timeout=60.0, max_connections=3)
+    served.append(s)
+    with connect(f"ws://127.0.0.1:{s.port}/ws", open_timeout=T) as ws:
+        idle = [s.connect() for _ in range(4)]  # the cap lets two in beside the WebSocket
+        try:
+            assert _closed(idle[0])
+            assert _closed(idle[1])
+            with s.connect() as busy:
+                assert b"200 OK" in _get(busy)
+                assert _closed(idle[2])
+            assert _still_open(idle[3])
+            ws.send("still here")
+            assert ws.recv(T) == "still here"
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_a_newcomer_is_closed_when_every_connection_is_busy(served: list[Served]) -> None:
+    s = Served(header_timeout=60.0, max_connections=1)
+    served.append(s)
+    with connect(f"ws://127.0.0.1:{s.port}/ws", open_timeout=T) as ws:
+        with s.connect() as newcomer:
+            assert _closed(newcomer)  # the WebSocket counts toward the cap
+        ws.send("still here")
+        assert ws.recv(T) == "still here"
+
+
+def test_an_upgraded_connection_counts_without_keeping_its_http_protocol(
+    served: list[Served],
+) -> None:
+    s = Served(header_timeout=60.0, max_connections=10)
+    served.append(s)
+    protocol = s.server.config.http_protocol_class
+    assert issubclass(protocol, GuardedH11Protocol)
+    with connect(f"ws://127.0.0.1:{s.port}/ws", open_timeout=T) as ws:
+        ws.send("ping")
+        assert ws.recv(T) == "ping"
+        assert list(protocol.open_transports.values()) == [None]
