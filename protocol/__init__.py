@@ -13,17 +13,28 @@ from protocol.exceptions import (
     RemoteProtocolError,
     UplinkError,
 )
-from protocol.frames import HEARTBEAT, McpRequest, PermRequest, identity, mcp_response
+from protocol.frames import (
+    HEARTBEAT,
+    PERM_RESPONSE_PAYLOADS,
+    Identity,
+    McpRequest,
+    PermRequest,
+    identity,
+    mcp_response,
+    perm_response,
+)
 from protocol.text import printable
 from protocol.urls import redact
 
 __all__ = [
     "DENY_MESSAGES",
     "HEARTBEAT",
+    "PERM_RESPONSE_PAYLOADS",
     "JSON",
     "ConfigError",
     "Decision",
     "Envelope",
+    "Identity",
     "Kind",
     "LocalProtocolError",
     "Mapped",
@@ -40,6 +51,7 @@ __all__ = [
     "loads",
     "mcp_response",
     "parse",
+    "perm_response",
     "printable",
     "redact",
     "serialize",
