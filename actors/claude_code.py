@@ -308,9 +308,6 @@ class McpEndpoint:
             self._loaded.set()
             self._on_state(state)
 
-    def wait_loaded(self, timeout: float) -> bool:
-        return self._loaded.wait(timeout)
-
     async def handle(self, scope: Any, receive: Any, send: Any) -> None:
         deadline = asyncio.get_running_loop().time() + 60
         while not self._loaded.is_set() and asyncio.get_running_loop().time() < deadline:

@@ -104,10 +104,6 @@ class RequestGuard:
             hosts.append(address[0])
         return cls(tuple(hosts), port, config.ingress_token)
 
-    @property
-    def authenticates(self) -> bool:
-        return self._token is not None
-
     def check(self, scope: Scope) -> None:
         host = origin = authorization = content_type = None
         for name, value in scope["headers"]:

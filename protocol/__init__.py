@@ -4,7 +4,16 @@ Nothing here does I/O or imports pykka, websockets, httpx or asyncio; every
 function is text or values in, values out (in the manner of h11).
 """
 
-from protocol.decisions import DENY_MESSAGES, Decision, Mapped, Outcome, Reason, decide
+from protocol.decisions import (
+    DECISION_WORDS,
+    DENY_MESSAGES,
+    Decision,
+    Mapped,
+    Outcome,
+    Reason,
+    decide,
+    decision_word,
+)
 from protocol.envelope import JSON, Envelope, Kind, dumps, loads, parse, serialize
 from protocol.exceptions import (
     ConfigError,
@@ -27,6 +36,7 @@ from protocol.text import printable
 from protocol.urls import redact
 
 __all__ = [
+    "DECISION_WORDS",
     "DENY_MESSAGES",
     "HEARTBEAT",
     "PERM_RESPONSE_PAYLOADS",
@@ -46,6 +56,7 @@ __all__ = [
     "RemoteProtocolError",
     "UplinkError",
     "decide",
+    "decision_word",
     "dumps",
     "identity",
     "loads",
