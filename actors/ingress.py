@@ -90,6 +90,14 @@ class RequestGuard:
         self.allowed = frozenset(host_name(h) for h in allowed_hosts) - {""}
         self.port = port
         self._token = None if token is None else token.encode("utf-8")
+        # The exact bytes a client usually sends for an allowed name (``name``,
+        # ``name:port``; ``http://name:port`` as Origin), accepted without
+        # parsing. Anything else is parsed; these sets only skip work.
+        spelled = [f"[{n}]" if ":" in n else n for n in self.allowed if _plain_name(n)]
+        self._plain_hosts = frozenset(
+            h.encode("latin-1") for n in spelled for h in (n, f"{n}:{port}")
+        )
+        self._plain_origins = frozenset(f"http://{n}:{port}".encode("latin-1") for n in spelled)
 
     @classmethod
     def for_config(cls, config: Any, port: int) -> RequestGuard:
@@ -120,9 +128,13 @@ class RequestGuard:
                 authorization = value
         if host is None:
             raise HttpError(421, "a Host header is required")
-        if host_name(host.decode("latin-1")) not in self.allowed:
+        if host not in self._plain_hosts and host_name(host.decode("latin-1")) not in self.allowed:
             raise HttpError(421, "this Host is not served here (see --ingress-allowed-host)")
-        if origin is not None and not self._own_origin(origin.decode("latin-1")):
+        if (
+            origin is not None
+            and origin not in self._plain_origins
+            and not self._own_origin(origin.decode("latin-1"))
+        ):
             raise HttpError(403, "cross-origin requests are refused")
         if self._token is not None and scope["path"] != "/healthz":
             self._authenticate(authorization)
@@ -148,6 +160,11 @@ class RequestGuard:
         # compare_digest on bytes: its time does not depend on where they differ.
         if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self._token):
             raise HttpError(401, "wrong or malformed Authorization: Bearer token", challenge)
+
+
+def _plain_name(name: str) -> bool:
+    """Whether ``name`` reads back as itself from a Host and an Origin, byte for byte."""
+    return name.isascii() and not any(c in name for c in "/@?# \t")
 
 
 class _Body:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.ingress import RequestGuard
+from actors.ingress import HttpError, RequestGuard
 from protocol.web import (
     LOOPBACK_HOSTS,
     error_body,
@@ -139,3 +139,48 @@ class _Config:
     ingress_allowed_hosts: tuple[str, ...] = ()
     listen_address = ("::1", 3002)
     ingress_token = None
+
+
+def _guard_status(guard: RequestGuard, **headers: str) -> int:
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/status",
+        "headers": [(k.encode(), v.encode("latin-1")) for k, v in headers.items()],
+    }
+    try:
+        guard.check(scope)
+    except HttpError as exc:
+        return exc.status
+    return 200
+
+
+def test_the_guard_reads_every_spelling_alike() -> None:
+    """The usual spelling of a Host or Origin and any other one get the same verdict."""
+    guard = RequestGuard((*LOOPBACK_HOSTS, "sled.example", "bücher.example", "a/b"), 3002)
+    for host in (
+        "localhost",
+        "localhost:3002",
+        "LocalHost:3002",
+        "localhost.:3002",
+        " localhost:3002",
+        "[::1]:3002",
+        "sled.example:1",
+        "bücher.example",
+    ):
+        assert _guard_status(guard, host=host) == 200, host
+    for host in ("evil.example", "localhost:0", "localhost:²", "[::2]:3002", "bücher.example:x"):
+        assert _guard_status(guard, host=host) == 421, host
+    for origin in ("http://localhost:3002", "http://LOCALHOST:3002", "http://[::1]:3002"):
+        assert _guard_status(guard, host="localhost", origin=origin) == 200, origin
+    for origin in (
+        "http://localhost:3003",
+        "http://localhost",
+        "https://localhost:3002",
+        "http://localhost:3002/",
+        "http://a@localhost:3002",
+        "http://a/b:3002",
+        "http://localhost:²",
+        "null",
+    ):
+        assert _guard_status(guard, host="localhost", origin=origin) == 403, origin
