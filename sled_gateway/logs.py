@@ -17,6 +17,7 @@ it logs them, for those programs too.
 from __future__ import annotations
 
 import logging
+from typing import TextIO
 
 from loguru import logger
 
@@ -65,11 +66,11 @@ def protect_uvicorn_loggers() -> None:
         error_log.addFilter(DenialQuirkFilter())
 
 
-def configure_cli_logging(level: str) -> None:
+def configure_cli_logging(level: str, *, stream: TextIO | None = None) -> None:
     """The ``sled-gateway`` command's logging: the uplink's setup (the same line
     format, redacted and made printable where lines leave the process), with
     uvicorn's loggers quieter and filtered."""
-    configure_logging(level)
+    configure_logging(level, stream=stream)
     # uvicorn's own lines duplicate ours; keep its warnings, and its chatter at DEBUG.
     verbose = logger.level(level.upper()).no <= logger.level("DEBUG").no
     for name in _UVICORN_LOGGERS:

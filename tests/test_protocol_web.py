@@ -8,6 +8,10 @@ address without brackets, which some of its clients send).
 
 from __future__ import annotations
 
+import asyncio
+import json
+from typing import Any
+
 import pytest
 
 from actors.ingress import HttpError, RequestGuard
@@ -19,7 +23,7 @@ from protocol.web import (
     listen_host_entry,
     split_host,
 )
-from sled_gateway.security import AllowedHosts
+from sled_gateway.security import AllowedHosts, SecurityMiddleware, json_error
 
 
 @pytest.mark.parametrize(
@@ -184,3 +188,53 @@ def test_the_guard_reads_every_spelling_alike() -> None:
         "null",
     ):
         assert _guard_status(guard, host="localhost", origin=origin) == 403, origin
+
+
+def test_json_error_is_the_gateways_one_error_answer() -> None:
+    response = json_error(409, "already decided", decided={"by": "api"})
+    assert response.status_code == 409
+    assert json.loads(response.body) == {"error": "already decided", "decided": {"by": "api"}}
+    challenge = json_error(401, "who?", headers={"WWW-Authenticate": "Bearer"})
+    assert challenge.headers["www-authenticate"] == "Bearer"
+    assert json.loads(challenge.body) == {"error": "who?"}
+
+
+def _gateway_answer(*headers: tuple[bytes, bytes], method: str = "POST") -> tuple[int, Any]:
+    """One request through the gateway's front door, straight to its ASGI callable."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await json_error(200, "reached the app")(scope, receive, send)
+
+    door = SecurityMiddleware(app, operator_token="op", allowed_hosts=AllowedHosts.default(""))
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": "/api/x",
+        "headers": [(b"authorization", b"Bearer op"), *headers],
+        "query_string": b"",
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(door(scope, receive, send))
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+def test_the_gateway_uses_the_shared_host_and_json_rules() -> None:
+    json_type = (b"content-type", b"application/json")
+    assert _gateway_answer((b"host", b"localhost:8"), json_type)[0] == 200
+    for host in (b"localhost:\xb2", b"localhost:0", b"::1", b"[evil]:1"):
+        status, body = _gateway_answer((b"host", host), json_type)
+        assert (status, body) == (421, {"error": ANY_HOST_ERROR}), host
+    for ctype in (b"text/plain", b"application/json; charset=latin-1"):
+        status, body = _gateway_answer((b"host", b"localhost"), (b"content-type", ctype))
+        assert status == 415, ctype
+        assert body == {"error": "Content-Type must be application/json"}
+
+
+ANY_HOST_ERROR = "this Host is not served here (see --allowed-host)"
