@@ -38,6 +38,7 @@ from protocol.claude_code import (
     prompt_answer,
     trouble_message,
 )
+from protocol.web import LOOPBACK_HOSTS, error_body
 
 #: How this module asks for a decision: ``request_permission(tool_name,
 #: tool_input, request_id=...)`` returns an awaitable of the ``Outcome``
@@ -154,7 +155,7 @@ class McpPermissionServer:
             on_list_tools=self._list_tools,
             on_call_tool=self._call_tool,
         )
-        hosts = sorted({"127.0.0.1", "localhost", "[::1]", *allowed_hosts})
+        hosts = sorted({*LOOPBACK_HOSTS, *allowed_hosts})
         # The ingress checks Host and Origin for every endpoint; the SDK's own
         # check stays on as a second wall, with the same names.
         security = TransportSecuritySettings(
@@ -308,9 +309,6 @@ class McpEndpoint:
             self._loaded.set()
             self._on_state(state)
 
-    def wait_loaded(self, timeout: float) -> bool:
-        return self._loaded.wait(timeout)
-
     async def handle(self, scope: Any, receive: Any, send: Any) -> None:
         deadline = asyncio.get_running_loop().time() + 60
         while not self._loaded.is_set() and asyncio.get_running_loop().time() < deadline:
@@ -318,7 +316,7 @@ class McpEndpoint:
         server = self._server
         if server is None or self._stopping or not server.wait_ready(0):
             problem = "shutting down" if self._stopping else "not available"
-            payload = dumps({"error": f"the MCP endpoint is {problem}"}).encode()
+            payload = dumps(error_body(f"the MCP endpoint is {problem}")).encode()
             headers = [(b"content-type", b"application/json")]
             headers.append((b"content-length", str(len(payload)).encode()))
             await send({"type": "http.response.start", "status": 503, "headers": headers})

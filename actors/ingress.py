@@ -37,15 +37,20 @@ from prometheus_client.registry import Collector
 from actors.config import check_bindable
 from actors.context import UplinkContext
 from protocol import JSON, ConfigError, Decision, LocalProtocolError, Outcome, dumps, loads
+from protocol.web import (
+    LOOPBACK_HOSTS,
+    error_body,
+    host_name,
+    is_json_content_type,
+    listen_host_entry,
+    split_host,
+)
 
 MAX_BODY = 1024 * 1024
 # After an early answer, at most this much of a request's unread body is read
 # (and discarded), for at most this long, so the answer is not lost to a reset.
 DRAIN_MAX_BYTES = 16 * MAX_BODY
 DRAIN_SECONDS = 5.0
-# Always allowed as a Host (with the --listen host, unless a wildcard).
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-_WILDCARDS = ("0.0.0.0", "::", "")
 CONNECTION_STATES = ("disabled", "connecting", "connected", "backoff", "stopping", "stopped")
 
 Scope = dict[str, Any]
@@ -65,17 +70,6 @@ class HttpError(Exception):
         self.headers = headers or []
 
 
-def host_name(authority: str) -> str:
-    """The host of a ``Host`` header or an allowlist entry, lower-cased, without
-    port or IPv6 brackets: ``[::1]:3002`` → ``::1``, ``Localhost:80`` → ``localhost``."""
-    text = authority.strip().lower()
-    if text.startswith("["):
-        return text[1:].partition("]")[0]
-    if text.count(":") == 1:  # name:port (more than one colon: a bare IPv6 address)
-        text = text.partition(":")[0]
-    return text.rstrip(".")
-
-
 class RequestGuard:
     """The checks every request passes before routing; pure (scope in, HttpError out).
 
@@ -92,21 +86,27 @@ class RequestGuard:
     """
 
     def __init__(self, allowed_hosts: tuple[str, ...], port: int, token: str | None = None) -> None:
-        self.allowed = frozenset(host_name(h) for h in allowed_hosts)
+        # A malformed entry names no host (""), and "" is what a malformed Host reads as.
+        self.allowed = frozenset(host_name(h) for h in allowed_hosts) - {""}
         self.port = port
         self._token = None if token is None else token.encode("utf-8")
+        # The exact bytes a client usually sends for an allowed name (``name``,
+        # ``name:port``; ``http://name:port`` as Origin), accepted without
+        # parsing. Anything else is parsed; these sets only skip work.
+        spelled = [f"[{n}]" if ":" in n else n for n in self.allowed if _plain_name(n)]
+        self._plain_hosts = frozenset(
+            h.encode("latin-1") for n in spelled for h in (n, f"{n}:{port}")
+        )
+        self._plain_origins = frozenset(f"http://{n}:{port}".encode("latin-1") for n in spelled)
 
     @classmethod
     def for_config(cls, config: Any, port: int) -> RequestGuard:
-        hosts = list(LOOPBACK_NAMES) + list(config.ingress_allowed_hosts)
+        hosts = [*LOOPBACK_HOSTS, *config.ingress_allowed_hosts]
         address = config.listen_address
-        if address is not None and address[0] not in _WILDCARDS:
-            hosts.append(address[0])
+        listen_host = None if address is None else listen_host_entry(address[0])
+        if listen_host is not None:
+            hosts.append(listen_host)
         return cls(tuple(hosts), port, config.ingress_token)
-
-    @property
-    def authenticates(self) -> bool:
-        return self._token is not None
 
     def check(self, scope: Scope) -> None:
         host = origin = authorization = content_type = None
@@ -128,25 +128,28 @@ class RequestGuard:
                 authorization = value
         if host is None:
             raise HttpError(421, "a Host header is required")
-        if host_name(host.decode("latin-1")) not in self.allowed:
+        if host not in self._plain_hosts and host_name(host.decode("latin-1")) not in self.allowed:
             raise HttpError(421, "this Host is not served here (see --ingress-allowed-host)")
-        if origin is not None and not self._own_origin(origin.decode("latin-1")):
+        if (
+            origin is not None
+            and origin not in self._plain_origins
+            and not self._own_origin(origin.decode("latin-1"))
+        ):
             raise HttpError(403, "cross-origin requests are refused")
         if self._token is not None and scope["path"] != "/healthz":
             self._authenticate(authorization)
-        if scope["method"] == "POST" and not _is_json(content_type):
+        if scope["method"] == "POST" and not is_json_content_type(content_type):
             raise HttpError(415, "Content-Type must be application/json")
 
     def _own_origin(self, origin: str) -> bool:
         scheme, sep, rest = origin.strip().lower().partition("://")
         if not sep or scheme != "http" or "/" in rest or "@" in rest:
             return False  # "null", https://..., or not an origin at all
-        name = host_name(rest)
-        port_text = rest.rpartition("]")[2] if rest.startswith("[") else rest
-        _, colon, port = port_text.rpartition(":") if port_text.count(":") == 1 else ("", "", "")
-        if colon and not port.isdigit():
+        parsed = split_host(rest)
+        if parsed is None:
             return False
-        return name in self.allowed and (int(port) if colon else 80) == self.port
+        name, port = parsed
+        return name in self.allowed and (80 if port is None else port) == self.port
 
     def _authenticate(self, header: bytes | None) -> None:
         challenge = [(b"www-authenticate", b'Bearer realm="sled-uplink"')]
@@ -159,22 +162,9 @@ class RequestGuard:
             raise HttpError(401, "wrong or malformed Authorization: Bearer token", challenge)
 
 
-def _is_json(content_type: bytes | None) -> bool:
-    if content_type == b"application/json":
-        return True  # what nearly every client sends: skip the parse
-    if content_type is None:
-        return False
-    media, _, params = content_type.decode("latin-1").partition(";")
-    if media.strip().lower() != "application/json":
-        return False
-    for param in params.split(";"):
-        name, _, value = param.partition("=")
-        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in (
-            "utf-8",
-            "utf8",
-        ):
-            return False
-    return True
+def _plain_name(name: str) -> bool:
+    """Whether ``name`` reads back as itself from a Host and an Origin, byte for byte."""
+    return name.isascii() and not any(c in name for c in "/@?# \t")
 
 
 class _Body:
@@ -430,7 +420,7 @@ class Ingress:
             assert self.guard is not None
             self.guard.check(scope)
         except HttpError as exc:
-            await _respond(send, body, exc.status, {"error": exc.message}, exc.headers)
+            await _respond(send, body, exc.status, error_body(exc.message), exc.headers)
             return
         mounted = self._mounts.get(scope["path"])
         if mounted is not None:
@@ -446,11 +436,11 @@ class Ingress:
                 raise HttpError(405, f"{scope['method']} is not allowed on {scope['path']}")
             status, answer = await handler(scope, body)
         except HttpError as exc:
-            status, answer = exc.status, {"error": exc.message}
+            status, answer = exc.status, error_body(exc.message)
             extra = exc.headers
         except Exception:  # every answer is JSON, even a bug's
             _log.exception("{} {} failed", scope["method"], scope["path"])
-            status, answer = 500, {"error": "internal error"}
+            status, answer = 500, error_body("internal error")
         if status == 405 and methods is not None:
             extra = [*extra, (b"allow", ", ".join(methods).encode())]
         await _respond(send, body, status, answer, extra)
@@ -494,13 +484,11 @@ class Ingress:
     async def _claude_hook(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
         from actors.claude_code import answer_hook
 
-        # Claude Code posts JSON and sends no Origin: a browser's form or
-        # cross-site fetch must not be able to queue questions for the humans.
-        headers = dict(scope["headers"])
-        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if content_type != b"application/json":
-            raise HttpError(415, "the body must be sent as Content-Type: application/json")
-        if b"origin" in headers:
+        # Claude Code sends no Origin. The guard lets the ingress's own origin
+        # through; here even that is refused, so no page at all, not even one
+        # the ingress served, can queue questions for the humans. (The guard
+        # already made a POST JSON.)
+        if any(name == b"origin" for name, _ in scope["headers"]):
             raise HttpError(403, "requests from web pages are not accepted here")
         raw = await self._read_body(scope, receive)
         try:
@@ -533,7 +521,7 @@ class Ingress:
             permission_timeout=config.permission_timeout,
             progress_interval=config.claude_progress_interval,
             # The SDK's own Host/Origin check, a second wall behind the guard's.
-            allowed_hosts=[f"[{host}]" if ":" in host else host, *config.ingress_allowed_hosts],
+            allowed_hosts=[*_listen_hosts(host), *config.ingress_allowed_hosts],
             waiting=count,
             on_state=lambda state: self._publish(mcp=state),
         )
@@ -561,6 +549,11 @@ class Ingress:
 
     async def _metrics(self, _scope: Scope, _receive: Receive) -> tuple[int, Any]:
         return 200, generate_latest(self.registry)
+
+
+def _listen_hosts(host: str) -> list[str]:
+    entry = listen_host_entry(host)
+    return [] if entry is None else [entry]
 
 
 async def _respond(

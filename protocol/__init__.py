@@ -4,7 +4,16 @@ Nothing here does I/O or imports pykka, websockets, httpx or asyncio; every
 function is text or values in, values out (in the manner of h11).
 """
 
-from protocol.decisions import DENY_MESSAGES, Decision, Mapped, Outcome, Reason, decide
+from protocol.decisions import (
+    DECISION_WORDS,
+    DENY_MESSAGES,
+    Decision,
+    Mapped,
+    Outcome,
+    Reason,
+    decide,
+    decision_word,
+)
 from protocol.envelope import JSON, Envelope, Kind, dumps, loads, parse, serialize
 from protocol.exceptions import (
     ConfigError,
@@ -13,17 +22,29 @@ from protocol.exceptions import (
     RemoteProtocolError,
     UplinkError,
 )
-from protocol.frames import HEARTBEAT, McpRequest, PermRequest, identity, mcp_response
+from protocol.frames import (
+    HEARTBEAT,
+    PERM_RESPONSE_PAYLOADS,
+    Identity,
+    McpRequest,
+    PermRequest,
+    identity,
+    mcp_response,
+    perm_response,
+)
 from protocol.text import printable
 from protocol.urls import redact
 
 __all__ = [
+    "DECISION_WORDS",
     "DENY_MESSAGES",
     "HEARTBEAT",
     "JSON",
+    "PERM_RESPONSE_PAYLOADS",
     "ConfigError",
     "Decision",
     "Envelope",
+    "Identity",
     "Kind",
     "LocalProtocolError",
     "Mapped",
@@ -35,11 +56,13 @@ __all__ = [
     "RemoteProtocolError",
     "UplinkError",
     "decide",
+    "decision_word",
     "dumps",
     "identity",
     "loads",
     "mcp_response",
     "parse",
+    "perm_response",
     "printable",
     "redact",
     "serialize",

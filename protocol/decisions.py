@@ -55,6 +55,41 @@ DENY_MESSAGES: dict[Reason, str] = {
 }
 
 
+#: The words a person may answer a permission request with, on every channel.
+DECISION_WORDS: dict[str, Decision] = {
+    "approve": Decision.APPROVE,
+    "approved": Decision.APPROVE,
+    "yes": Decision.APPROVE,
+    "deny": Decision.DENY,
+    "denied": Decision.DENY,
+    "no": Decision.DENY,
+    "always": Decision.ALWAYS_ALLOW,
+    "always_allow": Decision.ALWAYS_ALLOW,
+    "always allow": Decision.ALWAYS_ALLOW,
+}
+#: One-key answers, for a prompt that asks one question at a time (the
+#: terminal). A chat reply of one letter is too easily an accident to count.
+DECISION_LETTERS: dict[str, Decision] = {
+    "y": Decision.APPROVE,
+    "n": Decision.DENY,
+    "a": Decision.ALWAYS_ALLOW,
+}
+
+
+def decision_word(text: str, *, letters: bool = False) -> Decision | None:
+    """The decision a person's answer names, or None when it names none.
+
+    Any case, runs of whitespace and a trailing ``.`` or ``!`` are fine; the
+    whole answer must be the word ("approve, but not that" is no answer).
+    With ``letters``, ``y``, ``n`` and ``a`` count too.
+    """
+    word = " ".join(text.lower().split()).rstrip(".!")
+    decision = DECISION_WORDS.get(word)
+    if decision is None and letters:
+        decision = DECISION_LETTERS.get(word)
+    return decision
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """The one decision a permission request gets, and why."""

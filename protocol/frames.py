@@ -1,18 +1,58 @@
-"""Typed payloads and constructors for each frame kind of the protocol (docs/protocol.md)."""
+"""Typed payloads and constructors for each frame kind of the protocol (docs/protocol.md).
+
+Both ends build and read frames here: the uplink sends ``identity`` and
+``perm_request`` and reads ``perm_response``; the gateway reads the first two
+and sends the third. A payload that breaks the contract raises
+:class:`RemoteProtocolError`, whose ``reason`` is a short stable label for the
+reader's log and counters.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Final
 
+from protocol.decisions import Decision
 from protocol.envelope import JSON, Envelope, Kind
 from protocol.exceptions import LocalProtocolError, RemoteProtocolError
+
+#: ``RemoteProtocolError.reason`` of a payload that is not a JSON object.
+NOT_AN_OBJECT: Final = "payload_not_object"
+#: ... of an ``identity`` without a non-empty string ``project``.
+NO_PROJECT: Final = "no_project"
+#: ... of a ``perm_request`` without a non-empty string ``tool_name``.
+NO_TOOL_NAME: Final = "no_tool_name"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """``identity`` payload: the sled's project name, and whatever else it says of itself."""
+
+    project: str
+    info: dict[str, JSON] = field(default_factory=dict)  # every other key (version, ...)
+
+    @classmethod
+    def from_payload(cls, payload: JSON) -> Identity:
+        """Read an ``identity`` payload; :class:`RemoteProtocolError` without a project."""
+        if not isinstance(payload, dict):
+            raise RemoteProtocolError(NOT_AN_OBJECT, "identity payload is not a JSON object")
+        project = payload.get("project")
+        if not isinstance(project, str) or not project:
+            raise RemoteProtocolError(NO_PROJECT, "identity needs a project name")
+        return cls(project, {k: v for k, v in payload.items() if k != "project"})
+
+    def envelope(self) -> Envelope:
+        """The frame; the token rides in the URL, never here."""
+        if not isinstance(self.project, str) or not self.project:
+            raise LocalProtocolError("identity needs a non-empty project name")
+        if "project" in self.info:
+            raise LocalProtocolError("the project name is given once, as project")
+        return Envelope(Kind.IDENTITY, "identity", {"project": self.project, **self.info})
 
 
 def identity(project: str, **extra: JSON) -> Envelope:
     """The first frame of every session. The token rides in the URL, never here."""
-    if not isinstance(project, str) or not project:
-        raise LocalProtocolError("identity needs a non-empty project name")
-    return Envelope(Kind.IDENTITY, "identity", {"project": project, **extra})
+    return Identity(project, extra).envelope()
 
 
 HEARTBEAT = Envelope(Kind.HEARTBEAT, "", None)
@@ -33,6 +73,41 @@ class PermRequest:
             request_id,
             {"tool_name": self.tool_name, "tool_input": self.tool_input},
         )
+
+    @classmethod
+    def from_payload(cls, payload: JSON) -> PermRequest:
+        """Read a ``perm_request`` payload; :class:`RemoteProtocolError` if it names no tool.
+
+        A missing ``tool_input`` reads as ``None``: the gateway shows and
+        records what the sled sent, and the sled's own rules judge the input.
+        """
+        if not isinstance(payload, dict):
+            raise RemoteProtocolError(NOT_AN_OBJECT, "perm_request payload is not a JSON object")
+        tool_name = payload.get("tool_name")
+        if not isinstance(tool_name, str) or not tool_name:
+            raise RemoteProtocolError(NO_TOOL_NAME, "perm_request without a tool_name")
+        return cls(tool_name, payload.get("tool_input"))
+
+    @classmethod
+    def from_envelope(cls, envelope: Envelope) -> PermRequest:
+        """The request a ``perm_request`` frame carries (its id is ``envelope.req_id``)."""
+        if envelope.type != Kind.PERM_REQUEST:
+            raise RemoteProtocolError("bad_type", f"{envelope.type[:80]!r} is not a perm_request")
+        return cls.from_payload(envelope.payload)
+
+
+#: The ``perm_response`` payload of each decision; :func:`protocol.decide` maps each back.
+PERM_RESPONSE_PAYLOADS: dict[Decision, dict[str, bool]] = {
+    Decision.APPROVE: {"approved": True, "always_allow": False},
+    Decision.ALWAYS_ALLOW: {"approved": True, "always_allow": True},
+    Decision.DENY: {"approved": False, "always_allow": False},
+}
+
+
+def perm_response(req_id: str, decision: Decision) -> Envelope:
+    """The gateway's answer to the ``perm_request`` ``req_id``."""
+    # A copy: a caller that edits the payload must not change the next answer.
+    return Envelope(Kind.PERM_RESPONSE, req_id, dict(PERM_RESPONSE_PAYLOADS[decision]))
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,23 +21,12 @@ from typing import Protocol
 
 from loguru import logger
 
-from protocol import Decision, printable
+from protocol import Decision, decision_word, printable
 from sled_gateway.server import Gateway
 from sled_gateway.state import AlreadyDecided, PendingPermission, UnknownRequest
 
 log = logger.bind(actor="gateway")
 
-ANSWERS: dict[str, Decision] = {
-    "y": Decision.APPROVE,
-    "yes": Decision.APPROVE,
-    "approve": Decision.APPROVE,
-    "n": Decision.DENY,
-    "no": Decision.DENY,
-    "deny": Decision.DENY,
-    "a": Decision.ALWAYS_ALLOW,
-    "always": Decision.ALWAYS_ALLOW,
-    "always_allow": Decision.ALWAYS_ALLOW,
-}
 _POLL = 0.1  # how often a waiting prompt checks it is still wanted
 _MAX_INPUT_SHOWN = 2000
 
@@ -52,7 +41,7 @@ class _Writer(Protocol):
 
 
 def parse_answer(line: str) -> Decision | None:
-    return ANSWERS.get(line.strip().lower())
+    return decision_word(line, letters=True)
 
 
 class TerminalPrompter:

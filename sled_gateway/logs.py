@@ -1,28 +1,28 @@
-"""Logging for the gateway: loguru everywhere, and the token never in a line.
+"""Logging for the gateway: the uplink's setup, and the token never in a line.
+
+The command logs through :func:`actors.logsetup.configure_logging`, which
+redacts (:func:`protocol.redact`) and escapes (:func:`protocol.printable`)
+each line at the sink, the one place our lines leave the process.
 
 Sleds put the token in the URL (``?token=``), and uvicorn logs request paths
 with their query string (``"WebSocket /api/sled-uplink?token=…" [accepted]``,
-and websockets' debug line ``< GET /api/sled-uplink?token=… HTTP/1.1``). A
-filter on uvicorn's loggers rewrites each record through
-:func:`protocol.redact` before any handler (ours or an embedding
-application's) can see it.
-
-Text lines also pass through :func:`protocol.printable` at the sink, so a CR,
-LF or escape sequence that reached a message (from a sled's project name or
-tool name, a request path uvicorn logs) cannot forge a line or drive the
-terminal. The gateway escapes those fields where it logs them too, for
-embedding programs with sinks of their own.
+and websockets' debug line ``< GET /api/sled-uplink?token=… HTTP/1.1``). When
+the gateway runs inside another program, that program's own handlers see
+uvicorn's records, not our sink: a filter on uvicorn's loggers rewrites each
+record through :func:`protocol.redact` before any handler can see it. The
+gateway escapes the fields it logs from a sled (project and tool names) where
+it logs them, for those programs too.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
+from typing import TextIO
 
 from loguru import logger
 
-from actors.logsetup import InterceptHandler  # one stdlib → loguru bridge for both
-from protocol import printable, redact
+from actors.logsetup import configure_logging
+from protocol import redact
 
 _UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
 
@@ -66,24 +66,13 @@ def protect_uvicorn_loggers() -> None:
         error_log.addFilter(DenialQuirkFilter())
 
 
-def _redact_record(record: dict) -> None:  # type: ignore[type-arg]
-    record["message"] = printable(redact(record["message"]))
-
-
-def configure_cli_logging(level: str) -> None:
-    """Loguru to stderr at ``level``; stdlib logging routed into it; all redacted."""
-    logger.remove()
-    logger.configure(extra={"actor": "main"}, patcher=_redact_record)  # type: ignore[arg-type]
-    logger.add(
-        sys.stderr,
-        level=level,
-        format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {extra[actor]: <8} | {message}",
-        backtrace=False,
-        diagnose=False,  # diagnose would print local variables, the token among them
-    )
-    logging.basicConfig(handlers=[InterceptHandler()], level=0, force=True)
+def configure_cli_logging(level: str, *, stream: TextIO | None = None) -> None:
+    """The ``sled-gateway`` command's logging: the uplink's setup (the same line
+    format, redacted and made printable where lines leave the process), with
+    uvicorn's loggers quieter and filtered."""
+    configure_logging(level, stream=stream)
     # uvicorn's own lines duplicate ours; keep its warnings, and its chatter at DEBUG.
-    verbose = logger.level(level).no <= logger.level("DEBUG").no
+    verbose = logger.level(level.upper()).no <= logger.level("DEBUG").no
     for name in _UVICORN_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
     protect_uvicorn_loggers()

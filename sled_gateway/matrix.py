@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from actors.cli import Option
-from protocol import ConfigError, Decision
+from protocol import ConfigError, Decision, decision_word
 from sled_gateway.state import (
     WITHDRAWN,
     AlreadyDecided,
@@ -54,18 +54,6 @@ if TYPE_CHECKING:
 
 log = logger.bind(actor="matrix")
 
-#: The words an operator may reply with, and the decision each means.
-REPLY_WORDS: dict[str, Decision] = {
-    "approve": Decision.APPROVE,
-    "approved": Decision.APPROVE,
-    "yes": Decision.APPROVE,
-    "deny": Decision.DENY,
-    "denied": Decision.DENY,
-    "no": Decision.DENY,
-    "always": Decision.ALWAYS_ALLOW,
-    "always_allow": Decision.ALWAYS_ALLOW,
-    "always allow": Decision.ALWAYS_ALLOW,
-}
 #: Reaction keys (emoji) and the decision each means.
 REACTIONS: dict[str, Decision] = {
     "✅": Decision.APPROVE,
@@ -374,8 +362,7 @@ def parse_reply(body: str) -> Decision | None:
 
     The whole reply must be the word: "approve, but not that" is no answer.
     """
-    text = " ".join(_strip_reply_fallback(body).lower().split()).rstrip(".!")
-    return REPLY_WORDS.get(text)
+    return decision_word(_strip_reply_fallback(body))
 
 
 def replied_to(content: dict[str, Any]) -> str | None:

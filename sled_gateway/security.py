@@ -39,20 +39,26 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from loguru import logger
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse
 
 from protocol import printable
+from protocol.web import (
+    LOOPBACK_HOSTS,
+    error_body,
+    is_json_content_type,
+    listen_host_entry,
+    split_host,
+)
 
 log = logger.bind(actor="gateway")
 
@@ -64,8 +70,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: The scope key where the wrapper records who is asking: "api" or "console".
 PRINCIPAL_KEY = "sled_gateway.by"
-#: Loopback names every gateway accepts (plus the --listen host and --allowed-host).
-DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 SESSION_TTL = 24 * 3600.0  # a console session lasts a day, or until the gateway stops
 MAX_SESSIONS = 1000  # only token holders can create them; the cap bounds memory anyway
@@ -91,50 +95,6 @@ The token is the one given with <code>--operator-token</code> or
 """
 
 
-def _split_host(text: str) -> tuple[str, int | None] | None:
-    """``host[:port]`` / ``[v6][:port]`` → (lower-case host without brackets, port)."""
-    text = text.strip().lower()
-    if not text:
-        return None
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            return None
-        host, rest = text[1:end], text[end + 1 :]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            return None
-        if not rest:
-            return host, None
-        if not rest.startswith(":"):
-            return None
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            host, port_text = text, ""
-        elif ":" in host:  # an IPv6 address without brackets: not a valid Host
-            return None
-        if not port_text and sep:
-            return None
-    host = host.rstrip(".")
-    if not host:
-        return None
-    if not port_text:
-        return host, None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        return None
-    return host, int(port_text)
-
-
-def _bare_host(host: str) -> str:
-    """A --listen host as a Host-header name (``::1`` → ``[::1]``, wildcards dropped)."""
-    if host in ("", "0.0.0.0", "::"):
-        return ""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
 class AllowedHosts:
     """The names (optionally ``name:port``) this gateway answers to."""
 
@@ -143,7 +103,7 @@ class AllowedHosts:
         self.exact: set[tuple[str, int]] = set()  # only this port
         self.shown: list[str] = []
         for entry in entries:
-            parsed = _split_host(entry)
+            parsed = split_host(entry)
             if parsed is None:
                 raise ValueError(f"not a host name or host:port: {entry!r}")
             name, port = parsed
@@ -155,10 +115,11 @@ class AllowedHosts:
 
     @classmethod
     def default(cls, listen_host: str, extra: Iterable[str] | None = None) -> AllowedHosts:
-        entries = list(DEFAULT_ALLOWED_HOSTS)
-        bare = _bare_host(listen_host)
-        if bare:
-            entries.append(bare)
+        # The loopback names, the --listen host and the --allowed-host entries.
+        entries: list[str] = list(LOOPBACK_HOSTS)
+        listen_entry = listen_host_entry(listen_host)
+        if listen_entry is not None:
+            entries.append(listen_entry)
         if extra:
             entries.extend(extra)
         return cls(entries)
@@ -214,8 +175,11 @@ def _same_token(given: str, expected: bytes) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected)
 
 
-def _error(status: int, message: str, **headers: str) -> Response:
-    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+def json_error(
+    status: int, message: str, *, headers: Mapping[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    """Every error answer of the gateway: ``{"error": message, **extra}`` with ``status``."""
+    return JSONResponse(error_body(message, **extra), status_code=status, headers=headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +267,7 @@ class SecurityMiddleware:
         send = self._with_headers(send)
         headers = _headers(scope)
         path = scope.get("path", "")
-        host = _split_host(headers.get("host", ""))
+        host = split_host(headers.get("host", ""))
         if host is None or not self.allowed_hosts.allows(*host):
             client = scope.get("client") or ("?", 0)
             log.warning(
@@ -313,7 +277,7 @@ class SecurityMiddleware:
                 client[0],
                 client[1],
             )
-            await _error(421, "this Host is not served here (see --allowed-host)")(
+            await json_error(421, "this Host is not served here (see --allowed-host)")(
                 scope, receive, send
             )
             return
@@ -324,7 +288,7 @@ class SecurityMiddleware:
                 return
             verdict = self._credential(scope, headers)
             if verdict.by is None or verdict.cross_site:
-                await _error(404, f"no WebSocket endpoint at {printable(path, 200)}")(
+                await json_error(404, f"no WebSocket endpoint at {printable(path, 200)}")(
                     scope, receive, send
                 )
                 return
@@ -353,16 +317,16 @@ class SecurityMiddleware:
                     scope, receive, send
                 )
             else:
-                await _error(
+                await json_error(
                     401,
                     "unauthorized: send Authorization: Bearer <operator token>",
-                    **{"WWW-Authenticate": 'Bearer realm="sled-gateway"'},
+                    headers={"WWW-Authenticate": 'Bearer realm="sled-gateway"'},
                 )(scope, receive, send)
             return
         if verdict.cross_site and not (path == "/" and method in ("GET", "HEAD")):
             # The console's own fetches are same-origin; a page on another
             # port or site riding on the cookie is not.
-            await _error(403, "cross-site request refused")(scope, receive, send)
+            await json_error(403, "cross-site request refused")(scope, receive, send)
             return
 
         if method in UNSAFE_METHODS:
@@ -374,11 +338,10 @@ class SecurityMiddleware:
                     printable(path, 200),
                     printable(origin, 200),
                 )
-                await _error(403, "cross-origin request refused (Origin)")(scope, receive, send)
+                await json_error(403, "cross-origin request refused (Origin)")(scope, receive, send)
                 return
-            ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-            if ctype != "application/json":
-                await _error(415, "Content-Type must be application/json")(scope, receive, send)
+            if not is_json_content_type(headers.get("content-type")):
+                await json_error(415, "Content-Type must be application/json")(scope, receive, send)
                 return
 
         scope[PRINCIPAL_KEY] = verdict.by

@@ -11,6 +11,7 @@ import io
 import itertools
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -26,6 +27,7 @@ from actors.base import InjectedFault
 from actors.context import Role
 from actors.logsetup import configure_logging
 from actors.messages import InjectFault
+from sled_gateway.logs import configure_cli_logging
 from tests.conftest import scaled
 from tests.support.gateway import Gateway
 
@@ -276,3 +278,23 @@ def test_a_token_is_redacted_in_every_sink(json_lines: bool) -> None:
     else:
         assert "| websockets    | > GET /api/sled-uplink?token=*** HTTP/1.1" in text
         assert 'quoted: "ws://gw/api?token=***" and ws://gw/api?x=1&token=***#frag' in text
+
+
+def test_the_gateway_command_logs_through_the_same_setup() -> None:
+    """One setup for both commands: the gateway's lines are redacted and escaped
+    where they leave the process, in the uplink's format."""
+    out = io.StringIO()
+    try:
+        configure_cli_logging("INFO", stream=out)
+        logger.bind(actor="gateway").info("sled ws://gw/api?token=abc says\r\nforged | line")
+        logging.getLogger("uvicorn.error").warning("WebSocket /api/sled-uplink?token=abc 403")
+        logging.getLogger("uvicorn.error").info("chatter below WARNING is not shown")
+    finally:
+        configure_logging(os.environ.get("SLED_TEST_LOG_LEVEL", "DEBUG"))
+    text = out.getvalue()
+    assert "abc" not in text
+    assert text.count("token=***") == 2, text
+    lines = text.splitlines()
+    assert len(lines) == 2, "the CR LF is spelled out: no forged line"
+    assert "| gateway       | sled ws://gw/api?token=*** says\\r\\nforged | line" in lines[0]
+    assert "| uvicorn       | WebSocket /api/sled-uplink?token=*** 403" in lines[1]

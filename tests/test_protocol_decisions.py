@@ -1,4 +1,5 @@
-"""``perm_response`` → decision, and the words a deny carries.
+"""``perm_response`` → decision, the words a deny carries, and the words a person
+answers with.
 
 Ports ``resolve_perm_response_approve`` / ``_deny`` / ``_always_allow`` from
 ``reference/sled_uplink.rs.txt`` (the registry-level halves — unknown req_id,
@@ -13,7 +14,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import DENY_MESSAGES, Decision, Envelope, Mapped, Outcome, Reason, decide, parse
+from protocol import (
+    DECISION_WORDS,
+    DENY_MESSAGES,
+    Decision,
+    Envelope,
+    Mapped,
+    Outcome,
+    Reason,
+    decide,
+    decision_word,
+    parse,
+)
 
 
 def mapped(payload: Any) -> tuple[Decision, Reason]:
@@ -211,3 +223,39 @@ def test_decide_is_total_and_only_allows_on_a_real_true(payload: Any) -> None:
     assert result.decision is expected
     assert (result.reason is Reason.CONTRADICTORY) == (always and approved is False)
     assert (result.warning is not None) == (result.reason is Reason.CONTRADICTORY)
+
+
+# ── the words a person answers with (terminal and Matrix) ────────────────
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("approve", Decision.APPROVE),
+        ("Approved!", Decision.APPROVE),
+        (" yes.\n", Decision.APPROVE),
+        ("DENY", Decision.DENY),
+        ("denied", Decision.DENY),
+        ("no", Decision.DENY),
+        ("always", Decision.ALWAYS_ALLOW),
+        ("always_allow", Decision.ALWAYS_ALLOW),
+        ("Always   Allow", Decision.ALWAYS_ALLOW),
+        ("always deny", None),
+        ("approve rm -rf /", None),
+        ("", None),
+        ("y", None),
+        ("n", None),
+        ("a", None),
+    ],
+)
+def test_decision_words(text: str, expected: Decision | None) -> None:
+    assert decision_word(text) is expected
+
+
+def test_decision_letters_only_where_asked_for() -> None:
+    assert decision_word(" Y\n", letters=True) is Decision.APPROVE
+    assert decision_word("n", letters=True) is Decision.DENY
+    assert decision_word("a", letters=True) is Decision.ALWAYS_ALLOW
+    assert decision_word("deny", letters=True) is Decision.DENY
+    assert decision_word("b", letters=True) is None
+    assert set(DECISION_WORDS.values()) == set(Decision)
