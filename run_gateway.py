@@ -40,11 +40,11 @@ from protocol.options import parse_listen, positive_int, positive_number, positi
 from protocol.version import __version__
 from sled_gateway import Gateway
 from sled_gateway.config import load_sled_tokens
-from sled_gateway.interactive import TerminalPrompter
 from sled_gateway.logs import configure_cli_logging
-from sled_gateway.matrix import MatrixConfig, MatrixTransport
-from sled_gateway.matrix import config_from_options as matrix_config_from_options
 from sled_gateway.store import StoreError, default_db_path
+from sled_gateway.transports.matrix import MatrixConfig, MatrixTransport
+from sled_gateway.transports.matrix import config_from_options as matrix_config_from_options
+from sled_gateway.transports.terminal import TerminalPrompter
 
 TOKEN_ENV = "SLED_GATEWAY_TOKEN"
 OPERATOR_TOKEN_ENV = "SLED_GATEWAY_OPERATOR_TOKEN"
@@ -204,7 +204,7 @@ def build_parser() -> OneLineParser:
         metavar="LEVEL",
         help="TRACE, DEBUG, INFO (default), WARNING, ERROR",
     )
-    # Approve from a Matrix room (sled_gateway/matrix.py; needs the "matrix" extra).
+    # Approve from a Matrix room (sled_gateway/transports/matrix.py; needs the "matrix" extra).
     matrix = parser.add_argument_group("Matrix transport (all five, or none)")
     matrix.add_argument("--matrix-homeserver", metavar="URL", help="e.g. https://matrix.org")
     matrix.add_argument("--matrix-user", metavar="@BOT:SERVER", help="the bot's user id")
