@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,15 @@ from protocol import (
 from sled_gateway.approvals import Approvals
 from sled_gateway.auth import PrincipalUser
 from sled_gateway.auth.sled import SledTokenBackend
-from sled_gateway.bus import NOT_SENT, SLED_GONE, STOPPING, Bus, Message, sled_subject
+from sled_gateway.bus import (
+    NOT_SENT,
+    SLED_GONE,
+    STOPPING,
+    Bus,
+    Message,
+    Responder,
+    sled_subject,
+)
 from sled_gateway.config import GatewayConfig
 from sled_gateway.events import Events, SledDown, SledUp
 from sled_gateway.principal import Principal
@@ -83,7 +92,7 @@ class Session:
     identity_timer: asyncio.TimerHandle | None = None
     mcp_waiters: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    stop_serving: Any = None  # the bus's stop call for sled.<project>.mcp
+    stop_serving: Callable[[], None] | None = None  # the bus's stop for sled.<project>.mcp
 
     def label(self) -> str:
         return f"{printable(self.project or '?', 120)}#{self.id}"
@@ -382,7 +391,7 @@ class Hub:
             return False
         return await held.send(Envelope(Kind.PERM_RESPONSE, req_id, RESPONSE_PAYLOADS[decision]))
 
-    def _mcp_responder(self, session: Session) -> Any:
+    def _mcp_responder(self, session: Session) -> Responder:
         async def respond(message: Message) -> Message:
             req_id = f"mcp-{uuid.uuid4().hex}"
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -402,15 +411,10 @@ class Hub:
                 return {"payload": await fut}
             except _Ended as exc:
                 return {"error": exc.reason}
-            except asyncio.CancelledError:  # the relay's deadline passed
+            finally:
+                # Answered, failed or abandoned (the requester's deadline): an
+                # answer arriving later is dropped as unknown.
                 session.mcp_waiters.pop(req_id, None)
-                log.warning(
-                    "MCP request {} to sled {}: no answer in {} s",
-                    req_id,
-                    session.label(),
-                    self.config.mcp_timeout,
-                )
-                raise
 
         return respond
 

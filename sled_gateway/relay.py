@@ -82,6 +82,11 @@ class Relay:
         except NoResponders:
             return _error(502, f"sled {project!r} went away before the request was sent")
         except TimeoutError:
+            log.warning(
+                "MCP request to sled {}: no answer in {} s",
+                printable(project, 120),
+                self.config.mcp_timeout,
+            )
             return _error(
                 504, f"sled {project!r} did not answer within {self.config.mcp_timeout} s"
             )
