@@ -7,7 +7,7 @@ JSON-RPC posted to ``/sleds/{project}/mcp`` to that sled as ``mcp_request``.
 
 Everything but ``GET /healthz`` and the sled WebSocket needs the operator
 token (a bearer header, or the console's session cookie), and every request
-passes a Host allowlist and CSRF checks first (:mod:`sled_gateway.security`).
+passes a Host allowlist and CSRF checks first (:mod:`sled_gateway.http.guard`).
 
 It is a test peer and a demo, not a production gateway: one process, live
 state in memory, and the audit log and rules in a SQLite file (``--db``).
