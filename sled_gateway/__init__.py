@@ -15,7 +15,9 @@ Run it with ``run_gateway.py`` (console script ``sled-gateway``) or embed
 :class:`Gateway` (see :mod:`sled_gateway.server`).
 """
 
+from sled_gateway.approvals import Forbidden, NotRecorded
 from sled_gateway.config import GatewayConfig
+from sled_gateway.principal import Channel, Principal, Role
 from sled_gateway.server import Gateway
 from sled_gateway.state import (
     AlreadyDecided,
@@ -27,10 +29,15 @@ from sled_gateway.state import (
 
 __all__ = [
     "AlreadyDecided",
+    "Channel",
     "DecisionRecord",
+    "Forbidden",
     "Gateway",
     "GatewayConfig",
+    "NotRecorded",
     "PendingPermission",
+    "Principal",
+    "Role",
     "SledState",
     "UnknownRequest",
 ]
