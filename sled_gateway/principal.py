@@ -6,9 +6,9 @@ the short label :attr:`Principal.by` ("console", "api", "matrix:@op:host",
 "rule:3", ...), the same words the console, the API and the audit rows show.
 
 Roles rank: an ``admin`` may do everything an ``approver`` may, who may do
-everything a ``viewer`` may. Today every authenticated operator (the token
-or a console session) is an admin; the terminal, ``--auto`` and the Matrix
-users on the bot's allow list are approvers.
+everything a ``viewer`` may. Every authenticated operator (the token or a
+console session) is an admin; the terminal, ``--auto``, rules and the Matrix
+users on the bot's allow list are approvers; a viewer may only look.
 """
 
 from __future__ import annotations
