@@ -27,7 +27,6 @@ from typing import Any
 
 from loguru import logger
 from starlette.authentication import AuthenticationError
-from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
 
 from protocol import (
@@ -53,6 +52,7 @@ from sled_gateway.bus import (
 )
 from sled_gateway.config import GatewayConfig
 from sled_gateway.events import Events, SledDown, SledUp
+from sled_gateway.http.errors import error
 from sled_gateway.principal import Principal
 from sled_gateway.state import GatewayState, SledState
 
@@ -121,10 +121,6 @@ class Session:
         self.mcp_waiters.clear()
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
 class Hub:
     """The sled sessions of this process."""
 
@@ -171,10 +167,10 @@ class Hub:
         if sled is None:
             why = "no token" if "token" not in ws.query_params else "a wrong token"
             log.warning("refused a sled from {} with {} (HTTP 401)", remote, why)
-            await ws.send_denial_response(_error(401, "unauthorized: missing or wrong token"))
+            await ws.send_denial_response(error(401, "unauthorized: missing or wrong token"))
             return
         if self._stopping:
-            await ws.send_denial_response(_error(503, "gateway is shutting down"))
+            await ws.send_denial_response(error(503, "gateway is shutting down"))
             return
         await ws.accept()
         session = Session(next(self._ids), ws, remote, allowed_project=sled.who or None)

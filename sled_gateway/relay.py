@@ -14,19 +14,16 @@ from __future__ import annotations
 
 from loguru import logger
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from protocol import dumps, printable
 from sled_gateway.bus import NOT_SENT, STOPPING, Bus, NoResponders, sled_subject
 from sled_gateway.config import GatewayConfig
+from sled_gateway.http.errors import error
 from sled_gateway.http.params import BodyTooLarge, BodyTooSlow, read_body
 from sled_gateway.state import GatewayState
 
 log = logger.bind(actor="gateway")
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
 
 
 class Relay:
@@ -41,7 +38,7 @@ class Relay:
     async def handle(self, request: Request) -> Response:
         project = request.path_params["project"]
         if not self.state.is_connected(project):
-            return _error(404, f"no connected sled named {printable(project, 120)!r}")
+            return error(404, f"no connected sled named {printable(project, 120)!r}")
         in_flight = self._in_flight.get(project, 0)
         if in_flight >= self.config.max_relays_per_sled:
             log.warning(
@@ -49,9 +46,9 @@ class Relay:
                 printable(project, 120),
                 in_flight,
             )
-            return JSONResponse(
-                {"error": f"too many MCP requests in flight to sled {printable(project, 120)!r}"},
-                status_code=503,
+            return error(
+                503,
+                f"too many MCP requests in flight to sled {printable(project, 120)!r}",
                 headers={"Retry-After": "1"},
             )
         self._in_flight[project] = in_flight + 1
@@ -68,35 +65,33 @@ class Relay:
         try:
             raw = await read_body(request, self.config.max_mcp_body, self.config.body_timeout)
         except BodyTooLarge:
-            return _error(413, f"body larger than {self.config.max_mcp_body} bytes")
+            return error(413, f"body larger than {self.config.max_mcp_body} bytes")
         except BodyTooSlow:
-            return _error(408, f"body not received within {self.config.body_timeout} s")
+            return error(408, f"body not received within {self.config.body_timeout} s")
         try:
             body = raw.decode("utf-8")
         except UnicodeDecodeError:
-            return _error(400, "body is not UTF-8 text")
+            return error(400, "body is not UTF-8 text")
         try:
             reply = await self.bus.request(
                 sled_subject(project, "mcp"), {"body": body}, self.config.mcp_timeout
             )
         except NoResponders:
-            return _error(502, f"sled {project!r} went away before the request was sent")
+            return error(502, f"sled {project!r} went away before the request was sent")
         except TimeoutError:
             log.warning(
                 "MCP request to sled {}: no answer in {} s",
                 printable(project, 120),
                 self.config.mcp_timeout,
             )
-            return _error(
-                504, f"sled {project!r} did not answer within {self.config.mcp_timeout} s"
-            )
-        error = reply.get("error")
-        if error is not None:
-            if error == STOPPING:
-                return _error(503, "gateway is shutting down")
-            if error == NOT_SENT:
-                return _error(502, f"sled {project!r} went away before the request was sent")
-            return _error(502, f"sled {project!r} disconnected before answering")
+            return error(504, f"sled {project!r} did not answer within {self.config.mcp_timeout} s")
+        failure = reply.get("error")
+        if failure is not None:
+            if failure == STOPPING:
+                return error(503, "gateway is shutting down")
+            if failure == NOT_SENT:
+                return error(502, f"sled {project!r} went away before the request was sent")
+            return error(502, f"sled {project!r} disconnected before answering")
         payload = reply.get("payload")
         if payload is None:  # the sled's local server answered 202/204 (a notification)
             return Response(status_code=202)

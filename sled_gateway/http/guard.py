@@ -41,12 +41,13 @@ from urllib.parse import parse_qs, urlsplit
 from loguru import logger
 from starlette.authentication import AuthenticationBackend, AuthenticationError
 from starlette.requests import HTTPConnection
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse
 
 from protocol import printable
 from sled_gateway.auth import PrincipalUser
 from sled_gateway.auth.console import ConsoleSessionBackend
 from sled_gateway.auth.operator import BearerTokenBackend, same_token
+from sled_gateway.http.errors import error
 from sled_gateway.principal import Channel, Principal
 
 log = logger.bind(actor="gateway")
@@ -170,10 +171,6 @@ def _headers(scope: Scope) -> dict[str, str]:
     return out
 
 
-def _error(status: int, message: str, **headers: str) -> Response:
-    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
-
-
 class RequestGuard:
     """Wraps the gateway's ASGI app; see the module docstring for what it checks."""
 
@@ -262,7 +259,7 @@ class RequestGuard:
                 client[0],
                 client[1],
             )
-            await _error(421, "this Host is not served here (see --allowed-host)")(
+            await error(421, "this Host is not served here (see --allowed-host)")(
                 scope, receive, send
             )
             return
@@ -273,7 +270,7 @@ class RequestGuard:
                 return
             user = await self._authenticate(scope)
             if user is None or self._cross_site(user.principal, headers):
-                await _error(404, f"no WebSocket endpoint at {printable(path, 200)}")(
+                await error(404, f"no WebSocket endpoint at {printable(path, 200)}")(
                     scope, receive, send
                 )
                 return
@@ -301,10 +298,10 @@ class RequestGuard:
                     scope, receive, send
                 )
             else:
-                await _error(
+                await error(
                     401,
                     "unauthorized: send Authorization: Bearer <operator token>",
-                    **{"WWW-Authenticate": 'Bearer realm="sled-gateway"'},
+                    headers={"WWW-Authenticate": 'Bearer realm="sled-gateway"'},
                 )(scope, receive, send)
             return
         if self._cross_site(user.principal, headers) and not (
@@ -312,7 +309,7 @@ class RequestGuard:
         ):
             # The console's own fetches are same-origin; a page on another
             # port or site riding on the cookie is not.
-            await _error(403, "cross-site request refused")(scope, receive, send)
+            await error(403, "cross-site request refused")(scope, receive, send)
             return
 
         if method in UNSAFE_METHODS:
@@ -324,11 +321,11 @@ class RequestGuard:
                     printable(path, 200),
                     printable(origin, 200),
                 )
-                await _error(403, "cross-origin request refused (Origin)")(scope, receive, send)
+                await error(403, "cross-origin request refused (Origin)")(scope, receive, send)
                 return
             ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
             if ctype != "application/json":
-                await _error(415, "Content-Type must be application/json")(scope, receive, send)
+                await error(415, "Content-Type must be application/json")(scope, receive, send)
                 return
 
         await self.app(scope, receive, send)

@@ -35,6 +35,7 @@ from sled_gateway.approvals import Approvals, Forbidden, NotRecorded
 from sled_gateway.auth import principal_of
 from sled_gateway.config import GatewayConfig
 from sled_gateway.http.console import ConsolePage
+from sled_gateway.http.errors import error
 from sled_gateway.http.params import BodyTooLarge, BodyTooSlow, int_param, read_body, time_param
 from sled_gateway.hub import Hub
 from sled_gateway.relay import Relay
@@ -53,10 +54,6 @@ _RULE_SHAPE = (
     'body must be JSON: {"action": "allow"|"deny", "tool_name": str, '
     '"project": str|null, "key": str|null, "reason": str}'
 )
-
-
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
 
 
 class Routes:
@@ -116,7 +113,7 @@ class Routes:
 
     async def _no_such_websocket(self, ws: WebSocket) -> None:
         await ws.send_denial_response(
-            _error(404, f"no WebSocket endpoint at {printable(ws.url.path, 200)}")
+            error(404, f"no WebSocket endpoint at {printable(ws.url.path, 200)}")
         )
 
     async def _healthz(self, request: Request) -> Response:
@@ -126,7 +123,7 @@ class Routes:
         try:
             limit = int_param(request, "limit", STATE_LIMIT, 0, 100_000)
         except ValueError as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
         snap = self.state.snapshot(limit=limit)
         sled_auth = (
             "per-sled"
@@ -154,33 +151,33 @@ class Routes:
         try:
             body = await self._json_body(request)
         except BodyTooLarge:
-            return _error(413, "body too large")
+            return error(413, "body too large")
         except BodyTooSlow:
-            return _error(408, f"body not received within {self.config.body_timeout} s")
+            return error(408, f"body not received within {self.config.body_timeout} s")
         except (ValueError, UnicodeDecodeError):
-            return _error(400, 'body must be JSON: {"decision": "approve"|"deny"|"always_allow"}')
+            return error(400, 'body must be JSON: {"decision": "approve"|"deny"|"always_allow"}')
         value = body.get("decision") if isinstance(body, dict) else None
         try:
             decision = Decision(value if isinstance(value, str) else "")
         except ValueError:
-            return _error(
+            return error(
                 400, f"decision must be one of {[d.value for d in Decision]}, not {value!r}"
             )
         reason = body.get("reason")
         if reason is not None and (not isinstance(reason, str) or len(reason) > _MAX_REASON):
-            return _error(400, f"reason must be a string of at most {_MAX_REASON} characters")
+            return error(400, f"reason must be a string of at most {_MAX_REASON} characters")
         try:
             record = await self.approvals.decide(
                 project, req_id, decision, principal_of(request), reason=reason
             )
         except Forbidden as exc:
-            return _error(403, str(exc))
+            return error(403, str(exc))
         except UnknownRequest as exc:
-            return _error(404, str(exc.args[0]))
+            return error(404, str(exc.args[0]))
         except AlreadyDecided as exc:
-            return _error(409, str(exc), decided=exc.record.to_json())
+            return error(409, str(exc), decided=exc.record.to_json())
         except NotRecorded as exc:
-            return _error(
+            return error(
                 503,
                 "the decision could not be recorded, so it was not taken; "
                 f"the request is still pending: {exc}",
@@ -197,7 +194,7 @@ class Routes:
             if decision is not None and decision not in _AUDIT_DECISIONS:
                 raise ValueError(f"decision must be one of {sorted(_AUDIT_DECISIONS)}")
         except ValueError as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
         assert limit is not None
         rows = await self.store.audit(
             project=q.get("project") or None,
@@ -223,13 +220,13 @@ class Routes:
         try:
             body = await self._json_body(request)
         except BodyTooLarge:
-            return _error(413, "body too large")
+            return error(413, "body too large")
         except BodyTooSlow:
-            return _error(408, f"body not received within {self.config.body_timeout} s")
+            return error(408, f"body not received within {self.config.body_timeout} s")
         except (ValueError, UnicodeDecodeError):
-            return _error(400, _RULE_SHAPE)
+            return error(400, _RULE_SHAPE)
         if not isinstance(body, dict):
-            return _error(400, _RULE_SHAPE)
+            return error(400, _RULE_SHAPE)
         unknown = set(body) - {"action", "project", "tool_name", "key", "reason"}
         action, project, tool = body.get("action"), body.get("project"), body.get("tool_name")
         key, reason = body.get("key"), body.get("reason")
@@ -247,7 +244,7 @@ class Routes:
         elif reason is not None and (not isinstance(reason, str) or len(reason) > _MAX_REASON):
             problem = f"reason must be a string of at most {_MAX_REASON} characters"
         if problem is not None:
-            return _error(400, problem)
+            return error(400, problem)
         assert isinstance(tool, str)
         assert isinstance(action, str)
         try:
@@ -256,19 +253,19 @@ class Routes:
                 principal_of(request),
             )
         except Forbidden as exc:
-            return _error(403, str(exc))
+            return error(403, str(exc))
         return JSONResponse({"ok": True, "rule": rule.to_json()}, status_code=201)
 
     async def _delete_rule(self, request: Request) -> Response:
         text = request.path_params["rule_id"]
         if not text.isdigit() or len(text) > 18:
-            return _error(400, f"a rule id is a number, not {text[:40]!r}")
+            return error(400, f"a rule id is a number, not {text[:40]!r}")
         try:
             rule = await self.approvals.revoke_rule(int(text), principal_of(request))
         except Forbidden as exc:
-            return _error(403, str(exc))
+            return error(403, str(exc))
         except UnknownRule as exc:
-            return _error(404, str(exc))
+            return error(404, str(exc))
         except RuleRevoked as exc:
-            return _error(409, str(exc), rule=exc.rule.to_json())
+            return error(409, str(exc), rule=exc.rule.to_json())
         return JSONResponse({"ok": True, "rule": rule.to_json()})
