@@ -62,6 +62,23 @@ class SledUp:
 
 
 @dataclass(frozen=True, slots=True)
+class SledHeartbeat:
+    """A sled's session sent a heartbeat."""
+
+    session: int
+    project: str
+
+
+@dataclass(frozen=True, slots=True)
+class FrameReceived:
+    """A frame arrived on a session (``dropped``: malformed, early or of an unknown kind)."""
+
+    session: int
+    project: str | None
+    dropped: bool
+
+
+@dataclass(frozen=True, slots=True)
 class SledDown:
     """A sled's session ended (``project`` None if it never identified)."""
 

@@ -51,7 +51,7 @@ from sled_gateway.bus import (
     sled_subject,
 )
 from sled_gateway.config import GatewayConfig
-from sled_gateway.events import Events, SledDown, SledUp
+from sled_gateway.events import Events, FrameReceived, SledDown, SledHeartbeat, SledUp
 from sled_gateway.http.errors import error
 from sled_gateway.principal import Principal
 from sled_gateway.state import GatewayState, SledState
@@ -223,7 +223,7 @@ class Hub:
         log.warning(
             "sled {}: dropped a frame ({}): {}", session.label(), reason, printable(detail, 300)
         )
-        self.state.count_frame(session.id, session.project, dropped=True)
+        self.events.publish(FrameReceived(session.id, session.project, dropped=True))
 
     async def _on_text(self, session: Session, text: str) -> None:
         try:
@@ -243,11 +243,13 @@ class Hub:
                 session, "unexpected_type", f"type {env.type[:80]!r} (req_id {env.req_id[:80]!r})"
             )
             return
-        self.state.count_frame(session.id, session.project, dropped=False)
+        self.events.publish(FrameReceived(session.id, session.project, dropped=False))
         if env.type == Kind.IDENTITY:
             await self._on_identity(session, env)
         elif env.type == Kind.HEARTBEAT:
-            before = self.state.heartbeat(session.id, session.project or "")
+            project = session.project or ""
+            before = self.state.sled_state(session.id, project)
+            self.events.publish(SledHeartbeat(session.id, project))
             if before is SledState.STALE:
                 log.info("sled {} is live again (heartbeat)", session.label())
             else:
@@ -299,7 +301,7 @@ class Hub:
             sled_subject(project, "mcp"), self._mcp_responder(session)
         )
         self.events.publish(SledUp(session.id, project, session.remote, info))
-        self.state.count_frame(session.id, project, dropped=False)
+        self.events.publish(FrameReceived(session.id, project, dropped=False))
         log.info(
             "sled '{}' identified (session {}, from {}, {})",
             printable(project, 120),

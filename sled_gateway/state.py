@@ -2,9 +2,9 @@
 
 No I/O and no asyncio. :meth:`GatewayState.follow` subscribes it to the
 gateway's events (:mod:`sled_gateway.events`), which the hub and the
-approvals service publish on the event loop; the hub also notes heartbeats
-and frame counts directly. Any thread may take a :meth:`~GatewayState.snapshot` or block in
-:meth:`~GatewayState.wait_for` until something changes. One re-entrant lock
+approvals service publish on the event loop. Any thread may take a
+:meth:`~GatewayState.snapshot` or block in :meth:`~GatewayState.wait_for`
+until something changes. One re-entrant lock
 guards everything, and a Condition on it wakes waiters on every change, so
 tests and the terminal prompt wait on events instead of sleeping.
 
@@ -29,10 +29,12 @@ from typing import Any
 from protocol import JSON
 from sled_gateway.events import (
     Events,
+    FrameReceived,
     PermissionDecided,
     PermissionRequested,
     PermissionWithdrawn,
     SledDown,
+    SledHeartbeat,
     SledUp,
 )
 
@@ -173,6 +175,8 @@ class GatewayState:
     def follow(self, events: Events) -> None:
         """Keep this read model up to date from ``events`` (subscribe once, before serving)."""
         events.subscribe(SledUp, self._on_sled_up)
+        events.subscribe(SledHeartbeat, self._on_heartbeat)
+        events.subscribe(FrameReceived, self._on_frame)
         events.subscribe(SledDown, self._on_sled_down)
         events.subscribe(PermissionRequested, self._on_requested)
         events.subscribe(PermissionDecided, self._on_decided)
@@ -224,26 +228,24 @@ class GatewayState:
     def _on_withdrawn(self, event: PermissionWithdrawn) -> None:
         self._on_decided(PermissionDecided(event.record))
 
-    def heartbeat(self, session: int, project: str) -> SledState | None:
-        """Note a heartbeat; return the state the sled had before it (None if not ours)."""
+    def _on_heartbeat(self, event: SledHeartbeat) -> None:
         with self._cond:
-            rec = self._sleds.get(project)
-            if rec is None or rec.session != session:
-                return None
-            before = rec.state_at(self._mono(), self.stale_after)
+            rec = self._sleds.get(event.project)
+            if rec is None or rec.session != event.session:
+                return
             rec.last_heartbeat = self._wall()
             rec.beat_mono = self._mono()
             rec.reported = SledState.CONNECTED
             self._changed()
-            return before
 
-    def count_frame(self, session: int, project: str | None, *, dropped: bool) -> None:
+    def _on_frame(self, event: FrameReceived) -> None:
         with self._cond:
+            project = event.project
             rec = self._sleds.get(project) if project is not None else None
-            if rec is None or rec.session != session:
+            if rec is None or rec.session != event.session:
                 return
             rec.frames_in += 1
-            if dropped:
+            if event.dropped:
                 rec.frames_dropped += 1
 
     def _remember(self, record: DecisionRecord) -> None:
@@ -313,6 +315,14 @@ class GatewayState:
     def pending_of_session(self, session: int) -> list[PendingPermission]:
         with self._cond:
             return [p for p in self._pending.values() if p.session == session]
+
+    def sled_state(self, session: int, project: str) -> SledState | None:
+        """The state of ``project``'s sled if ``session`` is its session, else None."""
+        with self._cond:
+            rec = self._sleds.get(project)
+            if rec is None or rec.session != session:
+                return None
+            return rec.state_at(self._mono(), self.stale_after)
 
     def is_connected(self, project: str) -> bool:
         """Whether ``project``'s sled is identified and its session open."""
