@@ -112,3 +112,8 @@ class Principal:
             if by == channel.value:
                 return cls(by, channel, approver)
         return cls(by, Channel.LIBRARY, approver)
+
+
+def as_principal(by: str | Principal) -> Principal:
+    """``by`` itself, or the principal a library caller's label names (see ``from_by``)."""
+    return by if isinstance(by, Principal) else Principal.from_by(by)

@@ -41,16 +41,12 @@ from sled_gateway.config import MAX_FRAME, GatewayConfig
 from sled_gateway.events import Events
 from sled_gateway.httpserver import guarded_protocol
 from sled_gateway.logs import protect_uvicorn_loggers
-from sled_gateway.principal import Principal
+from sled_gateway.principal import Principal, as_principal
 from sled_gateway.state import DecisionRecord, GatewayState, PendingPermission
 from sled_gateway.store import MEMORY, Store
 
 log = logger.bind(actor="gateway")
 T = TypeVar("T")
-
-
-def _principal(by: str | Principal) -> Principal:
-    return by if isinstance(by, Principal) else Principal.from_by(by)
 
 
 class _Server(uvicorn.Server):
@@ -339,7 +335,7 @@ class Gateway:
         if self._loop is None:
             raise RuntimeError("Gateway not started")
         future = asyncio.run_coroutine_threadsafe(
-            self._app.approvals.decide(project, req_id, choice, _principal(by)), self._loop
+            self._app.approvals.decide(project, req_id, choice, as_principal(by)), self._loop
         )
         return future.result(timeout)
 
@@ -365,7 +361,9 @@ class Gateway:
         Same errors; awaiting it there instead of blocking on :meth:`decide` is
         what keeps the loop (and so the console and the API) running.
         """
-        return await self._app.approvals.decide(project, req_id, Decision(decision), _principal(by))
+        return await self._app.approvals.decide(
+            project, req_id, Decision(decision), as_principal(by)
+        )
 
     def run_on_loop(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule ``coro`` on the gateway's event loop (e.g. a transport's main task)."""
