@@ -20,7 +20,7 @@ in the console URL, as Jupyter does).
 
 Every option is declared once: on ``GatewayConfig``'s fields
 (:mod:`sled_gateway.config`), in :data:`COMMAND_OPTIONS` here, or in
-``MATRIX_OPTIONS`` (:mod:`sled_gateway.matrix`); the parser, ``--help`` and
+``MATRIX_OPTIONS`` (:mod:`sled_gateway.transports.matrix`); the parser, ``--help`` and
 docs/command-line.md are built from them. The terminal prompt and the Matrix
 bot are registered on the :class:`Gateway`, which starts them after its HTTP
 server and stops them first (:mod:`sled_gateway.lifecycle`): this file stops
@@ -48,11 +48,11 @@ from protocol.options import one_of, parse_listen
 from protocol.version import __version__
 from sled_gateway import Gateway
 from sled_gateway.config import TOKEN_ENV, GatewayConfig, load_sled_tokens
-from sled_gateway.interactive import TerminalPrompter
 from sled_gateway.logs import configure_cli_logging
-from sled_gateway.matrix import MATRIX_OPTIONS, MatrixConfig, MatrixTransport
-from sled_gateway.matrix import config_from_options as matrix_config_from_options
 from sled_gateway.store import StoreError, default_db_path
+from sled_gateway.transports.matrix import MATRIX_OPTIONS, MatrixConfig, MatrixTransport
+from sled_gateway.transports.matrix import config_from_options as matrix_config_from_options
+from sled_gateway.transports.terminal import TerminalPrompter
 
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -143,7 +143,7 @@ def build_parser() -> OneLineParser:
     # The shared sled token's variable is read after the cross-checks, so
     # that --no-auth ignores it rather than clashing with it.
     parser.set_defaults(token=None)
-    # Approve from a Matrix room (sled_gateway/matrix.py; needs the "matrix" extra).
+    # Approve from a Matrix room (sled_gateway/transports/matrix.py; needs the "matrix" extra).
     group = parser.add_argument_group(MATRIX_GROUP)
     for dest, spec in matrix_options():
         # An argument group has add_argument, which is all add_to calls.

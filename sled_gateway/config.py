@@ -24,7 +24,7 @@ from typing import Any
 from actors.cli import OPTION, Option, check_fields, library_only, option
 from protocol import ConfigError, Decision, printable
 from protocol.options import byte_size, positive_int, positive_number, positive_seconds
-from sled_gateway.security import AllowedHosts
+from sled_gateway.http.guard import AllowedHosts
 from sled_gateway.store import MEMORY
 
 #: Largest MCP body relayed; JSON escaping inside the frame can grow it, and

@@ -42,8 +42,10 @@ from loguru import logger
 from protocol import Decision
 from sled_gateway.app import GatewayApp
 from sled_gateway.config import MAX_FRAME, GatewayConfig
+from sled_gateway.events import Events
 from sled_gateway.lifecycle import Lifecycle
 from sled_gateway.logs import protect_uvicorn_loggers
+from sled_gateway.principal import Principal, as_principal
 from sled_gateway.state import DecisionRecord, GatewayState, PendingPermission
 from sled_gateway.store import Store
 from sled_gateway.uvicorn_adapter import NotifyingServer, guarded_protocol
@@ -151,6 +153,7 @@ class Gateway:
         # The store closes after the loop ends: the sessions' last audit rows are queued by then.
         self._lifecycle.add("store", self.store.open, self.store.close)
         self._lifecycle.add("loop", self._start_loop, self._stop_loop)
+        self._lifecycle.add("bus", self._app.bus.open, self._app.bus.close)
         self._lifecycle.add("hub", self._start_hub, self._stop_hub)
         self._lifecycle.add("http", self._start_http, self._stop_http)
 
@@ -357,21 +360,25 @@ class Gateway:
         req_id: str,
         decision: Decision | str,
         *,
-        by: str = "library",
+        by: str | Principal = "library",
         timeout: float = 5.0,
     ) -> DecisionRecord:
         """Answer a pending permission request from any thread.
 
-        ``decision`` is ``"approve"``, ``"deny"`` or ``"always_allow"``. Raises
-        ``ValueError`` for another word, :class:`~sled_gateway.state.UnknownRequest`
-        or :class:`~sled_gateway.state.AlreadyDecided`; :class:`~sled_gateway.app.NotRecorded`
-        if the audit row could not be committed (the sled was then sent a deny).
+        ``decision`` is ``"approve"``, ``"deny"`` or ``"always_allow"``; ``by`` is
+        a :class:`~sled_gateway.principal.Principal`, or the label the audit log
+        shows for this program. Raises ``ValueError`` for another word,
+        :class:`~sled_gateway.state.UnknownRequest`,
+        :class:`~sled_gateway.state.AlreadyDecided`,
+        :class:`~sled_gateway.approvals.Forbidden`, or
+        :class:`~sled_gateway.approvals.NotRecorded` if the audit row could not
+        be committed (the request is then still pending).
         """
         choice = Decision(decision)
         if self._loop is None:
             raise RuntimeError("Gateway not started")
         future = asyncio.run_coroutine_threadsafe(
-            self._app.decide(project, req_id, choice, by), self._loop
+            self._app.approvals.decide(project, req_id, choice, as_principal(by)), self._loop
         )
         return future.result(timeout)
 
@@ -384,15 +391,22 @@ class Gateway:
         ``"withdrawn"``); runs on the gateway's loop thread."""
         self._app.add_decision_listener(callback)
 
+    @property
+    def events(self) -> Events:
+        """The gateway's events (subscribe before starting; handlers run on its loop)."""
+        return self._app.events
+
     async def decide_on_loop(
-        self, project: str, req_id: str, decision: Decision | str, *, by: str
+        self, project: str, req_id: str, decision: Decision | str, *, by: str | Principal
     ) -> DecisionRecord:
         """:meth:`decide` for code already running on the gateway's loop (a transport).
 
         Same errors; awaiting it there instead of blocking on :meth:`decide` is
         what keeps the loop (and so the console and the API) running.
         """
-        return await self._app.decide(project, req_id, Decision(decision), by)
+        return await self._app.approvals.decide(
+            project, req_id, Decision(decision), as_principal(by)
+        )
 
     def run_on_loop(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule ``coro`` on the gateway's event loop (e.g. a transport's main task)."""

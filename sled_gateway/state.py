@@ -1,8 +1,10 @@
-"""Bookkeeping of the reference gateway: sleds, pending permission requests, decisions.
+"""The gateway's read model: sleds, pending permission requests, recent decisions.
 
-No I/O and no asyncio. The web app mutates a :class:`GatewayState` from its
-event loop; any thread may take a :meth:`~GatewayState.snapshot` or block in
-:meth:`~GatewayState.wait_for` until something changes. One re-entrant lock
+No I/O and no asyncio. :meth:`GatewayState.follow` subscribes it to the
+gateway's events (:mod:`sled_gateway.events`), which the hub and the
+approvals service publish on the event loop. Any thread may take a
+:meth:`~GatewayState.snapshot` or block in :meth:`~GatewayState.wait_for`
+until something changes. One re-entrant lock
 guards everything, and a Condition on it wakes waiters on every change, so
 tests and the terminal prompt wait on events instead of sleeping.
 
@@ -24,7 +26,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from protocol import JSON, Decision
+from protocol import JSON
+from sled_gateway.events import (
+    Events,
+    FrameReceived,
+    PermissionDecided,
+    PermissionRequested,
+    PermissionWithdrawn,
+    SledDown,
+    SledHeartbeat,
+    SledUp,
+)
 
 #: A sled is stale after this many missed heartbeat intervals.
 STALE_AFTER_INTERVALS = 3
@@ -158,135 +170,83 @@ class GatewayState:
         self._recent: deque[DecisionRecord] = deque(maxlen=RECENT_DECISIONS)
         self._version = 0  # bumped on every change; lets waiters see "something happened"
 
-    # -- changes (called from the event loop) ---------------------------------
+    # -- changes: events from the loop ------------------------------------------
+
+    def follow(self, events: Events) -> None:
+        """Keep this read model up to date from ``events`` (subscribe once, before serving)."""
+        events.subscribe(SledUp, self._on_sled_up)
+        events.subscribe(SledHeartbeat, self._on_heartbeat)
+        events.subscribe(FrameReceived, self._on_frame)
+        events.subscribe(SledDown, self._on_sled_down)
+        events.subscribe(PermissionRequested, self._on_requested)
+        events.subscribe(PermissionDecided, self._on_decided)
+        events.subscribe(PermissionWithdrawn, self._on_withdrawn)
 
     def _changed(self) -> None:
         self._version += 1
         self._cond.notify_all()
 
-    def identify(
-        self, session: int, project: str, remote: str, info: dict[str, JSON]
-    ) -> SledRecord | None:
-        """Record ``project`` as served by ``session``; return the record it replaces, if live."""
+    def _on_sled_up(self, event: SledUp) -> None:
         with self._cond:
-            old = self._sleds.get(project)
-            now_wall, now_mono = self._wall(), self._mono()
-            self._sleds[project] = SledRecord(
-                project=project,
-                session=session,
-                remote=remote,
-                connected_at=now_wall,
-                beat_mono=now_mono,
-                info=info,
+            self._sleds[event.project] = SledRecord(
+                project=event.project,
+                session=event.session,
+                remote=event.remote,
+                connected_at=self._wall(),
+                beat_mono=self._mono(),
+                info=event.info,
             )
             self._changed()
-            if old is not None and old.disconnected_at is None and old.session != session:
-                return old
-            return None
 
-    def heartbeat(self, session: int, project: str) -> SledState | None:
-        """Note a heartbeat; return the state the sled had before it (None if not ours)."""
+    def _on_sled_down(self, event: SledDown) -> None:
         with self._cond:
-            rec = self._sleds.get(project)
-            if rec is None or rec.session != session:
-                return None
-            before = rec.state_at(self._mono(), self.stale_after)
+            project = event.project
+            rec = self._sleds.get(project) if project is not None else None
+            # The late end of a replaced session must not touch its successor.
+            if rec is not None and rec.session == event.session and rec.disconnected_at is None:
+                rec.disconnected_at = self._wall()
+                rec.disconnected_mono = self._mono()
+                rec.close_code = event.close_code
+                rec.reported = SledState.DISCONNECTED
+            self._changed()
+
+    def _on_requested(self, event: PermissionRequested) -> None:
+        item = event.item
+        key = (item.project, item.req_id)
+        with self._cond:
+            self._decided.pop(key, None)  # a reused id (sled restarted) is a new request
+            self._pending[key] = item
+            self._changed()
+
+    def _on_decided(self, event: PermissionDecided) -> None:
+        record = event.record
+        with self._cond:
+            self._pending.pop((record.project, record.req_id), None)
+            self._remember(record)
+            self._changed()
+
+    def _on_withdrawn(self, event: PermissionWithdrawn) -> None:
+        self._on_decided(PermissionDecided(event.record))
+
+    def _on_heartbeat(self, event: SledHeartbeat) -> None:
+        with self._cond:
+            rec = self._sleds.get(event.project)
+            if rec is None or rec.session != event.session:
+                return
             rec.last_heartbeat = self._wall()
             rec.beat_mono = self._mono()
             rec.reported = SledState.CONNECTED
             self._changed()
-            return before
 
-    def count_frame(self, session: int, project: str | None, *, dropped: bool) -> None:
+    def _on_frame(self, event: FrameReceived) -> None:
         with self._cond:
+            project = event.project
             rec = self._sleds.get(project) if project is not None else None
-            if rec is None or rec.session != session:
+            if rec is None or rec.session != event.session:
                 return
             rec.frames_in += 1
-            if dropped:
+            if event.dropped:
                 rec.frames_dropped += 1
-
-    def disconnected(
-        self, session: int, project: str | None, close_code: int | None
-    ) -> list[PendingPermission]:
-        """End ``session``: mark its sled disconnected and withdraw its pending requests.
-
-        The sled denies those requests itself when its session ends
-        (it fails closed on a lost session), so the gateway only forgets them.
-        """
-        with self._cond:
-            rec = self._sleds.get(project) if project is not None else None
-            if rec is not None and rec.session == session and rec.disconnected_at is None:
-                rec.disconnected_at = self._wall()
-                rec.disconnected_mono = self._mono()
-                rec.close_code = close_code
-                rec.reported = SledState.DISCONNECTED
-            gone = [p for p in self._pending.values() if p.session == session]
-            now = self._wall()
-            for item in gone:
-                del self._pending[(item.project, item.req_id)]
-                self._remember(
-                    DecisionRecord(
-                        item.project,
-                        item.req_id,
-                        item.tool_name,
-                        WITHDRAWN,
-                        "sled_disconnected",
-                        now,
-                        now - item.received_at,
-                    )
-                )
-            self._changed()
-            return gone
-
-    def add_pending(
-        self, session: int, project: str, req_id: str, tool_name: str, tool_input: JSON
-    ) -> PendingPermission | None:
-        """Register a ``perm_request``; None if that id is already pending (keep the first)."""
-        key = (project, req_id)
-        with self._cond:
-            if key in self._pending:
-                return None
-            self._decided.pop(key, None)  # a reused id (sled restarted) is a new request
-            item = PendingPermission(project, req_id, tool_name, tool_input, self._wall(), session)
-            self._pending[key] = item
-            self._changed()
-            return item
-
-    def resolve(
-        self, project: str, req_id: str, decision: Decision, by: str
-    ) -> tuple[DecisionRecord, PendingPermission]:
-        """Give a pending request its one decision.
-
-        Raises :class:`UnknownRequest` or :class:`AlreadyDecided`.
-        """
-        key = (project, req_id)
-        with self._cond:
-            item = self._pending.pop(key, None)
-            if item is None:
-                done = self._decided.get(key)
-                if done is not None:
-                    raise AlreadyDecided(done)
-                raise UnknownRequest(f"no permission request {req_id!r} from sled {project!r}")
-            now = self._wall()
-            record = DecisionRecord(
-                project, req_id, item.tool_name, decision.value, by, now, now - item.received_at
-            )
-            self._remember(record)
-            self._changed()
-            return record, item
-
-    def record_immediate(
-        self, project: str, req_id: str, tool_name: str, decision: Decision, by: str
-    ) -> DecisionRecord:
-        """Log a decision made without a pending phase (e.g. a malformed request denied)."""
-        with self._cond:
-            record = DecisionRecord(
-                project, req_id, tool_name, decision.value, by, self._wall(), 0.0
-            )
-            self._remember(record)
-            self._changed()
-            return record
 
     def _remember(self, record: DecisionRecord) -> None:
         key = (record.project, record.req_id)
@@ -339,6 +299,36 @@ class GatewayState:
     def is_pending(self, project: str, req_id: str) -> bool:
         with self._cond:
             return (project, req_id) in self._pending
+
+    def pending_item(self, project: str, req_id: str) -> PendingPermission:
+        """The pending request itself. Raises :class:`UnknownRequest` or :class:`AlreadyDecided`."""
+        key = (project, req_id)
+        with self._cond:
+            item = self._pending.get(key)
+            if item is not None:
+                return item
+            done = self._decided.get(key)
+            if done is not None:
+                raise AlreadyDecided(done)
+            raise UnknownRequest(f"no permission request {req_id!r} from sled {project!r}")
+
+    def pending_of_session(self, session: int) -> list[PendingPermission]:
+        with self._cond:
+            return [p for p in self._pending.values() if p.session == session]
+
+    def sled_state(self, session: int, project: str) -> SledState | None:
+        """The state of ``project``'s sled if ``session`` is its session, else None."""
+        with self._cond:
+            rec = self._sleds.get(project)
+            if rec is None or rec.session != session:
+                return None
+            return rec.state_at(self._mono(), self.stale_after)
+
+    def is_connected(self, project: str) -> bool:
+        """Whether ``project``'s sled is identified and its session open."""
+        with self._cond:
+            rec = self._sleds.get(project)
+            return rec is not None and rec.disconnected_at is None
 
     def pending_items(self) -> list[PendingPermission]:
         with self._cond:

@@ -35,7 +35,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from protocol import Decision
 from sled_gateway import AlreadyDecided, Gateway, UnknownRequest
-from sled_gateway.interactive import TerminalPrompter, parse_answer
+from sled_gateway.transports.terminal import TerminalPrompter, parse_answer
 from tests.conftest import REFERENCE_TOKEN
 from tests.support.proc import WatchedProcess
 

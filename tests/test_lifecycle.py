@@ -21,8 +21,8 @@ import pytest
 from loguru import logger
 
 from sled_gateway import Gateway
-from sled_gateway.interactive import TerminalPrompter
 from sled_gateway.lifecycle import Lifecycle
+from sled_gateway.transports.terminal import TerminalPrompter
 
 T = 10.0
 
@@ -194,7 +194,7 @@ def test_the_gateway_starts_its_transports_last_and_stops_them_first(tmp_path: P
     try:
         assert journal.lines == ["start transport (serving: True)"]
         assert gateway.running
-        assert gateway.parts == ["socket", "store", "loop", "hub", "http", "recording"]
+        assert gateway.parts == ["socket", "store", "loop", "bus", "hub", "http", "recording"]
     finally:
         gateway.stop()
     assert journal.lines[1:] == ["stop transport (serving: True)"]

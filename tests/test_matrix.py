@@ -35,7 +35,8 @@ pytest.importorskip("nio", reason="matrix-nio is not installed (the 'matrix' ext
 from actors import Uplink
 from protocol import ConfigError, Decision
 from sled_gateway import Gateway
-from sled_gateway.matrix import (
+from sled_gateway.state import PendingPermission
+from sled_gateway.transports.matrix import (
     MatrixConfig,
     MatrixTransport,
     config_from_options,
@@ -43,7 +44,6 @@ from sled_gateway.matrix import (
     replied_to,
     request_message,
 )
-from sled_gateway.state import PendingPermission
 from tests.conftest import REFERENCE_TOKEN, closed_port
 from tests.support.matrix_client import (
     Event,

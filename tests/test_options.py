@@ -2,7 +2,7 @@
 
 The uplink's options are declared once, on ``UplinkConfig``'s fields (and a
 few of the command's own), the gateway's on ``GatewayConfig``'s (and
-``run_gateway.COMMAND_OPTIONS``, ``sled_gateway.matrix.MATRIX_OPTIONS``); each
+``run_gateway.COMMAND_OPTIONS``, ``sled_gateway.transports.matrix.MATRIX_OPTIONS``); each
 command's parser, ``--help``, the config's checks and docs/command-line.md
 all come from them, and both commands share the value rules of
 ``protocol.options``. These tests hold each of those to the
@@ -37,7 +37,7 @@ from protocol.options import (
     positive_seconds,
 )
 from sled_gateway import Gateway, GatewayConfig
-from sled_gateway.matrix import MATRIX_OPTIONS, config_from_options
+from sled_gateway.transports.matrix import MATRIX_OPTIONS, config_from_options
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 30

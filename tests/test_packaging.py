@@ -114,3 +114,18 @@ def test_the_wheel_installs_exactly_our_top_level_names(tmp_path: Path) -> None:
         "sled_claude",
     }
     assert any(n.startswith("sled_gateway/static/") for n in zipfile.ZipFile(wheel).namelist())
+
+
+def test_every_gateway_package_is_packaged() -> None:
+    # The wheel lists its packages by name: a subpackage left out installs a
+    # gateway that fails on its first import.
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["tool"]["setuptools"][
+            "packages"
+        ]
+    )
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for init in (ROOT / "sled_gateway").rglob("__init__.py")
+    }
+    assert found <= listed, f"not in pyproject's packages: {sorted(found - listed)}"

@@ -23,7 +23,11 @@ from protocol.web import (
     listen_host_entry,
     split_host,
 )
-from sled_gateway.security import AllowedHosts, SecurityMiddleware, json_error
+from sled_gateway.auth.console import ConsoleSessionBackend
+from sled_gateway.auth.operator import BearerTokenBackend
+from sled_gateway.http.errors import error as json_error
+from sled_gateway.http.guard import AllowedHosts
+from sled_gateway.http.guard import RequestGuard as GatewayGuard
 
 
 @pytest.mark.parametrize(
@@ -205,7 +209,12 @@ def _gateway_answer(*headers: tuple[bytes, bytes], method: str = "POST") -> tupl
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await json_error(200, "reached the app")(scope, receive, send)
 
-    door = SecurityMiddleware(app, operator_token="op", allowed_hosts=AllowedHosts.default(""))
+    door = GatewayGuard(
+        app,
+        operator=BearerTokenBackend("op"),
+        console=ConsoleSessionBackend(),
+        allowed_hosts=AllowedHosts.default(""),
+    )
     scope = {
         "type": "http",
         "method": method,

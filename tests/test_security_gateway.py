@@ -44,7 +44,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from actors import Uplink
 from sled_gateway import Gateway
-from sled_gateway.interactive import TerminalPrompter
+from sled_gateway.transports.terminal import TerminalPrompter
 from tests.support import browser as browser_support
 from tests.support.mcp_servers import McpSdkServer
 from tests.support.proc import WatchedProcess

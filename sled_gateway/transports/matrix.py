@@ -41,6 +41,8 @@ from loguru import logger
 
 from actors.cli import Option
 from protocol import ConfigError, Decision, decision_word
+from sled_gateway.approvals import Approvals, Forbidden, NotRecorded
+from sled_gateway.principal import Principal
 from sled_gateway.state import (
     WITHDRAWN,
     AlreadyDecided,
@@ -793,7 +795,17 @@ class MatrixTransport:
         key = self._by_event.get(target)
         if key is None:
             return
-        if sender not in self.config.operators:
+        # The bot's allow list makes a Matrix user an approver; the approvals
+        # service judges what that allows.
+        principal = Principal.matrix(sender, approver=sender in self.config.operators)
+        project, req_id = key
+        try:
+            if decision is None:
+                Approvals.authorize(principal)  # an outsider hears the refusal, not the hint
+                await self._reply(thread, event_id, "Reply with approve, deny or always.")
+                return
+            await self.gateway.decide_on_loop(project, req_id, decision, by=principal)
+        except Forbidden:
             log.warning("matrix: {} is not an operator; answer refused", sender)
             # Once per outsider and request: refusals must not become a way
             # to make the bot flood the room.
@@ -803,13 +815,12 @@ class MatrixTransport:
             await self._reply(
                 thread, event_id, f"{sender}: only the gateway's operators can answer."
             )
-            return
-        if decision is None:
-            await self._reply(thread, event_id, "Reply with approve, deny or always.")
-            return
-        project, req_id = key
-        try:
-            await self.gateway.decide_on_loop(project, req_id, decision, by=f"matrix:{sender}")
+        except NotRecorded:
+            await self._reply(
+                thread,
+                event_id,
+                "The decision could not be recorded; the request is still pending.",
+            )
         except AlreadyDecided as exc:
             record = exc.record
             await self._reply(

@@ -1,4 +1,4 @@
-"""The gateway's front door: Host allowlist, operator authentication, CSRF, headers.
+"""The gateway's request guard: Host allowlist, operator authentication, CSRF, headers.
 
 One ASGI wrapper around the whole application, so that a route added later
 is protected from birth instead of by remembering a decorator. In order, for
@@ -13,13 +13,14 @@ every request:
    WebSocket on any other path needs the operator credential, and is answered
    ``404`` (not ``401``) without it: a sled configured with a wrong path then
    learns that the *path* is wrong.
-3. **Operator authentication**: ``Authorization: Bearer <token>`` (API and
-   MCP clients; the decision is recorded ``by="api"``) or the session cookie
-   set by ``GET /?token=<token>`` (the console; ``by="console"``). Without
-   one: ``401`` with a JSON error, or for ``GET /`` a short HTML page that
-   says to open the URL with the token. A cookie request that a browser marks
-   as coming from another site (``Sec-Fetch-Site``) is refused: cookies are
-   not port-scoped, so any page on another local port is "same site".
+3. **Operator authentication**, by the backends of :mod:`sled_gateway.auth`:
+   ``Authorization: Bearer <token>`` (API and MCP clients; the principal's
+   channel is ``api``) or the session cookie set by ``GET /?token=<token>``
+   (the console; ``console``). The principal goes into ``scope["user"]``.
+   Without one: ``401`` with a JSON error, or for ``GET /`` a short HTML page
+   that says to open the URL with the token. A cookie request that a browser
+   marks as coming from another site (``Sec-Fetch-Site``) is refused: cookies
+   are not port-scoped, so any page on another local port is "same site".
 4. **CSRF**, for every state-changing method (POST, PUT, PATCH, DELETE):
    ``Content-Type: application/json`` or ``415`` (a no-JavaScript form or a
    ``no-cors`` fetch cannot send it), and an ``Origin``, when sent, that is
@@ -28,37 +29,26 @@ every request:
 Every HTTP response also gets ``X-Frame-Options: DENY``, CSP
 ``frame-ancestors 'none'``, ``nosniff``, ``Referrer-Policy: no-referrer`` and
 ``Cross-Origin-Resource-Policy: same-origin``.
-
-The cookie holds a random session id, not the operator token: a cookie leaks
-more easily than a header (browsers send it to every port of the host name),
-and a leaked session is one that ends with the gateway process, expires, and
-is not the credential the API and the MCP relay accept.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
-import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
-from dataclasses import dataclass
-from http.cookies import CookieError, SimpleCookie
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from loguru import logger
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse
+from starlette.authentication import AuthenticationBackend, AuthenticationError
+from starlette.requests import HTTPConnection
+from starlette.responses import HTMLResponse
 
 from protocol import printable
-from protocol.web import (
-    LOOPBACK_HOSTS,
-    error_body,
-    is_json_content_type,
-    listen_host_entry,
-    split_host,
-)
+from protocol.web import LOOPBACK_HOSTS, is_json_content_type, listen_host_entry, split_host
+from sled_gateway.auth import PrincipalUser
+from sled_gateway.auth.console import ConsoleSessionBackend
+from sled_gateway.auth.operator import BearerTokenBackend, same_token
+from sled_gateway.http.errors import error
+from sled_gateway.principal import Channel, Principal
 
 log = logger.bind(actor="gateway")
 
@@ -68,11 +58,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-#: The scope key where the wrapper records who is asking: "api" or "console".
-PRINCIPAL_KEY = "sled_gateway.by"
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-SESSION_TTL = 24 * 3600.0  # a console session lasts a day, or until the gateway stops
-MAX_SESSIONS = 1000  # only token holders can create them; the cap bounds memory anyway
 
 SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"x-frame-options", b"DENY"),
@@ -132,36 +118,6 @@ class AllowedHosts:
         return (host, port) in self.exact
 
 
-class Sessions:
-    """Console sessions: random ids, stored hashed, expiring, bounded in number."""
-
-    def __init__(self, ttl: float = SESSION_TTL, limit: int = MAX_SESSIONS) -> None:
-        self.ttl = ttl
-        self.limit = limit
-        self._expiry: OrderedDict[str, float] = OrderedDict()  # sha256(id) → monotonic expiry
-
-    @staticmethod
-    def _key(session_id: str) -> str:
-        return hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()
-
-    def create(self) -> str:
-        session_id = secrets.token_urlsafe(32)
-        self._expiry[self._key(session_id)] = time.monotonic() + self.ttl
-        while len(self._expiry) > self.limit:
-            self._expiry.popitem(last=False)
-        return session_id
-
-    def valid(self, session_id: str) -> bool:
-        key = self._key(session_id)
-        expiry = self._expiry.get(key)
-        if expiry is None:
-            return False
-        if expiry < time.monotonic():
-            del self._expiry[key]
-            return False
-        return True
-
-
 def _headers(scope: Scope) -> dict[str, str]:
     """Request headers, lower-case names; a repeated header keeps its first value."""
     out: dict[str, str] = {}
@@ -170,72 +126,53 @@ def _headers(scope: Scope) -> dict[str, str]:
     return out
 
 
-def _same_token(given: str, expected: bytes) -> bool:
-    # Constant time, on bytes: compare_digest refuses non-ASCII str.
-    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected)
-
-
-def json_error(
-    status: int, message: str, *, headers: Mapping[str, str] | None = None, **extra: Any
-) -> JSONResponse:
-    """Every error answer of the gateway: ``{"error": message, **extra}`` with ``status``."""
-    return JSONResponse(error_body(message, **extra), status_code=status, headers=headers)
-
-
-@dataclass(frozen=True, slots=True)
-class _Verdict:
-    by: str | None  # "api" | "console" | None (no valid credential)
-    cross_site: bool = False
-
-
-class SecurityMiddleware:
+class RequestGuard:
     """Wraps the gateway's ASGI app; see the module docstring for what it checks."""
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        operator_token: str,
+        operator: BearerTokenBackend,
+        console: ConsoleSessionBackend,
         allowed_hosts: AllowedHosts,
         public_http: Iterable[tuple[str, str]] = (("GET", "/healthz"), ("HEAD", "/healthz")),
         public_websockets: Iterable[str] = (),
         public_http_paths: Iterable[str] = (),
     ) -> None:
-        if not operator_token:
-            raise ValueError("the operator token must be a non-empty string")
         self.app = app
-        self._token = operator_token.encode("utf-8", "surrogatepass")
+        self.operator = operator
+        self.console = console
+        # Tried in order; the first that finds its credential decides.
+        self.backends: Sequence[AuthenticationBackend] = (operator, console)
         self.allowed_hosts = allowed_hosts
-        self.sessions = Sessions()
         self._public_http = frozenset(public_http)
         self._public_http_paths = frozenset(public_http_paths)
         self._public_ws = frozenset(public_websockets)
 
     # -- helpers ------------------------------------------------------------------
 
-    @staticmethod
-    def cookie_name(scope: Scope) -> str:
-        # Per port: two gateways on one host name must not overwrite each other.
-        server = scope.get("server") or (None, None)
-        return f"sled_gateway_{server[1] or 0}"
-
-    def _credential(self, scope: Scope, headers: dict[str, str]) -> _Verdict:
-        auth = headers.get("authorization", "")
-        scheme, _, value = auth.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return _Verdict("api" if _same_token(value.strip(), self._token) else None)
-        raw_cookie = headers.get("cookie")
-        if raw_cookie:
-            jar: SimpleCookie = SimpleCookie()
+    async def _authenticate(self, scope: Scope) -> PrincipalUser | None:
+        conn = HTTPConnection(scope)
+        for backend in self.backends:
             try:
-                jar.load(raw_cookie)
-            except CookieError:
-                return _Verdict(None)
-            morsel = jar.get(self.cookie_name(scope))
-            if morsel is not None and self.sessions.valid(morsel.value):
-                site = headers.get("sec-fetch-site", "same-origin")
-                return _Verdict("console", cross_site=site not in ("same-origin", "none"))
-        return _Verdict(None)
+                found = await backend.authenticate(conn)
+            except AuthenticationError:
+                return None
+            if found is not None:
+                credentials, user = found
+                scope["auth"] = credentials
+                scope["user"] = user
+                assert isinstance(user, PrincipalUser)
+                return user
+        return None
+
+    @staticmethod
+    def _cross_site(principal: Principal, headers: dict[str, str]) -> bool:
+        # Only the cookie rides along on its own; a bearer header is never ambient.
+        if principal.channel is not Channel.CONSOLE:
+            return False
+        return headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none")
 
     def _origin_ok(self, origin: str, host: tuple[str, int | None], scheme: str) -> bool:
         if origin == "null":
@@ -277,7 +214,7 @@ class SecurityMiddleware:
                 client[0],
                 client[1],
             )
-            await json_error(421, "this Host is not served here (see --allowed-host)")(
+            await error(421, "this Host is not served here (see --allowed-host)")(
                 scope, receive, send
             )
             return
@@ -286,13 +223,12 @@ class SecurityMiddleware:
             if path in self._public_ws:
                 await self.app(scope, receive, send)
                 return
-            verdict = self._credential(scope, headers)
-            if verdict.by is None or verdict.cross_site:
-                await json_error(404, f"no WebSocket endpoint at {printable(path, 200)}")(
+            user = await self._authenticate(scope)
+            if user is None or self._cross_site(user.principal, headers):
+                await error(404, f"no WebSocket endpoint at {printable(path, 200)}")(
                     scope, receive, send
                 )
                 return
-            scope[PRINCIPAL_KEY] = verdict.by
             await self.app(scope, receive, send)
             return
 
@@ -309,24 +245,26 @@ class SecurityMiddleware:
                 await self._login(scope, receive, send, token[0])
                 return
 
-        verdict = self._credential(scope, headers)
-        if verdict.by is None:
+        user = await self._authenticate(scope)
+        if user is None:
             if path == "/" and method in ("GET", "HEAD"):
                 page = _LOGIN_PAGE.format(why="This console needs the operator token.")
                 await HTMLResponse(page, 401, headers={"Cache-Control": "no-store"})(
                     scope, receive, send
                 )
             else:
-                await json_error(
+                await error(
                     401,
                     "unauthorized: send Authorization: Bearer <operator token>",
                     headers={"WWW-Authenticate": 'Bearer realm="sled-gateway"'},
                 )(scope, receive, send)
             return
-        if verdict.cross_site and not (path == "/" and method in ("GET", "HEAD")):
+        if self._cross_site(user.principal, headers) and not (
+            path == "/" and method in ("GET", "HEAD")
+        ):
             # The console's own fetches are same-origin; a page on another
             # port or site riding on the cookie is not.
-            await json_error(403, "cross-site request refused")(scope, receive, send)
+            await error(403, "cross-site request refused")(scope, receive, send)
             return
 
         if method in UNSAFE_METHODS:
@@ -338,17 +276,16 @@ class SecurityMiddleware:
                     printable(path, 200),
                     printable(origin, 200),
                 )
-                await json_error(403, "cross-origin request refused (Origin)")(scope, receive, send)
+                await error(403, "cross-origin request refused (Origin)")(scope, receive, send)
                 return
             if not is_json_content_type(headers.get("content-type")):
-                await json_error(415, "Content-Type must be application/json")(scope, receive, send)
+                await error(415, "Content-Type must be application/json")(scope, receive, send)
                 return
 
-        scope[PRINCIPAL_KEY] = verdict.by
         await self.app(scope, receive, send)
 
     async def _login(self, scope: Scope, receive: Receive, send: Send, token: str) -> None:
-        if not _same_token(token, self._token):
+        if not same_token(token, self.operator.token):
             client = scope.get("client") or ("?", 0)
             log.warning("console login with a wrong token from {}:{}", client[0], client[1])
             page = _LOGIN_PAGE.format(why="That token is not this gateway's operator token.")
@@ -356,17 +293,7 @@ class SecurityMiddleware:
                 scope, receive, send
             )
             return
-        response = RedirectResponse("/", status_code=303, headers={"Cache-Control": "no-store"})
-        response.set_cookie(
-            self.cookie_name(scope),
-            self.sessions.create(),
-            max_age=int(self.sessions.ttl),
-            path="/",
-            httponly=True,
-            samesite="strict",
-            secure=scope.get("scheme") == "https",
-        )
-        await response(scope, receive, send)
+        await self.console.login(scope)(scope, receive, send)
 
     @staticmethod
     def _with_headers(send: Send) -> Send:

@@ -22,6 +22,7 @@ from typing import Protocol
 from loguru import logger
 
 from protocol import Decision, decision_word, printable
+from sled_gateway.principal import Principal
 from sled_gateway.server import Gateway
 from sled_gateway.state import AlreadyDecided, PendingPermission, UnknownRequest
 
@@ -128,7 +129,7 @@ class TerminalPrompter:
                 self._say("  please answer y (approve), n (deny) or a (always allow): ")
                 continue
             try:
-                self._gateway.decide(item.project, item.req_id, decision, by="terminal")
+                self._gateway.decide(item.project, item.req_id, decision, by=Principal.terminal())
             except (UnknownRequest, AlreadyDecided) as exc:
                 self._say(f"  too late: {printable(exc)}\n")
             except Exception as exc:

@@ -1,0 +1,440 @@
+"""The one door for every permission decision.
+
+A sled's ``perm_request`` (handed over by :mod:`sled_gateway.hub`) goes
+
+    rules → pending (per-sled cap) → decide → audit → ``perm_response``
+
+and every decider (the console, the REST API, the terminal prompt,
+``--auto``, rules and Matrix) comes in through :meth:`Approvals.decide` with a
+:class:`~sled_gateway.principal.Principal`. Authorization is checked here,
+once: a principal without the approver role gets :class:`Forbidden`.
+
+The audit row is committed before anything else happens: only then does the
+read model (:class:`~sled_gateway.state.GatewayState`, through
+:class:`~sled_gateway.events.PermissionDecided`) learn the decision and the
+sled get its answer. A decision whose row cannot be committed is no decision:
+the request stays pending and the decider gets :class:`NotRecorded`. The
+answers the gateway gives without a person (a rule, ``--auto``, a malformed
+request, a cap) fail closed instead: the sled is denied and the log says deny.
+
+Everything here runs on the gateway's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from typing import Protocol
+
+from loguru import logger
+
+from protocol import JSON, Decision, printable
+from sled_gateway.events import (
+    Events,
+    PermissionDecided,
+    PermissionRequested,
+    PermissionWithdrawn,
+    RulesChanged,
+)
+from sled_gateway.principal import Principal, Role
+from sled_gateway.state import (
+    WITHDRAWN,
+    AlreadyDecided,
+    DecisionRecord,
+    GatewayState,
+    PendingPermission,
+)
+from sled_gateway.store import ALLOW, AuditEntry, Rule, Store, rule_key
+
+log = logger.bind(actor="gateway")
+
+Key = tuple[str, str]  # (project, req_id)
+
+
+class Forbidden(PermissionError):
+    """The principal may not do this (HTTP 403)."""
+
+    def __init__(self, principal: Principal, action: str) -> None:
+        super().__init__(f"{principal.by} may not {action}")
+        self.principal = principal
+
+
+class NotRecorded(Exception):
+    """The audit row could not be committed: the request is still pending (HTTP 503)."""
+
+
+class Answerer(Protocol):
+    """Who delivers a ``perm_response`` to the sled's session (the hub)."""
+
+    async def answer(self, session: int, req_id: str, decision: Decision) -> bool: ...
+
+
+class Approvals:
+    """The permission flow of one gateway process."""
+
+    def __init__(
+        self,
+        store: Store,
+        state: GatewayState,
+        events: Events,
+        *,
+        auto: Decision | None = None,
+        max_pending_per_sled: int = 1000,
+    ) -> None:
+        self.store = store
+        self.state = state
+        self.events = events
+        self.auto = auto
+        self.max_pending_per_sled = max_pending_per_sled
+        self._answerer: Answerer | None = None
+        # Decisions whose audit row is being written: a second decider waits for
+        # the first's outcome, so a request gets exactly one decision.
+        self._deciding: dict[Key, asyncio.Future[None]] = {}
+
+    def answer_through(self, answerer: Answerer) -> None:
+        """Set who sends the sleds their answers (the hub, which also hands us requests)."""
+        self._answerer = answerer
+
+    @staticmethod
+    def authorize(
+        principal: Principal,
+        role: Role = Role.APPROVER,
+        action: str = "decide permission requests",
+    ) -> None:
+        """Raise :class:`Forbidden` unless ``principal`` has ``role`` (the one check)."""
+        if not principal.has(role):
+            raise Forbidden(principal, action)
+
+    # -- rules made and revoked by people ---------------------------------------------
+
+    async def add_rule(self, draft: Rule, principal: Principal) -> Rule:
+        """Commit ``draft`` as made by ``principal`` (an identical active rule is reused)."""
+        self.authorize(principal, Role.ADMIN, "make rules")
+        rule = await self.store.add_rule(replace(draft, created_by=principal.by))
+        log.info(
+            "rule {} by {}: {} {} {} for {}",
+            rule.id,
+            rule.created_by,
+            rule.action,
+            rule.tool_name,
+            rule.key or "(any use)",
+            repr(rule.project) if rule.project else "every sled",
+        )
+        self.events.publish(RulesChanged(rule, revoked=False))
+        return rule
+
+    async def revoke_rule(self, rule_id: int, principal: Principal) -> Rule:
+        """Revoke a rule: :class:`~sled_gateway.store.UnknownRule` /
+        :class:`~sled_gateway.store.RuleRevoked`."""
+        self.authorize(principal, Role.ADMIN, "revoke rules")
+        rule = await self.store.revoke_rule(rule_id, principal.by)
+        log.info("rule {} revoked by {}", rule.id, rule.revoked_by)
+        self.events.publish(RulesChanged(rule, revoked=True))
+        return rule
+
+    # -- requests from sleds --------------------------------------------------------
+
+    async def request(
+        self, session: int, project: str, req_id: str, tool_name: str, tool_input: JSON
+    ) -> None:
+        """A sled's ``perm_request``: answer it by rule, cap or ``--auto``, or make it pending."""
+        if self.state.is_pending(project, req_id):
+            log.warning(
+                "sled '{}'#{}: perm_request '{}' is already pending; ignored",
+                printable(project, 120),
+                session,
+                printable(req_id, 120),
+            )
+            return
+        rule = self.store.match(project, tool_name, tool_input)
+        if rule is not None:
+            await self._answer_by_rule(
+                session, project, req_id, tool_name=tool_name, tool_input=tool_input, rule=rule
+            )
+            return
+        if self.state.pending_count(project) >= self.max_pending_per_sled:
+            log.warning(
+                "sled '{}'#{}: {} permission requests already pending (--max-pending-per-sled); "
+                "denying '{}' ({})",
+                printable(project, 120),
+                session,
+                self.max_pending_per_sled,
+                printable(req_id, 120),
+                printable(tool_name, 120),
+            )
+            await self.deny_by_gateway(
+                session,
+                project,
+                req_id,
+                tool_name=tool_name,
+                tool_input=tool_input,
+                why="over --max-pending-per-sled",
+                principal=Principal.gateway("limit"),
+            )
+            return
+        item = PendingPermission(project, req_id, tool_name, tool_input, time.time(), session)
+        log.info(
+            "sled '{}' asks permission '{}': {}",
+            printable(project, 120),
+            printable(req_id, 120),
+            printable(tool_name, 200),
+        )
+        if self.auto is not None:
+            await self._settle(item, self.auto, Principal.auto(), None, pending=False)
+            return
+        self.events.publish(PermissionRequested(item))
+
+    async def deny_by_gateway(
+        self,
+        session: int,
+        project: str | None,
+        req_id: str,
+        *,
+        tool_name: str,
+        tool_input: JSON,
+        why: str,
+        principal: Principal,
+    ) -> None:
+        """Deny a request the gateway refuses itself (malformed, over a cap).
+
+        The deny goes out whatever happens to its audit row. A request from a
+        sled that has not identified is not shown in the console (it has no project).
+        """
+        now = time.time()
+        entry = AuditEntry(
+            project or "",
+            session,
+            req_id,
+            tool_name,
+            tool_input,
+            Decision.DENY.value,
+            principal.by,
+            why,
+            now,
+            now,
+        )
+        try:
+            await self.store.record(entry)
+        except Exception as exc:
+            log.opt(exception=exc).error("invalid permission request {!r} not recorded", req_id)
+        if project is not None:
+            self.events.publish(
+                PermissionDecided(
+                    DecisionRecord(
+                        project, req_id, tool_name, Decision.DENY.value, principal.by, now, 0.0
+                    ),
+                    was_pending=False,
+                )
+            )
+        await self._send(session, req_id, Decision.DENY)
+
+    def withdraw(self, session: int, close_code: int | None) -> list[PendingPermission]:
+        """The session ended: its pending requests end without a decision.
+
+        The sled denies them itself (it fails closed on a lost session), so no
+        answer goes out and the audit rows need not be waited for.
+        """
+        gone = self.state.pending_of_session(session)
+        now = time.time()
+        for item in gone:
+            self.store.record_later(
+                AuditEntry(
+                    item.project,
+                    item.session,
+                    item.req_id,
+                    item.tool_name,
+                    item.tool_input,
+                    WITHDRAWN,
+                    "sled_disconnected",
+                    f"the sled disconnected (close code {close_code})",
+                    item.received_at,
+                    now,
+                )
+            )
+            record = DecisionRecord(
+                item.project,
+                item.req_id,
+                item.tool_name,
+                WITHDRAWN,
+                Principal.gateway("sled_disconnected").by,
+                now,
+                now - item.received_at,
+            )
+            self.events.publish(PermissionWithdrawn(item, record))
+        return gone
+
+    # -- decisions ------------------------------------------------------------------
+
+    async def decide(
+        self,
+        project: str,
+        req_id: str,
+        decision: Decision,
+        principal: Principal,
+        reason: str | None = None,
+    ) -> DecisionRecord:
+        """Give a pending request its one decision.
+
+        Raises :class:`Forbidden`, :class:`~sled_gateway.state.UnknownRequest`,
+        :class:`~sled_gateway.state.AlreadyDecided` or :class:`NotRecorded` (the
+        request then stays pending).
+        """
+        self.authorize(principal)
+        key = (project, req_id)
+        while (busy := self._deciding.get(key)) is not None:
+            await asyncio.shield(busy)
+        item = self.state.pending_item(project, req_id)
+        done = asyncio.get_running_loop().create_future()
+        self._deciding[key] = done
+        try:
+            return await self._settle(item, decision, principal, reason, pending=True)
+        finally:
+            del self._deciding[key]
+            done.set_result(None)
+
+    async def _settle(
+        self,
+        item: PendingPermission,
+        decision: Decision,
+        principal: Principal,
+        reason: str | None,
+        *,
+        pending: bool,
+    ) -> DecisionRecord:
+        """Commit, then show, then answer. ``pending``: a person decides a pending request
+        (a failed commit leaves it pending); else ``--auto`` answers (it then denies)."""
+        project, req_id = item.project, item.req_id
+        now = time.time()
+        new_rule = None
+        if decision is Decision.ALWAYS_ALLOW:
+            usable, key = rule_key(item.tool_name, item.tool_input)
+            if usable:
+                new_rule = Rule(
+                    0,
+                    project,
+                    item.tool_name,
+                    key,
+                    ALLOW,
+                    now,
+                    principal.by,
+                    origin=f"always_allow of request {req_id}",
+                )
+            else:
+                log.warning(
+                    "permission {!r}: {} input has no command or file path; no rule made",
+                    req_id,
+                    item.tool_name,
+                )
+        entry = AuditEntry(
+            project,
+            item.session,
+            req_id,
+            item.tool_name,
+            item.tool_input,
+            decision.value,
+            principal.by,
+            reason,
+            item.received_at,
+            now,
+        )
+        rule = None
+        try:
+            _, rule = await self.store.record(entry, new_rule)
+        except Exception as exc:
+            if pending:
+                log.opt(exception=exc).error(
+                    "permission {!r}: the decision could not be recorded; still pending", req_id
+                )
+                raise NotRecorded(str(exc)) from exc
+            log.opt(exception=exc).error("permission {!r}: not recorded; denying", req_id)
+            decision = Decision.DENY
+        if pending and not self.state.is_pending(project, req_id):
+            # The sled went away while the row was written: its withdrawal stands.
+            withdrawn = self.state.decision_for(project, req_id)
+            if withdrawn is not None:
+                raise AlreadyDecided(withdrawn)
+        record = DecisionRecord(
+            project,
+            req_id,
+            item.tool_name,
+            decision.value,
+            principal.by,
+            now,
+            now - item.received_at,
+        )
+        log.info(
+            "permission '{}' of sled '{}' ({}): {} by {}",
+            printable(req_id, 120),
+            printable(project, 120),
+            printable(item.tool_name, 200),
+            decision.value,
+            principal.by,
+        )
+        if rule is not None:
+            log.info(
+                "rule {} for sled {!r}: always allow {} {}",
+                rule.id,
+                project,
+                rule.tool_name,
+                rule.key or "(any use)",
+            )
+            self.events.publish(RulesChanged(rule, revoked=False))
+        self.events.publish(PermissionDecided(record, was_pending=pending))
+        await self._send(item.session, req_id, decision)
+        return record
+
+    async def _answer_by_rule(
+        self,
+        session: int,
+        project: str,
+        req_id: str,
+        *,
+        tool_name: str,
+        tool_input: JSON,
+        rule: Rule,
+    ) -> None:
+        """Answer a request a rule covers at once: recorded as ``rule:<id>``, never pending."""
+        principal = Principal.rule(rule.who)
+        decision = Decision.ALWAYS_ALLOW if rule.action == ALLOW else Decision.DENY
+        now = time.time()
+        what = f"{rule.tool_name} {rule.key}" if rule.key is not None else f"any {rule.tool_name}"
+        entry = AuditEntry(
+            project,
+            session,
+            req_id,
+            tool_name,
+            tool_input,
+            decision.value,
+            principal.by,
+            f"rule {rule.id}: {rule.action} {what}",
+            now,
+            now,
+        )
+        try:
+            await self.store.record(entry)
+        except Exception as exc:
+            log.opt(exception=exc).error("permission {!r}: not recorded; denying", req_id)
+            decision = Decision.DENY
+        log.info(
+            "permission {!r} of sled {!r} ({}): {} by {}",
+            req_id,
+            project,
+            tool_name,
+            decision.value,
+            principal.by,
+        )
+        self.events.publish(
+            PermissionDecided(
+                DecisionRecord(project, req_id, tool_name, decision.value, principal.by, now, 0.0),
+                was_pending=False,
+            )
+        )
+        await self._send(session, req_id, decision)
+
+    async def _send(self, session: int, req_id: str, decision: Decision) -> None:
+        if self._answerer is None or not await self._answerer.answer(session, req_id, decision):
+            log.warning(
+                "permission '{}': the sled's session is gone; answer not sent",
+                printable(req_id, 120),
+            )

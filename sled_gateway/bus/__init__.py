@@ -1,0 +1,76 @@
+"""The gateway's message bus: publish/subscribe, and request/reply to "whoever holds X".
+
+Subjects are dot-separated strings (``sled.<project>.mcp``); messages are
+JSON-able dicts, so that an implementation over the network (NATS: subjects,
+request/reply, queue groups) only adds ``json.dumps``/``loads`` at its edge.
+:mod:`sled_gateway.bus.local` is the in-process implementation, where a
+request is a direct call of the holder's handler.
+
+Subjects used today:
+
+``sled.<project>.mcp``
+    request ``{"body": <JSON-RPC text>}``; the hub holding that sled replies
+    ``{"payload": <the sled's answer or null>}`` or ``{"error": <word>}``
+    with the word one of :data:`SLED_GONE`, :data:`NOT_SENT`, :data:`STOPPING`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+#: A message: what ``json.dumps`` accepts at the top level as an object.
+Message = dict[str, Any]
+Handler = Callable[[Message], None]
+Responder = Callable[[Message], Awaitable[Message]]
+
+#: Error words a sled's holder replies with on ``sled.<project>.mcp``.
+SLED_GONE = "sled_gone"  # the session ended before the sled answered
+NOT_SENT = "not_sent"  # the session ended before the request could be sent
+STOPPING = "stopping"  # the gateway is shutting down
+
+
+class NoResponders(LookupError):
+    """Nobody serves the subject a request was sent to."""
+
+
+def sled_subject(project: str, what: str) -> str:
+    """``sled.<project>.<what>``. A project name may hold dots or spaces; local
+    subjects are opaque strings, and a network bus escapes them at its edge."""
+    return f"sled.{project}.{what}"
+
+
+class Bus(Protocol):
+    def open(self) -> None:
+        """Connect (a network bus) before the hub serves any sled; idempotent."""
+
+    def close(self) -> None:
+        """Stop every subscription and server; later requests get :class:`NoResponders`."""
+
+    def publish(self, subject: str, message: Message) -> None:
+        """Deliver ``message`` to every subscriber of ``subject`` (none is fine)."""
+
+    def subscribe(self, subject: str, handler: Handler) -> Callable[[], None]:
+        """Call ``handler(message)`` for each message published to ``subject``; returns
+        the unsubscribe."""
+
+    async def request(self, subject: str, message: Message, timeout: float) -> Message:
+        """The reply of whoever serves ``subject``: :class:`NoResponders` if nobody does,
+        ``TimeoutError`` after ``timeout`` seconds."""
+
+    def serve(self, subject: str, responder: Responder) -> Callable[[], None]:
+        """Answer requests to ``subject`` (one server per subject; the newest wins);
+        returns the call that stops serving (a no-op once a newer server took over)."""
+
+
+__all__ = [
+    "NOT_SENT",
+    "SLED_GONE",
+    "STOPPING",
+    "Bus",
+    "Handler",
+    "Message",
+    "NoResponders",
+    "Responder",
+    "sled_subject",
+]

@@ -1,0 +1,271 @@
+"""The gateway's routes: parse the request, call a service, map its errors to JSON.
+
+==============================  =========================================================
+``/api/sled-uplink`` (WS)       sleds connect here (:mod:`sled_gateway.hub`)
+``GET /``                       the web console (:mod:`sled_gateway.http.console`)
+``GET /api/state``              sleds, pending permission requests, recent decisions
+``POST /api/permissions/{project}/{req_id}``   ``{"decision": "approve"|"deny"|"always_allow"}``
+``GET /api/audit``              the durable audit log, newest first (``?project=&since=&limit=``)
+``GET|POST /api/rules``         always-allow and deny rules; ``DELETE /api/rules/{id}`` revokes one
+``POST /sleds/{project}/mcp``   JSON-RPC relayed to that sled (:mod:`sled_gateway.relay`)
+``GET /healthz``                liveness
+==============================  =========================================================
+
+Who asks is the :class:`~sled_gateway.principal.Principal` the request guard
+put on the request (:func:`sled_gateway.auth.principal_of`); whether they may
+is the approvals service's call, not a route's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from loguru import logger
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from protocol import Decision, printable
+from sled_gateway.approvals import Approvals, Forbidden, NotRecorded
+from sled_gateway.auth import principal_of
+from sled_gateway.config import GatewayConfig
+from sled_gateway.http.console import ConsolePage
+from sled_gateway.http.errors import error
+from sled_gateway.http.params import BodyTooLarge, BodyTooSlow, int_param, read_body, time_param
+from sled_gateway.hub import Hub
+from sled_gateway.relay import Relay
+from sled_gateway.state import AlreadyDecided, GatewayState, UnknownRequest
+from sled_gateway.store import ALLOW, DENY, MAX_PAGE, Rule, RuleRevoked, Store, UnknownRule
+
+log = logger.bind(actor="gateway")
+
+UPLINK_PATH = "/api/sled-uplink"
+#: How many sleds and pending requests ``GET /api/state`` lists unless ``?limit=`` says.
+STATE_LIMIT = 500
+_MAX_DECISION_BODY = 64 * 1024
+_MAX_REASON = 1000
+_AUDIT_DECISIONS = frozenset({*(d.value for d in Decision), "withdrawn"})
+_RULE_SHAPE = (
+    'body must be JSON: {"action": "allow"|"deny", "tool_name": str, '
+    '"project": str|null, "key": str|null, "reason": str}'
+)
+
+
+class Routes:
+    """The handlers, over the services they call."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        state: GatewayState,
+        *,
+        store: Store,
+        approvals: Approvals,
+        hub: Hub,
+        relay: Relay,
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.store = store
+        self.approvals = approvals
+        self.hub = hub
+        self.app = Starlette(
+            routes=[
+                WebSocketRoute(UPLINK_PATH, hub.uplink),
+                Route(UPLINK_PATH, self._upgrade_required, methods=["GET"]),
+                Route("/", ConsolePage().handle, methods=["GET"]),
+                Route("/healthz", self._healthz, methods=["GET"]),
+                Route("/api/state", self._state, methods=["GET"]),
+                Route(
+                    "/api/permissions/{project}/{req_id:path}",
+                    self._post_decision,
+                    methods=["POST"],
+                ),
+                # GET/DELETE are answered 405 by the router; the MCP SDK tolerates
+                # that (no server→client stream, no session to terminate).
+                Route("/sleds/{project}/mcp", relay.handle, methods=["POST"]),
+                Route("/api/audit", self._get_audit, methods=["GET"]),
+                Route("/api/rules", self._get_rules, methods=["GET"]),
+                Route("/api/rules", self._post_rule, methods=["POST"]),
+                Route("/api/rules/{rule_id}", self._delete_rule, methods=["DELETE"]),
+                # Starlette closes an unrouted WebSocket before the handshake
+                # (an HTTP 403); a 404 says what is wrong: the path.
+                WebSocketRoute("/{path:path}", self._no_such_websocket),
+            ],
+            exception_handlers={HTTPException: self._http_error},
+        )
+
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    async def _upgrade_required(self, request: Request) -> Response:
+        return JSONResponse(
+            {"error": "this is the sled uplink WebSocket endpoint; upgrade required"},
+            status_code=426,
+            headers={"Upgrade": "websocket"},
+        )
+
+    async def _no_such_websocket(self, ws: WebSocket) -> None:
+        await ws.send_denial_response(
+            error(404, f"no WebSocket endpoint at {printable(ws.url.path, 200)}")
+        )
+
+    async def _healthz(self, request: Request) -> Response:
+        return JSONResponse({"ok": True, "sleds": self.hub.sled_count})
+
+    async def _state(self, request: Request) -> Response:
+        try:
+            limit = int_param(request, "limit", STATE_LIMIT, 0, 100_000)
+        except ValueError as exc:
+            return error(400, str(exc))
+        snap = self.state.snapshot(limit=limit)
+        sled_auth = (
+            "per-sled"
+            if self.config.sled_tokens
+            else "shared"
+            if self.config.token is not None
+            else "off"
+        )
+        snap["gateway"] = {
+            # Whether sleds need a token (the operator always does); never a token itself.
+            "auth": sled_auth != "off",
+            "sled_auth": sled_auth,
+            "auto": self.config.auto.value if self.config.auto else None,
+            "mcp_timeout_s": self.config.mcp_timeout,
+        }
+        return JSONResponse(snap, headers={"Cache-Control": "no-store"})
+
+    async def _json_body(self, request: Request) -> Any:
+        """The parsed body; BodyTooLarge / BodyTooSlow / ValueError."""
+        return json.loads(await read_body(request, _MAX_DECISION_BODY, self.config.body_timeout))
+
+    async def _post_decision(self, request: Request) -> Response:
+        project = request.path_params["project"]
+        req_id = request.path_params["req_id"]
+        try:
+            body = await self._json_body(request)
+        except BodyTooLarge:
+            return error(413, "body too large")
+        except BodyTooSlow:
+            return error(408, f"body not received within {self.config.body_timeout} s")
+        except (ValueError, UnicodeDecodeError):
+            return error(400, 'body must be JSON: {"decision": "approve"|"deny"|"always_allow"}')
+        value = body.get("decision") if isinstance(body, dict) else None
+        try:
+            decision = Decision(value if isinstance(value, str) else "")
+        except ValueError:
+            return error(
+                400, f"decision must be one of {[d.value for d in Decision]}, not {value!r}"
+            )
+        reason = body.get("reason")
+        if reason is not None and (not isinstance(reason, str) or len(reason) > _MAX_REASON):
+            return error(400, f"reason must be a string of at most {_MAX_REASON} characters")
+        try:
+            record = await self.approvals.decide(
+                project, req_id, decision, principal_of(request), reason=reason
+            )
+        except Forbidden as exc:
+            return error(403, str(exc))
+        except UnknownRequest as exc:
+            return error(404, str(exc.args[0]))
+        except AlreadyDecided as exc:
+            return error(409, str(exc), decided=exc.record.to_json())
+        except NotRecorded as exc:
+            return error(
+                503,
+                "the decision could not be recorded, so it was not taken; "
+                f"the request is still pending: {exc}",
+            )
+        return JSONResponse({"ok": True, "decided": record.to_json()})
+
+    async def _get_audit(self, request: Request) -> Response:
+        q = request.query_params
+        try:
+            limit = int_param(request, "limit", 100, 1, MAX_PAGE)
+            before = int_param(request, "before", None, 1, 2**62)
+            since = time_param(q.get("since"))
+            decision = q.get("decision") or None
+            if decision is not None and decision not in _AUDIT_DECISIONS:
+                raise ValueError(f"decision must be one of {sorted(_AUDIT_DECISIONS)}")
+        except ValueError as exc:
+            return error(400, str(exc))
+        assert limit is not None
+        rows = await self.store.audit(
+            project=q.get("project") or None,
+            since=since,
+            before=before,
+            decision=decision,
+            limit=limit,
+        )
+        last = rows[-1].id if len(rows) == limit else None
+        return JSONResponse(
+            {"entries": [r.to_json() for r in rows], "next_before": last},
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def _get_rules(self, request: Request) -> Response:
+        everything = request.query_params.get("include_revoked", "") in ("1", "true", "yes")
+        rules = await self.store.rules(include_revoked=everything)
+        return JSONResponse(
+            {"rules": [r.to_json() for r in rules]}, headers={"Cache-Control": "no-store"}
+        )
+
+    async def _post_rule(self, request: Request) -> Response:
+        try:
+            body = await self._json_body(request)
+        except BodyTooLarge:
+            return error(413, "body too large")
+        except BodyTooSlow:
+            return error(408, f"body not received within {self.config.body_timeout} s")
+        except (ValueError, UnicodeDecodeError):
+            return error(400, _RULE_SHAPE)
+        if not isinstance(body, dict):
+            return error(400, _RULE_SHAPE)
+        unknown = set(body) - {"action", "project", "tool_name", "key", "reason"}
+        action, project, tool = body.get("action"), body.get("project"), body.get("tool_name")
+        key, reason = body.get("key"), body.get("reason")
+        problem = None
+        if unknown:
+            problem = f"unknown field(s) {sorted(unknown)}"
+        elif action not in (ALLOW, DENY):
+            problem = f"action must be {ALLOW!r} or {DENY!r}, not {action!r}"
+        elif not isinstance(tool, str) or not tool or len(tool) > 200:
+            problem = "tool_name must be a non-empty string (at most 200 characters)"
+        elif project is not None and (not isinstance(project, str) or not project):
+            problem = "project must be a sled's project name, or null for every sled"
+        elif key is not None and (not isinstance(key, str) or not key or len(key) > 10_000):
+            problem = "key must be a non-empty string (the command or file path), or null"
+        elif reason is not None and (not isinstance(reason, str) or len(reason) > _MAX_REASON):
+            problem = f"reason must be a string of at most {_MAX_REASON} characters"
+        if problem is not None:
+            return error(400, problem)
+        assert isinstance(tool, str)
+        assert isinstance(action, str)
+        try:
+            rule = await self.approvals.add_rule(
+                Rule(0, project, tool, key, action, time.time(), "", "operator", reason),
+                principal_of(request),
+            )
+        except Forbidden as exc:
+            return error(403, str(exc))
+        return JSONResponse({"ok": True, "rule": rule.to_json()}, status_code=201)
+
+    async def _delete_rule(self, request: Request) -> Response:
+        text = request.path_params["rule_id"]
+        if not text.isdigit() or len(text) > 18:
+            return error(400, f"a rule id is a number, not {text[:40]!r}")
+        try:
+            rule = await self.approvals.revoke_rule(int(text), principal_of(request))
+        except Forbidden as exc:
+            return error(403, str(exc))
+        except UnknownRule as exc:
+            return error(404, str(exc))
+        except RuleRevoked as exc:
+            return error(409, str(exc), rule=exc.rule.to_json())
+        return JSONResponse({"ok": True, "rule": rule.to_json()})

@@ -1,0 +1,449 @@
+"""This process's sled sockets: admission, identity, frames, session replacement.
+
+Each sled holds one WebSocket at ``/api/sled-uplink``. The hub admits it by
+its token (:class:`~sled_gateway.auth.sled.SledTokenBackend`), waits for its
+``identity`` (closing impostors and the silent), parses each frame (dropping
+and counting the malformed), and then:
+
+- hands each ``perm_request`` to :class:`~sled_gateway.approvals.Approvals`
+  and sends the ``perm_response`` it decides (:meth:`Hub.answer`);
+- serves ``sled.<project>.mcp`` on the bus while it holds that sled, turning
+  each request into an ``mcp_request`` frame and the sled's ``mcp_response``
+  into the reply;
+- publishes :class:`~sled_gateway.events.SledUp` / ``SledDown``.
+
+A newer session for a project replaces the older one (which is closed).
+Everything runs on the gateway's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from loguru import logger
+from starlette.authentication import AuthenticationError
+from starlette.websockets import WebSocket
+
+from protocol import (
+    Decision,
+    Envelope,
+    Identity,
+    Kind,
+    PermRequest,
+    RemoteProtocolError,
+    parse,
+    perm_response,
+    printable,
+    serialize,
+)
+from sled_gateway.approvals import Approvals
+from sled_gateway.auth import PrincipalUser
+from sled_gateway.auth.sled import SledTokenBackend
+from sled_gateway.bus import (
+    NOT_SENT,
+    SLED_GONE,
+    STOPPING,
+    Bus,
+    Message,
+    Responder,
+    sled_subject,
+)
+from sled_gateway.config import GatewayConfig
+from sled_gateway.events import Events, FrameReceived, SledDown, SledHeartbeat, SledUp
+from sled_gateway.http.errors import error
+from sled_gateway.principal import Principal
+from sled_gateway.state import GatewayState, SledState
+
+log = logger.bind(actor="gateway")
+
+# Frame kinds a sled may send; anything else (perm_response, mcp_request,
+# future kinds) is logged, counted and dropped.
+_HANDLED = frozenset({Kind.IDENTITY, Kind.HEARTBEAT, Kind.PERM_REQUEST, Kind.MCP_RESPONSE})
+
+
+class _Ended(Exception):
+    """The session ended before the sled answered (``reason``: a bus error word)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(eq=False)
+class Session:
+    """One WebSocket connection from a sled."""
+
+    id: int
+    ws: WebSocket
+    remote: str
+    # The only project this session may claim (its per-sled token's), or None
+    # for the shared token / --no-auth, which may claim any unlisted project.
+    allowed_project: str | None = None
+    project: str | None = None
+    identity_timer: asyncio.TimerHandle | None = None
+    mcp_waiters: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
+    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    stop_serving: Callable[[], None] | None = None  # the bus's stop for sled.<project>.mcp
+
+    def label(self) -> str:
+        return f"{printable(self.project or '?', 120)}#{self.id}"
+
+    async def send(self, envelope: Envelope) -> bool:
+        """Send one frame; False (logged) if the socket is already gone."""
+        text = serialize(envelope)
+        try:
+            async with self.send_lock:  # one frame at a time on the wire
+                await self.ws.send_text(text)
+        except Exception as exc:
+            log.warning(
+                "sled {}: could not send {} '{}': {}",
+                self.label(),
+                envelope.type,
+                printable(envelope.req_id, 120),
+                exc or type(exc).__name__,
+            )
+            return False
+        return True
+
+    def fail_waiters(self, reason: str) -> None:
+        for fut in self.mcp_waiters.values():
+            if not fut.done():
+                fut.set_exception(_Ended(reason))
+        self.mcp_waiters.clear()
+
+
+class Hub:
+    """The sled sessions of this process."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        state: GatewayState,
+        *,
+        events: Events,
+        approvals: Approvals,
+        bus: Bus,
+        sled_auth: SledTokenBackend,
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.events = events
+        self.approvals = approvals
+        self.bus = bus
+        self.sled_auth = sled_auth
+        self.sessions: dict[int, Session] = {}
+        self.by_project: dict[str, Session] = {}  # identified, live sessions
+        self._ids = itertools.count(1)
+        self._background: set[asyncio.Future[None]] = set()
+        self._stopping = False
+        approvals.answer_through(self)
+
+    # -- admission and the frame loop ---------------------------------------------
+
+    async def _admit(self, ws: WebSocket) -> Principal | None:
+        try:
+            found = await self.sled_auth.authenticate(ws)
+        except AuthenticationError:
+            return None
+        if found is None:
+            return None
+        user = found[1]
+        assert isinstance(user, PrincipalUser)
+        return user.principal
+
+    async def uplink(self, ws: WebSocket) -> None:
+        """The ``/api/sled-uplink`` WebSocket endpoint."""
+        remote = f"{ws.client.host}:{ws.client.port}" if ws.client else "?"
+        sled = await self._admit(ws)
+        if sled is None:
+            why = "no token" if "token" not in ws.query_params else "a wrong token"
+            log.warning("refused a sled from {} with {} (HTTP 401)", remote, why)
+            await ws.send_denial_response(error(401, "unauthorized: missing or wrong token"))
+            return
+        if self._stopping:
+            await ws.send_denial_response(error(503, "gateway is shutting down"))
+            return
+        await ws.accept()
+        session = Session(next(self._ids), ws, remote, allowed_project=sled.who or None)
+        self.sessions[session.id] = session
+        log.info("sled connected from {} (session {})", remote, session.id)
+        session.identity_timer = asyncio.get_running_loop().call_later(
+            self.config.identity_timeout, self._identity_overdue, session
+        )
+        close_code: int | None = None
+        try:
+            while True:
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    close_code = message.get("code")
+                    break
+                text = message.get("text")
+                if text is None:
+                    self._drop(
+                        session,
+                        "binary",
+                        f"binary message of {len(message.get('bytes') or b'')} bytes",
+                    )
+                    continue
+                await self._on_text(session, text)
+        finally:
+            if session.identity_timer is not None:
+                session.identity_timer.cancel()
+            self._end(session, close_code)
+
+    def _identity_overdue(self, session: Session) -> None:
+        session.identity_timer = None
+        if session.project is None and session.id in self.sessions:
+            log.warning(
+                "sled session {} from {}: no identity within {} s; closing (1008)",
+                session.id,
+                session.remote,
+                self.config.identity_timeout,
+            )
+            task = asyncio.ensure_future(self._close(session, 1008, "no identity in time"))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _close(self, session: Session, code: int, reason: str) -> None:
+        try:
+            await session.ws.close(code, reason)
+        except Exception as exc:
+            log.debug("closing session {}: {}", session.id, exc)
+
+    def _drop(self, session: Session, reason: str, detail: str) -> None:
+        log.warning(
+            "sled {}: dropped a frame ({}): {}", session.label(), reason, printable(detail, 300)
+        )
+        self.events.publish(FrameReceived(session.id, session.project, dropped=True))
+
+    async def _on_text(self, session: Session, text: str) -> None:
+        try:
+            env = parse(text)
+        except RemoteProtocolError as exc:
+            self._drop(session, exc.reason, exc.detail)
+            return
+        if session.project is None and env.type != Kind.IDENTITY:
+            self._drop(session, "before_identity", f"{env.type!r} frame before identity")
+            if env.type == Kind.PERM_REQUEST:
+                # Fail fast rather than let the sled wait out its permission timeout.
+                await self._refuse(session, env, "?", "perm_request before identity")
+            return
+        if env.type not in _HANDLED:
+            # Unknown kinds are how later protocol phases arrive: log, count, drop.
+            self._drop(
+                session, "unexpected_type", f"type {env.type[:80]!r} (req_id {env.req_id[:80]!r})"
+            )
+            return
+        self.events.publish(FrameReceived(session.id, session.project, dropped=False))
+        if env.type == Kind.IDENTITY:
+            await self._on_identity(session, env)
+        elif env.type == Kind.HEARTBEAT:
+            project = session.project or ""
+            before = self.state.sled_state(session.id, project)
+            self.events.publish(SledHeartbeat(session.id, project))
+            if before is SledState.STALE:
+                log.info("sled {} is live again (heartbeat)", session.label())
+            else:
+                log.trace("sled {} heartbeat", session.label())
+        elif env.type == Kind.PERM_REQUEST:
+            await self._on_perm_request(session, env)
+        else:
+            self._on_mcp_response(session, env)
+
+    async def _on_identity(self, session: Session, env: Envelope) -> None:
+        try:
+            identity = Identity.from_payload(env.payload)
+        except RemoteProtocolError:
+            log.warning("sled from {}: identity without a project name; closing", session.remote)
+            await session.ws.close(1008, "identity needs a project name")
+            return
+        project, info = identity.project, identity.info
+        if session.project is not None:
+            log.warning("sled {}: second identity frame ignored", session.label())
+            return
+        claimed_by_token = project in self.sled_auth.projects
+        if session.allowed_project != project and (
+            session.allowed_project is not None or claimed_by_token
+        ):
+            # An impostor (or a misconfigured sled): its token is not this
+            # project's. The real sled's session, if any, is not touched.
+            holder = (
+                f"the token of project '{printable(session.allowed_project, 120)}'"
+                if session.allowed_project is not None
+                else "the shared token"
+            )
+            log.warning(
+                "sled session {} from {} presented {} but claimed project '{}'; closing (1008)",
+                session.id,
+                session.remote,
+                holder,
+                printable(project, 120),
+            )
+            await session.ws.close(1008, "this token does not admit that project")
+            return
+        if session.identity_timer is not None:
+            session.identity_timer.cancel()
+            session.identity_timer = None
+        session.project = project
+        old = self.by_project.get(project)
+        self.by_project[project] = session
+        session.stop_serving = self.bus.serve(
+            sled_subject(project, "mcp"), self._mcp_responder(session)
+        )
+        self.events.publish(SledUp(session.id, project, session.remote, info))
+        self.events.publish(FrameReceived(session.id, project, dropped=False))
+        log.info(
+            "sled '{}' identified (session {}, from {}, {})",
+            printable(project, 120),
+            session.id,
+            session.remote,
+            printable(info, 500) if info else "no extra info",
+        )
+        if old is not None and old is not session:
+            # Usually a restarted sled whose old connection is half-open. If two
+            # sleds share a name they will keep replacing each other: logged loudly.
+            log.warning(
+                "sled '{}': session {} replaces session {}; closing the old one",
+                printable(project, 120),
+                session.id,
+                old.id,
+            )
+            try:
+                await old.ws.close(4000, "replaced by a newer session for this project")
+            except Exception as exc:
+                log.debug("closing replaced session {}: {}", old.id, exc)
+
+    async def _on_perm_request(self, session: Session, env: Envelope) -> None:
+        project = session.project
+        assert project is not None
+        try:
+            request = PermRequest.from_envelope(env)
+        except RemoteProtocolError as exc:
+            log.warning(
+                "sled {}: perm_request '{}' denied: {}",
+                session.label(),
+                printable(env.req_id, 120),
+                printable(exc.detail, 200),
+            )
+            await self._refuse(session, env, "?", "perm_request without a tool_name")
+            return
+        await self.approvals.request(
+            session.id, project, env.req_id, request.tool_name, request.tool_input
+        )
+
+    async def _refuse(self, session: Session, env: Envelope, tool: str, why: str) -> None:
+        """Deny a malformed or premature request (audited as ``invalid``)."""
+        payload = env.payload if isinstance(env.payload, dict) else {}
+        tool_name = payload.get("tool_name")
+        await self.approvals.deny_by_gateway(
+            session.id,
+            session.project,
+            env.req_id,
+            tool_name=tool_name if isinstance(tool_name, str) and tool_name else tool,
+            tool_input=payload.get("tool_input"),
+            why=why,
+            principal=Principal.gateway("invalid"),
+        )
+
+    def _on_mcp_response(self, session: Session, env: Envelope) -> None:
+        fut = session.mcp_waiters.pop(env.req_id, None)
+        if fut is None or fut.done():
+            log.warning(
+                "sled {}: mcp_response for unknown or expired req_id '{}'; dropped",
+                session.label(),
+                printable(env.req_id, 80),
+            )
+            return
+        fut.set_result(env.payload)
+
+    def _end(self, session: Session, close_code: int | None) -> None:
+        self.sessions.pop(session.id, None)
+        if session.stop_serving is not None:
+            session.stop_serving()
+        if session.project is not None and self.by_project.get(session.project) is session:
+            del self.by_project[session.project]
+        session.fail_waiters(STOPPING if self._stopping else SLED_GONE)
+        withdrawn = self.approvals.withdraw(session.id, close_code)
+        self.events.publish(SledDown(session.id, session.project, close_code))
+        log.info(
+            "sled {} disconnected (code {}){}",
+            session.label(),
+            close_code,
+            f"; withdrew {len(withdrawn)} pending permission request(s)" if withdrawn else "",
+        )
+
+    # -- what the rest of the gateway asks of a session ----------------------------
+
+    async def answer(self, session: int, req_id: str, decision: Decision) -> bool:
+        """Send ``perm_response``; False if that session is gone or the send failed."""
+        held = self.sessions.get(session)
+        if held is None:
+            return False
+        return await held.send(perm_response(req_id, decision))
+
+    def _mcp_responder(self, session: Session) -> Responder:
+        async def respond(message: Message) -> Message:
+            req_id = f"mcp-{uuid.uuid4().hex}"
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            session.mcp_waiters[req_id] = fut
+            log.debug(
+                "relaying MCP request {} ({} characters) to sled {}",
+                req_id,
+                len(message["body"]),
+                session.label(),
+            )
+            if not await session.send(
+                Envelope(Kind.MCP_REQUEST, req_id, {"body": message["body"]})
+            ):
+                session.mcp_waiters.pop(req_id, None)
+                return {"error": NOT_SENT}
+            try:
+                return {"payload": await fut}
+            except _Ended as exc:
+                return {"error": exc.reason}
+            finally:
+                # Answered, failed or abandoned (the requester's deadline): an
+                # answer arriving later is dropped as unknown.
+                session.mcp_waiters.pop(req_id, None)
+
+        return respond
+
+    @property
+    def sled_count(self) -> int:
+        return len(self.by_project)
+
+    # -- background work and shutdown ---------------------------------------------
+
+    async def monitor(self) -> None:
+        """Announce state changes that only time causes (a sled going stale)."""
+        tick = min(self.config.heartbeat_interval / 4, 1.0)
+        while True:
+            await asyncio.sleep(tick)
+            for rec, new in self.state.refresh():
+                if new is SledState.STALE:
+                    log.warning(
+                        "sled '{}' is stale: no heartbeat for {:.1f} s",
+                        printable(rec.project, 120),
+                        self.state.stale_after,
+                    )
+            for project in self.state.forget_disconnected(self.config.forget_disconnected_after):
+                log.info(
+                    "forgot sled '{}': disconnected more than {} s ago",
+                    printable(project, 120),
+                    self.config.forget_disconnected_after,
+                )
+
+    async def shutdown(self) -> None:
+        """Abandon relays (503) and close every sled session with 1001 (going away)."""
+        self._stopping = True
+        for session in list(self.sessions.values()):
+            session.fail_waiters(STOPPING)
+            try:
+                await session.ws.close(1001, "gateway shutting down")
+            except Exception as exc:
+                log.debug("closing session {}: {}", session.id, exc)

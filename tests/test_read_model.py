@@ -1,0 +1,63 @@
+"""The read model (GatewayState) follows the gateway's events, and only them."""
+
+from __future__ import annotations
+
+from sled_gateway.events import (
+    Events,
+    FrameReceived,
+    PermissionDecided,
+    PermissionRequested,
+    PermissionWithdrawn,
+    SledDown,
+    SledHeartbeat,
+    SledUp,
+)
+from sled_gateway.state import DecisionRecord, GatewayState, PendingPermission
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_read_model_follows_events() -> None:
+    clock = Clock()
+    state = GatewayState(10.0, mono=clock, wall=clock)
+    events = Events()
+    state.follow(events)
+
+    events.publish(SledUp(1, "p", "127.0.0.1:5000", {"version": "x"}))
+    events.publish(FrameReceived(1, "p", dropped=False))
+    events.publish(FrameReceived(1, "p", dropped=True))
+    events.publish(FrameReceived(99, "p", dropped=True))  # another session's: not this sled's
+    clock.now += 5
+    events.publish(SledHeartbeat(1, "p"))
+    (sled,) = state.snapshot()["sleds"]
+    assert (sled["state"], sled["frames_in"], sled["frames_dropped"]) == ("connected", 2, 1)
+    assert sled["info"] == {"version": "x"}
+    assert state.is_connected("p")
+
+    item = PendingPermission("p", "r1", "Bash", {"command": "ls"}, clock.now, 1)
+    events.publish(PermissionRequested(item))
+    assert state.is_pending("p", "r1") and state.pending_count("p") == 1
+    record = DecisionRecord("p", "r1", "Bash", "approve", "console", clock.now, 0.5)
+    events.publish(PermissionDecided(record))
+    assert not state.is_pending("p", "r1")
+    assert state.decision_for("p", "r1") == record
+
+    second = PendingPermission("p", "r2", "Read", {}, clock.now, 1)
+    events.publish(PermissionRequested(second))
+    withdrawn = DecisionRecord("p", "r2", "Read", "withdrawn", "sled_disconnected", clock.now, 1.0)
+    events.publish(PermissionWithdrawn(second, withdrawn))
+    events.publish(SledUp(2, "p", "127.0.0.1:5001", {}))  # a newer session replaces it
+    events.publish(SledDown(1, "p", 1006))  # the old session's late end
+    assert state.is_connected("p")
+    events.publish(SledDown(2, "p", 1000))
+    snap = state.snapshot()
+    assert snap["sleds"][0]["state"] == "disconnected"
+    assert snap["sleds"][0]["close_code"] == 1000
+    assert [d["req_id"] for d in snap["decisions"]] == ["r2", "r1"]
+    assert snap["pending"] == []
