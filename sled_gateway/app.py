@@ -63,6 +63,7 @@ from protocol import (
     serialize,
 )
 from sled_gateway.config import GatewayConfig
+from sled_gateway.policy import rule_key
 from sled_gateway.security import PRINCIPAL_KEY, AllowedHosts, SecurityMiddleware
 from sled_gateway.state import (
     AlreadyDecided,
@@ -81,7 +82,7 @@ from sled_gateway.store import (
     RuleRevoked,
     Store,
     UnknownRule,
-    rule_key,
+    make_store,
 )
 
 log = logger.bind(actor="gateway")
@@ -236,7 +237,7 @@ class GatewayApp:
     ) -> None:
         self.config = config
         self.state = state
-        self.store = store if store is not None else Store().open()
+        self.store = store if store is not None else make_store().open()
         self.sessions: dict[int, Session] = {}
         self.by_project: dict[str, Session] = {}  # identified, live sessions
         self._ids = itertools.count(1)

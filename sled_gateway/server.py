@@ -41,7 +41,7 @@ from sled_gateway.config import MAX_FRAME, GatewayConfig
 from sled_gateway.httpserver import guarded_protocol
 from sled_gateway.logs import protect_uvicorn_loggers
 from sled_gateway.state import DecisionRecord, GatewayState, PendingPermission
-from sled_gateway.store import MEMORY, Store
+from sled_gateway.store import MEMORY, make_store
 
 log = logger.bind(actor="gateway")
 T = TypeVar("T")
@@ -147,7 +147,7 @@ class Gateway:
         self._requested_port = port
         self._state = GatewayState(self.config.heartbeat_interval)
         # Opened in start(), on the caller's thread, so a bad file is an error there.
-        self.store = Store(db, retention_days=audit_retention_days)
+        self.store = make_store(db, retention_days=audit_retention_days)
         self._app = GatewayApp(self.config, self._state, listen_host=host, store=self.store)
         self._sock: socket.socket | None = None
         self._port: int | None = None
