@@ -37,6 +37,7 @@ from typing import Any, Self, TypeVar
 
 from loguru import logger
 from sqlalchemy import (
+    REAL,
     BigInteger,
     CheckConstraint,
     Column,
@@ -55,8 +56,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import URL, CursorResult, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.pool import NullPool
+from sqlalchemy.types import TypeEngine
 
 from protocol import JSON
 from sled_gateway.policy import Policy
@@ -85,6 +87,8 @@ _PURGE_EVERY_S = 3600.0
 # spell out each step and never import these).
 METADATA = MetaData()
 _ID = BigInteger().with_variant(Integer(), "sqlite")
+# Unix seconds, as 8-byte floats everywhere (SQLite's REAL is one).
+_TIME: TypeEngine[float] = Double().with_variant(REAL(), "sqlite")
 AUDIT = Table(
     "audit",
     METADATA,
@@ -96,8 +100,8 @@ AUDIT = Table(
     Column("tool_input", Text, nullable=False),  # JSON text
     Column("decision", Text, nullable=False),
     Column("decided_by", Text, nullable=False),
-    Column("requested_at", Double),
-    Column("decided_at", Double, nullable=False),
+    Column("requested_at", _TIME),
+    Column("decided_at", _TIME, nullable=False),
     Column("reason", Text),
     Index("audit_decided_at", "decided_at"),
     Index("audit_project", "project", "id"),
@@ -111,11 +115,11 @@ RULES = Table(
     Column("tool_name", Text, nullable=False),
     Column("match_key", Text),
     Column("action", Text, nullable=False),
-    Column("created_at", Double, nullable=False),
+    Column("created_at", _TIME, nullable=False),
     Column("created_by", Text, nullable=False),
     Column("origin", Text),
     Column("reason", Text),
-    Column("revoked_at", Double),
+    Column("revoked_at", _TIME),
     Column("revoked_by", Text),
     CheckConstraint("action IN ('allow', 'deny')", name="rules_action"),
     Index("rules_revoked_at", "revoked_at"),
@@ -299,8 +303,13 @@ class SqlStore:
         except StoreError as exc:
             ready.set_exception(StoreError(f"{self.location}: {exc}"))
             return
-        except DBAPIError as exc:
+        except OperationalError as exc:
             ready.set_exception(StoreError(f"cannot open {self.location}: {exc.orig}"))
+            return
+        except DBAPIError as exc:  # it opened, but is not a database
+            ready.set_exception(
+                StoreError(f"{self.location} is not a usable gateway database: {exc.orig}")
+            )
             return
         except BaseException as exc:
             ready.set_exception(exc)

@@ -20,6 +20,8 @@ depends_on = None
 
 # Audit ids are 64-bit where the engine has a choice; SQLite's rowid is already.
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+# Unix seconds, as 8-byte floats everywhere (SQLite's REAL is one).
+_TIME: sa.types.TypeEngine[float] = sa.Double().with_variant(sa.REAL(), "sqlite")
 
 
 def upgrade() -> None:
@@ -35,8 +37,8 @@ def upgrade() -> None:
             sa.Column("tool_input", sa.Text(), nullable=False),
             sa.Column("decision", sa.Text(), nullable=False),
             sa.Column("decided_by", sa.Text(), nullable=False),
-            sa.Column("requested_at", sa.Double()),
-            sa.Column("decided_at", sa.Double(), nullable=False),
+            sa.Column("requested_at", _TIME),
+            sa.Column("decided_at", _TIME, nullable=False),
             sa.Column("reason", sa.Text()),
             sqlite_autoincrement=True,
         )
@@ -52,11 +54,11 @@ def upgrade() -> None:
             sa.Column("tool_name", sa.Text(), nullable=False),
             sa.Column("match_key", sa.Text()),
             sa.Column("action", sa.Text(), nullable=False),
-            sa.Column("created_at", sa.Double(), nullable=False),
+            sa.Column("created_at", _TIME, nullable=False),
             sa.Column("created_by", sa.Text(), nullable=False),
             sa.Column("origin", sa.Text()),
             sa.Column("reason", sa.Text()),
-            sa.Column("revoked_at", sa.Double()),
+            sa.Column("revoked_at", _TIME),
             sa.Column("revoked_by", sa.Text()),
             sa.CheckConstraint("action IN ('allow', 'deny')", name="rules_action"),
             sqlite_autoincrement=True,
