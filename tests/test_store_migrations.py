@@ -137,6 +137,23 @@ def test_a_new_file_gets_the_declared_schema(tmp_path: Path) -> None:
         assert raw(db, indexes) == raw(FIXTURE, indexes)
 
 
+def test_the_revisions_build_what_a_new_database_gets(tmp_path: Path) -> None:
+    # A new database is made from the declared tables and stamped, without
+    # Alembic; the revisions, run from nothing, must build the very same.
+    stepwise, direct = tmp_path / "stepwise.db", tmp_path / "direct.db"
+    engine = create_engine(f"sqlite:///{stepwise}")
+    try:
+        with engine.begin() as conn:
+            migrations.upgrade(conn)
+    finally:
+        engine.dispose()
+    make_store(direct).open().close()
+    layout = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
+    assert raw(stepwise, layout) == raw(direct, layout)
+    assert raw(direct, "SELECT version_num FROM alembic_version") == [(migrations.head(),)]
+    assert schema_drift(stepwise) == []
+
+
 def test_a_file_from_a_newer_release_is_refused_untouched(old_file: Path) -> None:
     make_store(old_file).open().close()
     conn = sqlite3.connect(old_file)

@@ -47,6 +47,8 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
+    String,
     Table,
     Text,
     create_engine,
@@ -151,13 +153,29 @@ _AUDIT_COLUMNS = (
     AUDIT.c.requested_at,
     AUDIT.c.decided_at,
 )
-# Alembic's own bookkeeping, read before Alembic is loaded (it is only loaded to migrate).
-_ALEMBIC_VERSION = Table("alembic_version", MetaData(), Column("version_num", Text))
+# Alembic's own bookkeeping, as Alembic makes it: read before Alembic is
+# loaded, and written for a new database, which needs no migration.
+_ALEMBIC_VERSION = Table(
+    "alembic_version",
+    MetaData(),
+    Column("version_num", String(32), nullable=False),
+    PrimaryKeyConstraint("version_num", name="alembic_version_pkc"),
+)
 _INSERT_AUDIT = AUDIT.insert()
+# Many rows in one executemany call, their ids back in the order given (SQLAlchemy
+# sends them in as few statements as the engine can keep that order in).
+_INSERT_AUDIT_ROWS = AUDIT.insert().returning(AUDIT.c.id, sort_by_parameter_order=True)
 _INSERT_RULE = RULES.insert()
 
 _Op = tuple[Callable[[Connection], Any], concurrent.futures.Future[Any]]
+_Result = tuple[Any, Exception | None]  # (value, None) or (None, what the operation raised)
 _STOP = object()
+
+
+class _OperationFailed(Exception):
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _rule(row: Sequence[Any]) -> Rule:
@@ -173,6 +191,29 @@ def _entry(row: Sequence[Any]) -> AuditEntry:
     return AuditEntry(
         project, session, req_id, tool, parsed, decision, by, reason, req_at, dec_at, id_
     )
+
+
+class _AuditRow:
+    """The operation that inserts one audit row; a run of them is one executemany call."""
+
+    __slots__ = ("params",)
+
+    def __init__(self, e: AuditEntry) -> None:
+        self.params = {
+            "project": e.project,
+            "session": e.session,
+            "req_id": e.req_id,
+            "tool_name": e.tool_name,
+            "tool_input": json.dumps(e.tool_input, ensure_ascii=False),
+            "decision": e.decision,
+            "decided_by": e.by,
+            "reason": e.reason,
+            "requested_at": e.requested_at,
+            "decided_at": e.decided_at,
+        }
+
+    def __call__(self, conn: Connection) -> int:
+        return _new_id(conn.execute(_INSERT_AUDIT, self.params))
 
 
 def _new_id(result: CursorResult[Any]) -> int:
@@ -249,6 +290,7 @@ class SqlStore:
         if self._sqlite:
             sqlite.prepare_engine(engine, in_file=file is not None)
         self._engine = engine
+        self._purge_due = 0.0  # purge once at start, then hourly
         ready: concurrent.futures.Future[list[Rule]] = concurrent.futures.Future()
         thread = threading.Thread(
             target=self._serve, args=(engine, ready), name="gateway-store", daemon=True
@@ -261,7 +303,6 @@ class SqlStore:
             self._release()
             raise
         self.policy = Policy(rules)
-        self._purge_due = 0.0  # purge once at start, then hourly
         with self._gate:
             self._thread = thread
             self._closed = False
@@ -332,7 +373,14 @@ class SqlStore:
         """Migrate and read the active rules, in one transaction."""
         with conn.begin():
             found, current = self._schema_version(conn)
-            if not current:
+            if not current and not inspect(conn).get_table_names():
+                # An empty database: made as the newest revision leaves it and
+                # stamped with it, as Alembic advises, without loading Alembic
+                # (11 MiB a gateway would carry for its lifetime).
+                METADATA.create_all(conn)
+                _ALEMBIC_VERSION.create(conn)
+                conn.execute(_ALEMBIC_VERSION.insert(), {"version_num": f"{SCHEMA_VERSION:04d}"})
+            elif not current:
                 from sled_gateway.store import migrations  # Alembic loads only to migrate
 
                 try:
@@ -409,19 +457,17 @@ class SqlStore:
         # A future its caller cancelled still has its operation run (an audit
         # row is written whoever stopped waiting); it just gets no result.
         wanted = [fut.set_running_or_notify_cancel() for _fn, fut in batch]
-        results: list[tuple[Any, BaseException | None]] = []
         try:
-            with conn.begin():
-                for fn, _fut in batch:
-                    savepoint = conn.begin_nested()
-                    try:
-                        value = fn(conn)
-                    except Exception as exc:
-                        savepoint.rollback()
-                        results.append((None, exc))
-                    else:
-                        savepoint.commit()
-                        results.append((value, None))
+            try:
+                results = self._transact(conn, batch)
+            except _OperationFailed as failed:
+                # Rolled back whole; run again with each operation in a savepoint,
+                # so that only the failing one fails. Savepoints cost two
+                # statements per operation, so only a batch that needs them pays.
+                if len(batch) == 1:
+                    results = [(None, failed.error)]
+                else:
+                    results = self._transact_isolated(conn, batch)
         except Exception as exc:
             log.opt(exception=exc).error("store transaction of {} operation(s) failed", len(batch))
             failure = StoreError(f"the store could not commit: {exc}")
@@ -429,7 +475,6 @@ class SqlStore:
                 if want:
                     fut.set_exception(failure)
             return
-        self.commits += 1
         for (_fn, fut), want, (value, error) in zip(batch, wanted, results, strict=True):
             if not want:
                 continue
@@ -437,6 +482,45 @@ class SqlStore:
                 fut.set_exception(error)
             else:
                 fut.set_result(value)
+
+    def _transact(self, conn: Connection, batch: list[_Op]) -> list[_Result]:
+        """Every operation in one transaction; :class:`_OperationFailed` rolls all back."""
+        values: list[Any] = []
+        with conn.begin():
+            i = 0
+            while i < len(batch):
+                rows = []  # the run of audit rows that starts here
+                for fn, _fut in batch[i:]:
+                    if not isinstance(fn, _AuditRow):
+                        break
+                    rows.append(fn.params)
+                try:
+                    if len(rows) > 1:
+                        values += conn.execute(_INSERT_AUDIT_ROWS, rows).scalars().all()
+                    else:
+                        values.append(batch[i][0](conn))
+                except Exception as exc:
+                    raise _OperationFailed(exc) from exc
+                i += max(1, len(rows))
+        self.commits += 1
+        return [(value, None) for value in values]
+
+    def _transact_isolated(self, conn: Connection, batch: list[_Op]) -> list[_Result]:
+        """Every operation in one transaction, each in a savepoint of its own."""
+        results: list[_Result] = []
+        with conn.begin():
+            for fn, _fut in batch:
+                savepoint = conn.begin_nested()
+                try:
+                    value = fn(conn)
+                except Exception as exc:
+                    savepoint.rollback()
+                    results.append((None, exc))
+                else:
+                    savepoint.commit()
+                    results.append((value, None))
+        self.commits += 1
+        return results
 
     def _purge_wait(self) -> float | None:
         if not self.retention_days:
@@ -475,25 +559,6 @@ class SqlStore:
 
     # -- the audit log ------------------------------------------------------------------
 
-    @staticmethod
-    def _insert_audit(conn: Connection, e: AuditEntry) -> int:
-        result = conn.execute(
-            _INSERT_AUDIT,
-            {
-                "project": e.project,
-                "session": e.session,
-                "req_id": e.req_id,
-                "tool_name": e.tool_name,
-                "tool_input": json.dumps(e.tool_input, ensure_ascii=False),
-                "decision": e.decision,
-                "decided_by": e.by,
-                "reason": e.reason,
-                "requested_at": e.requested_at,
-                "decided_at": e.decided_at,
-            },
-        )
-        return _new_id(result)
-
     async def record(self, entry: AuditEntry, new_rule: Rule | None = None) -> Recorded:
         """Commit an audit row (and the rule an always_allow makes) in one transaction.
 
@@ -501,9 +566,12 @@ class SqlStore:
         one, reused) comes back and matches from then on.
         """
 
+        if new_rule is None:
+            return Recorded(await self._run(_AuditRow(entry)), None)
+
         def write(conn: Connection) -> Recorded:
-            rule = self._insert_rule(conn, new_rule) if new_rule is not None else None
-            return Recorded(self._insert_audit(conn, entry), rule)
+            rule = self._insert_rule(conn, new_rule)
+            return Recorded(_AuditRow(entry)(conn), rule)
 
         recorded = await self._run(write)
         if recorded.rule is not None:
@@ -512,7 +580,7 @@ class SqlStore:
 
     def record_later(self, entry: AuditEntry) -> concurrent.futures.Future[int]:
         """Queue an audit row without waiting (for paths that send the sled nothing)."""
-        fut = self._submit(lambda conn: self._insert_audit(conn, entry))
+        fut = self._submit(_AuditRow(entry))
 
         def report(f: concurrent.futures.Future[int]) -> None:
             if not f.cancelled() and f.exception() is not None:
