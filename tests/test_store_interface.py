@@ -217,6 +217,30 @@ def test_one_failing_operation_fails_only_itself_in_a_batch(engine: Engine) -> N
     run(scenario())
 
 
+def test_a_row_the_database_refuses_fails_alone_and_says_little(engine: Engine) -> None:
+    store = engine.open()
+    secret = {"command": "export TOKEN=s3cret"}
+    refused = replace(entry(2), project=None, tool_input=secret)  # NOT NULL
+
+    async def scenario() -> None:
+        with pytest.raises(StoreError) as alone:
+            await store.record(refused)
+        assert "s3cret" not in str(alone.value)  # no statement parameters in the error
+        # In a batch: only the refused row fails, the rows around it are committed.
+        futures = [store.record_later(entry(i)) for i in (1, 3)]
+        futures.insert(1, store.record_later(refused))
+        futures.append(store.record_later(entry(4)))
+        for i, future in enumerate(futures):
+            if i == 1:
+                with pytest.raises(StoreError):
+                    await asyncio.wrap_future(future)
+            else:
+                assert await asyncio.wrap_future(future) > 0
+        assert [e.req_id for e in await store.audit()] == ["p-4", "p-3", "p-1"]
+
+    run(scenario())
+
+
 def test_a_closed_store_refuses_writes(engine: Engine) -> None:
     store = engine.open()
     store.close()

@@ -178,6 +178,12 @@ class _OperationFailed(Exception):
         self.error = error
 
 
+def _reason(exc: Exception) -> str:
+    """The database's own words: SQLAlchemy's message adds the statement and its
+    parameters (a tool's input), which belong in no error a caller passes on."""
+    return str(exc.orig) if isinstance(exc, DBAPIError) else str(exc)
+
+
 def _rule(row: Sequence[Any]) -> Rule:
     return Rule(*row)
 
@@ -277,7 +283,8 @@ class SqlStore:
                 Path(file).parent.mkdir(parents=True, exist_ok=True)
                 self._lock = sqlite.FileLock(file)
                 self._lock.acquire()
-            engine = create_engine(self.url, poolclass=NullPool)
+            # hide_parameters: an error (and its log line) never carries a tool's input.
+            engine = create_engine(self.url, poolclass=NullPool, hide_parameters=True)
         except OSError as exc:
             self._release()
             raise StoreError(f"cannot open {self.location}: {exc.strerror or exc}") from None
@@ -470,7 +477,7 @@ class SqlStore:
                     results = self._transact_isolated(conn, batch)
         except Exception as exc:
             log.opt(exception=exc).error("store transaction of {} operation(s) failed", len(batch))
-            failure = StoreError(f"the store could not commit: {exc}")
+            failure = StoreError(f"the store could not commit: {_reason(exc)}")
             for (_fn, fut), want in zip(batch, wanted, strict=True):
                 if want:
                     fut.set_exception(failure)
@@ -478,7 +485,9 @@ class SqlStore:
         for (_fn, fut), want, (value, error) in zip(batch, wanted, results, strict=True):
             if not want:
                 continue
-            if error is not None:
+            if isinstance(error, DBAPIError):
+                fut.set_exception(StoreError(f"the store could not write: {_reason(error)}"))
+            elif error is not None:
                 fut.set_exception(error)
             else:
                 fut.set_result(value)
