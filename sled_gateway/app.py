@@ -37,7 +37,7 @@ from sled_gateway.http.routes import UPLINK_PATH, Routes
 from sled_gateway.hub import Hub
 from sled_gateway.relay import Relay
 from sled_gateway.state import DecisionRecord, GatewayState, PendingPermission
-from sled_gateway.store import Store
+from sled_gateway.store import Store, make_store
 
 __all__ = ["UPLINK_PATH", "Forbidden", "GatewayApp", "NotRecorded"]
 
@@ -54,7 +54,7 @@ class GatewayApp:
     ) -> None:
         self.config = config
         self.state = state
-        self.store = store if store is not None else Store().open()
+        self.store = store if store is not None else make_store().open()
         self.events = Events()
         state.follow(self.events)
         self.bus = LocalBus()

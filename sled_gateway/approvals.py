@@ -37,6 +37,7 @@ from sled_gateway.events import (
     PermissionWithdrawn,
     RulesChanged,
 )
+from sled_gateway.policy import rule_key
 from sled_gateway.principal import Principal, Role
 from sled_gateway.state import (
     WITHDRAWN,
@@ -45,7 +46,7 @@ from sled_gateway.state import (
     GatewayState,
     PendingPermission,
 )
-from sled_gateway.store import ALLOW, AuditEntry, Rule, Store, rule_key
+from sled_gateway.store import ALLOW, AuditEntry, Rule, Store
 
 log = logger.bind(actor="gateway")
 
@@ -147,7 +148,7 @@ class Approvals:
                 printable(req_id, 120),
             )
             return
-        rule = self.store.match(project, tool_name, tool_input)
+        rule = self.store.policy.match(project, tool_name, tool_input)
         if rule is not None:
             await self._answer_by_rule(
                 session, project, req_id, tool_name=tool_name, tool_input=tool_input, rule=rule

@@ -47,7 +47,7 @@ from sled_gateway.lifecycle import Lifecycle
 from sled_gateway.logs import protect_uvicorn_loggers
 from sled_gateway.principal import Principal, as_principal
 from sled_gateway.state import DecisionRecord, GatewayState, PendingPermission
-from sled_gateway.store import Store
+from sled_gateway.store import make_store
 from sled_gateway.uvicorn_adapter import NotifyingServer, guarded_protocol
 
 log = logger.bind(actor="gateway")
@@ -135,7 +135,7 @@ class Gateway:
         self._requested_port = self.config.port
         self._state = GatewayState(self.config.heartbeat_interval)
         # Opened in start(), on the caller's thread, so a bad file is an error there.
-        self.store = Store(self.config.db, retention_days=self.config.audit_retention_days)
+        self.store = make_store(self.config.db, retention_days=self.config.audit_retention_days)
         self._app = GatewayApp(self.config, self._state, listen_host=self.host, store=self.store)
         self._sock: socket.socket | None = None
         self._port: int | None = None

@@ -21,7 +21,7 @@ from sled_gateway.approvals import Approvals, Forbidden, NotRecorded
 from sled_gateway.events import Events, PermissionDecided, PermissionRequested, RulesChanged
 from sled_gateway.principal import Channel, Principal, Role
 from sled_gateway.state import AlreadyDecided, GatewayState, UnknownRequest
-from sled_gateway.store import DENY, Rule, Store
+from sled_gateway.store import DENY, Rule, Store, make_store
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -61,7 +61,7 @@ class Setup:
 @asynccontextmanager
 async def approvals(tmp_path: Path, **options: object) -> AsyncIterator[Setup]:
     db = tmp_path / "gateway.db"
-    store = Store(db).open()
+    store = make_store(db).open()
     state = GatewayState(10.0)
     events = Events()
     state.follow(events)

@@ -196,6 +196,8 @@ def _module_name(path: Path) -> str:
 def _classes_of(package_paths: list[Path]) -> list[type]:
     classes = []
     for path in package_paths:
+        if "migrations" in path.relative_to(ROOT).parts:
+            continue  # Alembic's scripts run inside a migration, not on import
         module = importlib.import_module(_module_name(path))
         for _, value in inspect.getmembers(module, inspect.isclass):
             if value.__module__ == module.__name__:

@@ -27,7 +27,9 @@ from websockets.exceptions import ConnectionClosed
 from actors import Uplink
 from protocol import Decision
 from sled_gateway import Gateway
-from sled_gateway.store import SCHEMA_VERSION, Store, rule_key
+from sled_gateway.policy import rule_key
+from sled_gateway.store import make_store
+from sled_gateway.store.sql import SCHEMA_VERSION
 from tests.conftest import eventually
 from tests.support.proc import WatchedProcess
 from tests.test_gateway import (
@@ -254,7 +256,7 @@ def _fill(db: Path, per_project: dict[str, int]) -> None:
     """Write audit rows straight into a store file (a gateway that ran before)."""
     from sled_gateway.store import AuditEntry
 
-    store = Store(db).open()
+    store = make_store(db).open()
     try:
         futures = []
         t = _BASE_TIME
@@ -265,7 +267,7 @@ def _fill(db: Path, per_project: dict[str, int]) -> None:
                     project, 1, f"{project}-{i}", "Bash", {"command": f"echo {i}"},
                     decision, "console", None, t, t + 0.5,
                 )  # fmt: skip
-                futures.append(store.submit(lambda c, e=entry: Store._insert(c, e)))
+                futures.append(store.record_later(entry))
                 t += 1
         for f in futures:
             f.result(T)
@@ -685,12 +687,12 @@ def test_audit_retention_deletes_old_rows_and_keeps_rules(
 ) -> None:
     db = tmp_path / "old.db"
     _fill(db, {"old": 5})  # decided in January 2026
-    store = Store(db).open()
+    store = make_store(db).open()
     from sled_gateway.store import AuditEntry
 
     now = time.time()
     recent = AuditEntry("new", 1, "fresh", "Read", {}, "approve", "console", None, now, now)
-    store.submit(lambda c: Store._insert(c, recent)).result(T)
+    store.record_later(recent).result(T)
     store.close()
 
     keep_all = make_gateway(db=db, audit_retention_days=3650)

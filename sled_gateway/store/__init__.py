@@ -1,0 +1,125 @@
+"""The gateway's durable store: the audit log and the always-allow / deny rules.
+
+:class:`Store` is the interface the gateway uses; no database type appears in
+it. :func:`make_store` builds the implementation for a location:
+
+- ``models`` — what is stored (:class:`Rule`, :class:`AuditEntry`) and the errors;
+- ``sql`` — the implementation on SQLAlchemy Core, any SQLAlchemy URL;
+- ``sqlite`` — what only the embedded default, SQLite, needs (WAL, the lock file);
+- ``migrations`` — the schema's history as Alembic revisions, applied at open.
+
+Every store keeps these promises: :meth:`Store.record` returns only once the
+row is committed (a sled is never answered before its decision is recorded);
+one writer applies the changes, a burst of them in one transaction; and the
+active rules live in :attr:`Store.policy`, changed only after a commit.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, Self
+
+from sled_gateway.store.models import (
+    ALLOW,
+    DENY,
+    MAX_PAGE,
+    AuditEntry,
+    Recorded,
+    Rule,
+    RuleRevoked,
+    StoreError,
+    UnknownRule,
+)
+
+if TYPE_CHECKING:  # the policy module imports this package's models
+    from sled_gateway.policy import Policy
+
+__all__ = [
+    "ALLOW",
+    "DENY",
+    "MAX_PAGE",
+    "MEMORY",
+    "AuditEntry",
+    "Recorded",
+    "Rule",
+    "RuleRevoked",
+    "Store",
+    "StoreError",
+    "UnknownRule",
+    "default_db_path",
+    "make_store",
+]
+
+#: The location of a store that keeps nothing (SQLite in memory).
+MEMORY = ":memory:"
+
+
+def default_db_path() -> Path:
+    """``$XDG_DATA_HOME/sled-gateway/gateway.db`` (``~/.local/share`` when unset)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "sled-gateway" / "gateway.db"
+
+
+class Store(Protocol):
+    """The audit log and the rules, whatever database holds them."""
+
+    @property
+    def policy(self) -> Policy:
+        """The active rules, for matching requests without I/O (owned by the caller's loop)."""
+        ...
+
+    def open(self) -> Self:
+        """Open (creating and migrating as needed) and load the rules; :class:`StoreError`."""
+        ...
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Finish queued work, then close. Idempotent; later calls fail with StoreError."""
+        ...
+
+    async def record(self, entry: AuditEntry, new_rule: Rule | None = None) -> Recorded:
+        """Commit an audit row, and with it ``new_rule`` (an always_allow's), in one
+        transaction; returns once committed. ``new_rule``'s id is ignored; an
+        identical active rule is reused. :class:`StoreError` if it was not committed."""
+        ...
+
+    def record_later(self, entry: AuditEntry) -> concurrent.futures.Future[int]:
+        """Queue an audit row without waiting; the future is its id once committed."""
+        ...
+
+    async def audit(
+        self,
+        *,
+        project: str | None = None,
+        since: float | None = None,
+        before: int | None = None,
+        decision: str | None = None,
+        limit: int = 100,
+    ) -> list[AuditEntry]:
+        """Rows newest first, at most ``min(limit, MAX_PAGE)``; ``before`` is a row id
+        (the page after the one ending there), ``since`` a Unix time."""
+        ...
+
+    async def rules(self, *, include_revoked: bool = False) -> list[Rule]:
+        """Rules newest first."""
+        ...
+
+    async def add_rule(self, rule: Rule) -> Rule:
+        """Commit ``rule`` (its id is ignored); an identical active rule is returned instead."""
+        ...
+
+    async def revoke_rule(self, rule_id: int, by: str) -> Rule:
+        """Revoke a rule (it is kept, with who and when); :class:`UnknownRule`,
+        :class:`RuleRevoked`."""
+        ...
+
+
+def make_store(
+    location: str | os.PathLike[str] = MEMORY, *, retention_days: float | None = None
+) -> Store:
+    """The store at ``location`` (a SQLite file's path, :data:`MEMORY`, or a SQLAlchemy
+    URL), not opened yet; audit rows older than ``retention_days`` are purged."""
+    from sled_gateway.store.sql import SqlStore  # SQLAlchemy loads with the first store
+
+    return SqlStore(location, retention_days=retention_days)

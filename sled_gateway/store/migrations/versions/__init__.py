@@ -1,0 +1,1 @@
+"""One module per schema version (Alembic reads them by path; this file makes them a package)."""

@@ -1,0 +1,106 @@
+"""What the store keeps: audit rows and rules, as plain values with their JSON shape.
+
+No storage engine appears here: the HTTP API, the console and the approvals
+path use these types whatever database is behind the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from protocol import JSON
+from sled_gateway.state import iso
+
+ALLOW, DENY = "allow", "deny"
+#: Most rows one ``GET /api/audit`` page returns.
+MAX_PAGE = 500
+
+
+class StoreError(Exception):
+    """The database cannot be used (unreadable, locked by another gateway, too new, closed)."""
+
+
+class UnknownRule(LookupError):
+    pass
+
+
+class RuleRevoked(Exception):
+    def __init__(self, rule: Rule) -> None:
+        super().__init__(f"rule {rule.id} was already revoked by {rule.revoked_by}")
+        self.rule = rule
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    id: int
+    project: str | None  # None: every sled
+    tool_name: str
+    key: str | None  # None: any use of the tool
+    action: str  # ALLOW | DENY
+    created_at: float
+    created_by: str
+    origin: str | None = None
+    reason: str | None = None
+    revoked_at: float | None = None
+    revoked_by: str | None = None
+
+    @property
+    def who(self) -> str:
+        """The ``by`` of decisions this rule makes."""
+        return f"rule:{self.id}"
+
+    def to_json(self) -> dict[str, JSON]:
+        return {
+            "id": self.id,
+            "project": self.project,
+            "tool_name": self.tool_name,
+            "key": self.key,
+            "action": self.action,
+            "created_at": iso(self.created_at),
+            "created_by": self.created_by,
+            "origin": self.origin,
+            "reason": self.reason,
+            "revoked_at": iso(self.revoked_at),
+            "revoked_by": self.revoked_by,
+            "active": self.revoked_at is None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One row of the audit log (``id`` is set once written)."""
+
+    project: str
+    session: int | None
+    req_id: str
+    tool_name: str
+    tool_input: JSON
+    decision: str  # a Decision value, or "withdrawn"
+    by: str
+    reason: str | None
+    requested_at: float | None
+    decided_at: float
+    id: int | None = None
+
+    def to_json(self) -> dict[str, JSON]:
+        return {
+            "id": self.id,
+            "project": self.project,
+            "session": self.session,
+            "req_id": self.req_id,
+            "tool_name": self.tool_name,
+            "tool_input": self.tool_input,
+            "decision": self.decision,
+            "by": self.by,
+            "reason": self.reason,
+            "requested_at": iso(self.requested_at),
+            "decided_at": iso(self.decided_at),
+        }
+
+
+class Recorded(NamedTuple):
+    """What :meth:`Store.record` committed: the audit row's id, and the rule if one was asked."""
+
+    id: int
+    rule: Rule | None

@@ -1,0 +1,685 @@
+"""The store on SQLAlchemy Core: one writer thread, each burst of writes one transaction.
+
+Any SQLAlchemy URL names the database; a path (or ``:memory:``) is a SQLite
+file. Whatever only SQLite needs (WAL, ``BEGIN IMMEDIATE``, the lock file,
+its version marker) lives in :mod:`sled_gateway.store.sqlite`; everything here
+is portable Core (``select``, ``insert``, ``update``, ``delete``), so a server
+database such as ``postgresql+psycopg://...`` needs its driver and no code.
+
+One *writer thread* owns the one connection and runs every statement, so the
+event loop never blocks on the database: the loop queues a small function
+and awaits its future. Whatever is queued while a commit runs goes into the
+next transaction together (up to :data:`_MAX_BATCH`), each operation in its
+own savepoint so one failing statement fails only its caller. A burst of
+decisions costs one commit, not one each (:attr:`SqlStore.commits` counts).
+
+Durability: :meth:`SqlStore.record` returns once the transaction holding the
+row has committed, and the caller sends the sled its answer only then.
+
+The schema is migrated by Alembic at :meth:`SqlStore.open`
+(:mod:`sled_gateway.store.migrations`); a file written by a newer release is
+refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+from loguru import logger
+from sqlalchemy import (
+    REAL,
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Connection,
+    Double,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.engine import URL, CursorResult, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
+from sqlalchemy.pool import NullPool
+from sqlalchemy.types import TypeEngine
+
+from sled_gateway.policy import Policy
+from sled_gateway.store import MEMORY, sqlite
+from sled_gateway.store.models import (
+    MAX_PAGE,
+    AuditEntry,
+    Recorded,
+    Rule,
+    RuleRevoked,
+    StoreError,
+    UnknownRule,
+)
+
+log = logger.bind(actor="gateway-store")
+
+T = TypeVar("T")
+
+#: The schema this release writes: the number of its newest Alembic revision.
+SCHEMA_VERSION = 2
+#: Most operations in one transaction (a bound on one commit's latency).
+_MAX_BATCH = 512
+_PURGE_EVERY_S = 3600.0
+
+# The tables as the newest revision leaves them (the revisions themselves
+# spell out each step and never import these).
+METADATA = MetaData()
+_ID = BigInteger().with_variant(Integer(), "sqlite")
+# Unix seconds, as 8-byte floats everywhere (SQLite's REAL is one).
+_TIME: TypeEngine[float] = Double().with_variant(REAL(), "sqlite")
+AUDIT = Table(
+    "audit",
+    METADATA,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("project", Text, nullable=False),
+    Column("session", Integer),
+    Column("req_id", Text, nullable=False),
+    Column("tool_name", Text, nullable=False),
+    Column("tool_input", Text, nullable=False),  # JSON text
+    Column("decision", Text, nullable=False),
+    Column("decided_by", Text, nullable=False),
+    Column("requested_at", _TIME),
+    Column("decided_at", _TIME, nullable=False),
+    Column("reason", Text),
+    Index("audit_decided_at", "decided_at"),
+    Index("audit_project", "project", "id"),
+    sqlite_autoincrement=True,
+)
+RULES = Table(
+    "rules",
+    METADATA,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("project", Text),
+    Column("tool_name", Text, nullable=False),
+    Column("match_key", Text),
+    Column("action", Text, nullable=False),
+    Column("created_at", _TIME, nullable=False),
+    Column("created_by", Text, nullable=False),
+    Column("origin", Text),
+    Column("reason", Text),
+    Column("revoked_at", _TIME),
+    Column("revoked_by", Text),
+    CheckConstraint("action IN ('allow', 'deny')", name="rules_action"),
+    Index("rules_revoked_at", "revoked_at"),
+    sqlite_autoincrement=True,
+)
+_RULE_COLUMNS = (
+    RULES.c.id,
+    RULES.c.project,
+    RULES.c.tool_name,
+    RULES.c.match_key,
+    RULES.c.action,
+    RULES.c.created_at,
+    RULES.c.created_by,
+    RULES.c.origin,
+    RULES.c.reason,
+    RULES.c.revoked_at,
+    RULES.c.revoked_by,
+)
+_AUDIT_COLUMNS = (
+    AUDIT.c.id,
+    AUDIT.c.project,
+    AUDIT.c.session,
+    AUDIT.c.req_id,
+    AUDIT.c.tool_name,
+    AUDIT.c.tool_input,
+    AUDIT.c.decision,
+    AUDIT.c.decided_by,
+    AUDIT.c.reason,
+    AUDIT.c.requested_at,
+    AUDIT.c.decided_at,
+)
+# Alembic's own bookkeeping, as Alembic makes it: read before Alembic is
+# loaded, and written for a new database, which needs no migration.
+_ALEMBIC_VERSION = Table(
+    "alembic_version",
+    MetaData(),
+    Column("version_num", String(32), nullable=False),
+    PrimaryKeyConstraint("version_num", name="alembic_version_pkc"),
+)
+_INSERT_AUDIT = AUDIT.insert()
+# Many rows in one executemany call, their ids back in the order given (SQLAlchemy
+# sends them in as few statements as the engine can keep that order in).
+_INSERT_AUDIT_ROWS = AUDIT.insert().returning(AUDIT.c.id, sort_by_parameter_order=True)
+_INSERT_RULE = RULES.insert()
+
+_Op = tuple[Callable[[Connection], Any], concurrent.futures.Future[Any]]
+_Result = tuple[Any, Exception | None]  # (value, None) or (None, what the operation raised)
+_STOP = object()
+
+
+class _OperationFailed(Exception):
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _reason(exc: Exception) -> str:
+    """The database's own words: SQLAlchemy's message adds the statement and its
+    parameters (a tool's input), which belong in no error a caller passes on."""
+    return str(exc.orig) if isinstance(exc, DBAPIError) else str(exc)
+
+
+def _rule(row: Sequence[Any]) -> Rule:
+    return Rule(*row)
+
+
+def _entry(row: Sequence[Any]) -> AuditEntry:
+    id_, project, session, req_id, tool, tool_input, decision, by, reason, req_at, dec_at = row
+    try:
+        parsed = json.loads(tool_input)
+    except ValueError:
+        parsed = tool_input
+    return AuditEntry(
+        project, session, req_id, tool, parsed, decision, by, reason, req_at, dec_at, id_
+    )
+
+
+class _AuditRow:
+    """The operation that inserts one audit row; a run of them is one executemany call."""
+
+    __slots__ = ("params",)
+
+    def __init__(self, e: AuditEntry) -> None:
+        self.params = {
+            "project": e.project,
+            "session": e.session,
+            "req_id": e.req_id,
+            "tool_name": e.tool_name,
+            "tool_input": json.dumps(e.tool_input, ensure_ascii=False),
+            "decision": e.decision,
+            "decided_by": e.by,
+            "reason": e.reason,
+            "requested_at": e.requested_at,
+            "decided_at": e.decided_at,
+        }
+
+    def __call__(self, conn: Connection) -> int:
+        return _new_id(conn.execute(_INSERT_AUDIT, self.params))
+
+
+def _new_id(result: CursorResult[Any]) -> int:
+    key = result.inserted_primary_key
+    assert key is not None  # an INSERT of one row
+    return int(key[0])
+
+
+def _url(location: str | os.PathLike[str]) -> URL:
+    text = os.fspath(location)
+    return make_url(text) if "://" in text else sqlite.url_for_path(text)
+
+
+class SqlStore:
+    """The audit log and the rules in a SQL database, behind one writer thread.
+
+    ``location`` is a SQLAlchemy URL, a SQLite file's path, or
+    :data:`~sled_gateway.store.MEMORY`. Nothing is touched before
+    :meth:`open`.
+    """
+
+    def __init__(
+        self,
+        location: str | os.PathLike[str] = MEMORY,
+        *,
+        retention_days: float | None = None,
+    ) -> None:
+        self.url = _url(location)
+        #: How messages name the database (a URL without its password).
+        self.location = (
+            os.fspath(location)
+            if self.url.password is None
+            else self.url.render_as_string(hide_password=True)
+        )
+        self.retention_days = retention_days
+        #: The active rules, updated after each committed change (on the caller's thread).
+        self.policy = Policy()
+        #: The schema version the database had when opened (0: a new database).
+        self.found_version = 0
+        #: Transactions committed by the writer thread (a burst should take few).
+        self.commits = 0
+        self._sqlite = sqlite.is_sqlite(self.url)
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._gate = threading.Lock()  # orders "closed" against queueing
+        self._closed = True
+        self._thread: threading.Thread | None = None
+        self._engine: Engine | None = None
+        self._lock: sqlite.FileLock | None = None
+        self._purge_due = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def open(self) -> Self:
+        """Open (creating the file and its folder), lock, migrate, load the rules.
+
+        :class:`StoreError` when the database cannot be used.
+        """
+        file = sqlite.file_of(self.url) if self._sqlite else None
+        try:
+            if file is not None:
+                Path(file).parent.mkdir(parents=True, exist_ok=True)
+                self._lock = sqlite.FileLock(file)
+                self._lock.acquire()
+            # hide_parameters: an error (and its log line) never carries a tool's input.
+            engine = create_engine(self.url, poolclass=NullPool, hide_parameters=True)
+        except OSError as exc:
+            self._release()
+            raise StoreError(f"cannot open {self.location}: {exc.strerror or exc}") from None
+        except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+            self._release()
+            raise StoreError(f"cannot open {self.location}: {exc}") from None
+        except BaseException:
+            self._release()
+            raise
+        if self._sqlite:
+            sqlite.prepare_engine(engine, in_file=file is not None)
+        self._engine = engine
+        self._purge_due = 0.0  # purge once at start, then hourly
+        ready: concurrent.futures.Future[list[Rule]] = concurrent.futures.Future()
+        thread = threading.Thread(
+            target=self._serve, args=(engine, ready), name="gateway-store", daemon=True
+        )
+        thread.start()
+        try:
+            rules = ready.result()
+        except BaseException:
+            thread.join()
+            self._release()
+            raise
+        self.policy = Policy(rules)
+        with self._gate:
+            self._thread = thread
+            self._closed = False
+        log.info(
+            "store {} open (schema {}, {} active rule(s){})",
+            self.location,
+            SCHEMA_VERSION,
+            len(rules),
+            f", audit kept {self.retention_days:g} days" if self.retention_days else "",
+        )
+        return self
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Finish the queued work, close the database. Idempotent."""
+        with self._gate:
+            self._closed = True
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                self._queue.put(_STOP)
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.error("store thread did not finish within {} s", timeout)
+        self._release()
+
+    def _release(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    # -- the writer thread --------------------------------------------------------
+
+    def _serve(self, engine: Engine, ready: concurrent.futures.Future[list[Rule]]) -> None:
+        try:
+            conn = engine.connect()
+        except StoreError as exc:
+            ready.set_exception(StoreError(f"{self.location}: {exc}"))
+            return
+        except OperationalError as exc:
+            ready.set_exception(StoreError(f"cannot open {self.location}: {exc.orig}"))
+            return
+        except DBAPIError as exc:  # it opened, but is not a database
+            ready.set_exception(
+                StoreError(f"{self.location} is not a usable gateway database: {exc.orig}")
+            )
+            return
+        except BaseException as exc:
+            ready.set_exception(exc)
+            return
+        with conn:
+            try:
+                rules = self._prepare(conn)
+            except DBAPIError as exc:
+                ready.set_exception(
+                    StoreError(f"{self.location} is not a usable gateway database: {exc.orig}")
+                )
+                return
+            except BaseException as exc:
+                ready.set_exception(exc)
+                return
+            ready.set_result(rules)
+            self._work(conn)
+
+    def _prepare(self, conn: Connection) -> list[Rule]:
+        """Migrate and read the active rules, in one transaction."""
+        with conn.begin():
+            found, current = self._schema_version(conn)
+            if not current and not inspect(conn).get_table_names():
+                # An empty database: made as the newest revision leaves it and
+                # stamped with it, as Alembic advises, without loading Alembic
+                # (11 MiB a gateway would carry for its lifetime).
+                METADATA.create_all(conn)
+                _ALEMBIC_VERSION.create(conn)
+                conn.execute(_ALEMBIC_VERSION.insert(), {"version_num": f"{SCHEMA_VERSION:04d}"})
+            elif not current:
+                from sled_gateway.store import migrations  # Alembic loads only to migrate
+
+                try:
+                    migrations.upgrade(conn)
+                except DBAPIError:
+                    raise
+                except Exception as exc:  # Alembic's own errors (an unknown revision)
+                    raise StoreError(
+                        f"{self.location} is not a usable gateway database: {exc}"
+                    ) from None
+            if self._sqlite:
+                sqlite.mark_version(conn, SCHEMA_VERSION)
+            rows = conn.execute(
+                select(*_RULE_COLUMNS).where(RULES.c.revoked_at.is_(None)).order_by(RULES.c.id)
+            ).all()
+        self.found_version = found
+        if 0 < found < SCHEMA_VERSION:
+            log.info(
+                "migrated {} from schema version {} to {}", self.location, found, SCHEMA_VERSION
+            )
+        elif found and not current:
+            log.info("{}: schema version {} now kept by Alembic", self.location, found)
+        return [_rule(r) for r in rows]
+
+    def _schema_version(self, conn: Connection) -> tuple[int, bool]:
+        """The version found, and whether Alembic has it at the newest revision already.
+
+        A database from before Alembic has only the SQLite marker (0.1.0, 0.2.0).
+        """
+        marked = sqlite.marked_version(conn) if self._sqlite else 0
+        revision: str | None = None
+        if inspect(conn).has_table("alembic_version"):
+            revisions = conn.execute(select(_ALEMBIC_VERSION.c.version_num)).scalars().all()
+            revision = revisions[0] if len(revisions) == 1 else None
+            if len(revisions) > 1 or (revision is not None and not revision.isdigit()):
+                raise StoreError(
+                    f"{self.location} is not a gateway database "
+                    f"(Alembic revision {', '.join(map(repr, revisions))})"
+                )
+        found = int(revision) if revision is not None else marked
+        newest = max(found, marked)
+        if newest > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.location} has schema version {newest}; this gateway knows versions up "
+                f"to {SCHEMA_VERSION} (a newer release wrote it)"
+            )
+        return found, revision is not None and found == SCHEMA_VERSION
+
+    def _work(self, conn: Connection) -> None:
+        while True:
+            try:
+                first = self._queue.get(timeout=self._purge_wait())
+            except queue.Empty:
+                self._purge(conn)
+                continue
+            if first is _STOP:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < _MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            self._run_batch(conn, batch)
+            if stop:
+                return
+
+    def _run_batch(self, conn: Connection, batch: list[_Op]) -> None:
+        # A future its caller cancelled still has its operation run (an audit
+        # row is written whoever stopped waiting); it just gets no result.
+        wanted = [fut.set_running_or_notify_cancel() for _fn, fut in batch]
+        try:
+            try:
+                results = self._transact(conn, batch)
+            except _OperationFailed as failed:
+                # Rolled back whole; run again with each operation in a savepoint,
+                # so that only the failing one fails. Savepoints cost two
+                # statements per operation, so only a batch that needs them pays.
+                if len(batch) == 1:
+                    results = [(None, failed.error)]
+                else:
+                    results = self._transact_isolated(conn, batch)
+        except Exception as exc:
+            log.opt(exception=exc).error("store transaction of {} operation(s) failed", len(batch))
+            failure = StoreError(f"the store could not commit: {_reason(exc)}")
+            for (_fn, fut), want in zip(batch, wanted, strict=True):
+                if want:
+                    fut.set_exception(failure)
+            return
+        for (_fn, fut), want, (value, error) in zip(batch, wanted, results, strict=True):
+            if not want:
+                continue
+            if isinstance(error, DBAPIError):
+                fut.set_exception(StoreError(f"the store could not write: {_reason(error)}"))
+            elif error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(value)
+
+    def _transact(self, conn: Connection, batch: list[_Op]) -> list[_Result]:
+        """Every operation in one transaction; :class:`_OperationFailed` rolls all back."""
+        values: list[Any] = []
+        with conn.begin():
+            i = 0
+            while i < len(batch):
+                rows = []  # the run of audit rows that starts here
+                for fn, _fut in batch[i:]:
+                    if not isinstance(fn, _AuditRow):
+                        break
+                    rows.append(fn.params)
+                try:
+                    if len(rows) > 1:
+                        values += conn.execute(_INSERT_AUDIT_ROWS, rows).scalars().all()
+                    else:
+                        values.append(batch[i][0](conn))
+                except Exception as exc:
+                    raise _OperationFailed(exc) from exc
+                i += max(1, len(rows))
+        self.commits += 1
+        return [(value, None) for value in values]
+
+    def _transact_isolated(self, conn: Connection, batch: list[_Op]) -> list[_Result]:
+        """Every operation in one transaction, each in a savepoint of its own."""
+        results: list[_Result] = []
+        with conn.begin():
+            for fn, _fut in batch:
+                savepoint = conn.begin_nested()
+                try:
+                    value = fn(conn)
+                except Exception as exc:
+                    savepoint.rollback()
+                    results.append((None, exc))
+                else:
+                    savepoint.commit()
+                    results.append((value, None))
+        self.commits += 1
+        return results
+
+    def _purge_wait(self) -> float | None:
+        if not self.retention_days:
+            return None
+        return max(0.0, self._purge_due - time.monotonic())
+
+    def _purge(self, conn: Connection) -> None:
+        self._purge_due = time.monotonic() + _PURGE_EVERY_S
+        assert self.retention_days
+        cutoff = time.time() - self.retention_days * 86400
+        fut: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._run_batch(
+            conn,
+            [(lambda c: c.execute(delete(AUDIT).where(AUDIT.c.decided_at < cutoff)).rowcount, fut)],
+        )
+        if fut.exception() is None and fut.result():
+            log.info(
+                "audit retention: removed {} row(s) older than {:g} days",
+                fut.result(),
+                self.retention_days,
+            )
+
+    # -- calling into the writer thread -----------------------------------------------
+
+    def _submit(self, fn: Callable[[Connection], T]) -> concurrent.futures.Future[T]:
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._gate:
+            if self._closed:
+                fut.set_exception(StoreError("the store is closed"))
+            else:
+                self._queue.put((fn, fut))
+        return fut
+
+    async def _run(self, fn: Callable[[Connection], T]) -> T:
+        return await asyncio.wrap_future(self._submit(fn))
+
+    # -- the audit log ------------------------------------------------------------------
+
+    async def record(self, entry: AuditEntry, new_rule: Rule | None = None) -> Recorded:
+        """Commit an audit row (and the rule an always_allow makes) in one transaction.
+
+        ``new_rule``'s id is ignored; the committed rule (or an identical active
+        one, reused) comes back and matches from then on.
+        """
+
+        if new_rule is None:
+            return Recorded(await self._run(_AuditRow(entry)), None)
+
+        def write(conn: Connection) -> Recorded:
+            rule = self._insert_rule(conn, new_rule)
+            return Recorded(_AuditRow(entry)(conn), rule)
+
+        recorded = await self._run(write)
+        if recorded.rule is not None:
+            self.policy.add(recorded.rule)
+        return recorded
+
+    def record_later(self, entry: AuditEntry) -> concurrent.futures.Future[int]:
+        """Queue an audit row without waiting (for paths that send the sled nothing)."""
+        fut = self._submit(_AuditRow(entry))
+
+        def report(f: concurrent.futures.Future[int]) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                log.error("audit row for {!r} not written: {}", entry.req_id, f.exception())
+
+        fut.add_done_callback(report)
+        return fut
+
+    async def audit(
+        self,
+        *,
+        project: str | None = None,
+        since: float | None = None,
+        before: int | None = None,
+        decision: str | None = None,
+        limit: int = 100,
+    ) -> list[AuditEntry]:
+        """Rows newest first; ``before`` is an id (the page after the one ending there)."""
+        query = select(*_AUDIT_COLUMNS)
+        if project is not None:
+            query = query.where(AUDIT.c.project == project)
+        if since is not None:
+            query = query.where(AUDIT.c.decided_at >= since)
+        if before is not None:
+            query = query.where(AUDIT.c.id < before)
+        if decision is not None:
+            query = query.where(AUDIT.c.decision == decision)
+        query = query.order_by(AUDIT.c.id.desc()).limit(max(1, min(limit, MAX_PAGE)))
+        rows = await self._run(lambda conn: conn.execute(query).all())
+        return [_entry(r) for r in rows]
+
+    # -- rules ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _insert_rule(conn: Connection, rule: Rule) -> Rule:
+        same = conn.execute(
+            select(*_RULE_COLUMNS).where(
+                RULES.c.revoked_at.is_(None),
+                RULES.c.action == rule.action,
+                RULES.c.tool_name == rule.tool_name,
+                RULES.c.project.is_not_distinct_from(rule.project),
+                RULES.c.match_key.is_not_distinct_from(rule.key),
+            )
+        ).first()
+        if same is not None:
+            return _rule(same)
+        result = conn.execute(
+            _INSERT_RULE,
+            {
+                "project": rule.project,
+                "tool_name": rule.tool_name,
+                "match_key": rule.key,
+                "action": rule.action,
+                "created_at": rule.created_at,
+                "created_by": rule.created_by,
+                "origin": rule.origin,
+                "reason": rule.reason,
+            },
+        )
+        return replace(rule, id=_new_id(result))
+
+    async def add_rule(self, rule: Rule) -> Rule:
+        """Commit ``rule`` (its id is ignored); an identical active rule is returned instead."""
+        committed = await self._run(lambda conn: self._insert_rule(conn, rule))
+        self.policy.add(committed)
+        return committed
+
+    async def revoke_rule(self, rule_id: int, by: str) -> Rule:
+        """Revoke a rule (the row stays, with who and when); UnknownRule / RuleRevoked."""
+
+        def revoke(conn: Connection) -> Rule:
+            row = conn.execute(select(*_RULE_COLUMNS).where(RULES.c.id == rule_id)).first()
+            if row is None:
+                raise UnknownRule(f"no rule {rule_id}")
+            rule = _rule(row)
+            if rule.revoked_at is not None:
+                raise RuleRevoked(rule)
+            now = time.time()
+            conn.execute(
+                update(RULES).where(RULES.c.id == rule_id).values(revoked_at=now, revoked_by=by)
+            )
+            return replace(rule, revoked_at=now, revoked_by=by)
+
+        revoked = await self._run(revoke)
+        self.policy.remove(revoked)
+        return revoked
+
+    async def rules(self, *, include_revoked: bool = False) -> list[Rule]:
+        query = select(*_RULE_COLUMNS)
+        if not include_revoked:
+            query = query.where(RULES.c.revoked_at.is_(None))
+        query = query.order_by(RULES.c.id.desc())
+        rows = await self._run(lambda conn: conn.execute(query).all())
+        return [_rule(r) for r in rows]

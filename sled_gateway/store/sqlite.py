@@ -1,0 +1,108 @@
+"""Everything the store does only because the engine is SQLite, in one place.
+
+- **Where**: a file path or :data:`~sled_gateway.store.MEMORY`.
+- **Durability**: WAL mode with ``synchronous=NORMAL``. A transaction is in the
+  operating system's page cache once its commit returns, so it survives a crash
+  of the process (``kill -9``); only a power loss or kernel crash can lose the
+  last few. ``FULL`` would fsync every commit and halve the decision rate for
+  that case.
+- **Transactions**: Python's ``sqlite3`` module opens transactions by itself and
+  not for DDL or savepoints; its own control is turned off and every
+  transaction starts with ``BEGIN IMMEDIATE``, which takes the write lock at
+  once, so the migrations are transactional, a savepoint belongs to its
+  transaction, and a second writer (a person with the ``sqlite3`` shell) waits
+  instead of failing halfway.
+- **One gateway per file**: an ``flock`` on ``PATH.lock``. Each gateway holds
+  the active rules in memory, so a second one would answer with stale rules;
+  the kernel releases the lock even when the holder is killed.
+- **The 0.2.0 version marker**: ``PRAGMA user_version`` is the schema version
+  0.2.0 reads. It is kept equal to the Alembic revision's number, so 0.2.0
+  refuses a file a newer release has changed instead of writing into it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from typing import Any
+
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.engine import URL
+
+from sled_gateway.store import MEMORY
+from sled_gateway.store.models import StoreError
+
+
+def url_for_path(path: str) -> URL:
+    """The SQLAlchemy URL of a database file, or of :data:`MEMORY`."""
+    return URL.create("sqlite", database=None if path == MEMORY else path)
+
+
+def is_sqlite(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite"
+
+
+def file_of(url: URL) -> str | None:
+    """The database file of a SQLite URL; None when it lives in memory."""
+    database = url.database
+    if not database or database == MEMORY or database.startswith("file::memory:"):
+        return None
+    return database
+
+
+def prepare_engine(engine: Engine, *, in_file: bool) -> None:
+    """Set each new connection up for the store (see the module's docstring)."""
+
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # the BEGIN below is the only one
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA busy_timeout = 5000")
+            if in_file:
+                mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StoreError(f"cannot use WAL mode (got {mode})")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(connection: Connection) -> None:
+        # Straight to the driver: this runs once per transaction, on the hot path.
+        connection.connection.driver_connection.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+
+
+def marked_version(connection: Connection) -> int:
+    """The schema version in the file's header (0 for a new file)."""
+    return int(connection.exec_driver_sql("PRAGMA user_version").scalar_one())
+
+
+def mark_version(connection: Connection, version: int) -> None:
+    """Write the schema version into the header, in the caller's transaction."""
+    if marked_version(connection) != version:
+        connection.exec_driver_sql(f"PRAGMA user_version = {int(version)}")
+
+
+class FileLock:
+    """An exclusive ``flock`` on ``PATH.lock`` for as long as the store is open."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or :class:`StoreError` naming the file another gateway holds."""
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(f"{self.path} is in use by another gateway process") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None

@@ -1,0 +1,200 @@
+"""The store's schema: Alembic revisions, files from earlier releases, files it must refuse.
+
+``tests/fixtures/gateway-0.2.0.sqlite3`` was written by the 0.2.0 store
+itself (see ``tests/fixtures/README.md``); each test works on a copy.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine
+
+from sled_gateway.store import StoreError, make_store, migrations
+from sled_gateway.store.sql import METADATA, SCHEMA_VERSION
+
+pytestmark = pytest.mark.timeout(60)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "gateway-0.2.0.sqlite3"
+
+
+def raw(db: Path, sql: str) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def schema_drift(db: Path) -> list[Any]:
+    """What differs between the tables in ``db`` and the ones the store declares.
+
+    0.2.0 declared its ``INTEGER PRIMARY KEY`` ids without ``NOT NULL``; they are
+    SQLite's rowid, never NULL either way, so that difference does not count.
+    """
+    engine = create_engine(f"sqlite:///{db}")
+    try:
+        with engine.connect() as conn:
+            diffs = compare_metadata(MigrationContext.configure(conn), METADATA)
+    finally:
+        engine.dispose()
+    flat = [d for group in diffs for d in (group if isinstance(group, list) else [group])]
+    return [d for d in flat if not (d[0] == "modify_nullable" and d[3] == "id")]
+
+
+@pytest.fixture
+def old_file(tmp_path: Path) -> Path:
+    copy = tmp_path / "gateway.db"
+    shutil.copy(FIXTURE, copy)
+    return copy
+
+
+def test_schema_version_is_the_newest_revision() -> None:
+    assert int(migrations.head()) == SCHEMA_VERSION
+    assert all(len(r) == 4 and r.isdigit() for r in migrations.known_revisions())
+
+
+def test_a_0_2_0_file_is_taken_forward_with_every_row_and_rule(old_file: Path) -> None:
+    audit_before = raw(old_file, "SELECT * FROM audit ORDER BY id")
+    rules_before = raw(old_file, "SELECT * FROM rules ORDER BY id")
+    assert len(audit_before) == 6
+    assert len(rules_before) == 3
+    assert raw(old_file, "PRAGMA user_version") == [(2,)]
+
+    store = make_store(old_file).open()
+    try:
+        assert store.found_version == 2
+        assert len(store.policy) == 2  # the revoked rule does not match
+
+        async def read() -> tuple[list[Any], list[Any]]:
+            return await store.audit(), await store.rules(include_revoked=True)
+
+        import asyncio
+
+        rows, rules = asyncio.run(read())
+    finally:
+        store.close()
+
+    assert [(e.id, e.req_id, e.decision, e.by) for e in rows] == [
+        (6, "a-4", "always_allow", "rule:1"),
+        (5, "a-3", "always_allow", "console"),
+        (4, "b-2", "withdrawn", "sled_disconnected"),
+        (3, "b-1", "deny", "invalid"),
+        (2, "a-2", "deny", "api"),
+        (1, "a-1", "approve", "console"),
+    ]
+    by_id = {e.id: e for e in rows}
+    assert by_id[2].tool_input == {"file_path": "/src/é.py", "old_string": "x"}
+    assert by_id[2].reason == "not that file"
+    assert by_id[3].tool_input == "not an object"
+    assert by_id[3].session is None
+    assert by_id[1].to_json()["decided_at"] == "2026-01-01T00:00:01.250+00:00"
+    assert [(r.id, r.project, r.key, r.action, r.revoked_by) for r in rules] == [
+        (3, "beta", None, "allow", "matrix:@op:example.org"),
+        (2, None, "rm -rf /", "deny", None),
+        (1, "alpha", "pytest -q", "allow", None),
+    ]
+    assert rules[2].origin == "always_allow of request a-3"
+    # Byte for byte the same rows, now under Alembic at the same version.
+    assert raw(old_file, "SELECT * FROM audit ORDER BY id") == audit_before
+    assert raw(old_file, "SELECT * FROM rules ORDER BY id") == rules_before
+    assert raw(old_file, "SELECT version_num FROM alembic_version") == [("0002",)]
+    assert raw(old_file, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert schema_drift(old_file) == []
+
+
+def test_a_second_open_changes_nothing(old_file: Path) -> None:
+    make_store(old_file).open().close()
+    layout = raw(old_file, "PRAGMA schema_version")  # SQLite counts every schema change
+    tables = raw(old_file, "SELECT type, name, sql FROM sqlite_master ORDER BY name")
+    store = make_store(old_file).open()
+    store.close()
+    assert store.found_version == SCHEMA_VERSION
+    assert raw(old_file, "PRAGMA schema_version") == layout
+    assert raw(old_file, "SELECT type, name, sql FROM sqlite_master ORDER BY name") == tables
+    assert len(raw(old_file, "SELECT * FROM audit")) == 6
+
+
+def test_a_new_file_gets_the_declared_schema(tmp_path: Path) -> None:
+    db = tmp_path / "new.db"
+    store = make_store(db).open()
+    store.close()
+    assert store.found_version == 0
+    assert schema_drift(db) == []
+    assert raw(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert raw(db, "PRAGMA journal_mode") == [("wal",)]
+    # Same tables, columns and indexes as 0.2.0 made.
+    for table in ("audit", "rules"):
+        columns = f"SELECT name, type, pk FROM pragma_table_info('{table}') ORDER BY cid"
+        indexes = f"SELECT name FROM pragma_index_list('{table}') ORDER BY name"
+        assert sorted(raw(db, columns)) == sorted(raw(FIXTURE, columns))
+        assert raw(db, indexes) == raw(FIXTURE, indexes)
+
+
+def test_the_revisions_build_what_a_new_database_gets(tmp_path: Path) -> None:
+    # A new database is made from the declared tables and stamped, without
+    # Alembic; the revisions, run from nothing, must build the very same.
+    stepwise, direct = tmp_path / "stepwise.db", tmp_path / "direct.db"
+    engine = create_engine(f"sqlite:///{stepwise}")
+    try:
+        with engine.begin() as conn:
+            migrations.upgrade(conn)
+    finally:
+        engine.dispose()
+    make_store(direct).open().close()
+    layout = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
+    assert raw(stepwise, layout) == raw(direct, layout)
+    assert raw(direct, "SELECT version_num FROM alembic_version") == [(migrations.head(),)]
+    assert schema_drift(stepwise) == []
+
+
+def test_a_file_from_a_newer_release_is_refused_untouched(old_file: Path) -> None:
+    make_store(old_file).open().close()
+    conn = sqlite3.connect(old_file)
+    with conn:
+        conn.execute("UPDATE alembic_version SET version_num = '0009'")
+    conn.close()
+    with pytest.raises(StoreError, match=r"schema version 9; .* up to 2 \(a newer release"):
+        make_store(old_file).open()
+    assert raw(old_file, "SELECT version_num FROM alembic_version") == [("0009",)]
+    # The lock is released: the file can be opened again once it is fixed.
+    conn = sqlite3.connect(old_file)
+    with conn:
+        conn.execute("UPDATE alembic_version SET version_num = '0002'")
+    conn.close()
+    make_store(old_file).open().close()
+
+
+def test_another_projects_alembic_database_is_refused(old_file: Path) -> None:
+    conn = sqlite3.connect(old_file)
+    with conn:
+        conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        conn.execute("INSERT INTO alembic_version VALUES ('ae1027a6acf')")
+    conn.close()
+    with pytest.raises(StoreError, match="not a gateway database"):
+        make_store(old_file).open()
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not SQLite at all\n" * 200)
+    with pytest.raises(StoreError, match="not a usable gateway database"):
+        make_store(junk).open()
+    assert junk.read_bytes() == b"this is not SQLite at all\n" * 200
+
+
+def test_a_second_store_on_one_file_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "one.db"
+    first = make_store(db).open()
+    try:
+        with pytest.raises(StoreError, match="is in use by another gateway process"):
+            make_store(db).open()
+    finally:
+        first.close()
+    make_store(db).open().close()
