@@ -42,9 +42,9 @@ from typing import Any, cast
 
 from loguru import logger
 
-from actors.cli import OneLineParser, Option, field_options
+from actors.cli import LOG_LEVEL_OPTION, OneLineParser, Option, any_path, field_options
 from protocol import ConfigError, redact
-from protocol.options import one_of, parse_listen
+from protocol.options import parse_listen
 from protocol.version import __version__
 from sled_gateway import Gateway
 from sled_gateway.config import TOKEN_ENV, GatewayConfig, load_sled_tokens
@@ -54,20 +54,11 @@ from sled_gateway.transports.matrix import MATRIX_OPTIONS, MatrixConfig, MatrixT
 from sled_gateway.transports.matrix import config_from_options as matrix_config_from_options
 from sled_gateway.transports.terminal import TerminalPrompter
 
-LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_LISTEN = "127.0.0.1:8080"
 
 
 def _listen(option: str, value: str) -> str:
     parse_listen(option, value)
-    return value
-
-
-def _log_level(option: str, value: str) -> str:
-    return one_of(option, value, LOG_LEVELS)
-
-
-def _path(option: str, value: str) -> str:
     return value
 
 
@@ -86,7 +77,7 @@ COMMAND_OPTIONS: dict[str, Option] = {
         "--sled-tokens",
         'per-sled tokens, a JSON object {"<project>": "<token>", ...}: '
         "a token admits only its own project",
-        rule=_path,
+        rule=any_path,
         metavar="FILE",
         default=None,
     ),
@@ -102,13 +93,7 @@ COMMAND_OPTIONS: dict[str, Option] = {
         default=False,
         switch=True,
     ),
-    "log_level": Option(
-        "--log-level",
-        f"the least severe log lines shown: {', '.join(LOG_LEVELS)}",
-        rule=_log_level,
-        metavar="LEVEL",
-        default="INFO",
-    ),
+    "log_level": LOG_LEVEL_OPTION,
 }
 
 MATRIX_GROUP = "Matrix transport (all five, or none)"

@@ -20,9 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from actors.cli import OneLineParser, Option, field_options
+from actors.cli import LOG_LEVEL_OPTION, OneLineParser, Option, any_path, field_options
 from protocol import ConfigError
-from protocol.options import one_of
 from protocol.version import __version__
 
 if TYPE_CHECKING:
@@ -36,16 +35,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 TOKEN_ENV = "HUSKIES_UPSTREAM_TOKEN"
-
-
-def _log_level(option: str, value: str) -> str:
-    return one_of(option, value, LOG_LEVELS)
-
-
-def _path(option: str, value: str) -> str:
-    return value
 
 
 #: The options of the command itself, beside UplinkConfig's fields: the
@@ -55,18 +45,12 @@ COMMAND_OPTIONS: dict[str, Option] = {
         "--token-file",
         "file holding the gateway token, sent as the URL's ?token= (added, or replacing "
         f"one in the URL); env {TOKEN_ENV} holds the token itself",
-        rule=_path,
+        rule=any_path,
         metavar="PATH",
         default=None,
         shown_default="none, the URL's own ?token= if any",
     ),
-    "log_level": Option(
-        "--log-level",
-        f"the least severe log lines shown: {', '.join(LOG_LEVELS)}",
-        rule=_log_level,
-        metavar="LEVEL",
-        default="INFO",
-    ),
+    "log_level": LOG_LEVEL_OPTION,
     "log_json": Option("--log-json", "one JSON object per log line", default=False, switch=True),
 }
 

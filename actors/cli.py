@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn, TypeVar
 
 from protocol import ConfigError, redact
-from protocol.options import byte_size, format_bytes
+from protocol.options import byte_size, format_bytes, one_of
 
 EXIT_USAGE = 2
 _UNRECOGNIZED = "unrecognized arguments: "
@@ -253,3 +253,26 @@ def check_fields(obj: Any) -> None:
         name = spec.flag or spec.help  # a library-only field: its name
         for item in value if spec.repeat else (value,):
             spec.rule(name, item)
+
+
+#: loguru's levels, least severe first: what ``--log-level`` takes.
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(option: str, value: str) -> str:
+    return one_of(option, value, LOG_LEVELS)
+
+
+def any_path(option: str, value: str) -> str:
+    """A path taken as given: the command that reads it says what is wrong with it."""
+    return value
+
+
+#: Both commands' ``--log-level``.
+LOG_LEVEL_OPTION = Option(
+    "--log-level",
+    f"the least severe log lines shown: {', '.join(LOG_LEVELS)}",
+    rule=log_level,
+    metavar="LEVEL",
+    default="INFO",
+)

@@ -886,12 +886,15 @@ def test_the_cli_escapes_a_tool_name_in_its_prompt_and_log(tmp_path: Path) -> No
     assert VICTIM_TOKEN not in err + out
 
 
-def test_a_body_sent_a_byte_at_a_time_is_cut_off(gateways: Callable[..., Gateway]) -> None:
+@pytest.mark.parametrize("path", ["/api/permissions/p/r", "/api/rules"])
+def test_a_body_sent_a_byte_at_a_time_is_cut_off(
+    gateways: Callable[..., Gateway], path: str
+) -> None:
     gw = gateways(header_timeout=0.5)  # the body gets 3 x 0.5 s
     with socket.create_connection(("127.0.0.1", gw.port), timeout=6 * T) as sock:
         sock.sendall(
-            b"POST /api/permissions/p/r HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 100\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
+            + b"Content-Type: application/json\r\nContent-Length: 100\r\n"
             + f"Authorization: Bearer {gw.operator_token}\r\n\r\n".encode()
             + b'{"deci'
         )

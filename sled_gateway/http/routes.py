@@ -50,6 +50,7 @@ STATE_LIMIT = 500
 _MAX_DECISION_BODY = 64 * 1024
 _MAX_REASON = 1000
 _AUDIT_DECISIONS = frozenset({*(d.value for d in Decision), "withdrawn"})
+_DECISION_SHAPE = 'body must be JSON: {"decision": "approve"|"deny"|"always_allow"}'
 _RULE_SHAPE = (
     'body must be JSON: {"action": "allow"|"deny", "tool_name": str, '
     '"project": str|null, "key": str|null, "reason": str}'
@@ -141,21 +142,25 @@ class Routes:
         }
         return JSONResponse(snap, headers={"Cache-Control": "no-store"})
 
-    async def _json_body(self, request: Request) -> Any:
-        """The parsed body; BodyTooLarge / BodyTooSlow / ValueError."""
-        return json.loads(await read_body(request, _MAX_DECISION_BODY, self.config.body_timeout))
+    async def _json_body(self, request: Request, shape: str) -> tuple[Any, Response | None]:
+        """(the parsed body, None), or (None, the 4xx that says why there is none);
+        ``shape`` is what a body that is not JSON is told to look like."""
+        try:
+            raw = await read_body(request, _MAX_DECISION_BODY, self.config.body_timeout)
+            return json.loads(raw), None
+        except BodyTooLarge:
+            return None, error(413, "body too large")
+        except BodyTooSlow:
+            return None, error(408, f"body not received within {self.config.body_timeout} s")
+        except (ValueError, UnicodeDecodeError):
+            return None, error(400, shape)
 
     async def _post_decision(self, request: Request) -> Response:
         project = request.path_params["project"]
         req_id = request.path_params["req_id"]
-        try:
-            body = await self._json_body(request)
-        except BodyTooLarge:
-            return error(413, "body too large")
-        except BodyTooSlow:
-            return error(408, f"body not received within {self.config.body_timeout} s")
-        except (ValueError, UnicodeDecodeError):
-            return error(400, 'body must be JSON: {"decision": "approve"|"deny"|"always_allow"}')
+        body, unreadable = await self._json_body(request, _DECISION_SHAPE)
+        if unreadable is not None:
+            return unreadable
         value = body.get("decision") if isinstance(body, dict) else None
         try:
             decision = Decision(value if isinstance(value, str) else "")
@@ -217,14 +222,9 @@ class Routes:
         )
 
     async def _post_rule(self, request: Request) -> Response:
-        try:
-            body = await self._json_body(request)
-        except BodyTooLarge:
-            return error(413, "body too large")
-        except BodyTooSlow:
-            return error(408, f"body not received within {self.config.body_timeout} s")
-        except (ValueError, UnicodeDecodeError):
-            return error(400, _RULE_SHAPE)
+        body, unreadable = await self._json_body(request, _RULE_SHAPE)
+        if unreadable is not None:
+            return unreadable
         if not isinstance(body, dict):
             return error(400, _RULE_SHAPE)
         unknown = set(body) - {"action", "project", "tool_name", "key", "reason"}
