@@ -35,8 +35,9 @@ from sled_gateway.events import Events, PermissionDecided, PermissionRequested, 
 from sled_gateway.http.guard import AllowedHosts, RequestGuard
 from sled_gateway.http.routes import UPLINK_PATH, Routes
 from sled_gateway.hub import Hub
+from sled_gateway.records import DecisionRecord, PendingPermission
 from sled_gateway.relay import Relay
-from sled_gateway.state import DecisionRecord, GatewayState, PendingPermission
+from sled_gateway.state import GatewayState
 from sled_gateway.store import Store, make_store
 
 __all__ = ["UPLINK_PATH", "Forbidden", "GatewayApp", "NotRecorded"]

@@ -39,13 +39,8 @@ from sled_gateway.events import (
 )
 from sled_gateway.policy import rule_key
 from sled_gateway.principal import Principal, Role
-from sled_gateway.state import (
-    WITHDRAWN,
-    AlreadyDecided,
-    DecisionRecord,
-    GatewayState,
-    PendingPermission,
-)
+from sled_gateway.records import WITHDRAWN, AlreadyDecided, DecisionRecord, PendingPermission
+from sled_gateway.state import GatewayState
 from sled_gateway.store import ALLOW, AuditEntry, Rule, Store
 
 log = logger.bind(actor="gateway")

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from loguru import logger
 
 from protocol import JSON
-
-if TYPE_CHECKING:  # the read model imports this module to subscribe
-    from sled_gateway.state import DecisionRecord, PendingPermission
+from sled_gateway.records import DecisionRecord, PendingPermission
 
 log = logger.bind(actor="gateway")
 

@@ -46,7 +46,8 @@ from sled_gateway.events import Events
 from sled_gateway.lifecycle import Lifecycle
 from sled_gateway.logs import protect_uvicorn_loggers
 from sled_gateway.principal import Principal, as_principal
-from sled_gateway.state import DecisionRecord, GatewayState, PendingPermission
+from sled_gateway.records import DecisionRecord, PendingPermission
+from sled_gateway.state import GatewayState
 from sled_gateway.store import make_store
 from sled_gateway.uvicorn_adapter import NotifyingServer, guarded_protocol
 

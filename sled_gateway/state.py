@@ -23,7 +23,6 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from protocol import JSON
@@ -37,6 +36,13 @@ from sled_gateway.events import (
     SledHeartbeat,
     SledUp,
 )
+from sled_gateway.records import (
+    AlreadyDecided,
+    DecisionRecord,
+    PendingPermission,
+    UnknownRequest,
+    iso,
+)
 
 #: A sled is stale after this many missed heartbeat intervals.
 STALE_AFTER_INTERVALS = 3
@@ -44,35 +50,12 @@ STALE_AFTER_INTERVALS = 3
 DECIDED_MEMORY = 10_000
 #: How many decisions the console's log shows.
 RECENT_DECISIONS = 200
-#: Pseudo-decision recorded when a sled disconnects with requests pending.
-WITHDRAWN = "withdrawn"
 
 
 class SledState(enum.StrEnum):
     CONNECTED = "connected"
     STALE = "stale"
     DISCONNECTED = "disconnected"
-
-
-class UnknownRequest(LookupError):
-    """No permission request with this project and id was ever seen (HTTP 404)."""
-
-
-class AlreadyDecided(Exception):
-    """The request already has its one decision (HTTP 409)."""
-
-    def __init__(self, record: DecisionRecord) -> None:
-        super().__init__(
-            f"{record.project}/{record.req_id} already {record.decision} by {record.by}"
-        )
-        self.record = record
-
-
-def iso(t: float | None) -> str | None:
-    """Wall-clock seconds → ISO 8601 UTC with milliseconds (None stays None)."""
-    if t is None:
-        return None
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
 
 
 @dataclass
@@ -99,51 +82,6 @@ class SledRecord:
         if mono_now - self.beat_mono > stale_after:
             return SledState.STALE
         return SledState.CONNECTED
-
-
-@dataclass(frozen=True, slots=True)
-class PendingPermission:
-    """A ``perm_request`` waiting for its answer."""
-
-    project: str
-    req_id: str
-    tool_name: str
-    tool_input: JSON
-    received_at: float  # wall clock
-    session: int
-
-    def to_json(self) -> dict[str, JSON]:
-        return {
-            "project": self.project,
-            "req_id": self.req_id,
-            "tool_name": self.tool_name,
-            "tool_input": self.tool_input,
-            "received_at": iso(self.received_at),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class DecisionRecord:
-    """One answered (or withdrawn) permission request, for the console's log."""
-
-    project: str
-    req_id: str
-    tool_name: str
-    decision: str  # a Decision value, or WITHDRAWN
-    by: str  # auto | terminal | console | library | invalid | sled_disconnected
-    decided_at: float  # wall clock
-    waited_s: float
-
-    def to_json(self) -> dict[str, JSON]:
-        return {
-            "project": self.project,
-            "req_id": self.req_id,
-            "tool_name": self.tool_name,
-            "decision": self.decision,
-            "by": self.by,
-            "decided_at": iso(self.decided_at),
-            "waited_s": round(self.waited_s, 3),
-        }
 
 
 Key = tuple[str, str]  # (project, req_id)

@@ -20,7 +20,8 @@ from protocol import Decision
 from sled_gateway.approvals import Approvals, Forbidden, NotRecorded
 from sled_gateway.events import Events, PermissionDecided, PermissionRequested, RulesChanged
 from sled_gateway.principal import Channel, Principal, Role
-from sled_gateway.state import AlreadyDecided, GatewayState, UnknownRequest
+from sled_gateway.records import AlreadyDecided, UnknownRequest
+from sled_gateway.state import GatewayState
 from sled_gateway.store import DENY, Rule, Store, make_store
 
 pytestmark = pytest.mark.timeout(30)

@@ -35,7 +35,7 @@ pytest.importorskip("nio", reason="matrix-nio is not installed (the 'matrix' ext
 from actors import Uplink
 from protocol import ConfigError, Decision
 from sled_gateway import Gateway
-from sled_gateway.state import PendingPermission
+from sled_gateway.records import PendingPermission
 from sled_gateway.transports.matrix import (
     MatrixConfig,
     MatrixTransport,

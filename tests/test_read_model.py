@@ -12,7 +12,8 @@ from sled_gateway.events import (
     SledHeartbeat,
     SledUp,
 )
-from sled_gateway.state import DecisionRecord, GatewayState, PendingPermission
+from sled_gateway.records import DecisionRecord, PendingPermission
+from sled_gateway.state import GatewayState
 
 
 class Clock:

@@ -38,8 +38,9 @@ from sled_gateway.http.console import ConsolePage
 from sled_gateway.http.errors import error
 from sled_gateway.http.params import BodyTooLarge, BodyTooSlow, int_param, read_body, time_param
 from sled_gateway.hub import Hub
+from sled_gateway.records import AlreadyDecided, UnknownRequest
 from sled_gateway.relay import Relay
-from sled_gateway.state import AlreadyDecided, GatewayState, UnknownRequest
+from sled_gateway.state import GatewayState
 from sled_gateway.store import ALLOW, DENY, MAX_PAGE, Rule, RuleRevoked, Store, UnknownRule
 
 log = logger.bind(actor="gateway")

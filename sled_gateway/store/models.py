@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from protocol import JSON
-from sled_gateway.state import iso
+from sled_gateway.records import iso
 
 ALLOW, DENY = "allow", "deny"
 #: Most rows one ``GET /api/audit`` page returns.

@@ -43,7 +43,7 @@ from actors.cli import Option
 from protocol import ConfigError, Decision, decision_word
 from sled_gateway.approvals import Approvals, Forbidden, NotRecorded
 from sled_gateway.principal import Principal
-from sled_gateway.state import (
+from sled_gateway.records import (
     WITHDRAWN,
     AlreadyDecided,
     DecisionRecord,

@@ -23,8 +23,8 @@ from loguru import logger
 
 from protocol import Decision, decision_word, printable
 from sled_gateway.principal import Principal
+from sled_gateway.records import AlreadyDecided, PendingPermission, UnknownRequest
 from sled_gateway.server import Gateway
-from sled_gateway.state import AlreadyDecided, PendingPermission, UnknownRequest
 
 log = logger.bind(actor="gateway")
 
