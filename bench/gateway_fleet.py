@@ -433,7 +433,7 @@ def compare(sizes: list[int], samples: int, idle_s: float, other: Path, rounds: 
     if not (other / "run_gateway.py").is_file():
         print(f"--vs: no run_gateway.py in {other}", file=sys.stderr)
         return 2
-    figures = ("rss_mib", "cpu_idle", "p50_ms", "p99_ms", "state_ms")
+    figures = ("rss_mib", "cpu_idle", "cpu_probe", "p50_ms", "p99_ms", "state_ms")
     header = f"{'sleds':>6} {'figure':>9} {'this':>9} {'other':>9} {'this/other':>10}"
     rows = []
     for n in sizes:
