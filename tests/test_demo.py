@@ -164,6 +164,8 @@ def demo_env(ports: dict[str, int], tmp_path: Path) -> dict[str, str]:
         SLED_DEMO_MCP_PORT=str(ports["mcp"]),
         SLED_DEMO_UPLINK_PORT=str(ports["uplink"]),
         SLED_DEMO_LOG_DIR=str(tmp_path / "logs"),
+        # The demo's database lands under here, never in the user's own data.
+        XDG_DATA_HOME=str(tmp_path / "data"),
         PYTHONUNBUFFERED="1",
     )
     return env
@@ -333,6 +335,12 @@ def test_demo_end_to_end_then_ctrl_c(
         text = log.read_text("utf-8", "replace")
         assert token not in text, log.name
         assert operator not in text, log.name
+    # The demo keeps decisions in a database of its own, not in the default one
+    # every other gateway run of this user shares.
+    own = tmp_path / "data" / "sled-gateway" / "demo" / "gateway.db"
+    assert own.is_file()
+    assert f"kept in {own}" in " ".join(run.output.split())
+    assert not (tmp_path / "data" / "sled-gateway" / "gateway.db").exists()
 
 
 def test_demo_stops_cleanly_on_sigterm(start_demo: DemoRun, ports: dict[str, int]) -> None:
