@@ -3,7 +3,7 @@
 # mypy (strict, on the packages and both commands). Sets up .venv like test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh test,dev >&2
+bash scripts/bootstrap.sh gateway,test,dev >&2
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
