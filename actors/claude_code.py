@@ -58,14 +58,21 @@ async def ask(
     *,
     on_wait: Callable[[float], Awaitable[None]] | None = None,
     interval: float = 10.0,
+    abandon: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Ask the uplink and return the permission-prompt answer; never raises.
+    """Ask the uplink and return the permission-prompt answer; never raises
+    (but ``CancelledError``).
 
     ``on_wait(elapsed)`` runs every ``interval`` seconds while the gateway has
-    not answered (the MCP tool sends progress with it). The request is
-    shielded: a caller that goes away abandons the wait, not the request,
-    which is still decided and logged.
+    not answered (the MCP tool sends progress with it). When the wait is
+    cancelled (the caller went away), ``abandon(request_id)`` denies the
+    request at once and the gateway withdraws it: nobody is left to act on a
+    person's answer, and the card must not outlive the question.
     """
+    if request_id is None and abandon is not None:
+        from actors.permissions import new_request_id
+
+        request_id = new_request_id()  # named here, so it can be abandoned
     try:
         future = request_permission(tool_name, tool_input, request_id=request_id)
     except (LocalProtocolError, RecursionError, ValueError, TypeError) as exc:
@@ -83,6 +90,9 @@ async def ask(
             if on_wait is not None:
                 await on_wait(loop.time() - started)
         except asyncio.CancelledError:
+            if abandon is not None and request_id is not None:
+                _log.info("the caller of {!r} went away; abandoning it", request_id)
+                abandon(request_id)
             raise
         except Exception as exc:
             _log.exception("permission request for {} failed", tool_name)
@@ -94,13 +104,17 @@ async def answer_hook(
     request_permission: RequestPermission,
     body: JSON,
     never_forward: Iterable[str] = DEFAULT_HOOK_NEVER_FORWARD,
+    *,
+    abandon: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """The output for one hook JSON: ``{}`` (no decision) for a never-forwarded
     PreToolUse, else the gateway's answer in the event's shape."""
     call = parse_hook(body)
     if call.event == "PreToolUse" and call.tool_name in set(never_forward):
         return {}
-    answer = await ask(request_permission, call.tool_name, call.tool_input, call.tool_use_id)
+    answer = await ask(
+        request_permission, call.tool_name, call.tool_input, call.tool_use_id, abandon=abandon
+    )
     return hook_answer(call.event, answer)
 
 
@@ -137,6 +151,7 @@ class McpPermissionServer:
         progress_interval: float = 10.0,
         allowed_hosts: Iterable[str] = (),
         waiting: Callable[[int], None] | None = None,
+        abandon: Callable[[str], None] | None = None,
     ) -> None:
         import mcp_types as types
         from mcp.server.lowlevel import Server
@@ -144,6 +159,7 @@ class McpPermissionServer:
         from mcp.server.transport_security import TransportSecuritySettings
 
         self.request_permission = request_permission
+        self.abandon = abandon
         self.permission_timeout = permission_timeout
         self.progress_interval = progress_interval
         self._waiting = waiting or (lambda _delta: None)
@@ -225,6 +241,7 @@ class McpPermissionServer:
                 tool_use_id,
                 on_wait=progress,
                 interval=self.progress_interval,
+                abandon=self.abandon,
             )
         finally:
             self._waiting(-1)
@@ -269,6 +286,7 @@ class McpEndpoint:
         allowed_hosts: Iterable[str],
         waiting: Callable[[int], None],
         on_state: Callable[[str], None] = lambda _state: None,
+        abandon: Callable[[str], None] | None = None,
     ) -> None:
         # on_state("ready" | "unavailable") once loading ends (for /status).
         self._on_state = on_state
@@ -280,6 +298,7 @@ class McpEndpoint:
             "progress_interval": progress_interval,
             "allowed_hosts": list(allowed_hosts),
             "waiting": waiting,
+            "abandon": abandon,
         }
         self._server: McpPermissionServer | None = None
         self._running: Any = None  # concurrent future of McpPermissionServer.run

@@ -70,6 +70,34 @@ class HttpError(Exception):
         self.headers = headers or []
 
 
+class _ClientGone(Exception):
+    """The HTTP client disconnected while its request waited for a decision."""
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    """Return when the client disconnects (call only once the body was read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(receive: Receive, waiting: Awaitable[Any]) -> Any:
+    """Await ``waiting``; if the client disconnects first, cancel it and raise
+    :class:`_ClientGone`. Nobody is left to read a late answer, and a request
+    nobody waits for must not stay in front of a person."""
+    task = asyncio.ensure_future(waiting)
+    watcher = asyncio.ensure_future(_until_disconnect(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise _ClientGone
+
+
 class RequestGuard:
     """The checks every request passes before routing; pure (scope in, HttpError out).
 
@@ -304,11 +332,14 @@ class Ingress:
         *,
         request_permission: Callable[..., Awaitable[Outcome]],
         status: Callable[[], dict[str, Any]],
+        abandon: Callable[[str], None] | None = None,
     ) -> None:
-        # The two things the ingress needs of the uplink, not the uplink itself:
-        # ``request_permission(tool_name, tool_input, request_id=...)`` and ``status()``.
+        # What the ingress needs of the uplink, not the uplink itself:
+        # ``request_permission(tool_name, tool_input, request_id=...)``, ``status()``
+        # and ``abandon(request_id)`` (a caller went away: deny it, tell the gateway).
         self.request_permission = request_permission
         self.status = status
+        self.abandon = abandon or (lambda _request_id: None)
         self.ctx = ctx
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_UplinkCollector(ctx))
@@ -435,6 +466,8 @@ class Ingress:
             if handler is None:
                 raise HttpError(405, f"{scope['method']} is not allowed on {scope['path']}")
             status, answer = await handler(scope, body)
+        except _ClientGone:
+            return  # nobody to answer
         except HttpError as exc:
             status, answer = exc.status, error_body(exc.message)
             extra = exc.headers
@@ -467,16 +500,23 @@ class Ingress:
         tool_name, tool_input, request_id = parse_permission_body(
             await self._read_body(scope, receive)
         )
+        from actors.permissions import new_request_id
+
+        request_id = request_id or new_request_id()  # named here: abandon needs it
         try:
             future = self.request_permission(tool_name, tool_input, request_id=request_id)
         except (LocalProtocolError, RecursionError) as exc:
             raise HttpError(400, f"request cannot be forwarded: {exc}") from None
-        # Wait without tying the decision to this caller: if the client goes
-        # away, the shield keeps the request's future, so it is still decided
-        # (and logged) as usual.
+        # The shield keeps the request's future when the wait is cancelled: a
+        # client that goes away is abandoned (denied as caller_gone, and the
+        # gateway withdraws it), never left for a person to answer.
         self.waiting += 1
         try:
-            outcome = await asyncio.shield(future)
+            outcome = await _unless_gone(receive, asyncio.shield(future))
+        except _ClientGone:
+            _log.info("the caller of {!r} went away; abandoning it", request_id)
+            self.abandon(request_id)
+            raise
         finally:
             self.waiting -= 1
         return 200, permission_answer(outcome, tool_input, tool_name)
@@ -497,8 +537,14 @@ class Ingress:
             raise HttpError(400, "body is not valid JSON") from None
         self.waiting += 1
         try:
-            return 200, await answer_hook(
-                self.request_permission, body, self.ctx.config.hook_never_forward
+            return 200, await _unless_gone(
+                receive,
+                answer_hook(
+                    self.request_permission,
+                    body,
+                    self.ctx.config.hook_never_forward,
+                    abandon=self.abandon,
+                ),
             )
         except ValueError as exc:
             raise HttpError(400, str(exc)) from None
@@ -517,6 +563,7 @@ class Ingress:
         self._mcp = McpEndpoint(
             self.request_permission,
             self.ctx.loop,
+            abandon=self.abandon,
             version=str(config.identity_extra.get("version", "")),
             permission_timeout=config.permission_timeout,
             progress_interval=config.claude_progress_interval,

@@ -139,6 +139,13 @@ class Submit:
 
 
 @dataclass(frozen=True, slots=True)
+class Abandon:
+    """edge → registry: the caller of ``request_id`` went away; deny it (``caller_gone``)."""
+
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Sweep:
     """registry timer: deny what has outlived the permission timeout."""
 

@@ -14,15 +14,29 @@ Rules, each with its own deny reason:
 - shutdown → ``shutdown``; too many undecided → ``over_limit``; undecided
   requests whose frames would together exceed ``max_pending_bytes`` →
   ``over_bytes`` (a count cap alone lets 10 000 one-MiB inputs pin 10 GB);
-- an id already undecided → the new one is denied (``duplicate_id``).
+- an id already undecided → the new one is denied (``duplicate_id``);
+- an id seen within the last hour, decided or not → denied (``reused_id``):
+  the gateway may still show the first request under that id, and a person's
+  answer to it must never answer a different one;
+- the caller went away (:meth:`PermissionBook.abandon`) → ``caller_gone``.
+When the book decides a request it has sent on a session that is still open
+(``timeout``, ``caller_gone``), it tells the gateway on that session with a
+``perm_cancel`` frame, so the gateway withdraws it from the people who see it.
 A response is honoured only for an undecided request, and only when it
 arrives on the session the request was sent on.
+
+The ids seen are remembered in arrival order with their time, for
+:data:`REUSE_WINDOW` seconds and at most :data:`REUSE_MEMORY` of them (the
+oldest are forgotten first): about 10 MB at the cap.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
+import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +47,7 @@ from actors.base import UplinkLoopActor, handles
 from actors.context import Role, UplinkContext
 from actors.loop import Timer
 from actors.messages import (
+    Abandon,
     DenyAll,
     EnvelopeIn,
     SessionClosed,
@@ -51,8 +66,29 @@ from protocol import (
     PermRequest,
     Reason,
     decide,
+    perm_cancel,
     serialize,
 )
+
+#: How long a request id stays refused after it was first seen (seconds).
+REUSE_WINDOW = 3600.0
+#: At most this many ids are remembered for :data:`REUSE_WINDOW`; past it the
+#: oldest are forgotten first (a flood of ids cannot grow memory without bound).
+REUSE_MEMORY = 100_000
+
+# The reasons for which the book decides a sent request by itself while its
+# session is still open; the gateway hears of each with a perm_cancel.
+_CANCELLED = {Reason.TIMEOUT: "timeout", Reason.CALLER_GONE: "caller_gone"}
+
+# Generated ids: a random per-process prefix and a counter (unique, and much
+# cheaper than uuid4 on the hot path).
+_ID_PREFIX = secrets.token_hex(6)
+_id_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A fresh request id, for a caller that brought none."""
+    return f"{_ID_PREFIX}-{next(_id_counter)}"
 
 
 @dataclass(slots=True)
@@ -85,6 +121,8 @@ class PermissionBook:
         on_decided: DecidedFn | None = None,
         clock: Callable[[], float] = time.monotonic,
         log: Any = logger,
+        reuse_window: float = REUSE_WINDOW,
+        reuse_memory: int = REUSE_MEMORY,
     ) -> None:
         self.timeout = timeout
         self.max_pending = max_pending
@@ -101,6 +139,10 @@ class PermissionBook:
         self.closed = False
         self.closed_reason = Reason.SHUTDOWN  # what a submission to a closed book is told
         self._deadlines: list[tuple[float, str]] = []
+        self.reuse_window = reuse_window
+        self.reuse_memory = reuse_memory
+        # id → when it was first seen (monotonic), oldest first.
+        self.seen: OrderedDict[str, float] = OrderedDict()
 
     # ── inputs ──────────────────────────────────────────────────────────
 
@@ -125,6 +167,14 @@ class PermissionBook:
         if request_id in self.pending:
             self._log.warning("request id {!r} is already waiting; denying the new one", request_id)
             self._answer(entry, Decision.DENY, Reason.DUPLICATE_ID)
+            return
+        if not self._first_sight(request_id):
+            self._log.warning(
+                "request id {!r} was already used within {:.0f} s; denying the new one",
+                request_id,
+                self.reuse_window,
+            )
+            self._answer(entry, Decision.DENY, Reason.REUSED_ID)
             return
         if len(self.pending) >= self.max_pending:
             self._log.warning(
@@ -194,6 +244,13 @@ class PermissionBook:
             self._log.warning("{} (request {!r})", mapped.warning, request_id)
         return self._decide(entry, mapped.decision, mapped.reason)
 
+    def abandon(self, request_id: str) -> Outcome | None:
+        """The caller of ``request_id`` went away: deny it (``caller_gone``) if undecided."""
+        entry = self.pending.get(request_id)
+        if entry is None:
+            return None
+        return self._decide(entry, Decision.DENY, Reason.CALLER_GONE)
+
     def expire(self) -> float | None:
         """Deny what is past its deadline; return the next deadline, if any."""
         now = self._clock()
@@ -221,6 +278,22 @@ class PermissionBook:
 
     # ── outputs ─────────────────────────────────────────────────────────
 
+    def _first_sight(self, request_id: str) -> bool:
+        """Remember ``request_id``; False if it was already seen within the window."""
+        now = self._clock()
+        seen = self.seen
+        while seen:
+            oldest, at = next(iter(seen.items()))
+            if now - at <= self.reuse_window:
+                break
+            del seen[oldest]
+        if request_id in seen:
+            return False
+        while len(seen) >= self.reuse_memory:
+            seen.popitem(last=False)
+        seen[request_id] = now
+        return True
+
     def _transmit(self, entry: Pending, session: int) -> None:
         entry.session = session
         frame = entry.frame_text or PermRequest(entry.tool_name, entry.tool_input).envelope(
@@ -236,7 +309,16 @@ class PermissionBook:
         if not self.pending:
             self._deadlines.clear()
             self.held.clear()
-        return self._answer(entry, decision, reason)
+        outcome = self._answer(entry, decision, reason)
+        cancel = _CANCELLED.get(reason)
+        if cancel is not None and entry.session is not None and entry.session == self.session:
+            # Only on the session it was sent on: a later session's gateway
+            # never saw it (the one that did withdrew it when that session ended).
+            try:
+                self._send(entry.session, perm_cancel(entry.request_id, cancel))
+            except Exception:
+                self._log.exception("perm_cancel for {!r} could not be sent", entry.request_id)
+        return outcome
 
     def _answer(self, entry: Pending, decision: Decision, reason: Reason) -> Outcome:
         outcome = Outcome(entry.request_id, decision, reason)
@@ -323,6 +405,10 @@ class PermissionRegistryActor(UplinkLoopActor):
         if message.envelope.type == Kind.PERM_RESPONSE:
             self.book.respond(message.session, message.envelope.req_id, message.envelope.payload)
 
+    @handles(Abandon)
+    def _on_abandon(self, message: Abandon) -> None:
+        self.book.abandon(message.request_id)
+
     @handles(SessionOpened)
     def _on_session_opened(self, message: SessionOpened) -> None:
         self.sink = message.sink
@@ -368,8 +454,12 @@ class PermissionRegistryActor(UplinkLoopActor):
         sink = self.sink
         assert sink is not None
         assert sink.session == session, (session, sink.session)
-        self.ctx.stats.inc("frames_out", Kind.PERM_REQUEST)
-        sink.send_text(frame) if isinstance(frame, str) else sink.send(frame)
+        if isinstance(frame, str):
+            self.ctx.stats.inc("frames_out", Kind.PERM_REQUEST)
+            sink.send_text(frame)
+        else:
+            self.ctx.stats.inc("frames_out", frame.type)
+            sink.send(frame)
 
     def _on_decided(self, entry: Pending, outcome: Outcome) -> None:
         self.decided += 1

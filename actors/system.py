@@ -23,8 +23,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import itertools
-import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -41,8 +39,17 @@ from actors.context import Role, UplinkContext
 from actors.heartbeat import HeartbeatActor
 from actors.loop import EventLoop
 from actors.mcp_proxy import McpProxyActor
-from actors.messages import DenyAll, GetSnapshot, Reconnect, Settable, Shutdown, Start, Submit
-from actors.permissions import PermissionRegistryActor
+from actors.messages import (
+    Abandon,
+    DenyAll,
+    GetSnapshot,
+    Reconnect,
+    Settable,
+    Shutdown,
+    Start,
+    Submit,
+)
+from actors.permissions import PermissionRegistryActor, new_request_id
 from actors.router import RouterActor
 from actors.status import snapshot
 from actors.supervisor import SupervisorActor
@@ -133,6 +140,7 @@ class Uplink:
                 self._ingress = Ingress(
                     ctx,
                     request_permission=self.arequest_permission,
+                    abandon=self.abandon,
                     # Looked up on each call, like a method call on the uplink.
                     status=lambda: self.status(),  # noqa: PLW0108
                 )
@@ -230,7 +238,7 @@ class Uplink:
     ) -> concurrent.futures.Future[Outcome]:
         """Submit a permission request; the future resolves with its one :class:`Outcome`."""
         future: concurrent.futures.Future[Outcome] = concurrent.futures.Future()
-        self._submit(tool_name, tool_input, request_id or _new_request_id(), future)
+        self._submit(tool_name, tool_input, request_id or new_request_id(), future)
         return future
 
     def arequest_permission(
@@ -244,7 +252,7 @@ class Uplink:
         is still decided and logged.
         """
         loop = asyncio.get_running_loop()
-        request_id = request_id or _new_request_id()
+        request_id = request_id or new_request_id()
         ctx = self._ctx
         if ctx is not None and ctx.loop.loop is loop:
             future: asyncio.Future[Outcome] = loop.create_future()
@@ -270,6 +278,15 @@ class Uplink:
             # The registry died and its restart is on the way: fail closed, and say so.
             future.set_result(Outcome(request_id, Decision.DENY, Reason.CRASH))
 
+    def abandon(self, request_id: str) -> None:
+        """The caller of ``request_id`` went away: deny it now (``caller_gone``).
+
+        If it was sent, the gateway is told (``perm_cancel``) and withdraws it.
+        A request already decided, or never submitted, is left alone.
+        """
+        if self._ctx is not None and not self._stopped.is_set():
+            self._ctx.directory.tell(self._registry, Abandon(request_id))
+
     def decide(
         self,
         tool_name: str,
@@ -281,7 +298,7 @@ class Uplink:
         """Blocking :meth:`request_permission`. The wait defaults to the permission
         timeout plus a margin; a caller that gives up earlier gets a deny."""
         self._refuse_in_loop("decide()", "await adecide()")
-        request_id = request_id or _new_request_id()
+        request_id = request_id or new_request_id()
         future = self.request_permission(tool_name, tool_input, request_id=request_id)
         try:
             return future.result(timeout=self._wait_for(timeout))
@@ -297,7 +314,7 @@ class Uplink:
         timeout: float | None = None,
     ) -> Outcome:
         """:meth:`decide` for asyncio code; a caller that gives up earlier gets a deny."""
-        request_id = request_id or _new_request_id()
+        request_id = request_id or new_request_id()
         future = self.arequest_permission(tool_name, tool_input, request_id=request_id)
         try:
             async with asyncio.timeout(self._wait_for(timeout)):
@@ -353,16 +370,6 @@ class Uplink:
         if self._ctx is None:
             raise RuntimeError("the Uplink is not started")
         return self._ctx
-
-
-# Generated ids: a random per-process prefix and a counter (unique, and much
-# cheaper than uuid4 on the hot path).
-_ID_PREFIX = secrets.token_hex(6)
-_id_counter = itertools.count(1)
-
-
-def _new_request_id() -> str:
-    return f"{_ID_PREFIX}-{next(_id_counter)}"
 
 
 def session_users(handlers: Mapping[str, type[UplinkActor]]) -> list[type[UplinkActor]]:

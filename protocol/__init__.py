@@ -23,19 +23,23 @@ from protocol.exceptions import (
     UplinkError,
 )
 from protocol.frames import (
+    CANCEL_REASONS,
     HEARTBEAT,
     PERM_RESPONSE_PAYLOADS,
     Identity,
     McpRequest,
+    PermCancel,
     PermRequest,
     identity,
     mcp_response,
+    perm_cancel,
     perm_response,
 )
 from protocol.text import printable
 from protocol.urls import redact
 
 __all__ = [
+    "CANCEL_REASONS",
     "DECISION_WORDS",
     "DENY_MESSAGES",
     "HEARTBEAT",
@@ -50,6 +54,7 @@ __all__ = [
     "Mapped",
     "McpRequest",
     "Outcome",
+    "PermCancel",
     "PermRequest",
     "ProtocolError",
     "Reason",
@@ -62,6 +67,7 @@ __all__ = [
     "loads",
     "mcp_response",
     "parse",
+    "perm_cancel",
     "perm_response",
     "printable",
     "redact",

@@ -35,6 +35,8 @@ class Reason(enum.StrEnum):
     OVER_LIMIT = "over_limit"  # too many undecided requests
     OVER_BYTES = "over_bytes"  # the undecided requests already hold too much data
     DUPLICATE_ID = "duplicate_id"  # an undecided request already has this id
+    REUSED_ID = "reused_id"  # a request with this id was seen within the last hour
+    CALLER_GONE = "caller_gone"  # the caller went away before the answer came
     DISABLED = "disabled"  # no gateway configured
     CRASH = "crash"  # the registry itself failed; fail closed
 
@@ -50,6 +52,9 @@ DENY_MESSAGES: dict[Reason, str] = {
     Reason.OVER_LIMIT: "Denied: too many permission requests are waiting.",
     Reason.OVER_BYTES: "Denied: the permission requests waiting already hold too much data.",
     Reason.DUPLICATE_ID: "Denied: a request with this id is already waiting.",
+    Reason.REUSED_ID: "Denied: this request id was reused (it was seen within the last hour); "
+    "a new request needs a new id.",
+    Reason.CALLER_GONE: "Denied: the caller went away before the answer came.",
     Reason.DISABLED: "Denied: no upstream gateway is configured.",
     Reason.CRASH: "Denied: the uplink's permission registry failed.",
 }

@@ -27,6 +27,7 @@ class Kind:
     PERM_RESPONSE: Final = "perm_response"
     MCP_REQUEST: Final = "mcp_request"
     MCP_RESPONSE: Final = "mcp_response"
+    PERM_CANCEL: Final = "perm_cancel"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,8 @@
 """Typed payloads and constructors for each frame kind of the protocol (docs/protocol.md).
 
-Both ends build and read frames here: the uplink sends ``identity`` and
-``perm_request`` and reads ``perm_response``; the gateway reads the first two
-and sends the third. A payload that breaks the contract raises
+Both ends build and read frames here: the uplink sends ``identity``,
+``perm_request`` and ``perm_cancel`` and reads ``perm_response``; the gateway
+reads the first three and sends the last. A payload that breaks the contract raises
 :class:`RemoteProtocolError`, whose ``reason`` is a short stable label for the
 reader's log and counters.
 """
@@ -22,6 +22,12 @@ NOT_AN_OBJECT: Final = "payload_not_object"
 NO_PROJECT: Final = "no_project"
 #: ... of a ``perm_request`` without a non-empty string ``tool_name``.
 NO_TOOL_NAME: Final = "no_tool_name"
+#: ... of a ``perm_cancel`` whose ``reason`` is not one of :data:`CANCEL_REASONS`.
+BAD_CANCEL_REASON: Final = "bad_cancel_reason"
+
+#: Why a sled decides a request it sent itself: its permission timeout ran
+#: out, or the caller that asked went away.
+CANCEL_REASONS: Final = ("timeout", "caller_gone")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +100,40 @@ class PermRequest:
         if envelope.type != Kind.PERM_REQUEST:
             raise RemoteProtocolError("bad_type", f"{envelope.type[:80]!r} is not a perm_request")
         return cls.from_payload(envelope.payload)
+
+
+@dataclass(frozen=True, slots=True)
+class PermCancel:
+    """``perm_cancel`` payload: the sled decided (denied) a request it had sent, by itself.
+
+    The gateway withdraws the request, so no person answers a question the
+    sled no longer asks (and whose id a later request may not reuse).
+    """
+
+    reason: str  # one of CANCEL_REASONS
+
+    def envelope(self, request_id: str) -> Envelope:
+        if self.reason not in CANCEL_REASONS:
+            raise LocalProtocolError(f"perm_cancel reason must be one of {CANCEL_REASONS}")
+        return Envelope(Kind.PERM_CANCEL, request_id, {"reason": self.reason})
+
+    @classmethod
+    def from_payload(cls, payload: JSON) -> PermCancel:
+        """Read a ``perm_cancel`` payload; :class:`RemoteProtocolError` unless its
+        ``reason`` is one of :data:`CANCEL_REASONS`."""
+        if not isinstance(payload, dict):
+            raise RemoteProtocolError(NOT_AN_OBJECT, "perm_cancel payload is not a JSON object")
+        reason = payload.get("reason")
+        if not isinstance(reason, str) or reason not in CANCEL_REASONS:
+            raise RemoteProtocolError(
+                BAD_CANCEL_REASON, f"perm_cancel reason must be one of {CANCEL_REASONS}"
+            )
+        return cls(reason)
+
+
+def perm_cancel(req_id: str, reason: str) -> Envelope:
+    """The sled's word that it decided the request ``req_id`` itself (``reason``)."""
+    return PermCancel(reason).envelope(req_id)
 
 
 #: The ``perm_response`` payload of each decision; :func:`protocol.decide` maps each back.

@@ -44,7 +44,9 @@ class FakeClock:
 class Harness:
     """A book with a fake clock that records what it sends and decides."""
 
-    def __init__(self, *, timeout: float = 60.0, max_pending: int = 100) -> None:
+    def __init__(
+        self, *, timeout: float = 60.0, max_pending: int = 100, reuse_window: float = 3600.0
+    ) -> None:
         self.clock = FakeClock()
         self.sent: list[tuple[int, Envelope]] = []
         self.decided: list[tuple[Pending, Outcome]] = []
@@ -54,6 +56,7 @@ class Harness:
             send=lambda session, envelope: self.sent.append((session, envelope)),
             on_decided=lambda entry, outcome: self.decided.append((entry, outcome)),
             clock=self.clock,
+            reuse_window=reuse_window,
         )
 
     def submit(
@@ -64,7 +67,15 @@ class Harness:
         return future
 
     def sent_ids(self, session: int | None = None) -> list[str]:
-        return [e.req_id for s, e in self.sent if session is None or s == session]
+        return [
+            e.req_id
+            for s, e in self.sent
+            if (session is None or s == session) and e.type == "perm_request"
+        ]
+
+    def cancels(self) -> list[tuple[int, str, Any]]:
+        """The perm_cancel frames sent: (session, req_id, payload)."""
+        return [(s, e.req_id, e.payload) for s, e in self.sent if e.type == "perm_cancel"]
 
 
 def _outcome(future: concurrent.futures.Future) -> tuple[Decision, Reason]:
@@ -137,7 +148,8 @@ def test_book_submitted_while_disconnected_is_held_in_arrival_order() -> None:
 
 def test_book_held_order_survives_a_reused_id_after_timeout() -> None:
     # x times out while held; a new x arrives after y: y must still go first.
-    h = Harness(timeout=60)
+    # (The id is refused for reuse_window seconds; here that is over by then.)
+    h = Harness(timeout=60, reuse_window=50)
     old_x = h.submit("x")
     h.clock.advance(30)
     y = h.submit("y")
@@ -249,9 +261,79 @@ def test_book_duplicate_id_denies_the_new_one_and_keeps_the_first() -> None:
     assert h.sent_ids() == ["dup"]
     h.book.respond(1, "dup", APPROVE)
     assert _outcome(first) == (Decision.APPROVE, Reason.GATEWAY)
-    # Once decided, the id may be used again.
+    # Once decided, the id is still refused: the gateway may still show the first.
     third = h.submit("dup")
-    assert not third.done()
+    assert _outcome(third) == (Decision.DENY, Reason.REUSED_ID)
+
+
+def test_book_timeout_of_a_sent_request_sends_perm_cancel_on_its_session() -> None:
+    h = Harness(timeout=10)
+    h.book.open_session(1)
+    sent = h.submit("t-1")
+    h.clock.advance(11)
+    h.book.expire()
+    assert _outcome(sent) == (Decision.DENY, Reason.TIMEOUT)
+    assert h.cancels() == [(1, "t-1", {"reason": "timeout"})]
+
+
+def test_book_no_perm_cancel_for_what_no_gateway_saw_or_another_session_sent() -> None:
+    h = Harness(timeout=10)
+    held = h.submit("held")  # no session: never sent
+    h.clock.advance(11)
+    h.book.expire()
+    assert _outcome(held) == (Decision.DENY, Reason.TIMEOUT)
+    h.book.open_session(1)
+    old = h.submit("old")
+    h.book.open_session(2)  # a newer session, before session 1's end was handled
+    h.clock.advance(11)
+    h.book.expire()
+    assert _outcome(old) == (Decision.DENY, Reason.TIMEOUT)
+    assert h.cancels() == [], "never on a later session, never for a held request"
+
+
+def test_book_abandon_denies_as_caller_gone_and_cancels_only_what_was_sent() -> None:
+    h = Harness()
+    held = h.submit("h-1")
+    assert h.book.abandon("h-1") is not None
+    assert _outcome(held) == (Decision.DENY, Reason.CALLER_GONE)
+    assert h.book.held == {}
+    h.book.open_session(3)
+    sent = h.submit("s-1")
+    assert h.book.abandon("s-1") is not None
+    assert _outcome(sent) == (Decision.DENY, Reason.CALLER_GONE)
+    assert h.cancels() == [(3, "s-1", {"reason": "caller_gone"})]
+    assert h.book.abandon("s-1") is None  # already decided: nothing more
+    assert h.book.abandon("nobody") is None
+    assert h.book.respond(3, "s-1", APPROVE) is None  # a late answer changes nothing
+    assert len(h.cancels()) == 1
+
+
+def test_book_refuses_an_id_seen_within_the_window_decided_or_not() -> None:
+    h = Harness(reuse_window=100)
+    h.book.open_session(1)
+    first = h.submit("r", "Bash", {"command": "ls"})
+    h.book.respond(1, "r", DENY)
+    assert _outcome(first) == (Decision.DENY, Reason.GATEWAY)
+    h.clock.advance(99)
+    again = h.submit("r", "Bash", {"command": "curl x | sh"})
+    assert _outcome(again) == (Decision.DENY, Reason.REUSED_ID)
+    assert "reused" in again.result(0).message
+    assert h.sent_ids() == ["r"], "the reuse never reaches the gateway"
+    h.clock.advance(2)  # the first sight is now older than the window
+    later = h.submit("r")
+    assert not later.done()
+
+
+def test_book_remembers_at_most_reuse_memory_ids() -> None:
+    h = Harness()
+    h.book.reuse_memory = 3
+    h.book.open_session(1)
+    for request_id in ("a", "b", "c", "d"):
+        h.submit(request_id)
+        h.book.respond(1, request_id, DENY)
+    assert list(h.book.seen) == ["b", "c", "d"]
+    assert not h.submit("a").done(), "the oldest id was forgotten to stay within the cap"
+    assert _outcome(h.submit("c")) == (Decision.DENY, Reason.REUSED_ID)
 
 
 def test_book_duplicate_of_a_held_id_is_denied_too() -> None:
@@ -321,7 +403,8 @@ def test_book_response_mapping(payload: Any, expected: tuple[Decision, Reason]) 
 
 def test_book_every_submission_gets_exactly_one_decision_randomized() -> None:
     rng = random.Random(20240611)
-    h = Harness(timeout=10, max_pending=40)
+    # A short reuse window: ids come back both inside it and after it.
+    h = Harness(timeout=10, max_pending=40, reuse_window=15)
     futures: list[concurrent.futures.Future] = []
     session = 0
     ids = [f"id{n}" for n in range(60)]  # few ids: duplicates happen
@@ -367,6 +450,7 @@ def test_book_every_submission_gets_exactly_one_decision_randomized() -> None:
         Reason.SESSION_ENDED,
         Reason.TIMEOUT,
         Reason.DUPLICATE_ID,
+        Reason.REUSED_ID,
         Reason.SHUTDOWN,
     ):
         assert reasons[reason] > 0, reasons
