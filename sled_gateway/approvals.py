@@ -23,6 +23,7 @@ Everything here runs on the gateway's event loop.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import replace
 from typing import Protocol
@@ -44,6 +45,18 @@ from sled_gateway.state import GatewayState
 from sled_gateway.store import ALLOW, AuditEntry, Rule, Store
 
 log = logger.bind(actor="gateway")
+
+#: The audit's ``by`` of a request denied, and of the one withdrawn, because
+#: a sled reused a pending id for a different request.
+REUSED_ID = "reused_id"
+
+
+def _same(a: JSON, b: JSON) -> bool:
+    """Whether two tool inputs are the same JSON (1, 1.0 and true differ; == says equal)."""
+    try:
+        return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    except (RecursionError, ValueError, TypeError):
+        return False  # cannot tell: treated as different, which denies
 
 Key = tuple[str, str]  # (project, req_id)
 
@@ -136,12 +149,7 @@ class Approvals:
     ) -> None:
         """A sled's ``perm_request``: answer it by rule, cap or ``--auto``, or make it pending."""
         if self.state.is_pending(project, req_id):
-            log.warning(
-                "sled '{}'#{}: perm_request '{}' is already pending; ignored",
-                printable(project, 120),
-                session,
-                printable(req_id, 120),
-            )
+            await self._again(session, project, req_id, tool_name, tool_input)
             return
         rule = self.store.policy.match(project, tool_name, tool_input)
         if rule is not None:
@@ -180,6 +188,70 @@ class Approvals:
             await self._settle(item, self.auto, Principal.auto(), None, pending=False)
             return
         self.events.publish(PermissionRequested(item))
+
+    async def _again(
+        self, session: int, project: str, req_id: str, tool_name: str, tool_input: JSON
+    ) -> None:
+        """A ``perm_request`` whose id is already pending for this sled.
+
+        The same request again is ignored. A different one is denied at once,
+        and the first is withdrawn too: the sled holds one request per id, so
+        the deny answers whatever it has under that id, and a person must not
+        approve a card whose twin at the sled is already denied.
+        """
+        first = self.state.pending_item(project, req_id)
+        if first.tool_name == tool_name and _same(first.tool_input, tool_input):
+            log.warning(
+                "sled '{}'#{}: perm_request '{}' is already pending; ignored",
+                printable(project, 120),
+                session,
+                printable(req_id, 120),
+            )
+            return
+        log.warning(
+            "sled '{}'#{}: perm_request '{}' reuses a pending id with a different request "
+            "({} after {}); denying it and withdrawing the first",
+            printable(project, 120),
+            session,
+            printable(req_id, 120),
+            printable(tool_name, 120),
+            printable(first.tool_name, 120),
+        )
+        self._withdraw([first], REUSED_ID, "its id was reused by a different request")
+        await self.deny_by_gateway(
+            session,
+            project,
+            req_id,
+            tool_name=tool_name,
+            tool_input=tool_input,
+            why="its id is already pending with a different request",
+            principal=Principal.gateway(REUSED_ID),
+        )
+
+    def cancel(self, session: int, project: str, req_id: str, reason: str) -> bool:
+        """The sled decided its request ``req_id`` itself (``perm_cancel``): withdraw it.
+
+        Only a request pending from that very session is withdrawn; False (and
+        nothing changes) for any other id, so no sled cancels another's request.
+        """
+        item = self.state.pending_or_none(project, req_id)
+        if item is None or item.session != session:
+            log.warning(
+                "sled '{}'#{}: perm_cancel for '{}', which is not pending from this session; "
+                "ignored",
+                printable(project, 120),
+                session,
+                printable(req_id, 120),
+            )
+            return False
+        log.info(
+            "sled '{}' cancelled permission '{}' ({}); withdrawn",
+            printable(project, 120),
+            printable(req_id, 120),
+            reason,
+        )
+        self._withdraw([item], f"sled_cancel:{reason}", f"the sled cancelled it: {reason}")
+        return True
 
     async def deny_by_gateway(
         self,
@@ -232,8 +304,20 @@ class Approvals:
         answer goes out and the audit rows need not be waited for.
         """
         gone = self.state.pending_of_session(session)
+        self._withdraw(
+            gone, "sled_disconnected", f"the sled disconnected (close code {close_code})"
+        )
+        return gone
+
+    def _withdraw(self, items: list[PendingPermission], by: str, why: str) -> None:
+        """End pending requests without a decision: audited as withdrawn (``by``,
+        ``why``), and gone from the read model, the console and Matrix.
+
+        No answer goes out: in every case the sled has denied, or denies, them itself.
+        """
         now = time.time()
-        for item in gone:
+        label = Principal.gateway(by).by
+        for item in items:
             self.store.record_later(
                 AuditEntry(
                     item.project,
@@ -242,8 +326,8 @@ class Approvals:
                     item.tool_name,
                     item.tool_input,
                     WITHDRAWN,
-                    "sled_disconnected",
-                    f"the sled disconnected (close code {close_code})",
+                    label,
+                    why,
                     item.received_at,
                     now,
                 )
@@ -253,12 +337,11 @@ class Approvals:
                 item.req_id,
                 item.tool_name,
                 WITHDRAWN,
-                Principal.gateway("sled_disconnected").by,
+                label,
                 now,
                 now - item.received_at,
             )
             self.events.publish(PermissionWithdrawn(item, record))
-        return gone
 
     # -- decisions ------------------------------------------------------------------
 

@@ -6,7 +6,9 @@ its token (:class:`~sled_gateway.auth.sled.SledTokenBackend`), waits for its
 and counting the malformed), and then:
 
 - hands each ``perm_request`` to :class:`~sled_gateway.approvals.Approvals`
-  and sends the ``perm_response`` it decides (:meth:`Hub.answer`);
+  and sends the ``perm_response`` it decides (:meth:`Hub.answer`), and each
+  ``perm_cancel`` (the sled decided a request itself) to
+  :meth:`~sled_gateway.approvals.Approvals.cancel`;
 - serves ``sled.<project>.mcp`` on the bus while it holds that sled, turning
   each request into an ``mcp_request`` frame and the sled's ``mcp_response``
   into the reply;
@@ -14,6 +16,9 @@ and counting the malformed), and then:
 
 A newer session for a project replaces the older one (which is closed).
 Everything runs on the gateway's event loop.
+
+Frames are dispatched by kind through one table (:attr:`Hub.handlers`): a
+new kind is a handler method and one line there (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +39,7 @@ from protocol import (
     Envelope,
     Identity,
     Kind,
+    PermCancel,
     PermRequest,
     RemoteProtocolError,
     parse,
@@ -61,9 +67,8 @@ from sled_gateway.state import GatewayState, SledState
 
 log = logger.bind(actor="gateway")
 
-# Frame kinds a sled may send; anything else (perm_response, mcp_request,
-# future kinds) is logged, counted and dropped.
-_HANDLED = frozenset({Kind.IDENTITY, Kind.HEARTBEAT, Kind.PERM_REQUEST, Kind.MCP_RESPONSE})
+# A frame handler: returns False when it dropped the frame (and counted it so).
+Handler = Callable[["Session", Envelope], Awaitable[bool | None]]
 
 
 class _Ended(Exception):
@@ -142,6 +147,16 @@ class Hub:
         self._background: set[asyncio.Future[None]] = set()
         self._stopping = False
         approvals.answer_through(self)
+        # The frame kinds a sled may send, each with its handler; anything else
+        # (perm_response, mcp_request, kinds of later protocol phases) is
+        # logged, counted and dropped. A new kind: a handler and one line here.
+        self.handlers: dict[str, Handler] = {
+            Kind.IDENTITY: self._on_identity,
+            Kind.HEARTBEAT: self._on_heartbeat,
+            Kind.PERM_REQUEST: self._on_perm_request,
+            Kind.PERM_CANCEL: self._on_perm_cancel,
+            Kind.MCP_RESPONSE: self._on_mcp_response,
+        }
 
     # -- admission and the frame loop ---------------------------------------------
 
@@ -233,27 +248,25 @@ class Hub:
                 # Fail fast rather than let the sled wait out its permission timeout.
                 await self._refuse(session, env, "?", "perm_request before identity")
             return
-        if env.type not in _HANDLED:
+        handler = self.handlers.get(env.type)
+        if handler is None:
             # Unknown kinds are how later protocol phases arrive: log, count, drop.
             self._drop(
                 session, "unexpected_type", f"type {env.type[:80]!r} (req_id {env.req_id[:80]!r})"
             )
             return
-        self.events.publish(FrameReceived(session.id, session.project, dropped=False))
-        if env.type == Kind.IDENTITY:
-            await self._on_identity(session, env)
-        elif env.type == Kind.HEARTBEAT:
-            project = session.project or ""
-            before = self.state.sled_state(session.id, project)
-            self.events.publish(SledHeartbeat(session.id, project))
-            if before is SledState.STALE:
-                log.info("sled {} is live again (heartbeat)", session.label())
-            else:
-                log.trace("sled {} heartbeat", session.label())
-        elif env.type == Kind.PERM_REQUEST:
-            await self._on_perm_request(session, env)
+        if await handler(session, env) is not False:
+            # Counted once handled: after an identity, the sled's record exists.
+            self.events.publish(FrameReceived(session.id, session.project, dropped=False))
+
+    async def _on_heartbeat(self, session: Session, env: Envelope) -> None:
+        project = session.project or ""
+        before = self.state.sled_state(session.id, project)
+        self.events.publish(SledHeartbeat(session.id, project))
+        if before is SledState.STALE:
+            log.info("sled {} is live again (heartbeat)", session.label())
         else:
-            self._on_mcp_response(session, env)
+            log.trace("sled {} heartbeat", session.label())
 
     async def _on_identity(self, session: Session, env: Envelope) -> None:
         try:
@@ -296,7 +309,6 @@ class Hub:
             sled_subject(project, "mcp"), self._mcp_responder(session)
         )
         self.events.publish(SledUp(session.id, project, session.remote, info))
-        self.events.publish(FrameReceived(session.id, project, dropped=False))
         log.info(
             "sled '{}' identified (session {}, from {}, {})",
             printable(project, 120),
@@ -336,6 +348,24 @@ class Hub:
             session.id, project, env.req_id, request.tool_name, request.tool_input
         )
 
+    async def _on_perm_cancel(self, session: Session, env: Envelope) -> bool:
+        """The sled decided one of its requests itself: withdraw it from the people."""
+        project = session.project
+        assert project is not None
+        try:
+            cancel = PermCancel.from_payload(env.payload)
+        except RemoteProtocolError as exc:
+            self._drop(session, exc.reason, exc.detail)
+            return False
+        if not self.approvals.cancel(session.id, project, env.req_id, cancel.reason):
+            self._drop(
+                session,
+                "unknown_cancel",
+                f"perm_cancel for '{env.req_id[:120]}', not pending from this session",
+            )
+            return False
+        return True
+
     async def _refuse(self, session: Session, env: Envelope, tool: str, why: str) -> None:
         """Deny a malformed or premature request (audited as ``invalid``)."""
         payload = env.payload if isinstance(env.payload, dict) else {}
@@ -350,7 +380,7 @@ class Hub:
             principal=Principal.gateway("invalid"),
         )
 
-    def _on_mcp_response(self, session: Session, env: Envelope) -> None:
+    async def _on_mcp_response(self, session: Session, env: Envelope) -> None:
         fut = session.mcp_waiters.pop(env.req_id, None)
         if fut is None or fut.done():
             log.warning(

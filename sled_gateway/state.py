@@ -250,6 +250,11 @@ class GatewayState:
                 raise AlreadyDecided(done)
             raise UnknownRequest(f"no permission request {req_id!r} from sled {project!r}")
 
+    def pending_or_none(self, project: str, req_id: str) -> PendingPermission | None:
+        """The pending request, or None if it is not pending."""
+        with self._cond:
+            return self._pending.get((project, req_id))
+
     def pending_of_session(self, session: int) -> list[PendingPermission]:
         with self._cond:
             return [p for p in self._pending.values() if p.session == session]

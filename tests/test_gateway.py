@@ -443,14 +443,20 @@ def test_disconnect_withdraws_pending_requests(gw: Gateway) -> None:
     run(scenario())
 
 
-def test_duplicate_pending_id_keeps_the_first(gw: Gateway) -> None:
+def test_a_pending_id_sent_again_is_ignored_if_same_else_denied_and_withdrawn(
+    gw: Gateway,
+) -> None:
     async def scenario() -> None:
         async with sled(gw, "p") as ws:
+            await ws.send(perm_request("same", "First"))
+            await ws.send(perm_request("same", "First"))
             await ws.send(perm_request("dup", "First"))
             await ws.send(perm_request("dup", "Second"))
+            assert await recv(ws) == {"type": "perm_response", "req_id": "dup", "payload": DENY}
             await ws.send(perm_request("marker"))
             state = await wait_state(gw, lambda s: "marker" in pending_ids(s))
-            assert [p["tool_name"] for p in state["pending"] if p["req_id"] == "dup"] == ["First"]
+            assert [p["tool_name"] for p in state["pending"] if p["req_id"] == "same"] == ["First"]
+            assert "dup" not in pending_ids(state)
 
     run(scenario())
 

@@ -776,28 +776,42 @@ def test_bad_requests_change_nothing_else(live: Live) -> None:
     )
 
 
-def test_a_caller_that_disconnects_while_waiting_is_still_decided_and_logged(
-    live: Live, logs: list[str]
+@pytest.mark.parametrize("route", ["/permission", "/hooks/claude-code"])
+def test_a_caller_that_disconnects_while_waiting_is_abandoned_and_the_gateway_told(
+    live: Live, logs: list[str], route: str
 ) -> None:
-    body = json.dumps({"tool_name": "Bash", "tool_input": {}, "request_id": "gone-1"}).encode()
+    """Nobody is left to act on a person's answer: the request is denied at once
+    (caller_gone) and the gateway is told on the session it was sent on, so the
+    card does not wait for a person who could approve a request nobody runs."""
+    if route == "/permission":
+        payload: dict[str, Any] = {"tool_name": "Bash", "tool_input": {}, "request_id": "gone-1"}
+    else:
+        payload = {
+            "hook_event_name": "PreToolUse",
+            "tool_name": "Bash",
+            "tool_input": {"command": "ls"},
+            "tool_use_id": "gone-1",
+        }
+    body = json.dumps(payload).encode()
+    head = permission_head(f"Content-Length: {len(body)}\r\n").replace(
+        b"/permission", route.encode(), 1
+    )
     with raw_socket(live.port) as sock:
-        sock.sendall(permission_head(f"Content-Length: {len(body)}\r\n") + body)
+        sock.sendall(head + body)
         session = live.session()
-        live.gateway.frame(session, "perm_request")
+        sent = live.gateway.frame(session, "perm_request")
+        assert sent["req_id"] == "gone-1"
     # The socket is closed: the caller is gone while its request waits.
-    time.sleep(0.3)
-    assert live.status()["permissions"]["pending"] == 1, "hanging up decides nothing"
-    assert not [line for line in logs if "gone-1" in line and "decided" in line]
-
+    cancel = live.gateway.frame(session, "perm_cancel")
+    assert cancel == {"type": "perm_cancel", "req_id": "gone-1", "payload": {"reason": "caller_gone"}}
+    wait_for(lambda: live.status()["permissions"]["pending"] == 0, "the request decided")
+    assert live.counters()["decision_reasons"] == {"caller_gone": 1}
+    assert [line for line in logs if "decided 'gone-1'" in line and "[caller_gone]" in line]
+    # A late answer from the gateway changes nothing.
     live.gateway.respond(session, "gone-1", APPROVE)
-    wait_for(
-        lambda: live.counters().get("decisions", {}).get("approve") == 1, "the approve counted"
-    )
-    decided = wait_for(
-        lambda: [line for line in logs if "decided 'gone-1'" in line], "the decision logged"
-    )
-    assert "approve" in decided[0]
-    assert "[gateway]" in decided[0]
+    time.sleep(0.2)
+    assert live.counters()["decision_reasons"] == {"caller_gone": 1}
+    assert len(session.of_type("perm_cancel")) == 1
     assert live.status()["permissions"]["pending"] == 0
     assert not [line for line in logs if "| ERROR |" in line], "answering a gone caller is no error"
     live.gateway.auto = "approve"
