@@ -58,6 +58,7 @@ def _same(a: JSON, b: JSON) -> bool:
     except (RecursionError, ValueError, TypeError):
         return False  # cannot tell: treated as different, which denies
 
+
 Key = tuple[str, str]  # (project, req_id)
 
 

@@ -803,7 +803,11 @@ def test_a_caller_that_disconnects_while_waiting_is_abandoned_and_the_gateway_to
         assert sent["req_id"] == "gone-1"
     # The socket is closed: the caller is gone while its request waits.
     cancel = live.gateway.frame(session, "perm_cancel")
-    assert cancel == {"type": "perm_cancel", "req_id": "gone-1", "payload": {"reason": "caller_gone"}}
+    assert cancel == {
+        "type": "perm_cancel",
+        "req_id": "gone-1",
+        "payload": {"reason": "caller_gone"},
+    }
     wait_for(lambda: live.status()["permissions"]["pending"] == 0, "the request decided")
     assert live.counters()["decision_reasons"] == {"caller_gone": 1}
     assert [line for line in logs if "decided 'gone-1'" in line and "[caller_gone]" in line]
