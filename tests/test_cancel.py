@@ -32,7 +32,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from actors import Uplink
 from actors.claude_code import ask
-from protocol import Decision, Reason
+from protocol import Decision, Envelope, Reason
 from sled_gateway import Gateway
 from tests.support.gateway import Gateway as PlainGateway
 
@@ -302,6 +302,31 @@ def test_a_sled_cannot_cancel_another_sleds_request_and_bad_cancels_are_dropped(
     asyncio.run(asyncio.wait_for(scenario(), 6 * T))
     rows = poll(lambda: audit_of(gw, "v-1", "victim"), T, "the withdrawal audited")
     assert [(r["decision"], r["by"]) for r in rows] == [("withdrawn", "sled_cancel:caller_gone")]
+
+
+def test_a_new_kind_at_the_gateway_is_a_handler_and_one_line(
+    make_reference_gateway: Callable[..., Gateway],
+) -> None:
+    gw = make_reference_gateway()
+    hub = gw._app.hub
+
+    async def echo(session: Any, env: Any) -> None:
+        await session.send(Envelope("echo_test_done", env.req_id, {"echo": env.payload}))
+
+    async def scenario() -> None:
+        async with sled(gw, PROJECT) as ws:
+            await ws.send(frame("echo_test", "e-1", {"n": 1}))
+            await until(gw, lambda s: dropped(gw, PROJECT) == 1)  # unknown: dropped
+            hub.handlers["echo_test"] = echo  # the one line
+            await ws.send(frame("echo_test", "e-2", {"n": 2}))
+            assert await recv(ws) == {
+                "type": "echo_test_done",
+                "req_id": "e-2",
+                "payload": {"echo": {"n": 2}},
+            }
+            assert dropped(gw, PROJECT) == 1
+
+    asyncio.run(asyncio.wait_for(scenario(), 6 * T))
 
 
 # -- the MCP permission prompt ----------------------------------------------------------------
