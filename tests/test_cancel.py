@@ -363,3 +363,35 @@ def test_a_cancelled_permission_prompt_is_abandoned_and_the_gateway_told(
 
         asyncio.run(asyncio.wait_for(main(), 6 * T))
         assert uplink.status()["counters"]["decision_reasons"] == {"caller_gone": 1}
+
+
+def test_a_permission_prompt_cancelled_by_its_mcp_client_is_withdrawn_at_the_gateway(
+    make_reference_gateway: Callable[..., Gateway], connected: Callable[..., Uplink]
+) -> None:
+    """The real path: the MCP SDK's client cancels its ``tools/call``
+    (``notifications/cancelled``, as Claude Code does when a tool use is aborted)."""
+    from mcp.client.session import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    gw = make_reference_gateway()
+    uplink = connected(gw, listen="127.0.0.1:0")
+    url = f"http://127.0.0.1:{uplink._ingress.port}/mcp"
+    arguments = {"tool_name": "Bash", "input": {"command": "ls"}, "tool_use_id": "toolu_gone"}
+
+    async def main() -> None:
+        async with (
+            streamable_http_client(url) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            call = asyncio.create_task(session.call_tool("permission_prompt", arguments))
+            await until(gw, lambda s: bool(pending(s, "toolu_gone")))
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            await until(gw, lambda s: not pending(s, "toolu_gone"))
+
+    asyncio.run(asyncio.wait_for(main(), 6 * T))
+    rows = poll(lambda: audit_of(gw, "toolu_gone"), T, "the withdrawal audited")
+    assert [(r["decision"], r["by"]) for r in rows] == [("withdrawn", "sled_cancel:caller_gone")]
+    assert uplink.status()["counters"]["decision_reasons"] == {"caller_gone": 1}
