@@ -39,7 +39,9 @@ def can_use_tool(uplink: Uplink) -> Callable[[str, dict[str, Any], Any], Awaitab
         )
 
         request_id = getattr(context, "tool_use_id", None) or None
-        answer = await ask(uplink.arequest_permission, tool_name, tool_input, request_id)
+        answer = await ask(
+            uplink.arequest_permission, tool_name, tool_input, request_id, abandon=uplink.abandon
+        )
         if answer["behavior"] != "allow":
             return PermissionResultDeny(message=answer["message"])
         updates = [
