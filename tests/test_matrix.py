@@ -33,7 +33,7 @@ from loguru import logger
 pytest.importorskip("nio", reason="matrix-nio is not installed (the 'matrix' extra)")
 
 from actors import Uplink
-from protocol import ConfigError, Decision
+from protocol import ConfigError, Decision, Reason
 from sled_gateway import Gateway
 from sled_gateway.records import PendingPermission
 from sled_gateway.transports.matrix import (
@@ -423,6 +423,22 @@ def test_a_withdrawn_request_is_annotated(setup: Setup, make_uplink: Callable[..
     uplink.stop()  # the sled goes away: its request is denied there, withdrawn here
     assert outcome.result(T).decision is Decision.DENY
     assert setup.edit(post["event_id"]).startswith("⏹ WITHDRAWN (the sled went away): Bash")
+
+
+def test_a_request_the_sled_timed_out_is_withdrawn_and_a_late_reply_answers_nothing(
+    setup: Setup, make_uplink: Callable[..., Uplink]
+) -> None:
+    """The swap's first half, in Matrix: the sled times the request out and says so
+    (perm_cancel); the post is annotated, and an operator's late approve is refused."""
+    uplink = setup.sled(make_uplink, permission_timeout=1.0)
+    outcome = uplink.request_permission("Bash", {"command": "ls"}, request_id="r-cancel")
+    post = setup.posted("r-cancel")
+    assert outcome.result(T).reason is Reason.TIMEOUT
+    edit = setup.edit(post["event_id"])
+    assert edit.startswith("⏹ WITHDRAWN (sled_cancel:timeout): Bash"), edit
+    late = setup.hs.alice.reply(setup.room, post["event_id"], "approve")
+    assert setup.bot_reply(late).startswith("Too late: already withdrawn")
+    assert by_of(setup.gw, "r-cancel") == "withdrawn by sled_cancel:timeout"
 
 
 def test_a_long_input_is_shortened_with_the_full_text_in_a_code_block(
