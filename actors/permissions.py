@@ -391,6 +391,7 @@ class PermissionRegistryActor(UplinkLoopActor):
             "pending_bytes": self.book.pending_bytes,
             "held": len(self.book.held),
             "decided": self.decided,
+            "ids_remembered": len(self.book.seen),  # refused for reuse (bounded)
         }
 
     # ── messages ────────────────────────────────────────────────────────
