@@ -27,11 +27,14 @@ arrives on the session the request was sent on.
 
 The ids seen are remembered in arrival order with their time, for
 :data:`REUSE_WINDOW` seconds and at most :data:`REUSE_MEMORY` of them (the
-oldest are forgotten first): about 20 MB at the cap, for 30-character ids.
+oldest are forgotten first): about 20 MB at the cap. An id longer than 64
+characters is remembered by its 16-byte BLAKE2 digest, so a caller's choice of
+id length cannot grow that.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import secrets
@@ -141,8 +144,8 @@ class PermissionBook:
         self._deadlines: list[tuple[float, str]] = []
         self.reuse_window = reuse_window
         self.reuse_memory = reuse_memory
-        # id → when it was first seen (monotonic), oldest first.
-        self.seen: OrderedDict[str, float] = OrderedDict()
+        # id (or a long one's digest) → when it was first seen (monotonic), oldest first.
+        self.seen: OrderedDict[str | bytes, float] = OrderedDict()
 
     # ── inputs ──────────────────────────────────────────────────────────
 
@@ -281,17 +284,18 @@ class PermissionBook:
     def _first_sight(self, request_id: str) -> bool:
         """Remember ``request_id``; False if it was already seen within the window."""
         now = self._clock()
+        key = _seen_key(request_id)
         seen = self.seen
         while seen:
             oldest, at = next(iter(seen.items()))
             if now - at <= self.reuse_window:
                 break
             del seen[oldest]
-        if request_id in seen:
+        if key in seen:
             return False
         while len(seen) >= self.reuse_memory:
             seen.popitem(last=False)
-        seen[request_id] = now
+        seen[key] = now
         return True
 
     def _transmit(self, entry: Pending, session: int) -> None:
@@ -327,6 +331,13 @@ class PermissionBook:
         if self._on_decided is not None:
             self._on_decided(entry, outcome)
         return outcome
+
+
+def _seen_key(request_id: str) -> str | bytes:
+    """What the reuse memory keeps of an id: itself, or a long one's digest."""
+    if len(request_id) <= 64:
+        return request_id
+    return hashlib.blake2b(request_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def _frame_size(entry: Pending) -> int:

@@ -336,6 +336,17 @@ def test_book_remembers_at_most_reuse_memory_ids() -> None:
     assert _outcome(h.submit("c")) == (Decision.DENY, Reason.REUSED_ID)
 
 
+def test_book_remembers_a_long_id_by_its_digest_and_still_refuses_it() -> None:
+    h = Harness()
+    h.book.open_session(1)
+    long_id = "x" * 1_000_000
+    h.submit(long_id)
+    h.book.respond(1, long_id, DENY)
+    assert [len(key) for key in h.book.seen] == [16], "a megabyte id costs 16 bytes"
+    assert _outcome(h.submit(long_id)) == (Decision.DENY, Reason.REUSED_ID)
+    assert not h.submit(long_id + "y").done()
+
+
 def test_book_duplicate_of_a_held_id_is_denied_too() -> None:
     h = Harness()
     first = h.submit("dup")
