@@ -256,13 +256,28 @@ class GatewayConfig:
         10.0,
         "--header-timeout",
         "close an HTTP connection whose request head is not in within this; "
-        "a body gets 3 times as long (408)",
+        "a handler waits 3 times as long for a body (408), at most --request-timeout",
+        rule=positive_seconds,
+    )
+    request_timeout: float = option(
+        30.0,
+        "--request-timeout",
+        "a whole HTTP request (head and body) must be in within this, whatever the "
+        "handler does; else 408 and the connection is closed",
         rule=positive_seconds,
     )
     max_connections: int = option(
         200,
         "--max-connections",
         "open connections; beyond, idle ones are closed first",
+        rule=positive_int,
+        metavar="N",
+    )
+    max_connections_per_client: int = option(
+        32,
+        "--max-connections-per-client",
+        "connections one client address may have receiving a request (head or body); "
+        "beyond, its own oldest are closed",
         rule=positive_int,
         metavar="N",
     )
@@ -295,8 +310,9 @@ class GatewayConfig:
 
     @property
     def body_timeout(self) -> float:
-        """How long a request body may take to arrive, once its head is in."""
-        return 3 * self.header_timeout
+        """How long a handler waits for a request body, once its head is in (the
+        server's whole-request deadline cuts it anyway)."""
+        return min(3 * self.header_timeout, self.request_timeout)
 
     def __post_init__(self) -> None:
         if self.operator_token is None:  # a caller's explicit "generate one"

@@ -49,7 +49,7 @@ from sled_gateway.principal import Principal, as_principal
 from sled_gateway.records import DecisionRecord, PendingPermission
 from sled_gateway.state import GatewayState
 from sled_gateway.store import make_store
-from sled_gateway.uvicorn_adapter import NotifyingServer, guarded_protocol
+from sled_gateway.uvicorn_adapter import EarlyAnswerClose, NotifyingServer, guarded_protocol
 
 log = logger.bind(actor="gateway")
 T = TypeVar("T")
@@ -250,15 +250,19 @@ class Gateway:
 
     async def _serve(self) -> None:
         config = uvicorn.Config(
-            self._app.asgi,
+            # An answer before the body is read closes the connection after it.
+            EarlyAnswerClose(self._app.asgi),
             lifespan="off",
             log_config=None,  # the embedding program owns logging
             access_log=False,  # access lines carry ?token=
-            # A header-read deadline and an evicting connection cap on top of
-            # uvicorn's h11 protocol (uvicorn has neither).
+            # Head and whole-request deadlines, a per-client cap and an evicting
+            # total cap on top of uvicorn's h11 protocol (uvicorn has none).
             http=guarded_protocol(
                 header_timeout=self.config.header_timeout,
+                request_timeout=self.config.request_timeout,
                 max_connections=self.config.max_connections,
+                max_per_client=self.config.max_connections_per_client,
+                log_actor="gateway",
             ),
             timeout_keep_alive=5,
             ws="websockets-sansio",  # the websockets library's ServerProtocol

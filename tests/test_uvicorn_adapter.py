@@ -104,12 +104,34 @@ def test_the_subclass_shadows_nothing_of_h11_protocol() -> None:
     instance = vars(asyncio.run(build()))
     plain = vars(asyncio.run(_plain_h11()))
     assert {n for n in instance if n in plain} == set(plain)  # only its own are new
-    assert {n for n in instance if n not in plain} == {"_guard_transport", "_guard_timer"}
+    assert {n for n in instance if n not in plain} == {
+        "_guard_transport",
+        "_guard_timer",
+        "_guard_start",
+        "_guard_phase",
+        "_guard_client",
+    }
 
 
 async def _plain_h11() -> H11Protocol:
     config = uvicorn.Config(_app(), lifespan="off", log_config=None)
     return H11Protocol(config=config, server_state=ServerState(), app_state={})
+
+
+def test_the_request_cycle_has_what_the_408_uses() -> None:
+    """``cycle.response_started``, ``disconnected`` and ``message_event``: the
+    request deadline answers 408 only before a response began, and tells the
+    handler the client is gone the way uvicorn's ``connection_lost`` does."""
+    from uvicorn.protocols.http.h11_impl import RequestResponseCycle
+
+    source = inspect.getsource(RequestResponseCycle)
+    for name in ("self.response_started", "self.disconnected", "self.message_event"):
+        assert name in source, name
+    assert "self.cycle.disconnected = True" in inspect.getsource(H11Protocol.connection_lost)
+    assert "self.cycle.message_event.set()" in inspect.getsource(H11Protocol.connection_lost)
+    receive = inspect.getsource(RequestResponseCycle.receive)
+    assert "if self.disconnected or self.response_complete" in receive
+    assert "if self.disconnected:" in inspect.getsource(RequestResponseCycle.send)
 
 
 def test_server_startup_is_a_coroutine_taking_the_sockets() -> None:
