@@ -49,6 +49,7 @@ from actors.http_guard import (
 from protocol import JSON, ConfigError, Decision, LocalProtocolError, Outcome, dumps, loads
 from protocol.web import (
     LOOPBACK_HOSTS,
+    ascii_digits,
     error_body,
     host_name,
     is_json_content_type,
@@ -450,7 +451,7 @@ class Ingress:
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         for name, value in scope["headers"]:
             if name == b"content-length":
-                if not value.isdigit():
+                if not ascii_digits(value):
                     raise HttpError(400, "bad Content-Length")
                 if int(value) > MAX_BODY:
                     raise HttpError(413, f"body is larger than {MAX_BODY} bytes")

@@ -353,3 +353,105 @@ def test_ingress_head_deadline_closes_a_half_sent_head(ingress: Callable[..., in
         took = time.monotonic() - started
     print(f"\ningress, half a head: closed after {took:.2f} s")
     assert 0.4 <= took < scaled(5)
+
+
+# -- 7. numbers are ASCII digits; one Origin ------------------------------------------
+
+
+def raw_request(port: int, head: str, body: bytes = b"") -> tuple[int | None, bytes]:
+    """One request, written as given (headers and all); the status and the body back."""
+    with open_from(port) as sock:
+        sock.sendall(head.encode("utf-8") + body)
+        answer = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+            head_part, sep, rest = answer.partition(b"\r\n\r\n")
+            length = [
+                int(line.split(b":", 1)[1])
+                for line in head_part.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ]
+            if sep and length and len(rest) >= length[0]:
+                break
+    return status_of(answer), answer.partition(b"\r\n\r\n")[2]
+
+
+def test_a_rule_id_in_other_digits_is_a_4xx_and_revokes_nothing(
+    gateways: Callable[..., Gateway],
+) -> None:
+    gw = gateways()
+    with http_client(gw.http_url) as client:
+        headers = {**gw.api_headers(), "Content-Type": "application/json"}
+        made = client.post(
+            "/api/rules", json={"action": "allow", "tool_name": "Read"}, headers=headers
+        )
+        assert made.status_code == 201, made.text
+        rule_id = made.json()["rule"]["id"]
+        assert rule_id == 1
+        auth = f"Authorization: Bearer {gw.operator_token}\r\n"
+        answers = []
+        for digits in ("\u00b2", "\u0661", "\uff11", "1\u0660"):  # ², ١, １, 1٠
+            path = "/api/rules/" + "".join(f"%{b:02X}" for b in digits.encode("utf-8"))
+            status, body = raw_request(
+                gw.port,
+                f"DELETE {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}"
+                "Content-Type: application/json\r\nConnection: close\r\n\r\n",
+            )
+            print(f"\nDELETE /api/rules/{digits!r} -> {status} {body[:80]!r}")
+            answers.append((digits, status, body))
+        rules = client.get("/api/rules", headers=headers).json()["rules"]
+        assert [r["id"] for r in rules] == [rule_id], "a rule was revoked"
+        for digits, status, body in answers:
+            assert status is not None and 400 <= status < 500, (digits, status, body)
+            assert json.loads(body)["error"]
+        for name in ("limit", "before"):
+            answer = client.get("/api/audit", params={name: "\u0661"}, headers=headers)
+            assert answer.status_code == 400, (name, answer.status_code)
+            assert answer.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("header", "values"),
+    [
+        ("Origin", ("http://127.0.0.1:{port}", "http://evil.example")),
+        ("Origin", ("http://127.0.0.1:{port}", "http://127.0.0.1:{port}")),
+        ("Host", ("127.0.0.1", "evil.example")),
+        ("Authorization", ("Bearer {token}", "Bearer nope")),
+    ],
+)
+def test_a_repeated_origin_host_or_authorization_is_400_at_the_gateway(
+    gateways: Callable[..., Gateway], header: str, values: tuple[str, str]
+) -> None:
+    gw = gateways()
+    sent = {"Host": f"127.0.0.1:{gw.port}", "Authorization": f"Bearer {gw.operator_token}"}
+    lines = [f"{n}: {v}" for n, v in sent.items() if n != header]
+    lines += [f"{header}: {v.format(port=gw.port, token=gw.operator_token)}" for v in values]
+    body = b'{"action": "allow", "tool_name": "Read"}'
+    head = (
+        "POST /api/rules HTTP/1.1\r\n"
+        + "".join(f"{line}\r\n" for line in lines)
+        + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        + "Connection: close\r\n\r\n"
+    )
+    status, answer = raw_request(gw.port, head, body)
+    assert status == 400, (status, answer)
+    if header == "Host":  # h11 refuses it before any app runs, in plain text
+        assert answer == b"Invalid HTTP request received."
+    else:
+        assert header in json.loads(answer)["error"]
+    with http_client(gw.http_url) as client:
+        assert client.get("/api/rules", headers=gw.api_headers()).json()["rules"] == []
+
+
+def test_a_repeated_origin_is_400_at_the_ingress(ingress: Callable[..., int]) -> None:
+    port = ingress()
+    origin = f"Origin: http://127.0.0.1:{port}\r\n"
+    status, answer = raw_request(
+        port,
+        f"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n{origin}{origin}Connection: close\r\n\r\n",
+    )
+    assert status == 400, (status, answer)
+    assert "Origin" in json.loads(answer)["error"]

@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 
 from starlette.requests import Request
 
+from protocol.web import ascii_digits
+
 
 class BodyTooLarge(Exception):
     """The body is larger than the handler accepts (HTTP 413)."""
@@ -22,7 +24,7 @@ def int_param(request: Request, name: str, default: int | None, low: int, high: 
     text = request.query_params.get(name)
     if text is None or text == "":
         return default
-    if not text.isdigit() or not low <= int(text) <= high:
+    if not ascii_digits(text) or not low <= int(text) <= high:
         raise ValueError(f"{name} must be a whole number from {low} to {high}, not {text[:40]!r}")
     return int(text)
 

@@ -31,6 +31,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from protocol import Decision, printable
+from protocol.web import ascii_digits
 from sled_gateway.approvals import Approvals, Forbidden, NotRecorded
 from sled_gateway.auth import principal_of
 from sled_gateway.config import GatewayConfig
@@ -259,7 +260,7 @@ class Routes:
 
     async def _delete_rule(self, request: Request) -> Response:
         text = request.path_params["rule_id"]
-        if not text.isdigit() or len(text) > 18:
+        if not ascii_digits(text) or len(text) > 18:
             return error(400, f"a rule id is a number, not {text[:40]!r}")
         try:
             rule = await self.approvals.revoke_rule(int(text), principal_of(request))

@@ -62,6 +62,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, Operati
 from sqlalchemy.pool import NullPool
 from sqlalchemy.types import TypeEngine
 
+from protocol.web import ascii_digits
 from sled_gateway.policy import Policy
 from sled_gateway.store import MEMORY, sqlite
 from sled_gateway.store.models import (
@@ -421,7 +422,7 @@ class SqlStore:
         if inspect(conn).has_table("alembic_version"):
             revisions = conn.execute(select(_ALEMBIC_VERSION.c.version_num)).scalars().all()
             revision = revisions[0] if len(revisions) == 1 else None
-            if len(revisions) > 1 or (revision is not None and not revision.isdigit()):
+            if len(revisions) > 1 or (revision is not None and not ascii_digits(revision)):
                 raise StoreError(
                     f"{self.location} is not a gateway database "
                     f"(Alembic revision {', '.join(map(repr, revisions))})"
