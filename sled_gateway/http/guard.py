@@ -138,7 +138,7 @@ def _repeated(scope: Scope) -> str | None:
     """The first of :data:`SINGLE_HEADERS` the request sends more than once, if any."""
     seen: set[bytes] = set()
     for name, _ in scope.get("headers") or []:
-        lowered = name.lower()
+        lowered = bytes(name).lower()
         if lowered in SINGLE_HEADERS:
             if lowered in seen:
                 return lowered.decode("latin-1").title()
