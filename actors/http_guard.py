@@ -421,9 +421,7 @@ class EarlyAnswerClose:
                     if name.lower() != b"connection"
                 ]
                 message = {**message, "headers": [*headers, (b"connection", b"close")]}
-            elif (
-                message["type"] == "http.response.body" and early and not message.get("more_body")
-            ):
+            elif message["type"] == "http.response.body" and early and not message.get("more_body"):
                 await send({**message, "more_body": True})
                 await drain(tracked_receive, lambda: ended, self.drain_bytes, self.drain_seconds)
                 message = {"type": "http.response.body", "body": b""}
