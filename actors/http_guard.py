@@ -35,9 +35,11 @@ What :class:`GuardedH11Protocol` adds, per connection:
 
 3. A **per-client cap** (``max_per_client``): the connections of one remote
    address still *receiving* a request (waiting for its head, or its body) are
-   counted; a new one beyond the cap closes that client's oldest such
-   connection. A client can then hold at most that many slow connections, and
-   it is the one that loses them. Connections whose request is in (a caller
+   counted. When a new one takes a client over its cap, that client's
+   connections are counted again ``client_grace`` seconds later (a burst of
+   real requests has sent them by then) and its oldest still receiving beyond
+   the cap are closed. A client can then hold at most that many slow
+   connections, and it is the one that loses them. Connections whose request is in (a caller
    waiting for a decision) and WebSockets (sleds) are not counted: they cost a
    request that was sent at once, and the ingress holds thousands of waiting
    callers from 127.0.0.1.
@@ -130,11 +132,14 @@ class GuardedH11Protocol(H11Protocol):
     request_timeout: ClassVar[float] = 30.0
     max_connections: ClassVar[int] = 200
     max_per_client: ClassVar[int] = 32
+    client_grace: ClassVar[float] = 0.5
     log_actor: ClassVar[str] = "http"
     # transport → the guarded protocol serving it (None once upgraded to a
     # WebSocket, so the spent HTTP protocol can be freed), oldest first; shared by
     # every connection of one server (one class per server, see guarded_protocol).
     open_transports: ClassVar[dict[asyncio.Transport, GuardedH11Protocol | None]] = {}
+    # client address → the pending recount of its connections (one at a time).
+    client_checks: ClassVar[dict[str, asyncio.TimerHandle]] = {}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -271,23 +276,34 @@ class GuardedH11Protocol(H11Protocol):
         self._guard_enforce_client_cap()
         self._guard_enforce_cap()
 
-    def _guard_enforce_client_cap(self) -> None:
-        mine = [
+    def _guard_receiving_of(self, client: str) -> list[GuardedH11Protocol]:
+        return [
             p
             for p in self.open_transports.values()
-            if p is not None
-            and p is not self
-            and p._guard_client == self._guard_client
-            and p.receiving
+            if p is not None and p._guard_client == client and p.receiving
         ]
-        over = len(mine) + 1 - self.max_per_client
+
+    def _guard_enforce_client_cap(self) -> None:
+        client = self._guard_client
+        if client in self.client_checks:
+            return
+        if len(self._guard_receiving_of(client)) > self.max_per_client:
+            loop = asyncio.get_running_loop()
+            self.client_checks[client] = loop.call_later(
+                self.client_grace, self._guard_recount, client
+            )
+
+    def _guard_recount(self, client: str) -> None:
+        self.client_checks.pop(client, None)
+        receiving = self._guard_receiving_of(client)
+        over = len(receiving) - self.max_per_client
         if over <= 0:
             return
-        for victim in mine[:over]:
+        for victim in receiving[:over]:
             victim._guard_close()
         logger.bind(actor=self.log_actor).debug(
-            "{} has more than {} connections receiving a request: closed its oldest {}",
-            self._guard_client,
+            "{} had more than {} connections receiving a request: closed its oldest {}",
+            client,
             self.max_per_client,
             over,
         )
@@ -375,6 +391,7 @@ def guarded_protocol(
             "max_per_client": max_connections if max_per_client is None else max_per_client,
             "log_actor": log_actor,
             "open_transports": {},
+            "client_checks": {},
         },
     )
 

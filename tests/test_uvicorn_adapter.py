@@ -17,6 +17,7 @@ import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import h11
 import pytest
@@ -187,13 +188,15 @@ def _app() -> Starlette:
 class Served:
     """A uvicorn server with the guarded protocol on a loopback port, in a thread."""
 
-    def __init__(self, *, header_timeout: float, max_connections: int) -> None:
+    def __init__(self, *, header_timeout: float, max_connections: int, **limits: Any) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         started = threading.Event()
         config = uvicorn.Config(
             _app(),
-            http=guarded_protocol(header_timeout=header_timeout, max_connections=max_connections),
+            http=guarded_protocol(
+                header_timeout=header_timeout, max_connections=max_connections, **limits
+            ),
             ws="websockets-sansio",
             lifespan="off",
             log_config=None,
@@ -304,3 +307,40 @@ def test_an_upgraded_connection_counts_without_keeping_its_http_protocol(
         ws.send("ping")
         assert ws.recv(T) == "ping"
         assert list(protocol.open_transports.values()) == [None]
+
+
+def test_a_burst_of_real_requests_from_one_client_is_not_cut_by_its_cap(
+    served: list[Served],
+) -> None:
+    """The per-client cap counts again after a grace: connections that sent their
+    request at once are past "receiving" by then, only stalled ones are closed."""
+    s = Served(header_timeout=60.0, max_connections=500, max_per_client=4)
+    served.append(s)
+    socks = [s.connect() for _ in range(60)]  # all accepted before any head is read
+    try:
+        for sock in socks:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        for sock in socks:
+            assert b"200 OK" in _get_answer(sock)
+        stalled = [s.connect() for _ in range(6)]
+        socks += stalled
+        for sock in stalled:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+        # Over the cap and still receiving after the grace: the oldest two go.
+        assert _closed(stalled[0])
+        assert _closed(stalled[1])
+        time.sleep(0.2)
+        assert all(_still_open(sock) for sock in stalled[2:])
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _get_answer(sock: socket.socket) -> bytes:
+    answer = b""
+    while not answer.endswith(b"ok"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    return answer
