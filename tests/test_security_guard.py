@@ -243,7 +243,7 @@ def test_gateway_per_client_cap_keeps_one_client_from_holding_the_cap(
     )
     attack = attacks(gw.port, gateway_post_head(gw), 14)
     until_served(lambda: attack.still_open() <= 4, scaled(5))
-    api = until_served(lambda: api_get(gw, OTHER), scaled(5))
+    until_served(lambda: api_get(gw, OTHER), scaled(5))
     since = time.monotonic() - attack.started
     console = until_served(lambda: console_get(gw, OTHER), scaled(5))
     sled = until_served(lambda: sled_connects(gw, OTHER), scaled(5))
