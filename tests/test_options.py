@@ -144,6 +144,10 @@ BAD = {
     "ingress_token": (" ", " "),
     "ingress_allowed_hosts": ("a/b", ("a/b",)),
     "max_pending_bytes": ("0", 0),
+    "ingress_header_timeout": ("0", 0.0),
+    "ingress_request_timeout": ("-1", -1.0),
+    "ingress_max_connections": ("0", 0),
+    "ingress_max_connections_per_client": ("many", 1.5),
     "claude_progress_interval": ("0", 0.0),
     "hook_never_forward": (None, ("Read", 7)),
 }
@@ -352,6 +356,8 @@ GATEWAY_BAD = {
     "identity_timeout": ("-1", -1.0),
     "header_timeout": ("soon", 0),
     "max_connections": ("-3", -3),
+    "request_timeout": ("0", 0),
+    "max_connections_per_client": ("0", 0),
     "db": ("", ""),
     "audit_retention_days": ("0", 0),
 }
