@@ -6,7 +6,7 @@ import asyncio
 import math
 from datetime import UTC, datetime
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from protocol.web import ascii_digits
 
@@ -64,6 +64,8 @@ async def read_body(request: Request, limit: int, deadline: float) -> bytes:
                 if size > limit:
                     raise BodyTooLarge
                 chunks.append(chunk)
-    except TimeoutError:
+    except (TimeoutError, ClientDisconnect):
+        # A client gone, or cut by the server's whole-request deadline (which
+        # has answered 408 itself): the same as too slow, nobody is listening.
         raise BodyTooSlow from None
     return b"".join(chunks)
