@@ -182,7 +182,14 @@ def _app() -> Starlette:
         except WebSocketDisconnect:
             pass
 
-    return Starlette(routes=[Route("/", ok), WebSocketRoute("/ws", echo)])
+    async def slow(request: Request) -> PlainTextResponse:
+        await request.body()
+        await asyncio.sleep(1.0)  # a handler that takes its time once the body is in
+        return PlainTextResponse("ok")
+
+    return Starlette(
+        routes=[Route("/", ok), Route("/slow", slow, methods=["POST"]), WebSocketRoute("/ws", echo)]
+    )
 
 
 class Served:
@@ -344,3 +351,20 @@ def _get_answer(sock: socket.socket) -> bytes:
             break
         answer += chunk
     return answer
+
+
+def test_the_request_deadline_counts_the_request_not_the_handler(served: list[Served]) -> None:
+    s = Served(header_timeout=0.3, max_connections=10, request_timeout=0.5)
+    served.append(s)
+    with s.connect() as sock:
+        sock.sendall(b"POST /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\nhi")
+        assert b"200 OK" in _get_answer(sock)  # after 1 s: twice the deadline
+    with s.connect() as sock:
+        started = time.monotonic()
+        sock.sendall(b"POST /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 9\r\n\r\nhi")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b'{"error":' in answer
+        assert 0.4 <= time.monotonic() - started < T
