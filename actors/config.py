@@ -269,8 +269,11 @@ class UplinkConfig:
         rule=positive_int,
         metavar="N",
     )
+    # Half the total: every local caller shares one address (127.0.0.1), and a
+    # burst of hooks from many agents is legitimate; the request deadline bounds
+    # how long a slow client holds its share.
     ingress_max_connections_per_client: int = option(
-        32,
+        1024,
         "--ingress-max-connections-per-client",
         "ingress connections one client address may have receiving a request (head or "
         "body); beyond, its own oldest are closed",
