@@ -39,7 +39,13 @@ from sled_gateway.events import (
 )
 from sled_gateway.policy import rule_key
 from sled_gateway.principal import Principal, Role
-from sled_gateway.records import WITHDRAWN, AlreadyDecided, DecisionRecord, PendingPermission
+from sled_gateway.records import (
+    WITHDRAWN,
+    AlreadyDecided,
+    DecisionRecord,
+    InputMismatch,
+    PendingPermission,
+)
 from sled_gateway.state import GatewayState
 from sled_gateway.store import ALLOW, AuditEntry, Rule, Store
 
@@ -269,18 +275,33 @@ class Approvals:
         decision: Decision,
         principal: Principal,
         reason: str | None = None,
+        *,
+        input_sha256: str | None = None,
     ) -> DecisionRecord:
         """Give a pending request its one decision.
 
+        ``input_sha256``: the hash of the input the person was shown; when given
+        and not the pending request's, :class:`~sled_gateway.records.InputMismatch`
+        and nothing is decided (the id now names another input).
+
         Raises :class:`Forbidden`, :class:`~sled_gateway.state.UnknownRequest`,
-        :class:`~sled_gateway.state.AlreadyDecided` or :class:`NotRecorded` (the
-        request then stays pending).
+        :class:`~sled_gateway.state.AlreadyDecided`, :class:`InputMismatch` or
+        :class:`NotRecorded` (the request then stays pending).
         """
         self.authorize(principal)
         key = (project, req_id)
         while (busy := self._deciding.get(key)) is not None:
             await asyncio.shield(busy)
         item = self.state.pending_item(project, req_id)
+        if input_sha256 is not None and input_sha256 != item.input_sha256:
+            log.warning(
+                "permission '{}' of sled '{}': {} decided another input than the pending one; "
+                "nothing decided",
+                printable(req_id, 120),
+                printable(project, 120),
+                principal.by,
+            )
+            raise InputMismatch(item, input_sha256)
         done = asyncio.get_running_loop().create_future()
         self._deciding[key] = done
         try:
