@@ -17,7 +17,7 @@ import pytest
 
 from protocol import input_sha256
 from sled_gateway import Gateway
-from tests.test_gateway import T, api, perm_request, pending_ids, recv, run, sled, wait_state
+from tests.test_gateway import T, api, pending_ids, perm_request, recv, run, sled, wait_state
 
 pytestmark = pytest.mark.timeout(60)
 
