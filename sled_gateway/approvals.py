@@ -115,12 +115,11 @@ class Approvals:
         self.authorize(principal, Role.ADMIN, "make rules")
         rule = await self.store.add_rule(replace(draft, created_by=principal.by))
         log.info(
-            "rule {} by {}: {} {} {} for {}",
+            "rule {} by {}: {} {} for {}",
             rule.id,
             rule.created_by,
             rule.action,
-            rule.tool_name,
-            rule.key or "(any use)",
+            printable(rule.describes, 300),
             repr(rule.project) if rule.project else "every sled",
         )
         self.events.publish(RulesChanged(rule, revoked=False))
@@ -325,24 +324,17 @@ class Approvals:
         now = time.time()
         new_rule = None
         if decision is Decision.ALWAYS_ALLOW:
-            usable, key = rule_key(item.tool_name, item.tool_input)
-            if usable:
-                new_rule = Rule(
-                    0,
-                    project,
-                    item.tool_name,
-                    key,
-                    ALLOW,
-                    now,
-                    principal.by,
-                    origin=f"always_allow of request {req_id}",
-                )
-            else:
-                log.warning(
-                    "permission {!r}: {} input has no command or file path; no rule made",
-                    req_id,
-                    item.tool_name,
-                )
+            # Keyed on the whole input the person saw: never broader than that use.
+            new_rule = Rule(
+                0,
+                project,
+                item.tool_name,
+                rule_key(item.tool_name, item.tool_input),
+                ALLOW,
+                now,
+                principal.by,
+                origin=f"always_allow of request {req_id}",
+            )
         entry = AuditEntry(
             project,
             item.session,
@@ -390,11 +382,10 @@ class Approvals:
         )
         if rule is not None:
             log.info(
-                "rule {} for sled {!r}: always allow {} {}",
+                "rule {} for sled '{}': always allow {}",
                 rule.id,
-                project,
-                rule.tool_name,
-                rule.key or "(any use)",
+                printable(project, 120),
+                printable(rule.describes, 300),
             )
             self.events.publish(RulesChanged(rule, revoked=False))
         self.events.publish(PermissionDecided(record, was_pending=pending))
@@ -415,7 +406,7 @@ class Approvals:
         principal = Principal.rule(rule.who)
         decision = Decision.ALWAYS_ALLOW if rule.action == ALLOW else Decision.DENY
         now = time.time()
-        what = f"{rule.tool_name} {rule.key}" if rule.key is not None else f"any {rule.tool_name}"
+        what = printable(rule.describes, 300)
         entry = AuditEntry(
             project,
             session,

@@ -9,7 +9,9 @@ decision, carrying the first input's hash, must decide nothing.
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -157,3 +159,96 @@ def test_get_one_request_gives_the_whole_input_then_its_decision(gw: Gateway) ->
             assert after["decided"]["req_id"] == "w/1"
 
     run(scenario())
+
+
+# -- always allow, narrowly (issue 21 item 3) ---------------------------------------------
+
+FIXTURE_0_2_0 = Path(__file__).parent / "fixtures" / "gateway-0.2.0.sqlite3"
+
+
+@pytest.mark.parametrize(
+    ("tool", "seen", "same", "other"),
+    [
+        (
+            "Write",
+            {"file_path": "/p/notes.txt", "content": "A"},
+            {"file_path": "/p/notes.txt", "content": "A"},
+            {"file_path": "/p/notes.txt", "content": "B"},
+        ),
+        (
+            "Bash",
+            {"command": "echo hi", "description": "greet"},
+            {"command": "echo hi", "description": "say hello"},  # the description changes nothing
+            {"command": "echo hi", "dangerouslyDisableSandbox": True},
+        ),
+        (
+            "Bash",
+            {"command": "sleep 1"},
+            {"command": "sleep 1"},
+            {"command": "sleep 1", "run_in_background": True},
+        ),
+        ("mcp__sled__run", {"cmd": "echo hi"}, {"cmd": "echo hi"}, {"cmd": "rm -rf ~"}),
+    ],
+    ids=["write-content", "bash-sandbox", "bash-background", "mcp-argument"],
+)
+def test_always_allow_covers_only_the_input_the_person_saw(
+    gw: Gateway, tool: str, seen: Any, same: Any, other: Any
+) -> None:
+    async def scenario() -> None:
+        async with (
+            sled(gw, "p") as ws,
+            httpx.AsyncClient(base_url=gw.http_url, timeout=T, headers=api(gw)) as http,
+        ):
+            await ws.send(perm_request("r1", tool, seen))
+            await wait_state(gw, lambda s: "r1" in pending_ids(s))
+            always = await http.post(
+                "/api/permissions/p/r1",
+                json={"decision": "always_allow", "input_sha256": input_sha256(seen)},
+            )
+            assert always.status_code == 200, always.text
+            assert (await recv(ws))["payload"]["always_allow"] is True
+
+            await ws.send(perm_request("r2", tool, same))
+            again = await recv(ws)  # answered by the rule, never pending
+            assert (again["req_id"], again["payload"]["always_allow"]) == ("r2", True)
+
+            await ws.send(perm_request("r3", tool, other))
+            await wait_state(gw, lambda s: "r3" in pending_ids(s))  # a person is asked
+            rules = (await http.get("/api/rules")).json()["rules"]
+            assert len(rules) == 1
+            assert rules[0]["describes"].startswith(f"{tool} with exactly the input ")
+
+    run(scenario())
+
+
+def test_an_older_rule_row_keeps_its_meaning(
+    make_reference_gateway: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    """A 0.2.0 database: rule 1 allows alpha's ``Bash pytest -q`` (a command key), rule 2
+    denies ``rm -rf /`` everywhere; both still match whatever the other fields say."""
+    db = tmp_path / "gateway.db"
+    shutil.copy(FIXTURE_0_2_0, db)
+    gw = make_reference_gateway(db=db)
+
+    async def scenario() -> None:
+        async with sled(gw, "alpha") as ws:
+            await ws.send(perm_request("o1", "Bash", {"command": "pytest -q", "timeout": 5}))
+            assert (await recv(ws))["payload"]["always_allow"] is True
+            await ws.send(
+                perm_request("o2", "Bash", {"command": "rm -rf /", "dangerouslyDisableSandbox": 1})
+            )
+            assert (await recv(ws))["payload"]["approved"] is False
+            await ws.send(perm_request("o3", "Bash", {"command": "pytest -q -x"}))
+            await wait_state(gw, lambda s: "o3" in pending_ids(s))
+        async with httpx.AsyncClient(base_url=gw.http_url, timeout=T, headers=api(gw)) as http:
+            listed = (await http.get("/api/rules", params={"include_revoked": "1"})).json()
+        described = {r["id"]: r["describes"] for r in listed["rules"]}
+        assert described == {
+            1: "Bash with the command pytest -q (whatever its other input fields)",
+            2: "Bash with the command rm -rf / (whatever its other input fields)",
+            3: "any use of Read",
+        }
+
+    run(scenario())
+    by = {e["req_id"]: e["by"] for e in gw.audit()}
+    assert (by["o1"], by["o2"]) == ("rule:1", "rule:2")

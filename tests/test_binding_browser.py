@@ -250,3 +250,45 @@ def test_a_cut_down_card_is_denied_at_once_but_approved_only_when_whole(
         assert answer["req_id"] == "w1" and answer["payload"]["approved"] is True
     finally:
         ws.close()
+
+
+def test_a_tool_wide_rule_is_made_only_once_confirmed_as_any_use(gw: Gateway, page: Any) -> None:
+    asked: list[str] = []
+    answer = {"accept": False}
+
+    def on_dialog(dialog: Any) -> None:
+        asked.append(dialog.message)
+        dialog.accept() if answer["accept"] else dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    page.goto(gw.console_url())
+    page.wait_for_selector("#rules tbody tr", timeout=UI_WAIT_MS)
+    page.select_option("#rule-form select[name=rule_action]", "allow")
+    page.fill("#rule-form input[name=tool_name]", "Bash")
+    page.click("#add-rule")
+    sync_api.expect(page.locator("#banner")).to_contain_text(
+        "any use of Bash was not confirmed", timeout=UI_WAIT_MS
+    )
+    assert asked and "allow any use of Bash" in asked[0]
+    assert gw.rules() == []
+
+    answer["accept"] = True
+    page.click("#add-rule")
+    sync_api.expect(page.locator("#rules td[data-field=describes]")).to_have_text(
+        "any use of Bash", timeout=UI_WAIT_MS
+    )
+    assert len(asked) == 2
+    assert [(r["tool_name"], r["key"]) for r in gw.rules()] == [("Bash", None)]
+
+    # A rule with a key names what it covers; no question is asked.
+    page.select_option("#rule-form select[name=rule_action]", "deny")
+    page.fill("#rule-form input[name=tool_name]", "Bash")
+    page.fill("#rule-form input[name=key]", "rm -rf /")
+    page.click("#add-rule")
+    sync_api.expect(page.locator("#rules td[data-field=describes]")).to_have_count(
+        2, timeout=UI_WAIT_MS
+    )
+    assert len(asked) == 2
+    assert "Bash with the command rm -rf / (whatever its other input fields)" in page.inner_text(
+        "#rules"
+    )
