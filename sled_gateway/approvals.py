@@ -363,6 +363,10 @@ class Approvals:
             withdrawn = self.state.decision_for(project, req_id)
             if withdrawn is not None:
                 raise AlreadyDecided(withdrawn)
+        elif pending and (current := self.state.pending_item(project, req_id)) is not item:
+            # ... and came back with the same id for another request: this decision
+            # was for the one that left, never for the one now pending.
+            raise InputMismatch(current, item.input_sha256)
         record = DecisionRecord(
             project,
             req_id,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -252,3 +253,42 @@ def test_an_older_rule_row_keeps_its_meaning(
     run(scenario())
     by = {e["req_id"]: e["by"] for e in gw.audit()}
     assert (by["o1"], by["o2"]) == ("rule:1", "rule:2")
+
+
+def test_a_swap_while_the_decision_is_written_decides_nothing_new(
+    make_reference_gateway: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    """The person's answer for A is being committed (the database is busy) when A's sled
+    leaves and a new session sends B under A's id: the answer must not settle B."""
+    db = tmp_path / "gateway.db"
+    gw = make_reference_gateway(db=db)
+    a, b = {"command": "ls"}, {"command": "rm -rf ~"}
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=gw.http_url, timeout=3 * T, headers=api(gw)) as http:
+            async with sled(gw, "p") as first:
+                await first.send(perm_request("r1", "Bash", a))
+                await wait_state(gw, lambda s: "r1" in pending_ids(s))
+                busy = sqlite3.connect(db, isolation_level=None)
+                busy.execute("BEGIN IMMEDIATE")  # the gateway's audit write waits for this
+                decision = asyncio.create_task(
+                    http.post(
+                        "/api/permissions/p/r1",
+                        json={"decision": "approve", "input_sha256": input_sha256(a)},
+                    )
+                )
+                await asyncio.sleep(0.3)  # the decision is now waiting on the database
+            async with sled(gw, "p") as second:
+                await second.send(perm_request("r1", "Bash", b))
+                await wait_state(gw, lambda s: any(p["tool_input"] == b for p in s["pending"]))
+                busy.execute("ROLLBACK")
+                busy.close()
+                answer = await decision
+                assert answer.status_code == 409, answer.text
+                assert gw.is_pending("p", "r1")
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(second.recv(), 0.3)
+                state = gw.state()
+                assert [p["tool_input"] for p in state["pending"]] == [b]
+
+    run(scenario())
