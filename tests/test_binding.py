@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from protocol import input_sha256
-from sled_gateway import Gateway
+from sled_gateway import Gateway, InputMismatch
 from tests.test_gateway import T, api, pending_ids, perm_request, recv, run, sled, wait_state
 
 pytestmark = pytest.mark.timeout(60)
@@ -290,5 +290,24 @@ def test_a_swap_while_the_decision_is_written_decides_nothing_new(
                     await asyncio.wait_for(second.recv(), 0.3)
                 state = gw.state()
                 assert [p["tool_input"] for p in state["pending"]] == [b]
+
+    run(scenario())
+
+
+def test_the_library_decide_binds_too(gw: Gateway) -> None:
+    async def scenario() -> None:
+        async with sled(gw, "p") as ws:
+            await ws.send(perm_request("r1", "Bash", B))
+            await wait_state(gw, lambda s: "r1" in pending_ids(s))
+            with pytest.raises(InputMismatch):
+                await asyncio.to_thread(
+                    gw.decide, "p", "r1", "approve", input_sha256=input_sha256(A)
+                )
+            assert gw.is_pending("p", "r1")
+            record = await asyncio.to_thread(
+                gw.decide, "p", "r1", "deny", input_sha256=input_sha256(B)
+            )
+            assert record.decision == "deny"
+            assert (await recv(ws))["payload"]["approved"] is False
 
     run(scenario())
