@@ -209,9 +209,10 @@ def permission_answer(
         answer["behavior"] = "allow"
         answer["updatedInput"] = tool_input
         if outcome.decision is Decision.ALWAYS_ALLOW and tool_name is not None:
+            from actors.claude_code import regular_file
             from protocol.claude_code import updated_permissions
 
-            rules: list[JSON] = list(updated_permissions(tool_name, tool_input))
+            rules: list[JSON] = list(updated_permissions(tool_name, tool_input, regular_file))
             if rules:
                 answer["updatedPermissions"] = rules
     return answer

@@ -39,7 +39,13 @@ from sled_gateway.events import (
 )
 from sled_gateway.policy import rule_key
 from sled_gateway.principal import Principal, Role
-from sled_gateway.records import WITHDRAWN, AlreadyDecided, DecisionRecord, PendingPermission
+from sled_gateway.records import (
+    WITHDRAWN,
+    AlreadyDecided,
+    DecisionRecord,
+    InputMismatch,
+    PendingPermission,
+)
 from sled_gateway.state import GatewayState
 from sled_gateway.store import ALLOW, AuditEntry, Rule, Store
 
@@ -109,12 +115,11 @@ class Approvals:
         self.authorize(principal, Role.ADMIN, "make rules")
         rule = await self.store.add_rule(replace(draft, created_by=principal.by))
         log.info(
-            "rule {} by {}: {} {} {} for {}",
+            "rule {} by {}: {} {} for {}",
             rule.id,
             rule.created_by,
             rule.action,
-            rule.tool_name,
-            rule.key or "(any use)",
+            printable(rule.describes, 300),
             repr(rule.project) if rule.project else "every sled",
         )
         self.events.publish(RulesChanged(rule, revoked=False))
@@ -269,18 +274,33 @@ class Approvals:
         decision: Decision,
         principal: Principal,
         reason: str | None = None,
+        *,
+        input_sha256: str | None = None,
     ) -> DecisionRecord:
         """Give a pending request its one decision.
 
+        ``input_sha256``: the hash of the input the person was shown; when given
+        and not the pending request's, :class:`~sled_gateway.records.InputMismatch`
+        and nothing is decided (the id now names another input).
+
         Raises :class:`Forbidden`, :class:`~sled_gateway.state.UnknownRequest`,
-        :class:`~sled_gateway.state.AlreadyDecided` or :class:`NotRecorded` (the
-        request then stays pending).
+        :class:`~sled_gateway.state.AlreadyDecided`, :class:`InputMismatch` or
+        :class:`NotRecorded` (the request then stays pending).
         """
         self.authorize(principal)
         key = (project, req_id)
         while (busy := self._deciding.get(key)) is not None:
             await asyncio.shield(busy)
         item = self.state.pending_item(project, req_id)
+        if input_sha256 is not None and input_sha256 != item.input_sha256:
+            log.warning(
+                "permission '{}' of sled '{}': {} decided another input than the pending one; "
+                "nothing decided",
+                printable(req_id, 120),
+                printable(project, 120),
+                principal.by,
+            )
+            raise InputMismatch(item, input_sha256)
         done = asyncio.get_running_loop().create_future()
         self._deciding[key] = done
         try:
@@ -304,24 +324,17 @@ class Approvals:
         now = time.time()
         new_rule = None
         if decision is Decision.ALWAYS_ALLOW:
-            usable, key = rule_key(item.tool_name, item.tool_input)
-            if usable:
-                new_rule = Rule(
-                    0,
-                    project,
-                    item.tool_name,
-                    key,
-                    ALLOW,
-                    now,
-                    principal.by,
-                    origin=f"always_allow of request {req_id}",
-                )
-            else:
-                log.warning(
-                    "permission {!r}: {} input has no command or file path; no rule made",
-                    req_id,
-                    item.tool_name,
-                )
+            # Keyed on the whole input the person saw: never broader than that use.
+            new_rule = Rule(
+                0,
+                project,
+                item.tool_name,
+                rule_key(item.tool_name, item.tool_input),
+                ALLOW,
+                now,
+                principal.by,
+                origin=f"always_allow of request {req_id}",
+            )
         entry = AuditEntry(
             project,
             item.session,
@@ -350,6 +363,10 @@ class Approvals:
             withdrawn = self.state.decision_for(project, req_id)
             if withdrawn is not None:
                 raise AlreadyDecided(withdrawn)
+        elif pending and (current := self.state.pending_item(project, req_id)) is not item:
+            # ... and came back with the same id for another request: this decision
+            # was for the one that left, never for the one now pending.
+            raise InputMismatch(current, item.input_sha256)
         record = DecisionRecord(
             project,
             req_id,
@@ -369,11 +386,10 @@ class Approvals:
         )
         if rule is not None:
             log.info(
-                "rule {} for sled {!r}: always allow {} {}",
+                "rule {} for sled '{}': always allow {}",
                 rule.id,
-                project,
-                rule.tool_name,
-                rule.key or "(any use)",
+                printable(project, 120),
+                printable(rule.describes, 300),
             )
             self.events.publish(RulesChanged(rule, revoked=False))
         self.events.publish(PermissionDecided(record, was_pending=pending))
@@ -394,7 +410,7 @@ class Approvals:
         principal = Principal.rule(rule.who)
         decision = Decision.ALWAYS_ALLOW if rule.action == ALLOW else Decision.DENY
         now = time.time()
-        what = f"{rule.tool_name} {rule.key}" if rule.key is not None else f"any {rule.tool_name}"
+        what = printable(rule.describes, 300)
         entry = AuditEntry(
             project,
             session,

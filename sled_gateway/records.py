@@ -8,10 +8,10 @@ this module imports nothing else of the gateway's, so any of those may use it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from protocol import JSON
+from protocol import JSON, input_sha256
 
 #: Pseudo-decision recorded when a sled disconnects with requests pending.
 WITHDRAWN = "withdrawn"
@@ -19,6 +19,19 @@ WITHDRAWN = "withdrawn"
 
 class UnknownRequest(LookupError):
     """No permission request with this project and id was ever seen (HTTP 404)."""
+
+
+class InputMismatch(Exception):
+    """A decision names an input other than the pending request's (HTTP 409): the person
+    saw another request under the same id. Nothing is decided."""
+
+    def __init__(self, item: PendingPermission, sent: str) -> None:
+        super().__init__(
+            f"{item.project}/{item.req_id} now has another input (input_sha256 "
+            f"{item.input_sha256[:12]}…, not {sent[:12]}…); nothing decided, reload it"
+        )
+        self.item = item
+        self.sent = sent
 
 
 class AlreadyDecided(Exception):
@@ -48,6 +61,14 @@ class PendingPermission:
     tool_input: JSON
     received_at: float  # wall clock
     session: int
+    #: :func:`protocol.input_sha256` of ``tool_input``, computed once here: a
+    #: decision must carry it, and ``/api/state`` lists every pending item on
+    #: each poll, so it is never recomputed per read.
+    input_sha256: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.input_sha256:
+            object.__setattr__(self, "input_sha256", input_sha256(self.tool_input))
 
     def to_json(self) -> dict[str, JSON]:
         return {
@@ -55,6 +76,7 @@ class PendingPermission:
             "req_id": self.req_id,
             "tool_name": self.tool_name,
             "tool_input": self.tool_input,
+            "input_sha256": self.input_sha256,
             "received_at": iso(self.received_at),
         }
 

@@ -367,13 +367,16 @@ class Gateway:
         *,
         by: str | Principal = "library",
         timeout: float = 5.0,
+        input_sha256: str | None = None,
     ) -> DecisionRecord:
         """Answer a pending permission request from any thread.
 
         ``decision`` is ``"approve"``, ``"deny"`` or ``"always_allow"``; ``by`` is
         a :class:`~sled_gateway.principal.Principal`, or the label the audit log
-        shows for this program. Raises ``ValueError`` for another word,
-        :class:`~sled_gateway.state.UnknownRequest`,
+        shows for this program. ``input_sha256``: the hash of the input that was
+        shown (``protocol.input_sha256``); another input pending under the id is
+        :class:`~sled_gateway.records.InputMismatch`. Raises ``ValueError`` for
+        another word, :class:`~sled_gateway.state.UnknownRequest`,
         :class:`~sled_gateway.state.AlreadyDecided`,
         :class:`~sled_gateway.approvals.Forbidden`, or
         :class:`~sled_gateway.approvals.NotRecorded` if the audit row could not
@@ -383,7 +386,10 @@ class Gateway:
         if self._loop is None:
             raise RuntimeError("Gateway not started")
         future = asyncio.run_coroutine_threadsafe(
-            self._app.approvals.decide(project, req_id, choice, as_principal(by)), self._loop
+            self._app.approvals.decide(
+                project, req_id, choice, as_principal(by), input_sha256=input_sha256
+            ),
+            self._loop,
         )
         return future.result(timeout)
 
@@ -402,7 +408,13 @@ class Gateway:
         return self._app.events
 
     async def decide_on_loop(
-        self, project: str, req_id: str, decision: Decision | str, *, by: str | Principal
+        self,
+        project: str,
+        req_id: str,
+        decision: Decision | str,
+        *,
+        by: str | Principal,
+        input_sha256: str | None = None,
     ) -> DecisionRecord:
         """:meth:`decide` for code already running on the gateway's loop (a transport).
 
@@ -410,7 +422,7 @@ class Gateway:
         what keeps the loop (and so the console and the API) running.
         """
         return await self._app.approvals.decide(
-            project, req_id, Decision(decision), as_principal(by)
+            project, req_id, Decision(decision), as_principal(by), input_sha256=input_sha256
         )
 
     def run_on_loop(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
