@@ -31,6 +31,11 @@ from nio import (
 T = TypeVar("T")
 R = TypeVar("R")
 Event = dict[str, Any]
+ENCRYPTION_STATE: Event = {
+    "type": "m.room.encryption",
+    "state_key": "",
+    "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+}
 
 
 class MatrixCallFailed(RuntimeError):
@@ -108,8 +113,13 @@ class MatrixPerson:
 
     # -- rooms ----------------------------------------------------------------------
 
-    def create_room(self, invite: list[str], name: str = "sled approvals") -> str:
-        resp = self._call(self._client.room_create(name=name, invite=invite))
+    def create_room(
+        self, invite: list[str], name: str = "sled approvals", *, encrypted: bool = False
+    ) -> str:
+        """A new room; ``encrypted``: with ``m.room.encryption`` from the start (as Element
+        makes a private room), whether or not this client can encrypt."""
+        state = [ENCRYPTION_STATE] if encrypted else []
+        resp = self._call(self._client.room_create(name=name, invite=invite, initial_state=state))
         room_id: str = _ok(resp, RoomCreateResponse, "room_create").room_id
         return room_id
 
