@@ -47,6 +47,7 @@ from sled_gateway.transports.matrix import (
 )
 from tests.conftest import REFERENCE_TOKEN, closed_port
 from tests.support.matrix_client import (
+    ENCRYPTION_STATE,
     Event,
     MatrixPerson,
     body,
@@ -598,6 +599,31 @@ def test_an_encrypted_room_gets_no_inputs(
     finally:
         bot.stop()
         gw.stop()
+
+
+def test_a_room_turned_encrypted_gets_no_more_inputs(
+    setup: Setup, make_uplink: Callable[..., Uplink]
+) -> None:
+    uplink = setup.sled(make_uplink)
+    before = uplink.request_permission("Bash", {"command": "uptime"}, request_id="r-plain")
+    post = setup.posted("r-plain")
+    setup.hs.alice.put_state(setup.room, ENCRYPTION_STATE)
+    handled(setup, post)  # the bot has synced past the state event
+    secret = "cat /srv/launch-codes.txt"
+    outcome = uplink.request_permission("Bash", {"command": secret}, request_id="r-turned")
+    notice = setup.hs.alice.wait_event(
+        setup.room, lambda e: e["sender"] == BOT and "r-turned" in body(e), T, "the notice"
+    )
+    assert "answer it in the gateway's console" in body(notice)
+    attempt = setup.hs.alice.reply(setup.room, notice["event_id"], "approve")
+    assert "answer it in the console" in setup.bot_reply(attempt)
+    assert not outcome.done()
+    assert not [e for e in bot_events(setup) if "launch-codes" in json.dumps(e)]
+    # A message posted before, with its input, still answers its own request.
+    setup.hs.alice.reply(setup.room, post["event_id"], "deny")
+    assert before.result(T).decision is Decision.DENY
+    setup.gw.decide("sled-a", "r-turned", "deny", by="console")
+    assert outcome.result(T).decision is Decision.DENY
 
 
 # -- the homeserver going away ------------------------------------------------------

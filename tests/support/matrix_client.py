@@ -24,6 +24,7 @@ from nio import (
     LoginResponse,
     RoomCreateResponse,
     RoomInviteResponse,
+    RoomPutStateResponse,
     RoomSendResponse,
     SyncResponse,
 )
@@ -131,6 +132,15 @@ class MatrixPerson:
         resp = self._call(self._client.join(room))
         room_id: str = _ok(resp, JoinResponse, "join").room_id
         return room_id
+
+    def put_state(self, room_id: str, event: Event) -> None:
+        """Set one state event (``type``, ``state_key``, ``content``), e.g. turn encryption on."""
+        resp = self._call(
+            self._client.room_put_state(
+                room_id, event["type"], event["content"], state_key=event["state_key"]
+            )
+        )
+        _ok(resp, RoomPutStateResponse, "room_put_state")
 
     # -- speaking -------------------------------------------------------------------
 
