@@ -57,7 +57,7 @@ def test_show_invisible_escapes_bidi_zero_width_and_controls() -> None:
 
 
 def test_show_invisible_keeps_the_layout_of_a_block() -> None:
-    block = "{\n\t\"command\": \"make\"\n}"
+    block = '{\n\t"command": "make"\n}'
     assert show_invisible(block) == block
     for text in ("é ü 中文 🚀", "C:\\Users\\me", "echo \\u202e"):
         assert show_invisible(text) == text

@@ -181,17 +181,21 @@ def _read_secret(option: str, path: str) -> str:
 MATRIX_OPTIONS: dict[str, Option] = {
     "homeserver": Option(
         "--matrix-homeserver",
-        "the bot's homeserver, e.g. https://matrix.org (the --matrix-* options go together)",
+        "the bot's homeserver, e.g. https://matrix.org (http:// only on loopback; "
+        "the --matrix-* options go together)",
         metavar="URL",
         default=None,
     ),
     "user": Option("--matrix-user", "the bot's user id", metavar="@BOT:SERVER", default=None),
     "password_file": Option(
-        "--matrix-password-file", "a file holding the bot's password", metavar="PATH", default=None
+        "--matrix-password-file",
+        "a file holding the bot's password (chmod 600)",
+        metavar="PATH",
+        default=None,
     ),
     "access_token_file": Option(
         "--matrix-access-token-file",
-        "a file holding the bot's access token (instead of a password)",
+        "a file holding the bot's access token (instead of a password; chmod 600)",
         metavar="PATH",
         default=None,
     ),
