@@ -971,6 +971,11 @@ class MatrixTransport:
         except Forbidden:
             await self._refuse(sender, thread, event_id)
             return
+        if not shown.answerable:
+            await self._reply(
+                thread, event_id, "Its input is not shown here: answer it in the console."
+            )
+            return
         if decision is None:
             await self._reply(thread, event_id, "Reply with approve, deny or always.")
             return
@@ -984,11 +989,6 @@ class MatrixTransport:
             # Decided or withdrawn, perhaps replaced by a new request under the
             # same id: that one was not shown here, so this answer decides nothing.
             await self._reply(thread, event_id, "That request is no longer pending.")
-            return
-        if not shown.answerable:
-            await self._reply(
-                thread, event_id, "Its input is not shown here: answer it in the console."
-            )
             return
         if shown.clipped and decision is not Decision.DENY:
             await self._reply(
