@@ -86,6 +86,9 @@ OUTCOME_WORDS: dict[str, str] = {
 }
 SUMMARY_CHARS = 200  # the one-line input summary
 FULL_INPUT_CHARS = 16_000  # a Matrix event is at most 64 KiB; leave room for HTML
+# What the full input may weigh in the event, as JSON in the body plus as HTML in
+# the formatted body: ``<`` is 4 bytes there, ``\`` 2 in JSON, ``中`` 3 in UTF-8.
+FULL_INPUT_BYTES = 44_000
 SYNC_TIMEOUT_MS = 30_000  # long-poll
 REQUEST_TIMEOUT_S = 15.0  # one non-sync call to the homeserver
 BACKOFF_INITIAL = 0.5
@@ -343,23 +346,43 @@ def _summary(tool_input: Any) -> str:
 
 
 def _names(item: PendingPermission) -> tuple[str, str, str, bool]:
-    """The sled, the tool and the request id as shown (escaped, the first two shortened),
-    and whether shortening cut the sled's or the tool's name."""
-    project, tool = printable(item.project), printable(item.tool_name)
-    cut = len(project) > 100 or len(tool) > 100
-    return _shorten(project, 100), _shorten(tool, 100), printable(item.req_id), cut
+    """The sled, the tool and the request id as shown (escaped and shortened), and
+    whether shortening cut one of them."""
+    project, tool, req_id = (
+        printable(item.project),
+        printable(item.tool_name),
+        printable(item.req_id),
+    )
+    cut = len(project) > 100 or len(tool) > 100 or len(req_id) > 200
+    return _shorten(project, 100), _shorten(tool, 100), _shorten(req_id, 200), cut
+
+
+def _event_bytes(ch: str) -> int:
+    in_body = len(json.dumps(ch, ensure_ascii=False).encode("utf-8", "surrogatepass")) - 2
+    in_html = len(json.dumps(html.escape(ch), ensure_ascii=False).encode("utf-8")) - 2
+    return in_body + in_html
+
+
+def _clip(full: str) -> tuple[str, bool]:
+    """``full`` cut to what one event can carry (in characters and in bytes)."""
+    clipped = len(full) > FULL_INPUT_CHARS
+    full = full[:FULL_INPUT_CHARS]
+    if len(full) * 12 > FULL_INPUT_BYTES:  # else even the heaviest characters fit
+        total = 0
+        for i, ch in enumerate(full):
+            total += _event_bytes(ch)
+            if total > FULL_INPUT_BYTES:
+                return full[:i], True
+    return full, clipped
 
 
 def _request_message(item: PendingPermission, *, repost: bool) -> tuple[dict[str, Any], bool]:
     """The content announcing one pending request, and whether it clipped anything
     a person decides on (then only the console may approve it)."""
-    full = show_invisible(_input_text(item.tool_input))
-    clipped = len(full) > FULL_INPUT_CHARS
-    if clipped:
-        full = full[:FULL_INPUT_CHARS]
+    full, clipped = _clip(show_invisible(_input_text(item.tool_input)))
     project, tool, req_id, cut = _names(item)
     note = (
-        f"\n(input clipped at {FULL_INPUT_CHARS} characters: deny here, approve only "
+        f"\n(input clipped at {len(full)} characters: deny here, approve only "
         "in the gateway's console)"
         if clipped or cut
         else ""
