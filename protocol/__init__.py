@@ -33,7 +33,7 @@ from protocol.frames import (
     mcp_response,
     perm_response,
 )
-from protocol.text import printable
+from protocol.text import printable, show_invisible
 from protocol.urls import redact
 
 __all__ = [
@@ -69,4 +69,5 @@ __all__ = [
     "printable",
     "redact",
     "serialize",
+    "show_invisible",
 ]
