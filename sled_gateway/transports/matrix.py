@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import html
 import ipaddress
 import json
@@ -61,6 +60,7 @@ from sled_gateway.records import (
     WITHDRAWN,
     AlreadyDecided,
     DecisionRecord,
+    InputMismatch,
     PendingPermission,
     UnknownRequest,
 )
@@ -324,13 +324,6 @@ def _input_text(tool_input: Any) -> str:
         return repr(tool_input)
 
 
-def input_sha256(tool_input: Any) -> str:
-    """SHA-256 hex of the canonical JSON of ``tool_input`` (sorted keys, no whitespace,
-    UTF-8): what a person saw, as the gateway's content binding names it."""
-    text = json.dumps(tool_input, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
 def _summary(tool_input: Any) -> str:
     """One line: a Bash command as itself, anything else as compact JSON (escaped)."""
     if isinstance(tool_input, dict) and isinstance(tool_input.get("command"), str):
@@ -532,7 +525,7 @@ class Instance:
             item.req_id,
             item.session,
             item.received_at,
-            input_sha256(item.tool_input),
+            item.input_sha256,
         )
 
     @property
@@ -1023,7 +1016,11 @@ class MatrixTransport:
             return
         try:
             await self.gateway.decide_on_loop(
-                instance.project, instance.req_id, decision, by=principal
+                instance.project,
+                instance.req_id,
+                decision,
+                by=principal,
+                input_sha256=instance.input_sha256,
             )
         except Forbidden:
             await self._refuse(sender, thread, event_id)
@@ -1038,7 +1035,7 @@ class MatrixTransport:
             await self._reply(
                 thread, event_id, f"Too late: already {record.decision} by {printable(record.by)}."
             )
-        except UnknownRequest:
+        except (UnknownRequest, InputMismatch):
             await self._reply(thread, event_id, "That request is no longer pending.")
 
     async def _refuse(self, sender: str, thread: str | None, event_id: str) -> None:
