@@ -41,7 +41,7 @@ from loguru import logger
 
 from protocol import Decision
 from sled_gateway.app import GatewayApp
-from sled_gateway.config import MAX_FRAME, GatewayConfig
+from sled_gateway.config import GatewayConfig
 from sled_gateway.events import Events
 from sled_gateway.lifecycle import Lifecycle
 from sled_gateway.logs import protect_uvicorn_loggers
@@ -262,7 +262,7 @@ class Gateway:
             ),
             timeout_keep_alive=5,
             ws="websockets-sansio",  # the websockets library's ServerProtocol
-            ws_max_size=MAX_FRAME,
+            ws_max_size=self.config.max_frame_bytes,
             ws_ping_interval=self.config.ping_interval,
             ws_ping_timeout=self.config.ping_timeout,
             timeout_graceful_shutdown=3,
