@@ -32,7 +32,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Self, TypeVar
 
 from loguru import logger
@@ -279,7 +278,7 @@ class SqlStore:
         file = sqlite.file_of(self.url) if self._sqlite else None
         try:
             if file is not None:
-                Path(file).parent.mkdir(parents=True, exist_ok=True)
+                sqlite.make_private(file)
                 self._lock = sqlite.FileLock(file)
                 self._lock.acquire()
             # hide_parameters: an error (and its log line) never carries a tool's input.
