@@ -127,7 +127,8 @@ def test_a_flood_of_big_requests_is_bounded_in_memory_state_and_disk(
                 numbers["denied"] = denied
                 numbers["pending"] = pending - 1
                 took = time.monotonic()
-                response = await client.get("/api/state", params={"limit": 100_000})
+                # A long deadline, so that an unbounded gateway still shows its numbers.
+                response = await client.get("/api/state", params={"limit": 100_000}, timeout=120)
                 numbers["state_s"] = round(time.monotonic() - took, 3)
                 numbers["state_bytes"] = len(response.content)
                 state = response.json()
@@ -140,8 +141,8 @@ def test_a_flood_of_big_requests_is_bounded_in_memory_state_and_disk(
         # The sled drops: its pending requests are withdrawn and audited.
 
     run_long(scenario())
-    with httpx.Client(base_url=base, headers=OPERATOR, timeout=T) as client:
-        deadline = time.monotonic() + 60
+    with httpx.Client(base_url=base, headers=OPERATOR, timeout=60) as client:
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             withdrawn = client.get(
                 "/api/audit", params={"decision": "withdrawn", "limit": 500}
