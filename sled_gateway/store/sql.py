@@ -308,6 +308,8 @@ class SqlStore:
             self._release()
             raise
         self.policy = Policy(rules)
+        if file is not None:
+            sqlite.warn_if_readable(file)
         with self._gate:
             self._thread = thread
             self._closed = False

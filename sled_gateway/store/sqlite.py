@@ -48,30 +48,32 @@ COMPANIONS = ("-wal", "-shm", "-journal")
 
 
 def make_private(file: str) -> None:
-    """Create ``file``'s missing folders ``0700`` and the file itself ``0600``; warn
-    about an existing folder or file that group or others may read."""
+    """Create ``file``'s missing folders ``0700`` and the file itself ``0600``."""
     path = Path(file)
-    folder = path.parent
     missing = []
-    here = folder
+    here = path.parent
     while not here.exists():
         missing.append(here)
         here = here.parent
-    folder.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     for made in missing:
         os.chmod(made, 0o700)  # mkdir's mode is masked by the umask
-    if not missing:
-        _warn_if_open(folder, "chmod 700")
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        for name in (file, *(file + suffix for suffix in COMPANIONS)):
-            _warn_if_open(Path(name), "chmod 600")
         return
     try:
         os.fchmod(fd, 0o600)  # SQLite gives its -wal and -shm this file's mode
     finally:
         os.close(fd)
+
+
+def warn_if_readable(file: str) -> None:
+    """Warn about ``file``'s folder, the file and its companions if others may read them
+    (once the store is open: a file refused is not used, so not worth a warning)."""
+    _warn_if_open(Path(file).parent, "chmod 700")
+    for name in (file, *(file + suffix for suffix in COMPANIONS)):
+        _warn_if_open(Path(name), "chmod 600")
 
 
 def _warn_if_open(path: Path, fix: str) -> None:
