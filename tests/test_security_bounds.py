@@ -242,6 +242,31 @@ def test_the_pending_bytes_of_every_sled_together_are_capped(
     }
 
 
+def test_decided_and_withdrawn_requests_give_their_bytes_back(
+    make_reference_gateway: Callable[..., Gateway],
+) -> None:
+    gw = make_reference_gateway(max_input_bytes=100_000, max_pending_bytes=250_000)
+    item = {"command": "x" * 99_000}
+
+    async def fill(ws: Any, *req_ids: str) -> None:
+        for req_id in req_ids:
+            await ws.send(perm_request(req_id, "Bash", item))
+        await wait_state(gw, lambda s: set(req_ids) <= {p["req_id"] for p in s["pending"]})
+
+    async def scenario() -> None:
+        async with sled(gw, "p") as ws:
+            await fill(ws, "r0", "r1")
+        await wait_state(gw, lambda s: not s["pending"])  # withdrawn
+        async with sled(gw, "p") as ws:
+            await fill(ws, "r2", "r3")
+            await asyncio.to_thread(gw.decide, "p", "r2", "deny")
+            assert (await recv(ws))["req_id"] == "r2"
+            await fill(ws, "r4")
+
+    run(scenario())
+    assert [r["req_id"] for r in gw.audit(decision="deny")] == ["r2"]
+
+
 def test_a_frame_over_max_frame_bytes_closes_the_sled_with_1009(
     make_reference_gateway: Callable[..., Gateway],
 ) -> None:
