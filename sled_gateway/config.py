@@ -154,6 +154,13 @@ def _db(option: str, value: str | os.PathLike[str]) -> str | os.PathLike[str]:
     return value
 
 
+def _cap_bytes(option: str, value: int | str) -> int | None:
+    """A byte count, or 0 for no cap."""
+    if not isinstance(value, bool) and value in (0, "0"):
+        return None
+    return byte_size(option, value)
+
+
 def _sled_tokens(option: str, value: Mapping[Any, Any]) -> Mapping[str, str]:
     if not isinstance(value, Mapping):
         raise ConfigError(option, 'expected a mapping {"project": "token", ...}')
@@ -320,6 +327,15 @@ class GatewayConfig:
         "delete audit rows older than N days (checked at start and hourly); 0 keeps them all",
         rule=_days,
         metavar="N",
+    )
+    audit_max_bytes: int | None = option(
+        1024 * 1024 * 1024,
+        "--audit-max-bytes",
+        "delete the oldest audit rows while the SQLite database holds more than this "
+        "(e.g. 1GiB); 0 for no cap",
+        rule=_cap_bytes,
+        metavar="N",
+        shown_default="1GiB",
     )
 
     def __repr__(self) -> str:

@@ -136,7 +136,11 @@ class Gateway:
         self._requested_port = self.config.port
         self._state = GatewayState(self.config.heartbeat_interval)
         # Opened in start(), on the caller's thread, so a bad file is an error there.
-        self.store = make_store(self.config.db, retention_days=self.config.audit_retention_days)
+        self.store = make_store(
+            self.config.db,
+            retention_days=self.config.audit_retention_days,
+            max_bytes=self.config.audit_max_bytes,
+        )
         self._app = GatewayApp(self.config, self._state, listen_host=self.host, store=self.store)
         self._sock: socket.socket | None = None
         self._port: int | None = None

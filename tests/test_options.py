@@ -358,6 +358,7 @@ GATEWAY_BAD = {
     "max_connections": ("-3", -3),
     "db": ("", ""),
     "audit_retention_days": ("-1", -1.0),
+    "audit_max_bytes": ("-5", -5),
 }
 
 

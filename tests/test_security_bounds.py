@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import json
 import os
+import sqlite3
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -375,6 +376,36 @@ def test_audit_retention_is_on_by_default_and_purges(
             time.sleep(0.05)
     assert kept == ["fresh"]
     assert "audit kept 90 days" in gp.out["stderr"]
+
+
+def test_the_audit_stays_under_its_size_cap(
+    make_reference_gateway: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    db = tmp_path / "gateway.db"
+    gw = make_reference_gateway(db=db, audit_max_bytes=MiB, max_pending_per_sled=1)
+    item = {"command": "c" * 4000}  # a refused request's row keeps it whole (under 4 KiB)
+    count = 2000
+
+    async def scenario() -> None:
+        async with sled(gw, "p") as ws:
+            await ws.send(perm_request("held"))
+            await wait_state(gw, lambda s: len(s["pending"]) == 1)
+            for i in range(count):
+                await ws.send(perm_request(f"r{i}", "Bash", item))
+            for _ in range(count):
+                assert (await recv(ws))["payload"] == DENIED
+
+    run(scenario())
+    gw.stop()
+    size = os.stat(db).st_size
+    with sqlite3.connect(db) as conn:
+        kept = {row[0] for row in conn.execute("SELECT req_id FROM audit")}
+    conn.close()
+    print(f"\n{count} rows of 4 KB under a 1 MiB cap: {size} bytes on disk, {len(kept)} rows kept")
+    assert size < 2 * MiB
+    assert f"r{count - 1}" in kept
+    assert "r0" not in kept
+    assert 150 < len(kept) < count
 
 
 # -- private files ------------------------------------------------------------------------
