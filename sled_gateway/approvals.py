@@ -2,7 +2,7 @@
 
 A sled's ``perm_request`` (handed over by :mod:`sled_gateway.hub`) goes
 
-    rules → pending (per-sled cap) → decide → audit → ``perm_response``
+    size → rules → pending (per-sled caps, total cap) → decide → audit → ``perm_response``
 
 and every decider (the console, the REST API, the terminal prompt,
 ``--auto``, rules and Matrix) comes in through :meth:`Approvals.decide` with a
@@ -45,6 +45,7 @@ from sled_gateway.records import (
     DecisionRecord,
     InputMismatch,
     PendingPermission,
+    bounded_input,
 )
 from sled_gateway.state import GatewayState
 from sled_gateway.store import ALLOW, AuditEntry, Rule, Store
@@ -83,12 +84,18 @@ class Approvals:
         *,
         auto: Decision | None = None,
         max_pending_per_sled: int = 1000,
+        max_input_bytes: int | None = None,
+        max_pending_bytes_per_sled: int | None = None,
+        max_pending_bytes: int | None = None,
     ) -> None:
         self.store = store
         self.state = state
         self.events = events
         self.auto = auto
         self.max_pending_per_sled = max_pending_per_sled
+        self.max_input_bytes = max_input_bytes
+        self.max_pending_bytes_per_sled = max_pending_bytes_per_sled
+        self.max_pending_bytes = max_pending_bytes
         self._answerer: Answerer | None = None
         # Decisions whose audit row is being written: a second decider waits for
         # the first's outcome, so a request gets exactly one decision.
@@ -148,6 +155,13 @@ class Approvals:
                 printable(req_id, 120),
             )
             return
+        # Measured once: the caps below, the audit's summary and /api/state all use it.
+        item = PendingPermission(project, req_id, tool_name, tool_input, time.time(), session)
+        if self.max_input_bytes is not None and item.input_bytes > self.max_input_bytes:
+            await self._refuse(
+                item, "over --max-input-bytes", f"{item.input_bytes} bytes of tool input"
+            )
+            return
         rule = self.store.policy.match(project, tool_name, tool_input)
         if rule is not None:
             await self._answer_by_rule(
@@ -155,26 +169,17 @@ class Approvals:
             )
             return
         if self.state.pending_count(project) >= self.max_pending_per_sled:
-            log.warning(
-                "sled '{}'#{}: {} permission requests already pending (--max-pending-per-sled); "
-                "denying '{}' ({})",
-                printable(project, 120),
-                session,
-                self.max_pending_per_sled,
-                printable(req_id, 120),
-                printable(tool_name, 120),
-            )
-            await self.deny_by_gateway(
-                session,
-                project,
-                req_id,
-                tool_name=tool_name,
-                tool_input=tool_input,
-                why="over --max-pending-per-sled",
-                principal=Principal.gateway("limit"),
+            await self._refuse(
+                item,
+                "over --max-pending-per-sled",
+                f"{self.max_pending_per_sled} permission requests already pending",
             )
             return
-        item = PendingPermission(project, req_id, tool_name, tool_input, time.time(), session)
+        if self.auto is None:
+            over = self._over_pending_bytes(item)
+            if over is not None:
+                await self._refuse(item, *over)
+                return
         log.info(
             "sled '{}' asks permission '{}': {}",
             printable(project, 120),
@@ -185,6 +190,40 @@ class Approvals:
             await self._settle(item, self.auto, Principal.auto(), None, pending=False)
             return
         self.events.publish(PermissionRequested(item))
+
+    def _over_pending_bytes(self, item: PendingPermission) -> tuple[str, str] | None:
+        """Why making ``item`` pending would hold too many bytes, or None."""
+        cap = self.max_pending_bytes_per_sled
+        held = self.state.pending_bytes(item.project)
+        if cap is not None and held + item.input_bytes > cap:
+            return "over --max-pending-bytes-per-sled", f"{held} bytes already pending"
+        cap = self.max_pending_bytes
+        held = self.state.pending_bytes()
+        if cap is not None and held + item.input_bytes > cap:
+            return "over --max-pending-bytes", f"{held} bytes already pending on all sleds"
+        return None
+
+    async def _refuse(self, item: PendingPermission, why: str, detail: str) -> None:
+        """Deny a request over a bound at once; its audit row keeps a summary of a big input."""
+        log.warning(
+            "sled '{}'#{}: {}; denying '{}' ({}, {} bytes) as {}",
+            printable(item.project, 120),
+            item.session,
+            detail,
+            printable(item.req_id, 120),
+            printable(item.tool_name, 120),
+            item.input_bytes,
+            why,
+        )
+        await self._deny(
+            item.session,
+            item.project,
+            item.req_id,
+            tool_name=item.tool_name,
+            audit_input=item.audit_input,
+            why=why,
+            principal=Principal.gateway("limit"),
+        )
 
     async def deny_by_gateway(
         self,
@@ -199,16 +238,39 @@ class Approvals:
     ) -> None:
         """Deny a request the gateway refuses itself (malformed, over a cap).
 
-        The deny goes out whatever happens to its audit row. A request from a
-        sled that has not identified is not shown in the console (it has no project).
+        The deny goes out whatever happens to its audit row, which keeps a big
+        input as its summary (:func:`~sled_gateway.records.bounded_input`). A
+        request from a sled that has not identified is not shown in the console
+        (it has no project).
         """
+        await self._deny(
+            session,
+            project,
+            req_id,
+            tool_name=tool_name,
+            audit_input=bounded_input(tool_input),
+            why=why,
+            principal=principal,
+        )
+
+    async def _deny(
+        self,
+        session: int,
+        project: str | None,
+        req_id: str,
+        *,
+        tool_name: str,
+        audit_input: JSON,
+        why: str,
+        principal: Principal,
+    ) -> None:
         now = time.time()
         entry = AuditEntry(
             project or "",
             session,
             req_id,
             tool_name,
-            tool_input,
+            audit_input,
             Decision.DENY.value,
             principal.by,
             why,
@@ -245,7 +307,7 @@ class Approvals:
                     item.session,
                     item.req_id,
                     item.tool_name,
-                    item.tool_input,
+                    item.audit_input,
                     WITHDRAWN,
                     "sled_disconnected",
                     f"the sled disconnected (close code {close_code})",

@@ -41,7 +41,7 @@ from loguru import logger
 
 from protocol import Decision
 from sled_gateway.app import GatewayApp
-from sled_gateway.config import MAX_FRAME, GatewayConfig
+from sled_gateway.config import GatewayConfig
 from sled_gateway.events import Events
 from sled_gateway.lifecycle import Lifecycle
 from sled_gateway.logs import protect_uvicorn_loggers
@@ -136,7 +136,11 @@ class Gateway:
         self._requested_port = self.config.port
         self._state = GatewayState(self.config.heartbeat_interval)
         # Opened in start(), on the caller's thread, so a bad file is an error there.
-        self.store = make_store(self.config.db, retention_days=self.config.audit_retention_days)
+        self.store = make_store(
+            self.config.db,
+            retention_days=self.config.audit_retention_days,
+            max_bytes=self.config.audit_max_bytes,
+        )
         self._app = GatewayApp(self.config, self._state, listen_host=self.host, store=self.store)
         self._sock: socket.socket | None = None
         self._port: int | None = None
@@ -266,7 +270,7 @@ class Gateway:
             ),
             timeout_keep_alive=5,
             ws="websockets-sansio",  # the websockets library's ServerProtocol
-            ws_max_size=MAX_FRAME,
+            ws_max_size=self.config.max_frame_bytes,
             ws_ping_interval=self.config.ping_interval,
             ws_ping_timeout=self.config.ping_timeout,
             timeout_graceful_shutdown=3,

@@ -352,6 +352,10 @@ GATEWAY_BAD = {
     "mcp_timeout": ("nan", math.nan),
     "max_relays_per_sled": ("0", 0),
     "max_pending_per_sled": ("many", 1.5),
+    "max_input_bytes": ("0", 0),
+    "max_pending_bytes_per_sled": ("lots", -1),
+    "max_pending_bytes": ("1.5MiB", 0),
+    "max_frame_bytes": ("x", 0),
     "forget_disconnected_after": ("inf", math.inf),
     "identity_timeout": ("-1", -1.0),
     "header_timeout": ("soon", 0),
@@ -359,7 +363,8 @@ GATEWAY_BAD = {
     "request_timeout": ("0", 0),
     "max_connections_per_client": ("0", 0),
     "db": ("", ""),
-    "audit_retention_days": ("0", 0),
+    "audit_retention_days": ("-1", -1.0),
+    "audit_max_bytes": ("-5", -5),
 }
 
 

@@ -205,7 +205,7 @@ def test_audit_api_filters_and_pages_newest_first(
 ) -> None:
     db = tmp_path / "gw.db"
     _fill(db, {"a": 30, "b": 12})
-    gw = make_gateway(db=db)
+    gw = make_gateway(db=db, audit_retention_days=0)  # the rows are from January 2026
     with http(gw) as client:
         first = client.get("/api/audit", params={"limit": 10}).json()
         assert len(first["entries"]) == 10
@@ -554,7 +554,7 @@ def test_a_version_1_database_is_migrated(
     with sqlite3.connect(db) as conn:
         conn.executescript(V1_FIXTURE)
     conn.close()
-    gw = make_gateway(db=db)
+    gw = make_gateway(db=db, audit_retention_days=0)  # the row is from January 2026
     assert gw.store.found_version == 1
     (row,) = gw.audit()
     assert (row["project"], row["req_id"], row["decision"], row["by"]) == (
