@@ -215,25 +215,19 @@ def test_hidden_characters_from_a_sled_are_shown_as_escapes(
 def test_a_cut_down_card_is_denied_at_once_but_approved_only_when_whole(
     gw: Gateway, page: Any, sled: Callable[[], ClientConnection]
 ) -> None:
-    """The console's side of truncation: the gateway's /api/state is rewritten in flight to
-    say the input is cut down (as a bounded gateway does); the whole input then comes from
-    the real ``GET /api/permissions/{project}/{req_id}``."""
-    whole = {"file_path": "/tmp/out.txt", "content": "x" * 5000 + "\u202e tail"}
+    """The console's side of truncation, on the real path: the gateway shows an input over
+    16 KiB as its summary in /api/state; the whole input comes from
+    ``GET /api/permissions/{project}/{req_id}``, checked against the card's hash."""
+    whole = {"file_path": "/tmp/out.txt", "content": "x" * 20_000 + "\u202e tail"}
 
-    def cut_down(route: Any) -> None:
-        real = route.fetch()
-        state = real.json()
-        for p in state["pending"]:
-            p["tool_input"] = {"file_path": p["tool_input"]["file_path"], "content": "x" * 20}
-            p["input_truncated"], p["input_bytes"] = True, 5012
-        route.fulfill(response=real, body=json.dumps(state))
-
-    page.route("**/api/state?*", cut_down)
     ws = sled()
     try:
         page.goto(gw.console_url())
         ask(ws, "w1", "Write", whole)
         shown = page.wait_for_selector(card("w1", input_sha256(whole)), timeout=UI_WAIT_MS)
+        listed = pending(gw, "w1")
+        assert listed is not None and listed["input_truncated"] is True
+        assert "x" * 20_000 not in json.dumps(listed["tool_input"])
         assert shown.query_selector("button[data-action=approve]") is None
         assert shown.query_selector("button[data-action=always_allow]") is None
         assert shown.query_selector("button[data-action=deny]") is not None
@@ -244,7 +238,7 @@ def test_a_cut_down_card_is_denied_at_once_but_approved_only_when_whole(
             f"{card('w1', input_sha256(whole))} button[data-action=approve]", timeout=UI_WAIT_MS
         )
         assert "\\u202e tail" in shown.inner_text()
-        assert "x" * 5000 in shown.inner_text()
+        assert "x" * 20_000 in shown.inner_text()
         page.click(f"{card('w1', input_sha256(whole))} button[data-action=approve]")
         answer = json.loads(ws.recv(timeout=T))
         assert answer["req_id"] == "w1" and answer["payload"]["approved"] is True
