@@ -49,6 +49,7 @@ from protocol.version import __version__
 from sled_gateway import Gateway
 from sled_gateway.config import TOKEN_ENV, GatewayConfig, load_sled_tokens
 from sled_gateway.logs import configure_cli_logging
+from sled_gateway.memory import return_big_blocks
 from sled_gateway.store import StoreError, default_db_path
 from sled_gateway.transports.matrix import MATRIX_OPTIONS, MatrixConfig, MatrixTransport
 from sled_gateway.transports.matrix import config_from_options as matrix_config_from_options
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.config_error(exc)
     configure_cli_logging(args.log_level)
+    return_big_blocks()  # a flood of big inputs must not leave the process big
     if args.interactive:
         gateway.add_transport(TerminalPrompter(gateway), "terminal")
     if matrix_config is not None:

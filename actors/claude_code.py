@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import stat
 import threading
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -46,6 +48,17 @@ from protocol.web import LOOPBACK_HOSTS, error_body
 RequestPermission = Callable[..., Awaitable[Outcome]]
 
 _log = logger.bind(actor="claude-code")
+
+
+def regular_file(path: str) -> bool:
+    """Whether ``path`` is, right now, an existing regular file itself (``lstat``: a
+    symlink, a directory or anything else is not), the only thing a Claude Code
+    session rule may name by path (see :func:`protocol.claude_code.session_rule`)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except (OSError, ValueError):  # missing, unreadable, or a NUL in the path
+        return False
+
 
 # ── asking the uplink ───────────────────────────────────────────────────
 
@@ -97,7 +110,7 @@ async def ask(
         except Exception as exc:
             _log.exception("permission request for {} failed", tool_name)
             return deny_answer(trouble_message(type(exc).__name__))
-    return prompt_answer(outcome, tool_name, tool_input)
+    return prompt_answer(outcome, tool_name, tool_input, regular_file)
 
 
 async def answer_hook(

@@ -248,6 +248,38 @@ class UplinkConfig:
         repeat=True,
         shown_default="localhost, 127.0.0.1, [::1] and the --listen host",
     )
+    # The ingress's deadlines and connection caps (slow heads and bodies).
+    ingress_header_timeout: float = option(
+        10.0,
+        "--ingress-header-timeout",
+        "close an ingress connection whose request head is not in within this",
+        rule=positive_seconds,
+    )
+    ingress_request_timeout: float = option(
+        30.0,
+        "--ingress-request-timeout",
+        "a whole ingress request (head and body) must be in within this; else 408 "
+        "(the wait for a decision afterwards is not counted)",
+        rule=positive_seconds,
+    )
+    ingress_max_connections: int = option(
+        2048,
+        "--ingress-max-connections",
+        "open ingress connections; beyond, idle ones are closed first",
+        rule=positive_int,
+        metavar="N",
+    )
+    # Half the total: every local caller shares one address (127.0.0.1), and a
+    # burst of hooks from many agents is legitimate; the request deadline bounds
+    # how long a slow client holds its share.
+    ingress_max_connections_per_client: int = option(
+        1024,
+        "--ingress-max-connections-per-client",
+        "ingress connections one client address may have receiving a request (head or "
+        "body); beyond, its own oldest are closed",
+        rule=positive_int,
+        metavar="N",
+    )
     # The tool inputs undecided requests may hold in memory, all together.
     max_pending_bytes: int = option(
         64 * MiB,

@@ -13,7 +13,10 @@ with an ingress token every endpoint but ``/healthz`` needs it. An early
 answer (413, 415, ...) to a request whose body is still arriving is followed by
 reading and discarding that body, within bounds, before the connection closes:
 closing a socket with unread data makes the kernel reset it, and the client
-then never sees the answer.
+then never sees the answer. Below the app, the server's protocol
+(``actors/http_guard.py``, shared with the gateway) bounds the time a request
+head and a whole request may take to arrive (408), the connections one client
+may hold while sending requests, and all connections together.
 """
 
 from __future__ import annotations
@@ -36,9 +39,17 @@ from prometheus_client.registry import Collector
 
 from actors.config import check_bindable
 from actors.context import UplinkContext
+from actors.http_guard import (
+    DRAIN_MAX_BYTES,  # after an early answer, so it is not lost to a reset
+    DRAIN_SECONDS,
+    declares_body,
+    drain,
+    guarded_protocol,
+)
 from protocol import JSON, ConfigError, Decision, LocalProtocolError, Outcome, dumps, loads
 from protocol.web import (
     LOOPBACK_HOSTS,
+    ascii_digits,
     error_body,
     host_name,
     is_json_content_type,
@@ -47,10 +58,6 @@ from protocol.web import (
 )
 
 MAX_BODY = 1024 * 1024
-# After an early answer, at most this much of a request's unread body is read
-# (and discarded), for at most this long, so the answer is not lost to a reset.
-DRAIN_MAX_BYTES = 16 * MAX_BODY
-DRAIN_SECONDS = 5.0
 CONNECTION_STATES = ("disabled", "connecting", "connected", "backoff", "stopping", "stopped")
 
 Scope = dict[str, Any]
@@ -200,7 +207,7 @@ class _Body:
 
     def __init__(self, scope: Scope, receive: Receive) -> None:
         self._receive = receive
-        self.ended = not _declares_body(scope)
+        self.ended = not declares_body(scope)
 
     async def __call__(self) -> dict[str, Any]:
         message = await self._receive()
@@ -210,20 +217,7 @@ class _Body:
 
     async def drain(self) -> None:
         """Read and discard the rest of the body, within DRAIN_MAX_BYTES and DRAIN_SECONDS."""
-        read = 0
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(DRAIN_SECONDS):
-                while not self.ended and read <= DRAIN_MAX_BYTES:
-                    read += len((await self()).get("body", b""))
-
-
-def _declares_body(scope: Scope) -> bool:
-    for name, value in scope["headers"]:
-        if name == b"transfer-encoding":
-            return True
-        if name == b"content-length":
-            return bool(value.strip() != b"0")
-    return False
+        await drain(self, lambda: self.ended, DRAIN_MAX_BYTES, DRAIN_SECONDS)
 
 
 def permission_answer(
@@ -243,9 +237,10 @@ def permission_answer(
         answer["behavior"] = "allow"
         answer["updatedInput"] = tool_input
         if outcome.decision is Decision.ALWAYS_ALLOW and tool_name is not None:
+            from actors.claude_code import regular_file
             from protocol.claude_code import updated_permissions
 
-            rules: list[JSON] = list(updated_permissions(tool_name, tool_input))
+            rules: list[JSON] = list(updated_permissions(tool_name, tool_input, regular_file))
             if rules:
                 answer["updatedPermissions"] = rules
     return answer
@@ -390,6 +385,15 @@ class Ingress:
         self.guard = RequestGuard.for_config(self.ctx.config, self.port)
         config = uvicorn.Config(
             self,
+            # Head and whole-request deadlines and connection caps (the same
+            # guard as the gateway's); its h11 is what "auto" picked anyway.
+            http=guarded_protocol(
+                header_timeout=self.ctx.config.ingress_header_timeout,
+                request_timeout=self.ctx.config.ingress_request_timeout,
+                max_connections=self.ctx.config.ingress_max_connections,
+                max_per_client=self.ctx.config.ingress_max_connections_per_client,
+                log_actor="ingress",
+            ),
             log_config=None,
             lifespan="off",
             access_log=False,
@@ -481,7 +485,7 @@ class Ingress:
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         for name, value in scope["headers"]:
             if name == b"content-length":
-                if not value.isdigit():
+                if not ascii_digits(value):
                     raise HttpError(400, "bad Content-Length")
                 if int(value) > MAX_BODY:
                     raise HttpError(413, f"body is larger than {MAX_BODY} bytes")

@@ -28,6 +28,7 @@ from protocol.jsonrpc import (
     response_ids,
 )
 from protocol.sse import SseParser
+from protocol.web import ascii_digits
 
 ACCEPT = "application/json, text/event-stream"
 _INITIALIZED = dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})
@@ -202,7 +203,7 @@ class LocalMcpClient:
 
     async def _read_capped(self, response: httpx.Response) -> bytes:
         declared = response.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_response_bytes:
+        if declared and ascii_digits(declared) and int(declared) > self.max_response_bytes:
             raise ReplayError(self._too_large())
         chunks = bytearray()
         async for chunk in response.aiter_bytes():

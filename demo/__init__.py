@@ -22,10 +22,12 @@ def env_port(name: str, default: int) -> int:
     """A port from the environment variable ``name`` (``default`` when unset)."""
     import os
 
+    from protocol.web import ascii_digits
+
     text = os.environ.get(name, "").strip()
     if not text:
         return default
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not ascii_digits(text) or not 0 < int(text) < 65536:
         raise SystemExit(f"{name} must be a port number 1-65535, not {text!r}")
     return int(text)
 

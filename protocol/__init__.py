@@ -4,6 +4,7 @@ Nothing here does I/O or imports pykka, websockets, httpx or asyncio; every
 function is text or values in, values out (in the manner of h11).
 """
 
+from protocol.canonical import canonical_json, input_sha256
 from protocol.decisions import (
     DECISION_WORDS,
     DENY_MESSAGES,
@@ -35,7 +36,7 @@ from protocol.frames import (
     perm_cancel,
     perm_response,
 )
-from protocol.text import printable
+from protocol.text import printable, show_invisible
 from protocol.urls import redact
 
 __all__ = [
@@ -60,10 +61,12 @@ __all__ = [
     "Reason",
     "RemoteProtocolError",
     "UplinkError",
+    "canonical_json",
     "decide",
     "decision_word",
     "dumps",
     "identity",
+    "input_sha256",
     "loads",
     "mcp_response",
     "parse",
@@ -72,4 +75,5 @@ __all__ = [
     "printable",
     "redact",
     "serialize",
+    "show_invisible",
 ]

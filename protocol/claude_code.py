@@ -6,10 +6,14 @@ start fast, so it imports nothing heavier than this package) and the Agent
 SDK adapter. An allow carries ``updatedInput`` (required by Claude Code); an
 always-allow adds the narrowest session rule that names this use exactly, or
 none when it cannot be named exactly; a deny carries the uplink's message.
+
+Whether a path is a regular file is a question for the file system, asked by
+the caller (``regular_file``), so this module stays free of I/O.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,12 +42,23 @@ _BASH_PATTERN_CHARS = frozenset("*")
 _PATH_PATTERN_CHARS = frozenset("*?[]{}()\\!")
 
 
-def session_rule(tool_name: str, tool_input: JSON) -> dict[str, str] | None:
+#: Asked whether a path names an existing regular file (not a directory, not a symlink).
+RegularFile = Callable[[str], bool]
+
+
+def session_rule(
+    tool_name: str, tool_input: JSON, regular_file: RegularFile | None = None
+) -> dict[str, str] | None:
     """The narrowest session allow rule for this use, or None when none is exact.
 
     ``Bash`` → the exact command; a file tool → its absolute path (under
-    ``Read`` or ``Edit``, the two tools Claude Code matches paths for);
-    anything else → the tool alone.
+    ``Read`` or ``Edit``, the two tools Claude Code matches paths for), only
+    when ``regular_file(path)`` says it is an existing regular file: Claude
+    Code reads a path rule with gitignore semantics, so a directory's would
+    cover its whole subtree, and a symlink's or a missing file's names
+    something else later. Without ``regular_file``, or for any other tool, no
+    rule: a rule for the tool alone would cover every input of it, and the
+    gateway's own rule (keyed on the whole input) answers the repeats anyway.
     """
     fields = tool_input if isinstance(tool_input, dict) else {}
     if tool_name == "Bash":
@@ -60,25 +75,32 @@ def session_rule(tool_name: str, tool_input: JSON) -> dict[str, str] | None:
                 return None
             if _PATH_PATTERN_CHARS & set(path):
                 return None
+            if regular_file is None or not regular_file(path):
+                return None
             return {"toolName": family, "ruleContent": "/" + path}
-    return {"toolName": tool_name}
+    return None
 
 
-def updated_permissions(tool_name: str, tool_input: JSON) -> list[dict[str, Any]]:
+def updated_permissions(
+    tool_name: str, tool_input: JSON, regular_file: RegularFile | None = None
+) -> list[dict[str, Any]]:
     """``updatedPermissions`` for an always-allow: one session rule, or none."""
-    rule = session_rule(tool_name, tool_input)
+    rule = session_rule(tool_name, tool_input, regular_file)
     if rule is None:
         return []
     return [{"type": "addRules", "rules": [rule], "behavior": "allow", "destination": "session"}]
 
 
-def prompt_answer(outcome: Outcome, tool_name: str, tool_input: JSON) -> dict[str, Any]:
-    """The permission-prompt answer (``behavior`` allow or deny) for an outcome."""
+def prompt_answer(
+    outcome: Outcome, tool_name: str, tool_input: JSON, regular_file: RegularFile | None = None
+) -> dict[str, Any]:
+    """The permission-prompt answer (``behavior`` allow or deny) for an outcome
+    (``regular_file``: see :func:`session_rule`)."""
     if outcome.decision is Decision.DENY:
         return deny_answer(outcome.message)
     answer: dict[str, Any] = {"behavior": "allow", "updatedInput": tool_input}
     if outcome.decision is Decision.ALWAYS_ALLOW:
-        rules = updated_permissions(tool_name, tool_input)
+        rules = updated_permissions(tool_name, tool_input, regular_file)
         if rules:
             answer["updatedPermissions"] = rules
     return answer

@@ -15,6 +15,7 @@ import math
 from collections.abc import Iterable
 
 from protocol.exceptions import ConfigError
+from protocol.web import ascii_digits
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -85,7 +86,7 @@ def byte_size(option: str, value: int | str) -> int:
             if text.endswith(suffix):
                 text, factor = text[: -len(suffix)].strip(), size
                 break
-        number = int(text) * factor if text.isdigit() else 0
+        number = int(text) * factor if ascii_digits(text) else 0
     else:
         number = value if isinstance(value, int) and not isinstance(value, bool) else 0
     if number < 1:
@@ -119,7 +120,7 @@ def parse_listen(option: str, value: str) -> tuple[str, int]:
     if (
         not sep
         or not host
-        or not port_text.isdigit()
+        or not ascii_digits(port_text)
         or int(port_text) > 65535
         or (":" in host) != bracketed
         or any(c in host for c in "[]/ @?#")

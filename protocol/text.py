@@ -10,6 +10,10 @@ nothing is executed.
 
 Backslashes are left alone, which makes :func:`printable` idempotent: text
 escaped at a call site and again at a log sink is escaped once.
+
+:func:`show_invisible` is the same for a block a person reads (a chat message,
+a card): it keeps line feeds and tabs, which lay the block out and can hide
+nothing there, and escapes the rest.
 """
 
 from __future__ import annotations
@@ -39,16 +43,30 @@ def _unsafe(ch: str) -> bool:
     return unicodedata.category(ch) in _UNSAFE_CATEGORIES
 
 
+def _show(s: str, keep: str) -> str:
+    # isprintable() is decided in C and is False for every unsafe category, so
+    # the common case (nothing to escape) costs one call.
+    if not s.isprintable() and any(_unsafe(ch) for ch in s):
+        s = "".join(_escape(ch) if _unsafe(ch) and ch not in keep else ch for ch in s)
+    return s
+
+
 def printable(text: object, limit: int | None = None) -> str:
     """``text`` (``str()`` of it if not a string) with control characters shown escaped.
 
     ``limit`` cuts the result to about that many characters, marked with ``…``.
     """
-    s = text if isinstance(text, str) else str(text)
-    # isprintable() is decided in C and is False for every unsafe category, so
-    # the common case (nothing to escape) costs one call.
-    if not s.isprintable() and any(_unsafe(ch) for ch in s):
-        s = "".join(_escape(ch) if _unsafe(ch) else ch for ch in s)
+    s = _show(text if isinstance(text, str) else str(text), "")
     if limit is not None and len(s) > limit:
         s = s[:limit] + "…"
     return s
+
+
+def show_invisible(text: str) -> str:
+    """``text`` with every control, bidi and zero-width character shown as an escape
+    (``\\u202e``, ``\\x1b``, ``\\r``), line feeds and tabs kept.
+
+    For multi-line text shown to a person who decides on it: a bidi override
+    or a zero-width space there can make one command read as another.
+    """
+    return _show(text, "\n\t")

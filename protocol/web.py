@@ -61,8 +61,7 @@ def split_host(text: str, *, bare_ipv6: bool = False) -> tuple[str, int | None] 
             return None
     if not port_text:
         return host, None
-    # isascii: "²".isdigit() is true, and int("²") raises.
-    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+    if not ascii_digits(port_text) or not 0 < int(port_text) < 65536:
         return None
     return host, int(port_text)
 
@@ -109,3 +108,13 @@ def is_json_content_type(value: bytes | str | None) -> bool:
 def error_body(message: str, **extra: JSON) -> dict[str, JSON]:
     """The JSON body of every error answer: ``{"error": message, ...}``."""
     return {"error": message, **extra}
+
+
+def ascii_digits(text: str | bytes) -> bool:
+    """Whether ``text`` is a non-empty run of the ASCII digits 0-9, and nothing else.
+
+    ``str.isdigit`` also accepts ``²`` (which ``int`` refuses: a 500) and other
+    scripts' digits such as ``\\u0661`` (which ``int`` reads as 1: another number
+    than the one shown), so every number read from input is checked with this.
+    """
+    return bool(text) and text.isascii() and text.isdigit()

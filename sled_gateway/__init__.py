@@ -18,7 +18,13 @@ Run it with ``run_gateway.py`` (console script ``sled-gateway``) or embed
 from sled_gateway.approvals import Forbidden, NotRecorded
 from sled_gateway.config import GatewayConfig
 from sled_gateway.principal import Channel, Principal, Role
-from sled_gateway.records import AlreadyDecided, DecisionRecord, PendingPermission, UnknownRequest
+from sled_gateway.records import (
+    AlreadyDecided,
+    DecisionRecord,
+    InputMismatch,
+    PendingPermission,
+    UnknownRequest,
+)
 from sled_gateway.server import Gateway
 from sled_gateway.state import SledState
 
@@ -29,6 +35,7 @@ __all__ = [
     "Forbidden",
     "Gateway",
     "GatewayConfig",
+    "InputMismatch",
     "NotRecorded",
     "PendingPermission",
     "Principal",

@@ -65,6 +65,9 @@ class GatewayApp:
             self.events,
             auto=config.auto,
             max_pending_per_sled=config.max_pending_per_sled,
+            max_input_bytes=config.max_input_bytes,
+            max_pending_bytes_per_sled=config.max_pending_bytes_per_sled,
+            max_pending_bytes=config.max_pending_bytes,
         )
         self.hub = Hub(
             config,

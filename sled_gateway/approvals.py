@@ -2,7 +2,7 @@
 
 A sled's ``perm_request`` (handed over by :mod:`sled_gateway.hub`) goes
 
-    rules → pending (per-sled cap) → decide → audit → ``perm_response``
+    size → rules → pending (per-sled caps, total cap) → decide → audit → ``perm_response``
 
 and every decider (the console, the REST API, the terminal prompt,
 ``--auto``, rules and Matrix) comes in through :meth:`Approvals.decide` with a
@@ -23,14 +23,13 @@ Everything here runs on the gateway's event loop.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import replace
 from typing import Protocol
 
 from loguru import logger
 
-from protocol import JSON, Decision, printable
+from protocol import JSON, Decision, input_sha256, printable
 from sled_gateway.events import (
     Events,
     PermissionDecided,
@@ -40,7 +39,14 @@ from sled_gateway.events import (
 )
 from sled_gateway.policy import rule_key
 from sled_gateway.principal import Principal, Role
-from sled_gateway.records import WITHDRAWN, AlreadyDecided, DecisionRecord, PendingPermission
+from sled_gateway.records import (
+    WITHDRAWN,
+    AlreadyDecided,
+    DecisionRecord,
+    InputMismatch,
+    PendingPermission,
+    bounded_input,
+)
 from sled_gateway.state import GatewayState
 from sled_gateway.store import ALLOW, AuditEntry, Rule, Store
 
@@ -49,14 +55,6 @@ log = logger.bind(actor="gateway")
 #: The audit's ``by`` of a request denied, and of the one withdrawn, because
 #: a sled reused a pending id for a different request.
 REUSED_ID = "reused_id"
-
-
-def _same(a: JSON, b: JSON) -> bool:
-    """Whether two tool inputs are the same JSON (1, 1.0 and true differ; == says equal)."""
-    try:
-        return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-    except (RecursionError, ValueError, TypeError):
-        return False  # cannot tell: treated as different, which denies
 
 
 Key = tuple[str, str]  # (project, req_id)
@@ -91,12 +89,18 @@ class Approvals:
         *,
         auto: Decision | None = None,
         max_pending_per_sled: int = 1000,
+        max_input_bytes: int | None = None,
+        max_pending_bytes_per_sled: int | None = None,
+        max_pending_bytes: int | None = None,
     ) -> None:
         self.store = store
         self.state = state
         self.events = events
         self.auto = auto
         self.max_pending_per_sled = max_pending_per_sled
+        self.max_input_bytes = max_input_bytes
+        self.max_pending_bytes_per_sled = max_pending_bytes_per_sled
+        self.max_pending_bytes = max_pending_bytes
         self._answerer: Answerer | None = None
         # Decisions whose audit row is being written: a second decider waits for
         # the first's outcome, so a request gets exactly one decision.
@@ -123,12 +127,11 @@ class Approvals:
         self.authorize(principal, Role.ADMIN, "make rules")
         rule = await self.store.add_rule(replace(draft, created_by=principal.by))
         log.info(
-            "rule {} by {}: {} {} {} for {}",
+            "rule {} by {}: {} {} for {}",
             rule.id,
             rule.created_by,
             rule.action,
-            rule.tool_name,
-            rule.key or "(any use)",
+            printable(rule.describes, 300),
             repr(rule.project) if rule.project else "every sled",
         )
         self.events.publish(RulesChanged(rule, revoked=False))
@@ -152,6 +155,13 @@ class Approvals:
         if self.state.is_pending(project, req_id):
             await self._again(session, project, req_id, tool_name, tool_input)
             return
+        # Measured once: the caps below, the audit's summary and /api/state all use it.
+        item = PendingPermission(project, req_id, tool_name, tool_input, time.time(), session)
+        if self.max_input_bytes is not None and item.input_bytes > self.max_input_bytes:
+            await self._refuse(
+                item, "over --max-input-bytes", f"{item.input_bytes} bytes of tool input"
+            )
+            return
         rule = self.store.policy.match(project, tool_name, tool_input)
         if rule is not None:
             await self._answer_by_rule(
@@ -159,26 +169,17 @@ class Approvals:
             )
             return
         if self.state.pending_count(project) >= self.max_pending_per_sled:
-            log.warning(
-                "sled '{}'#{}: {} permission requests already pending (--max-pending-per-sled); "
-                "denying '{}' ({})",
-                printable(project, 120),
-                session,
-                self.max_pending_per_sled,
-                printable(req_id, 120),
-                printable(tool_name, 120),
-            )
-            await self.deny_by_gateway(
-                session,
-                project,
-                req_id,
-                tool_name=tool_name,
-                tool_input=tool_input,
-                why="over --max-pending-per-sled",
-                principal=Principal.gateway("limit"),
+            await self._refuse(
+                item,
+                "over --max-pending-per-sled",
+                f"{self.max_pending_per_sled} permission requests already pending",
             )
             return
-        item = PendingPermission(project, req_id, tool_name, tool_input, time.time(), session)
+        if self.auto is None:
+            over = self._over_pending_bytes(item)
+            if over is not None:
+                await self._refuse(item, *over)
+                return
         log.info(
             "sled '{}' asks permission '{}': {}",
             printable(project, 120),
@@ -201,7 +202,7 @@ class Approvals:
         approve a card whose twin at the sled is already denied.
         """
         first = self.state.pending_item(project, req_id)
-        if first.tool_name == tool_name and _same(first.tool_input, tool_input):
+        if first.tool_name == tool_name and first.input_sha256 == input_sha256(tool_input):
             log.warning(
                 "sled '{}'#{}: perm_request '{}' is already pending; ignored",
                 printable(project, 120),
@@ -254,6 +255,40 @@ class Approvals:
         self._withdraw([item], f"sled_cancel:{reason}", f"the sled cancelled it: {reason}")
         return True
 
+    def _over_pending_bytes(self, item: PendingPermission) -> tuple[str, str] | None:
+        """Why making ``item`` pending would hold too many bytes, or None."""
+        cap = self.max_pending_bytes_per_sled
+        held = self.state.pending_bytes(item.project)
+        if cap is not None and held + item.input_bytes > cap:
+            return "over --max-pending-bytes-per-sled", f"{held} bytes already pending"
+        cap = self.max_pending_bytes
+        held = self.state.pending_bytes()
+        if cap is not None and held + item.input_bytes > cap:
+            return "over --max-pending-bytes", f"{held} bytes already pending on all sleds"
+        return None
+
+    async def _refuse(self, item: PendingPermission, why: str, detail: str) -> None:
+        """Deny a request over a bound at once; its audit row keeps a summary of a big input."""
+        log.warning(
+            "sled '{}'#{}: {}; denying '{}' ({}, {} bytes) as {}",
+            printable(item.project, 120),
+            item.session,
+            detail,
+            printable(item.req_id, 120),
+            printable(item.tool_name, 120),
+            item.input_bytes,
+            why,
+        )
+        await self._deny(
+            item.session,
+            item.project,
+            item.req_id,
+            tool_name=item.tool_name,
+            audit_input=item.audit_input,
+            why=why,
+            principal=Principal.gateway("limit"),
+        )
+
     async def deny_by_gateway(
         self,
         session: int,
@@ -267,16 +302,39 @@ class Approvals:
     ) -> None:
         """Deny a request the gateway refuses itself (malformed, over a cap).
 
-        The deny goes out whatever happens to its audit row. A request from a
-        sled that has not identified is not shown in the console (it has no project).
+        The deny goes out whatever happens to its audit row, which keeps a big
+        input as its summary (:func:`~sled_gateway.records.bounded_input`). A
+        request from a sled that has not identified is not shown in the console
+        (it has no project).
         """
+        await self._deny(
+            session,
+            project,
+            req_id,
+            tool_name=tool_name,
+            audit_input=bounded_input(tool_input),
+            why=why,
+            principal=principal,
+        )
+
+    async def _deny(
+        self,
+        session: int,
+        project: str | None,
+        req_id: str,
+        *,
+        tool_name: str,
+        audit_input: JSON,
+        why: str,
+        principal: Principal,
+    ) -> None:
         now = time.time()
         entry = AuditEntry(
             project or "",
             session,
             req_id,
             tool_name,
-            tool_input,
+            audit_input,
             Decision.DENY.value,
             principal.by,
             why,
@@ -325,7 +383,7 @@ class Approvals:
                     item.session,
                     item.req_id,
                     item.tool_name,
-                    item.tool_input,
+                    item.audit_input,
                     WITHDRAWN,
                     label,
                     why,
@@ -353,18 +411,33 @@ class Approvals:
         decision: Decision,
         principal: Principal,
         reason: str | None = None,
+        *,
+        input_sha256: str | None = None,
     ) -> DecisionRecord:
         """Give a pending request its one decision.
 
+        ``input_sha256``: the hash of the input the person was shown; when given
+        and not the pending request's, :class:`~sled_gateway.records.InputMismatch`
+        and nothing is decided (the id now names another input).
+
         Raises :class:`Forbidden`, :class:`~sled_gateway.state.UnknownRequest`,
-        :class:`~sled_gateway.state.AlreadyDecided` or :class:`NotRecorded` (the
-        request then stays pending).
+        :class:`~sled_gateway.state.AlreadyDecided`, :class:`InputMismatch` or
+        :class:`NotRecorded` (the request then stays pending).
         """
         self.authorize(principal)
         key = (project, req_id)
         while (busy := self._deciding.get(key)) is not None:
             await asyncio.shield(busy)
         item = self.state.pending_item(project, req_id)
+        if input_sha256 is not None and input_sha256 != item.input_sha256:
+            log.warning(
+                "permission '{}' of sled '{}': {} decided another input than the pending one; "
+                "nothing decided",
+                printable(req_id, 120),
+                printable(project, 120),
+                principal.by,
+            )
+            raise InputMismatch(item, input_sha256)
         done = asyncio.get_running_loop().create_future()
         self._deciding[key] = done
         try:
@@ -388,24 +461,17 @@ class Approvals:
         now = time.time()
         new_rule = None
         if decision is Decision.ALWAYS_ALLOW:
-            usable, key = rule_key(item.tool_name, item.tool_input)
-            if usable:
-                new_rule = Rule(
-                    0,
-                    project,
-                    item.tool_name,
-                    key,
-                    ALLOW,
-                    now,
-                    principal.by,
-                    origin=f"always_allow of request {req_id}",
-                )
-            else:
-                log.warning(
-                    "permission {!r}: {} input has no command or file path; no rule made",
-                    req_id,
-                    item.tool_name,
-                )
+            # Keyed on the whole input the person saw: never broader than that use.
+            new_rule = Rule(
+                0,
+                project,
+                item.tool_name,
+                rule_key(item.tool_name, item.tool_input),
+                ALLOW,
+                now,
+                principal.by,
+                origin=f"always_allow of request {req_id}",
+            )
         entry = AuditEntry(
             project,
             item.session,
@@ -434,6 +500,10 @@ class Approvals:
             withdrawn = self.state.decision_for(project, req_id)
             if withdrawn is not None:
                 raise AlreadyDecided(withdrawn)
+        elif pending and (current := self.state.pending_item(project, req_id)) is not item:
+            # ... and came back with the same id for another request: this decision
+            # was for the one that left, never for the one now pending.
+            raise InputMismatch(current, item.input_sha256)
         record = DecisionRecord(
             project,
             req_id,
@@ -453,11 +523,10 @@ class Approvals:
         )
         if rule is not None:
             log.info(
-                "rule {} for sled {!r}: always allow {} {}",
+                "rule {} for sled '{}': always allow {}",
                 rule.id,
-                project,
-                rule.tool_name,
-                rule.key or "(any use)",
+                printable(project, 120),
+                printable(rule.describes, 300),
             )
             self.events.publish(RulesChanged(rule, revoked=False))
         self.events.publish(PermissionDecided(record, was_pending=pending))
@@ -478,7 +547,7 @@ class Approvals:
         principal = Principal.rule(rule.who)
         decision = Decision.ALWAYS_ALLOW if rule.action == ALLOW else Decision.DENY
         now = time.time()
-        what = f"{rule.tool_name} {rule.key}" if rule.key is not None else f"any {rule.tool_name}"
+        what = printable(rule.describes, 300)
         entry = AuditEntry(
             project,
             session,

@@ -30,8 +30,12 @@ from sled_gateway.store import MEMORY
 #: Largest MCP body relayed; JSON escaping inside the frame can grow it, and
 #: the uplink accepts frames up to 16 MiB.
 MAX_MCP_BODY = 8 * 1024 * 1024
-#: WebSocket message limit, matching the uplink's.
+#: WebSocket message limit, matching the uplink's: an ``mcp_response`` carries
+#: an MCP answer of up to 8 MiB (the uplink's --mcp-max-bytes), which JSON
+#: escaping can grow.
 MAX_FRAME = 16 * 1024 * 1024
+#: Room in a ``perm_request`` frame beside its tool input (envelope, id, name).
+FRAME_SLACK = 64 * 1024
 
 
 def load_sled_tokens(path: str | Path) -> dict[str, str]:
@@ -137,7 +141,10 @@ def _port(option: str, value: int) -> int:
     return value
 
 
-def _days(option: str, value: float | str) -> float:
+def _days(option: str, value: float | str) -> float | None:
+    """Days > 0, or 0 (``--audit-retention-days 0``) to keep every row."""
+    if not isinstance(value, bool) and value in (0, "0"):
+        return None
     return positive_number(option, value, "days")
 
 
@@ -145,6 +152,13 @@ def _db(option: str, value: str | os.PathLike[str]) -> str | os.PathLike[str]:
     if not isinstance(value, str | os.PathLike) or not os.fspath(value):
         raise ConfigError(option, f"expected a file path or ':memory:', not {value!r}")
     return value
+
+
+def _cap_bytes(option: str, value: int | str) -> int | None:
+    """A byte count, or 0 for no cap."""
+    if not isinstance(value, bool) and value in (0, "0"):
+        return None
+    return byte_size(option, value)
 
 
 def _sled_tokens(option: str, value: Mapping[Any, Any]) -> Mapping[str, str]:
@@ -240,6 +254,38 @@ class GatewayConfig:
         rule=positive_int,
         metavar="N",
     )
+    max_input_bytes: int = option(
+        1024 * 1024,
+        "--max-input-bytes",
+        "deny a permission request at once when its tool input (canonical JSON) is larger "
+        "(e.g. 1MiB)",
+        rule=byte_size,
+        metavar="N",
+    )
+    max_pending_bytes_per_sled: int = option(
+        64 * 1024 * 1024,
+        "--max-pending-bytes-per-sled",
+        "deny a permission request at once when one sled's undecided ones would hold more "
+        "than this many bytes of tool input together (e.g. 64MiB)",
+        rule=byte_size,
+        metavar="N",
+    )
+    max_pending_bytes: int = option(
+        256 * 1024 * 1024,
+        "--max-pending-bytes",
+        "the same bound over every sled together (e.g. 256MiB)",
+        rule=byte_size,
+        metavar="N",
+    )
+    max_frame_bytes: int = option(
+        MAX_FRAME,
+        "--max-frame-bytes",
+        "largest WebSocket message a sled may send; a larger one closes its session "
+        "(1009). At least --max-input-bytes plus 64KiB; an MCP answer relayed back needs "
+        "room too (the uplink's --mcp-max-bytes)",
+        rule=byte_size,
+        metavar="N",
+    )
     forget_disconnected_after: float = option(
         3600.0,
         "--forget-disconnected-after",
@@ -256,13 +302,28 @@ class GatewayConfig:
         10.0,
         "--header-timeout",
         "close an HTTP connection whose request head is not in within this; "
-        "a body gets 3 times as long (408)",
+        "a handler waits 3 times as long for a body (408), at most --request-timeout",
+        rule=positive_seconds,
+    )
+    request_timeout: float = option(
+        30.0,
+        "--request-timeout",
+        "a whole HTTP request (head and body) must be in within this, whatever the "
+        "handler does; else 408 and the connection is closed",
         rule=positive_seconds,
     )
     max_connections: int = option(
         200,
         "--max-connections",
         "open connections; beyond, idle ones are closed first",
+        rule=positive_int,
+        metavar="N",
+    )
+    max_connections_per_client: int = option(
+        32,
+        "--max-connections-per-client",
+        "connections one client address may have receiving a request (head or body); "
+        "beyond, its own oldest are closed",
         rule=positive_int,
         metavar="N",
     )
@@ -276,12 +337,20 @@ class GatewayConfig:
         shown_default=DEFAULT_DB_SHOWN,
     )
     audit_retention_days: float | None = option(
-        None,
+        90.0,
         "--audit-retention-days",
-        "delete audit rows older than N days",
+        "delete audit rows older than N days (checked at start and hourly); 0 keeps them all",
         rule=_days,
         metavar="N",
-        shown_default="keep them all",
+    )
+    audit_max_bytes: int | None = option(
+        1024 * 1024 * 1024,
+        "--audit-max-bytes",
+        "delete the oldest audit rows while the SQLite database holds more than this "
+        "(e.g. 1GiB); 0 for no cap",
+        rule=_cap_bytes,
+        metavar="N",
+        shown_default="1GiB",
     )
 
     def __repr__(self) -> str:
@@ -295,8 +364,9 @@ class GatewayConfig:
 
     @property
     def body_timeout(self) -> float:
-        """How long a request body may take to arrive, once its head is in."""
-        return 3 * self.header_timeout
+        """How long a handler waits for a request body, once its head is in (the
+        server's whole-request deadline cuts it anyway)."""
+        return min(3 * self.header_timeout, self.request_timeout)
 
     def __post_init__(self) -> None:
         if self.operator_token is None:  # a caller's explicit "generate one"
@@ -326,6 +396,12 @@ class GatewayConfig:
         return self
 
     def _check_together(self) -> None:
+        if self.max_frame_bytes < self.max_input_bytes + FRAME_SLACK:
+            raise ConfigError(
+                "--max-frame-bytes",
+                f"must be at least --max-input-bytes plus {FRAME_SLACK} "
+                f"({self.max_input_bytes + FRAME_SLACK}), not {self.max_frame_bytes}",
+            )
         sled_secrets = set(self.sled_tokens.values())
         if self.token is not None and self.token in sled_secrets:
             raise ConfigError("--token", "must differ from every token in --sled-tokens")

@@ -8,10 +8,11 @@ this module imports nothing else of the gateway's, so any of those may use it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from protocol import JSON
+from protocol import JSON, canonical_json
 
 #: Pseudo-decision recorded when a sled disconnects with requests pending.
 WITHDRAWN = "withdrawn"
@@ -19,6 +20,19 @@ WITHDRAWN = "withdrawn"
 
 class UnknownRequest(LookupError):
     """No permission request with this project and id was ever seen (HTTP 404)."""
+
+
+class InputMismatch(Exception):
+    """A decision names an input other than the pending request's (HTTP 409): the person
+    saw another request under the same id. Nothing is decided."""
+
+    def __init__(self, item: PendingPermission, sent: str) -> None:
+        super().__init__(
+            f"{item.project}/{item.req_id} now has another input (input_sha256 "
+            f"{item.input_sha256[:12]}…, not {sent[:12]}…); nothing decided, reload it"
+        )
+        self.item = item
+        self.sent = sent
 
 
 class AlreadyDecided(Exception):
@@ -31,6 +45,43 @@ class AlreadyDecided(Exception):
         self.record = record
 
 
+#: An input bigger than this (canonical JSON bytes) is kept as a summary in the
+#: audit rows of requests the gateway refused or withdrew: nobody decided on it,
+#: so its bulk is worth less than the disk it would fill.
+AUDIT_INPUT_LIMIT = 4 * 1024
+#: An input bigger than this is shown as its summary in ``/api/state``.
+SHOWN_INPUT_LIMIT = 16 * 1024
+#: How much of the canonical text a summary keeps.
+SUMMARY_HEAD_BYTES = 2 * 1024
+
+
+def canonical_bytes(value: JSON) -> bytes:
+    """``value`` as canonical JSON (sorted keys, no spaces, UTF-8): what a size counts."""
+    return canonical_json(value).encode("utf-8", "surrogatepass")
+
+
+def input_size(value: JSON) -> int:
+    """The size of a tool input: its canonical JSON's bytes."""
+    return len(canonical_bytes(value))
+
+
+def summarize(raw: bytes) -> dict[str, JSON]:
+    """The stand-in for a big input's canonical bytes ``raw`` (docs/gateway-store.md)."""
+    return {
+        "truncated": True,
+        "bytes": len(raw),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        # A cut through a character drops that character, never the summary.
+        "head": raw[:SUMMARY_HEAD_BYTES].decode("utf-8", "ignore"),
+    }
+
+
+def bounded_input(value: JSON, limit: int = AUDIT_INPUT_LIMIT) -> JSON:
+    """``value`` itself when its canonical JSON fits in ``limit`` bytes, else its summary."""
+    raw = canonical_bytes(value)
+    return value if len(raw) <= limit else summarize(raw)
+
+
 def iso(t: float | None) -> str | None:
     """Wall-clock seconds → ISO 8601 UTC with milliseconds (None stays None)."""
     if t is None:
@@ -40,7 +91,12 @@ def iso(t: float | None) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class PendingPermission:
-    """A ``perm_request`` waiting for its answer."""
+    """A ``perm_request`` waiting for its answer.
+
+    Its input is measured once, when it is made: ``input_bytes`` (canonical
+    JSON) and, for a big one, ``summary``, which the audit rows of a withdrawn
+    request and ``/api/state`` show instead, so neither serialises it again.
+    """
 
     project: str
     req_id: str
@@ -48,13 +104,38 @@ class PendingPermission:
     tool_input: JSON
     received_at: float  # wall clock
     session: int
+    #: :func:`protocol.input_sha256` of ``tool_input``: a decision must carry
+    #: it, and ``/api/state`` lists every pending item on each poll, so it is
+    #: computed once, here, from the same canonical bytes the size counts.
+    input_sha256: str = field(default="", compare=False)
+    input_bytes: int = field(default=-1, compare=False)
+    summary: JSON = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        measured = self.input_sha256 and self.input_bytes >= 0
+        if measured and (self.input_bytes <= AUDIT_INPUT_LIMIT or self.summary is not None):
+            return
+        raw = canonical_bytes(self.tool_input)
+        object.__setattr__(self, "input_sha256", hashlib.sha256(raw).hexdigest())
+        object.__setattr__(self, "input_bytes", len(raw))
+        if len(raw) > AUDIT_INPUT_LIMIT:
+            object.__setattr__(self, "summary", summarize(raw))
+
+    @property
+    def audit_input(self) -> JSON:
+        """The input as the audit row of a request nobody decided keeps it."""
+        return self.tool_input if self.input_bytes <= AUDIT_INPUT_LIMIT else self.summary
 
     def to_json(self) -> dict[str, JSON]:
+        cut = self.input_bytes > SHOWN_INPUT_LIMIT
         return {
             "project": self.project,
             "req_id": self.req_id,
             "tool_name": self.tool_name,
-            "tool_input": self.tool_input,
+            "tool_input": self.summary if cut else self.tool_input,
+            "input_sha256": self.input_sha256,
+            "input_truncated": cut,
+            "input_bytes": self.input_bytes,
             "received_at": iso(self.received_at),
         }
 

@@ -41,7 +41,7 @@ from loguru import logger
 
 from protocol import Decision
 from sled_gateway.app import GatewayApp
-from sled_gateway.config import MAX_FRAME, GatewayConfig
+from sled_gateway.config import GatewayConfig
 from sled_gateway.events import Events
 from sled_gateway.lifecycle import Lifecycle
 from sled_gateway.logs import protect_uvicorn_loggers
@@ -49,7 +49,7 @@ from sled_gateway.principal import Principal, as_principal
 from sled_gateway.records import DecisionRecord, PendingPermission
 from sled_gateway.state import GatewayState
 from sled_gateway.store import make_store
-from sled_gateway.uvicorn_adapter import NotifyingServer, guarded_protocol
+from sled_gateway.uvicorn_adapter import EarlyAnswerClose, NotifyingServer, guarded_protocol
 
 log = logger.bind(actor="gateway")
 T = TypeVar("T")
@@ -136,7 +136,11 @@ class Gateway:
         self._requested_port = self.config.port
         self._state = GatewayState(self.config.heartbeat_interval)
         # Opened in start(), on the caller's thread, so a bad file is an error there.
-        self.store = make_store(self.config.db, retention_days=self.config.audit_retention_days)
+        self.store = make_store(
+            self.config.db,
+            retention_days=self.config.audit_retention_days,
+            max_bytes=self.config.audit_max_bytes,
+        )
         self._app = GatewayApp(self.config, self._state, listen_host=self.host, store=self.store)
         self._sock: socket.socket | None = None
         self._port: int | None = None
@@ -250,19 +254,23 @@ class Gateway:
 
     async def _serve(self) -> None:
         config = uvicorn.Config(
-            self._app.asgi,
+            # An answer before the body is read closes the connection after it.
+            EarlyAnswerClose(self._app.asgi),
             lifespan="off",
             log_config=None,  # the embedding program owns logging
             access_log=False,  # access lines carry ?token=
-            # A header-read deadline and an evicting connection cap on top of
-            # uvicorn's h11 protocol (uvicorn has neither).
+            # Head and whole-request deadlines, a per-client cap and an evicting
+            # total cap on top of uvicorn's h11 protocol (uvicorn has none).
             http=guarded_protocol(
                 header_timeout=self.config.header_timeout,
+                request_timeout=self.config.request_timeout,
                 max_connections=self.config.max_connections,
+                max_per_client=self.config.max_connections_per_client,
+                log_actor="gateway",
             ),
             timeout_keep_alive=5,
             ws="websockets-sansio",  # the websockets library's ServerProtocol
-            ws_max_size=MAX_FRAME,
+            ws_max_size=self.config.max_frame_bytes,
             ws_ping_interval=self.config.ping_interval,
             ws_ping_timeout=self.config.ping_timeout,
             timeout_graceful_shutdown=3,
@@ -363,13 +371,16 @@ class Gateway:
         *,
         by: str | Principal = "library",
         timeout: float = 5.0,
+        input_sha256: str | None = None,
     ) -> DecisionRecord:
         """Answer a pending permission request from any thread.
 
         ``decision`` is ``"approve"``, ``"deny"`` or ``"always_allow"``; ``by`` is
         a :class:`~sled_gateway.principal.Principal`, or the label the audit log
-        shows for this program. Raises ``ValueError`` for another word,
-        :class:`~sled_gateway.state.UnknownRequest`,
+        shows for this program. ``input_sha256``: the hash of the input that was
+        shown (``protocol.input_sha256``); another input pending under the id is
+        :class:`~sled_gateway.records.InputMismatch`. Raises ``ValueError`` for
+        another word, :class:`~sled_gateway.state.UnknownRequest`,
         :class:`~sled_gateway.state.AlreadyDecided`,
         :class:`~sled_gateway.approvals.Forbidden`, or
         :class:`~sled_gateway.approvals.NotRecorded` if the audit row could not
@@ -379,7 +390,10 @@ class Gateway:
         if self._loop is None:
             raise RuntimeError("Gateway not started")
         future = asyncio.run_coroutine_threadsafe(
-            self._app.approvals.decide(project, req_id, choice, as_principal(by)), self._loop
+            self._app.approvals.decide(
+                project, req_id, choice, as_principal(by), input_sha256=input_sha256
+            ),
+            self._loop,
         )
         return future.result(timeout)
 
@@ -398,7 +412,13 @@ class Gateway:
         return self._app.events
 
     async def decide_on_loop(
-        self, project: str, req_id: str, decision: Decision | str, *, by: str | Principal
+        self,
+        project: str,
+        req_id: str,
+        decision: Decision | str,
+        *,
+        by: str | Principal,
+        input_sha256: str | None = None,
     ) -> DecisionRecord:
         """:meth:`decide` for code already running on the gateway's loop (a transport).
 
@@ -406,7 +426,7 @@ class Gateway:
         what keeps the loop (and so the console and the API) running.
         """
         return await self._app.approvals.decide(
-            project, req_id, Decision(decision), as_principal(by)
+            project, req_id, Decision(decision), as_principal(by), input_sha256=input_sha256
         )
 
     def run_on_loop(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:

@@ -104,6 +104,9 @@ class GatewayState:
         self._cond = threading.Condition(threading.RLock())
         self._sleds: dict[str, SledRecord] = {}
         self._pending: OrderedDict[Key, PendingPermission] = OrderedDict()
+        # Tool-input bytes the pending requests hold, per project and in all.
+        self._pending_bytes: dict[str, int] = {}
+        self._pending_bytes_total = 0
         self._decided: OrderedDict[Key, DecisionRecord] = OrderedDict()
         self._recent: deque[DecisionRecord] = deque(maxlen=RECENT_DECISIONS)
         self._version = 0  # bumped on every change; lets waiters see "something happened"
@@ -153,13 +156,29 @@ class GatewayState:
         key = (item.project, item.req_id)
         with self._cond:
             self._decided.pop(key, None)  # a reused id (sled restarted) is a new request
+            self._unpend(key)
             self._pending[key] = item
+            self._pending_bytes[item.project] = (
+                self._pending_bytes.get(item.project, 0) + item.input_bytes
+            )
+            self._pending_bytes_total += item.input_bytes
             self._changed()
+
+    def _unpend(self, key: Key) -> None:
+        item = self._pending.pop(key, None)
+        if item is None:
+            return
+        left = self._pending_bytes.get(item.project, 0) - item.input_bytes
+        if left > 0:
+            self._pending_bytes[item.project] = left
+        else:
+            self._pending_bytes.pop(item.project, None)
+        self._pending_bytes_total -= item.input_bytes
 
     def _on_decided(self, event: PermissionDecided) -> None:
         record = event.record
         with self._cond:
-            self._pending.pop((record.project, record.req_id), None)
+            self._unpend((record.project, record.req_id))
             self._remember(record)
             self._changed()
 
@@ -217,6 +236,14 @@ class GatewayState:
         """How many requests of ``project`` wait for a decision."""
         with self._cond:
             return sum(1 for p in self._pending.values() if p.project == project)
+
+    def pending_bytes(self, project: str | None = None) -> int:
+        """Tool-input bytes (canonical JSON) that ``project``'s pending requests hold,
+        or every sled's when None."""
+        with self._cond:
+            if project is None:
+                return self._pending_bytes_total
+            return self._pending_bytes.get(project, 0)
 
     def refresh(self) -> list[tuple[SledRecord, SledState]]:
         """Find sleds whose state changed since last announced (e.g. went stale)."""

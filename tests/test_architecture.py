@@ -6,8 +6,10 @@
   breaks silently, and some of these guard security (fail-closed) paths.
 - ``sled_gateway/`` holds to the same rule for every library it uses, with one
   exception: ``uvicorn_adapter.py``, which names each uvicorn internal it
-  needs (the slowloris defences have no public hook) and whose uses
-  ``tests/test_uvicorn_adapter.py`` checks against the installed uvicorn.
+  needs and whose uses ``tests/test_uvicorn_adapter.py`` checks against the
+  installed uvicorn. The slowloris defences both servers share have no public
+  hook either: ``actors/http_guard.py`` is their one module, held to the same
+  rule.
 - No import cycles among the actor modules; ``actors.permissions`` can be
   imported without the WebSocket stack.
 - ``protocol/`` stays sans-I/O: it imports no I/O library at all.
@@ -303,6 +305,23 @@ def test_the_uvicorn_adapter_is_one_module_naming_what_it_uses() -> None:
     for use in uses:
         name = use.split(": ", 1)[1].split(" (")[0].removeprefix("from ").lstrip(".")
         assert name in docstring, f"{use}: not named in the adapter's docstring"
+
+
+def test_the_shared_http_guard_is_the_actors_module_naming_what_it_uses() -> None:
+    """``actors/http_guard.py`` (both servers' deadlines and caps) is where the
+    uplink reaches into uvicorn's protocol, and it names each internal it uses;
+    the ingress only asks its server to stop (``should_exit``)."""
+    guard = ROOT / "actors" / "http_guard.py"
+    docstring = ast.get_docstring(ast.parse(guard.read_text())) or ""
+    uses = gateway_private_uses([guard])
+    assert uses, "the guard no longer needs uvicorn's internals: say so in its docstring"
+    for use in uses:
+        name = use.split(": ", 1)[1].split(" (")[0].removeprefix("from ").lstrip(".")
+        assert name in docstring, f"{use}: not named in the guard's docstring"
+    others = [p for p in ACTORS if p.name not in ("http_guard.py", "ingress.py")]
+    assert gateway_private_uses(others) == []
+    ingress = gateway_private_uses([ROOT / "actors" / "ingress.py"])
+    assert [u.split(": ", 1)[1] for u in ingress] == [".should_exit (a library internal)"]
 
 
 def test_no_gateway_class_extends_a_uvicorn_or_h11_class() -> None:

@@ -194,21 +194,28 @@ def test_always_allow_for_a_file_remembers_that_file(
 ) -> None:
     uplink = connected()
     decider("always_allow")
+    (work / "notes.txt").write_text("zero\n")  # an existing regular file
     target = str(work / "notes.txt")
     other = str(work / "other.txt")
     script = [
+        [("Read", {"file_path": target})],  # Claude Code writes a file it has read, only
         [("Write", {"file_path": target, "content": "one\n"})],
         [("Write", {"file_path": target, "content": "two\n"})],
         [("Write", {"file_path": other, "content": "three\n"})],
+        [("Write", {"file_path": other, "content": "four\n"})],
         "Done.",
     ]
     with FakeAnthropic(script) as model:
         run_claude(model, work, mcp_args(uplink))
-    ids = model.tool_use_ids
-    # The second write to the same file is not asked; another file is.
-    assert sorted(decided(gw)) == sorted([(ids[0], "always_allow"), (ids[2], "always_allow")])
+    ids = model.tool_use_ids[1:]  # the writes (a Read in the working folder is not asked)
+    # The existing file got a session rule: its second write is not asked. The new
+    # file got none (a path rule names only an existing regular file), and the
+    # gateway's rule covers only the exact input: its second write is asked.
+    assert sorted(decided(gw)) == sorted(
+        [(ids[0], "always_allow"), (ids[2], "always_allow"), (ids[3], "always_allow")]
+    )
     assert (work / "notes.txt").read_text() == "two\n"
-    assert (work / "other.txt").read_text() == "three\n"
+    assert (work / "other.txt").read_text() == "four\n"
 
 
 def test_gateway_unreachable_denies_and_nothing_runs(

@@ -43,7 +43,8 @@ def test_console_audit_and_rules_views(
     expect = sync_api.expect
     db = tmp_path / "console.db"
     _fill(db, {"alpha": 40, "beta": 20})  # an earlier run's decisions
-    gw = Gateway(token=TOKEN, db=db, heartbeat_interval=0.3).start()
+    # audit_retention_days=0: the earlier run's rows are from January 2026.
+    gw = Gateway(token=TOKEN, db=db, heartbeat_interval=0.3, audit_retention_days=0).start()
     try:
         uplink = make_uplink(gw.url_for_sleds(), project=PROJECT, heartbeat_interval=0.1)
         assert uplink.wait_connected(T)

@@ -401,7 +401,7 @@ def test_console_rest_errors(gw: Gateway) -> None:
             not_json = await http.post("/api/permissions/p/r1", content=b"{nope")
             assert not_json.status_code == 400
             assert gw.is_pending("p", "r1")  # still waiting after bad answers
-            wrong_method = await http.get("/api/permissions/p/r1")
+            wrong_method = await http.put("/api/permissions/p/r1", json={})
             assert wrong_method.status_code == 405
 
     run(scenario())

@@ -144,6 +144,10 @@ BAD = {
     "ingress_token": (" ", " "),
     "ingress_allowed_hosts": ("a/b", ("a/b",)),
     "max_pending_bytes": ("0", 0),
+    "ingress_header_timeout": ("0", 0.0),
+    "ingress_request_timeout": ("-1", -1.0),
+    "ingress_max_connections": ("0", 0),
+    "ingress_max_connections_per_client": ("many", 1.5),
     "claude_progress_interval": ("0", 0.0),
     "hook_never_forward": (None, ("Read", 7)),
 }
@@ -348,12 +352,19 @@ GATEWAY_BAD = {
     "mcp_timeout": ("nan", math.nan),
     "max_relays_per_sled": ("0", 0),
     "max_pending_per_sled": ("many", 1.5),
+    "max_input_bytes": ("0", 0),
+    "max_pending_bytes_per_sled": ("lots", -1),
+    "max_pending_bytes": ("1.5MiB", 0),
+    "max_frame_bytes": ("x", 0),
     "forget_disconnected_after": ("inf", math.inf),
     "identity_timeout": ("-1", -1.0),
     "header_timeout": ("soon", 0),
     "max_connections": ("-3", -3),
+    "request_timeout": ("0", 0),
+    "max_connections_per_client": ("0", 0),
     "db": ("", ""),
-    "audit_retention_days": ("0", 0),
+    "audit_retention_days": ("-1", -1.0),
+    "audit_max_bytes": ("-5", -5),
 }
 
 

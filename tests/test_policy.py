@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sled_gateway.policy import Policy, rule_key
+from sled_gateway.policy import MAX_KEY_TEXT, Policy, legacy_key, rule_key
 from sled_gateway.store import ALLOW, DENY, Rule
 
 _ids = iter(range(1, 10_000))
@@ -96,14 +96,61 @@ def test_remove_goes_by_id_and_revoked_rules_never_match() -> None:
 @pytest.mark.parametrize(
     ("tool", "tool_input", "expected"),
     [
-        ("Bash", {"command": "make test", "description": "x"}, (True, "make test")),
-        ("Read", {"file_path": "/src/a.py"}, (True, "/src/a.py")),
-        ("NotebookEdit", {"notebook_path": "/n.ipynb"}, (True, "/n.ipynb")),
-        ("NotebookEdit", {"file_path": "/n.ipynb"}, (True, "/n.ipynb")),
-        ("WebFetch", {"url": "https://example.org"}, (True, None)),
-        ("Bash", {"command": ""}, (False, None)),
-        ("Write", "not an object", (False, None)),
+        ("Bash", {"command": "make test", "description": "x"}, "make test"),
+        ("Read", {"file_path": "/src/a.py"}, "/src/a.py"),
+        ("NotebookEdit", {"notebook_path": "/n.ipynb"}, "/n.ipynb"),
+        ("NotebookEdit", {"file_path": "/n.ipynb"}, "/n.ipynb"),
+        ("WebFetch", {"url": "https://example.org"}, None),
+        ("Bash", {"command": ""}, None),
+        ("Write", "not an object", None),
+        ("Bash", {"command": 'input:{"command":"ls"}'}, None),  # never read as an input key
+        ("Read", {"file_path": "input-sha256:00"}, None),
     ],
 )
-def test_rule_key(tool: str, tool_input: object, expected: tuple[bool, str | None]) -> None:
-    assert rule_key(tool, tool_input) == expected
+def test_legacy_key(tool: str, tool_input: object, expected: str | None) -> None:
+    assert legacy_key(tool, tool_input) == expected
+
+
+def test_rule_key_is_the_whole_input_minus_cosmetic_fields() -> None:
+    assert rule_key("Bash", {"description": "x", "command": "ls"}) == 'input:{"command":"ls"}'
+    assert rule_key("Bash", {"command": "ls", "run_in_background": True}) == (
+        'input:{"command":"ls","run_in_background":true}'
+    )
+    assert rule_key("Write", {"file_path": "/a", "content": "A"}) != rule_key(
+        "Write", {"file_path": "/a", "content": "B"}
+    )
+    # description is cosmetic for Bash only: an MCP tool's argument of that name counts.
+    assert rule_key("mcp__s__t", {"description": "x"}) == 'input:{"description":"x"}'
+    big = rule_key("Write", {"file_path": "/a", "content": "x" * MAX_KEY_TEXT})
+    assert big.startswith("input-sha256:") and len(big) == len("input-sha256:") + 64
+
+
+def test_always_allow_keys_cover_only_the_input_seen() -> None:
+    """The three findings of issue 21 item 3, at the matcher."""
+    write = rule(ALLOW, "p", "Write", rule_key("Write", {"file_path": "/p", "content": "A"}))
+    echo = rule(ALLOW, "p", "Bash", rule_key("Bash", {"command": "echo hi", "description": "d"}))
+    mcp = rule(ALLOW, "p", "mcp__s__run", rule_key("mcp__s__run", {"cmd": "echo hi"}))
+    policy = Policy([write, echo, mcp])
+    assert policy.match("p", "Write", {"file_path": "/p", "content": "A"}) == write
+    assert policy.match("p", "Write", {"file_path": "/p", "content": "B"}) is None
+    assert policy.match("p", "Bash", {"command": "echo hi", "description": "other"}) == echo
+    assert (
+        policy.match("p", "Bash", {"command": "echo hi", "dangerouslyDisableSandbox": True}) is None
+    )
+    assert policy.match("p", "Bash", {"command": "echo hi", "run_in_background": True}) is None
+    assert policy.match("p", "mcp__s__run", {"cmd": "echo hi"}) == mcp
+    assert policy.match("p", "mcp__s__run", {"cmd": "rm -rf ~"}) is None
+
+
+def test_an_older_command_key_keeps_its_meaning_but_is_never_borrowed() -> None:
+    old = rule(ALLOW, "p", "Bash", "echo hi")  # made before keys named whole inputs
+    exact = rule(ALLOW, "p", "Bash", rule_key("Bash", {"command": "rm -rf /"}))
+    policy = Policy([old, exact])
+    assert (
+        policy.match("p", "Bash", {"command": "echo hi", "dangerouslyDisableSandbox": True}) == old
+    )
+    # A command spelled like the input key of an allowed input does not borrow its rule.
+    assert policy.match("p", "Bash", {"command": 'input:{"command":"rm -rf /"}'}) is None
+    assert old.describes == "Bash with the command echo hi (whatever its other input fields)"
+    assert exact.describes == 'Bash with exactly the input {"command":"rm -rf /"}'
+    assert rule(ALLOW, None, "Bash").describes == "any use of Bash"

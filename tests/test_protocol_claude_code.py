@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from actors.claude_code import regular_file
 from protocol import DENY_MESSAGES, Decision, Outcome, Reason
 from protocol.claude_code import hook_answer, parse_hook, prompt_answer, session_rule
+
+
+def _every_path_is_a_file(path: str) -> bool:
+    return True
 
 
 @pytest.mark.parametrize(
@@ -21,12 +28,47 @@ from protocol.claude_code import hook_answer, parse_hook, prompt_answer, session
             {"toolName": "Edit", "ruleContent": "//n.ipynb"},
         ),
         ("Read", {"file_path": "/etc/hosts"}, {"toolName": "Read", "ruleContent": "//etc/hosts"}),
-        ("WebFetch", {"url": "https://x"}, {"toolName": "WebFetch"}),
-        ("mcp__srv__tool", {}, {"toolName": "mcp__srv__tool"}),
     ],
 )
 def test_the_narrowest_rule_for_each_kind_of_tool(tool: str, tool_input: dict, rule: dict) -> None:
-    assert session_rule(tool, tool_input) == rule
+    assert session_rule(tool, tool_input, _every_path_is_a_file) == rule
+
+
+@pytest.mark.parametrize(
+    ("tool", "tool_input"),
+    [("WebFetch", {"url": "https://x"}), ("mcp__srv__tool", {"cmd": "echo hi"})],
+)
+def test_no_tool_wide_session_rule(tool: str, tool_input: dict) -> None:
+    """A rule for the tool alone would let Claude Code run any input of it unasked
+    (``{"cmd": "rm -rf ~"}`` after ``{"cmd": "echo hi"}``); the gateway's rule answers."""
+    assert session_rule(tool, tool_input, _every_path_is_a_file) is None
+
+
+def test_a_path_rule_only_for_an_existing_regular_file(tmp_path: Path) -> None:
+    """Claude Code reads a path rule with gitignore semantics: a directory's covers its
+    subtree. Real files and directories, checked with the uplink's own lstat check."""
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "secret.key").write_text("k")
+    plain = tmp_path / "notes.txt"
+    plain.write_text("n")
+    link = tmp_path / "link.txt"
+    link.symlink_to(plain)
+    dir_link = tmp_path / "dir-link"
+    dir_link.symlink_to(folder)
+    for tool in ("Read", "Edit", "Write"):
+        assert session_rule(tool, {"file_path": str(plain)}, regular_file) == {
+            "toolName": "Read" if tool == "Read" else "Edit",
+            "ruleContent": "/" + str(plain),
+        }
+        for not_a_file in (folder, link, dir_link, tmp_path / "missing.txt", Path("/dev/null")):
+            assert session_rule(tool, {"file_path": str(not_a_file)}, regular_file) is None, (
+                tool,
+                not_a_file,
+            )
+    assert session_rule("Read", {"file_path": str(plain) + "\x00"}, regular_file) is None
+    # Without the check there is no path rule at all.
+    assert session_rule("Read", {"file_path": str(plain)}) is None
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import unicodedata
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol import printable
+from protocol import printable, show_invisible
 
 
 def test_controls_and_escapes_are_shown_not_kept() -> None:
@@ -37,3 +37,36 @@ def test_never_a_control_character_and_idempotent(text: str) -> None:
     assert printable(shown) == shown
     if text.isprintable():
         assert shown == text or any(ord(c) in range(0x200B, 0x2070) or c == "\ufeff" for c in text)
+
+
+# -- show_invisible: the same for a multi-line block a person reads (Matrix, a card) ----
+
+INVISIBLE = (
+    [chr(c) for c in range(0x202A, 0x202F)]
+    + [chr(c) for c in range(0x2066, 0x206A)]
+    + ["\u200e", "\u200f", "\u061c", "\u200b", "\u200c", "\u200d", "\u2060", "\ufeff"]
+)
+
+
+def test_show_invisible_escapes_bidi_zero_width_and_controls() -> None:
+    for ch in INVISIBLE:
+        shown = show_invisible(f"a{ch}b")
+        assert shown == f"a\\u{ord(ch):04x}b"
+    assert show_invisible("ls\x1b[2K\rrm") == "ls\\x1b[2K\\rrm"
+    assert show_invisible("\x00\x7f\x9b\u2028") == "\\x00\\x7f\\x9b\\u2028"
+
+
+def test_show_invisible_keeps_the_layout_of_a_block() -> None:
+    block = '{\n\t"command": "make"\n}'
+    assert show_invisible(block) == block
+    for text in ("é ü 中文 🚀", "C:\\Users\\me", "echo \\u202e"):
+        assert show_invisible(text) == text
+
+
+@given(st.text())
+def test_show_invisible_leaves_nothing_invisible_and_is_idempotent(text: str) -> None:
+    shown = show_invisible(text)
+    assert not any(ch in INVISIBLE for ch in shown)
+    assert all(ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf", "Cs") for ch in shown)
+    assert show_invisible(shown) == shown
+    assert printable(shown) == printable(text)  # the same escapes, but for the layout

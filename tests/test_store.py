@@ -105,15 +105,16 @@ def spawn() -> Iterator[Callable[..., GatewayProcess]]:
 # -- rule keys -------------------------------------------------------------------------
 
 
-def test_rule_keys_are_the_narrowest_use() -> None:
-    assert rule_key("Bash", {"command": "make test", "description": "x"}) == (True, "make test")
-    assert rule_key("Read", {"file_path": "/src/a.py"}) == (True, "/src/a.py")
-    assert rule_key("Edit", {"file_path": "/src/a.py", "old_string": "x"}) == (True, "/src/a.py")
-    assert rule_key("NotebookEdit", {"notebook_path": "/n.ipynb"}) == (True, "/n.ipynb")
-    assert rule_key("WebFetch", {"url": "https://example.org"}) == (True, None)  # the tool alone
-    # A Bash or file tool without its key makes no rule at all (never a broader one).
-    assert rule_key("Bash", {"cmd": "ls"}) == (False, None)
-    assert rule_key("Write", "not an object") == (False, None)
+def test_rule_keys_are_the_whole_input_seen() -> None:
+    assert rule_key("Bash", {"command": "make test", "description": "x"}) == (
+        'input:{"command":"make test"}'
+    )
+    assert rule_key("Edit", {"file_path": "/src/a.py", "old_string": "x"}) == (
+        'input:{"file_path":"/src/a.py","old_string":"x"}'
+    )
+    assert rule_key("WebFetch", {"url": "https://example.org"}) == (
+        'input:{"url":"https://example.org"}'
+    )
 
 
 # -- the audit log and restarts (library) ------------------------------------------------
@@ -204,7 +205,7 @@ def test_audit_api_filters_and_pages_newest_first(
 ) -> None:
     db = tmp_path / "gw.db"
     _fill(db, {"a": 30, "b": 12})
-    gw = make_gateway(db=db)
+    gw = make_gateway(db=db, audit_retention_days=0)  # the rows are from January 2026
     with http(gw) as client:
         first = client.get("/api/audit", params={"limit": 10}).json()
         assert len(first["entries"]) == 10
@@ -389,7 +390,7 @@ def test_always_allow_rule_answers_after_a_restart_with_a_real_uplink_then_revok
     assert (rule["project"], rule["tool_name"], rule["key"], rule["action"]) == (
         "sled-a",
         "Bash",
-        "pytest -q tests/",
+        'input:{"command":"pytest -q tests/"}',
         "allow",
     )
     assert rule["created_by"] == "console"
@@ -496,7 +497,7 @@ def test_deny_rule_beats_allow_and_rules_validate(make_gateway: Callable[..., Ga
     assert rows["q-ls"]["decision"] == "withdrawn"  # asked, never answered by a rule
 
 
-def test_always_allow_for_a_file_tool_keys_on_the_path(
+def test_always_allow_for_a_file_tool_keys_on_the_whole_input(
     make_gateway: Callable[..., Gateway],
 ) -> None:
     gw = make_gateway()
@@ -507,14 +508,17 @@ def test_always_allow_for_a_file_tool_keys_on_the_path(
             await wait_state(gw, lambda s: "e1" in pending_ids(s))
             await asyncio.to_thread(gw.decide, "p", "e1", "always_allow")
             assert await recv(ws) == frame_payload("e1", "always_allow")
-            # Same file, different edit: covered. Another file: asked.
-            await ws.send(perm_request("e2", "Edit", {"file_path": "/src/a.py", "old_string": "2"}))
+            # The same edit: covered. Same file, another edit, or another file: asked.
+            await ws.send(perm_request("e2", "Edit", {"file_path": "/src/a.py", "old_string": "1"}))
             assert await recv(ws) == frame_payload("e2", "always_allow")
-            await ws.send(perm_request("e3", "Edit", {"file_path": "/src/b.py"}))
-            await wait_state(gw, lambda s: "e3" in pending_ids(s))
+            await ws.send(perm_request("e3", "Edit", {"file_path": "/src/a.py", "old_string": "2"}))
+            await ws.send(perm_request("e4", "Edit", {"file_path": "/src/b.py"}))
+            await wait_state(gw, lambda s: {"e3", "e4"} <= pending_ids(s))
 
     run(scenario())
-    assert [(r["tool_name"], r["key"]) for r in gw.rules()] == [("Edit", "/src/a.py")]
+    assert [(r["tool_name"], r["key"]) for r in gw.rules()] == [
+        ("Edit", 'input:{"file_path":"/src/a.py","old_string":"1"}')
+    ]
 
 
 # -- migrations ------------------------------------------------------------------------------
@@ -550,7 +554,7 @@ def test_a_version_1_database_is_migrated(
     with sqlite3.connect(db) as conn:
         conn.executescript(V1_FIXTURE)
     conn.close()
-    gw = make_gateway(db=db)
+    gw = make_gateway(db=db, audit_retention_days=0)  # the row is from January 2026
     assert gw.store.found_version == 1
     (row,) = gw.audit()
     assert (row["project"], row["req_id"], row["decision"], row["by"]) == (

@@ -17,6 +17,7 @@ import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import h11
 import pytest
@@ -104,12 +105,34 @@ def test_the_subclass_shadows_nothing_of_h11_protocol() -> None:
     instance = vars(asyncio.run(build()))
     plain = vars(asyncio.run(_plain_h11()))
     assert {n for n in instance if n in plain} == set(plain)  # only its own are new
-    assert {n for n in instance if n not in plain} == {"_guard_transport", "_guard_timer"}
+    assert {n for n in instance if n not in plain} == {
+        "_guard_transport",
+        "_guard_timer",
+        "_guard_start",
+        "_guard_phase",
+        "_guard_client",
+    }
 
 
 async def _plain_h11() -> H11Protocol:
     config = uvicorn.Config(_app(), lifespan="off", log_config=None)
     return H11Protocol(config=config, server_state=ServerState(), app_state={})
+
+
+def test_the_request_cycle_has_what_the_408_uses() -> None:
+    """``cycle.response_started``, ``disconnected`` and ``message_event``: the
+    request deadline answers 408 only before a response began, and tells the
+    handler the client is gone the way uvicorn's ``connection_lost`` does."""
+    from uvicorn.protocols.http.h11_impl import RequestResponseCycle
+
+    source = inspect.getsource(RequestResponseCycle)
+    for name in ("self.response_started", "self.disconnected", "self.message_event"):
+        assert name in source, name
+    assert "self.cycle.disconnected = True" in inspect.getsource(H11Protocol.connection_lost)
+    assert "self.cycle.message_event.set()" in inspect.getsource(H11Protocol.connection_lost)
+    receive = inspect.getsource(RequestResponseCycle.receive)
+    assert "if self.disconnected or self.response_complete" in receive
+    assert "if self.disconnected:" in inspect.getsource(RequestResponseCycle.send)
 
 
 def test_server_startup_is_a_coroutine_taking_the_sockets() -> None:
@@ -159,19 +182,28 @@ def _app() -> Starlette:
         except WebSocketDisconnect:
             pass
 
-    return Starlette(routes=[Route("/", ok), WebSocketRoute("/ws", echo)])
+    async def slow(request: Request) -> PlainTextResponse:
+        await request.body()
+        await asyncio.sleep(1.0)  # a handler that takes its time once the body is in
+        return PlainTextResponse("ok")
+
+    return Starlette(
+        routes=[Route("/", ok), Route("/slow", slow, methods=["POST"]), WebSocketRoute("/ws", echo)]
+    )
 
 
 class Served:
     """A uvicorn server with the guarded protocol on a loopback port, in a thread."""
 
-    def __init__(self, *, header_timeout: float, max_connections: int) -> None:
+    def __init__(self, *, header_timeout: float, max_connections: int, **limits: Any) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         started = threading.Event()
         config = uvicorn.Config(
             _app(),
-            http=guarded_protocol(header_timeout=header_timeout, max_connections=max_connections),
+            http=guarded_protocol(
+                header_timeout=header_timeout, max_connections=max_connections, **limits
+            ),
             ws="websockets-sansio",
             lifespan="off",
             log_config=None,
@@ -282,3 +314,57 @@ def test_an_upgraded_connection_counts_without_keeping_its_http_protocol(
         ws.send("ping")
         assert ws.recv(T) == "ping"
         assert list(protocol.open_transports.values()) == [None]
+
+
+def test_a_burst_of_real_requests_from_one_client_is_not_cut_by_its_cap(
+    served: list[Served],
+) -> None:
+    """The per-client cap counts again after a grace: connections that sent their
+    request at once are past "receiving" by then, only stalled ones are closed."""
+    s = Served(header_timeout=60.0, max_connections=500, max_per_client=4)
+    served.append(s)
+    socks = [s.connect() for _ in range(60)]  # all accepted before any head is read
+    try:
+        for sock in socks:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        for sock in socks:
+            assert b"200 OK" in _get_answer(sock)
+        stalled = [s.connect() for _ in range(6)]
+        socks += stalled
+        for sock in stalled:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+        # Over the cap and still receiving after the grace: the oldest two go.
+        assert _closed(stalled[0])
+        assert _closed(stalled[1])
+        time.sleep(0.2)
+        assert all(_still_open(sock) for sock in stalled[2:])
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _get_answer(sock: socket.socket) -> bytes:
+    answer = b""
+    while not answer.endswith(b"ok"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    return answer
+
+
+def test_the_request_deadline_counts_the_request_not_the_handler(served: list[Served]) -> None:
+    s = Served(header_timeout=0.3, max_connections=10, request_timeout=0.5)
+    served.append(s)
+    with s.connect() as sock:
+        sock.sendall(b"POST /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\nhi")
+        assert b"200 OK" in _get_answer(sock)  # after 1 s: twice the deadline
+    with s.connect() as sock:
+        started = time.monotonic()
+        sock.sendall(b"POST /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 9\r\n\r\nhi")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b'{"error":' in answer
+        assert 0.4 <= time.monotonic() - started < T

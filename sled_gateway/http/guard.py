@@ -4,6 +4,9 @@ One ASGI wrapper around the whole application, so that a route added later
 is protected from birth instead of by remembering a decorator. In order, for
 every request:
 
+0. A ``Host``, ``Origin`` or ``Authorization`` header sent more than once
+   gets ``400``: the first one would win here, and whatever reads the other
+   (a proxy, a browser) could see another request than the one checked.
 1. **Host allowlist** (everything, the sled WebSocket and ``/healthz``
    included): a ``Host`` that is not an allowed name gets ``421`` before any
    routing. A DNS-rebinding page (``evil.example`` resolving to 127.0.0.1)
@@ -118,12 +121,29 @@ class AllowedHosts:
         return (host, port) in self.exact
 
 
+#: Headers a check reads: sent twice, which one counts is ambiguous (a proxy or
+#: a browser may read another than the guard), so the request is refused.
+SINGLE_HEADERS = (b"host", b"origin", b"authorization")
+
+
 def _headers(scope: Scope) -> dict[str, str]:
     """Request headers, lower-case names; a repeated header keeps its first value."""
     out: dict[str, str] = {}
     for name, value in scope.get("headers") or []:
         out.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
     return out
+
+
+def _repeated(scope: Scope) -> str | None:
+    """The first of :data:`SINGLE_HEADERS` the request sends more than once, if any."""
+    seen: set[bytes] = set()
+    for name, _ in scope.get("headers") or []:
+        lowered = bytes(name).lower()
+        if lowered in SINGLE_HEADERS:
+            if lowered in seen:
+                return lowered.decode("latin-1").title()
+            seen.add(lowered)
+    return None
 
 
 class RequestGuard:
@@ -204,6 +224,10 @@ class RequestGuard:
         send = self._with_headers(send)
         headers = _headers(scope)
         path = scope.get("path", "")
+        repeated = _repeated(scope)
+        if repeated is not None:
+            await error(400, f"more than one {repeated} header")(scope, receive, send)
+            return
         host = split_host(headers.get("host", ""))
         if host is None or not self.allowed_hosts.allows(*host):
             client = scope.get("client") or ("?", 0)

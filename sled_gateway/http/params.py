@@ -6,7 +6,9 @@ import asyncio
 import math
 from datetime import UTC, datetime
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
+
+from protocol.web import ascii_digits
 
 
 class BodyTooLarge(Exception):
@@ -22,7 +24,7 @@ def int_param(request: Request, name: str, default: int | None, low: int, high: 
     text = request.query_params.get(name)
     if text is None or text == "":
         return default
-    if not text.isdigit() or not low <= int(text) <= high:
+    if not ascii_digits(text) or not low <= int(text) <= high:
         raise ValueError(f"{name} must be a whole number from {low} to {high}, not {text[:40]!r}")
     return int(text)
 
@@ -62,6 +64,8 @@ async def read_body(request: Request, limit: int, deadline: float) -> bytes:
                 if size > limit:
                     raise BodyTooLarge
                 chunks.append(chunk)
-    except TimeoutError:
+    except (TimeoutError, ClientDisconnect):
+        # A client gone, or cut by the server's whole-request deadline (which
+        # has answered 408 itself): the same as too slow, nobody is listening.
         raise BodyTooSlow from None
     return b"".join(chunks)

@@ -4,7 +4,8 @@
 ``/api/sled-uplink`` (WS)       sleds connect here (:mod:`sled_gateway.hub`)
 ``GET /``                       the web console (:mod:`sled_gateway.http.console`)
 ``GET /api/state``              sleds, pending permission requests, recent decisions
-``POST /api/permissions/{project}/{req_id}``   ``{"decision": "approve"|"deny"|"always_allow"}``
+``POST /api/permissions/{project}/{req_id}``   ``{"decision": ..., "input_sha256": hex}``
+``GET /api/permissions/{project}/{req_id}``    one request, with its whole input
 ``GET /api/audit``              the durable audit log, newest first (``?project=&since=&limit=``)
 ``GET|POST /api/rules``         always-allow and deny rules; ``DELETE /api/rules/{id}`` revokes one
 ``POST /sleds/{project}/mcp``   JSON-RPC relayed to that sled (:mod:`sled_gateway.relay`)
@@ -19,6 +20,7 @@ is the approvals service's call, not a route's.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -31,6 +33,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from protocol import Decision, printable
+from protocol.web import ascii_digits
 from sled_gateway.approvals import Approvals, Forbidden, NotRecorded
 from sled_gateway.auth import principal_of
 from sled_gateway.config import GatewayConfig
@@ -38,7 +41,7 @@ from sled_gateway.http.console import ConsolePage
 from sled_gateway.http.errors import error
 from sled_gateway.http.params import BodyTooLarge, BodyTooSlow, int_param, read_body, time_param
 from sled_gateway.hub import Hub
-from sled_gateway.records import AlreadyDecided, UnknownRequest
+from sled_gateway.records import AlreadyDecided, InputMismatch, UnknownRequest
 from sled_gateway.relay import Relay
 from sled_gateway.state import GatewayState
 from sled_gateway.store import ALLOW, DENY, MAX_PAGE, Rule, RuleRevoked, Store, UnknownRule
@@ -50,6 +53,7 @@ UPLINK_PATH = "/api/sled-uplink"
 STATE_LIMIT = 500
 _MAX_DECISION_BODY = 64 * 1024
 _MAX_REASON = 1000
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _AUDIT_DECISIONS = frozenset({*(d.value for d in Decision), "withdrawn"})
 _DECISION_SHAPE = 'body must be JSON: {"decision": "approve"|"deny"|"always_allow"}'
 _RULE_SHAPE = (
@@ -87,6 +91,11 @@ class Routes:
                     "/api/permissions/{project}/{req_id:path}",
                     self._post_decision,
                     methods=["POST"],
+                ),
+                Route(
+                    "/api/permissions/{project}/{req_id:path}",
+                    self._get_permission,
+                    methods=["GET"],
                 ),
                 # GET/DELETE are answered 405 by the router; the MCP SDK tolerates
                 # that (no server→client stream, no session to terminate).
@@ -172,9 +181,19 @@ class Routes:
         reason = body.get("reason")
         if reason is not None and (not isinstance(reason, str) or len(reason) > _MAX_REASON):
             return error(400, f"reason must be a string of at most {_MAX_REASON} characters")
+        digest = body.get("input_sha256")
+        if digest is not None and not (
+            isinstance(digest, str) and _SHA256_HEX.fullmatch(digest) is not None
+        ):
+            return error(400, "input_sha256 must be 64 lowercase hex digits (SHA-256)")
         try:
             record = await self.approvals.decide(
-                project, req_id, decision, principal_of(request), reason=reason
+                project,
+                req_id,
+                decision,
+                principal_of(request),
+                reason=reason,
+                input_sha256=digest,
             )
         except Forbidden as exc:
             return error(403, str(exc))
@@ -182,6 +201,8 @@ class Routes:
             return error(404, str(exc.args[0]))
         except AlreadyDecided as exc:
             return error(409, str(exc), decided=exc.record.to_json())
+        except InputMismatch as exc:
+            return error(409, str(exc), input_sha256=exc.item.input_sha256)
         except NotRecorded as exc:
             return error(
                 503,
@@ -189,6 +210,29 @@ class Routes:
                 f"the request is still pending: {exc}",
             )
         return JSONResponse({"ok": True, "decided": record.to_json()})
+
+    async def _get_permission(self, request: Request) -> Response:
+        """One request: pending with its WHOLE input and hash (``/api/state`` may cut a
+        big input down; a person approves only what this shows), or its decision."""
+        project = request.path_params["project"]
+        req_id = request.path_params["req_id"]
+        try:
+            item = self.state.pending_item(project, req_id)
+        except AlreadyDecided as exc:
+            return JSONResponse(
+                {"state": exc.record.decision, "decided": exc.record.to_json()},
+                headers={"Cache-Control": "no-store"},
+            )
+        except UnknownRequest as exc:
+            return error(404, str(exc.args[0]))
+        shown = item.to_json()
+        for cut in ("input_truncated", "input_bytes"):  # what /api/state says of a cut input
+            shown.pop(cut, None)
+        shown["tool_input"] = item.tool_input
+        shown["input_sha256"] = item.input_sha256
+        return JSONResponse(
+            {"state": "pending", "request": shown}, headers={"Cache-Control": "no-store"}
+        )
 
     async def _get_audit(self, request: Request) -> Response:
         q = request.query_params
@@ -259,7 +303,7 @@ class Routes:
 
     async def _delete_rule(self, request: Request) -> Response:
         text = request.path_params["rule_id"]
-        if not text.isdigit() or len(text) > 18:
+        if not ascii_digits(text) or len(text) > 18:
             return error(400, f"a rule id is a number, not {text[:40]!r}")
         try:
             rule = await self.approvals.revoke_rule(int(text), principal_of(request))

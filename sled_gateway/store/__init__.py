@@ -116,10 +116,14 @@ class Store(Protocol):
 
 
 def make_store(
-    location: str | os.PathLike[str] = MEMORY, *, retention_days: float | None = None
+    location: str | os.PathLike[str] = MEMORY,
+    *,
+    retention_days: float | None = None,
+    max_bytes: int | None = None,
 ) -> Store:
     """The store at ``location`` (a SQLite file's path, :data:`MEMORY`, or a SQLAlchemy
-    URL), not opened yet; audit rows older than ``retention_days`` are purged."""
+    URL), not opened yet; audit rows older than ``retention_days`` are purged, and the
+    oldest ones while a SQLite database holds more than ``max_bytes``."""
     from sled_gateway.store.sql import SqlStore  # SQLAlchemy loads with the first store
 
-    return SqlStore(location, retention_days=retention_days)
+    return SqlStore(location, retention_days=retention_days, max_bytes=max_bytes)

@@ -13,6 +13,13 @@ from protocol import JSON
 from sled_gateway.records import iso
 
 ALLOW, DENY = "allow", "deny"
+#: How a rule key names one exact input (what "always allow" makes): this prefix and the
+#: canonical JSON of the input without its cosmetic fields (``sled_gateway.policy``) ...
+INPUT_KEY = "input:"
+#: ... or, for an input too long to keep as text, this prefix and the SHA-256 hex of it.
+INPUT_HASH_KEY = "input-sha256:"
+#: A key with neither prefix is the older kind: a Bash command or a file tool's path,
+#: whatever the input's other fields say (rules made before keys named whole inputs).
 #: Most rows one ``GET /api/audit`` page returns.
 MAX_PAGE = 500
 
@@ -50,12 +57,27 @@ class Rule:
         """The ``by`` of decisions this rule makes."""
         return f"rule:{self.id}"
 
+    @property
+    def describes(self) -> str:
+        """What the rule covers, in words a person checks before trusting it."""
+        tool, key = self.tool_name, self.key
+        if key is None:
+            return f"any use of {tool}"
+        if key.startswith(INPUT_KEY):
+            return f"{tool} with exactly the input {key[len(INPUT_KEY) :]}"
+        if key.startswith(INPUT_HASH_KEY):
+            digest = key[len(INPUT_HASH_KEY) :]
+            return f"{tool} with exactly one input (SHA-256 {digest} of its canonical JSON)"
+        what = "the command" if tool == "Bash" else "the path"
+        return f"{tool} with {what} {key} (whatever its other input fields)"
+
     def to_json(self) -> dict[str, JSON]:
         return {
             "id": self.id,
             "project": self.project,
             "tool_name": self.tool_name,
             "key": self.key,
+            "describes": self.describes,
             "action": self.action,
             "created_at": iso(self.created_at),
             "created_by": self.created_by,

@@ -26,13 +26,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import math
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Self, TypeVar
 
 from loguru import logger
@@ -53,6 +53,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     delete,
+    func,
     inspect,
     select,
     update,
@@ -62,6 +63,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, Operati
 from sqlalchemy.pool import NullPool
 from sqlalchemy.types import TypeEngine
 
+from protocol.web import ascii_digits
 from sled_gateway.policy import Policy
 from sled_gateway.store import MEMORY, sqlite
 from sled_gateway.store.models import (
@@ -83,6 +85,10 @@ SCHEMA_VERSION = 2
 #: Most operations in one transaction (a bound on one commit's latency).
 _MAX_BATCH = 512
 _PURGE_EVERY_S = 3600.0
+#: The share of the size cap written between two checks of it (a bound on the overshoot).
+_CAP_CHECK_SHARE = 16
+#: A trim takes the audit this far under the cap, so the next rows do not trim again at once.
+_CAP_TRIM_TO = 0.9
 
 # The tables as the newest revision leaves them (the revisions themselves
 # spell out each step and never import these).
@@ -201,10 +207,10 @@ def _entry(row: Sequence[Any]) -> AuditEntry:
 class _AuditRow:
     """The operation that inserts one audit row; a run of them is one executemany call."""
 
-    __slots__ = ("params",)
+    __slots__ = ("params", "size")
 
     def __init__(self, e: AuditEntry) -> None:
-        self.params = {
+        self.params: dict[str, Any] = {
             "project": e.project,
             "session": e.session,
             "req_id": e.req_id,
@@ -216,6 +222,8 @@ class _AuditRow:
             "requested_at": e.requested_at,
             "decided_at": e.decided_at,
         }
+        # About what the row takes on disk: its input, and room for the other columns.
+        self.size = len(self.params["tool_input"]) + 256
 
     def __call__(self, conn: Connection) -> int:
         return _new_id(conn.execute(_INSERT_AUDIT, self.params))
@@ -245,6 +253,7 @@ class SqlStore:
         location: str | os.PathLike[str] = MEMORY,
         *,
         retention_days: float | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         self.url = _url(location)
         #: How messages name the database (a URL without its password).
@@ -254,6 +263,9 @@ class SqlStore:
             else self.url.render_as_string(hide_password=True)
         )
         self.retention_days = retention_days
+        #: The size cap of a SQLite database: the oldest audit rows go beyond it.
+        self.max_bytes = max_bytes
+        self._written = 0  # audit bytes (about) since the size cap was last checked
         #: The active rules, updated after each committed change (on the caller's thread).
         self.policy = Policy()
         #: The schema version the database had when opened (0: a new database).
@@ -279,7 +291,7 @@ class SqlStore:
         file = sqlite.file_of(self.url) if self._sqlite else None
         try:
             if file is not None:
-                Path(file).parent.mkdir(parents=True, exist_ok=True)
+                sqlite.make_private(file)
                 self._lock = sqlite.FileLock(file)
                 self._lock.acquire()
             # hide_parameters: an error (and its log line) never carries a tool's input.
@@ -309,6 +321,8 @@ class SqlStore:
             self._release()
             raise
         self.policy = Policy(rules)
+        if file is not None:
+            sqlite.warn_if_readable(file)
         with self._gate:
             self._thread = thread
             self._closed = False
@@ -421,7 +435,7 @@ class SqlStore:
         if inspect(conn).has_table("alembic_version"):
             revisions = conn.execute(select(_ALEMBIC_VERSION.c.version_num)).scalars().all()
             revision = revisions[0] if len(revisions) == 1 else None
-            if len(revisions) > 1 or (revision is not None and not revision.isdigit()):
+            if len(revisions) > 1 or (revision is not None and not ascii_digits(revision)):
                 raise StoreError(
                     f"{self.location} is not a gateway database "
                     f"(Alembic revision {', '.join(map(repr, revisions))})"
@@ -436,6 +450,8 @@ class SqlStore:
         return found, revision is not None and found == SCHEMA_VERSION
 
     def _work(self, conn: Connection) -> None:
+        if self._capped:
+            self._cap(conn)
         while True:
             try:
                 first = self._queue.get(timeout=self._purge_wait())
@@ -456,6 +472,11 @@ class SqlStore:
                     break
                 batch.append(item)
             self._run_batch(conn, batch)
+            if self._capped:
+                assert self.max_bytes
+                self._written += sum(fn.size for fn, _fut in batch if isinstance(fn, _AuditRow))
+                if self._written >= self.max_bytes // _CAP_CHECK_SHARE:
+                    self._cap(conn)
             if stop:
                 return
 
@@ -549,6 +570,45 @@ class SqlStore:
                 "audit retention: removed {} row(s) older than {:g} days",
                 fut.result(),
                 self.retention_days,
+            )
+
+    @property
+    def _capped(self) -> bool:
+        # Only SQLite tells its size cheaply (pages in use); a server database has its own
+        # quotas.
+        return bool(self.max_bytes) and self._sqlite
+
+    def _cap(self, conn: Connection) -> None:
+        """Delete the oldest audit rows while the database holds more than ``max_bytes``."""
+        self._written = 0
+        assert self.max_bytes
+        cap = self.max_bytes
+
+        def trim(c: Connection) -> int:
+            page = int(c.exec_driver_sql("PRAGMA page_size").scalar_one())
+            pages = int(c.exec_driver_sql("PRAGMA page_count").scalar_one())
+            free = int(c.exec_driver_sql("PRAGMA freelist_count").scalar_one())
+            used = (pages - free) * page
+            if used <= cap:
+                return 0
+            rows = int(c.execute(select(func.count()).select_from(AUDIT)).scalar_one())
+            # Rows are taken as equally big: drop the share that brings the audit under the cap.
+            drop = min(rows, math.ceil(rows * (1 - _CAP_TRIM_TO * cap / used)))
+            if drop <= 0:
+                return 0
+            edge = c.execute(
+                select(AUDIT.c.id).order_by(AUDIT.c.id).offset(drop - 1).limit(1)
+            ).scalar_one()
+            return int(c.execute(delete(AUDIT).where(AUDIT.c.id <= edge)).rowcount)
+
+        fut: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._run_batch(conn, [(trim, fut)])
+        if fut.exception() is None and fut.result():
+            log.warning(
+                "audit over its size cap ({} bytes, --audit-max-bytes): removed the {} oldest "
+                "row(s)",
+                cap,
+                fut.result(),
             )
 
     # -- calling into the writer thread -----------------------------------------------

@@ -15,6 +15,12 @@
 - **One gateway per file**: an ``flock`` on ``PATH.lock``. Each gateway holds
   the active rules in memory, so a second one would answer with stale rules;
   the kernel releases the lock even when the holder is killed.
+- **Private files**: the audit holds every tool input (commands, file
+  contents, the secrets in them). A folder the store creates is ``0700`` and
+  a new database file ``0600`` whatever the umask; SQLite gives the ``-wal``,
+  ``-shm`` and ``-journal`` files it makes the database file's mode. An
+  existing folder or file others can read is left as it is (it is the
+  user's) and named in a warning with the ``chmod`` that fixes it.
 - **The 0.2.0 version marker**: ``PRAGMA user_version`` is the schema version
   0.2.0 reads. It is kept equal to the Alembic revision's number, so 0.2.0
   refuses a file a newer release has changed instead of writing into it.
@@ -24,13 +30,66 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
+from pathlib import Path
 from typing import Any
 
+from loguru import logger
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import URL
 
 from sled_gateway.store import MEMORY
 from sled_gateway.store.models import StoreError
+
+log = logger.bind(actor="gateway-store")
+
+#: The files SQLite keeps beside a database (WAL mode, or the rollback journal).
+COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def make_private(file: str) -> None:
+    """Create ``file``'s missing folders ``0700`` and the file itself ``0600``."""
+    path = Path(file)
+    missing = []
+    here = path.parent
+    while not here.exists():
+        missing.append(here)
+        here = here.parent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for made in missing:
+        os.chmod(made, 0o700)  # mkdir's mode is masked by the umask
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o600)  # SQLite gives its -wal and -shm this file's mode
+    finally:
+        os.close(fd)
+
+
+def warn_if_readable(file: str) -> None:
+    """Warn about ``file``'s folder, the file and its companions if others may read them
+    (once the store is open: a file refused is not used, so not worth a warning)."""
+    _warn_if_open(Path(file).parent, "chmod 700")
+    for name in (file, *(file + suffix for suffix in COMPANIONS)):
+        _warn_if_open(Path(name), "chmod 600")
+
+
+def _warn_if_open(path: Path, fix: str) -> None:
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return
+    if mode & 0o077:
+        log.warning(
+            "{} is mode {:04o}: other local users may read the audit (every tool input); "
+            "fix: {} '{}'",
+            path,
+            mode,
+            fix,
+            path,
+        )
 
 
 def url_for_path(path: str) -> URL:

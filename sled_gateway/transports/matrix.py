@@ -7,10 +7,16 @@ call is an ``await``, and the gateway's listeners only put work on a queue.
 What it does, in one room:
 
 - each pending permission request is posted (sled, tool, a shortened input,
-  the full input in a code block, how to answer);
+  the full input in a code block, how to answer), every control, bidi and
+  zero-width character in it shown as an escape;
 - an operator answers by *replying* to that message with ``approve``,
   ``deny`` or ``always`` (or by reacting with ✅ / ❌ / 🔁); only the listed
-  operators can decide, anyone else gets a short refusal in reply;
+  operators can decide, anyone else gets a short refusal in reply (at most
+  one per person a minute);
+- a message answers only the request *instance* it shows: once that one is
+  decided or withdrawn, a reply to it decides nothing, even when a new
+  request reuses its id; an input the message had to clip can be denied
+  from the room but approved only in the console;
 - the first valid answer wins, whichever transport gave it; the bot then
   edits its message with the outcome and who gave it, and does the same for
   a request withdrawn because its sled went away;
@@ -19,9 +25,11 @@ What it does, in one room:
 
 Events from before the bot's first sync, from other rooms, and the bot's own
 messages are ignored. The password and the access token are read from files
-and never appear in a log line (nio's own loggers are held at WARNING and
-scrubbed too). End-to-end encrypted rooms are not supported: the bot cannot
-read encrypted replies, and says so in the log.
+that only their owner may read, and never appear in a log line (nio's own
+loggers are held at WARNING and scrubbed too); a plain ``http://``
+homeserver is accepted only on loopback. End-to-end encrypted rooms are not
+supported: the bot cannot encrypt, so in such a room it posts no input, only
+a notice pointing to the console.
 """
 
 from __future__ import annotations
@@ -29,24 +37,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import ipaddress
 import json
 import logging
+import os
 import random
+import stat
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from loguru import logger
 
 from actors.cli import Option
-from protocol import ConfigError, Decision, decision_word
+from protocol import ConfigError, Decision, decision_word, printable, show_invisible
 from sled_gateway.approvals import Approvals, Forbidden, NotRecorded
 from sled_gateway.principal import Principal
 from sled_gateway.records import (
     WITHDRAWN,
     AlreadyDecided,
     DecisionRecord,
+    InputMismatch,
     PendingPermission,
     UnknownRequest,
 )
@@ -72,13 +86,18 @@ OUTCOME_WORDS: dict[str, str] = {
 }
 SUMMARY_CHARS = 200  # the one-line input summary
 FULL_INPUT_CHARS = 16_000  # a Matrix event is at most 64 KiB; leave room for HTML
+# What the full input may weigh in the event, as JSON in the body plus as HTML in
+# the formatted body: ``<`` is 4 bytes there, ``\`` 2 in JSON, ``中`` 3 in UTF-8.
+FULL_INPUT_BYTES = 44_000
 SYNC_TIMEOUT_MS = 30_000  # long-poll
 REQUEST_TIMEOUT_S = 15.0  # one non-sync call to the homeserver
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 30.0
+REFUSAL_INTERVAL_S = 60.0  # at most one refusal per outsider in this time
 
 _NIO_LOGGERS = ("nio", "aiohttp", "peewee")
 _EVENT_MEMORY = 10_000
+_REFUSED_MEMORY = 10_000
 _FIRST_SYNC_FILTER = {"room": {"timeline": {"limit": 1}}, "presence": {"types": []}}
 
 
@@ -99,6 +118,34 @@ class MatrixConfig:
     def __post_init__(self) -> None:
         if (self.password is None) == (self.access_token is None):
             raise ConfigError("--matrix-password-file", "give exactly one of a password or a token")
+        _check_homeserver(self.homeserver)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_homeserver(url: str) -> None:
+    """An ``https://`` URL, or ``http://`` to this machine: the password, the token and
+    every request's input cross this connection, so plain text may not leave the host."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:
+        parts, host = None, ""
+    if parts is None or parts.scheme not in ("http", "https") or not host or len(url) < 10:
+        raise ConfigError("--matrix-homeserver", f"expected an http(s):// URL, not {url!r}")
+    if parts.scheme == "http" and not _is_loopback(host):
+        raise ConfigError(
+            "--matrix-homeserver",
+            f"plain http:// is allowed only to loopback (127.0.0.0/8, ::1, localhost), "
+            f"not {host!r}: use https://",
+        )
 
 
 def _is_user_id(text: str) -> bool:
@@ -112,6 +159,15 @@ def _is_user_id(text: str) -> bool:
 
 def _read_secret(option: str, path: str) -> str:
     try:
+        mode = os.stat(path).st_mode
+        # A regular file others can read leaks the bot's account; a pipe or a
+        # device (/dev/stdin, <(...)) is not a file someone else can open later.
+        if os.name == "posix" and stat.S_ISREG(mode) and mode & 0o077:
+            raise ConfigError(
+                option,
+                f"{path!r} is open to group or others (mode {stat.S_IMODE(mode):04o}): "
+                f"chmod 600 {path}",
+            )
         text = Path(path).read_text("utf-8").strip()
     except OSError as exc:
         raise ConfigError(option, f"cannot read {path!r}: {exc.strerror or exc}") from None
@@ -128,17 +184,21 @@ def _read_secret(option: str, path: str) -> str:
 MATRIX_OPTIONS: dict[str, Option] = {
     "homeserver": Option(
         "--matrix-homeserver",
-        "the bot's homeserver, e.g. https://matrix.org (the --matrix-* options go together)",
+        "the bot's homeserver, e.g. https://matrix.org (http:// only on loopback; "
+        "the --matrix-* options go together)",
         metavar="URL",
         default=None,
     ),
     "user": Option("--matrix-user", "the bot's user id", metavar="@BOT:SERVER", default=None),
     "password_file": Option(
-        "--matrix-password-file", "a file holding the bot's password", metavar="PATH", default=None
+        "--matrix-password-file",
+        "a file holding the bot's password (chmod 600)",
+        metavar="PATH",
+        default=None,
     ),
     "access_token_file": Option(
         "--matrix-access-token-file",
-        "a file holding the bot's access token (instead of a password)",
+        "a file holding the bot's access token (instead of a password; chmod 600)",
         metavar="PATH",
         default=None,
     ),
@@ -188,8 +248,7 @@ def config_from_options(
         raise ConfigError(
             "--matrix-password-file", "cannot be combined with --matrix-access-token-file"
         )
-    if not homeserver.startswith(("http://", "https://")) or len(homeserver) < 10:
-        raise ConfigError("--matrix-homeserver", f"expected an http(s):// URL, not {homeserver!r}")
+    _check_homeserver(homeserver)
     if not _is_user_id(user):
         raise ConfigError(
             "--matrix-user", f"expected a Matrix user id like @bot:example.org, not {user!r}"
@@ -266,7 +325,7 @@ def _input_text(tool_input: Any) -> str:
 
 
 def _summary(tool_input: Any) -> str:
-    """One line: a Bash command as itself, anything else as compact JSON."""
+    """One line: a Bash command as itself, anything else as compact JSON (escaped)."""
     if isinstance(tool_input, dict) and isinstance(tool_input.get("command"), str):
         text = tool_input["command"]
     elif isinstance(tool_input, str):
@@ -276,22 +335,57 @@ def _summary(tool_input: Any) -> str:
             text = json.dumps(tool_input, ensure_ascii=False, separators=(",", ":"))
         except (TypeError, ValueError):
             text = repr(tool_input)
-    return _shorten(" ".join(text.split()), SUMMARY_CHARS)
+    return _shorten(printable(" ".join(text.split())), SUMMARY_CHARS)
 
 
-def request_message(item: PendingPermission, *, repost: bool = False) -> dict[str, Any]:
-    """The ``m.room.message`` content announcing one pending request."""
-    full = _input_text(item.tool_input)
+def _names(item: PendingPermission) -> tuple[str, str, str, bool]:
+    """The sled, the tool and the request id as shown (escaped and shortened), and
+    whether shortening cut one of them."""
+    project, tool, req_id = (
+        printable(item.project),
+        printable(item.tool_name),
+        printable(item.req_id),
+    )
+    cut = len(project) > 100 or len(tool) > 100 or len(req_id) > 200
+    return _shorten(project, 100), _shorten(tool, 100), _shorten(req_id, 200), cut
+
+
+def _event_bytes(ch: str) -> int:
+    in_body = len(json.dumps(ch, ensure_ascii=False).encode("utf-8", "surrogatepass")) - 2
+    in_html = len(json.dumps(html.escape(ch), ensure_ascii=False).encode("utf-8")) - 2
+    return in_body + in_html
+
+
+def _clip(full: str) -> tuple[str, bool]:
+    """``full`` cut to what one event can carry (in characters and in bytes)."""
     clipped = len(full) > FULL_INPUT_CHARS
-    if clipped:
-        full = full[:FULL_INPUT_CHARS]
-    note = f"\n(input clipped at {FULL_INPUT_CHARS} characters)" if clipped else ""
+    full = full[:FULL_INPUT_CHARS]
+    if len(full) * 12 > FULL_INPUT_BYTES:  # else even the heaviest characters fit
+        total = 0
+        for i, ch in enumerate(full):
+            total += _event_bytes(ch)
+            if total > FULL_INPUT_BYTES:
+                return full[:i], True
+    return full, clipped
+
+
+def _request_message(item: PendingPermission, *, repost: bool) -> tuple[dict[str, Any], bool]:
+    """The content announcing one pending request, and whether it clipped anything
+    a person decides on (then only the console may approve it)."""
+    full, clipped = _clip(show_invisible(_input_text(item.tool_input)))
+    project, tool, req_id, cut = _names(item)
+    note = (
+        f"\n(input clipped at {len(full)} characters: deny here, approve only "
+        "in the gateway's console)"
+        if clipped or cut
+        else ""
+    )
     head = "Still pending" if repost else "Permission request"
-    project, tool = _shorten(item.project, 100), _shorten(item.tool_name, 100)
+    summary = _summary(item.tool_input)
     body = (
-        f"🔐 {head}: sled {project!r} wants to run {tool}\n"
-        f"Input: {_summary(item.tool_input)}\n"
-        f"Request: {item.req_id}\n"
+        f"🔐 {head}: sled '{project}' wants to run {tool}\n"
+        f"Input: {summary}\n"
+        f"Request: {req_id}\n"
         f"```\n{full}\n```{note}\n"
         "Reply to this message with approve, deny or always (or react ✅ ❌ 🔁)."
     )
@@ -299,28 +393,51 @@ def request_message(item: PendingPermission, *, repost: bool = False) -> dict[st
     formatted = (
         f"🔐 <b>{esc(head)}</b>: sled <code>{esc(project)}</code> wants to run "
         f"<b>{esc(tool)}</b><br>"
-        f"Input: <code>{esc(_summary(item.tool_input))}</code><br>"
-        f"Request: <code>{esc(item.req_id)}</code>"
+        f"Input: <code>{esc(summary)}</code><br>"
+        f"Request: <code>{esc(req_id)}</code>"
         f"<pre><code>{esc(full)}</code></pre>{esc(note)}"
         "Reply to this message with <b>approve</b>, <b>deny</b> or <b>always</b> "
         "(or react ✅ ❌ 🔁)."
     )
-    return {
+    content = {
         "msgtype": "m.text",
         "body": body,
         "format": "org.matrix.custom.html",
         "formatted_body": formatted,
     }
+    return content, clipped or cut
+
+
+def request_message(item: PendingPermission, *, repost: bool = False) -> dict[str, Any]:
+    """The ``m.room.message`` content announcing one pending request."""
+    return _request_message(item, repost=repost)[0]
+
+
+def encrypted_notice(item: PendingPermission) -> dict[str, Any]:
+    """What stands for a request in an encrypted room: no input, a pointer to the console."""
+    project, tool, req_id, _ = _names(item)
+    text = (
+        f"🔐 Permission request: sled '{project}' wants to run {tool} (request {req_id}). "
+        "This room is end-to-end encrypted and the bot cannot encrypt, so the input is not "
+        "posted here: answer it in the gateway's console."
+    )
+    return {"msgtype": "m.notice", "body": text}
 
 
 def outcome_text(record: DecisionRecord) -> str:
     """The line that replaces a request's message once it is settled."""
-    word = OUTCOME_WORDS.get(record.decision, record.decision.upper())
-    why = "the sled went away" if record.by == "sled_disconnected" else record.by
-    how = f"({why})" if record.decision == WITHDRAWN else f"by {record.by}"
+    word = OUTCOME_WORDS.get(record.decision, printable(record.decision.upper()))
+    by = printable(record.by)
+    why = "the sled went away" if record.by == "sled_disconnected" else by
+    how = f"({why})" if record.decision == WITHDRAWN else f"by {by}"
+    project, tool, req_id = (
+        _shorten(printable(record.project), 100),
+        _shorten(printable(record.tool_name), 100),
+        printable(record.req_id),
+    )
     return (
-        f"{word} {how}: {record.tool_name} for sled {record.project!r} "
-        f"(request {record.req_id}, after {record.waited_s:.1f} s)"
+        f"{word} {how}: {tool} for sled '{project}' "
+        f"(request {req_id}, after {record.waited_s:.1f} s)"
     )
 
 
@@ -390,6 +507,42 @@ def replied_to(content: dict[str, Any]) -> str | None:
 Key = tuple[str, str]
 
 
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One pending request as the gateway holds it. A request that reuses an id
+    (the sled reconnected, or withdrew the first) is another instance."""
+
+    project: str
+    req_id: str
+    session: int
+    received_at: float
+    input_sha256: str
+
+    @classmethod
+    def of(cls, item: PendingPermission) -> Instance:
+        return cls(
+            item.project,
+            item.req_id,
+            item.session,
+            item.received_at,
+            item.input_sha256,
+        )
+
+    @property
+    def key(self) -> Key:
+        return (self.project, self.req_id)
+
+
+@dataclass(slots=True)
+class Shown:
+    """One of the bot's messages: the instance it shows, and what an answer to it may do."""
+
+    instance: Instance
+    clipped: bool = False  # it cut the input: approving needs the console
+    answerable: bool = True  # False: a notice without the input (an encrypted room)
+    outcome: DecisionRecord | None = None  # set once its instance is settled
+
+
 class MatrixTransport:
     """A Matrix bot answering one gateway's permission requests in one room.
 
@@ -409,11 +562,14 @@ class MatrixTransport:
         self._queue: asyncio.Queue[tuple[str, Any]] | None = None
         self._future: Any = None
         self._task: asyncio.Task[Any] | None = None
-        self._posted: dict[Key, list[str]] = {}  # pending request → our messages about it
-        # Our message → its request, kept after the outcome so a late answer
+        # The instance pending under each id, kept by the gateway's listeners as
+        # it changes (on its loop, like every answer): the one an answer may decide.
+        self._current: dict[Key, Instance] = {}
+        self._posted: dict[Instance, list[str]] = {}  # pending request → our messages about it
+        # Our message → what it showed, kept after the outcome so a late answer
         # hears who was first (bounded: oldest forgotten first).
-        self._by_event: OrderedDict[str, Key] = OrderedDict()
-        self._refused: set[tuple[str, Key]] = set()
+        self._by_event: OrderedDict[str, Shown] = OrderedDict()
+        self._refused: OrderedDict[str, float] = OrderedDict()  # outsider → last refusal
         self._edits_due: list[tuple[str, str]] = []  # (our message, its outcome line)
         self._live = False  # past the first sync: events are new, act on them
         self._room_id: str | None = None
@@ -494,12 +650,16 @@ class MatrixTransport:
     # -- listeners (the gateway's loop thread) ------------------------------------
 
     def _on_pending(self, item: PendingPermission) -> None:
+        self._current[(item.project, item.req_id)] = Instance.of(item)
         if self._queue is not None:
             self._queue.put_nowait(("post", item))
 
     def _on_decision(self, record: DecisionRecord) -> None:
-        if self._queue is not None:
-            self._queue.put_nowait(("settled", record))
+        # The gateway settles the instance pending under this id now: it leaves
+        # ``_current`` before any answer can see it.
+        instance = self._current.pop((record.project, record.req_id), None)
+        if self._queue is not None and instance is not None:
+            self._queue.put_nowait(("settled", (instance, record)))
 
     # -- the bot's task -----------------------------------------------------------
 
@@ -657,12 +817,16 @@ class MatrixTransport:
                 assert self._queue is not None
                 self._queue.put_nowait(("catch_up", None))
 
+    def _room_encrypted(self) -> bool:
+        """Whether the room has ``m.room.encryption`` as of the last sync (it never goes away)."""
+        room = self._client.rooms.get(self._room_id) if self._client is not None else None
+        return room is not None and bool(getattr(room, "encrypted", False))
+
     def _check_encryption(self, client: Any) -> None:
-        room = client.rooms.get(self._room_id)
-        if room is not None and getattr(room, "encrypted", False):
+        if self._room_encrypted():
             log.error(
-                "matrix: room {} is end-to-end encrypted; the bot cannot read replies there "
-                "(use an unencrypted room)",
+                "matrix: room {} is end-to-end encrypted and the bot cannot encrypt: it posts "
+                "no inputs there, only notices pointing to the console (use an unencrypted room)",
                 self.config.room,
             )
 
@@ -674,17 +838,17 @@ class MatrixTransport:
             kind, obj = await self._queue.get()
             try:
                 if kind == "post":
-                    key = (obj.project, obj.req_id)
+                    instance = Instance.of(obj)
                     # Offline, or already posted by a catch-up: the next catch-up
                     # (on reconnect) posts whatever is still pending.
                     if (
                         self._connected
-                        and key not in self._posted
-                        and self.gateway.is_pending(*key)
+                        and instance not in self._posted
+                        and self._current.get(instance.key) == instance
                     ):
                         await self._post(obj, repost=False)
                 elif kind == "settled":
-                    await self._settle(obj)
+                    await self._settle(*obj)
                 elif kind == "catch_up":
                     await self._catch_up()
                 elif kind == "send":
@@ -709,21 +873,37 @@ class MatrixTransport:
         return event_id
 
     async def _post(self, item: PendingPermission, *, repost: bool) -> None:
-        key = (item.project, item.req_id)
-        event_id = await self._send(request_message(item, repost=repost))
+        instance = Instance.of(item)
+        if self._room_encrypted():
+            # Sent in plain text, the input would sit unencrypted in a room its
+            # members believe private; and an answer to a notice that did not
+            # show it could not be bound to it.
+            shown = Shown(instance, answerable=False)
+            event_id = await self._send(encrypted_notice(item))
+        else:
+            content, clipped = _request_message(item, repost=repost)
+            shown = Shown(instance, clipped=clipped)
+            event_id = await self._send(content)
         # Decisions reach the queue after the request they settle, so this
         # message is registered before its outcome is handled.
-        self._posted.setdefault(key, []).append(event_id)
-        self._by_event[event_id] = key
+        self._posted.setdefault(instance, []).append(event_id)
+        self._by_event[event_id] = shown
         while len(self._by_event) > _EVENT_MEMORY:
             self._by_event.popitem(last=False)
-        log.info("matrix: posted permission {!r} of sled {!r}", item.req_id, item.project)
+        log.info(
+            "matrix: posted permission {!r} of sled {!r}{}",
+            printable(item.req_id, 120),
+            printable(item.project, 120),
+            " (a notice: the room is encrypted)" if not shown.answerable else "",
+        )
 
-    async def _settle(self, record: DecisionRecord) -> None:
-        key = (record.project, record.req_id)
-        self._refused = {refused for refused in self._refused if refused[1] != key}
+    async def _settle(self, instance: Instance, record: DecisionRecord) -> None:
         text = outcome_text(record)
-        self._edits_due.extend((event_id, text) for event_id in self._posted.pop(key, []))
+        for event_id in self._posted.pop(instance, []):
+            shown = self._by_event.get(event_id)
+            if shown is not None:
+                shown.outcome = record
+            self._edits_due.append((event_id, text))
         await self._flush_edits()
 
     async def _flush_edits(self) -> None:
@@ -736,11 +916,14 @@ class MatrixTransport:
     async def _catch_up(self) -> None:
         """After (re)connecting: post every pending request, again if it was posted before."""
         await self._flush_edits()
-        for item in self.gateway.pending():
-            key = (item.project, item.req_id)
-            if not self.gateway.is_pending(*key):
-                continue
-            await self._post(item, repost=key in self._posted)
+        items = self.gateway.pending()
+        for item in items:  # requests pending from before the bot listened, too
+            self._current[(item.project, item.req_id)] = Instance.of(item)
+        for item in items:
+            instance = Instance.of(item)
+            if self._current.get(instance.key) != instance:
+                continue  # settled (or replaced) while we were posting the ones before
+            await self._post(item, repost=instance in self._posted)
 
     # -- answers (callbacks run inside client.sync, on the loop) -------------------
 
@@ -792,29 +975,55 @@ class MatrixTransport:
         decision: Decision | None,
         thread: str | None = None,
     ) -> None:
-        key = self._by_event.get(target)
-        if key is None:
+        shown = self._by_event.get(target)
+        if shown is None:
             return
         # The bot's allow list makes a Matrix user an approver; the approvals
         # service judges what that allows.
         principal = Principal.matrix(sender, approver=sender in self.config.operators)
-        project, req_id = key
+        instance = shown.instance
         try:
-            if decision is None:
-                Approvals.authorize(principal)  # an outsider hears the refusal, not the hint
-                await self._reply(thread, event_id, "Reply with approve, deny or always.")
-                return
-            await self.gateway.decide_on_loop(project, req_id, decision, by=principal)
+            Approvals.authorize(principal)  # an outsider hears the refusal, not the hint
         except Forbidden:
-            log.warning("matrix: {} is not an operator; answer refused", sender)
-            # Once per outsider and request: refusals must not become a way
-            # to make the bot flood the room.
-            if (sender, key) in self._refused:
-                return
-            self._refused.add((sender, key))
+            await self._refuse(sender, thread, event_id)
+            return
+        if not shown.answerable:
             await self._reply(
-                thread, event_id, f"{sender}: only the gateway's operators can answer."
+                thread, event_id, "Its input is not shown here: answer it in the console."
             )
+            return
+        if decision is None:
+            await self._reply(thread, event_id, "Reply with approve, deny or always.")
+            return
+        done = shown.outcome
+        if done is not None and done.decision != WITHDRAWN:
+            await self._reply(
+                thread, event_id, f"Too late: already {done.decision} by {printable(done.by)}."
+            )
+            return
+        if self._current.get(instance.key) != instance:
+            # Decided or withdrawn, perhaps replaced by a new request under the
+            # same id: that one was not shown here, so this answer decides nothing.
+            await self._reply(thread, event_id, "That request is no longer pending.")
+            return
+        if shown.clipped and decision is not Decision.DENY:
+            await self._reply(
+                thread,
+                event_id,
+                "This input was too long to show here in full: approve it in the gateway's "
+                "console (deny works here).",
+            )
+            return
+        try:
+            await self.gateway.decide_on_loop(
+                instance.project,
+                instance.req_id,
+                decision,
+                by=principal,
+                input_sha256=instance.input_sha256,
+            )
+        except Forbidden:
+            await self._refuse(sender, thread, event_id)
         except NotRecorded:
             await self._reply(
                 thread,
@@ -824,10 +1033,30 @@ class MatrixTransport:
         except AlreadyDecided as exc:
             record = exc.record
             await self._reply(
-                thread, event_id, f"Too late: already {record.decision} by {record.by}."
+                thread, event_id, f"Too late: already {record.decision} by {printable(record.by)}."
             )
-        except UnknownRequest:
+        except (UnknownRequest, InputMismatch):
             await self._reply(thread, event_id, "That request is no longer pending.")
+
+    async def _refuse(self, sender: str, thread: str | None, event_id: str) -> None:
+        """Refuse an outsider, in the room at most once per ``REFUSAL_INTERVAL_S``:
+        refusals must not become a way to make the bot flood the room."""
+        now = time.monotonic()
+        last = self._refused.get(sender)
+        if last is not None and now - last < REFUSAL_INTERVAL_S:
+            log.debug(
+                "matrix: {} is not an operator; answer refused (not told again)",
+                printable(sender, 200),
+            )
+            return
+        log.warning("matrix: {} is not an operator; answer refused", printable(sender, 200))
+        self._refused[sender] = now
+        self._refused.move_to_end(sender)
+        while len(self._refused) > _REFUSED_MEMORY:
+            self._refused.popitem(last=False)
+        await self._reply(
+            thread, event_id, f"{printable(sender)}: only the gateway's operators can answer."
+        )
 
     async def _reply(self, thread: str | None, event_id: str, text: str) -> None:
         assert self._queue is not None

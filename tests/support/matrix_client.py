@@ -24,6 +24,7 @@ from nio import (
     LoginResponse,
     RoomCreateResponse,
     RoomInviteResponse,
+    RoomPutStateResponse,
     RoomSendResponse,
     SyncResponse,
 )
@@ -31,6 +32,11 @@ from nio import (
 T = TypeVar("T")
 R = TypeVar("R")
 Event = dict[str, Any]
+ENCRYPTION_STATE: Event = {
+    "type": "m.room.encryption",
+    "state_key": "",
+    "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+}
 
 
 class MatrixCallFailed(RuntimeError):
@@ -108,8 +114,13 @@ class MatrixPerson:
 
     # -- rooms ----------------------------------------------------------------------
 
-    def create_room(self, invite: list[str], name: str = "sled approvals") -> str:
-        resp = self._call(self._client.room_create(name=name, invite=invite))
+    def create_room(
+        self, invite: list[str], name: str = "sled approvals", *, encrypted: bool = False
+    ) -> str:
+        """A new room; ``encrypted``: with ``m.room.encryption`` from the start (as Element
+        makes a private room), whether or not this client can encrypt."""
+        state = [ENCRYPTION_STATE] if encrypted else []
+        resp = self._call(self._client.room_create(name=name, invite=invite, initial_state=state))
         room_id: str = _ok(resp, RoomCreateResponse, "room_create").room_id
         return room_id
 
@@ -121,6 +132,15 @@ class MatrixPerson:
         resp = self._call(self._client.join(room))
         room_id: str = _ok(resp, JoinResponse, "join").room_id
         return room_id
+
+    def put_state(self, room_id: str, event: Event) -> None:
+        """Set one state event (``type``, ``state_key``, ``content``), e.g. turn encryption on."""
+        resp = self._call(
+            self._client.room_put_state(
+                room_id, event["type"], event["content"], state_key=event["state_key"]
+            )
+        )
+        _ok(resp, RoomPutStateResponse, "room_put_state")
 
     # -- speaking -------------------------------------------------------------------
 

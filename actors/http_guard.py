@@ -1,0 +1,468 @@
+"""Deadlines and connection caps for both HTTP servers (the ingress, the gateway).
+
+Both serve HTTP with uvicorn's h11 protocol, and uvicorn bounds neither how
+long a request may take to arrive nor how many connections one client holds.
+This module is the one place that extends uvicorn's protocol for that, shared
+by ``actors/ingress.py`` and ``sled_gateway/`` (through
+``sled_gateway/uvicorn_adapter.py``): it lives in ``actors/`` because the
+gateway may import the uplink's modules but never the other way round.
+``tests/test_uvicorn_adapter.py`` checks each uvicorn internal named below on
+the installed uvicorn; ``pyproject.toml`` pins uvicorn to the minor release
+those tests passed with.
+
+What :class:`GuardedH11Protocol` adds, per connection:
+
+1. A **header-read deadline**. uvicorn's ``timeout_keep_alive`` closes a
+   connection that stays idle *after* a response; a fresh connection that never
+   sends a request, or sends half a request line and stops (slowloris), is never
+   timed out, and ``h11_max_incomplete_event_size`` bounds the size of a request
+   head, not the time it may take. uvicorn has no option for it (its issue #157
+   has listed ``--timeout-request-start`` as planned since 2018), and an ASGI
+   middleware cannot help: the app is called only once the head is complete.
+   So a connection whose next request head is not complete within
+   ``header_timeout`` seconds of the connection opening or of the previous
+   response ending is closed.
+
+2. A **deadline for the whole request**, body included, whatever the handler
+   does. A handler that never reads the body, or answers before reading it,
+   leaves uvicorn reading it for ever: one byte every few seconds holds the
+   connection. So the request (head and body) must be fully received within
+   ``request_timeout`` seconds of the same start; past it the client gets a
+   ``408`` with a JSON error if no answer has begun (else the connection is
+   just closed), and the handler sees the client gone. Once the body is in,
+   the handler may take as long as it needs (a permission request waits for a
+   person); a connection upgraded to a WebSocket leaves both deadlines.
+
+3. A **per-client cap** (``max_per_client``): the connections of one remote
+   address still *receiving* a request (waiting for its head, or its body) are
+   counted. When a new one takes a client over its cap, that client's
+   connections are counted again ``client_grace`` seconds later (a burst of
+   real requests has sent them by then) and its oldest still receiving beyond
+   the cap are closed. A client can then hold at most that many slow
+   connections, and it is the one that loses them. Connections whose request is in (a caller
+   waiting for a decision) and WebSockets (sleds) are not counted: they cost a
+   request that was sent at once, and the ingress holds thousands of waiting
+   callers from 127.0.0.1.
+
+4. A **total cap that evicts instead of refusing** (``max_connections``).
+   uvicorn's ``limit_concurrency`` answers ``503`` to a new *request* once that
+   many connections are open, idle ones included, so a few hundred idle sockets
+   make every legitimate request fail for as long as the attacker keeps them
+   open. Here a new connection beyond the cap closes the oldest connections
+   that have not yet sent a complete request head; only when every connection
+   is busy is the newcomer itself closed. A WebSocket counts toward the cap but
+   is never evicted by it.
+
+And :class:`EarlyAnswerClose`, an ASGI wrapper: an answer given before the
+request body was read to its end carries ``Connection: close``; the rest of
+the body is read and discarded, within bounds, before the connection closes
+(closing with unread data makes the kernel reset the connection, and the
+client, still writing, would never see the answer).
+
+What the protocol relies on, and why no public hook exists:
+
+- ``uvicorn.protocols.http.h11_impl.H11Protocol``: uvicorn's h11 protocol class,
+  not exported by the ``uvicorn`` package. ``uvicorn.Config(http=...)`` accepts a
+  protocol *class* (its annotation says ``type[asyncio.Protocol]``; the docs list
+  only the names ``"h11"``, ``"httptools"`` ...), and ``Server.startup`` builds one
+  per connection with keyword arguments ``config``, ``server_state``,
+  ``app_state`` and ``_loop``, which the subclass passes through untouched. Only
+  the protocol sees a connection before its request head is complete, so a
+  subclass is the only place for these limits.
+- ``H11Protocol.conn``: the connection's ``h11.Connection``. Its (public h11)
+  ``their_state`` is ``h11.IDLE`` exactly while the head of the current request
+  has not been fully received, and ``h11.SEND_BODY`` while its body is still
+  arriving; uvicorn exposes neither anywhere else.
+- ``H11Protocol.on_response_complete()``: called with no arguments when a
+  response has been sent; the moment a keep-alive connection starts waiting for
+  its next head, so the deadline is re-armed there. ASGI has no event for it
+  that a server-level hook could see.
+- ``H11Protocol.cycle``: the current request's ``RequestResponseCycle``; its
+  ``response_started`` says whether an answer has begun (so a ``408`` may still
+  be sent), and setting its ``disconnected`` and its ``message_event`` is what
+  uvicorn's own ``connection_lost`` does to tell the handler the client is
+  gone (its ``receive`` then returns ``http.disconnect``, its ``send`` drops
+  what it is given).
+
+The rest is public: ``asyncio.Protocol``'s ``connection_made``,
+``data_received`` and ``connection_lost`` (which the subclass extends), the
+asyncio transport (``is_closing``, ``close``, ``write``, ``get_protocol``,
+``get_extra_info``), and h11's states and events. The connections counted
+toward the caps are tracked here, by transport, rather than read from
+uvicorn's server state: a WebSocket upgrade keeps the transport and swaps its
+protocol, so ``transport.get_protocol()`` tells an upgraded connection from one
+still speaking HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, ClassVar
+
+import h11
+from loguru import logger
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from protocol import dumps
+from protocol.web import error_body
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: After an early answer, at most this much of the unread body is read and
+#: discarded, for at most this long (the request deadline may end it sooner).
+DRAIN_MAX_BYTES = 16 * 1024 * 1024
+DRAIN_SECONDS = 5.0
+
+
+class GuardedH11Protocol(H11Protocol):
+    """H11Protocol plus the deadlines and caps of the module docstring.
+
+    Make a class with :func:`guarded_protocol` to set the limits: uvicorn
+    builds protocols from a class, with its own constructor arguments, and the
+    connections one server holds are counted per class.
+    """
+
+    header_timeout: ClassVar[float] = 10.0
+    request_timeout: ClassVar[float] = 30.0
+    max_connections: ClassVar[int] = 200
+    max_per_client: ClassVar[int] = 32
+    client_grace: ClassVar[float] = 0.5
+    log_actor: ClassVar[str] = "http"
+    # transport → the guarded protocol serving it (None once upgraded to a
+    # WebSocket, so the spent HTTP protocol can be freed), oldest first; shared by
+    # every connection of one server (one class per server, see guarded_protocol).
+    open_transports: ClassVar[dict[asyncio.Transport, GuardedH11Protocol | None]] = {}
+    # client address → the pending recount of its connections (one at a time).
+    client_checks: ClassVar[dict[str, asyncio.TimerHandle]] = {}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard_transport: asyncio.Transport | None = None
+        self._guard_timer: asyncio.TimerHandle | None = None
+        # When the current request began (connection opened / last response
+        # ended), and which deadline the timer is for: "head", "body" or None.
+        self._guard_start = 0.0
+        self._guard_phase: str | None = None
+        self._guard_client = "?"
+
+    # -- state --------------------------------------------------------------------
+
+    def _guard_http(self) -> bool:
+        transport = self._guard_transport
+        return (
+            transport is not None
+            and not transport.is_closing()
+            and transport.get_protocol() is self  # not upgraded to a WebSocket
+        )
+
+    @property
+    def awaiting_head(self) -> bool:
+        """True while no complete request head has arrived for the current cycle."""
+        return self._guard_http() and self.conn.their_state is h11.IDLE
+
+    @property
+    def awaiting_body(self) -> bool:
+        """True while the current request's head is in and its body is still arriving."""
+        return self._guard_http() and self.conn.their_state is h11.SEND_BODY
+
+    @property
+    def receiving(self) -> bool:
+        """True while the current request (head or body) is not fully received."""
+        return self._guard_http() and self.conn.their_state in (h11.IDLE, h11.SEND_BODY)
+
+    # -- the deadlines ------------------------------------------------------------
+
+    def _guard_arm_head(self) -> None:
+        self._guard_disarm()
+        loop = asyncio.get_running_loop()
+        self._guard_start = loop.time()
+        self._guard_phase = "head"
+        self._guard_timer = loop.call_at(
+            self._guard_start + min(self.header_timeout, self.request_timeout), self._guard_expired
+        )
+
+    def _guard_arm_body(self) -> None:
+        self._guard_disarm()
+        loop = asyncio.get_running_loop()
+        self._guard_phase = "body"
+        self._guard_timer = loop.call_at(
+            self._guard_start + self.request_timeout, self._guard_expired
+        )
+
+    def _guard_disarm(self) -> None:
+        if self._guard_timer is not None:
+            self._guard_timer.cancel()
+            self._guard_timer = None
+        self._guard_phase = None
+
+    def _guard_follow(self) -> None:
+        """Keep the timer on the deadline the connection's state calls for."""
+        if self.awaiting_head:
+            if self._guard_phase != "head":
+                self._guard_arm_head()
+        elif self.awaiting_body:
+            if self._guard_phase != "body":
+                self._guard_arm_body()
+        elif self._guard_phase is not None:
+            self._guard_disarm()  # the request is in, or the connection is a WebSocket
+
+    def _guard_close(self) -> None:
+        self._guard_disarm()
+        if self._guard_transport is not None:
+            self._guard_transport.close()
+
+    def _guard_peer(self) -> str:
+        peer = self._guard_transport.get_extra_info("peername") if self._guard_transport else None
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
+
+    def _guard_expired(self) -> None:
+        phase, self._guard_timer = self._guard_phase, None
+        self._guard_phase = None
+        log = logger.bind(actor=self.log_actor)
+        if phase == "head" and self.awaiting_head:
+            log.debug(
+                "closed a connection from {}: no complete request head within {} s",
+                self._guard_peer(),
+                min(self.header_timeout, self.request_timeout),
+            )
+            self._guard_close()
+        elif phase == "body" and self.awaiting_body:
+            log.debug(
+                "cut a request from {}: not fully received within {} s",
+                self._guard_peer(),
+                self.request_timeout,
+            )
+            self._guard_timeout_answer()
+
+    def _guard_timeout_answer(self) -> None:
+        """408 if no answer has begun, then close; the handler sees the client gone."""
+        cycle = self.cycle
+        transport = self._guard_transport
+        assert transport is not None
+        if cycle is not None and not cycle.response_started:
+            cycle.response_started = True  # nothing else may start one now
+            payload = dumps(
+                error_body(f"request not fully received within {self.request_timeout:g} s")
+            ).encode("utf-8")
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"connection", b"close"),
+            ]
+            with contextlib.suppress(h11.LocalProtocolError):
+                transport.write(self.conn.send(h11.Response(status_code=408, headers=headers)))
+                transport.write(self.conn.send(h11.Data(data=payload)) or b"")
+                transport.write(self.conn.send(h11.EndOfMessage()) or b"")
+        if cycle is not None:
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self._guard_close()
+
+    # -- asyncio.Protocol ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._guard_transport = transport
+        peer = transport.get_extra_info("peername")
+        self._guard_client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        self.open_transports[transport] = self
+        self._guard_arm_head()
+        self._guard_enforce_client_cap()
+        self._guard_enforce_cap()
+
+    def _guard_receiving_of(self, client: str) -> list[GuardedH11Protocol]:
+        return [
+            p
+            for p in self.open_transports.values()
+            if p is not None and p._guard_client == client and p.receiving
+        ]
+
+    def _guard_enforce_client_cap(self) -> None:
+        client = self._guard_client
+        if client in self.client_checks:
+            return
+        if len(self._guard_receiving_of(client)) > self.max_per_client:
+            loop = asyncio.get_running_loop()
+            self.client_checks[client] = loop.call_later(
+                self.client_grace, self._guard_recount, client
+            )
+
+    def _guard_recount(self, client: str) -> None:
+        self.client_checks.pop(client, None)
+        receiving = self._guard_receiving_of(client)
+        over = len(receiving) - self.max_per_client
+        if over <= 0:
+            return
+        for victim in receiving[:over]:
+            victim._guard_close()
+        logger.bind(actor=self.log_actor).debug(
+            "{} had more than {} connections receiving a request: closed its oldest {}",
+            client,
+            self.max_per_client,
+            over,
+        )
+
+    def _guard_enforce_cap(self) -> None:
+        # Transports already closed (or told to close) no longer count: drop them.
+        for closed in [t for t in self.open_transports if t.is_closing()]:
+            del self.open_transports[closed]
+        over = len(self.open_transports) - self.max_connections
+        if over <= 0:
+            return
+        idle = [
+            p
+            for p in self.open_transports.values()
+            if p is not None and p is not self and p.awaiting_head
+        ]
+        for victim in idle[:over]:
+            victim._guard_close()
+            over -= 1
+        log = logger.bind(actor=self.log_actor)
+        if over > 0:  # every other connection is busy: this one waits outside
+            log.warning(
+                "connection cap ({}) reached with every connection busy; "
+                "closed a new connection from {}",
+                self.max_connections,
+                self._guard_peer(),
+            )
+            self._guard_close()
+        else:
+            log.debug("connection cap ({}) reached: closed idle connections", self.max_connections)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._guard_follow()
+        self._guard_release_if_upgraded()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may serve a pipelined request, even an upgrade
+        if self.awaiting_body:
+            # Answered before the body was in: h11 cannot start the next request
+            # until it is, and reading it to the end is what a slow client wants.
+            self._guard_close()
+        elif self.awaiting_head:
+            self._guard_arm_head()  # the next request on this keep-alive connection
+        else:
+            self._guard_follow()
+        self._guard_release_if_upgraded()
+
+    def _guard_release_if_upgraded(self) -> None:
+        transport = self._guard_transport
+        if transport is not None and transport.get_protocol() is not self:
+            # A WebSocket now: the transport still counts toward the cap, but this
+            # spent HTTP protocol is not kept alive for the socket's lifetime.
+            self._guard_disarm()
+            self.open_transports[transport] = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._guard_disarm()
+        if self._guard_transport is not None:
+            self.open_transports.pop(self._guard_transport, None)
+        super().connection_lost(exc)
+
+
+def guarded_protocol(
+    *,
+    header_timeout: float,
+    max_connections: int,
+    request_timeout: float | None = None,
+    max_per_client: int | None = None,
+    log_actor: str = "http",
+) -> type[GuardedH11Protocol]:
+    """A :class:`GuardedH11Protocol` class with these limits, for ``uvicorn.Config(http=...)``.
+
+    ``request_timeout`` defaults to three times ``header_timeout``;
+    ``max_per_client`` to no per-client cap beyond ``max_connections``. Use one
+    class per server: the caps count the connections of its class.
+    """
+    return type(
+        "GuardedH11Protocol",
+        (GuardedH11Protocol,),
+        {
+            "header_timeout": header_timeout,
+            "request_timeout": 3 * header_timeout if request_timeout is None else request_timeout,
+            "max_connections": max_connections,
+            "max_per_client": max_connections if max_per_client is None else max_per_client,
+            "log_actor": log_actor,
+            "open_transports": {},
+            "client_checks": {},
+        },
+    )
+
+
+class EarlyAnswerClose:
+    """ASGI wrapper: an answer given before the request body was read to its end
+    carries ``Connection: close``, and the rest of the body is drained (at most
+    ``drain_bytes`` and ``drain_seconds``) before the answer ends and the
+    server closes the connection."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        drain_bytes: int = DRAIN_MAX_BYTES,
+        drain_seconds: float = DRAIN_SECONDS,
+    ) -> None:
+        self.app = app
+        self.drain_bytes = drain_bytes
+        self.drain_seconds = drain_seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not declares_body(scope):
+            await self.app(scope, receive, send)
+            return
+        ended = False
+
+        async def tracked_receive() -> Message:
+            nonlocal ended
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body"):
+                ended = True
+            return message
+
+        early = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal early
+            if message["type"] == "http.response.start" and not ended:
+                early = True
+                headers = [
+                    (name, value)
+                    for name, value in message.get("headers", [])
+                    if name.lower() != b"connection"
+                ]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            elif message["type"] == "http.response.body" and early and not message.get("more_body"):
+                await send({**message, "more_body": True})
+                await drain(tracked_receive, lambda: ended, self.drain_bytes, self.drain_seconds)
+                message = {"type": "http.response.body", "body": b""}
+            await send(message)
+
+        await self.app(scope, tracked_receive, guarded_send)
+
+
+async def drain(
+    receive: Receive, ended: Callable[[], bool], max_bytes: int, max_seconds: float
+) -> None:
+    """Read and discard what is left of a request body, within the bounds."""
+    read = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(max_seconds):
+            while not ended() and read <= max_bytes:
+                read += len((await receive()).get("body", b""))
+
+
+def declares_body(scope: Scope) -> bool:
+    """Whether the request's head announces a body (a non-zero length or chunks)."""
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            return bool(value.strip() != b"0")
+    return False
