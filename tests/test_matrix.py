@@ -439,7 +439,7 @@ def test_a_request_the_sled_timed_out_is_withdrawn_and_a_late_reply_answers_noth
     edit = setup.edit(post["event_id"])
     assert edit.startswith("⏹ WITHDRAWN (sled_cancel:timeout): Bash"), edit
     late = setup.hs.alice.reply(setup.room, post["event_id"], "approve")
-    assert setup.bot_reply(late).startswith("Too late: already withdrawn")
+    assert setup.bot_reply(late).startswith("That request is no longer pending.")
     assert by_of(setup.gw, "r-cancel") == "withdrawn by sled_cancel:timeout"
 
 
