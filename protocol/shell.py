@@ -47,6 +47,20 @@ _FIND_EXEC = frozenset({"-exec", "-execdir", "-ok", "-okdir"})
 # Statement nodes whose children are statements (walked, not parts themselves).
 _LISTS = frozenset({"program", "list", "pipeline", "negated_command", "redirected_statement"})
 _SUBSTITUTIONS = frozenset({"command_substitution", "process_substitution"})
+_REDIRECTS = frozenset({"file_redirect", "heredoc_redirect", "herestring_redirect"})
+# Parts of compound statements that hold statements but are not one.
+_CLAUSES = frozenset({"do_group", "elif_clause", "else_clause", "case_item"})
+# Values inside statements: only their substitutions run commands.
+_VALUES = frozenset(
+    {
+        "word", "string", "raw_string", "concatenation", "number", "variable_name",
+        "simple_expansion", "expansion", "arithmetic_expansion", "ansi_c_string",
+        "translated_string", "array", "binary_expression", "unary_expression",
+        "parenthesized_expression", "postfix_expression", "ternary_expression",
+        "test_operator", "regex", "extglob_pattern", "special_variable_name",
+        "string_content", "heredoc_start", "heredoc_end", "comment", "subscript",
+    }
+)  # fmt: skip
 _SAFE_FD_TARGET = re.compile(r"^(?:[0-9]+|-)$")
 
 _LANGUAGE = tree_sitter.Language(tree_sitter_bash.language())
@@ -138,10 +152,12 @@ class _Walker:
                 self.statement(child, context)
         elif kind in ("comment", "heredoc_body", "heredoc_end", "heredoc_start"):
             return
-        elif kind == "subshell":
-            self.children(node, (*context, "it runs in a subshell"))
-        elif kind == "compound_statement":
-            self.children(node, (*context, "it runs in a { … } group"))
+        elif kind in ("subshell", "compound_statement"):
+            reason = "a subshell" if kind == "subshell" else "a { … } group or (( … ))"
+            # The group is a part of its own, so one holding no command
+            # (``(( x++ ))``) still stops an allow.
+            self.parts.append(SimpleCommand(self.text(node), (), (), (f"{reason}",)))
+            self.children(node, (*context, f"it runs in {reason}"))
         elif kind == "ERROR":
             self.children(node, (*context, "it is inside text that does not parse"))
         else:
@@ -155,9 +171,13 @@ class _Walker:
         for child in node.named_children:
             if child.type in _SUBSTITUTIONS:
                 self.substitution(child, context)
-            elif child.type in ("word", "string", "raw_string", "concatenation", "number"):
+            elif child.type in _CLAUSES:
+                self.children(child, context)
+            elif child.type in _VALUES:
                 self.expansions(child, context)
             else:
+                # Anything else is read as a statement: an unknown node becomes
+                # a part no allow rule answers.
                 self.statement(child, context)
 
     def redirected(self, node: tree_sitter.Node, context: tuple[str, ...]) -> None:
@@ -182,12 +202,26 @@ class _Walker:
         """Why these redirections stop an allow, and the words that are really arguments."""
         blockers: list[str] = []
         extra: list[tree_sitter.Node] = []
-        for redirect in redirects:
+        queue = list(redirects)
+        while queue:
+            redirect = queue.pop(0)
             if redirect.type == "herestring_redirect":
-                self.expansions(redirect, context)
+                if self.expansions(redirect, context):
+                    blockers.append("a here-string runs a substitution")
                 continue
             if redirect.type == "heredoc_redirect":
-                self.expansions(redirect, context)
+                # tree-sitter hangs the rest of the line under the here-document:
+                # its other redirections, and the "| cmd" / "&& cmd" that follow.
+                for child in redirect.named_children:
+                    if child.type == "heredoc_body":
+                        if self.expansions(child, context):
+                            blockers.append("a here-document runs a substitution")
+                    elif child.type in ("heredoc_start", "heredoc_end"):
+                        continue
+                    elif child.type in _REDIRECTS:
+                        queue.append(child)
+                    else:
+                        self.statement(child, context)
                 continue
             if redirect.type != "file_redirect":
                 blockers.append(f"an unexpected {redirect.type}")
@@ -261,7 +295,7 @@ class _Walker:
                     blockers.append("an assignment runs a substitution")
             elif child.type == "command_name":
                 words.extend(child.named_children)
-            elif child.type in ("file_redirect", "heredoc_redirect", "herestring_redirect"):
+            elif child.type in _REDIRECTS:
                 redirects.append(child)
             elif child.type in {"subscript", "comment"}:
                 continue
