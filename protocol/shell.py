@@ -40,7 +40,14 @@ _WRAPPERS: dict[str, frozenset[str]] = {
 }
 # Prefixes that run the command after them: deny and ask rules look past them
 # (``env rm -rf /`` is still ``rm -rf /``); an allow rule must name them.
-_TRANSPARENT = frozenset({"env", "command", "builtin", "exec", "sudo", "doas"})
+_TRANSPARENT: dict[str, frozenset[str]] = {
+    "env": frozenset({"-u", "--unset", "-C", "--chdir", "-S", "--split-string"}),
+    "command": frozenset(),
+    "builtin": frozenset(),
+    "exec": frozenset({"-a"}),
+    "sudo": frozenset({"-u", "-g", "-C", "-D", "-h", "-p", "-r", "-t", "-U", "-T", "--user"}),
+    "doas": frozenset({"-u", "-C"}),
+}
 _SHELLS = frozenset({"bash", "sh", "zsh", "dash", "ksh", "mksh", "ash", "fish", "busybox"})
 _EVALS = frozenset({"eval"})
 _FIND_EXEC = frozenset({"-exec", "-execdir", "-ok", "-okdir"})
@@ -310,6 +317,10 @@ class _Walker:
         for word in words:
             if self.expansions(word, context):
                 blockers.append("a command substitution or process substitution")
+            if _arithmetic_on_variables(word):
+                # bash evaluates a variable's value in $(( )) as an expression,
+                # and an array subscript in it (a[$(cmd)]) runs cmd.
+                blockers.append("arithmetic on a variable")
         written = [self.text(w) for w in words]
         values = [_unquote(self.source, w) for w in words]
         start = _strip_wrappers(values)
@@ -326,6 +337,11 @@ class _Walker:
             blockers.append("the command name is not a plain word")
         deny_values = values[_strip_transparent(values) :]
         blockers.extend(self.runs_other(deny_values, context))
+        for index, value in enumerate(values[:-1]):
+            if value in ("-S", "--split-string") and "env" in values[:index]:
+                self.inner(values[index + 1], (*context, "it runs through env -S"))
+                blockers.append("env -S runs a string as a command")
+                break
         self.parts.append(
             SimpleCommand(self.text(node), tuple(written), tuple(deny_values), tuple(blockers))
         )
@@ -388,6 +404,17 @@ _LITERAL_NAME = re.compile(r"^[A-Za-z0-9_./+@%:,=-][A-Za-z0-9_./+@%:,=~-]*$")
 _TIMEOUT_DURATION = re.compile(r"^[0-9.]+[smhd]?$")
 
 
+def _arithmetic_on_variables(node: tree_sitter.Node) -> bool:
+    stack = [(node, False)]
+    while stack:
+        current, inside = stack.pop()
+        inside = inside or current.type == "arithmetic_expansion"
+        if inside and current.type in ("variable_name", "simple_expansion", "expansion"):
+            return True
+        stack.extend((child, inside) for child in current.named_children)
+    return False
+
+
 def _strip_wrappers(values: list[str]) -> int:
     """Index of the first word past the wrappers (``timeout 5 nice -n 2 npm test`` → ``npm``)."""
     index = 0
@@ -415,13 +442,16 @@ def _strip_transparent(values: list[str]) -> int:
     index = 0
     while index < len(values):
         name = values[index].rsplit("/", 1)[-1]
-        if name not in _TRANSPARENT:
+        takes = _TRANSPARENT.get(name)
+        if takes is None:
             break
         index += 1
         while index < len(values) and (
             values[index].startswith("-") or (name == "env" and "=" in values[index])
         ):
             index += 1
+            if values[index - 1] in takes:
+                index += 1
         index += _strip_wrappers(values[index:])
     return index
 
