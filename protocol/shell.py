@@ -8,12 +8,11 @@ and the commands inside substitutions, subshells, groups, control flow,
 the reasons no allow rule may ever answer it (``blockers``) and the text deny
 and ask rules are matched against (past assignments, wrappers, quoting).
 
-Why tree-sitter-bash and not bashlex: bashlex raises on constructs agents write
-every day (``[[ -f x ]]``, ``$((1+2))``, ``case``, ``function f { …; }``,
-here-strings, ``|&``, ``;;&``), and a matcher that cannot parse must fall back
-to "a human decides" far too often. tree-sitter-bash parses all of them and
-marks what it cannot parse with ``ERROR``/``MISSING`` nodes instead of raising,
-which is exactly the signal "never allowed" needs.
+Why tree-sitter-bash and not bashlex: bashlex raises on constructs agents
+write (``[[ -f x ]]``, ``$((1+2))``, ``case``, ``for ((…))``, arrays), and a
+parser that raises leaves the deny rules nothing to see; tree-sitter-bash
+parses them all and marks what it cannot parse with ``ERROR``/``MISSING``
+nodes instead of raising, the signal "never allowed" needs (docs/rules.md).
 """
 
 from __future__ import annotations
