@@ -384,6 +384,9 @@ class RuleSet:
         # Bash rules with a specifier, by the first word of their pattern when it is literal.
         self._bash_words: dict[Action, dict[str, list[_Entry]]] = {a: {} for a in ACTIONS}
         self._bash_other: dict[Action, list[_Entry]] = {a: [] for a in ACTIONS}
+        self._bash_other_re: dict[Action, re.Pattern[str]] = {}
+        # WebFetch domain rules, by host ("*.example.com" for the subdomain ones).
+        self._domains: dict[Action, dict[str, list[_Entry]]] = {a: {} for a in ACTIONS}
         # Path rules, by tool and the literal directory their pattern starts with.
         self._paths: dict[str, dict[Action, dict[str, list[_Entry]]]] = {}
         self._size = 0
@@ -399,6 +402,10 @@ class RuleSet:
                 else:
                     self._bash_other[action].append(entry)
                 continue
+            if isinstance(matcher, _Domain):
+                key = ("*." if matcher.subdomains else "") + matcher.host
+                self._domains[action].setdefault(key, []).append(entry)
+                continue
             if isinstance(matcher, _Path):
                 by_anchor = self._paths.setdefault(rule.tool, {}).setdefault(action, {})
                 by_anchor.setdefault(matcher.anchor, []).append(entry)
@@ -408,8 +415,17 @@ class RuleSet:
     def __len__(self) -> int:
         return self._size
 
-    def _tool_entries(self, tool_name: str, action: Action, path: str | None) -> list[_Entry]:
+    def _tool_entries(
+        self, tool_name: str, action: Action, path: str | None, host: str | None
+    ) -> list[_Entry]:
         found: list[_Entry] = []
+        if host is not None and tool_name == "WebFetch":
+            domains = self._domains[action]
+            found.extend(domains.get(host, ()))
+            dot = host.find(".")
+            while dot >= 0:
+                found.extend(domains.get("*" + host[dot:], ()))
+                dot = host.find(".", dot + 1)
         for key in _lookup_keys(tool_name):
             found.extend(self._by_tool.get(key, {}).get(action, ()))
             if path is not None and key in self._paths:
@@ -437,11 +453,13 @@ class RuleSet:
                 # Lexically /a/link/../x is /a/x; the kernel follows the link
                 # first and may land anywhere. Deny and ask still see /a/x.
                 reasons.append("a '..' segment: never allowed by a path rule")
+        url = fields.get("url")
+        host = url_host(url) if isinstance(url, str) else None
         for action in ACTIONS:
             if action == "allow" and sandbox_off:
                 reasons.append("dangerouslyDisableSandbox: never allowed by a rule")
                 break
-            for entry in self._tool_entries(tool_name, action, path):
+            for entry in self._tool_entries(tool_name, action, path, host):
                 if action == "allow" and reasons and isinstance(entry.matcher, _Path):
                     continue
                 why = self._matches(entry, tool_name, fields)
@@ -477,21 +495,39 @@ class RuleSet:
 
     # Bash -----------------------------------------------------------------------------------
 
-    def _bash_candidates(self, action: Action, words: Iterable[str]) -> list[_Entry]:
+    def _bash_candidates(self, action: Action, texts: tuple[str, ...]) -> list[_Entry]:
         found: list[_Entry] = []
         seen: set[str] = set()
-        for word in words:
+        for text in texts:
+            word = text.split(" ", 1)[0]
             if word not in seen:
                 seen.add(word)
                 found.extend(self._bash_words[action].get(word, ()))
-        found.extend(self._bash_other[action])
+        other = self._bash_other[action]
+        if other:
+            # One pass of the rules with no literal first word, all at once;
+            # only when one of them matches are they tried in order.
+            combined = self._bash_other_regex(action)
+            if any(combined.fullmatch(t) for t in texts):
+                found.extend(other)
         if len(found) > 1:
             found.sort(key=lambda e: e.position)
         return found
 
+    def _bash_other_regex(self, action: Action) -> re.Pattern[str]:
+        combined = self._bash_other_re.get(action)
+        if combined is None:
+            patterns = []
+            for entry in self._bash_other[action]:
+                assert isinstance(entry.matcher, _Bash)
+                assert entry.matcher.regex is not None
+                patterns.append(f"(?:{entry.matcher.regex.pattern})")
+            combined = re.compile("|".join(patterns), re.DOTALL)
+            self._bash_other_re[action] = combined
+        return combined
+
     def _bash_match(self, action: Action, texts: tuple[str, ...]) -> _Entry | None:
-        firsts = [t.split(" ", 1)[0] for t in texts]
-        for entry in self._bash_candidates(action, firsts):
+        for entry in self._bash_candidates(action, texts):
             matcher = entry.matcher
             assert isinstance(matcher, _Bash)
             if any(matcher.matches(t) for t in texts):

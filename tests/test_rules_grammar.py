@@ -195,6 +195,18 @@ def test_first_matching_rule_of_an_action_is_named() -> None:
         ]
     )
     assert rules.evaluate("Bash", {"command": "ls -la"}).rule_id == "b"
+    # A rule with no literal first word, listed first, is still the one named.
+    first = RuleSet(
+        [
+            ("w", parse_rule("Bash(* -la)"), "allow"),
+            ("x", parse_rule("Bash(* --nope)"), "allow"),
+            ("l", parse_rule("Bash(ls *)"), "allow"),
+        ]
+    )
+    assert first.evaluate("Bash", {"command": "ls -la"}).rule_id == "w"
+    assert first.evaluate("Bash", {"command": "ls -l"}).rule_id == "l"
+    assert first.evaluate("Bash", {"command": "cat --nope"}).rule_id == "x"
+    assert first.evaluate("Bash", {"command": "cat -l"}).action is None
 
 
 def test_no_rule_means_a_human_decides() -> None:
@@ -307,6 +319,9 @@ def test_path_rule_ignores_a_missing_or_non_string_path() -> None:
         ("WebFetch(domain:example.com)", "example.com", False),
         ("WebFetch(domain:*.example.com)", "https://docs.example.com/", True),
         ("WebFetch(domain:*.example.com)", "https://example.com/", False),
+        ("WebFetch(domain:*.example.com)", "https://a.b.example.com/", True),
+        ("WebFetch(domain:*.example.com)", "https://a.example.com.evil/", False),
+        ("WebFetch(domain:*.example.com)", "https://aexample.com/", False),
         ("WebFetch(domain:ex\u0430mple.com)", "https://example.com/", False),
     ],
 )
