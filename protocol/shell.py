@@ -26,6 +26,8 @@ import tree_sitter_bash
 
 #: A command longer than this is never allowed by a rule (the contract's limit).
 MAX_COMMAND_CHARS = 10_000
+#: Nesting (substitutions, groups, eval/bash -c strings) past which nothing is allowed.
+MAX_DEPTH = 48
 #: Past this the command is not even parsed (deny rules then see the raw text only).
 MAX_PARSE_CHARS = 100_000
 
@@ -114,6 +116,13 @@ def parse_command(command: str) -> ParsedCommand:
 
 @lru_cache(maxsize=4096)
 def _parse_cached(command: str) -> ParsedCommand:
+    try:
+        return _parse(command, 0)
+    except RecursionError:
+        return ParsedCommand(command, (), ("the command is nested too deeply",))
+
+
+def _parse(command: str, depth: int) -> ParsedCommand:
     problems: list[str] = []
     if len(command) > MAX_COMMAND_CHARS:
         problems.append(f"the command is longer than {MAX_COMMAND_CHARS} characters")
@@ -126,7 +135,7 @@ def _parse_cached(command: str) -> ParsedCommand:
     root = tree.root_node
     if root.has_error:
         problems.append("the command does not parse as shell")
-    walker = _Walker(source)
+    walker = _Walker(source, depth)
     walker.statement(root, ())
     if not walker.parts:
         problems.append("the command has no simple command")
@@ -138,9 +147,12 @@ def _text(source: bytes, node: tree_sitter.Node) -> str:
 
 
 class _Walker:
-    def __init__(self, source: bytes) -> None:
+    def __init__(self, source: bytes, depth: int) -> None:
         self.source = source
         self.parts: list[SimpleCommand] = []
+        # Nesting of statements, substitutions and eval/bash -c strings; past
+        # MAX_DEPTH a part stops every allow and the walk goes no deeper.
+        self.depth = depth
 
     def text(self, node: tree_sitter.Node) -> str:
         return _text(self.source, node)
@@ -148,14 +160,31 @@ class _Walker:
     # Statements -------------------------------------------------------------------------
 
     def statement(self, node: tree_sitter.Node, context: tuple[str, ...]) -> None:
+        # Lists and pipelines nest one level per operator ("a && b && c"):
+        # flattened here, so a long chain is not a deep recursion.
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            if current.type in _LISTS and current.type != "redirected_statement":
+                stack.extend(reversed(current.named_children))
+                continue
+            if self.depth >= MAX_DEPTH:
+                self.parts.append(
+                    SimpleCommand(self.text(current), (), (), ("it is nested too deeply",))
+                )
+                continue
+            self.depth += 1
+            try:
+                self.one_statement(current, context)
+            finally:
+                self.depth -= 1
+
+    def one_statement(self, node: tree_sitter.Node, context: tuple[str, ...]) -> None:
         kind = node.type
         if kind == "command":
             self.command(node, context, ())
         elif kind == "redirected_statement":
             self.redirected(node, context)
-        elif kind in _LISTS:
-            for child in node.named_children:
-                self.statement(child, context)
         elif kind in ("comment", "heredoc_body", "heredoc_end", "heredoc_start"):
             return
         elif kind in ("subshell", "compound_statement"):
@@ -381,7 +410,7 @@ class _Walker:
         return []
 
     def inner(self, command: str, context: tuple[str, ...]) -> None:
-        parsed = parse_command(command)
+        parsed = _parse(command, self.depth + 1)
         for part in parsed.parts:
             self.parts.append(
                 SimpleCommand(part.source, part.words, part.values, (*context, *part.blockers))

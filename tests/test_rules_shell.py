@@ -337,3 +337,31 @@ def test_an_allowed_command_never_carries_another(c: str, s: str, form: str) -> 
     assume(RULES.evaluate("Bash", {"command": s}).action != "allow")
     combined = form.format(c=c, s=s)
     assert RULES.evaluate("Bash", {"command": combined}).action != "allow", combined
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "(" * 3000 + "ls" + ")" * 3000,
+        "echo " + "$(" * 1500 + "ls" + ")" * 1500,
+        "eval " * 1900 + "ls",
+        "{ " * 2000 + "ls; " + "}; " * 2000,
+        "bash -c '" + "eval " * 1000 + "ls'",
+        "ls " + "&& ls " * 1600,
+    ],
+    ids=["subshells", "substitutions", "evals", "groups", "bash-c-evals", "long-and-chain"],
+)
+def test_deep_nesting_is_never_an_error_and_never_allowed_past_the_limit(command: str) -> None:
+    verdict = RULES.evaluate("Bash", {"command": command})
+    if command.startswith("ls &&"):
+        assert verdict.action == "allow"  # 1,601 allowed parts, under 10,000 characters
+        assert len(verdict.parts) == 1601
+    else:
+        assert verdict.action is None
+
+
+def test_deny_sees_a_few_levels_down() -> None:
+    assert RULES.evaluate("Bash", {"command": "echo " + "$(" * 20 + "rm x" + ")" * 20}).action == (
+        "deny"
+    )
+    assert RULES.evaluate("Bash", {"command": "eval " * 10 + "rm x"}).action == "deny"
