@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from protocol.rules import Action, PermissionRule, RuleSet, parse_rule, prefix_rule
+from protocol.rules import Action, PermissionRule, RuleSet, exact_rule, parse_rule, prefix_rule
 from protocol.shell import _parse_cached
 
 COMMANDS_FILE = Path(__file__).with_name("agent_commands.txt")
@@ -148,8 +148,23 @@ def sample_report() -> dict[str, Any]:
             undecided.append(command)
         if prefix_rule("Bash", {"command": command}) is not None:
             offered += 1
+    # Starting from no rules, a person answers each prompt with "always allow"
+    # and the console's prefix rule (the exact rule when it offers none): how
+    # many of the commands that follow need nobody?
+    learned: list[tuple[int, PermissionRule, Action]] = []
+    asked = 0
+    for command in lines:
+        if RuleSet(learned).evaluate("Bash", {"command": command}).action == "allow":
+            continue
+        asked += 1
+        offer = prefix_rule("Bash", {"command": command}) or exact_rule(
+            "Bash", {"command": command}
+        )
+        if offer is not None:
+            learned.append((len(learned), parse_rule(offer), "allow"))
     return {
         "commands": len(lines),
+        "learning_from_empty": {"asked": asked, "rules_made": len(learned)},
         "typical_rules": len(rules),
         "decided_without_a_human": counts["allow"] + counts["deny"],
         "by_action": counts,
