@@ -110,12 +110,22 @@ class ParsedCommand:
 
 
 def parse_command(command: str) -> ParsedCommand:
-    """The simple commands of ``command`` (cached: agents repeat themselves)."""
+    """The simple commands of ``command`` (cached: agents repeat themselves).
+
+    Only commands a rule may allow (up to MAX_COMMAND_CHARS) are cached, so
+    the cache holds at most 1,024 commands of 10,000 characters.
+    """
+    if len(command) > MAX_COMMAND_CHARS:
+        return _parse_uncached(command)
     return _parse_cached(command)
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=1024)
 def _parse_cached(command: str) -> ParsedCommand:
+    return _parse_uncached(command)
+
+
+def _parse_uncached(command: str) -> ParsedCommand:
     try:
         return _parse(command, 0)
     except RecursionError:
@@ -352,6 +362,8 @@ class _Walker:
         written = [self.text(w) for w in words]
         values = [_unquote(self.source, w) for w in words]
         start = _strip_wrappers(values)
+        if _wrapper_writes_a_file(values[:start]):
+            blockers.append("time -o writes to a file")
         written, values = written[start:], values[start:]
         if not written:
             if not assigned:
@@ -440,6 +452,19 @@ def _arithmetic_on_variables(node: tree_sitter.Node) -> bool:
         if inside and current.type in ("variable_name", "simple_expansion", "expansion"):
             return True
         stack.extend((child, inside) for child in current.named_children)
+    return False
+
+
+def _wrapper_writes_a_file(wrappers: list[str]) -> bool:
+    """GNU time's ``-o FILE`` / ``--output=FILE`` (with ``-a``) writes its report to a file."""
+    inside_time = False
+    for value in wrappers:
+        if value in _WRAPPERS:
+            inside_time = value == "time"
+        elif inside_time and (
+            value in ("-o", "--output", "-a", "--append") or value.startswith(("--output=", "-o"))
+        ):
+            return True
     return False
 
 
