@@ -32,6 +32,7 @@ from protocol.shell import ParsedCommand, SimpleCommand, parse_command
 
 Action = Literal["allow", "ask", "deny"]
 ACTIONS: tuple[Action, ...] = ("deny", "ask", "allow")
+_DENY_ASK: tuple[Action, ...] = ("deny", "ask")
 
 #: Tools a ``Read(...)`` / ``Edit(...)`` rule (or the bare tool name) covers, like Claude Code.
 FAMILIES: dict[str, frozenset[str]] = {
@@ -47,6 +48,8 @@ PATH_FIELDS: dict[str, str] = {
     "MultiEdit": "file_path",
     "NotebookEdit": "notebook_path",
 }
+#: Tools that search a directory (``path``); Read deny and ask rules reach them.
+SEARCH_TOOLS = frozenset({"Grep", "Glob", "LS"})
 _PATH_TOOLS = frozenset({"Read", "Edit", "Write", "MultiEdit", "NotebookEdit", "NotebookRead"})
 _AGENT_TOOLS = frozenset({"Agent", "Task"})
 _TOOL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
@@ -283,6 +286,17 @@ def _path(spec: str) -> _Path:
 _GLOB_CHARS = re.compile(r"[*?\[\]\\!]")
 
 
+def _has_dotdot(path: str) -> bool:
+    return "/../" in path + "/" or path.startswith("../") or path == ".."
+
+
+def _overlaps(root: str, anchor: str) -> bool:
+    """Whether a search of ``root`` can reach a path a rule anchored at ``anchor`` names."""
+    if root == "/" or anchor in ("/", root):
+        return True
+    return anchor.startswith(root + "/") or root.startswith(anchor + "/")
+
+
 def _ancestors(path: str) -> list[str]:
     """``/a/b/c`` → ``["/", "/a", "/a/b", "/a/b/c"]``."""
     keys = ["/"]
@@ -442,22 +456,30 @@ class RuleSet:
         sandbox_off = fields.get("dangerouslyDisableSandbox") is True
         if tool_name == "Bash":
             return self._bash(fields, sandbox_off)
+        if tool_name in SEARCH_TOOLS:
+            return self._search(tool_name, fields, sandbox_off)
+        # ``reasons`` stop path allow rules; ``blocks`` stop every allow rule.
         reasons: list[str] = []
+        blocks: list[str] = []
         path = None
-        raw = fields.get(PATH_FIELDS.get(tool_name, ""))
-        if isinstance(raw, str):
-            path = normalize_path(raw)
+        if tool_name in PATH_FIELDS:
+            raw = fields.get(PATH_FIELDS[tool_name])
+            path = normalize_path(raw) if isinstance(raw, str) else None
             if path is None:
-                reasons.append("a relative path: never allowed by a path rule")
-            elif "/../" in raw + "/" or raw.endswith("/.."):
+                # A deny rule cannot see where a relative path leads, so no
+                # rule, not even the tool's bare name, allows it.
+                blocks.append("no absolute path: never allowed by a rule")
+            elif _has_dotdot(str(raw)):
                 # Lexically /a/link/../x is /a/x; the kernel follows the link
                 # first and may land anywhere. Deny and ask still see /a/x.
                 reasons.append("a '..' segment: never allowed by a path rule")
+        if sandbox_off:
+            blocks.append("dangerouslyDisableSandbox: never allowed by a rule")
         url = fields.get("url")
         host = url_host(url) if isinstance(url, str) else None
         for action in ACTIONS:
-            if action == "allow" and sandbox_off:
-                reasons.append("dangerouslyDisableSandbox: never allowed by a rule")
+            if action == "allow" and blocks:
+                reasons.extend(blocks)
                 break
             for entry in self._tool_entries(tool_name, action, path, host):
                 if action == "allow" and reasons and isinstance(entry.matcher, _Path):
@@ -468,6 +490,48 @@ class RuleSet:
         if not reasons:
             reasons.append("no rule matches")
         return Verdict(None, None, reasons)
+
+    def _search(self, tool_name: str, fields: dict[str, JSON], sandbox_off: bool) -> Verdict:
+        """Grep, Glob, LS: Read deny and ask path rules apply to the directory
+        searched (Claude Code applies Read rules to them on a best-effort basis);
+        only rules naming the tool itself allow."""
+        raw = fields.get("path")
+        root = normalize_path(raw) if isinstance(raw, str) else None
+        blocks: list[str] = []
+        read = self._paths.get("Read", {})
+        for action in _DENY_ASK:
+            by_anchor = read.get(action, {})
+            if root is not None:
+                for anchor in _ancestors(root):
+                    for entry in by_anchor.get(anchor, ()):
+                        assert isinstance(entry.matcher, _Path)
+                        # The root itself, or every name in it (a NUL names no
+                        # file, so only a pattern covering any child matches it).
+                        if entry.matcher.matches(root) or entry.matcher.matches(
+                            root.rstrip("/") + "/\x00"
+                        ):
+                            return Verdict(
+                                action, entry.rule_id, [f"{entry.rule.text} matches {root}"]
+                            )
+            for anchor, entries in by_anchor.items():
+                if not entries:
+                    continue
+                if root is None:
+                    blocks.append(f"a search from an unknown directory, and {entries[0].rule.text}")
+                elif _overlaps(root, anchor):
+                    blocks.append(f"the search may reach what {entries[0].rule.text} names")
+        for action in _DENY_ASK:
+            for entry in self._tool_entries(tool_name, action, None, None):
+                return Verdict(action, entry.rule_id, [f"{entry.rule.text} covers every use"])
+        if isinstance(raw, str) and _has_dotdot(raw) and read:
+            blocks.append("a '..' segment in the searched path, and Read path rules")
+        if sandbox_off:
+            blocks.append("dangerouslyDisableSandbox: never allowed by a rule")
+        if blocks:
+            return Verdict(None, None, blocks[:3])
+        for entry in self._tool_entries(tool_name, "allow", None, None):
+            return Verdict("allow", entry.rule_id, [f"{entry.rule.text} covers every use"])
+        return Verdict(None, None, ["no rule matches"])
 
     def _matches(self, entry: _Entry, tool_name: str, fields: dict[str, JSON]) -> str | None:
         """None when ``entry`` does not match; else a note on how it matched."""

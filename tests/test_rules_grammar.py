@@ -288,9 +288,54 @@ def test_deny_sees_through_dots_that_allow_refuses() -> None:
     assert escape.action is None
 
 
-def test_a_tool_wide_rule_does_not_need_a_path() -> None:
-    assert _decides("Read", "Read", {"file_path": "relative.txt"})
+def test_a_relative_path_is_never_allowed_even_by_the_bare_tool_name() -> None:
+    """A deny rule cannot see where a relative path leads: with ``Read`` allowed
+    and ``Read(//**/.env)`` denied, ``.env`` must not slip through as allowed."""
+    rules = RuleSet([(1, parse_rule("Read"), "allow"), (2, parse_rule("Read(//**/.env)"), "deny")])
+    assert rules.evaluate("Read", {"file_path": "/srv/app/.env"}).action == "deny"
+    assert rules.evaluate("Read", {"file_path": ".env"}).action is None
+    assert rules.evaluate("Read", {"file_path": "../app/.env"}).action is None
+    assert rules.evaluate("Read", {}).action is None
+    assert rules.evaluate("Read", {"file_path": "/srv/app/main.py"}).action == "allow"
     assert _decides("Edit", "Write", {"file_path": "/x"})
+
+
+@pytest.mark.parametrize(
+    ("tool_input", "action"),
+    [
+        ({"pattern": "x", "path": "/srv/app/src"}, "allow"),
+        ({"pattern": "x", "path": "/home/u/.ssh"}, "deny"),
+        ({"pattern": "x", "path": "/home/u/.ssh/keys"}, "deny"),
+        ({"pattern": "x", "path": "/home/u/./.ssh"}, "deny"),
+        ({"pattern": "x", "path": "/home/u"}, None),  # reaches into .ssh
+        ({"pattern": "x", "path": "/"}, None),
+        ({"pattern": "x", "path": "/srv/x/../../home/u/.ssh"}, "deny"),
+        ({"pattern": "x", "path": "/srv/link/../app"}, None),  # ".." and Read rules
+        ({"pattern": "x"}, None),  # the working directory: unknown to the gateway
+        ({"pattern": "x", "path": "src"}, None),
+        ({"pattern": "x", "path": "/srv/app", "dangerouslyDisableSandbox": True}, None),
+    ],
+)
+def test_search_tools_meet_read_deny_rules(tool_input: dict[str, Any], action: str | None) -> None:
+    rules = RuleSet(
+        [
+            (1, parse_rule("Grep"), "allow"),
+            (2, parse_rule("Glob"), "allow"),
+            (3, parse_rule("Read(//home/u/.ssh/**)"), "deny"),
+        ]
+    )
+    for tool in ("Grep", "Glob"):
+        assert rules.evaluate(tool, tool_input).action == action, tool
+
+
+def test_search_tools_without_read_rules_follow_their_own() -> None:
+    rules = RuleSet([(1, parse_rule("Grep"), "allow"), (2, parse_rule("LS"), "deny")])
+    assert rules.evaluate("Grep", {"pattern": "x"}).action == "allow"
+    assert rules.evaluate("LS", {"path": "/"}).action == "deny"
+    assert rules.evaluate("Glob", {"pattern": "*"}).action is None
+    # A Read allow rule does not allow a search.
+    reads = RuleSet([(1, parse_rule("Read(//srv/**)"), "allow")])
+    assert reads.evaluate("Grep", {"pattern": "x", "path": "/srv"}).action is None
 
 
 def test_path_rule_ignores_a_missing_or_non_string_path() -> None:
