@@ -54,6 +54,7 @@ _PATH_TOOLS = frozenset({"Read", "Edit", "Write", "MultiEdit", "NotebookEdit", "
 _AGENT_TOOLS = frozenset({"Agent", "Task"})
 _TOOL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _HOST = re.compile(
     r"^(?:\*\.)?[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*$"
 )
@@ -89,6 +90,9 @@ def parse_rule(text: str) -> PermissionRule:
     bad = _CONTROL.search(body)
     if bad:
         raise RuleSyntaxError(offset + bad.start(), "a control character")
+    bad = _SURROGATE.search(body)
+    if bad:
+        raise RuleSyntaxError(offset + bad.start(), "not valid Unicode (a lone surrogate)")
     name = _TOOL_NAME.match(body)
     if name is None:
         raise RuleSyntaxError(offset, "a rule starts with a tool name")
@@ -315,7 +319,7 @@ def _ancestors(path: str) -> list[str]:
 def normalize_path(path: str) -> str | None:
     """The absolute path with ``.``, ``..`` and repeated ``/`` resolved (symlinks are
     not: the gateway has no file system); None for a relative or empty path."""
-    if not path.startswith("/") or "\x00" in path:
+    if not path.startswith("/") or "\x00" in path or _SURROGATE.search(path):
         return None
     normal = posixpath.normpath(path)
     # normpath keeps a leading "//" (POSIX leaves it implementation-defined).

@@ -140,7 +140,13 @@ def _parse(command: str, depth: int) -> ParsedCommand:
         return ParsedCommand(command, (), tuple(problems))
     if not command.strip():
         return ParsedCommand(command, (), ("the command is empty",))
-    source = command.encode("utf-8", "surrogatepass")
+    try:
+        source = command.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (JSON can carry one): parsed with it replaced, so
+        # deny rules still see the rest, and never allowed.
+        problems.append("the command is not valid Unicode")
+        source = command.encode("utf-8", "replace")
     tree = tree_sitter.Parser(_LANGUAGE).parse(source)
     root = tree.root_node
     if root.has_error:
@@ -153,7 +159,7 @@ def _parse(command: str, depth: int) -> ParsedCommand:
 
 
 def _text(source: bytes, node: tree_sitter.Node) -> str:
-    return source[node.start_byte : node.end_byte].decode("utf-8", "surrogatepass")
+    return source[node.start_byte : node.end_byte].decode("utf-8", "replace")
 
 
 class _Walker:

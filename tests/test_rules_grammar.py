@@ -83,6 +83,7 @@ def test_parse(text: str, tool: str, specifier: str | None, canonical: str | Non
         ("Frobnicate(x)", 11, "no specifier"),
         ("mcp__s(x)", 7, "no specifier"),
         ("mcp__", 0, "MCP rule"),
+        ("Bash(rm \ud800)", 8, "lone surrogate"),
     ],
 )
 def test_parse_errors_name_position_and_reason(text: str, position: int, reason: str) -> None:
@@ -272,6 +273,7 @@ def test_path_rules(rule: str, tool: str, path: str, matches: bool) -> None:
         ("a/b", None),
         ("", None),
         ("/a\x00b", None),
+        ("/a/\udc80", None),
     ],
 )
 def test_normalize_path(path: str, expected: str | None) -> None:

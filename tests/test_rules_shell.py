@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from protocol import RuleSet, parse_command, parse_rule
+from protocol import RuleSet, RuleSyntaxError, parse_command, parse_rule
 from protocol.rules import Action
 from protocol.shell import MAX_COMMAND_CHARS
 
@@ -368,3 +368,32 @@ def test_deny_sees_a_few_levels_down() -> None:
         "deny"
     )
     assert RULES.evaluate("Bash", {"command": "eval " * 10 + "rm x"}).action == "deny"
+
+
+@settings(max_examples=300, deadline=None)
+@given(command=st.text(max_size=60))
+def test_evaluate_never_raises_on_any_command(command: str) -> None:
+    verdict = RULES.evaluate("Bash", {"command": command})
+    assert verdict.action in (None, "allow", "ask", "deny")
+    assert all(p.action in (None, "allow", "ask", "deny") for p in verdict.parts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=40))
+def test_parse_rule_raises_only_rule_syntax_errors(text: str) -> None:
+    error: RuleSyntaxError | None = None
+    try:
+        rule = parse_rule(text)
+    except RuleSyntaxError as caught:
+        error = caught
+    if error is not None:
+        assert 0 <= error.position <= len(text)
+        return
+    assert parse_rule(rule.text) == rule
+    RuleSet([(1, rule, "deny")]).evaluate(rule.tool, {"command": text, "file_path": "/" + text})
+
+
+def test_lone_surrogates_and_nul() -> None:
+    for command in ("ls \ud800", "\ud800", "ls\x00", "ls '\x00'", "\x00"):
+        assert RULES.evaluate("Bash", {"command": command}).action in (None, "allow")
+    assert RULES.evaluate("Bash", {"command": "rm \ud800"}).action == "deny"
