@@ -681,38 +681,30 @@ def _basename(part: SimpleCommand) -> str:
 
 # Rules the console offers ---------------------------------------------------------------------
 
-# First words whose prefix rule would allow anything at all.
+# First words whose prefix rule would allow anything at all: shells, eval,
+# privilege and environment prefixes, and tools whose ordinary options run a
+# command or write a file (sed's "e" and "w", awk's system(), find -exec /
+# -fprint, tar --to-command, rsync -e, ssh).
 _NO_PREFIX = frozenset(
     {
-        "bash",
-        "sh",
-        "zsh",
-        "dash",
-        "ksh",
-        "fish",
-        "eval",
-        "exec",
-        "env",
-        "sudo",
-        "doas",
-        "xargs",
-        "command",
-        "builtin",
-        "source",
-        ".",
-        "ssh",
-        "su",
-        "time",
-        "timeout",
-        "nice",
-        "nohup",
-        "stdbuf",
+        "bash", "sh", "zsh", "dash", "ksh", "fish", "eval", "exec", "env", "sudo",
+        "doas", "su", "xargs", "command", "builtin", "source", ".", "ssh", "scp",
+        "time", "timeout", "nice", "nohup", "stdbuf", "sed", "awk", "gawk", "mawk",
+        "find", "tar", "rsync", "parallel", "watch", "script", "expect", "vim", "vi",
+        "nvim", "emacs", "less", "more", "man",
     }
-)
-# Interpreters: a prefix rule needs a subcommand word (``python -m x`` offers none).
+)  # fmt: skip
+# Interpreters and tools of many subcommands: a prefix rule needs the
+# subcommand (``git status:*``, never ``git:*``; ``python -m x`` offers none).
 _NEEDS_SUBCOMMAND = frozenset(
-    {"python", "python3", "node", "perl", "ruby", "php", "deno", "bun", "npx", "uv", "uvx", "pipx"}
-)
+    {
+        "python", "python3", "node", "perl", "ruby", "php", "deno", "bun", "npx", "uv",
+        "uvx", "pipx", "git", "npm", "yarn", "pnpm", "docker", "podman", "kubectl",
+        "cargo", "go", "pip", "pip3", "gh", "aws", "gcloud", "az", "terraform", "helm",
+        "make", "poetry", "bundle", "rake", "mvn", "gradle", "dotnet", "brew", "apt",
+        "apt-get", "systemctl", "java",
+    }
+)  # fmt: skip
 _WORD = re.compile(r"^[A-Za-z0-9_./+-]+$")
 _SUBCOMMAND = re.compile(r"^[A-Za-z][A-Za-z0-9_:-]*$")
 
