@@ -361,10 +361,9 @@ class _Walker:
         for word in words:
             if self.expansions(word, context):
                 blockers.append("a command substitution or process substitution")
-            if _arithmetic_on_variables(word):
-                # bash evaluates a variable's value in $(( )) as an expression,
-                # and an array subscript in it (a[$(cmd)]) runs cmd.
-                blockers.append("arithmetic on a variable")
+            hidden = _hidden_evaluation(word, self.source)
+            if hidden:
+                blockers.append(hidden)
         written = [self.text(w) for w in words]
         values = [_unquote(self.source, w) for w in words]
         start = _strip_wrappers(values)
@@ -450,15 +449,29 @@ _LITERAL_NAME = re.compile(r"^[A-Za-z0-9_./+@%:,=-][A-Za-z0-9_./+@%:,=~-]*$")
 _TIMEOUT_DURATION = re.compile(r"^[0-9.]+[smhd]?$")
 
 
-def _arithmetic_on_variables(node: tree_sitter.Node) -> bool:
+def _hidden_evaluation(node: tree_sitter.Node, source: bytes) -> str | None:
+    """Why a word may run code it does not show, or None.
+
+    bash evaluates a variable's value as an arithmetic expression in ``$(( ))``
+    and in an indexed array's subscript, and an array subscript inside that
+    value (``a[$(cmd)]``) runs ``cmd``; ``${x@P}`` expands a prompt string,
+    command substitutions included.
+    """
     stack = [(node, False)]
     while stack:
         current, inside = stack.pop()
-        inside = inside or current.type == "arithmetic_expansion"
-        if inside and current.type in ("variable_name", "simple_expansion", "expansion"):
-            return True
+        kind = current.type
+        inside = inside or kind == "arithmetic_expansion"
+        if inside and kind in ("variable_name", "simple_expansion", "expansion"):
+            return "arithmetic on a variable"
+        if kind == "subscript":
+            index = current.named_children[1:]
+            if any(child.type != "number" for child in index):
+                return "an array subscript that is not a number"
+        if kind == "expansion" and _text(source, current).endswith("@P}"):
+            return "a ${…@P} prompt expansion"
         stack.extend((child, inside) for child in current.named_children)
-    return False
+    return None
 
 
 def _wrapper_writes_a_file(wrappers: list[str]) -> bool:

@@ -69,6 +69,11 @@ CORPUS: list[tuple[str, Action | None]] = [
     ("echo $(( $(rm y) ))", "deny"),
     ("echo $((1 + 2))", "allow"),
     ("echo $((x))", None),
+    ("echo ${a[i]}", None),
+    ("echo ${a[$i]}", None),
+    ("echo ${a[1]}", "allow"),
+    ("echo ${x@P}", None),
+    ("echo ${x@Q}", "allow"),
     ("echo $((a[$(rm y)]))", "deny"),
     ("l$(echo s)", None),
     # Process substitution.
