@@ -560,4 +560,31 @@ def _unquote(source: bytes, node: tree_sitter.Node) -> str:
         return "".join(_unquote(source, child) for child in node.children)
     if kind == "word":
         return re.sub(r"\\(.)", r"\1", _text(source, node), flags=re.DOTALL)
+    if kind == "ansi_c_string":
+        text = _text(source, node)
+        if text.startswith("$'") and text.endswith("'") and len(text) >= 3:
+            return _ANSI_C.sub(_ansi_c_char, text[2:-1])
     return _text(source, node)
+
+
+_ANSI_C = re.compile(
+    r"\\(x[0-9a-fA-F]{1,2}|u[0-9a-fA-F]{1,4}|U[0-9a-fA-F]{1,8}|[0-7]{1,3}|c.|.)", re.DOTALL
+)
+_ANSI_C_LETTERS = {
+    "a": "\a", "b": "\b", "e": "\x1b", "E": "\x1b", "f": "\f", "n": "\n",
+    "r": "\r", "t": "\t", "v": "\v", "\\": "\\", "'": "'", '"': '"', "?": "?",
+}  # fmt: skip
+
+
+def _ansi_c_char(match: re.Match[str]) -> str:
+    """One escape of a ``$'…'`` string, as bash decodes it (so deny sees ``$'\\x72m'`` as rm)."""
+    escape = match.group(1)
+    head = escape[0]
+    if head in "xuU" and len(escape) > 1:
+        code = int(escape[1:], 16)
+        return chr(code) if code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else "\ufffd"
+    if head in "01234567":
+        return chr(int(escape, 8) & 0xFF)
+    if head == "c" and len(escape) == 2:
+        return chr(ord(escape[1]) & 0x1F)
+    return _ANSI_C_LETTERS.get(escape, "\\" + escape)
