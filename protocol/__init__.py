@@ -52,6 +52,7 @@ if TYPE_CHECKING:
         Verdict,
         exact_rule,
         parse_rule,
+        part_rules,
         prefix_rule,
     )
     from protocol.shell import ParsedCommand, SimpleCommand, parse_command
@@ -69,6 +70,7 @@ _LAZY = {
             "Verdict",
             "exact_rule",
             "parse_rule",
+            "part_rules",
             "prefix_rule",
         ),
         "protocol.rules",
@@ -126,6 +128,7 @@ __all__ = [
     "parse",
     "parse_command",
     "parse_rule",
+    "part_rules",
     "perm_cancel",
     "perm_response",
     "prefix_rule",

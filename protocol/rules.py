@@ -768,4 +768,31 @@ def exact_rule(tool_name: str, tool_input: JSON) -> str | None:
     return rule.text
 
 
+def part_rules(tool_name: str, tool_input: JSON) -> list[str] | None:
+    """The exact rule of each simple command of a Bash command, in order and
+    without repeats, when every part can be allowed by a rule; else None.
+
+    The gateway matches a compound command part by part, so the exact rule of
+    ``cd x && make`` (``exact_rule``) never allows it here; these do.
+    """
+    if tool_name != "Bash" or not isinstance(tool_input, dict):
+        return None
+    command = tool_input.get("command")
+    if not isinstance(command, str):
+        return None
+    parsed = parse_command(command)
+    if parsed.problems or not parsed.parts:
+        return None
+    rules: list[str] = []
+    for part in parsed.parts:
+        if part.blockers or not part.words:
+            return None
+        text = exact_rule("Bash", {"command": part.text})
+        if text is None:
+            return None
+        if text not in rules:
+            rules.append(text)
+    return rules
+
+
 _PATH_SPECIAL = re.compile(r"[*?\[\]{}()\\!#\x00-\x1f\x7f]")

@@ -14,7 +14,15 @@ from typing import Any
 
 import pytest
 
-from protocol import PermissionRule, RuleSet, RuleSyntaxError, exact_rule, parse_rule, prefix_rule
+from protocol import (
+    PermissionRule,
+    RuleSet,
+    RuleSyntaxError,
+    exact_rule,
+    parse_rule,
+    part_rules,
+    prefix_rule,
+)
 from protocol.claude_code import session_rule
 from protocol.rules import Action, normalize_path, url_host
 
@@ -521,6 +529,32 @@ def test_exact_bash_rule_names_only_its_command() -> None:
     assert rule is not None
     assert not _bash(rule, "rm -rf build /")
     assert not _bash(rule, "rm -rf build && rm -rf /")
+
+
+@pytest.mark.parametrize(
+    ("command", "rules"),
+    [
+        ("cd src && make test", ["Bash(cd src)", "Bash(make test)"]),
+        ("npm test 2>&1 | grep FAIL", ["Bash(npm test)", "Bash(grep FAIL)"]),
+        ("ls; ls", ["Bash(ls)"]),
+        ("timeout 5 ls -la", ["Bash(ls -la)"]),
+        ("ls > out", None),
+        ("ls && FOO=1 make", None),
+        ("ls $(id)", None),
+        ("ls *.py && ls", None),
+        ("ls (", None),
+        ("", None),
+    ],
+)
+def test_part_rules(command: str, rules: list[str] | None) -> None:
+    assert part_rules("Bash", {"command": command}) == rules
+    if rules is not None:
+        made = RuleSet([(i, parse_rule(r), "allow") for i, r in enumerate(rules)])
+        assert made.evaluate("Bash", {"command": command}).action == "allow"
+        exact = exact_rule("Bash", {"command": command})
+        if exact is not None and len(rules) > 1:
+            # The whole command's exact rule does not allow it at the gateway.
+            assert not _bash(exact, command)
 
 
 def test_session_rule_is_spelled_by_the_grammar() -> None:
