@@ -150,15 +150,45 @@ class _Refused(Exception):
 
 @dataclass(frozen=True, slots=True)
 class _Bash:
+    """A Bash pattern: an exact command, or literal segments around each ``*``.
+
+    Matched without regular expressions (and so without backtracking): the
+    command is attacker-controlled and up to 10,000 characters, and a pattern
+    like ``* --help *`` as a regex is polynomial in it.
+    """
+
     exact: str | None
-    regex: re.Pattern[str] | None
+    segments: tuple[str, ...]
+    # The pattern without its trailing " *", which matches too (ls * → ls).
+    bare: tuple[str, ...] | None
     first_word: str | None
 
     def matches(self, text: str) -> bool:
         if self.exact is not None:
             return text == self.exact
-        assert self.regex is not None
-        return self.regex.fullmatch(text) is not None
+        if _glob(self.segments, text):
+            return True
+        return self.bare is not None and _glob(self.bare, text)
+
+
+def _glob(segments: tuple[str, ...], text: str) -> bool:
+    """Whether ``text`` is ``segments`` joined by any text; linear in ``text``
+    (leftmost matching of each middle segment is enough when the first is
+    anchored at the start and the last at the end)."""
+    if len(segments) == 1:
+        return text == segments[0]
+    first, last = segments[0], segments[-1]
+    if len(text) < len(first) + len(last):
+        return False
+    if not text.startswith(first) or not text.endswith(last):
+        return False
+    position, end = len(first), len(text) - len(last)
+    for segment in segments[1:-1]:
+        found = text.find(segment, position, end)
+        if found < 0:
+            return False
+        position = found + len(segment)
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,38 +249,33 @@ def _bash(spec: str) -> _Bash:
         if not prefix:
             raise _Refused(0, "':*' needs a command before it")
         first = prefix.split(" ", 1)[0]
-        return _Bash(None, re.compile(re.escape(prefix) + r"(?: .*)?", re.DOTALL), first)
+        return _Bash(None, (prefix + " ", ""), (prefix,), first)
     if not _has_wildcard(spec):
-        return _Bash(spec, None, spec.split(" ", 1)[0])
-    out: list[str] = []
-    literal: list[str] = []
-    seen_wildcard = False
+        return _Bash(spec, (), None, spec.split(" ", 1)[0])
+    segments: list[str] = []
+    current: list[str] = []
     index = 0
     while index < len(spec):
         char = spec[index]
         if char == "\\" and index + 1 < len(spec) and spec[index + 1] in "*\\":
-            out.append(re.escape(spec[index + 1]))
-            if not seen_wildcard:
-                literal.append(spec[index + 1])
+            current.append(spec[index + 1])
             index += 2
             continue
         if char == "*":
-            seen_wildcard = True
-            if index == len(spec) - 1 and index > 0 and spec[index - 1] == " " and out:
-                # A trailing " *" also matches the bare command: Bash(ls *) matches ls.
-                out[-1] = ""
-                out.append(r"(?: .*)?")
-            else:
-                out.append(".*")
+            segments.append("".join(current))
+            current = []
             index += 1
             continue
-        out.append(re.escape(char))
-        if not seen_wildcard:
-            literal.append(char)
+        current.append(char)
         index += 1
-    head = "".join(literal)
+    segments.append("".join(current))
+    bare = None
+    if spec.endswith(" *") and not spec.endswith("\\ *") and segments[-2].endswith(" "):
+        # A trailing " *" also matches the bare command: Bash(ls *) matches ls.
+        bare = (*segments[:-2], segments[-2][:-1])
+    head = segments[0]
     word = head.split(" ", 1)[0] if " " in head else None
-    return _Bash(None, re.compile("".join(out), re.DOTALL), word)
+    return _Bash(None, tuple(segments), bare, word)
 
 
 def _has_wildcard(spec: str) -> bool:
@@ -402,7 +427,6 @@ class RuleSet:
         # Bash rules with a specifier, by the first word of their pattern when it is literal.
         self._bash_words: dict[Action, dict[str, list[_Entry]]] = {a: {} for a in ACTIONS}
         self._bash_other: dict[Action, list[_Entry]] = {a: [] for a in ACTIONS}
-        self._bash_other_re: dict[Action, re.Pattern[str]] = {}
         # WebFetch domain rules, by host ("*.example.com" for the subdomain ones).
         self._domains: dict[Action, dict[str, list[_Entry]]] = {a: {} for a in ACTIONS}
         # Path rules, by tool and the literal directory their pattern starts with.
@@ -571,28 +595,10 @@ class RuleSet:
             if word not in seen:
                 seen.add(word)
                 found.extend(self._bash_words[action].get(word, ()))
-        other = self._bash_other[action]
-        if other:
-            # One pass of the rules with no literal first word, all at once;
-            # only when one of them matches are they tried in order.
-            combined = self._bash_other_regex(action)
-            if any(combined.fullmatch(t) for t in texts):
-                found.extend(other)
+        found.extend(self._bash_other[action])
         if len(found) > 1:
             found.sort(key=lambda e: e.position)
         return found
-
-    def _bash_other_regex(self, action: Action) -> re.Pattern[str]:
-        combined = self._bash_other_re.get(action)
-        if combined is None:
-            patterns = []
-            for entry in self._bash_other[action]:
-                assert isinstance(entry.matcher, _Bash)
-                assert entry.matcher.regex is not None
-                patterns.append(f"(?:{entry.matcher.regex.pattern})")
-            combined = re.compile("|".join(patterns), re.DOTALL)
-            self._bash_other_re[action] = combined
-        return combined
 
     def _bash_match(self, action: Action, texts: tuple[str, ...]) -> _Entry | None:
         for entry in self._bash_candidates(action, texts):
