@@ -72,6 +72,7 @@ _VALUES = frozenset(
 _SAFE_FD_TARGET = re.compile(r"^(?:[0-9]+|-)$")
 
 _LANGUAGE = tree_sitter.Language(tree_sitter_bash.language())
+_ASCII_ONLY = bytes(range(128)) + b"a" * 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +148,12 @@ def _parse(command: str, depth: int) -> ParsedCommand:
         # deny rules still see the rest, and never allowed.
         problems.append("the command is not valid Unicode")
         source = command.encode("utf-8", "replace")
-    tree = tree_sitter.Parser(_LANGUAGE).parse(source)
+    # tree-sitter-bash 0.25.1 reads out of bounds on some characters past the
+    # BMP (``x{`` followed by U+E0000 crashes the process). bash itself treats
+    # every byte >= 0x80 as an ordinary word character, so the parser is given
+    # them as "a" (same byte offsets) and the text of each node is taken from
+    # the command as sent.
+    tree = tree_sitter.Parser(_LANGUAGE).parse(source.translate(_ASCII_ONLY))
     root = tree.root_node
     if root.has_error:
         problems.append("the command does not parse as shell")

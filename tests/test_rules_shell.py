@@ -9,6 +9,11 @@ and ``C `S``` are never allowed.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -407,3 +412,59 @@ def test_lone_surrogates_and_nul() -> None:
     for command in ("ls \ud800", "\ud800", "ls\x00", "ls '\x00'", "\x00"):
         assert RULES.evaluate("Bash", {"command": command}).action in (None, "allow")
     assert RULES.evaluate("Bash", {"command": "rm \ud800"}).action == "deny"
+
+
+# Found by the property test above: tree-sitter-bash 0.25.1 segfaults on these
+# (an out-of-bounds read on characters past the BMP after "{"), taking the
+# gateway process with it. Run in a child process so a crash is a failure here.
+CRASHERS = ["x{\U000e0000", "\u00bd\U000997e7{\U00106f37", "a{\U00100000} && rm x"]
+
+
+def test_characters_that_crashed_the_parser() -> None:
+    script = (
+        "import sys\n"
+        "from protocol import RuleSet, parse_rule\n"
+        "rules = RuleSet([(1, parse_rule('Bash(rm *)'), 'deny')])\n"
+        "for command in sys.argv[1:]:\n"
+        "    for _ in range(20):\n"
+        "        verdict = rules.evaluate('Bash', {'command': command})\n"
+        "    print(verdict.action)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *CRASHERS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["None", "None", "deny"]
+
+
+def test_non_ascii_stays_literal() -> None:
+    parsed = parse_command("echo h\u00e9llo w\U0001f600rld && ls caf\u00e9")
+    assert [p.text for p in parsed.parts] == ["echo h\u00e9llo w\U0001f600rld", "ls caf\u00e9"]
+    assert RULES.evaluate("Bash", {"command": "ls caf\u00e9\u00a0; rm x"}).action == "deny"
+    assert RULES.evaluate("Bash", {"command": "ls caf\u00e9 \u00bd"}).action == "allow"
+
+
+def test_wildcard_patterns_are_linear_in_the_command() -> None:
+    """A pattern with several stars, read as a regular expression, backtracks
+    polynomially on a long command; the gateway's matcher does not."""
+    rules = RuleSet(
+        [
+            (1, parse_rule("Bash(*a*a*a*a*b)"), "deny"),
+            (2, parse_rule("Bash(* --help *)"), "ask"),
+            (3, parse_rule("Bash(ls *a*a*a*b *)"), "allow"),
+        ]
+    )
+    command = "ls " + "a" * (MAX_COMMAND_CHARS - 10)
+    started = time.perf_counter()
+    for _ in range(3):
+        verdict = rules.evaluate("Bash", {"command": command})
+    assert verdict.action is None
+    assert time.perf_counter() - started < 1.0
+    assert rules.evaluate("Bash", {"command": "ls xaxaxaxab"}).action == "deny"
+    assert rules.evaluate("Bash", {"command": "ls a a a b"}).action == "allow"
+    assert rules.evaluate("Bash", {"command": "npm --help x"}).action == "ask"
