@@ -22,12 +22,11 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
-import pathspec
-
 from protocol.envelope import JSON
+from protocol.globs import PathGlob, compile_glob
 from protocol.shell import ParsedCommand, SimpleCommand, parse_command
 
 Action = Literal["allow", "ask", "deny"]
@@ -193,13 +192,15 @@ def _glob(segments: tuple[str, ...], text: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class _Path:
-    spec: pathspec.PathSpec[Any]
+    glob: PathGlob
     # The literal directory the pattern starts with ("/home/u/src" for
     # //home/u/src/**/*.py): only paths at or under it can match.
     anchor: str
 
-    def matches(self, path: str) -> bool:
-        return bool(self.spec.match_file(path.lstrip("/")))
+    def matches(self, path: str, action: Action) -> bool:
+        # Allow reads the pattern as pathspec does; deny and ask also cover
+        # everything under a matched directory, as git in effect does.
+        return self.glob.matches(path) if action == "allow" else self.glob.covers(path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +310,11 @@ def _path(spec: str) -> _Path:
         if not component or _GLOB_CHARS.search(component):
             break
         anchor.append(component)
-    return _Path(pathspec.PathSpec.from_lines("gitignore", [pattern]), "/" + "/".join(anchor))
+    try:
+        glob = compile_glob(pattern)
+    except (ValueError, re.error) as error:
+        raise _Refused(1, f"not a path pattern ({error})") from None
+    return _Path(glob, "/" + "/".join(anchor))
 
 
 _GLOB_CHARS = re.compile(r"[*?\[\]\\!]")
@@ -535,8 +540,8 @@ class RuleSet:
                         assert isinstance(entry.matcher, _Path)
                         # The root itself, or every name in it (a NUL names no
                         # file, so only a pattern covering any child matches it).
-                        if entry.matcher.matches(root) or entry.matcher.matches(
-                            root.rstrip("/") + "/\x00"
+                        if entry.matcher.matches(root, action) or entry.matcher.matches(
+                            root.rstrip("/") + "/\x00", action
                         ):
                             return Verdict(
                                 action, entry.rule_id, [f"{entry.rule.text} matches {root}"]
@@ -571,7 +576,7 @@ class RuleSet:
             if not isinstance(raw, str):
                 return None
             path = normalize_path(raw)
-            if path is None or not matcher.matches(path):
+            if path is None or not matcher.matches(path, entry.action):
                 return None
             return f" matches {path}"
         if isinstance(matcher, _Domain):

@@ -10,9 +10,13 @@ legacy ``:*`` read as `` *`` with its word boundary) the table says so.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import pathspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocol import (
     PermissionRule,
@@ -24,6 +28,7 @@ from protocol import (
     prefix_rule,
 )
 from protocol.claude_code import session_rule
+from protocol.globs import compile_glob
 from protocol.rules import Action, normalize_path, url_host
 
 
@@ -577,3 +582,58 @@ def test_session_rule_is_spelled_by_the_grammar() -> None:
     assert session_rule("Bash", {"command": "ls *"}, None) is None
     assert session_rule("Read", {"file_path": "/etc/hosts"}, None) is None
     assert session_rule("WebFetch", {"url": "https://a.b/"}, lambda _p: True) is None
+
+
+# ── path patterns: pathspec's semantics, without its backtracking ──────────────────────
+
+_COMPONENTS = ["a", "b", "ab", "*", "?", "**", "a*", "*b", "[ab]", "[!a]", "a?", "*a*", "\\*"]
+_NAMES = ["a", "b", "ab", "ba", "aa", "abb", "*", "c", "a*", "a b", "]"]
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    pattern=st.lists(st.sampled_from(_COMPONENTS), min_size=1, max_size=4),
+    slash=st.booleans(),
+    path=st.lists(st.sampled_from(_NAMES), min_size=1, max_size=5),
+)
+def test_path_globs_agree_with_pathspec(pattern: list[str], slash: bool, path: list[str]) -> None:
+    text = "/" + "/".join(pattern) + ("/" if slash else "")
+    target = "/" + "/".join(path)
+    reference = bool(pathspec.PathSpec.from_lines("gitignore", [text]).match_file(target[1:]))
+    glob = compile_glob(text)
+    assert glob.matches(target) is reference
+    if reference:
+        assert glob.covers(target)
+
+
+def test_deny_covers_what_is_under_a_matched_directory() -> None:
+    """pathspec reads //srv/* as the entries of /srv only; git, and so a deny
+    rule, also covers what is under them. An allow keeps the narrow reading."""
+    rules = RuleSet([(1, parse_rule("Read(//srv/*)"), "deny")])
+    assert rules.evaluate("Read", {"file_path": "/srv/app/key"}).action == "deny"
+    allow = RuleSet([(1, parse_rule("Read(//srv/*)"), "allow")])
+    assert allow.evaluate("Read", {"file_path": "/srv/app"}).action == "allow"
+    assert allow.evaluate("Read", {"file_path": "/srv/app/key"}).action is None
+
+
+def test_path_patterns_are_linear_in_the_path() -> None:
+    """As one regular expression (pathspec), //a*a*a*a*b backtracks polynomially
+    on a long path name from the agent; here it does not."""
+    rules = RuleSet(
+        [
+            (1, parse_rule("Read(//a*a*a*a*b)"), "deny"),
+            (2, parse_rule("Read(//**/a/**/a/**/a/**/b)"), "deny"),
+            (3, parse_rule("Read(//**)"), "allow"),
+        ]
+    )
+    started = time.perf_counter()
+    for path in ("/" + "a" * 4000, "/" + "a/" * 2000 + "c"):
+        assert rules.evaluate("Read", {"file_path": path}).action == "allow"
+    assert time.perf_counter() - started < 1.0
+    assert rules.evaluate("Read", {"file_path": "/xaxaxaab"}).action == "allow"
+    assert rules.evaluate("Read", {"file_path": "/axaxaab"}).action == "deny"
+
+
+def test_bad_character_class_is_a_syntax_error() -> None:
+    with pytest.raises(RuleSyntaxError, match="not a path pattern"):
+        parse_rule("Read(//a/[z-a])")
