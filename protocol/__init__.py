@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     )
     from protocol.shell import ParsedCommand, SimpleCommand, parse_command
 
-# The rule grammar loads tree-sitter and pathspec (~30 ms): only on first use,
+# The rule grammar loads tree-sitter (tens of ms): only on first use,
 # so the hook command, which imports this package, still starts fast.
 _LAZY = {
     **dict.fromkeys(
