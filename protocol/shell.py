@@ -48,6 +48,8 @@ _TRANSPARENT: dict[str, frozenset[str]] = {
     "exec": frozenset({"-a"}),
     "sudo": frozenset({"-u", "-g", "-C", "-D", "-h", "-p", "-r", "-t", "-U", "-T", "--user"}),
     "doas": frozenset({"-u", "-C"}),
+    "setsid": frozenset(),
+    "coproc": frozenset(),
 }
 _SHELLS = frozenset({"bash", "sh", "zsh", "dash", "ksh", "mksh", "ash", "fish", "busybox"})
 _EVALS = frozenset({"eval"})
@@ -354,7 +356,7 @@ class _Walker:
                 words.extend(child.named_children)
             elif child.type in _REDIRECTS:
                 redirects.append(child)
-            elif child.type in {"subscript", "comment"}:
+            elif child.type == "comment":
                 continue
             else:
                 words.append(child)

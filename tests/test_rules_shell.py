@@ -206,6 +206,8 @@ CORPUS: list[tuple[str, Action | None]] = [
     ("sudo rm x", "deny"),
     ("sudo -u root rm x", "deny"),
     ("exec rm x", "deny"),
+    ("setsid rm x", "deny"),
+    ("coproc rm x", "deny"),
     ("/bin/rm x", "deny"),
     ("./rm x", "deny"),
     ("env ls", None),
