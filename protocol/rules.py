@@ -170,6 +170,17 @@ class _Bash:
         return self.bare is not None and _glob(self.bare, text)
 
 
+def _last_word(matcher: _Bash) -> str | None:
+    """The literal last word every command the pattern matches ends with, if any."""
+    if matcher.exact is not None or matcher.bare is not None or len(matcher.segments) < 2:
+        return None
+    tail = matcher.segments[-1]
+    if " " not in tail:
+        return None
+    last = tail.rsplit(" ", 1)[-1]
+    return last or None
+
+
 def _glob(segments: tuple[str, ...], text: str) -> bool:
     """Whether ``text`` is ``segments`` joined by any text; linear in ``text``
     (leftmost matching of each middle segment is enough when the first is
@@ -432,6 +443,9 @@ class RuleSet:
         # Bash rules with a specifier, by the first word of their pattern when it is literal.
         self._bash_words: dict[Action, dict[str, list[_Entry]]] = {a: {} for a in ACTIONS}
         self._bash_other: dict[Action, list[_Entry]] = {a: [] for a in ACTIONS}
+        # ... and the others by the last word of their pattern, when it is literal
+        # (Bash(* --version) can only match a command whose last word is --version).
+        self._bash_last: dict[Action, dict[str, list[_Entry]]] = {a: {} for a in ACTIONS}
         # WebFetch domain rules, by host ("*.example.com" for the subdomain ones).
         self._domains: dict[Action, dict[str, list[_Entry]]] = {a: {} for a in ACTIONS}
         # Path rules, by tool and the literal directory their pattern starts with.
@@ -446,6 +460,8 @@ class RuleSet:
             if rule.tool == "Bash" and isinstance(matcher, _Bash):
                 if matcher.first_word is not None:
                     self._bash_words[action].setdefault(matcher.first_word, []).append(entry)
+                elif (last := _last_word(matcher)) is not None:
+                    self._bash_last[action].setdefault(last, []).append(entry)
                 else:
                     self._bash_other[action].append(entry)
                 continue
@@ -595,11 +611,18 @@ class RuleSet:
     def _bash_candidates(self, action: Action, texts: tuple[str, ...]) -> list[_Entry]:
         found: list[_Entry] = []
         seen: set[str] = set()
+        seen_last: set[str] = set()
+        by_last = self._bash_last[action]
         for text in texts:
             word = text.split(" ", 1)[0]
             if word not in seen:
                 seen.add(word)
                 found.extend(self._bash_words[action].get(word, ()))
+            if by_last:
+                last = text.rsplit(" ", 1)[-1]
+                if last not in seen_last:
+                    seen_last.add(last)
+                    found.extend(by_last.get(last, ()))
         found.extend(self._bash_other[action])
         if len(found) > 1:
             found.sort(key=lambda e: e.position)

@@ -225,6 +225,18 @@ def test_first_matching_rule_of_an_action_is_named() -> None:
     assert first.evaluate("Bash", {"command": "ls -l"}).rule_id == "l"
     assert first.evaluate("Bash", {"command": "cat --nope"}).rule_id == "x"
     assert first.evaluate("Bash", {"command": "cat -l"}).action is None
+    # Indexed by first word, by last word, and not at all: the order still holds.
+    mixed = RuleSet(
+        [
+            ("any", parse_rule("Bash(*-la*)"), "allow"),
+            ("last", parse_rule("Bash(* -la)"), "allow"),
+            ("first", parse_rule("Bash(ls *)"), "allow"),
+        ]
+    )
+    assert mixed.evaluate("Bash", {"command": "ls -la"}).rule_id == "any"
+    assert mixed.evaluate("Bash", {"command": "du -la"}).rule_id == "any"
+    assert mixed.evaluate("Bash", {"command": "ls -l"}).rule_id == "first"
+    assert mixed.evaluate("Bash", {"command": "du -l"}).action is None
 
 
 def test_no_rule_means_a_human_decides() -> None:
