@@ -350,7 +350,8 @@ FORMS = ["{c}; {s}", "{c} && {s}", "{c} | {s}", "{c} $({s})", "{c} `{s}`"]
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(c=ALLOWED, s=OTHER, form=st.sampled_from(FORMS))
 def test_an_allowed_command_never_carries_another(c: str, s: str, form: str) -> None:
-    assert RULES.evaluate("Bash", {"command": c}).action == "allow"
+    # The generator can spell a command no rule allows ("find . -exec").
+    assume(RULES.evaluate("Bash", {"command": c}).action == "allow")
     assume(parse_command(s).parts)
     # "$((" opens arithmetic in bash, not a substitution of a subshell: "ls $((1))" is "ls 1".
     assume(not (form == "{c} $({s})" and s.startswith("(")))
