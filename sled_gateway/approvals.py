@@ -137,6 +137,15 @@ class Approvals:
         self.events.publish(RulesChanged(rule, revoked=False))
         return rule
 
+    async def add_rules(self, drafts: list[Rule], principal: Principal) -> list[Rule]:
+        """Commit every draft as made by ``principal`` in one transaction, or none (an import)."""
+        self.authorize(principal, Role.ADMIN, "make rules")
+        rules = await self.store.add_rules([replace(d, created_by=principal.by) for d in drafts])
+        log.info("{} rule(s) imported by {}", len(rules), principal.by)
+        for rule in rules:
+            self.events.publish(RulesChanged(rule, revoked=False))
+        return rules
+
     async def revoke_rule(self, rule_id: int, principal: Principal) -> Rule:
         """Revoke a rule: :class:`~sled_gateway.store.UnknownRule` /
         :class:`~sled_gateway.store.RuleRevoked`."""
