@@ -21,13 +21,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from protocol import JSON, canonical_json
-from protocol.rules import PermissionRule, RuleSet, RuleSyntaxError, parse_rule
+from protocol.rules import Action, PermissionRule, RuleSet, RuleSyntaxError, parse_rule
 from sled_gateway.approvals import Approvals, Forbidden
 from sled_gateway.auth import principal_of
 from sled_gateway.http.errors import error
@@ -62,11 +62,11 @@ class BadInput(ValueError):
 
 
 def parse(text: object) -> tuple[str, PermissionRule]:
-    """A rule text, checked and parsed: ``(text, parsed)``; :class:`BadInput` naming why."""
+    """A rule text, checked and parsed: ``(its canonical text, parsed)``; :class:`BadInput`."""
     if not isinstance(text, str) or not text or len(text) > MAX_RULE_TEXT:
         raise BadInput(f"rule must be a non-empty string of at most {MAX_RULE_TEXT} characters")
     try:
-        return text, parse_rule(text)
+        parsed = parse_rule(text)
     except RuleSyntaxError as exc:
         raise BadInput(
             f"rule {text[:200]!r} does not parse: at position {exc.position}: {exc.reason}",
@@ -75,6 +75,7 @@ def parse(text: object) -> tuple[str, PermissionRule]:
         ) from None
     except ValueError as exc:
         raise BadInput(f"rule {text[:200]!r} does not parse: {exc}", reason=str(exc)) from None
+    return parsed.text, parsed
 
 
 def _action(value: object) -> str:
@@ -284,7 +285,7 @@ class RulesApi:
 
 def _replay(parsed: PermissionRule, action: str, rows: list[AuditEntry]) -> list[AuditEntry]:
     """The rows this one rule would have decided (an allow: every part allowed, in the sandbox)."""
-    one = RuleSet([(0, parsed, action)])
+    one = RuleSet([(0, parsed, cast(Action, action))])
     found = []
     for row in rows:
         if action == ALLOW and sandbox_off(row.tool_input):
