@@ -33,7 +33,15 @@ from typing import cast
 from loguru import logger
 
 from protocol import JSON, canonical_json, input_sha256
-from protocol.rules import Action, PermissionRule, RuleSet, Verdict, parse_rule
+from protocol.rules import (
+    Action,
+    PermissionRule,
+    RuleSet,
+    Verdict,
+    exact_rule,
+    parse_rule,
+    prefix_rule,
+)
 from sled_gateway.store.models import ALLOW, ASK, DENY, INPUT_HASH_KEY, INPUT_KEY, Rule
 
 log = logger.bind(actor="gateway")
@@ -103,6 +111,22 @@ def legacy_key(tool_name: str, tool_input: JSON) -> str | None:
 def sandbox_off(tool_input: JSON) -> bool:
     """Whether the call asks to run outside the sandbox: never allowed by a rule."""
     return isinstance(tool_input, dict) and tool_input.get("dangerouslyDisableSandbox") is True
+
+
+def suggested_rules(tool_name: str, tool_input: JSON) -> tuple[tuple[str, str], ...]:
+    """What "always allow" may offer for this use: ``(rule, kind)``, the exact rule
+    first, then the prefix rule (each only when the grammar can spell a safe one)."""
+    found: list[tuple[str, str]] = []
+    try:
+        for text, kind in (
+            (exact_rule(tool_name, tool_input), "exact"),
+            (prefix_rule(tool_name, tool_input), "prefix"),
+        ):
+            if text is not None and all(text != seen for seen, _ in found):
+                found.append((text, kind))
+    except Exception:  # a suggestion is a convenience: never a reason to fail a request
+        log.opt(exception=True).warning("no rule suggestions for a {} request", tool_name)
+    return tuple(found)
 
 
 def grammar_tool(text: str) -> str:

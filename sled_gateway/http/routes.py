@@ -35,7 +35,7 @@ from starlette.websockets import WebSocket
 
 from protocol import Decision, printable
 from protocol.web import ascii_digits
-from sled_gateway.approvals import Approvals, Forbidden, NotRecorded
+from sled_gateway.approvals import Approvals, Forbidden, NotRecorded, NotSuggested
 from sled_gateway.auth import principal_of
 from sled_gateway.config import GatewayConfig
 from sled_gateway.http.console import ConsolePage
@@ -203,6 +203,9 @@ class Routes:
             isinstance(digest, str) and _SHA256_HEX.fullmatch(digest) is not None
         ):
             return error(400, "input_sha256 must be 64 lowercase hex digits (SHA-256)")
+        rule = body.get("rule")
+        if rule is not None and not isinstance(rule, str):
+            return error(400, "rule must be one of the request's suggested_rules (a string)")
         try:
             record = await self.approvals.decide(
                 project,
@@ -211,9 +214,12 @@ class Routes:
                 principal_of(request),
                 reason=reason,
                 input_sha256=digest,
+                rule=rule,
             )
         except Forbidden as exc:
             return error(403, str(exc))
+        except NotSuggested as exc:
+            return error(400, str(exc))
         except UnknownRequest as exc:
             return error(404, str(exc.args[0]))
         except AlreadyDecided as exc:
