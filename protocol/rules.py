@@ -157,6 +157,9 @@ class _Bash:
 @dataclass(frozen=True, slots=True)
 class _Path:
     spec: pathspec.PathSpec[Any]
+    # The literal directory the pattern starts with ("/home/u/src" for
+    # //home/u/src/**/*.py): only paths at or under it can match.
+    anchor: str
 
     def matches(self, path: str) -> bool:
         return bool(self.spec.match_file(path.lstrip("/")))
@@ -269,7 +272,27 @@ def _path(spec: str) -> _Path:
     pattern = spec[1:]
     if pattern.startswith("//"):
         raise _Refused(2, "more than two leading slashes")
-    return _Path(pathspec.PathSpec.from_lines("gitignore", [pattern]))
+    anchor: list[str] = []
+    for component in pattern.strip("/").split("/"):
+        if not component or _GLOB_CHARS.search(component):
+            break
+        anchor.append(component)
+    return _Path(pathspec.PathSpec.from_lines("gitignore", [pattern]), "/" + "/".join(anchor))
+
+
+_GLOB_CHARS = re.compile(r"[*?\[\]\\!]")
+
+
+def _ancestors(path: str) -> list[str]:
+    """``/a/b/c`` → ``["/", "/a", "/a/b", "/a/b/c"]``."""
+    keys = ["/"]
+    at = path.find("/", 1)
+    while at > 0:
+        keys.append(path[:at])
+        at = path.find("/", at + 1)
+    if path != "/":
+        keys.append(path)
+    return keys
 
 
 # Paths and hosts of an input ----------------------------------------------------------------
@@ -328,6 +351,7 @@ class Verdict:
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
+    position: int
     rule_id: int | str
     rule: PermissionRule
     action: Action
@@ -360,14 +384,14 @@ class RuleSet:
         # Bash rules with a specifier, by the first word of their pattern when it is literal.
         self._bash_words: dict[Action, dict[str, list[_Entry]]] = {a: {} for a in ACTIONS}
         self._bash_other: dict[Action, list[_Entry]] = {a: [] for a in ACTIONS}
-        self._order: dict[int | str, int] = {}
+        # Path rules, by tool and the literal directory their pattern starts with.
+        self._paths: dict[str, dict[Action, dict[str, list[_Entry]]]] = {}
         self._size = 0
         for position, (rule_id, rule, action) in enumerate(entries):
             if action not in ACTIONS:
                 raise ValueError(f"action must be one of {', '.join(ACTIONS)}")
             matcher = None if rule.specifier is None else _compile(rule)
-            entry = _Entry(rule_id, rule, action, matcher)
-            self._order.setdefault(rule_id, position)
+            entry = _Entry(position, rule_id, rule, action, matcher)
             self._size += 1
             if rule.tool == "Bash" and isinstance(matcher, _Bash):
                 if matcher.first_word is not None:
@@ -375,17 +399,25 @@ class RuleSet:
                 else:
                     self._bash_other[action].append(entry)
                 continue
+            if isinstance(matcher, _Path):
+                by_anchor = self._paths.setdefault(rule.tool, {}).setdefault(action, {})
+                by_anchor.setdefault(matcher.anchor, []).append(entry)
+                continue
             self._by_tool.setdefault(rule.tool, {}).setdefault(action, []).append(entry)
 
     def __len__(self) -> int:
         return self._size
 
-    def _tool_entries(self, tool_name: str, action: Action) -> list[_Entry]:
+    def _tool_entries(self, tool_name: str, action: Action, path: str | None) -> list[_Entry]:
         found: list[_Entry] = []
         for key in _lookup_keys(tool_name):
             found.extend(self._by_tool.get(key, {}).get(action, ()))
+            if path is not None and key in self._paths:
+                by_anchor = self._paths[key].get(action, {})
+                for anchor in _ancestors(path):
+                    found.extend(by_anchor.get(anchor, ()))
         if len(found) > 1:
-            found.sort(key=lambda e: self._order.get(e.rule_id, 0))
+            found.sort(key=lambda e: e.position)
         return found
 
     def evaluate(self, tool_name: str, tool_input: JSON) -> Verdict:
@@ -395,11 +427,23 @@ class RuleSet:
         if tool_name == "Bash":
             return self._bash(fields, sandbox_off)
         reasons: list[str] = []
+        path = None
+        raw = fields.get(PATH_FIELDS.get(tool_name, ""))
+        if isinstance(raw, str):
+            path = normalize_path(raw)
+            if path is None:
+                reasons.append("a relative path: never allowed by a path rule")
+            elif "/../" in raw + "/" or raw.endswith("/.."):
+                # Lexically /a/link/../x is /a/x; the kernel follows the link
+                # first and may land anywhere. Deny and ask still see /a/x.
+                reasons.append("a '..' segment: never allowed by a path rule")
         for action in ACTIONS:
             if action == "allow" and sandbox_off:
                 reasons.append("dangerouslyDisableSandbox: never allowed by a rule")
                 break
-            for entry in self._tool_entries(tool_name, action):
+            for entry in self._tool_entries(tool_name, action, path):
+                if action == "allow" and reasons and isinstance(entry.matcher, _Path):
+                    continue
                 why = self._matches(entry, tool_name, fields)
                 if why is not None:
                     return Verdict(action, entry.rule_id, [*reasons, f"{entry.rule.text}{why}"])
@@ -442,7 +486,7 @@ class RuleSet:
                 found.extend(self._bash_words[action].get(word, ()))
         found.extend(self._bash_other[action])
         if len(found) > 1:
-            found.sort(key=lambda e: self._order.get(e.rule_id, 0))
+            found.sort(key=lambda e: e.position)
         return found
 
     def _bash_match(self, action: Action, texts: tuple[str, ...]) -> _Entry | None:
