@@ -10,6 +10,15 @@ beside a raw baseline measured in the same run: ``json.dumps`` of the input
 plus a dict lookup, the least any gateway does with a request. Then, for the
 sample of agent commands, how many a typical team prefix-rule set decides
 without a human, and for how many ``prefix_rule`` has a rule to offer.
+
+In the same run, the gateway's own figures at each size (``gateway``):
+``Policy.match`` (what the gateway runs on its event loop per request: the
+exact rows and the grammar rule set of the request's scope), and the
+**decision round trip**: the reference gateway (in this process, its own
+thread, an in-memory store, logging at INFO into a sink that drops it) holds
+the rules, imported over ``POST /api/rules/import``; a sled on a real
+WebSocket sends a ``perm_request`` a rule allows and waits for its
+``perm_response``. Each sample includes the audit row's commit.
 """
 
 from __future__ import annotations
@@ -173,13 +182,97 @@ def sample_report() -> dict[str, Any]:
     }
 
 
+def policy_match(size: int, rounds: int) -> dict[str, Any]:
+    """``Policy.match`` over the same mix, the rules as the gateway holds them (fleet-wide)."""
+    from sled_gateway.policy import Policy
+    from sled_gateway.store import Rule
+
+    base = typical_entries()
+    entries = base + filler(size - len(base), seed=size)
+    policy = Policy(
+        Rule(i + 1, None, p.tool, None, action, 0.0, "bench", rule=p.text)
+        for i, (_, p, action) in enumerate(entries)
+    )
+    mix = calls()
+    samples: list[int] = []
+    clock = time.perf_counter_ns
+    policy.match("bench", "Bash", {"command": "true"})  # builds the rule set once
+    for _ in range(rounds):
+        for tool_name, tool_input in mix:
+            start = clock()
+            policy.match("bench", tool_name, tool_input)
+            samples.append(clock() - start)
+    return {"rules": len(policy), "policy_match": percentiles(samples)}
+
+
+def round_trip(size: int, samples: int) -> dict[str, Any]:
+    """A ``perm_request`` answered by a rule, end to end over a real WebSocket."""
+    import asyncio
+
+    import httpx
+    from loguru import logger
+    from websockets.asyncio.client import connect
+
+    from sled_gateway import Gateway
+
+    logger.remove()
+    logger.add(lambda _message: None, level="INFO")  # formatted as in production, not shown
+    base = typical_entries()
+    texts = sorted(
+        {p.text: action for _, p, action in base + filler(size - len(base), size)}.items()
+    )
+    gw = Gateway(token="bench-token").start()
+    try:
+        with httpx.Client(base_url=gw.http_url, headers=gw.api_headers(), timeout=60) as client:
+            for at in range(0, len(texts), 5000):
+                block: dict[str, list[str]] = {"allow": [], "ask": [], "deny": []}
+                for text, action in texts[at : at + 5000]:
+                    block[action].append(text)
+                answer = client.post("/api/rules/import", json={"permissions": block})
+                answer.raise_for_status()
+
+        async def probe() -> list[int]:
+            taken: list[int] = []
+            async with connect(gw.url_for_sleds()) as ws:
+                await ws.send(json.dumps({"type": "identity", "req_id": "identity",
+                                          "payload": {"project": "bench"}}))  # fmt: skip
+                while not any(s["project"] == "bench" for s in gw.state()["sleds"]):
+                    await asyncio.sleep(0.01)
+                for i in range(samples + 20):  # the first 20 warm up (the rule set is built)
+                    request = {
+                        "tool_name": "Bash",
+                        "tool_input": {"command": f"npm test -- -k t{i}"},
+                    }
+                    start = time.perf_counter_ns()
+                    await ws.send(json.dumps({"type": "perm_request", "req_id": f"r{i}",
+                                              "payload": request}))  # fmt: skip
+                    while True:
+                        frame = json.loads(await ws.recv())
+                        if frame.get("type") == "perm_response" and frame.get("req_id") == f"r{i}":
+                            break
+                    assert frame["payload"]["approved"], frame
+                    if i >= 20:
+                        taken.append(time.perf_counter_ns() - start)
+            return taken
+
+        taken = asyncio.run(probe())
+    finally:
+        gw.stop()
+    return {"rules": len(texts), "round_trip": percentiles(taken), "samples": len(taken)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--trips", type=int, default=300, help="round trips per size")
     args = parser.parse_args()
+    sizes = (100, 1_000, 10_000)
     figures = {
-        "evaluate": [measure(size, args.rounds) for size in (100, 1_000, 10_000)],
+        "evaluate": [measure(size, args.rounds) for size in sizes],
         "sample": sample_report(),
+        "gateway": [
+            {**policy_match(size, args.rounds), **round_trip(size, args.trips)} for size in sizes
+        ],
     }
     print(json.dumps(figures, indent=1), flush=True)
 
