@@ -24,22 +24,15 @@ TOOL_NAME = "permission_prompt"
 SERVER_NAME = "sled"  # the --mcp-config key: the tool is mcp__sled__permission_prompt
 PROMPT_TOOL = f"mcp__{SERVER_NAME}__{TOOL_NAME}"
 
-# File tools and the input field holding the path an always-allow rule names.
-# Claude Code matches path rules only under Read and Edit (an Edit rule covers
-# every tool that edits files), and an absolute path is written with a
-# leading ``//``.
-_READ_TOOLS = {"Read": "file_path", "NotebookRead": "notebook_path"}
-_EDIT_TOOLS = {
-    "Edit": "file_path",
-    "MultiEdit": "file_path",
-    "Write": "file_path",
-    "NotebookEdit": "notebook_path",
-}
-# Characters a rule would read as a pattern, not as themselves. A command or
-# path holding one cannot be named exactly, so no rule is added (the approval
-# still stands for this call; the next one asks again).
-_BASH_PATTERN_CHARS = frozenset("*")
-_PATH_PATTERN_CHARS = frozenset("*?[]{}()\\!")
+# Tools an always-allow names a session rule for: Bash by its exact command, a
+# file tool by its path (under Read or Edit, the two tools Claude Code matches
+# paths for; an absolute path is written with a leading ``//``). The spelling
+# is protocol.rules', the one grammar the gateway matches with too; a command
+# or path it cannot spell exactly gets no rule (the approval still stands for
+# this call; the next one asks again).
+_RULE_TOOLS = frozenset(
+    {"Bash", "Read", "NotebookRead", "Edit", "MultiEdit", "Write", "NotebookEdit"}
+)
 
 
 #: Asked whether a path names an existing regular file (not a directory, not a symlink).
@@ -60,25 +53,24 @@ def session_rule(
     rule: a rule for the tool alone would cover every input of it, and the
     gateway's own rule (keyed on the whole input) answers the repeats anyway.
     """
+    # The rule grammar loads tree-sitter: imported here so the hook command,
+    # which never builds a session rule, starts without it.
+    from protocol.rules import PATH_FIELDS, exact_rule, parse_rule
+
     fields = tool_input if isinstance(tool_input, dict) else {}
-    if tool_name == "Bash":
-        command = fields.get("command")
-        if not isinstance(command, str) or not command.strip():
+    if tool_name != "Bash":
+        path = fields.get(PATH_FIELDS.get(tool_name, ""))
+        if not isinstance(path, str) or regular_file is None:
             return None
-        if _BASH_PATTERN_CHARS & set(command):
-            return None
-        return {"toolName": "Bash", "ruleContent": command}
-    for family, tools in (("Read", _READ_TOOLS), ("Edit", _EDIT_TOOLS)):
-        if tool_name in tools:
-            path = fields.get(tools[tool_name])
-            if not isinstance(path, str) or not path.startswith("/"):
-                return None
-            if _PATH_PATTERN_CHARS & set(path):
-                return None
-            if regular_file is None or not regular_file(path):
-                return None
-            return {"toolName": family, "ruleContent": "/" + path}
-    return None
+    text = exact_rule(tool_name, tool_input) if tool_name in _RULE_TOOLS else None
+    if text is None:
+        return None
+    if tool_name != "Bash" and (regular_file is None or not regular_file(str(path))):
+        return None
+    rule = parse_rule(text)
+    if rule.specifier is None:
+        return None
+    return {"toolName": rule.tool, "ruleContent": rule.specifier}
 
 
 def updated_permissions(

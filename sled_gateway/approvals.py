@@ -37,7 +37,7 @@ from sled_gateway.events import (
     PermissionWithdrawn,
     RulesChanged,
 )
-from sled_gateway.policy import rule_key
+from sled_gateway.policy import grammar_tool, rule_key, sandbox_off, suggested_rules
 from sled_gateway.principal import Principal, Role
 from sled_gateway.records import (
     WITHDRAWN,
@@ -66,6 +66,10 @@ class Forbidden(PermissionError):
     def __init__(self, principal: Principal, action: str) -> None:
         super().__init__(f"{principal.by} may not {action}")
         self.principal = principal
+
+
+class NotSuggested(ValueError):
+    """An "always allow" asked for a grammar rule the pending card did not offer (HTTP 400)."""
 
 
 class NotRecorded(Exception):
@@ -137,6 +141,15 @@ class Approvals:
         self.events.publish(RulesChanged(rule, revoked=False))
         return rule
 
+    async def add_rules(self, drafts: list[Rule], principal: Principal) -> list[Rule]:
+        """Commit every draft as made by ``principal`` in one transaction, or none (an import)."""
+        self.authorize(principal, Role.ADMIN, "make rules")
+        rules = await self.store.add_rules([replace(d, created_by=principal.by) for d in drafts])
+        log.info("{} rule(s) imported by {}", len(rules), principal.by)
+        for rule in rules:
+            self.events.publish(RulesChanged(rule, revoked=False))
+        return rules
+
     async def revoke_rule(self, rule_id: int, principal: Principal) -> Rule:
         """Revoke a rule: :class:`~sled_gateway.store.UnknownRule` /
         :class:`~sled_gateway.store.RuleRevoked`."""
@@ -189,7 +202,24 @@ class Approvals:
         if self.auto is not None:
             await self._settle(item, self.auto, Principal.auto(), None, pending=False)
             return
+        item = self._offer(item)
         self.events.publish(PermissionRequested(item))
+
+    def _offer(self, item: PendingPermission) -> PendingPermission:
+        """The item with what its card offers: the rules "always allow" may make, and the
+        allow rule that matched but may not answer (a call outside the sandbox)."""
+        would = None
+        if sandbox_off(item.tool_input):
+            allow = self.store.policy.explain(
+                item.project, item.tool_name, item.tool_input
+            ).would_allow
+            if allow is not None:
+                would = {"id": allow.id, "rule": allow.rule, "describes": allow.describes}
+        return replace(
+            item,
+            suggested_rules=suggested_rules(item.tool_name, item.tool_input),
+            would_match=would,
+        )
 
     async def _again(
         self, session: int, project: str, req_id: str, tool_name: str, tool_input: JSON
@@ -413,6 +443,7 @@ class Approvals:
         reason: str | None = None,
         *,
         input_sha256: str | None = None,
+        rule: str | None = None,
     ) -> DecisionRecord:
         """Give a pending request its one decision.
 
@@ -423,6 +454,10 @@ class Approvals:
         Raises :class:`Forbidden`, :class:`~sled_gateway.state.UnknownRequest`,
         :class:`~sled_gateway.state.AlreadyDecided`, :class:`InputMismatch` or
         :class:`NotRecorded` (the request then stays pending).
+
+        ``rule``: with ``always_allow``, one of the item's ``suggested_rules`` to
+        make instead of the exact whole-input rule; anything else is
+        :class:`NotSuggested` and nothing is decided.
         """
         self.authorize(principal)
         key = (project, req_id)
@@ -438,10 +473,20 @@ class Approvals:
                 principal.by,
             )
             raise InputMismatch(item, input_sha256)
+        if rule is not None and (
+            decision is not Decision.ALWAYS_ALLOW
+            or rule not in {text for text, _ in item.suggested_rules}
+        ):
+            raise NotSuggested(
+                "rule must be one of the request's suggested_rules, with always_allow: "
+                f"{[text for text, _ in item.suggested_rules]}"
+            )
         done = asyncio.get_running_loop().create_future()
         self._deciding[key] = done
         try:
-            return await self._settle(item, decision, principal, reason, pending=True)
+            return await self._settle(
+                item, decision, principal, reason, pending=True, grammar_rule=rule
+            )
         finally:
             del self._deciding[key]
             done.set_result(None)
@@ -454,13 +499,27 @@ class Approvals:
         reason: str | None,
         *,
         pending: bool,
+        grammar_rule: str | None = None,
     ) -> DecisionRecord:
         """Commit, then show, then answer. ``pending``: a person decides a pending request
         (a failed commit leaves it pending); else ``--auto`` answers (it then denies)."""
         project, req_id = item.project, item.req_id
         now = time.time()
         new_rule = None
-        if decision is Decision.ALWAYS_ALLOW:
+        if decision is Decision.ALWAYS_ALLOW and grammar_rule is not None:
+            # The rule the person picked from the card's suggestions (exact or prefix).
+            new_rule = Rule(
+                0,
+                project,
+                grammar_tool(grammar_rule),
+                None,
+                ALLOW,
+                now,
+                principal.by,
+                origin=f"always_allow of request {req_id}",
+                rule=grammar_rule,
+            )
+        elif decision is Decision.ALWAYS_ALLOW:
             # Keyed on the whole input the person saw: never broader than that use.
             new_rule = Rule(
                 0,

@@ -110,6 +110,11 @@ class PendingPermission:
     input_sha256: str = field(default="", compare=False)
     input_bytes: int = field(default=-1, compare=False)
     summary: JSON = field(default=None, repr=False, compare=False)
+    #: The grammar rules "always allow" may make instead of the exact one, as
+    #: ``(rule, kind)`` (``exact``, ``prefix``): computed once, when it goes pending.
+    suggested_rules: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    #: The allow rule that matched but may not answer (the call leaves the sandbox).
+    would_match: JSON = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         measured = self.input_sha256 and self.input_bytes >= 0
@@ -137,6 +142,8 @@ class PendingPermission:
             "input_truncated": cut,
             "input_bytes": self.input_bytes,
             "received_at": iso(self.received_at),
+            "suggested_rules": [{"rule": r, "kind": k} for r, k in self.suggested_rules],
+            "would_match": self.would_match,
         }
 
 

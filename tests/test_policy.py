@@ -146,11 +146,77 @@ def test_an_older_command_key_keeps_its_meaning_but_is_never_borrowed() -> None:
     old = rule(ALLOW, "p", "Bash", "echo hi")  # made before keys named whole inputs
     exact = rule(ALLOW, "p", "Bash", rule_key("Bash", {"command": "rm -rf /"}))
     policy = Policy([old, exact])
-    assert (
-        policy.match("p", "Bash", {"command": "echo hi", "dangerouslyDisableSandbox": True}) == old
-    )
+    assert policy.match("p", "Bash", {"command": "echo hi"}) == old
+    # ... except that no rule, an old one included, allows running outside the sandbox.
+    off = {"command": "echo hi", "dangerouslyDisableSandbox": True}
+    assert policy.match("p", "Bash", off) is None
+    assert policy.explain("p", "Bash", off).would_allow == old
     # A command spelled like the input key of an allowed input does not borrow its rule.
     assert policy.match("p", "Bash", {"command": 'input:{"command":"rm -rf /"}'}) is None
     assert old.describes == "Bash with the command echo hi (whatever its other input fields)"
     assert exact.describes == 'Bash with exactly the input {"command":"rm -rf /"}'
     assert rule(ALLOW, None, "Bash").describes == "any use of Bash"
+
+
+# -- rules in Claude Code's grammar, weighed with the exact rows -----------------------------
+
+
+def grammar(action: str, project: str | None, text: str) -> Rule:
+    return rule(action, project, text.split("(", 1)[0], None, rule=text)
+
+
+def test_a_grammar_rule_is_not_any_use_of_its_tool() -> None:
+    # Its row has no key; were it indexed as an exact row it would allow every Bash call.
+    mkdir = grammar(ALLOW, "p", "Bash(mkdir d*)")
+    policy = Policy([mkdir])
+    assert policy.match("p", "Bash", {"command": "mkdir d1"}) == mkdir
+    assert policy.match("p", "Bash", {"command": "rm -rf /"}) is None
+    assert policy.match("q", "Bash", {"command": "mkdir d1"}) is None
+    assert len(policy) == 1
+
+
+def test_deny_then_ask_then_allow_across_exact_rows_and_grammar_rules() -> None:
+    exact_allow = rule(ALLOW, "p", key="git push origin main")
+    exact_deny = rule(DENY, None, key="make deploy")
+    make = grammar(ALLOW, "p", "Bash(make:*)")
+    push = grammar("ask", None, "Bash(git push:*)")
+    rm = grammar(DENY, None, "Bash(rm:*)")
+    policy = Policy([exact_allow, exact_deny, make, push, rm])
+    assert policy.match("p", "Bash", {"command": "make deploy"}) == exact_deny
+    assert policy.match("p", "Bash", {"command": "make test"}) == make
+    # An ask rule beats the exact allow row: a person decides.
+    assert policy.match("p", "Bash", {"command": "git push origin main"}) is None
+    asked = policy.explain("p", "Bash", {"command": "git push origin main"})
+    assert asked.action == "ask" and asked.rule == push
+    # A deny of the fleet beats this sled's allow in a compound command.
+    denied = policy.explain("p", "Bash", {"command": "make && rm -rf x"})
+    assert denied.action == DENY and denied.rule == rm
+    assert [(part.action, part.rule) for part in denied.parts] == [(ALLOW, make), (DENY, rm)]
+
+
+def test_every_part_may_be_allowed_by_a_rule_of_either_scope() -> None:
+    ls = grammar(ALLOW, None, "Bash(ls:*)")
+    mkdir = grammar(ALLOW, "p", "Bash(mkdir d*)")
+    policy = Policy([ls, mkdir])
+    assert policy.match("p", "Bash", {"command": "mkdir d1 && ls"}) is not None
+    assert policy.match("q", "Bash", {"command": "mkdir d1 && ls"}) is None
+    assert policy.match("q", "Bash", {"command": "ls -la"}) == ls
+    policy.remove(mkdir)
+    assert policy.match("p", "Bash", {"command": "mkdir d1"}) is None
+    assert policy.match("p", "Bash", {"command": "ls"}) == ls
+
+
+def test_no_grammar_rule_allows_a_call_outside_the_sandbox() -> None:
+    mkdir = grammar(ALLOW, "p", "Bash(mkdir d*)")
+    policy = Policy([mkdir])
+    off = {"command": "mkdir d1", "dangerouslyDisableSandbox": True}
+    assert policy.match("p", "Bash", off) is None
+    outcome = policy.explain("p", "Bash", off)
+    assert outcome.action is None and outcome.would_allow == mkdir
+    assert outcome.to_json()["pending"] is True
+
+
+def test_a_stored_rule_that_no_longer_parses_matches_nothing() -> None:
+    policy = Policy([grammar(ALLOW, "p", "Bash(mkdir d*")])
+    assert len(policy) == 0
+    assert policy.match("p", "Bash", {"command": "mkdir d1"}) is None

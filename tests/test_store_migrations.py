@@ -101,10 +101,12 @@ def test_a_0_2_0_file_is_taken_forward_with_every_row_and_rule(old_file: Path) -
         (1, "alpha", "pytest -q", "allow", None),
     ]
     assert rules[2].origin == "always_allow of request a-3"
-    # Byte for byte the same rows, now under Alembic at the same version.
+    # Byte for byte the same rows (a rule gains only an empty grammar ``rule``),
+    # now under Alembic at the newest version.
     assert raw(old_file, "SELECT * FROM audit ORDER BY id") == audit_before
-    assert raw(old_file, "SELECT * FROM rules ORDER BY id") == rules_before
-    assert raw(old_file, "SELECT version_num FROM alembic_version") == [("0002",)]
+    assert raw(old_file, "SELECT * FROM rules ORDER BY id") == [(*r, None) for r in rules_before]
+    assert all(r.rule is None for r in rules)
+    assert raw(old_file, "SELECT version_num FROM alembic_version") == [(migrations.head(),)]
     assert raw(old_file, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert schema_drift(old_file) == []
 
@@ -129,11 +131,12 @@ def test_a_new_file_gets_the_declared_schema(tmp_path: Path) -> None:
     assert schema_drift(db) == []
     assert raw(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert raw(db, "PRAGMA journal_mode") == [("wal",)]
-    # Same tables, columns and indexes as 0.2.0 made.
+    # Same tables, columns and indexes as 0.2.0 made, and the grammar rule's text.
     for table in ("audit", "rules"):
         columns = f"SELECT name, type, pk FROM pragma_table_info('{table}') ORDER BY cid"
         indexes = f"SELECT name FROM pragma_index_list('{table}') ORDER BY name"
-        assert sorted(raw(db, columns)) == sorted(raw(FIXTURE, columns))
+        added = [("rule", "TEXT", 0)] if table == "rules" else []
+        assert sorted(raw(db, columns)) == sorted(raw(FIXTURE, columns) + added)
         assert raw(db, indexes) == raw(FIXTURE, indexes)
 
 
@@ -160,13 +163,13 @@ def test_a_file_from_a_newer_release_is_refused_untouched(old_file: Path) -> Non
     with conn:
         conn.execute("UPDATE alembic_version SET version_num = '0009'")
     conn.close()
-    with pytest.raises(StoreError, match=r"schema version 9; .* up to 2 \(a newer release"):
+    with pytest.raises(StoreError, match=r"schema version 9; .* up to 3 \(a newer release"):
         make_store(old_file).open()
     assert raw(old_file, "SELECT version_num FROM alembic_version") == [("0009",)]
     # The lock is released: the file can be opened again once it is fixed.
     conn = sqlite3.connect(old_file)
     with conn:
-        conn.execute("UPDATE alembic_version SET version_num = '0002'")
+        conn.execute("UPDATE alembic_version SET version_num = '0003'")
     conn.close()
     make_store(old_file).open().close()
 
@@ -198,3 +201,71 @@ def test_a_second_store_on_one_file_is_refused(tmp_path: Path) -> None:
     finally:
         first.close()
     make_store(db).open().close()
+
+
+def _rules_of(db: Path) -> list[Any]:
+    import asyncio
+
+    store = make_store(db).open()
+    try:
+        return asyncio.run(store.rules(include_revoked=True))
+    finally:
+        store.close()
+
+
+def test_0002_to_0003_keeps_exact_rules_and_takes_grammar_rules_and_ask(old_file: Path) -> None:
+    """The 0.2.0 rules keep their ids, keys and meaning; the next id continues after them;
+    a grammar rule with ``ask`` is accepted by the new CHECK, a bad action still is not."""
+    import asyncio
+
+    from sled_gateway.store import Rule
+
+    before = [(r.id, r.project, r.tool_name, r.key, r.action) for r in _rules_of(old_file)]
+    assert before == [
+        (3, "beta", "Read", None, "allow"),
+        (2, None, "Bash", "rm -rf /", "deny"),
+        (1, "alpha", "Bash", "pytest -q", "allow"),
+    ]
+    store = make_store(old_file).open()
+    try:
+        made = asyncio.run(
+            store.add_rule(Rule(0, "alpha", "Bash", None, "ask", 1.0, "t", rule="Bash(git push:*)"))
+        )
+        assert made.id == 4 and made.rule == "Bash(git push:*)" and made.action == "ask"
+        # An exact rule still matches as it did (the grammar rule is not "any use of Bash").
+        found = store.policy.match("alpha", "Bash", {"command": "pytest -q"})
+        assert found is not None and found.id == 1
+    finally:
+        store.close()
+    conn = sqlite3.connect(old_file)
+    with pytest.raises(sqlite3.IntegrityError, match="rules_action"), conn:
+        conn.execute(
+            "INSERT INTO rules (project, tool_name, action, created_at, created_by) "
+            "VALUES (NULL, 'Bash', 'maybe', 0, 'x')"
+        )
+    conn.close()
+    assert [r.id for r in _rules_of(old_file)] == [4, 3, 2, 1]
+
+
+def test_a_head_database_opens_again_with_its_grammar_rules(tmp_path: Path) -> None:
+    import asyncio
+
+    from sled_gateway.store import Rule
+
+    db = tmp_path / "head.db"
+    store = make_store(db).open()
+    try:
+        asyncio.run(
+            store.add_rules(
+                [
+                    Rule(0, None, "Bash", None, "deny", 1.0, "t", rule="Bash(rm:*)"),
+                    Rule(0, "p", "Bash", "input:{}", "allow", 1.0, "t"),
+                ]
+            )
+        )
+    finally:
+        store.close()
+    again = make_store(db).open()
+    again.close()
+    assert again.found_version == SCHEMA_VERSION
+    assert [(r.rule, r.action) for r in _rules_of(db)] == [(None, "allow"), ("Bash(rm:*)", "deny")]

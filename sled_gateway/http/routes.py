@@ -8,6 +8,7 @@
 ``GET /api/permissions/{project}/{req_id}``    one request, with its whole input
 ``GET /api/audit``              the durable audit log, newest first (``?project=&since=&limit=``)
 ``GET|POST /api/rules``         always-allow and deny rules; ``DELETE /api/rules/{id}`` revokes one
+``/api/rules/check|import|impact``  rules in Claude Code's grammar (:mod:`.rules_api`)
 ``POST /sleds/{project}/mcp``   JSON-RPC relayed to that sled (:mod:`sled_gateway.relay`)
 ``GET /healthz``                liveness
 ==============================  =========================================================
@@ -34,12 +35,13 @@ from starlette.websockets import WebSocket
 
 from protocol import Decision, printable
 from protocol.web import ascii_digits
-from sled_gateway.approvals import Approvals, Forbidden, NotRecorded
+from sled_gateway.approvals import Approvals, Forbidden, NotRecorded, NotSuggested
 from sled_gateway.auth import principal_of
 from sled_gateway.config import GatewayConfig
 from sled_gateway.http.console import ConsolePage
 from sled_gateway.http.errors import error
 from sled_gateway.http.params import BodyTooLarge, BodyTooSlow, int_param, read_body, time_param
+from sled_gateway.http.rules_api import RulesApi
 from sled_gateway.hub import Hub
 from sled_gateway.records import AlreadyDecided, InputMismatch, UnknownRequest
 from sled_gateway.relay import Relay
@@ -57,9 +59,12 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _AUDIT_DECISIONS = frozenset({*(d.value for d in Decision), "withdrawn"})
 _DECISION_SHAPE = 'body must be JSON: {"decision": "approve"|"deny"|"always_allow"}'
 _RULE_SHAPE = (
-    'body must be JSON: {"action": "allow"|"deny", "tool_name": str, '
+    'body must be JSON: {"rule": str, "action": "allow"|"ask"|"deny", "project": str|null, '
+    '"reason": str} or {"action": "allow"|"deny", "tool_name": str, '
     '"project": str|null, "key": str|null, "reason": str}'
 )
+#: A Claude Code settings file can be long; one import's body may be this big.
+_MAX_IMPORT_BODY = 1024 * 1024
 
 
 class Routes:
@@ -80,6 +85,13 @@ class Routes:
         self.store = store
         self.approvals = approvals
         self.hub = hub
+        self.rules_api = RulesApi(
+            store,
+            approvals,
+            lambda request, shape: self._json_body(
+                request, shape, _MAX_IMPORT_BODY if request.url.path.endswith("/import") else None
+            ),
+        )
         self.app = Starlette(
             routes=[
                 WebSocketRoute(UPLINK_PATH, hub.uplink),
@@ -103,6 +115,9 @@ class Routes:
                 Route("/api/audit", self._get_audit, methods=["GET"]),
                 Route("/api/rules", self._get_rules, methods=["GET"]),
                 Route("/api/rules", self._post_rule, methods=["POST"]),
+                Route("/api/rules/check", self.rules_api.check, methods=["POST"]),
+                Route("/api/rules/import", self.rules_api.import_rules, methods=["POST"]),
+                Route("/api/rules/impact", self.rules_api.impact, methods=["GET"]),
                 Route("/api/rules/{rule_id}", self._delete_rule, methods=["DELETE"]),
                 # Starlette closes an unrouted WebSocket before the handshake
                 # (an HTTP 403); a 404 says what is wrong: the path.
@@ -152,17 +167,19 @@ class Routes:
         }
         return JSONResponse(snap, headers={"Cache-Control": "no-store"})
 
-    async def _json_body(self, request: Request, shape: str) -> tuple[Any, Response | None]:
+    async def _json_body(
+        self, request: Request, shape: str, limit: int | None = None
+    ) -> tuple[Any, Response | None]:
         """(the parsed body, None), or (None, the 4xx that says why there is none);
         ``shape`` is what a body that is not JSON is told to look like."""
         try:
-            raw = await read_body(request, _MAX_DECISION_BODY, self.config.body_timeout)
+            raw = await read_body(request, limit or _MAX_DECISION_BODY, self.config.body_timeout)
             return json.loads(raw), None
         except BodyTooLarge:
             return None, error(413, "body too large")
         except BodyTooSlow:
             return None, error(408, f"body not received within {self.config.body_timeout} s")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # nesting deeper than json parses
             return None, error(400, shape)
 
     async def _post_decision(self, request: Request) -> Response:
@@ -186,6 +203,9 @@ class Routes:
             isinstance(digest, str) and _SHA256_HEX.fullmatch(digest) is not None
         ):
             return error(400, "input_sha256 must be 64 lowercase hex digits (SHA-256)")
+        rule = body.get("rule")
+        if rule is not None and not isinstance(rule, str):
+            return error(400, "rule must be one of the request's suggested_rules (a string)")
         try:
             record = await self.approvals.decide(
                 project,
@@ -194,9 +214,12 @@ class Routes:
                 principal_of(request),
                 reason=reason,
                 input_sha256=digest,
+                rule=rule,
             )
         except Forbidden as exc:
             return error(403, str(exc))
+        except NotSuggested as exc:
+            return error(400, str(exc))
         except UnknownRequest as exc:
             return error(404, str(exc.args[0]))
         except AlreadyDecided as exc:
@@ -272,6 +295,8 @@ class Routes:
             return unreadable
         if not isinstance(body, dict):
             return error(400, _RULE_SHAPE)
+        if "rule" in body:
+            return await self.rules_api.post_grammar_rule(request, body)
         unknown = set(body) - {"action", "project", "tool_name", "key", "reason"}
         action, project, tool = body.get("action"), body.get("project"), body.get("tool_name")
         key, reason = body.get("key"), body.get("reason")

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, Self
 
 from sled_gateway.store.models import (
     ALLOW,
+    ASK,
     DENY,
     MAX_PAGE,
     AuditEntry,
@@ -38,6 +40,7 @@ if TYPE_CHECKING:  # the policy module imports this package's models
 
 __all__ = [
     "ALLOW",
+    "ASK",
     "DENY",
     "MAX_PAGE",
     "MEMORY",
@@ -107,6 +110,10 @@ class Store(Protocol):
 
     async def add_rule(self, rule: Rule) -> Rule:
         """Commit ``rule`` (its id is ignored); an identical active rule is returned instead."""
+        ...
+
+    async def add_rules(self, rules: Sequence[Rule]) -> list[Rule]:
+        """Commit every rule in one transaction, or none (identical active rules reused)."""
         ...
 
     async def revoke_rule(self, rule_id: int, by: str) -> Rule:

@@ -12,7 +12,7 @@ from typing import NamedTuple
 from protocol import JSON
 from sled_gateway.records import iso
 
-ALLOW, DENY = "allow", "deny"
+ALLOW, ASK, DENY = "allow", "ask", "deny"
 #: How a rule key names one exact input (what "always allow" makes): this prefix and the
 #: canonical JSON of the input without its cosmetic fields (``sled_gateway.policy``) ...
 INPUT_KEY = "input:"
@@ -43,14 +43,17 @@ class Rule:
     id: int
     project: str | None  # None: every sled
     tool_name: str
-    key: str | None  # None: any use of the tool
-    action: str  # ALLOW | DENY
+    key: str | None  # None: any use of the tool (for an exact rule; always None with ``rule``)
+    action: str  # ALLOW | ASK | DENY (an exact rule: ALLOW | DENY)
     created_at: float
     created_by: str
     origin: str | None = None
     reason: str | None = None
     revoked_at: float | None = None
     revoked_by: str | None = None
+    #: The rule in Claude Code's grammar (``Bash(npm test:*)``), matched by
+    #: ``protocol.rules``; None for an exact rule, which ``tool_name`` and ``key`` make.
+    rule: str | None = None
 
     @property
     def who(self) -> str:
@@ -61,6 +64,8 @@ class Rule:
     def describes(self) -> str:
         """What the rule covers, in words a person checks before trusting it."""
         tool, key = self.tool_name, self.key
+        if self.rule is not None:
+            return f"{self.rule} (Claude Code's rule grammar, the command parsed as shell)"
         if key is None:
             return f"any use of {tool}"
         if key.startswith(INPUT_KEY):
@@ -85,6 +90,8 @@ class Rule:
             "reason": self.reason,
             "revoked_at": iso(self.revoked_at),
             "revoked_by": self.revoked_by,
+            "rule": self.rule,
+            "kind": "exact" if self.rule is None else "grammar",
             "active": self.revoked_at is None,
         }
 

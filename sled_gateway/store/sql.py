@@ -81,7 +81,7 @@ log = logger.bind(actor="gateway-store")
 T = TypeVar("T")
 
 #: The schema this release writes: the number of its newest Alembic revision.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Most operations in one transaction (a bound on one commit's latency).
 _MAX_BATCH = 512
 _PURGE_EVERY_S = 3600.0
@@ -128,7 +128,8 @@ RULES = Table(
     Column("reason", Text),
     Column("revoked_at", _TIME),
     Column("revoked_by", Text),
-    CheckConstraint("action IN ('allow', 'deny')", name="rules_action"),
+    Column("rule", Text),  # a rule in Claude Code's grammar; NULL for an exact (tool, key) rule
+    CheckConstraint("action IN ('allow', 'ask', 'deny')", name="rules_action"),
     Index("rules_revoked_at", "revoked_at"),
     sqlite_autoincrement=True,
 )
@@ -144,6 +145,7 @@ _RULE_COLUMNS = (
     RULES.c.reason,
     RULES.c.revoked_at,
     RULES.c.revoked_by,
+    RULES.c.rule,
 )
 _AUDIT_COLUMNS = (
     AUDIT.c.id,
@@ -691,6 +693,7 @@ class SqlStore:
                 RULES.c.tool_name == rule.tool_name,
                 RULES.c.project.is_not_distinct_from(rule.project),
                 RULES.c.match_key.is_not_distinct_from(rule.key),
+                RULES.c.rule.is_not_distinct_from(rule.rule),
             )
         ).first()
         if same is not None:
@@ -706,6 +709,7 @@ class SqlStore:
                 "created_by": rule.created_by,
                 "origin": rule.origin,
                 "reason": rule.reason,
+                "rule": rule.rule,
             },
         )
         return replace(rule, id=_new_id(result))
@@ -714,6 +718,17 @@ class SqlStore:
         """Commit ``rule`` (its id is ignored); an identical active rule is returned instead."""
         committed = await self._run(lambda conn: self._insert_rule(conn, rule))
         self.policy.add(committed)
+        return committed
+
+    async def add_rules(self, rules: Sequence[Rule]) -> list[Rule]:
+        """Commit every rule in one transaction, or none (an import is all or nothing)."""
+
+        def insert_all(conn: Connection) -> list[Rule]:
+            return [self._insert_rule(conn, rule) for rule in rules]
+
+        committed = await self._run(insert_all)
+        for rule in committed:
+            self.policy.add(rule)
         return committed
 
     async def revoke_rule(self, rule_id: int, by: str) -> Rule:
