@@ -48,7 +48,10 @@ def _card(req_id: str) -> str:
     return f".card{_sel(data_project=PROJECT, data_req_id=req_id)}"
 
 
-def test_a_rule_added_by_its_text_and_a_bad_one_shows_its_position(gw: Gateway, page: Any) -> None:
+def test_a_rule_added_by_its_text_and_a_bad_one_shows_its_position(
+    gw: Gateway,
+    page: Any,  # noqa: F811
+) -> None:
     expect = sync_api.expect
     page.goto(gw.console_url())
     page.wait_for_selector("#rules tbody tr", timeout=UI_WAIT_MS)
@@ -147,7 +150,7 @@ def test_a_rule_added_by_its_text_and_a_bad_one_shows_its_position(gw: Gateway, 
 def test_always_allow_by_the_prefix_rule_answers_the_next_command_by_rule(
     gw: Gateway,
     make_uplink: Callable[..., Uplink],
-    page: Any,
+    page: Any,  # noqa: F811
 ) -> None:
     expect = sync_api.expect
     uplink = make_uplink(gw.url_for_sleds(), project=PROJECT, heartbeat_interval=0.1)
@@ -228,4 +231,3 @@ def test_always_allow_by_the_prefix_rule_answers_the_next_command_by_rule(
     page.click(f"{_card(outside)} button[data-action=deny]")
     assert asked.result(T).decision is Decision.DENY
     assert page.locator("#banner").is_hidden()
-
