@@ -205,3 +205,28 @@ def test_a_sled_cannot_get_a_card_to_offer_a_rule_for_something_else(gw: Gateway
         s["kind"] != "claude" for s in offered["h2"]
     )
     assert [r["rule"] for r in gw.rules()] == ["Bash(npm run test:*)"]
+
+
+def test_the_agent_sdks_suggestions_are_read_the_same_way() -> None:
+    from claude_agent_sdk.types import (
+        PermissionRuleValue,
+        PermissionUpdate,
+        ToolPermissionContext,
+    )
+
+    from actors.agent_sdk import _suggestions
+
+    context = ToolPermissionContext(
+        suggestions=[
+            PermissionUpdate(
+                type="addRules",
+                rules=[PermissionRuleValue(tool_name="Bash", rule_content="npm run test:*")],
+                behavior="allow",
+                destination="localSettings",
+            ),
+            PermissionUpdate(type="setMode", mode="acceptEdits"),
+            PermissionUpdate(type="addRules", rules=None, behavior="allow"),  # to_dict refuses
+        ]
+    )
+    assert _suggestions(context) == ("Bash(npm run test:*)",)
+    assert _suggestions(object()) == ()
