@@ -217,6 +217,19 @@ def test_always_allow_by_the_prefix_rule_answers_the_next_command_by_rule(
     page.click(f"{_card(rider)} button[data-action=deny]")
     assert riding.result(T).decision is Decision.DENY
 
+    # A rule text made of what the sled sent is shown with visible escapes, never raw.
+    bidi = f"req-{uuid.uuid4().hex[:8]}"
+    hidden = uplink.request_permission("Bash", {"command": "echo \u202eabc"}, request_id=bidi)
+    exact = page.locator(f"{_card(bidi)} .allow-choice input[data-kind=exact]")
+    expect(exact).to_have_count(1, timeout=UI_WAIT_MS)
+    exact.check()
+    bidi_button = page.locator(f"{_card(bidi)} button[data-action=always_allow]")
+    expect(bidi_button.locator(".esc")).to_have_text("\\u202e")
+    expect(page.locator(f"{_card(bidi)} [data-field=allow-rule] .esc")).to_have_text("\\u202e")
+    assert "\u202e" not in page.locator(_card(bidi)).inner_text()
+    page.click(f"{_card(bidi)} button[data-action=deny]")
+    assert hidden.result(T).decision is Decision.DENY
+
     # Outside the sandbox the rule may not answer: the card names the rule that would have.
     outside = f"req-{uuid.uuid4().hex[:8]}"
     asked = uplink.request_permission(
