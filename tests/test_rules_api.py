@@ -77,6 +77,17 @@ def test_a_grammar_rule_made_over_the_api_answers_requests(gw: Gateway) -> None:
     assert rows["d1"]["by"] == f"rule:{rule['id']}"
     assert rows["rm"]["by"] == f"rule:{deny['rule']['id']}"
 
+    # Revoked: it stops answering at once.
+    with http(gw, **JSON_TYPE) as client:
+        assert client.delete(f"/api/rules/{rule['id']}").status_code == 200
+
+    async def after() -> None:
+        async with sled(gw, "p") as ws:
+            await ws.send(perm_request("d5", "Bash", {"command": "mkdir d5"}))
+            await wait_state(gw, lambda s: "d5" in pending_ids(s))
+
+    run(after())
+
 
 def test_check_says_what_would_happen_and_why(gw: Gateway) -> None:
     with http(gw) as client:

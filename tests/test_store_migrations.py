@@ -268,4 +268,8 @@ def test_a_head_database_opens_again_with_its_grammar_rules(tmp_path: Path) -> N
     again = make_store(db).open()
     again.close()
     assert again.found_version == SCHEMA_VERSION
+    # Loaded back into the policy as grammar rules, matched as shell.
+    denied = again.policy.match("p", "Bash", {"command": "ls && rm -rf /"})
+    assert denied is not None and denied.rule == "Bash(rm:*)"
+    assert again.policy.match("p", "Bash", {"command": "ls"}) is None
     assert [(r.rule, r.action) for r in _rules_of(db)] == [(None, "allow"), ("Bash(rm:*)", "deny")]
