@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -51,6 +52,7 @@ def _card(req_id: str) -> str:
 def test_a_rule_added_by_its_text_and_a_bad_one_shows_its_position(
     gw: Gateway,
     page: Any,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     expect = sync_api.expect
     page.goto(gw.console_url())
@@ -113,6 +115,7 @@ def test_a_rule_added_by_its_text_and_a_bad_one_shows_its_position(
     expect(parts.nth(1).locator("[data-field=action]")).to_have_text("deny")
     expect(parts.nth(1).locator("[data-field=rule]")).to_contain_text("Bash(rm -rf:*)")
     assert result.locator("[data-field=check-reasons] li").count() >= 1
+    page.screenshot(path=str(tmp_path / "console-rules-check.png"), full_page=True)
 
     # Allowed part, unknown part: a person decides; the hidden character is shown escaped.
     page.fill("#check-form textarea[name=command]", "npm test; echo \u202eevil")
@@ -151,6 +154,7 @@ def test_always_allow_by_the_prefix_rule_answers_the_next_command_by_rule(
     gw: Gateway,
     make_uplink: Callable[..., Uplink],
     page: Any,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     expect = sync_api.expect
     uplink = make_uplink(gw.url_for_sleds(), project=PROJECT, heartbeat_interval=0.1)
@@ -181,6 +185,7 @@ def test_always_allow_by_the_prefix_rule_answers_the_next_command_by_rule(
     expect(preview.locator("[data-field=allow-rule]")).to_have_text("Bash(npm test:*)")
     expect(preview).to_contain_text(f"sled {PROJECT}")
     expect(button).to_have_text("Always allow: Bash(npm test:*)")
+    page.screenshot(path=str(tmp_path / "console-always-allow-prefix.png"), full_page=True)
     assert gw.rules() == []
     assert not first.done()
 
