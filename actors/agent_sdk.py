@@ -12,8 +12,9 @@ Each permission Claude Code would ask about goes to the gateway, with the
 tool use's id as the request id. approve → allow with the input unchanged;
 always_allow → the same plus the narrowest session rule (the exact Bash
 command, the file path, or the tool); deny, timeout and any trouble → deny
-with the uplink's message. The SDK is imported when a decision is made, so the
-uplink does not depend on it.
+with the uplink's message. Claude Code's own suggestions (``context.suggestions``)
+go with the request, for the gateway to offer on its "always allow". The SDK
+is imported when a decision is made, so the uplink does not depend on it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from actors.claude_code import ask
+from protocol.claude_code import claude_suggestions
 
 if TYPE_CHECKING:
     from actors.system import Uplink
@@ -40,7 +42,12 @@ def can_use_tool(uplink: Uplink) -> Callable[[str, dict[str, Any], Any], Awaitab
 
         request_id = getattr(context, "tool_use_id", None) or None
         answer = await ask(
-            uplink.arequest_permission, tool_name, tool_input, request_id, abandon=uplink.abandon
+            uplink.arequest_permission,
+            tool_name,
+            tool_input,
+            request_id,
+            abandon=uplink.abandon,
+            suggestions=_suggestions(context),
         )
         if answer["behavior"] != "allow":
             return PermissionResultDeny(message=answer["message"])
@@ -63,3 +70,15 @@ def can_use_tool(uplink: Uplink) -> Callable[[str, dict[str, Any], Any], Awaitab
         )
 
     return decide
+
+
+def _suggestions(context: Any) -> tuple[str, ...]:
+    """The SDK's ``context.suggestions`` (``PermissionUpdate`` objects) as the rule texts
+    forwarded to the gateway; one that cannot be read is left out."""
+    wire: list[Any] = []
+    for update in getattr(context, "suggestions", None) or []:
+        try:
+            wire.append(update.to_dict() if hasattr(update, "to_dict") else update)
+        except (ValueError, TypeError):
+            continue
+    return claude_suggestions(wire)

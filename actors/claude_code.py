@@ -72,9 +72,14 @@ async def ask(
     on_wait: Callable[[float], Awaitable[None]] | None = None,
     interval: float = 10.0,
     abandon: Callable[[str], None] | None = None,
+    suggestions: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Ask the uplink and return the permission-prompt answer; never raises
     (but ``CancelledError``).
+
+    ``suggestions``: Claude Code's own rule suggestions, forwarded with the
+    request so the gateway can offer them for "always allow" (given to
+    ``request_permission`` only when there are some).
 
     ``on_wait(elapsed)`` runs every ``interval`` seconds while the gateway has
     not answered (the MCP tool sends progress with it). When the wait is
@@ -87,7 +92,8 @@ async def ask(
 
         request_id = new_request_id()  # named here, so it can be abandoned
     try:
-        future = request_permission(tool_name, tool_input, request_id=request_id)
+        extra = {"suggestions": suggestions} if suggestions else {}
+        future = request_permission(tool_name, tool_input, request_id=request_id, **extra)
     except (LocalProtocolError, RecursionError, ValueError, TypeError) as exc:
         return deny_answer(trouble_message(str(exc) or type(exc).__name__))
     except Exception as exc:  # fail closed on anything else, and say so in the log
@@ -126,7 +132,12 @@ async def answer_hook(
     if call.event == "PreToolUse" and call.tool_name in set(never_forward):
         return {}
     answer = await ask(
-        request_permission, call.tool_name, call.tool_input, call.tool_use_id, abandon=abandon
+        request_permission,
+        call.tool_name,
+        call.tool_input,
+        call.tool_use_id,
+        abandon=abandon,
+        suggestions=call.suggestions,
     )
     return hook_answer(call.event, answer)
 

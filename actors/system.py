@@ -25,7 +25,7 @@ import concurrent.futures
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -54,6 +54,7 @@ from actors.router import RouterActor
 from actors.status import snapshot
 from actors.supervisor import SupervisorActor
 from protocol import JSON, Decision, Kind, Outcome, PermRequest, Reason, redact, serialize
+from protocol.frames import read_suggestions
 from protocol.urls import plain_text_token_host
 
 # The handler table: envelope kind → the actor class that handles it. It is
@@ -234,15 +235,29 @@ class Uplink:
     # ── using it ────────────────────────────────────────────────────────
 
     def request_permission(
-        self, tool_name: str, tool_input: JSON = None, *, request_id: str | None = None
+        self,
+        tool_name: str,
+        tool_input: JSON = None,
+        *,
+        request_id: str | None = None,
+        suggestions: Iterable[str] = (),
     ) -> concurrent.futures.Future[Outcome]:
-        """Submit a permission request; the future resolves with its one :class:`Outcome`."""
+        """Submit a permission request; the future resolves with its one :class:`Outcome`.
+
+        ``suggestions``: rule texts the agent suggests for "always allow" (Claude
+        Code's ``permission_suggestions``), sent along for the gateway to offer.
+        """
         future: concurrent.futures.Future[Outcome] = concurrent.futures.Future()
-        self._submit(tool_name, tool_input, request_id or new_request_id(), future)
+        self._submit(tool_name, tool_input, request_id or new_request_id(), future, suggestions)
         return future
 
     def arequest_permission(
-        self, tool_name: str, tool_input: JSON = None, *, request_id: str | None = None
+        self,
+        tool_name: str,
+        tool_input: JSON = None,
+        *,
+        request_id: str | None = None,
+        suggestions: Iterable[str] = (),
     ) -> asyncio.Future[Outcome]:
         """:meth:`request_permission` for asyncio code: an asyncio future of the running loop.
 
@@ -256,19 +271,31 @@ class Uplink:
         ctx = self._ctx
         if ctx is not None and ctx.loop.loop is loop:
             future: asyncio.Future[Outcome] = loop.create_future()
-            self._submit(tool_name, tool_input, request_id, future)
+            self._submit(tool_name, tool_input, request_id, future, suggestions)
             return future
         return asyncio.wrap_future(
-            self.request_permission(tool_name, tool_input, request_id=request_id), loop=loop
+            self.request_permission(
+                tool_name, tool_input, request_id=request_id, suggestions=suggestions
+            ),
+            loop=loop,
         )
 
     def _submit(
-        self, tool_name: str, tool_input: JSON, request_id: str, future: Settable[Outcome]
+        self,
+        tool_name: str,
+        tool_input: JSON,
+        request_id: str,
+        future: Settable[Outcome],
+        suggestions: Iterable[str] = (),
     ) -> None:
         tool_input = {} if tool_input is None else tool_input
+        # The frame's own bounds, so what is sent is what a gateway reads back.
+        hints = read_suggestions(
+            [suggestions] if isinstance(suggestions, str) else list(suggestions)
+        )
         # Raises LocalProtocolError (a ValueError-like caller bug) for what the
         # wire cannot carry, before anything is queued.
-        frame_text = serialize(PermRequest(tool_name, tool_input).envelope(request_id))
+        frame_text = serialize(PermRequest(tool_name, tool_input, hints).envelope(request_id))
         submitted = Submit(request_id, tool_name, tool_input, future, time.monotonic(), frame_text)
         if not self.config.enabled:
             future.set_result(Outcome(request_id, Decision.DENY, Reason.DISABLED))

@@ -19,6 +19,7 @@ from typing import Any
 
 from protocol.decisions import Decision, Outcome
 from protocol.envelope import JSON
+from protocol.frames import MAX_SUGGESTION_CHARS, MAX_SUGGESTIONS
 
 TOOL_NAME = "permission_prompt"
 SERVER_NAME = "sled"  # the --mcp-config key: the tool is mcp__sled__permission_prompt
@@ -127,6 +128,40 @@ class HookCall:
     tool_name: str
     tool_input: JSON
     tool_use_id: str | None
+    #: Claude Code's own allow-rule suggestions (PermissionRequest only), as rule texts.
+    suggestions: tuple[str, ...] = ()
+
+
+def claude_suggestions(permission_suggestions: JSON) -> tuple[str, ...]:
+    """Claude Code's ``permission_suggestions`` as the rule texts the gateway may offer.
+
+    Only ``addRules`` with ``behavior: allow`` and a rule that names its use
+    (``{"toolName": "Bash", "ruleContent": "npm test:*"}`` → ``Bash(npm test:*)``)
+    are kept: a mode change or a directory is nothing a gateway rule can hold,
+    and a rule for a whole tool is never offered. The gateway parses and checks
+    every text again (it must cover the request it comes with), so this only
+    spells them; what is malformed is skipped.
+    """
+    if not isinstance(permission_suggestions, list):
+        return ()
+    found: list[str] = []
+    for update in permission_suggestions:
+        if not isinstance(update, dict) or update.get("type") != "addRules":
+            continue
+        if update.get("behavior") != "allow" or not isinstance(update.get("rules"), list):
+            continue
+        for rule in update["rules"]:
+            if not isinstance(rule, dict):
+                continue
+            tool, content = rule.get("toolName"), rule.get("ruleContent")
+            if not isinstance(tool, str) or not tool or not isinstance(content, str) or not content:
+                continue
+            text = f"{tool}({content})"
+            if len(text) <= MAX_SUGGESTION_CHARS and text not in found:
+                found.append(text)
+            if len(found) == MAX_SUGGESTIONS:
+                return tuple(found)
+    return tuple(found)
 
 
 def parse_hook(body: JSON) -> HookCall:
@@ -142,7 +177,12 @@ def parse_hook(body: JSON) -> HookCall:
     tool_use_id = body.get("tool_use_id")
     if not isinstance(tool_use_id, str) or not tool_use_id:
         tool_use_id = None
-    return HookCall(str(event), tool_name, body.get("tool_input", {}), tool_use_id)
+    suggestions = (
+        claude_suggestions(body.get("permission_suggestions"))
+        if event == "PermissionRequest"
+        else ()
+    )
+    return HookCall(str(event), tool_name, body.get("tool_input", {}), tool_use_id, suggestions)
 
 
 def trouble_message(problem: str) -> str:

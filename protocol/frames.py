@@ -64,21 +64,44 @@ def identity(project: str, **extra: JSON) -> Envelope:
 HEARTBEAT = Envelope(Kind.HEARTBEAT, "", None)
 
 
+#: Most rule suggestions one ``perm_request`` carries, and the longest one.
+MAX_SUGGESTIONS = 8
+MAX_SUGGESTION_CHARS = 1000
+
+
+def read_suggestions(value: JSON) -> tuple[str, ...]:
+    """A ``perm_request``'s ``suggestions``: the non-empty strings of a list, each
+    at most :data:`MAX_SUGGESTION_CHARS` long, the first :data:`MAX_SUGGESTIONS` of
+    them. Anything else reads as none: a hint never costs the request itself."""
+    if not isinstance(value, list):
+        return ()
+    found: list[str] = []
+    for item in value:
+        if isinstance(item, str) and 0 < len(item) <= MAX_SUGGESTION_CHARS and item not in found:
+            found.append(item)
+            if len(found) == MAX_SUGGESTIONS:
+                break
+    return tuple(found)
+
+
 @dataclass(frozen=True, slots=True)
 class PermRequest:
     """``perm_request`` payload: may the agent run ``tool_name`` with ``tool_input``?"""
 
     tool_name: str
     tool_input: JSON
+    #: Rules the agent itself suggests for "always allow" (Claude Code's
+    #: ``permission_suggestions``, as rule texts): an optional extra key, sent
+    #: only when there are some, so the frame stays the original shape.
+    suggestions: tuple[str, ...] = ()
 
     def envelope(self, request_id: str) -> Envelope:
         if not isinstance(self.tool_name, str) or not self.tool_name:
             raise LocalProtocolError("tool_name must be a non-empty string")
-        return Envelope(
-            Kind.PERM_REQUEST,
-            request_id,
-            {"tool_name": self.tool_name, "tool_input": self.tool_input},
-        )
+        payload: dict[str, JSON] = {"tool_name": self.tool_name, "tool_input": self.tool_input}
+        if self.suggestions:
+            payload["suggestions"] = list(self.suggestions)
+        return Envelope(Kind.PERM_REQUEST, request_id, payload)
 
     @classmethod
     def from_payload(cls, payload: JSON) -> PermRequest:
@@ -92,7 +115,9 @@ class PermRequest:
         tool_name = payload.get("tool_name")
         if not isinstance(tool_name, str) or not tool_name:
             raise RemoteProtocolError(NO_TOOL_NAME, "perm_request without a tool_name")
-        return cls(tool_name, payload.get("tool_input"))
+        return cls(
+            tool_name, payload.get("tool_input"), read_suggestions(payload.get("suggestions"))
+        )
 
     @classmethod
     def from_envelope(cls, envelope: Envelope) -> PermRequest:

@@ -162,9 +162,17 @@ class Approvals:
     # -- requests from sleds --------------------------------------------------------
 
     async def request(
-        self, session: int, project: str, req_id: str, tool_name: str, tool_input: JSON
+        self,
+        session: int,
+        project: str,
+        req_id: str,
+        tool_name: str,
+        tool_input: JSON,
+        *,
+        suggestions: tuple[str, ...] = (),
     ) -> None:
-        """A sled's ``perm_request``: answer it by rule, cap or ``--auto``, or make it pending."""
+        """A sled's ``perm_request``: answer it by rule, cap or ``--auto``, or make it pending
+        (``suggestions``: the rules its agent suggests for "always allow", checked when offered)."""
         if self.state.is_pending(project, req_id):
             await self._again(session, project, req_id, tool_name, tool_input)
             return
@@ -202,10 +210,12 @@ class Approvals:
         if self.auto is not None:
             await self._settle(item, self.auto, Principal.auto(), None, pending=False)
             return
-        item = self._offer(item)
+        item = self._offer(item, suggestions)
         self.events.publish(PermissionRequested(item))
 
-    def _offer(self, item: PendingPermission) -> PendingPermission:
+    def _offer(
+        self, item: PendingPermission, suggestions: tuple[str, ...] = ()
+    ) -> PendingPermission:
         """The item with what its card offers: the rules "always allow" may make, and the
         allow rule that matched but may not answer (a call outside the sandbox)."""
         would = None
@@ -217,7 +227,7 @@ class Approvals:
                 would = {"id": allow.id, "rule": allow.rule, "describes": allow.describes}
         return replace(
             item,
-            suggested_rules=suggested_rules(item.tool_name, item.tool_input),
+            suggested_rules=suggested_rules(item.tool_name, item.tool_input, suggestions),
             would_match=would,
         )
 

@@ -345,7 +345,12 @@ class Hub:
             await self._refuse(session, env, "?", "perm_request without a tool_name")
             return
         await self.approvals.request(
-            session.id, project, env.req_id, request.tool_name, request.tool_input
+            session.id,
+            project,
+            env.req_id,
+            request.tool_name,
+            request.tool_input,
+            suggestions=request.suggestions,
         )
 
     async def _on_perm_cancel(self, session: Session, env: Envelope) -> bool:

@@ -113,9 +113,15 @@ def sandbox_off(tool_input: JSON) -> bool:
     return isinstance(tool_input, dict) and tool_input.get("dangerouslyDisableSandbox") is True
 
 
-def suggested_rules(tool_name: str, tool_input: JSON) -> tuple[tuple[str, str], ...]:
+def suggested_rules(
+    tool_name: str, tool_input: JSON, sled: Iterable[str] = ()
+) -> tuple[tuple[str, str], ...]:
     """What "always allow" may offer for this use: ``(rule, kind)``, the exact rule
-    first, then the prefix rule (each only when the grammar can spell a safe one)."""
+    first, then the prefix rule (each only when the grammar can spell a safe one),
+    then the rules the sled's agent suggested (``claude``: Claude Code's
+    ``permission_suggestions``), each only when it parses, names more than a
+    whole tool and allows this very request: a sled cannot get a card to offer
+    a rule for something else."""
     found: list[tuple[str, str]] = []
     try:
         for text, kind in (
@@ -126,7 +132,23 @@ def suggested_rules(tool_name: str, tool_input: JSON) -> tuple[tuple[str, str], 
                 found.append((text, kind))
     except Exception:  # a suggestion is a convenience: never a reason to fail a request
         log.opt(exception=True).warning("no rule suggestions for a {} request", tool_name)
+    for offered in sled:
+        text = _covering(offered, tool_name, tool_input)
+        if text is not None and all(text != seen for seen, _ in found):
+            found.append((text, "claude"))
     return tuple(found)
+
+
+def _covering(text: str, tool_name: str, tool_input: JSON) -> str | None:
+    """``text``'s canonical spelling when, as an allow rule, it allows this request; else None."""
+    try:
+        parsed = parse_rule(text)
+        if parsed.specifier is None:
+            return None
+        verdict = RuleSet([(0, parsed, cast(Action, ALLOW))]).evaluate(tool_name, tool_input)
+    except Exception:  # a rule that does not parse, or an input the matcher cannot read
+        return None
+    return parsed.text if verdict.action == ALLOW else None
 
 
 def grammar_tool(text: str) -> str:
