@@ -113,6 +113,13 @@ def sandbox_off(tool_input: JSON) -> bool:
     return isinstance(tool_input, dict) and tool_input.get("dangerouslyDisableSandbox") is True
 
 
+#: A rule longer than this is not offered on a card: a person cannot check it at
+#: a glance, a pending item's size in ``/api/state`` stays bounded, and a Bash
+#: rule that long could only name commands over the 10,000 characters no rule
+#: allows. "Always allow" of the exact input stays available.
+MAX_SUGGESTED_RULE_CHARS = 2_000
+
+
 def suggested_rules(
     tool_name: str, tool_input: JSON, sled: Iterable[str] = ()
 ) -> tuple[tuple[str, str], ...]:
@@ -128,15 +135,25 @@ def suggested_rules(
             (exact_rule(tool_name, tool_input), "exact"),
             (prefix_rule(tool_name, tool_input), "prefix"),
         ):
-            if text is not None and all(text != seen for seen, _ in found):
+            if _offerable(text, found):
+                assert text is not None
                 found.append((text, kind))
     except Exception:  # a suggestion is a convenience: never a reason to fail a request
         log.opt(exception=True).warning("no rule suggestions for a {} request", tool_name)
     for offered in sled:
         text = _covering(offered, tool_name, tool_input)
-        if text is not None and all(text != seen for seen, _ in found):
+        if _offerable(text, found):
+            assert text is not None
             found.append((text, "claude"))
     return tuple(found)
+
+
+def _offerable(text: str | None, found: list[tuple[str, str]]) -> bool:
+    return (
+        text is not None
+        and len(text) <= MAX_SUGGESTED_RULE_CHARS
+        and all(text != seen for seen, _ in found)
+    )
 
 
 def _covering(text: str, tool_name: str, tool_input: JSON) -> str | None:

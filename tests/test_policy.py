@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from sled_gateway.policy import MAX_KEY_TEXT, Policy, legacy_key, rule_key
+from sled_gateway.policy import (
+    MAX_KEY_TEXT,
+    MAX_SUGGESTED_RULE_CHARS,
+    Policy,
+    legacy_key,
+    rule_key,
+    suggested_rules,
+)
 from sled_gateway.store import ALLOW, DENY, Rule
 
 _ids = iter(range(1, 10_000))
@@ -220,3 +227,12 @@ def test_a_stored_rule_that_no_longer_parses_matches_nothing() -> None:
     policy = Policy([grammar(ALLOW, "p", "Bash(mkdir d*")])
     assert len(policy) == 0
     assert policy.match("p", "Bash", {"command": "mkdir d1"}) is None
+
+
+def test_no_rule_longer_than_a_person_can_check_is_suggested() -> None:
+    short = suggested_rules("Bash", {"command": "npm test -- --watch=false"})
+    assert ("Bash(npm test:*)", "prefix") in short
+    long_command = "echo " + "z" * MAX_SUGGESTED_RULE_CHARS
+    offered = suggested_rules("Bash", {"command": long_command}, sled=[f"Bash({long_command})"])
+    assert all(len(text) <= MAX_SUGGESTED_RULE_CHARS for text, _ in offered)
+    assert not any(kind in ("exact", "claude") for _, kind in offered)
