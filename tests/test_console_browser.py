@@ -142,7 +142,9 @@ def test_clicking_in_the_console_answers_the_waiting_permission_call(
     assert "Bash" in text
     assert PROJECT in text
     assert req_id in text
-    assert '"command": "pytest -q"' in text
+    # The Bash view: the command and the description the agent gave, not JSON.
+    assert card.query_selector("[data-field=command]").inner_text() == "pytest -q"
+    assert card.query_selector("[data-field=description]").inner_text() == "Run the test suite"
     # The sleds table counts it as pending too (5th column).
     sync_api.expect(
         page.locator(f"#sleds tr{_sel(data_project=PROJECT)} td:nth-child(5)")
