@@ -1,4 +1,4 @@
-"""Tool-aware pending cards in the console, at a phone's 390 × 844.
+"""Tool-aware pending cards in the console, at a phone's 390 x 844.
 
 Debian's chromium (Playwright) runs the real console against the real gateway;
 a raw WebSocket client plays the sled, so the test sees exactly the allow or
@@ -95,7 +95,9 @@ def sled(gw: Gateway) -> Iterator[Callable[[], ClientConnection]]:
         yield lambda: stack.enter_context(open_sled(gw))
 
 
-def show(gw: Gateway, page: Any, ws: ClientConnection, req_id: str, tool: str, tool_input: Any) -> Any:
+def show(
+    gw: Gateway, page: Any, ws: ClientConnection, req_id: str, tool: str, tool_input: Any
+) -> Any:
     """Ask, and return the card the console shows for exactly this input."""
     ws.send(frame("perm_request", req_id, {"tool_name": tool, "tool_input": tool_input}))
     selector = (
@@ -177,7 +179,11 @@ def test_a_bash_card_shows_the_command_highlighted_and_its_description(
     ws = sled()
     page.goto(gw.console_url())
     card = show(
-        gw, page, ws, "b1", "Bash",
+        gw,
+        page,
+        ws,
+        "b1",
+        "Bash",
         {"command": command, "description": "Run the tests", "timeout": 60000},
     )
     shown_command = card.query_selector("[data-field=command]")
@@ -196,12 +202,24 @@ def test_markup_from_a_sled_stays_text_in_every_view(
     ws = sled()
     page.goto(gw.console_url())
     cards = [
-        show(gw, page, ws, "x1", "Edit",
-             {"file_path": f"/tmp/{XSS}", "old_string": XSS, "new_string": f"ok {XSS}"}),
+        show(
+            gw,
+            page,
+            ws,
+            "x1",
+            "Edit",
+            {"file_path": f"/tmp/{XSS}", "old_string": XSS, "new_string": f"ok {XSS}"},
+        ),
         show(gw, page, ws, "x2", "Bash", {"command": f"echo {XSS} && true", "description": XSS}),
         show(gw, page, ws, "x3", "WebFetch", {"url": f"https://evil.example/{XSS}", "prompt": XSS}),
-        show(gw, page, ws, "x4", "MultiEdit",
-             {"file_path": "/tmp/a", "edits": [{"old_string": XSS, "new_string": ""}]}),
+        show(
+            gw,
+            page,
+            ws,
+            "x4",
+            "MultiEdit",
+            {"file_path": "/tmp/a", "edits": [{"old_string": XSS, "new_string": ""}]},
+        ),
         show(gw, page, ws, "x5", "Write", {"file_path": "/tmp/w.html", "content": XSS}),
         show(gw, page, ws, "x6", "Read", {"file_path": XSS}),
     ]
@@ -218,11 +236,18 @@ def test_bidi_controls_in_a_diff_line_are_shown_escaped(
 ) -> None:
     ws = sled()
     page.goto(gw.console_url())
-    card = show(gw, page, ws, "bd", "Edit", {
-        "file_path": "/srv/acl.py",
-        "old_string": "allowed = False",
-        "new_string": "allowed = True  # \u202e\u2066 eslaF \u2069\u200b",
-    })
+    card = show(
+        gw,
+        page,
+        ws,
+        "bd",
+        "Edit",
+        {
+            "file_path": "/srv/acl.py",
+            "old_string": "allowed = False",
+            "new_string": "allowed = True  # \u202e\u2066 eslaF \u2069\u200b",
+        },
+    )
     added = rows(card, "add")
     assert added == ["+allowed = True  # \\u202e\\u2066 eslaF \\u2069\\u200b"], added
     text = card.inner_text()
@@ -247,7 +272,7 @@ def test_a_long_input_folds_and_unfolds(
     cut = show(gw, page, ws, "big", "Edit", big)
     assert cut.query_selector("button[data-action=approve]") is None
     cut.query_selector("button[data-show-whole]").click()
-    approve = f'.card[data-req-id="big"] button[data-action=approve]'
+    approve = '.card[data-req-id="big"] button[data-action=approve]'
     page.wait_for_selector(approve, timeout=UI_WAIT_MS)
     assert cut.query_selector("[data-view=edit]") is not None
     assert "old_string" not in cut.inner_text()
