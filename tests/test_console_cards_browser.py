@@ -195,6 +195,12 @@ def test_a_bash_card_shows_the_command_highlighted_and_its_description(
     assert '"timeout": 60000' in card.query_selector("[data-field=other-fields]").inner_text()
     assert_fits(page, card)
 
+    # A quoted string over two lines: the ; and | inside it are not operators.
+    script = "echo 'a;\nb|c' && ls"
+    card = show(gw, page, ws, "b2", "Bash", {"command": script})
+    ops = [o.inner_text() for o in card.query_selector_all("[data-field=command] .op")]
+    assert ops == ["&&"], ops
+
 
 def test_markup_from_a_sled_stays_text_in_every_view(
     gw: Gateway, page: Any, sled: Callable[[], ClientConnection]
