@@ -286,3 +286,44 @@ def test_a_long_input_folds_and_unfolds(
     page.click(approve)
     answer = json.loads(ws.recv(timeout=T))
     assert answer["req_id"] == "big" and answer["payload"]["approved"] is True
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev, row = row, [0]
+        for j, y in enumerate(b):
+            row.append(prev[j] + 1 if x == y else max(prev[j + 1], row[j]))
+    return row[-1]
+
+
+def _subsequence(part: list[str], whole: list[str]) -> bool:
+    it = iter(whole)
+    return all(any(x == y for y in it) for x in part)
+
+
+def test_the_page_diff_is_a_minimal_line_diff(gw: Gateway, page: Any) -> None:
+    """The console's own lineDiff: removed rows come from the old text and added rows from
+    the new one, in order, and no more of them than a longest common subsequence leaves."""
+    import random
+
+    rng = random.Random(25)
+    page.goto(gw.console_url())
+    for _ in range(60):
+        old = [rng.choice("abcde") for _ in range(rng.randrange(0, 30))]
+        new = [rng.choice("abcde") for _ in range(rng.randrange(0, 30))]
+        got = page.evaluate("([a, b]) => lineDiff(a, b)", ["\n".join(old), "\n".join(new)])
+        old_lines, new_lines = "\n".join(old).split("\n"), "\n".join(new).split("\n")
+        removed = [t for op, t in got if op == "-"]
+        added = [t for op, t in got if op == "+"]
+        assert _subsequence(removed, old_lines) and _subsequence(added, new_lines)
+        lcs = _lcs(old_lines, new_lines)
+        assert len(removed) == len(old_lines) - lcs and len(added) == len(new_lines) - lcs
+    # Over the size bound (4e6 LCS cells) the middle is "all removed, all added", quickly,
+    # and the common head and tail stay context.
+    olds, news = [f"o{i}" for i in range(2100)], [f"n{i}" for i in range(2100)]
+    big_old, big_new = "\n".join(["head", *olds, "tail"]), "\n".join(["head", *news, "tail"])
+    got = page.evaluate("([a, b]) => lineDiff(a, b)", [big_old, big_new])
+    assert [t for op, t in got if op == "-"] == olds
+    assert [t for op, t in got if op == "+"] == news
+    assert got[0] == [" ", "head"] and got[-1] == [" ", "tail"]
