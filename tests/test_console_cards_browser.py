@@ -313,12 +313,14 @@ def test_the_page_diff_is_a_minimal_line_diff(gw: Gateway, page: Any) -> None:
         old = [rng.choice("abcde") for _ in range(rng.randrange(0, 30))]
         new = [rng.choice("abcde") for _ in range(rng.randrange(0, 30))]
         got = page.evaluate("([a, b]) => lineDiff(a, b)", ["\n".join(old), "\n".join(new)])
-        old_lines, new_lines = "\n".join(old).split("\n"), "\n".join(new).split("\n")
+        old_lines, new_lines = old, new  # no line is empty, so joining and splitting keeps them
         removed = [t for op, t in got if op == "-"]
         added = [t for op, t in got if op == "+"]
         assert _subsequence(removed, old_lines) and _subsequence(added, new_lines)
         lcs = _lcs(old_lines, new_lines)
         assert len(removed) == len(old_lines) - lcs and len(added) == len(new_lines) - lcs
+    assert page.evaluate("() => lineDiff('', 'x')") == [["+", "x"]]
+    assert page.evaluate("() => lineDiff('x\\ny', '')") == [["-", "x"], ["-", "y"]]
     # Over the size bound (4e6 LCS cells) the middle is "all removed, all added", quickly,
     # and the common head and tail stay context.
     olds, news = [f"o{i}" for i in range(2100)], [f"n{i}" for i in range(2100)]
