@@ -329,3 +329,28 @@ def test_the_page_diff_is_a_minimal_line_diff(gw: Gateway, page: Any) -> None:
     assert [t for op, t in got if op == "-"] == olds
     assert [t for op, t in got if op == "+"] == news
     assert got[0] == [" ", "head"] and got[-1] == [" ", "tail"]
+
+
+def test_a_webfetch_card_names_the_host_the_browser_would_reach(
+    gw: Gateway, page: Any, sled: Callable[[], ClientConnection]
+) -> None:
+    ws = sled()
+    page.goto(gw.console_url())
+    fooled = show(
+        gw,
+        page,
+        ws,
+        "w1",
+        "WebFetch",
+        {"url": "https://docs.example.com@evil.example:8443/a", "prompt": "Summarise"},
+    )
+    assert fooled.query_selector("[data-field=host]").inner_text() == "evil.example:8443"
+    assert "url" not in fooled.query_selector("[data-field=tool-view]").inner_text()
+    idn = show(gw, page, ws, "w2", "WebFetch", {"url": "https://ex\u0430mple.com/"})  # a Cyrillic a
+    assert (
+        idn.query_selector("[data-field=host]").inner_text()
+        == "ex\u0430mple.com".encode("idna").decode()
+    )
+    odd = show(gw, page, ws, "w3", "WebFetch", {"url": "javascript:alert(1)"})
+    assert odd.query_selector("[data-field=host]").inner_text() == "none: not a web address"
+    assert_fits(page, fooled)
