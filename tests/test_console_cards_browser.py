@@ -354,3 +354,16 @@ def test_a_webfetch_card_names_the_host_the_browser_would_reach(
     odd = show(gw, page, ws, "w3", "WebFetch", {"url": "javascript:alert(1)"})
     assert odd.query_selector("[data-field=host]").inner_text() == "none: not a web address"
     assert_fits(page, fooled)
+
+
+def test_a_long_suggested_rule_does_not_widen_the_card(
+    gw: Gateway, page: Any, sled: Callable[[], ClientConnection]
+) -> None:
+    """The "always allow" choice names a rule with a long unbroken path: it wraps; a
+    fieldset is as wide as its content unless told otherwise."""
+    path = "/srv/" + "a" * 300 + "/config.yaml"
+    ws = sled()
+    page.goto(gw.console_url())
+    card = show(gw, page, ws, "long-rule", "Read", {"file_path": path})
+    assert card.query_selector("[data-field=allow-choice]") is not None
+    assert_fits(page, card)
