@@ -105,15 +105,24 @@ def test_the_console_survives_a_gateway_restart(page: Any) -> None:
     finally:
         first.stop()
     sync_api.expect(page.locator("#live")).to_be_visible(timeout=UI_WAIT_MS)
-    # Same port and operator token: the console's session cookie still holds.
     second = Gateway(
         token=TOKEN, heartbeat_interval=0.3, operator_token="op-" + TOKEN, port=port
     ).start()
     try:
         with open_sled(second) as ws:
             ask(ws, "while-down", "Bash", {"command": "echo missed"})
+            # Console sessions end with the gateway process: the page says so, stays
+            # offline, and keeps its cards; it is not reloaded.
+            sync_api.expect(page.locator("#banner")).to_contain_text(
+                "session ended", timeout=UI_WAIT_MS
+            )
+            assert page.locator("#live").is_visible()
+            # The person opens the URL with the token again (another tab of the same
+            # browser); the open page reconnects by itself and catches up.
+            assert page.context.request.get(second.console_url()).ok
             page.wait_for_selector(card("while-down"), timeout=UI_WAIT_MS)
             sync_api.expect(page.locator("#live")).to_be_hidden(timeout=UI_WAIT_MS)
+            sync_api.expect(page.locator("#banner")).to_be_hidden(timeout=UI_WAIT_MS)
     finally:
         second.stop()
 
@@ -126,13 +135,15 @@ def test_events_need_the_operator(gw: Gateway) -> None:
 
 def test_streams_over_the_cap_get_503(gw: Gateway) -> None:
     gw._app.routes.live.max_streams = 2  # the default 32, made small to reach it
+    readers = []  # an httpx line iterator closes its response when it is collected
     with ExitStack() as stack:
         for _ in range(2):
             r = stack.enter_context(
                 httpx.stream("GET", f"{gw.http_url}/api/events", headers=gw.api_headers(), timeout=T)
             )
             assert r.status_code == 200
-            next_state(r.iter_lines())
+            readers.append(r.iter_lines())
+            next_state(readers[-1])
         over = httpx.get(f"{gw.http_url}/api/events", headers=gw.api_headers(), timeout=T)
         assert over.status_code == 503
         assert "too many" in over.json()["error"]
@@ -177,14 +188,17 @@ def test_changes_are_coalesced(gw: Gateway) -> None:
 def test_shutdown_with_an_open_stream_is_quick() -> None:
     gateway = Gateway(token=TOKEN, heartbeat_interval=0.3).start()
     try:
-        r = httpx.stream(
+        opened = httpx.stream(
             "GET", f"{gateway.http_url}/api/events", headers=gateway.api_headers(), timeout=T
-        ).__enter__()
-        next_state(r.iter_lines())
+        )
+        r = opened.__enter__()
+        lines = r.iter_lines()  # kept: collecting it would close the stream
+        next_state(lines)
         started = time.monotonic()
         gateway.stop()
         took = time.monotonic() - started
         assert took < 1.5, f"stopping took {took:.2f} s with a console stream open"
-        r.close()
+        list(lines)  # ends without an error: the stream was finished, not cut
+        opened.__exit__(None, None, None)
     finally:
         gateway.stop()
