@@ -21,8 +21,8 @@ from tests.support import browser as browser_support
 from tests.test_binding_browser import (
     PROJECT,
     TOKEN,
-    T,
     UI_WAIT_MS,
+    T,
     ask,
     open_sled,
 )
@@ -139,7 +139,9 @@ def test_streams_over_the_cap_get_503(gw: Gateway) -> None:
     with ExitStack() as stack:
         for _ in range(2):
             r = stack.enter_context(
-                httpx.stream("GET", f"{gw.http_url}/api/events", headers=gw.api_headers(), timeout=T)
+                httpx.stream(
+                    "GET", f"{gw.http_url}/api/events", headers=gw.api_headers(), timeout=T
+                )
             )
             assert r.status_code == 200
             readers.append(r.iter_lines())
@@ -150,9 +152,7 @@ def test_streams_over_the_cap_get_503(gw: Gateway) -> None:
 
 
 def test_a_stream_outlives_the_request_deadline_and_follows_changes(gw: Gateway) -> None:
-    with httpx.stream(
-        "GET", f"{gw.http_url}/api/events", headers=gw.api_headers(), timeout=T
-    ) as r:
+    with httpx.stream("GET", f"{gw.http_url}/api/events", headers=gw.api_headers(), timeout=T) as r:
         lines = r.iter_lines()
         first = next_state(lines)
         time.sleep(2.0)  # twice the gateway's request_timeout
@@ -166,9 +166,7 @@ def test_a_stream_outlives_the_request_deadline_and_follows_changes(gw: Gateway)
 
 
 def test_changes_are_coalesced(gw: Gateway) -> None:
-    with httpx.stream(
-        "GET", f"{gw.http_url}/api/events", headers=gw.api_headers(), timeout=T
-    ) as r:
+    with httpx.stream("GET", f"{gw.http_url}/api/events", headers=gw.api_headers(), timeout=T) as r:
         lines = r.iter_lines()
         next_state(lines)
         with open_sled(gw) as ws:

@@ -23,6 +23,7 @@ with no body is in, so it never cuts a stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -109,10 +110,8 @@ class LiveStreams:
             if self._scheduled:
                 return
             self._scheduled = True
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
             loop.call_soon_threadsafe(self._due, loop)
-        except RuntimeError:  # the loop has closed: nobody is listening any more
-            pass
 
     def _due(self, loop: asyncio.AbstractEventLoop) -> None:
         wait = self._last_sent + self.min_interval - loop.time()

@@ -4,7 +4,7 @@
 ``/api/sled-uplink`` (WS)       sleds connect here (:mod:`sled_gateway.hub`)
 ``GET /``                       the web console (:mod:`sled_gateway.http.console`)
 ``GET /api/state``              sleds, pending permission requests, recent decisions
-``GET /api/events``             the same document as Server-Sent Events, on every change (:mod:`.live`)
+``GET /api/events``             that document as Server-Sent Events on each change (:mod:`.live`)
 ``POST /api/permissions/{project}/{req_id}``   ``{"decision": ..., "input_sha256": hex}``
 ``GET /api/permissions/{project}/{req_id}``    one request, with its whole input
 ``GET /api/audit``              the durable audit log, newest first (``?project=&since=&limit=``)
