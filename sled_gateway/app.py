@@ -86,6 +86,7 @@ class GatewayApp:
             hub=self.hub,
             relay=self.relay,
         )
+        state.add_change_listener(self.routes.live.changed)
         self.allowed_hosts = AllowedHosts.default(listen_host, config.allowed_hosts)
         self.asgi = RequestGuard(
             self.routes.app,
@@ -116,4 +117,5 @@ class GatewayApp:
         await self.hub.monitor()
 
     async def shutdown(self) -> None:
+        self.routes.live.close_all()  # an open console must not hold the server's shutdown
         await self.hub.shutdown()

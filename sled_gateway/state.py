@@ -110,6 +110,7 @@ class GatewayState:
         self._decided: OrderedDict[Key, DecisionRecord] = OrderedDict()
         self._recent: deque[DecisionRecord] = deque(maxlen=RECENT_DECISIONS)
         self._version = 0  # bumped on every change; lets waiters see "something happened"
+        self._listeners: list[Callable[[], None]] = []
 
     # -- changes: events from the loop ------------------------------------------
 
@@ -123,9 +124,16 @@ class GatewayState:
         events.subscribe(PermissionDecided, self._on_decided)
         events.subscribe(PermissionWithdrawn, self._on_withdrawn)
 
+    def add_change_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after every change, under the lock, on the changing
+        thread: it must be quick and must not call back into this object."""
+        self._listeners.append(callback)
+
     def _changed(self) -> None:
         self._version += 1
         self._cond.notify_all()
+        for callback in self._listeners:
+            callback()
 
     def _on_sled_up(self, event: SledUp) -> None:
         with self._cond:

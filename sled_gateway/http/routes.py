@@ -4,6 +4,7 @@
 ``/api/sled-uplink`` (WS)       sleds connect here (:mod:`sled_gateway.hub`)
 ``GET /``                       the web console (:mod:`sled_gateway.http.console`)
 ``GET /api/state``              sleds, pending permission requests, recent decisions
+``GET /api/events``             that document as Server-Sent Events on each change (:mod:`.live`)
 ``POST /api/permissions/{project}/{req_id}``   ``{"decision": ..., "input_sha256": hex}``
 ``GET /api/permissions/{project}/{req_id}``    one request, with its whole input
 ``GET /api/audit``              the durable audit log, newest first (``?project=&since=&limit=``)
@@ -40,6 +41,7 @@ from sled_gateway.auth import principal_of
 from sled_gateway.config import GatewayConfig
 from sled_gateway.http.console import ConsolePage
 from sled_gateway.http.errors import error
+from sled_gateway.http.live import EVENTS_PATH, LiveStreams
 from sled_gateway.http.params import BodyTooLarge, BodyTooSlow, int_param, read_body, time_param
 from sled_gateway.http.rules_api import RulesApi
 from sled_gateway.hub import Hub
@@ -92,6 +94,7 @@ class Routes:
                 request, shape, _MAX_IMPORT_BODY if request.url.path.endswith("/import") else None
             ),
         )
+        self.live = LiveStreams(lambda: self.state_document(STATE_LIMIT))
         self.app = Starlette(
             routes=[
                 WebSocketRoute(UPLINK_PATH, hub.uplink),
@@ -99,6 +102,7 @@ class Routes:
                 Route("/", ConsolePage().handle, methods=["GET"]),
                 Route("/healthz", self._healthz, methods=["GET"]),
                 Route("/api/state", self._state, methods=["GET"]),
+                Route(EVENTS_PATH, self.live, methods=["GET"]),
                 Route(
                     "/api/permissions/{project}/{req_id:path}",
                     self._post_decision,
@@ -150,6 +154,10 @@ class Routes:
             limit = int_param(request, "limit", STATE_LIMIT, 0, 100_000)
         except ValueError as exc:
             return error(400, str(exc))
+        return JSONResponse(self.state_document(limit), headers={"Cache-Control": "no-store"})
+
+    def state_document(self, limit: int | None) -> dict[str, Any]:
+        """What ``GET /api/state`` serves and ``GET /api/events`` pushes."""
         snap = self.state.snapshot(limit=limit)
         sled_auth = (
             "per-sled"
@@ -165,7 +173,7 @@ class Routes:
             "auto": self.config.auto.value if self.config.auto else None,
             "mcp_timeout_s": self.config.mcp_timeout,
         }
-        return JSONResponse(snap, headers={"Cache-Control": "no-store"})
+        return snap
 
     async def _json_body(
         self, request: Request, shape: str, limit: int | None = None
