@@ -4,7 +4,8 @@ Debian's chromium (Playwright) runs the real console against the real gateway;
 a raw WebSocket client plays the sled, so the test sees exactly the allow or
 deny the sled gets. Every view renders sled text as text: the attack inputs
 carry markup and bidi controls, and the page must create no element from them
-and show the bidi controls as visible escapes.
+and show the bidi controls as visible escapes. ``SLED_CONSOLE_PHONE_SCREENSHOT``
+names a file to save the Edit card's screenshot to (how ``docs/console-phone.png`` is made).
 """
 
 from __future__ import annotations
@@ -143,6 +144,8 @@ def test_an_edit_is_shown_as_a_diff_and_approved_by_its_button(
     assert "old_string" not in text and "new_string" not in text and "file_path" not in text
     assert '"' not in card.query_selector("[data-field=tool-view]").inner_text(), "no JSON shown"
     assert_fits(page, card)
+    if os.environ.get("SLED_CONSOLE_PHONE_SCREENSHOT"):  # how docs/console-phone.png is made
+        page.screenshot(path=os.environ["SLED_CONSOLE_PHONE_SCREENSHOT"])
 
     card.query_selector("button[data-action=approve]").click()
     answer = json.loads(ws.recv(timeout=T))
