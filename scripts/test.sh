@@ -10,6 +10,8 @@ bash scripts/install-browser.sh >&2 || true
 bash scripts/install-synapse.sh >&2 || true
 # The Claude Code tests run the real, pinned binary (npm, into .tools/).
 bash scripts/install-claude-code.sh >&2 || true
+# The console's accessibility check runs a pinned axe-core (npm, into .tools/).
+bash scripts/install-axe.sh >&2 || true
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?
