@@ -170,15 +170,18 @@ def test_clicking_in_the_console_answers_the_waiting_permission_call(
     assert answer["reason"] == "gateway"
     assert answer["behavior"] == ("deny" if decision == "deny" else "allow")
 
-    # The card goes, and the decision shows in the history, made by the console.
+    # The card goes, and the decision shows in the audit log (the one list of what was
+    # decided), made by the console.
     page.wait_for_selector(
         f".card{_sel(data_project=PROJECT, data_req_id=req_id)}",
         state="detached",
         timeout=UI_WAIT_MS,
     )
-    sync_api.expect(
-        page.locator(f"#decisions tr{_sel(data_req_id=req_id)} td[data-field=decision]")
-    ).to_have_text(decision, timeout=UI_WAIT_MS)
+    row = f"#audit tr{_sel(data_project=PROJECT, data_req_id=req_id)}"
+    sync_api.expect(page.locator(f"{row} td[data-field=decision]")).to_have_text(
+        decision, timeout=UI_WAIT_MS
+    )
+    sync_api.expect(page.locator(f"{row} td[data-field=by]")).to_have_text("console")
     assert gw.state()["decisions"][0]["by"] == "console"
     assert page.is_visible("#empty-pending")
     after = tmp_path / f"console-decided-{decision}.png"
