@@ -61,7 +61,8 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def gw() -> Iterator[Gateway]:
-    gateway = Gateway(token=TOKEN, heartbeat_interval=0.3).start()
+    # The raw sled sends no heartbeats: a long interval keeps it "connected", not stale.
+    gateway = Gateway(token=TOKEN, heartbeat_interval=30).start()
     try:
         yield gateway
     finally:
@@ -260,6 +261,7 @@ def test_axe_finds_no_serious_or_critical_violation(
         shots = os.environ.get("SLED_CONSOLE_LAYOUT_SCREENSHOTS")
         if shots:  # how docs/console.png and docs/console-phone.png are made
             name = "console-phone.png" if size == PHONE else "console.png"
+            page.evaluate("() => { document.activeElement.blur(); window.scrollTo(0, 0); }")
             page.screenshot(path=str(Path(shots) / name))
         page.add_script_tag(path=str(AXE))
         result = page.evaluate(
