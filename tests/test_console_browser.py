@@ -9,8 +9,8 @@ Chromium comes from Debian (``scripts/install-browser.sh``, run by
 ``scripts/test.sh``), never from ``playwright install``. Without it (or
 without the ``playwright`` package) these tests skip, saying why.
 ``SLED_CHROMIUM`` points at another chromium binary; ``SLED_CONSOLE_SCREENSHOT``
-names a file to also save the pending-request screenshot to (how
-``docs/console.png`` is made).
+names a file to also save the pending-request screenshot to (the
+screenshots under ``docs/`` come from ``tests/test_console_layout_browser.py``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ a raw WebSocket client plays the sled, so the test sees exactly the allow or
 deny the sled gets. Every view renders sled text as text: the attack inputs
 carry markup and bidi controls, and the page must create no element from them
 and show the bidi controls as visible escapes. ``SLED_CONSOLE_PHONE_SCREENSHOT``
-names a file to save the Edit card's screenshot to (how ``docs/console-phone.png`` is made).
+names a file to save the Edit card's screenshot to (``docs/`` has the
+layout test's: ``tests/test_console_layout_browser.py``).
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def test_an_edit_is_shown_as_a_diff_and_approved_by_its_button(
     assert "old_string" not in text and "new_string" not in text and "file_path" not in text
     assert '"' not in card.query_selector("[data-field=tool-view]").inner_text(), "no JSON shown"
     assert_fits(page, card)
-    if os.environ.get("SLED_CONSOLE_PHONE_SCREENSHOT"):  # how docs/console-phone.png is made
+    if os.environ.get("SLED_CONSOLE_PHONE_SCREENSHOT"):
         page.screenshot(path=os.environ["SLED_CONSOLE_PHONE_SCREENSHOT"])
 
     card.query_selector("button[data-action=approve]").click()
