@@ -125,7 +125,9 @@ def console(browser: Any, gw: Gateway, size: tuple[int, int]) -> Iterator[Any]:
 def scene(gw: Gateway, page: Any, ws: ClientConnection) -> tuple[Any, Any]:
     """An audit row (a denied Read of a long path), a rule, a rules check, and a pending
     Edit and Bash card; returns the two cards."""
-    ws.send(frame("perm_request", "r0", {"tool_name": "Read", "tool_input": {"file_path": LONG_PATH}}))
+    ws.send(
+        frame("perm_request", "r0", {"tool_name": "Read", "tool_input": {"file_path": LONG_PATH}})
+    )
     gw.wait_for(lambda s: gw.is_pending(PROJECT, "r0"), T)
     gw.decide(PROJECT, "r0", "deny", by="layout-test")
     assert answer(ws) == ("r0", False)
@@ -250,6 +252,27 @@ def test_a_cut_down_card_is_not_approved_by_its_key(
         assert answer(ws) == ("big", False)
 
 
+def axe_violations(page: Any, where: str) -> list[dict[str, Any]]:
+    """axe-core's serious and critical violations on the page; all counts printed."""
+    if not AXE.is_file():
+        pytest.skip(f"axe-core is not installed at {AXE}: run `bash scripts/install-axe.sh`")
+    page.add_script_tag(path=str(AXE))
+    result = page.evaluate(
+        "async () => (await axe.run(document, {resultTypes: ['violations']})).violations"
+        ".map(v => ({id: v.id, impact: v.impact, help: v.help,"
+        " nodes: v.nodes.map(n => n.target.join(' ')).slice(0, 5)}))"
+    )
+    counts: dict[str, int] = {}
+    for violation in result:
+        counts[violation["impact"]] = counts.get(violation["impact"], 0) + 1
+    print(f"\naxe-core {where}: violations by impact {counts or 'none'}")
+    for violation in result:
+        print(
+            f"  {violation['impact']}: {violation['id']} ({violation['help']}) {violation['nodes']}"
+        )
+    return [v for v in result if v["impact"] in ("serious", "critical")]
+
+
 @pytest.mark.parametrize("size", [PHONE, DESK], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_axe_finds_no_serious_or_critical_violation(
     browser: Any, gw: Gateway, ws: ClientConnection, size: tuple[int, int]
@@ -263,17 +286,40 @@ def test_axe_finds_no_serious_or_critical_violation(
             name = "console-phone.png" if size == PHONE else "console.png"
             page.evaluate("() => { document.activeElement.blur(); window.scrollTo(0, 0); }")
             page.screenshot(path=str(Path(shots) / name))
-        page.add_script_tag(path=str(AXE))
-        result = page.evaluate(
-            "async () => (await axe.run(document, {resultTypes: ['violations']})).violations"
-            ".map(v => ({id: v.id, impact: v.impact, help: v.help,"
-            " nodes: v.nodes.map(n => n.target.join(' ')).slice(0, 5)}))"
+        assert axe_violations(page, f"at {size[0]}x{size[1]}") == []
+
+
+def test_axe_on_every_card_view_a_revoked_rule_and_a_banner(
+    browser: Any, gw: Gateway, ws: ClientConnection
+) -> None:
+    """The views the main scene lacks: each tool's card, hidden characters shown as
+    escapes, a cut-down card, a revoked rule (struck through) and the banner."""
+    if not AXE.is_file():
+        pytest.skip(f"axe-core is not installed at {AXE}: run `bash scripts/install-axe.sh`")
+    with console(browser, gw, PHONE) as page:
+        scene(gw, page, ws)
+        ask(page, ws, "w1", "Write", {"file_path": "/srv/a.txt", "content": "one\ntwo"})
+        ask(page, ws, "rd", "Read", {"file_path": "/srv/a.txt", "offset": 3})
+        ask(page, ws, "wf", "WebFetch", {"url": "https://example.com/a", "prompt": "Sum up"})
+        ask(
+            page,
+            ws,
+            "me",
+            "MultiEdit",
+            {
+                "file_path": "/srv/b",
+                "edits": [{"old_string": "a", "new_string": "b", "replace_all": True}],
+            },
         )
-        counts: dict[str, int] = {}
-        for violation in result:
-            counts[violation["impact"]] = counts.get(violation["impact"], 0) + 1
-        print(f"\naxe-core at {size[0]}x{size[1]}: violations by impact {counts or 'none'}")
-        for violation in result:
-            print(f"  {violation['impact']}: {violation['id']} ({violation['help']}) {violation['nodes']}")
-        bad = [v for v in result if v["impact"] in ("serious", "critical")]
-        assert bad == [], bad
+        ask(page, ws, "hid", "Bash", {"command": "echo \u202egnp.exe"})
+        ask(page, ws, "js", "NotebookEdit", {"notebook_path": "/srv/n.ipynb", "cell": 1})
+        big = {"file_path": "/srv/big.py", "old_string": "a\n" * 9000, "new_string": "b\n" * 9000}
+        cut = ask(page, ws, "big", "Edit", big)
+        cut.focus()
+        page.keyboard.press("a")  # the banner: show the whole input first
+        page.wait_for_selector("#banner:visible", timeout=UI_WAIT_MS)
+        page.click("#rules button[data-revoke]")
+        page.check("#show-revoked")
+        page.wait_for_selector("#rules tr.revoked", timeout=UI_WAIT_MS)
+        assert axe_violations(page, "on every view at 390x844") == []
+        assert page.evaluate(OFF_THE_EDGE) == []
