@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -210,14 +211,10 @@ def test_over_the_bound_or_malformed_is_4xx_and_decides_nothing(gw: Gateway) -> 
                 assert response.status_code == 400, (body, response.text)
                 assert "error" in response.json()
                 assert response.json().get("index") == index, (body, response.text)
-            for raw in (
-                b"{nope",
-                b"",
-                b"[" * 100_000,
-                b'{"decision": "approve", "items": [' + b"1," * 600_000,
-            ):
+            too_big = b'{"decision": "approve", "items": [' + b"1," * 600_000  # over 1 MiB
+            for raw, status in ((b"{nope", 400), (b"", 400), (b"[" * 100_000, 400), (too_big, 413)):
                 response = await http.post(BULK, content=raw)
-                assert response.status_code in (400, 413), (raw[:20], response.text)
+                assert response.status_code == status, (raw[:20], response.text)
                 assert "error" in response.json()
             assert gw.is_pending("sled-a", "r1")
             await no_answer(sleds["sled-a"])
@@ -262,5 +259,36 @@ def test_a_cross_site_bulk_post_is_refused_and_decides_nothing(gw: Gateway) -> N
             own = {"Content-Type": "application/json", "Origin": gw.http_url}
             taken = await http.post(BULK, content=raw, headers=own)
             assert taken.status_code == 200 and taken.json()["decided"] == 3
+
+    run(scenario())
+
+
+def test_the_bound_itself_500_items_on_three_sleds_are_each_decided(gw: Gateway) -> None:
+    async def scenario() -> None:
+        async with Fleet(gw) as (sleds, http):
+            asks = [
+                (SLEDS[i % 3], f"n{i}", {"command": f"echo {i}"}) for i in range(MAX_BULK_ITEMS)
+            ]
+            await ask(gw, sleds, asks)
+            items = [item(p, r, inp) for p, r, inp in asks]
+            started = time.monotonic()
+            response = await http.post(BULK, json={"decision": "approve", "items": items})
+            took = time.monotonic() - started
+            assert response.status_code == 200, response.text
+            assert response.json()["decided"] == MAX_BULK_ITEMS, response.text
+            got: dict[str, set[str]] = {p: set() for p in SLEDS}
+            for p in SLEDS:
+                while len(got[p]) < sum(1 for q, _, _ in asks if q == p):
+                    answer = await recv(sleds[p])
+                    assert answer["payload"] == APPROVE
+                    got[p].add(answer["req_id"])
+            assert set().union(*got.values()) == {r for _, r, _ in asks}
+            page = (await http.get("/api/audit", params={"limit": 500})).json()
+            assert len(page["entries"]) == MAX_BULK_ITEMS
+            assert {r["decision"] for r in page["entries"]} == {"approve"}
+            rest = await http.get("/api/audit", params={"before": page["next_before"]})
+            assert rest.json()["entries"] == []  # one row each, no more
+            assert took < T, f"{MAX_BULK_ITEMS} decisions took {took:.2f} s"
+            print(f"{MAX_BULK_ITEMS} decisions in one bulk: {took:.3f} s")
 
     run(scenario())
