@@ -260,3 +260,29 @@ def test_sled_text_in_a_bulk_card_stays_text(
         assert answer_of(sleds[project])["payload"]["approved"] is True
     assert ui.page.locator("img, b, i").count() == 0
     assert ui.dialogs and all("<" not in d for d in ui.dialogs)
+
+
+def test_a_cut_down_card_is_selectable_only_once_its_whole_input_is_shown(
+    gw: Gateway, ui: Page, sleds: dict[str, ClientConnection]
+) -> None:
+    big = {"file_path": "/srv/big.txt", "content": "x\n" * 12_000}  # over /api/state's 16 KiB
+    ui.page.goto(gw.console_url())
+    cut_a = ask(ui, sleds["sled-a"], "sled-a", "w1", "Write", big)
+    cut_b = ask(ui, sleds["sled-b"], "sled-b", "w1", "Write", big)
+    for card in (cut_a, cut_b):
+        assert card.query_selector("input[data-bulk-pick]").is_disabled()
+        assert card.query_selector("button[data-bulk-identical]").is_hidden()
+    cut_a.query_selector("button[data-show-whole]").click()
+    ui.page.wait_for_selector(
+        '.card[data-project="sled-a"] button[data-action=approve]', timeout=UI_WAIT_MS
+    )
+    assert cut_a.query_selector("input[data-bulk-pick]").is_enabled()
+    # sled-b's card was not shown whole: "identical" does not reach it.
+    assert cut_a.query_selector("button[data-bulk-identical]").is_hidden()
+    assert cut_b.query_selector("input[data-bulk-pick]").is_disabled()
+    cut_a.query_selector(".bulk-pick").click()
+    assert selected(ui) == [("sled-a", "w1")]
+    ui.page.click("#bulk-bar button[data-bulk=approve]")  # one: no confirmation
+    assert answer_of(sleds["sled-a"])["payload"]["approved"] is True
+    assert ui.dialogs == []
+    assert gw.is_pending("sled-b", "w1")
