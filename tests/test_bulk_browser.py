@@ -10,8 +10,10 @@ audit row and one answer per card, after a confirmation.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -286,3 +288,81 @@ def test_a_cut_down_card_is_selectable_only_once_its_whole_input_is_shown(
     assert answer_of(sleds["sled-a"])["payload"]["approved"] is True
     assert ui.dialogs == []
     assert gw.is_pending("sled-b", "w1")
+
+
+ATTACK_PAGE = """<!doctype html><title>free gift</title>
+<form id="f" method="POST" enctype="text/plain" action="%(target)s">
+<input name='{"decision": "approve", "items": %(items)s, "x": "' value='"}'>
+</form>
+<script>
+window.sent = fetch(%(target_js)s, {method: 'POST', mode: 'no-cors', credentials: 'include',
+  headers: {'Content-Type': 'text/plain'}, body: %(body_js)s})
+  .then(r => 'answered ' + r.type, e => 'failed ' + e);
+</script>"""
+
+
+class AttackerSite:
+    """A real HTTP server on another loopback port (the same site, another origin)."""
+
+    def __init__(self, html: str) -> None:
+        payload = html.encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_page_on_another_port_cannot_bulk_approve_with_the_console_cookie(
+    gw: Gateway, ui: Page, sleds: dict[str, ClientConnection]
+) -> None:
+    """The operator's browser is logged in (the cookie is not port-scoped); a page on
+    another local port posts a text/plain bulk approve by fetch and by a plain form."""
+    ui.page.goto(gw.console_url())
+    for project in SLEDS:
+        ask(ui, sleds[project], project, "v1", "Bash", CLEAN)
+    items = json.dumps(
+        [{"project": p, "req_id": "v1", "input_sha256": input_sha256(CLEAN)} for p in SLEDS]
+    )
+    target = f"{gw.http_url}/api/permissions/decide"
+    site = AttackerSite(
+        ATTACK_PAGE
+        % {
+            "target": target,
+            "target_js": json.dumps(target),
+            "items": items,
+            "body_js": json.dumps(json.dumps({"decision": "approve", "items": json.loads(items)})),
+        }
+    )
+    try:
+        attacker = ui.context.new_page()
+        attacker.goto(site.url)
+        sent = attacker.evaluate("window.sent")
+        # It went out; the answer is opaque, or (Cross-Origin-Resource-Policy) withheld.
+        assert sent in ("answered opaque", "failed TypeError: Failed to fetch"), sent
+        with attacker.expect_navigation(timeout=UI_WAIT_MS):
+            attacker.evaluate("document.getElementById('f').submit()")
+        shown = json.loads(attacker.inner_text("body", timeout=UI_WAIT_MS))
+        assert "refused" in shown["error"], shown
+        attacker.wait_for_timeout(300)
+        assert gw.audit() == []
+        assert all(gw.is_pending(p, "v1") for p in SLEDS)
+        for project in SLEDS:
+            with pytest.raises(TimeoutError):
+                sleds[project].recv(timeout=0.3)
+    finally:
+        site.close()
