@@ -151,6 +151,13 @@ class BulkDecisions:
         # decide() itself keeps each request to one decision.
         results = await asyncio.gather(*jobs)
         decided = sum(1 for r in results if r["status"] == 200)
+        log.info(
+            "bulk {} by {}: {} of {} item(s) decided",
+            decision.value,
+            principal.by,
+            decided,
+            len(results),
+        )
         return JSONResponse(
             {
                 "ok": decided == len(results),
