@@ -1,4 +1,4 @@
-"""Bulk decisions in the console (issue 25, item 5), at a phone's 390 x 844.
+"""Bulk decisions in the console (issue 25, item 5), at 390 x 844 (a phone) and 1280 x 800.
 
 Debian's chromium (Playwright) runs the real console against the real gateway;
 raw WebSocket clients play three sleds, so the test sees exactly the answers
@@ -48,8 +48,8 @@ def browser() -> Iterator[Any]:
 class Page:
     """A 390 x 844 page whose confirmations are answered ``self.accept`` and recorded."""
 
-    def __init__(self, browser: Any) -> None:
-        self.context = browser.new_context(viewport={"width": 390, "height": 844})
+    def __init__(self, browser: Any, width: int = 390, height: int = 844) -> None:
+        self.context = browser.new_context(viewport={"width": width, "height": height})
         self.page = self.context.new_page()
         self.errors: list[str] = []
         self.dialogs: list[str] = []
@@ -66,8 +66,8 @@ class Page:
 
 
 @pytest.fixture
-def ui(browser: Any) -> Iterator[Page]:
-    page = Page(browser)
+def ui(browser: Any, request: pytest.FixtureRequest) -> Iterator[Page]:
+    page = Page(browser, *getattr(request, "param", (390, 844)))
     try:
         yield page
     finally:
@@ -148,6 +148,7 @@ def assert_nothing_too_wide(ui: Page) -> None:
     assert wide == [], wide
 
 
+@pytest.mark.parametrize("ui", [(390, 844), (1280, 800)], indirect=True, ids=["phone", "desk"])
 def test_all_identical_selects_exactly_the_identical_ones_and_approve_3_decides_3(
     gw: Gateway, ui: Page, sleds: dict[str, ClientConnection]
 ) -> None:
