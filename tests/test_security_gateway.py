@@ -330,6 +330,7 @@ ENDPOINTS = [
     ("GET", "/"),
     ("GET", "/api/state"),
     ("POST", "/api/permissions/{project}/{req_id}"),
+    ("POST", "/api/permissions/decide"),
     ("GET", "/api/permissions/{project}/{req_id}"),
     ("POST", "/sleds/{project}/mcp"),
     ("GET", "/sleds/{project}/mcp"),

@@ -6,6 +6,7 @@
 ``GET /api/state``              sleds, pending permission requests, recent decisions
 ``GET /api/events``             that document as Server-Sent Events on each change (:mod:`.live`)
 ``POST /api/permissions/{project}/{req_id}``   ``{"decision": ..., "input_sha256": hex}``
+``POST /api/permissions/decide``  many at once, each its own decision (:mod:`.bulk_api`)
 ``GET /api/permissions/{project}/{req_id}``    one request, with its whole input
 ``GET /api/audit``              the durable audit log, newest first (``?project=&since=&limit=``)
 ``GET|POST /api/rules``         always-allow and deny rules; ``DELETE /api/rules/{id}`` revokes one
@@ -39,6 +40,7 @@ from protocol.web import ascii_digits
 from sled_gateway.approvals import Approvals, Forbidden, NotRecorded, NotSuggested
 from sled_gateway.auth import principal_of
 from sled_gateway.config import GatewayConfig
+from sled_gateway.http.bulk_api import BULK_PATH, BulkDecisions
 from sled_gateway.http.console import ConsolePage
 from sled_gateway.http.errors import error
 from sled_gateway.http.live import EVENTS_PATH, LiveStreams
@@ -94,6 +96,7 @@ class Routes:
                 request, shape, _MAX_IMPORT_BODY if request.url.path.endswith("/import") else None
             ),
         )
+        self.bulk = BulkDecisions(approvals, self._json_body)
         self.live = LiveStreams(lambda: self.state_document(STATE_LIMIT))
         self.app = Starlette(
             routes=[
@@ -103,6 +106,7 @@ class Routes:
                 Route("/healthz", self._healthz, methods=["GET"]),
                 Route("/api/state", self._state, methods=["GET"]),
                 Route(EVENTS_PATH, self.live, methods=["GET"]),
+                Route(BULK_PATH, self.bulk.handle, methods=["POST"]),
                 Route(
                     "/api/permissions/{project}/{req_id:path}",
                     self._post_decision,
