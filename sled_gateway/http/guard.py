@@ -193,9 +193,14 @@ class RequestGuard:
         return None
 
     @staticmethod
-    def _cross_site(principal: Principal, headers: dict[str, str]) -> bool:
-        # Only the cookie rides along on its own; a bearer header is never ambient.
-        if principal.channel is not Channel.CONSOLE:
+    def _ambient(principal: Principal, headers: dict[str, str]) -> bool:
+        """Whether the credential rode along on its own (a cookie, whoever's session it is),
+        not an ``Authorization`` header, which a browser never sends unless a script sets it."""
+        return principal.channel is Channel.CONSOLE or "authorization" not in headers
+
+    @classmethod
+    def _cross_site(cls, principal: Principal, headers: dict[str, str]) -> bool:
+        if not cls._ambient(principal, headers):
             return False
         return headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none")
 
@@ -298,7 +303,7 @@ class RequestGuard:
 
         if method in UNSAFE_METHODS:
             origin = headers.get("origin")
-            if origin is None and user.principal.channel is Channel.CONSOLE:
+            if origin is None and self._ambient(user.principal, headers):
                 log.warning(
                     "refused {} {} on the console cookie without Origin",
                     method,
