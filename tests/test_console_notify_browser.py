@@ -274,3 +274,55 @@ def test_the_service_worker_keeps_only_the_shell(gw: Gateway, page: Any) -> None
     page.reload()
     sync_api.expect(page.locator("h1")).to_contain_text("Sled gateway", timeout=UI_WAIT_MS)
     sync_api.expect(page.locator("#live")).to_be_visible(timeout=UI_WAIT_MS)
+
+
+# Chrome on Android: the constructor throws, and only a service worker shows notifications.
+ANDROID_NOTIFICATIONS = """
+(() => {
+  const Real = window.Notification;
+  window.__shown = [];
+  function AndroidNotification() {
+    throw new TypeError("Illegal constructor. Use ServiceWorkerRegistration.showNotification()");
+  }
+  Object.defineProperty(AndroidNotification, "permission", {get: () => Real.permission});
+  AndroidNotification.requestPermission = (...args) => Real.requestPermission(...args);
+  window.Notification = AndroidNotification;
+  const show = ServiceWorkerRegistration.prototype.showNotification;
+  ServiceWorkerRegistration.prototype.showNotification = function (title, options) {
+    window.__shown.push({title, body: options.body, key: options.data && options.data.key});
+    return show.call(this, title, options);
+  };
+})();
+"""
+
+
+def test_where_pages_cannot_notify_the_service_worker_does(gw: Gateway, browser: Any) -> None:
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    try:
+        context.add_init_script(ANDROID_NOTIFICATIONS)
+        context.grant_permissions(["notifications"], origin=gw.http_url)
+        page = context.new_page()
+        page.goto(gw.console_url())
+        page.evaluate("navigator.serviceWorker.ready.then(() => true)")
+        sync_api.expect(page.locator("#notify-state")).to_contain_text("on")
+        with open_sled(gw) as ws:
+            ask(ws, "sw-note", "WebFetch", {"url": "https://example.com/a", "prompt": "p"})
+            page.wait_for_selector(card("sw-note"), timeout=UI_WAIT_MS)
+            page.wait_for_function("window.__shown.length > 0", timeout=UI_WAIT_MS)
+            settle()
+            shown = page.evaluate("window.__shown")
+            assert len(shown) == 1, shown
+            assert shown[0]["title"] == f"Sled {PROJECT} asks to use WebFetch"
+            assert shown[0]["body"] == "https://example.com/a"
+            # The worker's notificationclick posts the key to the page: it focuses the card.
+            page.evaluate(
+                """key => navigator.serviceWorker.dispatchEvent(
+                    new MessageEvent("message", {data: {type: "show-request", key}}))""",
+                shown[0]["key"],
+            )
+            page.wait_for_function(
+                "document.activeElement && document.activeElement.dataset.reqId === 'sw-note'",
+                timeout=UI_WAIT_MS,
+            )
+    finally:
+        context.close()
