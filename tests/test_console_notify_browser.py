@@ -302,10 +302,14 @@ def test_where_pages_cannot_notify_the_service_worker_does(gw: Gateway, browser:
         context.add_init_script(ANDROID_NOTIFICATIONS)
         context.grant_permissions(["notifications"], origin=gw.http_url)
         page = context.new_page()
-        page.goto(gw.console_url())
-        page.evaluate("navigator.serviceWorker.ready.then(() => true)")
-        sync_api.expect(page.locator("#notify-state")).to_contain_text("on")
         with open_sled(gw) as ws:
+            # Allowed before the page opened: what it lists at load is still not news.
+            ask(ws, "before-open", "Bash", {"command": "echo old news"})
+            gw.wait_for(lambda s: len(s["pending"]) == 1, T)
+            page.goto(gw.console_url())
+            page.evaluate("navigator.serviceWorker.ready.then(() => true)")
+            sync_api.expect(page.locator("#notify-state")).to_contain_text("on")
+            page.wait_for_selector(card("before-open"), timeout=UI_WAIT_MS)
             ask(ws, "sw-note", "WebFetch", {"url": "https://example.com/a", "prompt": "p"})
             page.wait_for_selector(card("sw-note"), timeout=UI_WAIT_MS)
             page.wait_for_function("window.__shown.length > 0", timeout=UI_WAIT_MS)
