@@ -32,6 +32,7 @@ from sled_gateway.auth.sled import SledTokenBackend
 from sled_gateway.bus.local import LocalBus
 from sled_gateway.config import GatewayConfig
 from sled_gateway.events import Events, PermissionDecided, PermissionRequested, PermissionWithdrawn
+from sled_gateway.http.console import SHELL_PATHS
 from sled_gateway.http.guard import AllowedHosts, RequestGuard
 from sled_gateway.http.routes import UPLINK_PATH, Routes
 from sled_gateway.hub import Hub
@@ -94,7 +95,7 @@ class GatewayApp:
             console=ConsoleSessionBackend(),
             allowed_hosts=self.allowed_hosts,
             public_websockets=(UPLINK_PATH,),
-            public_http_paths=(UPLINK_PATH,),
+            public_http_paths=(UPLINK_PATH, *SHELL_PATHS),
         )
 
     def add_pending_listener(self, callback: Callable[[PendingPermission], None]) -> None:

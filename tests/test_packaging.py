@@ -113,7 +113,13 @@ def test_the_wheel_installs_exactly_our_top_level_names(tmp_path: Path) -> None:
         "run_gateway",
         "sled_claude",
     }
-    assert any(n.startswith("sled_gateway/static/") for n in zipfile.ZipFile(wheel).namelist())
+    packaged = set(zipfile.ZipFile(wheel).namelist())
+    assert "sled_gateway/static/console.html" in packaged
+    # The gateway reads the console's app files when it starts: one left out stops it.
+    from sled_gateway.http.console import SHELL_PATHS
+
+    for path in SHELL_PATHS:
+        assert f"sled_gateway/static{path}" in packaged, path
 
 
 def test_every_gateway_package_is_packaged() -> None:

@@ -406,7 +406,12 @@ def test_the_right_credentials_work_and_are_recorded(
         assert page.headers["x-content-type-options"] == "nosniff"
 
         req_id, _ = pending_request(gw, uplink)
-        decided = browser.post(f"/api/permissions/{VICTIM}/{req_id}", json={"decision": "deny"})
+        # As a browser sends it: Origin on every POST (a cookie request without it is refused).
+        decided = browser.post(
+            f"/api/permissions/{VICTIM}/{req_id}",
+            json={"decision": "deny"},
+            headers={"Origin": gw.http_url},
+        )
         assert decided.status_code == 200, decided.text
         assert decided.json()["decided"]["by"] == "console"
     req_id, _ = pending_request(gw, uplink)

@@ -27,7 +27,12 @@ every request:
 4. **CSRF**, for every state-changing method (POST, PUT, PATCH, DELETE):
    ``Content-Type: application/json`` or ``415`` (a no-JavaScript form or a
    ``no-cors`` fetch cannot send it), and an ``Origin``, when sent, that is
-   this gateway's own origin or an allowed ``host:port``, else ``403``.
+   this gateway's own origin or an allowed ``host:port``, else ``403``. A
+   request on the console's cookie must send one: browsers send ``Origin`` on
+   every POST and DELETE a page makes (the console's own fetches included), so
+   one without it is not the console's (an old browser's form post, a client
+   replaying the cookie), and it gets ``403``. A bearer token is never sent on
+   its own, so API clients need no ``Origin``.
 
 Every HTTP response also gets ``X-Frame-Options: DENY``, CSP
 ``frame-ancestors 'none'``, ``nosniff``, ``Referrer-Policy: no-referrer`` and
@@ -188,9 +193,14 @@ class RequestGuard:
         return None
 
     @staticmethod
-    def _cross_site(principal: Principal, headers: dict[str, str]) -> bool:
-        # Only the cookie rides along on its own; a bearer header is never ambient.
-        if principal.channel is not Channel.CONSOLE:
+    def _ambient(principal: Principal, headers: dict[str, str]) -> bool:
+        """Whether the credential rode along on its own (a cookie, whoever's session it is),
+        not an ``Authorization`` header, which a browser never sends unless a script sets it."""
+        return principal.channel is Channel.CONSOLE or "authorization" not in headers
+
+    @classmethod
+    def _cross_site(cls, principal: Principal, headers: dict[str, str]) -> bool:
+        if not cls._ambient(principal, headers):
             return False
         return headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none")
 
@@ -293,6 +303,16 @@ class RequestGuard:
 
         if method in UNSAFE_METHODS:
             origin = headers.get("origin")
+            if origin is None and self._ambient(user.principal, headers):
+                log.warning(
+                    "refused {} {} on the console cookie without Origin",
+                    method,
+                    printable(path, 200),
+                )
+                await error(403, "cross-origin request refused (a console request needs Origin)")(
+                    scope, receive, send
+                )
+                return
             if origin is not None and not self._origin_ok(origin, host, scope.get("scheme", "")):
                 log.warning(
                     "refused {} {} from Origin '{}' (not this gateway's origin)",

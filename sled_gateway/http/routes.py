@@ -41,7 +41,7 @@ from sled_gateway.approvals import Approvals, Forbidden, NotRecorded, NotSuggest
 from sled_gateway.auth import principal_of
 from sled_gateway.config import GatewayConfig
 from sled_gateway.http.bulk_api import BULK_PATH, BulkDecisions
-from sled_gateway.http.console import ConsolePage
+from sled_gateway.http.console import SHELL_PATHS, ConsolePage, ShellFiles
 from sled_gateway.http.errors import error
 from sled_gateway.http.live import EVENTS_PATH, LiveStreams
 from sled_gateway.http.params import BodyTooLarge, BodyTooSlow, int_param, read_body, time_param
@@ -98,11 +98,13 @@ class Routes:
         )
         self.bulk = BulkDecisions(approvals, self._json_body)
         self.live = LiveStreams(lambda: self.state_document(STATE_LIMIT))
+        shell = ShellFiles()
         self.app = Starlette(
             routes=[
                 WebSocketRoute(UPLINK_PATH, hub.uplink),
                 Route(UPLINK_PATH, self._upgrade_required, methods=["GET"]),
                 Route("/", ConsolePage().handle, methods=["GET"]),
+                *(Route(path, shell.handle, methods=["GET"]) for path in SHELL_PATHS),
                 Route("/healthz", self._healthz, methods=["GET"]),
                 Route("/api/state", self._state, methods=["GET"]),
                 Route(EVENTS_PATH, self.live, methods=["GET"]),
