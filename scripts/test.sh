@@ -3,7 +3,7 @@
 # Extra arguments go to pytest, e.g. `scripts/test.sh -m "not slow"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh gateway,test,dev >&2
+bash scripts/bootstrap.sh gateway,cluster,test,dev >&2
 # The console's browser test drives Debian's chromium (installed if missing).
 bash scripts/install-browser.sh >&2 || true
 # The Matrix transport's tests run against a real Synapse, in its own venv (.tools/).
