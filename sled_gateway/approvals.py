@@ -63,9 +63,11 @@ Key = tuple[str, str]  # (project, req_id)
 class Forbidden(PermissionError):
     """The principal may not do this (HTTP 403)."""
 
-    def __init__(self, principal: Principal, action: str) -> None:
-        super().__init__(f"{principal.by} may not {action}")
+    def __init__(self, principal: Principal, action: str, needs: Role = Role.APPROVER) -> None:
+        super().__init__(f"{principal.by} may not {action}: it needs the {needs.value} role")
         self.principal = principal
+        #: The role that was needed (the 403's ``needs``).
+        self.needs = needs
 
 
 class NotSuggested(ValueError):
@@ -119,16 +121,28 @@ class Approvals:
         principal: Principal,
         role: Role = Role.APPROVER,
         action: str = "decide permission requests",
+        project: str | None = None,
+        *,
+        somewhere: bool = False,
     ) -> None:
-        """Raise :class:`Forbidden` unless ``principal`` has ``role`` (the one check)."""
-        if not principal.has(role):
-            raise Forbidden(principal, action)
+        """Raise :class:`Forbidden` unless ``principal`` has ``role`` (the one check):
+        on every project, or on ``project``, or (``somewhere``) on at least one project,
+        for a read whose answer is then cut down to the projects it may see."""
+        allowed = principal.has_somewhere(role) if somewhere else principal.has(role, project)
+        if not allowed:
+            where = f" of sled {project!r}" if project is not None else ""
+            raise Forbidden(principal, action + where, role)
+
+    @staticmethod
+    def may(principal: Principal, role: Role, project: str) -> bool:
+        """Whether ``principal`` has ``role`` on ``project`` (to filter what it reads)."""
+        return principal.has(role, project)
 
     # -- rules made and revoked by people ---------------------------------------------
 
     async def add_rule(self, draft: Rule, principal: Principal) -> Rule:
         """Commit ``draft`` as made by ``principal`` (an identical active rule is reused)."""
-        self.authorize(principal, Role.ADMIN, "make rules")
+        self.authorize(principal, Role.ADMIN, "make rules", draft.project)
         rule = await self.store.add_rule(replace(draft, created_by=principal.by))
         log.info(
             "rule {} by {}: {} {} for {}",
@@ -143,7 +157,8 @@ class Approvals:
 
     async def add_rules(self, drafts: list[Rule], principal: Principal) -> list[Rule]:
         """Commit every draft as made by ``principal`` in one transaction, or none (an import)."""
-        self.authorize(principal, Role.ADMIN, "make rules")
+        for d in drafts:
+            self.authorize(principal, Role.ADMIN, "make rules", d.project)
         rules = await self.store.add_rules([replace(d, created_by=principal.by) for d in drafts])
         log.info("{} rule(s) imported by {}", len(rules), principal.by)
         for rule in rules:
@@ -153,7 +168,12 @@ class Approvals:
     async def revoke_rule(self, rule_id: int, principal: Principal) -> Rule:
         """Revoke a rule: :class:`~sled_gateway.store.UnknownRule` /
         :class:`~sled_gateway.store.RuleRevoked`."""
-        self.authorize(principal, Role.ADMIN, "revoke rules")
+        if not principal.has(Role.ADMIN):
+            # An admin of some projects may revoke the rules of those projects only.
+            found = [r for r in await self.store.rules() if r.id == rule_id]
+            self.authorize(
+                principal, Role.ADMIN, "revoke rules", found[0].project if found else None
+            )
         rule = await self.store.revoke_rule(rule_id, principal.by)
         log.info("rule {} revoked by {}", rule.id, rule.revoked_by)
         self.events.publish(RulesChanged(rule, revoked=True))
@@ -469,7 +489,7 @@ class Approvals:
         make instead of the exact whole-input rule; anything else is
         :class:`NotSuggested` and nothing is decided.
         """
-        self.authorize(principal)
+        self.authorize(principal, Role.APPROVER, "decide permission requests", project)
         key = (project, req_id)
         while (busy := self._deciding.get(key)) is not None:
             await asyncio.shield(busy)

@@ -21,6 +21,7 @@ is the approvals service's call, not a route's.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -29,7 +30,7 @@ from typing import Any
 from loguru import logger
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
@@ -40,11 +41,12 @@ from sled_gateway.approvals import Approvals, Forbidden, NotRecorded, NotSuggest
 from sled_gateway.auth import principal_of
 from sled_gateway.config import GatewayConfig
 from sled_gateway.http.console import ConsolePage
-from sled_gateway.http.errors import error
-from sled_gateway.http.live import EVENTS_PATH, LiveStreams
+from sled_gateway.http.errors import error, forbidden
+from sled_gateway.http.live import EVENTS_PATH, LiveStreams, Receive, Scope, Send
 from sled_gateway.http.params import BodyTooLarge, BodyTooSlow, int_param, read_body, time_param
 from sled_gateway.http.rules_api import RulesApi
 from sled_gateway.hub import Hub
+from sled_gateway.principal import Principal, Role
 from sled_gateway.records import AlreadyDecided, InputMismatch, UnknownRequest
 from sled_gateway.relay import Relay
 from sled_gateway.state import GatewayState
@@ -87,6 +89,7 @@ class Routes:
         self.store = store
         self.approvals = approvals
         self.hub = hub
+        self.relay = relay
         self.rules_api = RulesApi(
             store,
             approvals,
@@ -102,7 +105,7 @@ class Routes:
                 Route("/", ConsolePage().handle, methods=["GET"]),
                 Route("/healthz", self._healthz, methods=["GET"]),
                 Route("/api/state", self._state, methods=["GET"]),
-                Route(EVENTS_PATH, self.live, methods=["GET"]),
+                Route(EVENTS_PATH, _EventStream(self), methods=["GET"]),
                 Route(
                     "/api/permissions/{project}/{req_id:path}",
                     self._post_decision,
@@ -115,7 +118,7 @@ class Routes:
                 ),
                 # GET/DELETE are answered 405 by the router; the MCP SDK tolerates
                 # that (no server→client stream, no session to terminate).
-                Route("/sleds/{project}/mcp", relay.handle, methods=["POST"]),
+                Route("/sleds/{project}/mcp", self._relay, methods=["POST"]),
                 Route("/api/audit", self._get_audit, methods=["GET"]),
                 Route("/api/rules", self._get_rules, methods=["GET"]),
                 Route("/api/rules", self._post_rule, methods=["POST"]),
@@ -150,11 +153,31 @@ class Routes:
         return JSONResponse({"ok": True, "sleds": self.hub.sled_count})
 
     async def _state(self, request: Request) -> Response:
+        principal = principal_of(request)
+        try:
+            self.approvals.authorize(principal, Role.VIEWER, "read the state", somewhere=True)
+        except Forbidden as exc:
+            return forbidden(exc)
         try:
             limit = int_param(request, "limit", STATE_LIMIT, 0, 100_000)
         except ValueError as exc:
             return error(400, str(exc))
-        return JSONResponse(self.state_document(limit), headers={"Cache-Control": "no-store"})
+        document = self.state_document(limit)
+        return JSONResponse(
+            visible_state(document, principal), headers={"Cache-Control": "no-store"}
+        )
+
+    async def _relay(self, request: Request) -> Response:
+        try:
+            self.approvals.authorize(
+                principal_of(request),
+                Role.ADMIN,
+                "call a sled's tools",
+                request.path_params["project"],
+            )
+        except Forbidden as exc:
+            return forbidden(exc)
+        return await self.relay.handle(request)
 
     def state_document(self, limit: int | None) -> dict[str, Any]:
         """What ``GET /api/state`` serves and ``GET /api/events`` pushes."""
@@ -225,7 +248,7 @@ class Routes:
                 rule=rule,
             )
         except Forbidden as exc:
-            return error(403, str(exc))
+            return forbidden(exc)
         except NotSuggested as exc:
             return error(400, str(exc))
         except UnknownRequest as exc:
@@ -248,6 +271,12 @@ class Routes:
         project = request.path_params["project"]
         req_id = request.path_params["req_id"]
         try:
+            self.approvals.authorize(
+                principal_of(request), Role.VIEWER, "read permission requests", project
+            )
+        except Forbidden as exc:
+            return forbidden(exc)
+        try:
             item = self.state.pending_item(project, req_id)
         except AlreadyDecided as exc:
             return JSONResponse(
@@ -267,6 +296,17 @@ class Routes:
 
     async def _get_audit(self, request: Request) -> Response:
         q = request.query_params
+        principal = principal_of(request)
+        try:
+            self.approvals.authorize(
+                principal,
+                Role.VIEWER,
+                "read the audit",
+                q.get("project") or None,
+                somewhere=not q.get("project"),
+            )
+        except Forbidden as exc:
+            return forbidden(exc)
         try:
             limit = int_param(request, "limit", 100, 1, MAX_PAGE)
             before = int_param(request, "before", None, 1, 2**62)
@@ -285,14 +325,24 @@ class Routes:
             limit=limit,
         )
         last = rows[-1].id if len(rows) == limit else None
+        if not principal.everywhere:
+            # Cut after the page is read: a page may hold fewer rows than asked.
+            rows = [r for r in rows if principal.has(Role.VIEWER, r.project)]
         return JSONResponse(
             {"entries": [r.to_json() for r in rows], "next_before": last},
             headers={"Cache-Control": "no-store"},
         )
 
     async def _get_rules(self, request: Request) -> Response:
+        principal = principal_of(request)
+        try:
+            self.approvals.authorize(principal, Role.VIEWER, "read the rules", somewhere=True)
+        except Forbidden as exc:
+            return forbidden(exc)
         everything = request.query_params.get("include_revoked", "") in ("1", "true", "yes")
         rules = await self.store.rules(include_revoked=everything)
+        if not principal.everywhere:
+            rules = [r for r in rules if r.project is None or principal.has(Role.VIEWER, r.project)]
         return JSONResponse(
             {"rules": [r.to_json() for r in rules]}, headers={"Cache-Control": "no-store"}
         )
@@ -331,7 +381,7 @@ class Routes:
                 principal_of(request),
             )
         except Forbidden as exc:
-            return error(403, str(exc))
+            return forbidden(exc)
         return JSONResponse({"ok": True, "rule": rule.to_json()}, status_code=201)
 
     async def _delete_rule(self, request: Request) -> Response:
@@ -341,9 +391,50 @@ class Routes:
         try:
             rule = await self.approvals.revoke_rule(int(text), principal_of(request))
         except Forbidden as exc:
-            return error(403, str(exc))
+            return forbidden(exc)
         except UnknownRule as exc:
             return error(404, str(exc))
         except RuleRevoked as exc:
             return error(409, str(exc), rule=exc.rule.to_json())
         return JSONResponse({"ok": True, "rule": rule.to_json()})
+
+
+def visible_state(document: dict[str, Any], principal: Principal) -> dict[str, Any]:
+    """The state document cut down to the sleds ``principal`` may view (itself when all)."""
+    if principal.everywhere:
+        return document
+    seen = dict(document)
+    seen["sleds"] = [s for s in document["sleds"] if principal.has(Role.VIEWER, s["project"])]
+    seen["pending"] = [p for p in document["pending"] if principal.has(Role.VIEWER, p["project"])]
+    seen["decisions"] = [
+        d for d in document["decisions"] if principal.has(Role.VIEWER, d["project"])
+    ]
+    counts = dict.fromkeys(document["counts"], 0)
+    for sled in seen["sleds"]:
+        counts[sled["state"]] = counts.get(sled["state"], 0) + 1
+    counts["sleds"] = len(seen["sleds"])
+    counts["pending"] = len(seen["pending"])
+    seen["counts"] = counts
+    return seen
+
+
+class _EventStream:
+    """``GET /api/events`` for the request's principal: a viewer's stream carries only
+    the sleds it may view (an ASGI app, so the stream is not buffered as a response)."""
+
+    def __init__(self, routes: Routes) -> None:
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        principal = principal_of(HTTPConnection(scope))
+        try:
+            self.routes.approvals.authorize(
+                principal, Role.VIEWER, "read the state", somewhere=True
+            )
+        except Forbidden as exc:
+            await forbidden(exc)(scope, receive, send)
+            return
+        view = (
+            None if principal.everywhere else functools.partial(visible_state, principal=principal)
+        )
+        await self.routes.live.serve(scope, receive, send, view)
