@@ -400,6 +400,8 @@ class Approvals:
             why,
             now,
             now,
+            who=principal.who,
+            channel=principal.channel.value,
         )
         try:
             await self.store.record(entry)
@@ -435,7 +437,8 @@ class Approvals:
         No answer goes out: in every case the sled has denied, or denies, them itself.
         """
         now = time.time()
-        label = Principal.gateway(by).by
+        withdrawer = Principal.gateway(by)
+        label = withdrawer.by
         for item in items:
             self.store.record_later(
                 AuditEntry(
@@ -449,6 +452,8 @@ class Approvals:
                     why,
                     item.received_at,
                     now,
+                    who=withdrawer.who,
+                    channel=withdrawer.channel.value,
                 )
             )
             record = DecisionRecord(
@@ -572,6 +577,8 @@ class Approvals:
             reason,
             item.received_at,
             now,
+            who=principal.who,
+            channel=principal.channel.value,
         )
         rule = None
         try:
@@ -648,6 +655,8 @@ class Approvals:
             f"rule {rule.id}: {rule.action} {what}",
             now,
             now,
+            who=principal.who,
+            channel=principal.channel.value,
         )
         try:
             await self.store.record(entry)

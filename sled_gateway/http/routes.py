@@ -9,6 +9,7 @@
 ``GET /api/permissions/{project}/{req_id}``    one request, with its whole input
 ``GET /api/audit``              the durable audit log, newest first (``?project=&since=&limit=``)
 ``GET|POST /api/rules``         always-allow and deny rules; ``DELETE /api/rules/{id}`` revokes one
+``GET|POST /api/tokens``        person API tokens; ``DELETE /api/tokens/{id}`` (:mod:`.tokens_api`)
 ``/api/rules/check|import|impact``  rules in Claude Code's grammar (:mod:`.rules_api`)
 ``POST /sleds/{project}/mcp``   JSON-RPC relayed to that sled (:mod:`sled_gateway.relay`)
 ``GET /healthz``                liveness
@@ -45,12 +46,14 @@ from sled_gateway.http.errors import error, forbidden
 from sled_gateway.http.live import EVENTS_PATH, LiveStreams, Receive, Scope, Send
 from sled_gateway.http.params import BodyTooLarge, BodyTooSlow, int_param, read_body, time_param
 from sled_gateway.http.rules_api import RulesApi
+from sled_gateway.http.tokens_api import TokensApi
 from sled_gateway.hub import Hub
 from sled_gateway.principal import Principal, Role
 from sled_gateway.records import AlreadyDecided, InputMismatch, UnknownRequest
 from sled_gateway.relay import Relay
 from sled_gateway.state import GatewayState
 from sled_gateway.store import ALLOW, DENY, MAX_PAGE, Rule, RuleRevoked, Store, UnknownRule
+from sled_gateway.tokens import PersonTokens
 
 log = logger.bind(actor="gateway")
 
@@ -60,7 +63,9 @@ STATE_LIMIT = 500
 _MAX_DECISION_BODY = 64 * 1024
 _MAX_REASON = 1000
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-_AUDIT_DECISIONS = frozenset({*(d.value for d in Decision), "withdrawn"})
+_AUDIT_DECISIONS = frozenset(
+    {*(d.value for d in Decision), "withdrawn", "token_created", "token_revoked"}
+)
 _DECISION_SHAPE = 'body must be JSON: {"decision": "approve"|"deny"|"always_allow"}'
 _RULE_SHAPE = (
     'body must be JSON: {"rule": str, "action": "allow"|"ask"|"deny", "project": str|null, '
@@ -83,6 +88,7 @@ class Routes:
         approvals: Approvals,
         hub: Hub,
         relay: Relay,
+        tokens: PersonTokens,
     ) -> None:
         self.config = config
         self.state = state
@@ -97,6 +103,7 @@ class Routes:
                 request, shape, _MAX_IMPORT_BODY if request.url.path.endswith("/import") else None
             ),
         )
+        self.tokens_api = TokensApi(tokens, self._json_body)
         self.live = LiveStreams(lambda: self.state_document(STATE_LIMIT))
         self.app = Starlette(
             routes=[
@@ -126,6 +133,9 @@ class Routes:
                 Route("/api/rules/import", self.rules_api.import_rules, methods=["POST"]),
                 Route("/api/rules/impact", self.rules_api.impact, methods=["GET"]),
                 Route("/api/rules/{rule_id}", self._delete_rule, methods=["DELETE"]),
+                Route("/api/tokens", self.tokens_api.list, methods=["GET"]),
+                Route("/api/tokens", self.tokens_api.create, methods=["POST"]),
+                Route("/api/tokens/{token_id}", self.tokens_api.revoke, methods=["DELETE"]),
                 # Starlette closes an unrouted WebSocket before the handshake
                 # (an HTTP 403); a 404 says what is wrong: the path.
                 WebSocketRoute("/{path:path}", self._no_such_websocket),
@@ -323,6 +333,7 @@ class Routes:
             before=before,
             decision=decision,
             limit=limit,
+            person=q.get("person") or None,
         )
         last = rows[-1].id if len(rows) == limit else None
         if not principal.everywhere:
