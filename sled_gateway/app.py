@@ -71,6 +71,7 @@ class GatewayApp:
             max_input_bytes=config.max_input_bytes,
             max_pending_bytes_per_sled=config.max_pending_bytes_per_sled,
             max_pending_bytes=config.max_pending_bytes,
+            access=config.access,
         )
         self.hub = Hub(
             config,

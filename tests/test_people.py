@@ -339,3 +339,145 @@ def test_the_operator_is_still_the_bootstrap_admin_and_named_in_the_audit(gw: Ga
     run(scenario())
     row = next(r for r in gw.audit() if r["req_id"] == "op1")
     assert (row["by"], row["who"], row["channel"]) == ("api", "operator", "api")
+
+
+# -- quorum ------------------------------------------------------------------------------
+
+QUORUM = """\
+[[grant]]
+who = "group:web"
+role = "approver"
+projects = ["web-*"]
+
+[[quorum]]
+rule = "Bash(git push *)"
+approvals = 2
+projects = ["web-*"]
+
+[[person]]
+id = "alice@example.test"
+groups = ["web"]
+
+[[person]]
+id = "bob@example.test"
+groups = ["web"]
+
+[[person]]
+id = "carol@example.test"
+groups = ["web"]
+"""
+ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
+PUSH = {"command": "git push --force origin main"}
+
+
+@pytest.fixture
+def qgw(make_reference_gateway: Callable[..., Gateway], tmp_path: Path) -> Gateway:
+    path = tmp_path / "quorum.toml"
+    path.write_text(QUORUM)
+    return make_reference_gateway(token=TOKEN, access=load_access(path))
+
+
+def tokens_of(gw: Gateway, *people: str) -> list[httpx.Client]:
+    return [as_person(gw, person_token(gw, p)[1]) for p in people]
+
+
+def test_one_person_voting_twice_does_not_make_a_quorum_of_two(qgw: Gateway) -> None:
+    alice, bob = tokens_of(qgw, ALICE, BOB)
+
+    async def scenario() -> None:
+        async with sled(qgw, "web-1") as ws:
+            await ws.send(perm_request("push", "Bash", PUSH))
+            await wait_state(qgw, lambda s: "push" in pending_ids(s))
+            state = await asyncio.to_thread(qgw.state)
+            assert state["pending"][0]["needs"] == 2
+            first = await asyncio.to_thread(decide, alice, "web-1", "push", "approve")
+            assert first.status_code == 202, first.text
+            assert first.json()["message"] == f"1 of 2 approvals: {ALICE}"
+            again = await asyncio.to_thread(decide, alice, "web-1", "push", "always_allow")
+            assert again.status_code == 409, again.text
+            assert "already voted" in again.json()["error"] and again.json()["needs"] == 2
+            assert qgw.is_pending("web-1", "push")
+            shown = (await asyncio.to_thread(alice.get, "/api/permissions/web-1/push")).json()
+            assert shown["state"] == "pending" and shown["needs"] == 2
+            assert [(v["person"], v["decision"]) for v in shown["votes"]] == [(ALICE, "approve")]
+            done = await asyncio.to_thread(decide, bob, "web-1", "push", "approve")
+            assert done.status_code == 200, done.text
+            assert await recv(ws) == frame_payload("push", "approve")
+
+    run(scenario())
+    after = alice.get("/api/permissions/web-1/push").json()
+    assert after["state"] == "approve" and after["needs"] == 2
+    assert [v["person"] for v in after["votes"]] == [ALICE, BOB]
+    row = next(r for r in qgw.audit() if r["req_id"] == "push")
+    assert row["who"] == BOB and row["reason"] == f"quorum 2 of 2: {ALICE}, {BOB}"
+    assert qgw.rules() == []  # the "always allow" vote made no rule
+
+
+def test_the_sleds_owner_cannot_complete_a_quorum_alone(qgw: Gateway) -> None:
+    alice, bob, carol = tokens_of(qgw, ALICE, BOB, CAROL)
+
+    async def scenario() -> None:
+        async with sled(qgw, "web-2", owner=ALICE) as ws:
+            await ws.send(perm_request("push", "Bash", PUSH))
+            await wait_state(qgw, lambda s: "push" in pending_ids(s))
+            mine = await asyncio.to_thread(decide, alice, "web-2", "push", "approve")
+            assert mine.status_code == 409, mine.text
+            assert "owner" in mine.json()["error"]
+            one = await asyncio.to_thread(decide, bob, "web-2", "push", "approve")
+            assert one.status_code == 202, one.text
+            assert [v["person"] for v in one.json()["votes"]] == [BOB]
+            again = await asyncio.to_thread(decide, alice, "web-2", "push", "approve")
+            assert again.status_code == 409
+            assert qgw.is_pending("web-2", "push")
+            done = await asyncio.to_thread(decide, carol, "web-2", "push", "approve")
+            assert done.status_code == 200, done.text
+            assert await recv(ws) == frame_payload("push", "approve")
+
+    run(scenario())
+
+
+def test_one_approvers_deny_decides_a_quorum_request(qgw: Gateway) -> None:
+    alice, bob = tokens_of(qgw, ALICE, BOB)
+
+    async def scenario() -> None:
+        async with sled(qgw, "web-3", owner=ALICE) as ws:
+            await ws.send(perm_request("push", "Bash", PUSH))
+            await wait_state(qgw, lambda s: "push" in pending_ids(s))
+            one = await asyncio.to_thread(decide, bob, "web-3", "push", "approve")
+            assert one.status_code == 202
+            # The owner may always refuse.
+            no = await asyncio.to_thread(decide, alice, "web-3", "push", "deny")
+            assert no.status_code == 200, no.text
+            assert await recv(ws) == frame_payload("push", "deny")
+
+    run(scenario())
+
+
+def test_an_allow_rule_does_not_answer_a_request_under_a_quorum(qgw: Gateway) -> None:
+    with operator(qgw) as client:
+        made = client.post("/api/rules", json={"rule": "Bash(git *)", "action": "allow"})
+        assert made.status_code == 201
+
+    async def scenario() -> None:
+        async with sled(qgw, "web-4") as ws:
+            await ws.send(perm_request("status", "Bash", {"command": "git status"}))
+            assert await recv(ws) == frame_payload("status", "always_allow")
+            await ws.send(perm_request("push", "Bash", PUSH))
+            await wait_state(qgw, lambda s: "push" in pending_ids(s))
+
+    run(scenario())
+
+
+def test_the_uplinks_owner_reaches_the_gateway_in_its_identity(
+    qgw: Gateway, make_uplink: Callable[..., Any]
+) -> None:
+    make_uplink(qgw.url_for_sleds(), project="web-5", owner=ALICE)
+    state = qgw.wait_for(
+        lambda s: any(x["project"] == "web-5" and x["state"] == "connected" for x in s["sleds"]),
+        T,
+    )
+    sled_info = next(x for x in state["sleds"] if x["project"] == "web-5")["info"]
+    assert sled_info["owner"] == ALICE
+    make_uplink(qgw.url_for_sleds(), project="web-6")
+    state = qgw.wait_for(lambda s: any(x["project"] == "web-6" for x in s["sleds"]), T)
+    assert "owner" not in next(x for x in state["sleds"] if x["project"] == "web-6")["info"]

@@ -38,7 +38,14 @@ from starlette.websockets import WebSocket
 
 from protocol import Decision, printable
 from protocol.web import ascii_digits
-from sled_gateway.approvals import Approvals, Forbidden, NotRecorded, NotSuggested
+from sled_gateway.approvals import (
+    Approvals,
+    Forbidden,
+    NotRecorded,
+    NotSuggested,
+    VoteCounted,
+    VoteRefused,
+)
 from sled_gateway.auth import principal_of
 from sled_gateway.config import GatewayConfig
 from sled_gateway.http.console import ConsolePage
@@ -261,6 +268,19 @@ class Routes:
             return forbidden(exc)
         except NotSuggested as exc:
             return error(400, str(exc))
+        except VoteCounted as exc:
+            return JSONResponse(
+                {
+                    "ok": True,
+                    "state": "pending",
+                    "message": str(exc),
+                    "votes": [v.to_json() for v in exc.votes],
+                    "needs": exc.needs,
+                },
+                status_code=202,
+            )
+        except VoteRefused as exc:
+            return error(409, str(exc), votes=[v.to_json() for v in exc.votes], needs=exc.needs)
         except UnknownRequest as exc:
             return error(404, str(exc.args[0]))
         except AlreadyDecided as exc:
@@ -289,8 +309,20 @@ class Routes:
         try:
             item = self.state.pending_item(project, req_id)
         except AlreadyDecided as exc:
+            votes = [
+                v for v in await self.store.votes(project, req_id) if v.at <= exc.record.decided_at
+            ]
+            # The votes on the request under this id that was decided last.
+            if votes:
+                last = votes[-1].requested_at
+                votes = [v for v in votes if v.requested_at == last]
             return JSONResponse(
-                {"state": exc.record.decision, "decided": exc.record.to_json()},
+                {
+                    "state": exc.record.decision,
+                    "decided": exc.record.to_json(),
+                    "votes": [v.to_json() for v in votes],
+                    "needs": votes[-1].needs if votes else 1,
+                },
                 headers={"Cache-Control": "no-store"},
             )
         except UnknownRequest as exc:
@@ -301,7 +333,13 @@ class Routes:
         shown["tool_input"] = item.tool_input
         shown["input_sha256"] = item.input_sha256
         return JSONResponse(
-            {"state": "pending", "request": shown}, headers={"Cache-Control": "no-store"}
+            {
+                "state": "pending",
+                "request": shown,
+                "votes": [v.to_json() for v in self.approvals.ballot(project, req_id)],
+                "needs": item.needs,
+            },
+            headers={"Cache-Control": "no-store"},
         )
 
     async def _get_audit(self, request: Request) -> Response:

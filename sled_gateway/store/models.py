@@ -189,6 +189,8 @@ class Vote:
     reason: str | None = None
     #: When the request voted on arrived: a later request under the same id is another.
     requested_at: float | None = None
+    #: The approvals the request needed in all.
+    needs: int = 1
 
     def to_json(self) -> dict[str, JSON]:
         return {

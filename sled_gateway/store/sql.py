@@ -147,6 +147,7 @@ VOTES = Table(
     Column("channel", Text, nullable=False),
     Column("at", _TIME, nullable=False),
     Column("reason", Text),
+    Column("needs", Integer, nullable=False),
     Index("votes_request", "project", "req_id", "id"),
     sqlite_autoincrement=True,
 )
@@ -169,6 +170,7 @@ _VOTE_COLUMNS = (
     VOTES.c.at,
     VOTES.c.reason,
     VOTES.c.requested_at,
+    VOTES.c.needs,
 )
 RULES = Table(
     "rules",
@@ -912,6 +914,7 @@ class SqlStore:
                     "channel": vote.channel,
                     "at": vote.at,
                     "reason": vote.reason,
+                    "needs": vote.needs,
                 },
             )
         )

@@ -91,6 +91,7 @@ def upgrade() -> None:
         sa.Column("channel", sa.Text(), nullable=False),
         sa.Column("at", _TIME, nullable=False),
         sa.Column("reason", sa.Text()),
+        sa.Column("needs", sa.Integer(), nullable=False),
         sqlite_autoincrement=True,
     )
     op.create_index("votes_request", "votes", ["project", "req_id", "id"])
