@@ -42,6 +42,7 @@ from sled_gateway.events import (
     Events,
     PermissionDecided,
     PermissionRequested,
+    PermissionVoted,
     PermissionWithdrawn,
     RulesChanged,
     SledDown,
@@ -690,6 +691,8 @@ class Approvals:
         if cast is Decision.DENY:
             return await self._settle(item, cast, principal, reason, pending=True)
         if len(approvals) < item.needs:
+            # The console's card shows "1 of 2 approvals: alice".
+            self.events.publish(PermissionVoted(replace(item, votes=tuple(approvals))))
             raise VoteCounted(list(ballot.votes), item.needs)
         why = f"quorum {len(approvals)} of {item.needs}: {', '.join(approvals)}"
         return await self._settle(

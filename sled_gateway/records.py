@@ -117,6 +117,8 @@ class PendingPermission:
     would_match: JSON = field(default=None, compare=False)
     #: Approvals from different people it needs (a quorum of the --access file).
     needs: int = field(default=1, compare=False)
+    #: Who approved it so far, toward that quorum.
+    votes: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         measured = self.input_sha256 and self.input_bytes >= 0
@@ -147,6 +149,7 @@ class PendingPermission:
             "suggested_rules": [{"rule": r, "kind": k} for r, k in self.suggested_rules],
             "would_match": self.would_match,
             "needs": self.needs,
+            "votes": list(self.votes),
         }
 
 
