@@ -639,7 +639,8 @@ class Approvals:
         if ballot is None or ballot.received_at != item.received_at:
             ballot = self._ballots[key] = _Ballot(item.received_at)
         voter = voter_of(principal)
-        if any(v.person == voter for v in ballot.votes):
+        # Case-blind: an email in two spellings is one person.
+        if any(v.person.lower() == voter.lower() for v in ballot.votes):
             raise VoteRefused(
                 f"{voter} already voted on this request; it needs {item.needs} different people",
                 list(ballot.votes),

@@ -311,7 +311,16 @@ def test_tokens_are_stored_hashed_listed_without_secrets_and_audited(gw: Gateway
         client.delete(f"/api/tokens/{token_id}")
         assert client.get("/api/tokens").json()["tokens"] == []
         assert len(client.get("/api/tokens?include_revoked=1").json()["tokens"]) == 1
-        for bad in ({"person": ""}, {"person": "group:ops"}, {"person": "a", "expires_in": 0}):
+        for bad in (
+            {"person": ""},
+            {"person": "group:ops"},
+            {"person": "operator"},  # would pass for the operator in the audit
+            {"person": "rule:1"},
+            {"person": "a@b", "expires_in": 0},
+            {"person": "a@b", "expires_in": True},
+            {"person": "a@b", "expires_in": 400 * 86400},
+            {"person": "a@b", "scope": "x"},
+        ):
             assert client.post("/api/tokens", json=bad).status_code == 400, bad
     rows = [r for r in gw.audit() if r["tool_name"] == "person_token"]
     assert [(r["decision"], r["req_id"], r["who"], r["channel"]) for r in rows] == [

@@ -55,8 +55,15 @@ class TokensApi:
             or len(person) > _MAX_PERSON
             or person.startswith("group:")
             or any(ord(c) < 32 or ord(c) == 127 for c in person)
+            # A person's id always has one of these; a token for "operator" or "rule:3"
+            # would make its holder's rows look like the operator's or a rule's.
+            or ("@" not in person and "|" not in person)
         ):
-            return error(400, "person must be a person's id: their email, or ISSUER|SUB")
+            return error(
+                400,
+                "person must be a person's id: their email, or ISSUER|SUB (as the access "
+                "file names them)",
+            )
         if (
             isinstance(expires_in, bool)
             or not isinstance(expires_in, int | float)
