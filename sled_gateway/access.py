@@ -109,7 +109,7 @@ class Access:
     quorums: tuple[Quorum, ...] = ()
     people: tuple[PersonEntry, ...] = ()
     source: str = ""
-    _quorum_sets: tuple[tuple[Quorum, RuleSet], ...] = field(default=(), repr=False)
+    _quorum_sets: tuple[tuple[Quorum, RuleSet], ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self._quorum_sets and self.quorums:
