@@ -47,6 +47,7 @@ from protocol import ConfigError, redact
 from protocol.options import parse_listen
 from protocol.version import __version__
 from sled_gateway import Gateway
+from sled_gateway.access import AccessError, load_access
 from sled_gateway.config import TOKEN_ENV, GatewayConfig, load_sled_tokens
 from sled_gateway.logs import configure_cli_logging
 from sled_gateway.memory import return_big_blocks
@@ -78,6 +79,13 @@ COMMAND_OPTIONS: dict[str, Option] = {
         "--sled-tokens",
         'per-sled tokens, a JSON object {"<project>": "<token>", ...}: '
         "a token admits only its own project",
+        rule=any_path,
+        metavar="FILE",
+        default=None,
+    ),
+    "access_file": Option(
+        "--access",
+        "people's roles per project, quorums and Matrix ids, a TOML file (docs/people.md)",
         rule=any_path,
         metavar="FILE",
         default=None,
@@ -176,6 +184,11 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     values["host"], values["port"] = parse_listen("--listen", args.listen)
     if args.sled_tokens_file:
         values["sled_tokens"] = load_sled_tokens(args.sled_tokens_file)
+    if args.access_file:
+        try:
+            values["access"] = load_access(args.access_file)
+        except AccessError as exc:
+            raise ConfigError("--access", str(exc)) from None
     if args.db is None:
         values["db"] = default_db_path()
     if not args.no_auth:

@@ -53,6 +53,16 @@ def _default_project() -> str:
     return Path.cwd().name or "sled"
 
 
+def _owner(option: str, value: str) -> str | None:
+    """The email of the person the sled works for (empty: none)."""
+    value = value.strip()
+    if not value:
+        return None
+    if len(value) > 320 or any(ord(c) < 33 or ord(c) == 127 for c in value):
+        raise ConfigError(option, "expected the owner's email address (no spaces)")
+    return value
+
+
 def _ws_url(option: str, value: str) -> str:
     """A ws:// or wss:// URL with a host; empty means "disabled"."""
     if value:
@@ -123,6 +133,16 @@ class UplinkConfig:
         env="HUSKIES_PROJECT",
         default_factory=_default_project,
         shown_default="the current directory's name",
+    )
+    owner: str | None = option(
+        None,
+        "--owner",
+        "email of the person this sled works for, sent in the identity frame: the "
+        "gateway never counts their vote alone toward a quorum on this sled's requests",
+        rule=_owner,
+        metavar="EMAIL",
+        env="HUSKIES_OWNER",
+        shown_default="none",
     )
     local_mcp_url: str = option(
         "http://127.0.0.1:3001/mcp",
@@ -307,6 +327,13 @@ class UplinkConfig:
     )
     # Extra identity keys; the token never goes here (it rides in the URL).
     identity_extra: dict[str, object] = field(default_factory=lambda: {"version": __version__})
+
+    @property
+    def identity_payload(self) -> dict[str, object]:
+        """The identity frame's keys beside the project: ``owner`` only when set."""
+        if self.owner is None:
+            return self.identity_extra
+        return {**self.identity_extra, "owner": self.owner}
 
     def __repr__(self) -> str:
         def shown(name: str) -> str:

@@ -124,7 +124,7 @@ class ConnectionActor(UplinkActor):
             ws = await open_websocket(
                 config.connect_url,
                 # identity is the first frame of every session, before anything else.
-                first_text=serialize(identity(config.project, **config.identity_extra)),
+                first_text=serialize(identity(config.project, **config.identity_payload)),
                 open_timeout=config.open_timeout,
                 close_timeout=config.close_timeout,
                 max_size=config.max_frame_bytes,

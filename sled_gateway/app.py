@@ -28,6 +28,7 @@ from collections.abc import Callable
 from sled_gateway.approvals import Approvals, Forbidden, NotRecorded
 from sled_gateway.auth.console import ConsoleSessionBackend
 from sled_gateway.auth.operator import BearerTokenBackend
+from sled_gateway.auth.person_token import PersonTokenBackend
 from sled_gateway.auth.sled import SledTokenBackend
 from sled_gateway.bus.local import LocalBus
 from sled_gateway.config import GatewayConfig
@@ -36,10 +37,12 @@ from sled_gateway.http.console import SHELL_PATHS
 from sled_gateway.http.guard import AllowedHosts, RequestGuard
 from sled_gateway.http.routes import UPLINK_PATH, Routes
 from sled_gateway.hub import Hub
+from sled_gateway.people import Grants, NoGrants
 from sled_gateway.records import DecisionRecord, PendingPermission
 from sled_gateway.relay import Relay
 from sled_gateway.state import GatewayState
 from sled_gateway.store import Store, make_store
+from sled_gateway.tokens import PersonTokens
 
 __all__ = ["UPLINK_PATH", "Forbidden", "GatewayApp", "NotRecorded"]
 
@@ -69,6 +72,7 @@ class GatewayApp:
             max_input_bytes=config.max_input_bytes,
             max_pending_bytes_per_sled=config.max_pending_bytes_per_sled,
             max_pending_bytes=config.max_pending_bytes,
+            access=config.access,
         )
         self.hub = Hub(
             config,
@@ -79,6 +83,10 @@ class GatewayApp:
             sled_auth=SledTokenBackend(config.token, config.sled_tokens),
         )
         self.relay = Relay(config, state, self.bus)
+        #: Where people's roles come from (the --access file); OpenID Connect sign-in and
+        #: person tokens turn a Person into a Principal through it.
+        self.grants: Grants = config.access if config.access is not None else NoGrants()
+        self.tokens = PersonTokens(self.store, self.grants)
         self.routes = Routes(
             config,
             state,
@@ -86,6 +94,7 @@ class GatewayApp:
             approvals=self.approvals,
             hub=self.hub,
             relay=self.relay,
+            tokens=self.tokens,
         )
         state.add_change_listener(self.routes.live.changed)
         self.allowed_hosts = AllowedHosts.default(listen_host, config.allowed_hosts)
@@ -94,6 +103,7 @@ class GatewayApp:
             operator=BearerTokenBackend(config.operator_token),
             console=ConsoleSessionBackend(),
             allowed_hosts=self.allowed_hosts,
+            person_tokens=PersonTokenBackend(self.tokens),
             public_websockets=(UPLINK_PATH,),
             public_http_paths=(UPLINK_PATH, *SHELL_PATHS),
         )

@@ -9,6 +9,13 @@ and every decider (the console, the REST API, the terminal prompt,
 :class:`~sled_gateway.principal.Principal`. Authorization is checked here,
 once: a principal without the approver role gets :class:`Forbidden`.
 
+A request a quorum of the ``--access`` file covers needs that many approvals
+from different people (:meth:`Approvals.decide` counts each vote, committed to
+the store first, and decides once the quorum is met, or at the first deny); a
+vote that cannot count (the same person again, the sled's ``owner``) is
+:class:`VoteRefused` and a vote that counts without deciding yet is
+:class:`VoteCounted`. An allow rule never answers a request under a quorum.
+
 The audit row is committed before anything else happens: only then does the
 read model (:class:`~sled_gateway.state.GatewayState`, through
 :class:`~sled_gateway.events.PermissionDecided`) learn the decision and the
@@ -24,18 +31,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from loguru import logger
 
 from protocol import JSON, Decision, input_sha256, printable
+from sled_gateway.access import Access
 from sled_gateway.events import (
     Events,
     PermissionDecided,
     PermissionRequested,
+    PermissionVoted,
     PermissionWithdrawn,
     RulesChanged,
+    SledDown,
+    SledUp,
 )
 from sled_gateway.policy import grammar_tool, rule_key, sandbox_off, suggested_rules
 from sled_gateway.principal import Principal, Role
@@ -48,7 +59,7 @@ from sled_gateway.records import (
     bounded_input,
 )
 from sled_gateway.state import GatewayState
-from sled_gateway.store import ALLOW, AuditEntry, Rule, Store
+from sled_gateway.store import ALLOW, AuditEntry, Rule, Store, Vote
 
 log = logger.bind(actor="gateway")
 
@@ -63,13 +74,47 @@ Key = tuple[str, str]  # (project, req_id)
 class Forbidden(PermissionError):
     """The principal may not do this (HTTP 403)."""
 
-    def __init__(self, principal: Principal, action: str) -> None:
-        super().__init__(f"{principal.by} may not {action}")
+    def __init__(self, principal: Principal, action: str, needs: Role = Role.APPROVER) -> None:
+        super().__init__(f"{principal.by} may not {action}: it needs the {needs.value} role")
         self.principal = principal
+        #: The role that was needed (the 403's ``needs``).
+        self.needs = needs
 
 
 class NotSuggested(ValueError):
     """An "always allow" asked for a grammar rule the pending card did not offer (HTTP 400)."""
+
+
+class VoteRefused(Exception):
+    """A vote that cannot count toward the request's quorum (HTTP 409); still pending."""
+
+    def __init__(self, message: str, votes: list[Vote], needs: int) -> None:
+        super().__init__(message)
+        self.votes = votes
+        self.needs = needs
+
+
+class VoteCounted(Exception):
+    """A vote counted toward the quorum, which is not met yet (HTTP 202); still pending."""
+
+    def __init__(self, votes: list[Vote], needs: int) -> None:
+        approvals = [v.person for v in votes if v.decision != Decision.DENY.value]
+        super().__init__(f"{len(approvals)} of {needs} approvals: {', '.join(approvals)}")
+        self.votes = votes
+        self.needs = needs
+
+
+@dataclass(slots=True)
+class _Ballot:
+    """The votes on one pending request (``received_at`` tells it from a later one)."""
+
+    received_at: float
+    votes: list[Vote] = field(default_factory=list)
+
+
+def voter_of(principal: Principal) -> str:
+    """Who a vote is from: the person, or the principal's own name (``operator``, ...)."""
+    return principal.person if principal.person is not None else principal.who
 
 
 class NotRecorded(Exception):
@@ -96,8 +141,26 @@ class Approvals:
         max_input_bytes: int | None = None,
         max_pending_bytes_per_sled: int | None = None,
         max_pending_bytes: int | None = None,
+        access: Access | None = None,
     ) -> None:
         self.store = store
+        #: Quorums (and people) of the --access file; None: one decision decides.
+        self.access = access
+        self._ballots: dict[Key, _Ballot] = {}
+        # Each sled session's owner (its identity's "owner"), whose vote never completes
+        # a quorum on that sled's requests.
+        self._owners: dict[int, str] = {}
+        events.subscribe(SledUp, self._sled_up)
+        events.subscribe(SledDown, self._sled_down)
+        events.subscribe(
+            PermissionWithdrawn, lambda e: self._end_ballot(e.item.project, e.item.req_id)
+        )
+        events.subscribe(
+            PermissionDecided,
+            lambda e: (
+                self._end_ballot(e.record.project, e.record.req_id) if e.was_pending else None
+            ),
+        )
         self.state = state
         self.events = events
         self.auto = auto
@@ -110,6 +173,22 @@ class Approvals:
         # the first's outcome, so a request gets exactly one decision.
         self._deciding: dict[Key, asyncio.Future[None]] = {}
 
+    def _sled_up(self, event: SledUp) -> None:
+        owner = event.info.get("owner")
+        if isinstance(owner, str) and owner:
+            self._owners[event.session] = owner
+
+    def _sled_down(self, event: SledDown) -> None:
+        self._owners.pop(event.session, None)
+
+    def _end_ballot(self, project: str, req_id: str) -> None:
+        self._ballots.pop((project, req_id), None)
+
+    def ballot(self, project: str, req_id: str) -> list[Vote]:
+        """The votes so far on a pending request (none without a quorum)."""
+        found = self._ballots.get((project, req_id))
+        return list(found.votes) if found is not None else []
+
     def answer_through(self, answerer: Answerer) -> None:
         """Set who sends the sleds their answers (the hub, which also hands us requests)."""
         self._answerer = answerer
@@ -119,16 +198,28 @@ class Approvals:
         principal: Principal,
         role: Role = Role.APPROVER,
         action: str = "decide permission requests",
+        project: str | None = None,
+        *,
+        somewhere: bool = False,
     ) -> None:
-        """Raise :class:`Forbidden` unless ``principal`` has ``role`` (the one check)."""
-        if not principal.has(role):
-            raise Forbidden(principal, action)
+        """Raise :class:`Forbidden` unless ``principal`` has ``role`` (the one check):
+        on every project, or on ``project``, or (``somewhere``) on at least one project,
+        for a read whose answer is then cut down to the projects it may see."""
+        allowed = principal.has_somewhere(role) if somewhere else principal.has(role, project)
+        if not allowed:
+            where = f" of sled {project!r}" if project is not None else ""
+            raise Forbidden(principal, action + where, role)
+
+    @staticmethod
+    def may(principal: Principal, role: Role, project: str) -> bool:
+        """Whether ``principal`` has ``role`` on ``project`` (to filter what it reads)."""
+        return principal.has(role, project)
 
     # -- rules made and revoked by people ---------------------------------------------
 
     async def add_rule(self, draft: Rule, principal: Principal) -> Rule:
         """Commit ``draft`` as made by ``principal`` (an identical active rule is reused)."""
-        self.authorize(principal, Role.ADMIN, "make rules")
+        self.authorize(principal, Role.ADMIN, "make rules", draft.project)
         rule = await self.store.add_rule(replace(draft, created_by=principal.by))
         log.info(
             "rule {} by {}: {} {} for {}",
@@ -143,7 +234,8 @@ class Approvals:
 
     async def add_rules(self, drafts: list[Rule], principal: Principal) -> list[Rule]:
         """Commit every draft as made by ``principal`` in one transaction, or none (an import)."""
-        self.authorize(principal, Role.ADMIN, "make rules")
+        for d in drafts:
+            self.authorize(principal, Role.ADMIN, "make rules", d.project)
         rules = await self.store.add_rules([replace(d, created_by=principal.by) for d in drafts])
         log.info("{} rule(s) imported by {}", len(rules), principal.by)
         for rule in rules:
@@ -153,7 +245,12 @@ class Approvals:
     async def revoke_rule(self, rule_id: int, principal: Principal) -> Rule:
         """Revoke a rule: :class:`~sled_gateway.store.UnknownRule` /
         :class:`~sled_gateway.store.RuleRevoked`."""
-        self.authorize(principal, Role.ADMIN, "revoke rules")
+        if not principal.has(Role.ADMIN):
+            # An admin of some projects may revoke the rules of those projects only.
+            found = [r for r in await self.store.rules() if r.id == rule_id]
+            self.authorize(
+                principal, Role.ADMIN, "revoke rules", found[0].project if found else None
+            )
         rule = await self.store.revoke_rule(rule_id, principal.by)
         log.info("rule {} revoked by {}", rule.id, rule.revoked_by)
         self.events.publish(RulesChanged(rule, revoked=True))
@@ -183,7 +280,24 @@ class Approvals:
                 item, "over --max-input-bytes", f"{item.input_bytes} bytes of tool input"
             )
             return
+        needs = (
+            self.access.approvals_needed(project, tool_name, tool_input)
+            if self.access is not None and self.access.quorums
+            else 1
+        )
+        if needs > 1:
+            item = replace(item, needs=needs)
         rule = self.store.policy.match(project, tool_name, tool_input)
+        if rule is not None and needs > 1 and rule.action == ALLOW:
+            # A rule is one person's standing approval: it never stands in for a quorum.
+            log.info(
+                "sled '{}': {} needs {} approvals; allow rule {} does not answer it",
+                printable(project, 120),
+                printable(req_id, 120),
+                needs,
+                rule.id,
+            )
+            rule = None
         if rule is not None:
             await self._answer_by_rule(
                 session, project, req_id, tool_name=tool_name, tool_input=tool_input, rule=rule
@@ -380,6 +494,8 @@ class Approvals:
             why,
             now,
             now,
+            who=principal.who,
+            channel=principal.channel.value,
         )
         try:
             await self.store.record(entry)
@@ -415,7 +531,8 @@ class Approvals:
         No answer goes out: in every case the sled has denied, or denies, them itself.
         """
         now = time.time()
-        label = Principal.gateway(by).by
+        withdrawer = Principal.gateway(by)
+        label = withdrawer.by
         for item in items:
             self.store.record_later(
                 AuditEntry(
@@ -429,6 +546,8 @@ class Approvals:
                     why,
                     item.received_at,
                     now,
+                    who=withdrawer.who,
+                    channel=withdrawer.channel.value,
                 )
             )
             record = DecisionRecord(
@@ -469,7 +588,7 @@ class Approvals:
         make instead of the exact whole-input rule; anything else is
         :class:`NotSuggested` and nothing is decided.
         """
-        self.authorize(principal)
+        self.authorize(principal, Role.APPROVER, "decide permission requests", project)
         key = (project, req_id)
         while (busy := self._deciding.get(key)) is not None:
             await asyncio.shield(busy)
@@ -494,12 +613,92 @@ class Approvals:
         done = asyncio.get_running_loop().create_future()
         self._deciding[key] = done
         try:
+            if item.needs > 1:
+                return await self._vote(item, decision, principal, reason)
             return await self._settle(
                 item, decision, principal, reason, pending=True, grammar_rule=rule
             )
         finally:
             del self._deciding[key]
             done.set_result(None)
+
+    async def _vote(
+        self,
+        item: PendingPermission,
+        decision: Decision,
+        principal: Principal,
+        reason: str | None,
+    ) -> DecisionRecord:
+        """One vote on a request under a quorum: refused, counted, or deciding.
+
+        An "always allow" counts as an approval and makes no rule (a rule would
+        answer the next such request without its quorum).
+        """
+        key = (item.project, item.req_id)
+        ballot = self._ballots.get(key)
+        if ballot is None or ballot.received_at != item.received_at:
+            ballot = self._ballots[key] = _Ballot(item.received_at)
+        voter = voter_of(principal)
+        # Case-blind: an email in two spellings is one person.
+        if any(v.person.lower() == voter.lower() for v in ballot.votes):
+            raise VoteRefused(
+                f"{voter} already voted on this request; it needs {item.needs} different people",
+                list(ballot.votes),
+                item.needs,
+            )
+        owner = self._owners.get(item.session)
+        approving = decision is not Decision.DENY
+        if approving and owner is not None and owner.lower() == voter.lower():
+            raise VoteRefused(
+                f"{voter} owns sled {item.project!r}: the owner cannot approve its requests "
+                f"toward a quorum of {item.needs}",
+                list(ballot.votes),
+                item.needs,
+            )
+        cast = Decision.APPROVE if approving else Decision.DENY
+        vote = Vote(
+            item.project,
+            item.req_id,
+            voter,
+            cast.value,
+            principal.channel.value,
+            time.time(),
+            reason,
+            item.received_at,
+            item.needs,
+        )
+        try:
+            await self.store.add_vote(vote)
+        except Exception as exc:
+            log.opt(exception=exc).error("vote on {!r} not recorded; still pending", item.req_id)
+            raise NotRecorded(str(exc)) from exc
+        if self.state.pending_or_none(*key) is not item:
+            # The request left while the vote was written (withdrawn; or replaced by
+            # another under the same id, which this vote was not for).
+            current = self.state.pending_item(*key)  # UnknownRequest / AlreadyDecided
+            raise InputMismatch(current, item.input_sha256)
+        self._ballots[key] = ballot
+        ballot.votes.append(vote)
+        approvals = [v.person for v in ballot.votes if v.decision == Decision.APPROVE.value]
+        log.info(
+            "permission '{}' of sled '{}': {} votes {} ({} of {} approvals)",
+            printable(item.req_id, 120),
+            printable(item.project, 120),
+            voter,
+            cast.value,
+            len(approvals),
+            item.needs,
+        )
+        if cast is Decision.DENY:
+            return await self._settle(item, cast, principal, reason, pending=True)
+        if len(approvals) < item.needs:
+            # The console's card shows "1 of 2 approvals: alice".
+            self.events.publish(PermissionVoted(replace(item, votes=tuple(approvals))))
+            raise VoteCounted(list(ballot.votes), item.needs)
+        why = f"quorum {len(approvals)} of {item.needs}: {', '.join(approvals)}"
+        return await self._settle(
+            item, cast, principal, f"{why}; {reason}" if reason else why, pending=True
+        )
 
     async def _settle(
         self,
@@ -552,6 +751,8 @@ class Approvals:
             reason,
             item.received_at,
             now,
+            who=principal.who,
+            channel=principal.channel.value,
         )
         rule = None
         try:
@@ -628,6 +829,8 @@ class Approvals:
             f"rule {rule.id}: {rule.action} {what}",
             now,
             now,
+            who=principal.who,
+            channel=principal.channel.value,
         )
         try:
             await self.store.record(entry)

@@ -24,6 +24,7 @@ from typing import Any
 from actors.cli import OPTION, Option, check_fields, library_only, option
 from protocol import ConfigError, Decision, printable
 from protocol.options import byte_size, positive_int, positive_number, positive_seconds
+from sled_gateway.access import Access
 from sled_gateway.http.guard import AllowedHosts
 from sled_gateway.store import MEMORY
 
@@ -167,6 +168,12 @@ def _sled_tokens(option: str, value: Mapping[Any, Any]) -> Mapping[str, str]:
     return MappingProxyType(check_sled_tokens(dict(value)))
 
 
+def _access(option: str, value: Any) -> Access:
+    if not isinstance(value, Access):
+        raise ConfigError(option, "expected the access file's grants (sled_gateway.access.Access)")
+    return value
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class GatewayConfig:
     """What the gateway does. Durations are seconds.
@@ -210,6 +217,10 @@ class GatewayConfig:
     sled_tokens: Mapping[str, str] = field(
         default_factory=dict,
         metadata={OPTION: Option("", "--sled-tokens", rule=_sled_tokens)},
+    )
+    # The --access FILE's content (run_gateway.py reads it): people's roles and quorums.
+    access: Access | None = field(
+        default=None, metadata={OPTION: Option("", "--access", rule=_access)}
     )
     allowed_hosts: tuple[str, ...] = option(
         (),

@@ -30,6 +30,13 @@ class PermissionRequested:
 
 
 @dataclass(frozen=True, slots=True)
+class PermissionVoted:
+    """A vote toward a pending request's quorum counted; ``item`` carries the approvals so far."""
+
+    item: PendingPermission
+
+
+@dataclass(frozen=True, slots=True)
 class PermissionDecided:
     """A request got its one decision (recorded in the audit log first when it could be).
 

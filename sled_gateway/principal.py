@@ -9,11 +9,17 @@ Roles rank: an ``admin`` may do everything an ``approver`` may, who may do
 everything a ``viewer`` may. Every authenticated operator (the token or a
 console session) is an admin; the terminal, ``--auto``, rules and the Matrix
 users on the bot's allow list are approvers; a viewer may only look.
+
+A person (:mod:`sled_gateway.people`) gets roles from the ``--access`` file
+(:mod:`sled_gateway.access`): a role on every project goes into ``roles``, a
+role on some projects into ``scoped`` with the project globs it holds on, and
+``has(role, project)`` asks about one project.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -47,15 +53,39 @@ class Principal:
     who: str
     channel: Channel
     roles: frozenset[Role] = frozenset()
+    #: Roles held on some projects only: (role, does this project match the grant's globs).
+    scoped: tuple[tuple[Role, Callable[[str], bool]], ...] = ()
+    #: The person's id (``alice@example.test``) when a person acts, else None.
+    person: str | None = None
 
-    def has(self, role: Role) -> bool:
-        """Whether any of the roles reaches ``role`` (an admin is also an approver)."""
+    def has(self, role: Role, project: str | None = None) -> bool:
+        """Whether a role reaches ``role`` (an admin is also an approver) on every project,
+        or, with ``project``, on that project."""
         need = _RANK[role]
-        return any(_RANK[r] >= need for r in self.roles)
+        if any(_RANK[r] >= need for r in self.roles):
+            return True
+        if project is None:
+            return False
+        return any(_RANK[r] >= need and matches(project) for r, matches in self.scoped)
+
+    def has_somewhere(self, role: Role) -> bool:
+        """Whether ``role`` is reached on at least one project (e.g. to list what it may see)."""
+        need = _RANK[role]
+        return any(_RANK[r] >= need for r in self.roles) or any(
+            _RANK[r] >= need for r, _ in self.scoped
+        )
+
+    @property
+    def everywhere(self) -> bool:
+        """Whether it may view every project (nothing it reads needs filtering)."""
+        return self.has(Role.VIEWER)
 
     @property
     def by(self) -> str:
-        """The audit log's ``by``: the channel, or the rule / gateway reason, or matrix:<user>."""
+        """The audit log's ``by``: the person, the channel, or the rule / gateway reason,
+        or matrix:<user>."""
+        if self.person is not None:
+            return self.person
         if self.channel is Channel.MATRIX:
             return f"matrix:{self.who}"
         if self.channel in (Channel.RULE, Channel.GATEWAY, Channel.LIBRARY):

@@ -115,6 +115,10 @@ class PendingPermission:
     suggested_rules: tuple[tuple[str, str], ...] = field(default=(), compare=False)
     #: The allow rule that matched but may not answer (the call leaves the sandbox).
     would_match: JSON = field(default=None, compare=False)
+    #: Approvals from different people it needs (a quorum of the --access file).
+    needs: int = field(default=1, compare=False)
+    #: Who approved it so far, toward that quorum.
+    votes: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         measured = self.input_sha256 and self.input_bytes >= 0
@@ -144,6 +148,8 @@ class PendingPermission:
             "received_at": iso(self.received_at),
             "suggested_rules": [{"rule": r, "kind": k} for r, k in self.suggested_rules],
             "would_match": self.would_match,
+            "needs": self.needs,
+            "votes": list(self.votes),
         }
 
 

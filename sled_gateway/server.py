@@ -384,7 +384,9 @@ class Gateway:
         :class:`~sled_gateway.state.AlreadyDecided`,
         :class:`~sled_gateway.approvals.Forbidden`, or
         :class:`~sled_gateway.approvals.NotRecorded` if the audit row could not
-        be committed (the request is then still pending).
+        be committed (the request is then still pending). Under a quorum of the
+        access file: :class:`~sled_gateway.approvals.VoteCounted` (counted, not
+        decided yet) or :class:`~sled_gateway.approvals.VoteRefused` (cannot count).
         """
         choice = Decision(decision)
         if self._loop is None:

@@ -31,6 +31,7 @@ from sled_gateway.events import (
     FrameReceived,
     PermissionDecided,
     PermissionRequested,
+    PermissionVoted,
     PermissionWithdrawn,
     SledDown,
     SledHeartbeat,
@@ -123,6 +124,7 @@ class GatewayState:
         events.subscribe(PermissionRequested, self._on_requested)
         events.subscribe(PermissionDecided, self._on_decided)
         events.subscribe(PermissionWithdrawn, self._on_withdrawn)
+        events.subscribe(PermissionVoted, self._on_voted)
 
     def add_change_listener(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` after every change, under the lock, on the changing
@@ -170,6 +172,16 @@ class GatewayState:
                 self._pending_bytes.get(item.project, 0) + item.input_bytes
             )
             self._pending_bytes_total += item.input_bytes
+            self._changed()
+
+    def _on_voted(self, event: PermissionVoted) -> None:
+        item = event.item
+        key = (item.project, item.req_id)
+        with self._cond:
+            current = self._pending.get(key)
+            if current is None or current.received_at != item.received_at:
+                return  # decided, withdrawn or replaced meanwhile
+            self._pending[key] = item  # the same input: its bytes are counted already
             self._changed()
 
     def _unpend(self, key: Key) -> None:

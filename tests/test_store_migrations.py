@@ -103,7 +103,9 @@ def test_a_0_2_0_file_is_taken_forward_with_every_row_and_rule(old_file: Path) -
     assert rules[2].origin == "always_allow of request a-3"
     # Byte for byte the same rows (a rule gains only an empty grammar ``rule``),
     # now under Alembic at the newest version.
-    assert raw(old_file, "SELECT * FROM audit ORDER BY id") == audit_before
+    # Every row kept as it was; who and channel were not recorded then.
+    assert [row[:11] for row in raw(old_file, "SELECT * FROM audit ORDER BY id")] == audit_before
+    assert {row[11:] for row in raw(old_file, "SELECT * FROM audit")} == {(None, None)}
     assert raw(old_file, "SELECT * FROM rules ORDER BY id") == [(*r, None) for r in rules_before]
     assert all(r.rule is None for r in rules)
     assert raw(old_file, "SELECT version_num FROM alembic_version") == [(migrations.head(),)]
@@ -135,9 +137,14 @@ def test_a_new_file_gets_the_declared_schema(tmp_path: Path) -> None:
     for table in ("audit", "rules"):
         columns = f"SELECT name, type, pk FROM pragma_table_info('{table}') ORDER BY cid"
         indexes = f"SELECT name FROM pragma_index_list('{table}') ORDER BY name"
-        added = [("rule", "TEXT", 0)] if table == "rules" else []
+        added = (
+            [("rule", "TEXT", 0)]
+            if table == "rules"
+            else [("who", "TEXT", 0), ("channel", "TEXT", 0)]
+        )
         assert sorted(raw(db, columns)) == sorted(raw(FIXTURE, columns) + added)
-        assert raw(db, indexes) == raw(FIXTURE, indexes)
+        new_indexes = [] if table == "rules" else [("audit_who",)]
+        assert sorted(raw(db, indexes)) == sorted(raw(FIXTURE, indexes) + new_indexes)
 
 
 def test_the_revisions_build_what_a_new_database_gets(tmp_path: Path) -> None:
@@ -163,13 +170,15 @@ def test_a_file_from_a_newer_release_is_refused_untouched(old_file: Path) -> Non
     with conn:
         conn.execute("UPDATE alembic_version SET version_num = '0009'")
     conn.close()
-    with pytest.raises(StoreError, match=r"schema version 9; .* up to 3 \(a newer release"):
+    with pytest.raises(
+        StoreError, match=rf"schema version 9; .* up to {SCHEMA_VERSION} \(a newer release"
+    ):
         make_store(old_file).open()
     assert raw(old_file, "SELECT version_num FROM alembic_version") == [("0009",)]
     # The lock is released: the file can be opened again once it is fixed.
     conn = sqlite3.connect(old_file)
     with conn:
-        conn.execute("UPDATE alembic_version SET version_num = '0003'")
+        conn.execute(f"UPDATE alembic_version SET version_num = '{SCHEMA_VERSION:04d}'")
     conn.close()
     make_store(old_file).open().close()
 

@@ -31,9 +31,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from protocol import JSON, Decision
-from sled_gateway.approvals import Approvals, Forbidden, NotRecorded, NotSuggested
+from sled_gateway.approvals import (
+    Approvals,
+    Forbidden,
+    NotRecorded,
+    NotSuggested,
+    VoteCounted,
+    VoteRefused,
+)
 from sled_gateway.auth import principal_of
-from sled_gateway.http.errors import error
+from sled_gateway.http.errors import error, forbidden
 from sled_gateway.principal import Principal
 from sled_gateway.records import AlreadyDecided, InputMismatch, UnknownRequest
 
@@ -134,11 +141,11 @@ class BulkDecisions:
             return error(exc.status, str(exc), **exc.extra)
         principal = principal_of(request)
         try:
-            # A viewer is refused as a whole, as the single decision refuses them; each
-            # item is still authorized again by decide().
-            self.approvals.authorize(principal)
+            # Someone who may decide nowhere (a viewer) is refused as a whole; an approver
+            # of some projects gets each item authorized on its own project by decide().
+            self.approvals.authorize(principal, somewhere=True)
         except Forbidden as exc:
-            return error(403, str(exc))
+            return forbidden(exc)
         first: dict[tuple[str, str], int] = {}
         jobs: list[Awaitable[dict[str, JSON]]] = []
         for index, item in enumerate(items):
@@ -179,7 +186,20 @@ class BulkDecisions:
                 project, req_id, decision, principal, reason=reason, input_sha256=digest
             )
         except Forbidden as exc:
-            return {**head, "status": 403, "error": str(exc)}
+            return {**head, "status": 403, "error": str(exc), "needs": exc.needs.value}
+        except VoteCounted as exc:  # counted toward a quorum that is not met yet
+            votes: JSON = [v.to_json() for v in exc.votes]
+            return {
+                **head,
+                "status": 202,
+                "state": "pending",
+                "message": str(exc),
+                "votes": votes,
+                "needs": exc.needs,
+            }
+        except VoteRefused as exc:  # this person voted already, or is the sled's owner
+            refused: JSON = [v.to_json() for v in exc.votes]
+            return {**head, "status": 409, "error": str(exc), "votes": refused, "needs": exc.needs}
         except UnknownRequest as exc:
             return {**head, "status": 404, "error": str(exc.args[0])}
         except AlreadyDecided as exc:

@@ -18,8 +18,9 @@ every request:
    learns that the *path* is wrong.
 3. **Operator authentication**, by the backends of :mod:`sled_gateway.auth`:
    ``Authorization: Bearer <token>`` (API and MCP clients; the principal's
-   channel is ``api``) or the session cookie set by ``GET /?token=<token>``
-   (the console; ``console``). The principal goes into ``scope["user"]``.
+   channel is ``api``; a person API token acts as its person) or the session
+   cookie set by ``GET /?token=<token>`` (the console; ``console``). The
+   principal goes into ``scope["user"]``.
    Without one: ``401`` with a JSON error, or for ``GET /`` a short HTML page
    that says to open the URL with the token. A cookie request that a browser
    marks as coming from another site (``Sec-Fetch-Site``) is refused: cookies
@@ -161,6 +162,7 @@ class RequestGuard:
         operator: BearerTokenBackend,
         console: ConsoleSessionBackend,
         allowed_hosts: AllowedHosts,
+        person_tokens: AuthenticationBackend | None = None,
         public_http: Iterable[tuple[str, str]] = (("GET", "/healthz"), ("HEAD", "/healthz")),
         public_websockets: Iterable[str] = (),
         public_http_paths: Iterable[str] = (),
@@ -168,8 +170,13 @@ class RequestGuard:
         self.app = app
         self.operator = operator
         self.console = console
-        # Tried in order; the first that finds its credential decides.
-        self.backends: Sequence[AuthenticationBackend] = (operator, console)
+        # Tried in order; the first that finds its credential decides. A person
+        # token goes first: the operator backend refuses every other bearer value.
+        self.backends: Sequence[AuthenticationBackend] = (
+            *((person_tokens,) if person_tokens is not None else ()),
+            operator,
+            console,
+        )
         self.allowed_hosts = allowed_hosts
         self._public_http = frozenset(public_http)
         self._public_http_paths = frozenset(public_http_paths)

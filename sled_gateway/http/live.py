@@ -40,6 +40,9 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+#: What one stream's reader may see of the document (None: all of it).
+View = Callable[[dict[str, Any]], dict[str, Any]]
+
 EVENTS_PATH = "/api/events"
 #: Streams open at once, per gateway.
 MAX_STREAMS = 32
@@ -54,7 +57,8 @@ RETRY_MS = 1000
 class _Stream:
     """One open stream: a wake-up and the one document it has yet to send."""
 
-    def __init__(self) -> None:
+    def __init__(self, view: View | None = None) -> None:
+        self.view = view
         self.wake = asyncio.Event()
         self.latest: bytes | None = None
         self.closed = False
@@ -126,8 +130,14 @@ class LiveStreams:
         self._last_sent = loop.time()
         if not self._streams:
             return
-        frame = state_frame(self._snapshot())
+        document = self._snapshot()
+        frame: bytes | None = None
         for stream in self._streams:
+            if stream.view is not None:
+                stream.offer(state_frame(stream.view(document)))
+                continue
+            if frame is None:
+                frame = state_frame(document)
             stream.offer(frame)
 
     def close_all(self) -> None:
@@ -137,6 +147,12 @@ class LiveStreams:
             stream.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.serve(scope, receive, send)
+
+    async def serve(
+        self, scope: Scope, receive: Receive, send: Send, view: View | None = None
+    ) -> None:
+        """One stream; ``view`` cuts each document down to what its reader may see."""
         if self._closed:
             await error(503, "the gateway is shutting down")(scope, receive, send)
             return
@@ -148,8 +164,9 @@ class LiveStreams:
             )(scope, receive, send)
             return
         self._loop = asyncio.get_running_loop()
-        stream = _Stream()
-        stream.offer(state_frame(self._snapshot()))
+        stream = _Stream(view)
+        document = self._snapshot()
+        stream.offer(state_frame(view(document) if view is not None else document))
         self._streams.add(stream)
         watcher = asyncio.create_task(_watch_disconnect(receive, stream))
         try:

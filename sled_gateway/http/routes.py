@@ -10,6 +10,7 @@
 ``GET /api/permissions/{project}/{req_id}``    one request, with its whole input
 ``GET /api/audit``              the durable audit log, newest first (``?project=&since=&limit=``)
 ``GET|POST /api/rules``         always-allow and deny rules; ``DELETE /api/rules/{id}`` revokes one
+``GET|POST /api/tokens``        person API tokens; ``DELETE /api/tokens/{id}`` (:mod:`.tokens_api`)
 ``/api/rules/check|import|impact``  rules in Claude Code's grammar (:mod:`.rules_api`)
 ``POST /sleds/{project}/mcp``   JSON-RPC relayed to that sled (:mod:`sled_gateway.relay`)
 ``GET /healthz``                liveness
@@ -22,6 +23,7 @@ is the approvals service's call, not a route's.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -30,27 +32,37 @@ from typing import Any
 from loguru import logger
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from protocol import Decision, printable
 from protocol.web import ascii_digits
-from sled_gateway.approvals import Approvals, Forbidden, NotRecorded, NotSuggested
+from sled_gateway.approvals import (
+    Approvals,
+    Forbidden,
+    NotRecorded,
+    NotSuggested,
+    VoteCounted,
+    VoteRefused,
+)
 from sled_gateway.auth import principal_of
 from sled_gateway.config import GatewayConfig
 from sled_gateway.http.bulk_api import BULK_PATH, BulkDecisions
 from sled_gateway.http.console import SHELL_PATHS, ConsolePage, ShellFiles
-from sled_gateway.http.errors import error
-from sled_gateway.http.live import EVENTS_PATH, LiveStreams
+from sled_gateway.http.errors import error, forbidden
+from sled_gateway.http.live import EVENTS_PATH, LiveStreams, Receive, Scope, Send
 from sled_gateway.http.params import BodyTooLarge, BodyTooSlow, int_param, read_body, time_param
 from sled_gateway.http.rules_api import RulesApi
+from sled_gateway.http.tokens_api import TokensApi
 from sled_gateway.hub import Hub
+from sled_gateway.principal import Principal, Role
 from sled_gateway.records import AlreadyDecided, InputMismatch, UnknownRequest
 from sled_gateway.relay import Relay
 from sled_gateway.state import GatewayState
 from sled_gateway.store import ALLOW, DENY, MAX_PAGE, Rule, RuleRevoked, Store, UnknownRule
+from sled_gateway.tokens import PersonTokens
 
 log = logger.bind(actor="gateway")
 
@@ -60,7 +72,9 @@ STATE_LIMIT = 500
 _MAX_DECISION_BODY = 64 * 1024
 _MAX_REASON = 1000
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-_AUDIT_DECISIONS = frozenset({*(d.value for d in Decision), "withdrawn"})
+_AUDIT_DECISIONS = frozenset(
+    {*(d.value for d in Decision), "withdrawn", "token_created", "token_revoked"}
+)
 _DECISION_SHAPE = 'body must be JSON: {"decision": "approve"|"deny"|"always_allow"}'
 _RULE_SHAPE = (
     'body must be JSON: {"rule": str, "action": "allow"|"ask"|"deny", "project": str|null, '
@@ -83,12 +97,14 @@ class Routes:
         approvals: Approvals,
         hub: Hub,
         relay: Relay,
+        tokens: PersonTokens,
     ) -> None:
         self.config = config
         self.state = state
         self.store = store
         self.approvals = approvals
         self.hub = hub
+        self.relay = relay
         self.rules_api = RulesApi(
             store,
             approvals,
@@ -97,6 +113,7 @@ class Routes:
             ),
         )
         self.bulk = BulkDecisions(approvals, self._json_body)
+        self.tokens_api = TokensApi(tokens, self._json_body)
         self.live = LiveStreams(lambda: self.state_document(STATE_LIMIT))
         shell = ShellFiles()
         self.app = Starlette(
@@ -107,7 +124,7 @@ class Routes:
                 *(Route(path, shell.handle, methods=["GET"]) for path in SHELL_PATHS),
                 Route("/healthz", self._healthz, methods=["GET"]),
                 Route("/api/state", self._state, methods=["GET"]),
-                Route(EVENTS_PATH, self.live, methods=["GET"]),
+                Route(EVENTS_PATH, _EventStream(self), methods=["GET"]),
                 Route(BULK_PATH, self.bulk.handle, methods=["POST"]),
                 Route(
                     "/api/permissions/{project}/{req_id:path}",
@@ -121,7 +138,7 @@ class Routes:
                 ),
                 # GET/DELETE are answered 405 by the router; the MCP SDK tolerates
                 # that (no server→client stream, no session to terminate).
-                Route("/sleds/{project}/mcp", relay.handle, methods=["POST"]),
+                Route("/sleds/{project}/mcp", self._relay, methods=["POST"]),
                 Route("/api/audit", self._get_audit, methods=["GET"]),
                 Route("/api/rules", self._get_rules, methods=["GET"]),
                 Route("/api/rules", self._post_rule, methods=["POST"]),
@@ -129,6 +146,9 @@ class Routes:
                 Route("/api/rules/import", self.rules_api.import_rules, methods=["POST"]),
                 Route("/api/rules/impact", self.rules_api.impact, methods=["GET"]),
                 Route("/api/rules/{rule_id}", self._delete_rule, methods=["DELETE"]),
+                Route("/api/tokens", self.tokens_api.list, methods=["GET"]),
+                Route("/api/tokens", self.tokens_api.create, methods=["POST"]),
+                Route("/api/tokens/{token_id}", self.tokens_api.revoke, methods=["DELETE"]),
                 # Starlette closes an unrouted WebSocket before the handshake
                 # (an HTTP 403); a 404 says what is wrong: the path.
                 WebSocketRoute("/{path:path}", self._no_such_websocket),
@@ -156,11 +176,31 @@ class Routes:
         return JSONResponse({"ok": True, "sleds": self.hub.sled_count})
 
     async def _state(self, request: Request) -> Response:
+        principal = principal_of(request)
+        try:
+            self.approvals.authorize(principal, Role.VIEWER, "read the state", somewhere=True)
+        except Forbidden as exc:
+            return forbidden(exc)
         try:
             limit = int_param(request, "limit", STATE_LIMIT, 0, 100_000)
         except ValueError as exc:
             return error(400, str(exc))
-        return JSONResponse(self.state_document(limit), headers={"Cache-Control": "no-store"})
+        document = self.state_document(limit)
+        return JSONResponse(
+            visible_state(document, principal), headers={"Cache-Control": "no-store"}
+        )
+
+    async def _relay(self, request: Request) -> Response:
+        try:
+            self.approvals.authorize(
+                principal_of(request),
+                Role.ADMIN,
+                "call a sled's tools",
+                request.path_params["project"],
+            )
+        except Forbidden as exc:
+            return forbidden(exc)
+        return await self.relay.handle(request)
 
     def state_document(self, limit: int | None) -> dict[str, Any]:
         """What ``GET /api/state`` serves and ``GET /api/events`` pushes."""
@@ -231,9 +271,22 @@ class Routes:
                 rule=rule,
             )
         except Forbidden as exc:
-            return error(403, str(exc))
+            return forbidden(exc)
         except NotSuggested as exc:
             return error(400, str(exc))
+        except VoteCounted as exc:
+            return JSONResponse(
+                {
+                    "ok": True,
+                    "state": "pending",
+                    "message": str(exc),
+                    "votes": [v.to_json() for v in exc.votes],
+                    "needs": exc.needs,
+                },
+                status_code=202,
+            )
+        except VoteRefused as exc:
+            return error(409, str(exc), votes=[v.to_json() for v in exc.votes], needs=exc.needs)
         except UnknownRequest as exc:
             return error(404, str(exc.args[0]))
         except AlreadyDecided as exc:
@@ -254,10 +307,28 @@ class Routes:
         project = request.path_params["project"]
         req_id = request.path_params["req_id"]
         try:
+            self.approvals.authorize(
+                principal_of(request), Role.VIEWER, "read permission requests", project
+            )
+        except Forbidden as exc:
+            return forbidden(exc)
+        try:
             item = self.state.pending_item(project, req_id)
         except AlreadyDecided as exc:
+            votes = [
+                v for v in await self.store.votes(project, req_id) if v.at <= exc.record.decided_at
+            ]
+            # The votes on the request under this id that was decided last.
+            if votes:
+                last = votes[-1].requested_at
+                votes = [v for v in votes if v.requested_at == last]
             return JSONResponse(
-                {"state": exc.record.decision, "decided": exc.record.to_json()},
+                {
+                    "state": exc.record.decision,
+                    "decided": exc.record.to_json(),
+                    "votes": [v.to_json() for v in votes],
+                    "needs": votes[-1].needs if votes else 1,
+                },
                 headers={"Cache-Control": "no-store"},
             )
         except UnknownRequest as exc:
@@ -268,11 +339,28 @@ class Routes:
         shown["tool_input"] = item.tool_input
         shown["input_sha256"] = item.input_sha256
         return JSONResponse(
-            {"state": "pending", "request": shown}, headers={"Cache-Control": "no-store"}
+            {
+                "state": "pending",
+                "request": shown,
+                "votes": [v.to_json() for v in self.approvals.ballot(project, req_id)],
+                "needs": item.needs,
+            },
+            headers={"Cache-Control": "no-store"},
         )
 
     async def _get_audit(self, request: Request) -> Response:
         q = request.query_params
+        principal = principal_of(request)
+        try:
+            self.approvals.authorize(
+                principal,
+                Role.VIEWER,
+                "read the audit",
+                q.get("project") or None,
+                somewhere=not q.get("project"),
+            )
+        except Forbidden as exc:
+            return forbidden(exc)
         try:
             limit = int_param(request, "limit", 100, 1, MAX_PAGE)
             before = int_param(request, "before", None, 1, 2**62)
@@ -289,16 +377,27 @@ class Routes:
             before=before,
             decision=decision,
             limit=limit,
+            person=q.get("person") or None,
         )
         last = rows[-1].id if len(rows) == limit else None
+        if not principal.everywhere:
+            # Cut after the page is read: a page may hold fewer rows than asked.
+            rows = [r for r in rows if principal.has(Role.VIEWER, r.project)]
         return JSONResponse(
             {"entries": [r.to_json() for r in rows], "next_before": last},
             headers={"Cache-Control": "no-store"},
         )
 
     async def _get_rules(self, request: Request) -> Response:
+        principal = principal_of(request)
+        try:
+            self.approvals.authorize(principal, Role.VIEWER, "read the rules", somewhere=True)
+        except Forbidden as exc:
+            return forbidden(exc)
         everything = request.query_params.get("include_revoked", "") in ("1", "true", "yes")
         rules = await self.store.rules(include_revoked=everything)
+        if not principal.everywhere:
+            rules = [r for r in rules if r.project is None or principal.has(Role.VIEWER, r.project)]
         return JSONResponse(
             {"rules": [r.to_json() for r in rules]}, headers={"Cache-Control": "no-store"}
         )
@@ -337,7 +436,7 @@ class Routes:
                 principal_of(request),
             )
         except Forbidden as exc:
-            return error(403, str(exc))
+            return forbidden(exc)
         return JSONResponse({"ok": True, "rule": rule.to_json()}, status_code=201)
 
     async def _delete_rule(self, request: Request) -> Response:
@@ -347,9 +446,50 @@ class Routes:
         try:
             rule = await self.approvals.revoke_rule(int(text), principal_of(request))
         except Forbidden as exc:
-            return error(403, str(exc))
+            return forbidden(exc)
         except UnknownRule as exc:
             return error(404, str(exc))
         except RuleRevoked as exc:
             return error(409, str(exc), rule=exc.rule.to_json())
         return JSONResponse({"ok": True, "rule": rule.to_json()})
+
+
+def visible_state(document: dict[str, Any], principal: Principal) -> dict[str, Any]:
+    """The state document cut down to the sleds ``principal`` may view (itself when all)."""
+    if principal.everywhere:
+        return document
+    seen = dict(document)
+    seen["sleds"] = [s for s in document["sleds"] if principal.has(Role.VIEWER, s["project"])]
+    seen["pending"] = [p for p in document["pending"] if principal.has(Role.VIEWER, p["project"])]
+    seen["decisions"] = [
+        d for d in document["decisions"] if principal.has(Role.VIEWER, d["project"])
+    ]
+    counts = dict.fromkeys(document["counts"], 0)
+    for sled in seen["sleds"]:
+        counts[sled["state"]] = counts.get(sled["state"], 0) + 1
+    counts["sleds"] = len(seen["sleds"])
+    counts["pending"] = len(seen["pending"])
+    seen["counts"] = counts
+    return seen
+
+
+class _EventStream:
+    """``GET /api/events`` for the request's principal: a viewer's stream carries only
+    the sleds it may view (an ASGI app, so the stream is not buffered as a response)."""
+
+    def __init__(self, routes: Routes) -> None:
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        principal = principal_of(HTTPConnection(scope))
+        try:
+            self.routes.approvals.authorize(
+                principal, Role.VIEWER, "read the state", somewhere=True
+            )
+        except Forbidden as exc:
+            await forbidden(exc)(scope, receive, send)
+            return
+        view = (
+            None if principal.everywhere else functools.partial(visible_state, principal=principal)
+        )
+        await self.routes.live.serve(scope, receive, send, view)

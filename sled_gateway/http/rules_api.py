@@ -30,7 +30,7 @@ from protocol import JSON, canonical_json
 from protocol.rules import Action, PermissionRule, RuleSet, RuleSyntaxError, parse_rule
 from sled_gateway.approvals import Approvals, Forbidden
 from sled_gateway.auth import principal_of
-from sled_gateway.http.errors import error
+from sled_gateway.http.errors import error, forbidden
 from sled_gateway.policy import grammar_tool, sandbox_off
 from sled_gateway.principal import Role
 from sled_gateway.store import ALLOW, ASK, DENY, MAX_PAGE, AuditEntry, Rule, Store
@@ -131,16 +131,18 @@ class RulesApi:
         try:
             rule = await self.approvals.add_rule(made, principal_of(request))
         except Forbidden as exc:
-            return error(403, str(exc))
+            return forbidden(exc)
         return JSONResponse({"ok": True, "rule": rule.to_json()}, status_code=201)
 
     async def check(self, request: Request) -> Response:
         """``POST /api/rules/check {"tool_name", "tool_input", "project"}``."""
         shape = 'body must be JSON: {"tool_name": str, "tool_input": object, "project": str}'
         try:
-            self.approvals.authorize(principal_of(request), Role.VIEWER, "check rules")
+            self.approvals.authorize(
+                principal_of(request), Role.VIEWER, "check rules", somewhere=True
+            )
         except Forbidden as exc:
-            return error(403, str(exc))
+            return forbidden(exc)
         body, unreadable = await self._json_body(request, shape)
         if unreadable is not None:
             return unreadable  # type: ignore[no-any-return]
@@ -157,6 +159,10 @@ class RulesApi:
             return error(400, "tool_input must be a JSON object (the tool's input)")
         if not isinstance(project, str) or not project or len(project) > _MAX_PROJECT:
             return error(400, "project must be a sled's project name")
+        try:
+            self.approvals.authorize(principal_of(request), Role.VIEWER, "check rules", project)
+        except Forbidden as exc:
+            return forbidden(exc)
         outcome = self.store.policy.explain(project, tool, tool_input)
         return JSONResponse(
             {"project": project, "tool_name": tool, **outcome.to_json()},
@@ -170,9 +176,11 @@ class RulesApi:
             '"project": str|null} (or a whole Claude Code settings object)'
         )
         try:
-            self.approvals.authorize(principal_of(request), Role.ADMIN, "make rules")
+            self.approvals.authorize(
+                principal_of(request), Role.ADMIN, "make rules", somewhere=True
+            )
         except Forbidden as exc:
-            return error(403, str(exc))
+            return forbidden(exc)
         body, unreadable = await self._json_body(request, shape)
         if unreadable is not None:
             return unreadable  # type: ignore[no-any-return]
@@ -233,7 +241,7 @@ class RulesApi:
         try:
             rules = await self.approvals.add_rules(drafts, principal_of(request))
         except Forbidden as exc:
-            return error(403, str(exc))
+            return forbidden(exc)
         return JSONResponse(
             {"ok": True, "project": project, "rules": [r.to_json() for r in rules]},
             status_code=201,
@@ -243,15 +251,22 @@ class RulesApi:
         """``GET /api/rules/impact?rule=&action=[&project=]``: replay over the newest rows."""
         q = request.query_params
         try:
-            self.approvals.authorize(principal_of(request), Role.VIEWER, "read the audit")
+            self.approvals.authorize(
+                principal_of(request), Role.VIEWER, "read the audit", somewhere=True
+            )
         except Forbidden as exc:
-            return error(403, str(exc))
+            return forbidden(exc)
         try:
             text, parsed = parse(q.get("rule"))
             action = _action(q.get("action"))
             project = _project(q.get("project") or None)
         except BadInput as exc:
             return error(400, str(exc), **exc.extra)
+        try:
+            # Without a project it replays every sled's rows: a viewer of every project only.
+            self.approvals.authorize(principal_of(request), Role.VIEWER, "read the audit", project)
+        except Forbidden as exc:
+            return forbidden(exc)
         rows: list[AuditEntry] = []
         before: int | None = None
         while len(rows) < IMPACT_ROWS:

@@ -1,9 +1,11 @@
-"""The gateway's durable store: the audit log and the always-allow / deny rules.
+"""The gateway's durable store: the audit log, the always-allow / deny rules, person tokens
+and votes.
 
 :class:`Store` is the interface the gateway uses; no database type appears in
 it. :func:`make_store` builds the implementation for a location:
 
-- ``models`` — what is stored (:class:`Rule`, :class:`AuditEntry`) and the errors;
+- ``models`` — what is stored (:class:`Rule`, :class:`AuditEntry`, :class:`PersonToken`,
+  :class:`Vote`) and the errors;
 - ``sql`` — the implementation on SQLAlchemy Core, any SQLAlchemy URL;
 - ``sqlite`` — what only the embedded default, SQLite, needs (WAL, the lock file);
 - ``migrations`` — the schema's history as Alembic revisions, applied at open.
@@ -28,11 +30,15 @@ from sled_gateway.store.models import (
     DENY,
     MAX_PAGE,
     AuditEntry,
+    PersonToken,
     Recorded,
     Rule,
     RuleRevoked,
     StoreError,
+    TokenRevoked,
     UnknownRule,
+    UnknownToken,
+    Vote,
 )
 
 if TYPE_CHECKING:  # the policy module imports this package's models
@@ -45,12 +51,16 @@ __all__ = [
     "MAX_PAGE",
     "MEMORY",
     "AuditEntry",
+    "PersonToken",
     "Recorded",
     "Rule",
     "RuleRevoked",
     "Store",
     "StoreError",
+    "TokenRevoked",
     "UnknownRule",
+    "UnknownToken",
+    "Vote",
     "default_db_path",
     "make_store",
 ]
@@ -99,9 +109,11 @@ class Store(Protocol):
         before: int | None = None,
         decision: str | None = None,
         limit: int = 100,
+        person: str | None = None,
     ) -> list[AuditEntry]:
         """Rows newest first, at most ``min(limit, MAX_PAGE)``; ``before`` is a row id
-        (the page after the one ending there), ``since`` a Unix time."""
+        (the page after the one ending there), ``since`` a Unix time; ``person`` the
+        rows whose ``who`` it is."""
         ...
 
     async def rules(self, *, include_revoked: bool = False) -> list[Rule]:
@@ -119,6 +131,32 @@ class Store(Protocol):
     async def revoke_rule(self, rule_id: int, by: str) -> Rule:
         """Revoke a rule (it is kept, with who and when); :class:`UnknownRule`,
         :class:`RuleRevoked`."""
+        ...
+
+    async def add_token(self, token: PersonToken, entry: AuditEntry) -> PersonToken:
+        """Commit a person token (its id is ignored) and its audit row (``req_id``
+        becomes ``token:<id>``) in one transaction."""
+        ...
+
+    async def token_by_hash(self, secret_sha256: str) -> PersonToken | None:
+        """The token whose secret has this SHA-256 (hex), revoked and expired ones too."""
+        ...
+
+    async def tokens(self, *, include_revoked: bool = False) -> list[PersonToken]:
+        """Person tokens newest first."""
+        ...
+
+    async def revoke_token(self, token_id: int, by: str, entry: AuditEntry) -> PersonToken:
+        """Revoke a token and write its audit row together; :class:`UnknownToken`,
+        :class:`TokenRevoked`."""
+        ...
+
+    async def add_vote(self, vote: Vote) -> None:
+        """Commit one person's vote on a request."""
+        ...
+
+    async def votes(self, project: str, req_id: str) -> list[Vote]:
+        """The votes on requests under this id, oldest first."""
         ...
 
 

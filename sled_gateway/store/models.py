@@ -6,6 +6,7 @@ path use these types whatever database is behind the store.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -111,6 +112,11 @@ class AuditEntry:
     requested_at: float | None
     decided_at: float
     id: int | None = None
+    #: Who acted: a person's id, ``operator``, ``rule:<id>``, ``terminal``, a Matrix
+    #: user id...; None on rows written before people were recorded.
+    who: str | None = None
+    #: Through what (:class:`~sled_gateway.principal.Channel`'s value).
+    channel: str | None = None
 
     def to_json(self) -> dict[str, JSON]:
         return {
@@ -125,6 +131,74 @@ class AuditEntry:
             "reason": self.reason,
             "requested_at": iso(self.requested_at),
             "decided_at": iso(self.decided_at),
+            "who": self.who,
+            "channel": self.channel,
+        }
+
+
+class UnknownToken(LookupError):
+    pass
+
+
+class TokenRevoked(Exception):
+    def __init__(self, token: PersonToken) -> None:
+        super().__init__(f"token {token.id} was already revoked by {token.revoked_by}")
+        self.token = token
+
+
+@dataclass(frozen=True, slots=True)
+class PersonToken:
+    """A person API token: only the SHA-256 of its secret is kept."""
+
+    id: int
+    person: str
+    secret_sha256: str
+    created_at: float
+    created_by: str
+    expires_at: float
+    revoked_at: float | None = None
+    revoked_by: str | None = None
+
+    def active(self, now: float) -> bool:
+        return self.revoked_at is None and now < self.expires_at
+
+    def to_json(self, now: float | None = None) -> dict[str, JSON]:
+        """Everything but the hash (it would let a holder of the list test guesses offline)."""
+        return {
+            "id": self.id,
+            "person": self.person,
+            "created_at": iso(self.created_at),
+            "created_by": self.created_by,
+            "expires_at": iso(self.expires_at),
+            "revoked_at": iso(self.revoked_at),
+            "revoked_by": self.revoked_by,
+            "active": self.active(now if now is not None else time.time()),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Vote:
+    """One person's vote on one pending request (toward a quorum)."""
+
+    project: str
+    req_id: str
+    person: str
+    decision: str  # a Decision value
+    channel: str
+    at: float
+    reason: str | None = None
+    #: When the request voted on arrived: a later request under the same id is another.
+    requested_at: float | None = None
+    #: The approvals the request needed in all.
+    needs: int = 1
+
+    def to_json(self) -> dict[str, JSON]:
+        return {
+            "person": self.person,
+            "decision": self.decision,
+            "channel": self.channel,
+            "at": iso(self.at),
+            "reason": self.reason,
         }
 
 

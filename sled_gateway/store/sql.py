@@ -69,11 +69,15 @@ from sled_gateway.store import MEMORY, sqlite
 from sled_gateway.store.models import (
     MAX_PAGE,
     AuditEntry,
+    PersonToken,
     Recorded,
     Rule,
     RuleRevoked,
     StoreError,
+    TokenRevoked,
     UnknownRule,
+    UnknownToken,
+    Vote,
 )
 
 log = logger.bind(actor="gateway-store")
@@ -81,7 +85,7 @@ log = logger.bind(actor="gateway-store")
 T = TypeVar("T")
 
 #: The schema this release writes: the number of its newest Alembic revision.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Most operations in one transaction (a bound on one commit's latency).
 _MAX_BATCH = 512
 _PURGE_EVERY_S = 3600.0
@@ -110,9 +114,63 @@ AUDIT = Table(
     Column("requested_at", _TIME),
     Column("decided_at", _TIME, nullable=False),
     Column("reason", Text),
+    Column("who", Text),  # a person's id, operator, rule:<id>...; NULL before schema 4
+    Column("channel", Text),
     Index("audit_decided_at", "decided_at"),
     Index("audit_project", "project", "id"),
+    Index("audit_who", "who", "id"),
     sqlite_autoincrement=True,
+)
+TOKENS = Table(
+    "person_tokens",
+    METADATA,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("person", Text, nullable=False),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("created_at", _TIME, nullable=False),
+    Column("created_by", Text, nullable=False),
+    Column("expires_at", _TIME, nullable=False),
+    Column("revoked_at", _TIME),
+    Column("revoked_by", Text),
+    Index("person_tokens_secret", "secret_sha256", unique=True),
+    sqlite_autoincrement=True,
+)
+VOTES = Table(
+    "votes",
+    METADATA,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("project", Text, nullable=False),
+    Column("req_id", Text, nullable=False),
+    Column("requested_at", _TIME),
+    Column("person", Text, nullable=False),
+    Column("decision", Text, nullable=False),
+    Column("channel", Text, nullable=False),
+    Column("at", _TIME, nullable=False),
+    Column("reason", Text),
+    Column("needs", Integer, nullable=False),
+    Index("votes_request", "project", "req_id", "id"),
+    sqlite_autoincrement=True,
+)
+_TOKEN_COLUMNS = (
+    TOKENS.c.id,
+    TOKENS.c.person,
+    TOKENS.c.secret_sha256,
+    TOKENS.c.created_at,
+    TOKENS.c.created_by,
+    TOKENS.c.expires_at,
+    TOKENS.c.revoked_at,
+    TOKENS.c.revoked_by,
+)
+_VOTE_COLUMNS = (
+    VOTES.c.project,
+    VOTES.c.req_id,
+    VOTES.c.person,
+    VOTES.c.decision,
+    VOTES.c.channel,
+    VOTES.c.at,
+    VOTES.c.reason,
+    VOTES.c.requested_at,
+    VOTES.c.needs,
 )
 RULES = Table(
     "rules",
@@ -159,6 +217,8 @@ _AUDIT_COLUMNS = (
     AUDIT.c.reason,
     AUDIT.c.requested_at,
     AUDIT.c.decided_at,
+    AUDIT.c.who,
+    AUDIT.c.channel,
 )
 # Alembic's own bookkeeping, as Alembic makes it: read before Alembic is
 # loaded, and written for a new database, which needs no migration.
@@ -196,13 +256,28 @@ def _rule(row: Sequence[Any]) -> Rule:
 
 
 def _entry(row: Sequence[Any]) -> AuditEntry:
-    id_, project, session, req_id, tool, tool_input, decision, by, reason, req_at, dec_at = row
+    (id_, project, session, req_id, tool, tool_input, decision, by, reason, req_at, dec_at) = row[
+        :11
+    ]
+    who, channel = row[11], row[12]
     try:
         parsed = json.loads(tool_input)
     except ValueError:
         parsed = tool_input
     return AuditEntry(
-        project, session, req_id, tool, parsed, decision, by, reason, req_at, dec_at, id_
+        project,
+        session,
+        req_id,
+        tool,
+        parsed,
+        decision,
+        by,
+        reason,
+        req_at,
+        dec_at,
+        id_,
+        who,
+        channel,
     )
 
 
@@ -223,6 +298,8 @@ class _AuditRow:
             "reason": e.reason,
             "requested_at": e.requested_at,
             "decided_at": e.decided_at,
+            "who": e.who,
+            "channel": e.channel,
         }
         # About what the row takes on disk: its input, and room for the other columns.
         self.size = len(self.params["tool_input"]) + 256
@@ -667,9 +744,13 @@ class SqlStore:
         before: int | None = None,
         decision: str | None = None,
         limit: int = 100,
+        person: str | None = None,
     ) -> list[AuditEntry]:
-        """Rows newest first; ``before`` is an id (the page after the one ending there)."""
+        """Rows newest first; ``before`` is an id (the page after the one ending there);
+        ``person``: the rows whose ``who`` it is."""
         query = select(*_AUDIT_COLUMNS)
+        if person is not None:
+            query = query.where(AUDIT.c.who == person)
         if project is not None:
             query = query.where(AUDIT.c.project == project)
         if since is not None:
@@ -758,3 +839,92 @@ class SqlStore:
         query = query.order_by(RULES.c.id.desc())
         rows = await self._run(lambda conn: conn.execute(query).all())
         return [_rule(r) for r in rows]
+
+    # -- person tokens --------------------------------------------------------------------
+
+    async def add_token(self, token: PersonToken, entry: AuditEntry) -> PersonToken:
+        """Commit ``token`` (its id is ignored) and its audit row (``req_id`` becomes
+        ``token:<id>``) in one transaction."""
+
+        def write(conn: Connection) -> PersonToken:
+            result = conn.execute(
+                TOKENS.insert(),
+                {
+                    "person": token.person,
+                    "secret_sha256": token.secret_sha256,
+                    "created_at": token.created_at,
+                    "created_by": token.created_by,
+                    "expires_at": token.expires_at,
+                },
+            )
+            made = replace(token, id=_new_id(result))
+            _AuditRow(replace(entry, req_id=f"token:{made.id}"))(conn)
+            return made
+
+        return await self._run(write)
+
+    async def token_by_hash(self, secret_sha256: str) -> PersonToken | None:
+        """The token whose secret hashes to this, revoked and expired ones too."""
+        query = select(*_TOKEN_COLUMNS).where(TOKENS.c.secret_sha256 == secret_sha256)
+        row = await self._run(lambda conn: conn.execute(query).first())
+        return PersonToken(*row) if row is not None else None
+
+    async def tokens(self, *, include_revoked: bool = False) -> list[PersonToken]:
+        """Tokens newest first."""
+        query = select(*_TOKEN_COLUMNS)
+        if not include_revoked:
+            query = query.where(TOKENS.c.revoked_at.is_(None))
+        query = query.order_by(TOKENS.c.id.desc())
+        rows = await self._run(lambda conn: conn.execute(query).all())
+        return [PersonToken(*r) for r in rows]
+
+    async def revoke_token(self, token_id: int, by: str, entry: AuditEntry) -> PersonToken:
+        """Revoke a token and write its audit row in one transaction; :class:`UnknownToken`,
+        :class:`TokenRevoked`."""
+
+        def revoke(conn: Connection) -> PersonToken:
+            row = conn.execute(select(*_TOKEN_COLUMNS).where(TOKENS.c.id == token_id)).first()
+            if row is None:
+                raise UnknownToken(f"no token {token_id}")
+            token = PersonToken(*row)
+            if token.revoked_at is not None:
+                raise TokenRevoked(token)
+            now = time.time()
+            conn.execute(
+                update(TOKENS).where(TOKENS.c.id == token_id).values(revoked_at=now, revoked_by=by)
+            )
+            _AuditRow(replace(entry, req_id=f"token:{token_id}"))(conn)
+            return replace(token, revoked_at=now, revoked_by=by)
+
+        return await self._run(revoke)
+
+    # -- votes ------------------------------------------------------------------------------
+
+    async def add_vote(self, vote: Vote) -> None:
+        """Commit one vote (its audit trail: the decision's own row comes with the quorum)."""
+        await self._run(
+            lambda conn: conn.execute(
+                VOTES.insert(),
+                {
+                    "project": vote.project,
+                    "req_id": vote.req_id,
+                    "requested_at": vote.requested_at,
+                    "person": vote.person,
+                    "decision": vote.decision,
+                    "channel": vote.channel,
+                    "at": vote.at,
+                    "reason": vote.reason,
+                    "needs": vote.needs,
+                },
+            )
+        )
+
+    async def votes(self, project: str, req_id: str) -> list[Vote]:
+        """The votes on a request, oldest first (every request under that id)."""
+        query = (
+            select(*_VOTE_COLUMNS)
+            .where(VOTES.c.project == project, VOTES.c.req_id == req_id)
+            .order_by(VOTES.c.id)
+        )
+        rows = await self._run(lambda conn: conn.execute(query).all())
+        return [Vote(*r) for r in rows]

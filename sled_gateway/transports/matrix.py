@@ -54,7 +54,7 @@ from loguru import logger
 
 from actors.cli import Option
 from protocol import ConfigError, Decision, decision_word, printable, show_invisible
-from sled_gateway.approvals import Approvals, Forbidden, NotRecorded
+from sled_gateway.approvals import Approvals, Forbidden, NotRecorded, VoteCounted, VoteRefused
 from sled_gateway.principal import Principal
 from sled_gateway.records import (
     WITHDRAWN,
@@ -1024,6 +1024,9 @@ class MatrixTransport:
             )
         except Forbidden:
             await self._refuse(sender, thread, event_id)
+        except (VoteCounted, VoteRefused) as exc:
+            # A quorum: the vote counted without deciding yet, or cannot count.
+            await self._reply(thread, event_id, printable(str(exc)))
         except NotRecorded:
             await self._reply(
                 thread,
