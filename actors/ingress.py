@@ -348,7 +348,7 @@ class Ingress:
         self._mcp: Any = None  # actors.claude_code.McpEndpoint
         self._publish_lock = threading.Lock()
         self._http_state = "starting"
-        self._mcp_state = "loading"
+        self._mcp_state = "not_loaded"
         self._routes: dict[
             str, dict[str, Callable[[Scope, Receive], Awaitable[tuple[int, Any]]]]
         ] = {
@@ -415,9 +415,9 @@ class Ingress:
         self._publish(state="listening")
 
     def _publish(self, *, state: str | None = None, mcp: str | None = None) -> None:
-        # ``mcp`` is the Claude Code endpoint's state: it loads the MCP SDK in a
-        # helper thread, after or even before the port is up (loading, ready,
-        # unavailable, stopped); the last word of each is what /status shows.
+        # ``mcp`` is the Claude Code endpoint's state: not_loaded until the first
+        # request to /mcp, which loads the MCP SDK in a helper thread (loading),
+        # then ready or unavailable, and stopped; the last word is what /status shows.
         with self._publish_lock:
             if state is not None:
                 self._http_state = state
@@ -576,7 +576,6 @@ class Ingress:
             waiting=count,
             on_state=lambda state: self._publish(mcp=state),
         )
-        self._mcp.start()
         self._mounts["/mcp"] = self._mounts["/mcp/"] = self._mcp.handle
 
     def _stop_mcp(self, timeout: float) -> None:
