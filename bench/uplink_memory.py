@@ -3,6 +3,8 @@
     python -m bench.uplink_memory              # 3 alternating rounds, 5 s settle each
     python -m bench.uplink_memory --rounds 5 --settle 10
     python -m bench.uplink_memory --imports    # also: what each import of the start costs
+    git archive OLD-COMMIT | tar -x -C /tmp/old
+    python -m bench.uplink_memory --other /tmp/old   # and another checkout's uplink, alternating
 
 Starts a real gateway (``run_gateway.py --no-auth --db :memory:``) on a free
 port, then, alternating in rounds:
@@ -187,13 +189,16 @@ def gateway() -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def uplink(sled_url: str, *extra: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """``run_uplink.py`` with its ingress on a free port; yields the process and the port."""
+def uplink(
+    sled_url: str, *extra: str, checkout: Path = REPO
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``run_uplink.py`` of ``checkout`` with its ingress on a free port; yields the
+    process and the port."""
     port = free_port()
     proc = subprocess.Popen(
         [
             PY,
-            str(REPO / "run_uplink.py"),
+            "run_uplink.py",
             "--upstream-gateway",
             sled_url,
             "--project",
@@ -204,7 +209,7 @@ def uplink(sled_url: str, *extra: str) -> Iterator[tuple[subprocess.Popen[bytes]
             "WARNING",
             *extra,
         ],
-        cwd=REPO,
+        cwd=checkout,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -280,8 +285,12 @@ def raw_client(sled_url: str) -> Iterator[subprocess.Popen[str]]:
 # ── the run ────────────────────────────────────────────────────────────────
 
 
-def measure_round(sled_url: str, settle: float) -> dict[str, Any]:
-    figures: dict[str, Any] = {}
+def measure_round(sled_url: str, settle: float, other: Path | None) -> dict[str, Any]:
+    figures: dict[str, Any] = {"other_rss": None, "other_pss": None}
+    if other is not None:
+        with uplink(sled_url, checkout=other) as (proc, _port):
+            time.sleep(settle)
+            figures["other_rss"], figures["other_pss"] = rss_kib(proc.pid), pss_kib(proc.pid)
     with raw_client(sled_url) as raw:
         time.sleep(settle)
         figures["raw_rss"], figures["raw_pss"] = rss_kib(raw.pid), pss_kib(raw.pid)
@@ -325,19 +334,25 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--settle", type=float, default=5.0, help="seconds after connecting")
     parser.add_argument("--imports", action="store_true", help="also print each import's cost")
+    parser.add_argument("--other", type=Path, help="another checkout's uplink, measured too")
     args = parser.parse_args()
 
     rounds: list[dict[str, Any]] = []
     with gateway() as port:
         sled_url = f"ws://127.0.0.1:{port}/api/sled-uplink"
         for number in range(1, args.rounds + 1):
-            figures = measure_round(sled_url, args.settle)
+            figures = measure_round(sled_url, args.settle, args.other)
             rounds.append(figures)
             print(
                 f"round {number}: uplink {mib(figures['rss'])} RSS / {mib(figures['pss'])} PSS"
                 f" ({figures['threads']} threads); after the first /mcp call "
                 f"{mib(figures['mcp_rss'])} RSS ({figures['first_mcp_ms']:.0f} ms); "
-                f"raw client {mib(figures['raw_rss'])} RSS / {mib(figures['raw_pss'])} PSS",
+                f"raw client {mib(figures['raw_rss'])} RSS / {mib(figures['raw_pss'])} PSS"
+                + (
+                    f"; other checkout {mib(figures['other_rss'])} RSS"
+                    if args.other is not None
+                    else ""
+                ),
                 flush=True,
             )
 
@@ -358,6 +373,12 @@ def main() -> int:
         f"  after the first /mcp call (the MCP SDK loaded): {mib(med('mcp_rss'))} RSS, "
         f"{mib(med('mcp_pss'))} PSS; that call took {med('first_mcp_ms'):.0f} ms"
     )
+    other_rss = med("other_rss")
+    if other_rss is not None:
+        print(
+            f"  the other checkout ({args.other}): {mib(other_rss)} RSS, "
+            f"{mib(med('other_pss'))} PSS, {other_rss / raw_rss:.2f}× the raw client's RSS"
+        )
     target = 40 * 1024
     print(f"  target idle RSS ≤ 40 MiB: {'met' if rss <= target else 'MISSED'}")
     if args.imports:
