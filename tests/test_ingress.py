@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from actors import Uplink, UplinkConfig
 from actors.status import log_snapshot
 from protocol import DENY_MESSAGES, ConfigError, Reason
-from tests.conftest import FAST, eventually, scaled
+from tests.conftest import FAST, scaled
 from tests.support.gateway import Gateway, Session
 
 MiB = 1024 * 1024
