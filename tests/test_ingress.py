@@ -231,9 +231,9 @@ def test_the_ingress_starts_and_stops_with_the_uplink(
     assert (shown["state"], shown["port"]) == ("listening", port)
     # The Claude Code endpoint loads the MCP SDK on its first request, then says so.
     assert shown["mcp"] == "not_loaded"
-    initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": "2025-06-18", "capabilities": {},
-        "clientInfo": {"name": "test", "version": "0"}}}  # fmt: skip
+    client = {"name": "test", "version": "0"}
+    params = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": client}
+    initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params}
     answer = httpx.post(
         f"{base}/mcp",
         json=initialize,
