@@ -344,7 +344,12 @@ class McpEndpoint:
                 return
             self._loading = True
         self._on_state("loading")
-        threading.Thread(target=self._load, name="ingress-mcp-load", daemon=True).start()
+        try:
+            threading.Thread(target=self._load, name="ingress-mcp-load", daemon=True).start()
+        except RuntimeError:  # no thread to be had: unavailable, like a failed import
+            _log.exception("the MCP endpoint could not start loading; /mcp answers 503")
+            self._on_state("unavailable")
+            self._loaded.set()
 
     def _load(self) -> None:
         state = "unavailable"
