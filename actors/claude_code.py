@@ -290,13 +290,18 @@ class McpPermissionServer:
 
 
 class McpEndpoint:
-    """``/mcp`` on the ingress: loads the MCP SDK off the start path, then serves.
+    """``/mcp`` on the ingress: loads the MCP SDK on its first request, then serves.
 
-    Importing the SDK takes seconds on a busy machine, and an uplink must
-    connect to its gateway without waiting for that, so a helper thread
-    imports it and starts the session manager's task group in the uplink's
-    loop (the ingress runs with lifespan off). A request that comes first
-    waits for it; if it never comes up, the request gets a JSON ``503``.
+    The SDK and what it imports (pydantic, Starlette, ...) hold about half of
+    an idle uplink's memory, and an uplink whose Claude Code asks through
+    hooks never needs them, so nothing of it is imported until a request
+    reaches ``/mcp``. That request starts a helper thread that imports it
+    (seconds on a busy machine: the event loop keeps serving meanwhile) and
+    starts the session manager's task group in the uplink's loop (the ingress
+    runs with lifespan off). It, and any request that comes meanwhile, wait
+    for the load; if it fails or does not end within a minute, they get a
+    JSON ``503``, and so does every later request: a broken install is not
+    re-imported on every call.
     """
 
     def __init__(
@@ -312,7 +317,8 @@ class McpEndpoint:
         on_state: Callable[[str], None] = lambda _state: None,
         abandon: Callable[[str], None] | None = None,
     ) -> None:
-        # on_state("ready" | "unavailable") once loading ends (for /status).
+        # on_state("loading") when the first request starts the load, then
+        # "ready" or "unavailable" once it ends (for /status).
         self._on_state = on_state
         self._request_permission = request_permission
         self._loop = loop  # the uplink's EventLoop
@@ -328,10 +334,22 @@ class McpEndpoint:
         self._running: Any = None  # concurrent future of McpPermissionServer.run
         self._loaded = threading.Event()
         self._lock = threading.Lock()
+        self._loading = False
         self._stopping = False
 
-    def start(self) -> None:
-        threading.Thread(target=self._load, name="ingress-mcp-load", daemon=True).start()
+    def _start_loading(self) -> None:
+        """The first request's call (any later one's is a no-op): import the SDK off the loop."""
+        with self._lock:
+            if self._loading or self._stopping:
+                return
+            self._loading = True
+        self._on_state("loading")
+        try:
+            threading.Thread(target=self._load, name="ingress-mcp-load", daemon=True).start()
+        except RuntimeError:  # no thread to be had: unavailable, like a failed import
+            _log.exception("the MCP endpoint could not start loading; /mcp answers 503")
+            self._on_state("unavailable")
+            self._loaded.set()
 
     def _load(self) -> None:
         state = "unavailable"
@@ -349,12 +367,17 @@ class McpEndpoint:
         except Exception:
             _log.exception("the MCP endpoint could not start; /mcp answers 503")
         finally:
-            self._loaded.set()
-            self._on_state(state)
+            try:  # said before the waiting requests go on, so /status agrees with them
+                self._on_state("stopped" if self._stopping else state)
+            finally:
+                self._loaded.set()
 
     async def handle(self, scope: Any, receive: Any, send: Any) -> None:
+        self._start_loading()
         deadline = asyncio.get_running_loop().time() + 60
         while not self._loaded.is_set() and asyncio.get_running_loop().time() < deadline:
+            if self._stopping:
+                break
             await asyncio.sleep(0.02)
         server = self._server
         if server is None or self._stopping or not server.wait_ready(0):

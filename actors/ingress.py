@@ -25,17 +25,15 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hmac
+import importlib
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import uvicorn
 from loguru import logger
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from actors.config import check_bindable
 from actors.context import UplinkContext
@@ -58,7 +56,6 @@ from protocol.web import (
 )
 
 MAX_BODY = 1024 * 1024
-CONNECTION_STATES = ("disabled", "connecting", "connected", "backoff", "stopping", "stopped")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -268,56 +265,6 @@ def parse_permission_body(raw: bytes) -> tuple[str, JSON, str | None]:
     return tool_name, tool_input, request_id
 
 
-class _UplinkCollector(Collector):
-    """Prometheus view of the same counters and gauges /status shows."""
-
-    def __init__(self, ctx: UplinkContext) -> None:
-        self.ctx = ctx
-
-    def collect(self) -> Iterable[Any]:
-        from actors.status import snapshot
-
-        snap = snapshot(self.ctx)
-        counters = snap.get("counters", {})
-        gauges = snap.get("gauges", {})
-        connection = snap.get("connection", {})
-        state = GaugeMetricFamily(
-            "sled_uplink_connection_state", "1 for the current connection state", labels=["state"]
-        )
-        for name in CONNECTION_STATES:
-            state.add_metric([name], 1.0 if connection.get("state") == name else 0.0)
-        yield state
-        yield GaugeMetricFamily(
-            "sled_uplink_permissions_pending",
-            "Undecided permission requests",
-            value=snap.get("permissions", {}).get("pending", 0),
-        )
-        yield GaugeMetricFamily(
-            "sled_uplink_mcp_in_flight",
-            "MCP replays running or waiting",
-            value=gauges.get("mcp_in_flight", 0),
-        )
-        yield GaugeMetricFamily(
-            "sled_uplink_backoff_seconds",
-            "Current reconnect back-off wait (0 when connected)",
-            value=connection.get("backoff") or 0 if connection.get("state") == "backoff" else 0,
-        )
-        families = [
-            ("decisions", "decision", "Permission decisions by kind"),
-            ("decision_reasons", "reason", "Permission decisions by reason"),
-            ("frames_in", "type", "Frames received, by type"),
-            ("frames_out", "type", "Frames sent, by type"),
-            ("frames_dropped", "reason", "Inbound frames dropped, by reason"),
-            ("sessions", "event", "Sessions that came up / ended"),
-            ("actor_crashes", "role", "Actor crashes, by role"),
-        ]
-        for family, label, doc in families:
-            metric = CounterMetricFamily(f"sled_uplink_{family}", doc, labels=[label])
-            for key, value in sorted(counters.get(family, {}).items()):
-                metric.add_metric([key], value)
-            yield metric
-
-
 class Ingress:
     """The ASGI app plus the uvicorn server that runs it in the uplink's loop."""
 
@@ -336,8 +283,7 @@ class Ingress:
         self.status = status
         self.abandon = abandon or (lambda _request_id: None)
         self.ctx = ctx
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_UplinkCollector(ctx))
+        self._prometheus: Any = None  # actors.metrics.UplinkMetrics, from the first GET /metrics
         self.waiting = 0
         self.port: int | None = None
         self._server: uvicorn.Server | None = None
@@ -348,7 +294,7 @@ class Ingress:
         self._mcp: Any = None  # actors.claude_code.McpEndpoint
         self._publish_lock = threading.Lock()
         self._http_state = "starting"
-        self._mcp_state = "loading"
+        self._mcp_state = "not_loaded"
         self._routes: dict[
             str, dict[str, Callable[[Scope, Receive], Awaitable[tuple[int, Any]]]]
         ] = {
@@ -415,9 +361,9 @@ class Ingress:
         self._publish(state="listening")
 
     def _publish(self, *, state: str | None = None, mcp: str | None = None) -> None:
-        # ``mcp`` is the Claude Code endpoint's state: it loads the MCP SDK in a
-        # helper thread, after or even before the port is up (loading, ready,
-        # unavailable, stopped); the last word of each is what /status shows.
+        # ``mcp`` is the Claude Code endpoint's state: not_loaded until the first
+        # request to /mcp, which loads the MCP SDK in a helper thread (loading),
+        # then ready or unavailable, and stopped; the last word is what /status shows.
         with self._publish_lock:
             if state is not None:
                 self._http_state = state
@@ -576,7 +522,6 @@ class Ingress:
             waiting=count,
             on_state=lambda state: self._publish(mcp=state),
         )
-        self._mcp.start()
         self._mounts["/mcp"] = self._mounts["/mcp/"] = self._mcp.handle
 
     def _stop_mcp(self, timeout: float) -> None:
@@ -599,7 +544,14 @@ class Ingress:
         return (200 if ready else 503), {"ready": ready, "state": state}
 
     async def _metrics(self, _scope: Scope, _receive: Receive) -> tuple[int, Any]:
-        return 200, generate_latest(self.registry)
+        # prometheus_client (with http.server, wsgiref and email) is imported on the
+        # first scrape, in a worker thread so the loop keeps serving meanwhile; an
+        # uplink nobody scrapes never loads it. A failed import is a JSON 500.
+        if self._prometheus is None:
+            loaded = await asyncio.to_thread(importlib.import_module, "actors.metrics")
+            if self._prometheus is None:  # not made by another scrape meanwhile
+                self._prometheus = loaded.UplinkMetrics(self.ctx)
+        return 200, self._prometheus.exposition()
 
 
 def _listen_hosts(host: str) -> list[str]:

@@ -7,14 +7,20 @@ for JSON or SSE answers, the ``Mcp-Session-Id`` the server issued, the
 session (404), a re-initialize with the gateway's last ``initialize`` body and
 one retry. Every failure becomes a JSON-RPC error object carrying the
 request's id: the caller always gets an answer to send.
+
+httpx is imported on the first replay, not with the uplink: a gateway that
+never relays MCP never costs the sled its memory (httpx loads its command
+line's click and pygments too). The import runs in a worker thread, so the
+event loop keeps serving heartbeats and permissions meanwhile; if it fails,
+that replay, like any other failure, is answered with a JSON-RPC error.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from loguru import logger
 
 from protocol import JSON, McpRequest, RemoteProtocolError, dumps, loads
@@ -30,6 +36,9 @@ from protocol.jsonrpc import (
 from protocol.sse import SseParser
 from protocol.web import ascii_digits
 
+if TYPE_CHECKING:
+    import httpx
+
 ACCEPT = "application/json, text/event-stream"
 _INITIALIZED = dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})
 
@@ -40,6 +49,10 @@ class ReplayError(Exception):
 
 class _SessionExpired(ReplayError):
     pass
+
+
+class _NotLoaded(Exception):
+    """Stands for ``httpx.HTTPError`` until httpx is loaded: nothing raises it."""
 
 
 class LocalMcpClient:
@@ -67,14 +80,24 @@ class LocalMcpClient:
         self._concurrency = concurrency
         self._renew_lock = asyncio.Lock()
         self._client: httpx.AsyncClient | None = None
+        # What a failed exchange raises: httpx.HTTPError once httpx is loaded.
+        self._http_error: type[Exception] = _NotLoaded
 
-    def _http(self) -> httpx.AsyncClient:
+    async def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            limits = httpx.Limits(
-                max_connections=self._concurrency + 2, max_keepalive_connections=8
-            )
-            # trust_env=False: a proxy set for the internet must not catch loopback MCP.
-            self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits, trust_env=False)
+            try:
+                loaded = await asyncio.to_thread(importlib.import_module, "httpx")
+            except ImportError as exc:
+                raise ReplayError(f"the HTTP client for local MCP cannot load: {exc}") from None
+            if self._client is None:  # not made by another replay while this one waited
+                limits = loaded.Limits(
+                    max_connections=self._concurrency + 2, max_keepalive_connections=8
+                )
+                # trust_env=False: a proxy set for the internet must not catch loopback MCP.
+                self._client = loaded.AsyncClient(
+                    timeout=self.timeout, limits=limits, trust_env=False
+                )
+                self._http_error = loaded.HTTPError
         return self._client
 
     async def aclose(self) -> None:
@@ -107,7 +130,7 @@ class LocalMcpClient:
                 )
             except ReplayError as exc:
                 return error_for(body, INTERNAL_ERROR, str(exc))
-            except httpx.HTTPError as exc:
+            except self._http_error as exc:
                 return error_for(
                     body,
                     INTERNAL_ERROR,
@@ -167,7 +190,8 @@ class LocalMcpClient:
         if self.protocol_version is not None:
             headers["MCP-Protocol-Version"] = self.protocol_version
         carried_session = self.session_id is not None
-        async with self._http().stream(
+        client = await self._http()
+        async with client.stream(
             "POST", self.url, content=text.encode("utf-8"), headers=headers
         ) as response:
             status = response.status_code

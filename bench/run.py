@@ -139,8 +139,9 @@ def uplink_process(gateway_url: str, *extra: str) -> Iterator[subprocess.Popen[s
 
 
 def wait_ready(port: int, timeout: float = 30) -> None:
-    """Until the uplink is connected and its ingress has loaded the Claude Code
-    endpoint (the MCP SDK import, a one-time cost, must not land in a sample)."""
+    """Until the uplink is connected and its ingress is not loading the MCP SDK
+    (a one-time cost that must not land in a sample: this checkout loads it on
+    the first /mcp request, older ones at start)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError, ValueError):
