@@ -10,6 +10,8 @@ bash scripts/install-browser.sh >&2 || true
 bash scripts/install-synapse.sh >&2 || true
 # The Claude Code tests run the real, pinned binary (npm, into .tools/).
 bash scripts/install-claude-code.sh >&2 || true
+# The OpenID Connect sign-in tests run a real OpenID Provider (npm oidc-provider, into .tools/).
+bash scripts/install-oidc-provider.sh >&2 || true
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?
