@@ -11,6 +11,8 @@
 ``GET|POST /api/rules``         always-allow and deny rules; ``DELETE /api/rules/{id}`` revokes one
 ``/api/rules/check|import|impact``  rules in Claude Code's grammar (:mod:`.rules_api`)
 ``POST /sleds/{project}/mcp``   JSON-RPC relayed to that sled (:mod:`sled_gateway.relay`)
+``GET /login``, ``/auth/callback``  OpenID Connect sign-in (:mod:`sled_gateway.auth.oidc`)
+``POST /logout``, ``GET /api/me``   end the console session; who this request acts as
 ``GET /healthz``                liveness
 ==============================  =========================================================
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from loguru import logger
@@ -31,7 +34,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from protocol import Decision, printable
@@ -81,6 +84,7 @@ class Routes:
         approvals: Approvals,
         hub: Hub,
         relay: Relay,
+        extra_routes: Sequence[BaseRoute] = (),
     ) -> None:
         self.config = config
         self.state = state
@@ -123,6 +127,7 @@ class Routes:
                 Route("/api/rules/import", self.rules_api.import_rules, methods=["POST"]),
                 Route("/api/rules/impact", self.rules_api.impact, methods=["GET"]),
                 Route("/api/rules/{rule_id}", self._delete_rule, methods=["DELETE"]),
+                *extra_routes,  # sign-in (sled_gateway/auth/oidc.py)
                 # Starlette closes an unrouted WebSocket before the handshake
                 # (an HTTP 403); a 404 says what is wrong: the path.
                 WebSocketRoute("/{path:path}", self._no_such_websocket),
