@@ -147,6 +147,7 @@ class GatewayApp:
             public_websockets=(UPLINK_PATH,),
             # The sign-in's own paths: a person has no credential yet there.
             public_http_paths=(UPLINK_PATH, LOGIN_PATH, CALLBACK_PATH),
+            sign_in=sign_in,
         )
 
     def add_pending_listener(self, callback: Callable[[PendingPermission], None]) -> None:

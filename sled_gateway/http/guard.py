@@ -79,9 +79,10 @@ _LOGIN_PAGE = """<!doctype html>
 <p>Open the console with the URL the gateway printed when it started:
 <code>http://HOST:PORT/?token=&lt;operator token&gt;</code>.
 The token is the one given with <code>--operator-token</code> or
-<code>SLED_GATEWAY_OPERATOR_TOKEN</code>.</p>
+<code>SLED_GATEWAY_OPERATOR_TOKEN</code>.</p>{sign_in}
 </body></html>
 """
+_SIGN_IN = '<p>Or <a href="/login">sign in</a> with your identity provider.</p>'
 
 
 class AllowedHosts:
@@ -159,6 +160,7 @@ class RequestGuard:
         public_http: Iterable[tuple[str, str]] = (("GET", "/healthz"), ("HEAD", "/healthz")),
         public_websockets: Iterable[str] = (),
         public_http_paths: Iterable[str] = (),
+        sign_in: bool = False,
     ) -> None:
         self.app = app
         self.operator = operator
@@ -169,6 +171,7 @@ class RequestGuard:
         self._public_http = frozenset(public_http)
         self._public_http_paths = frozenset(public_http_paths)
         self._public_ws = frozenset(public_websockets)
+        self._sign_in = _SIGN_IN if sign_in else ""  # the 401 page links to GET /login
 
     # -- helpers ------------------------------------------------------------------
 
@@ -272,7 +275,9 @@ class RequestGuard:
         user = await self._authenticate(scope)
         if user is None:
             if path == "/" and method in ("GET", "HEAD"):
-                page = _LOGIN_PAGE.format(why="This console needs the operator token.")
+                page = _LOGIN_PAGE.format(
+                    why="This console needs the operator token.", sign_in=self._sign_in
+                )
                 await HTMLResponse(page, 401, headers={"Cache-Control": "no-store"})(
                     scope, receive, send
                 )
@@ -312,7 +317,9 @@ class RequestGuard:
         if not same_token(token, self.operator.token):
             client = scope.get("client") or ("?", 0)
             log.warning("console login with a wrong token from {}:{}", client[0], client[1])
-            page = _LOGIN_PAGE.format(why="That token is not this gateway's operator token.")
+            page = _LOGIN_PAGE.format(
+                why="That token is not this gateway's operator token.", sign_in=self._sign_in
+            )
             await HTMLResponse(page, 401, headers={"Cache-Control": "no-store"})(
                 scope, receive, send
             )
