@@ -199,8 +199,12 @@ class OidcLogin:
             Route(CALLBACK_PATH, self._flow, methods=["GET"]),
         ]
 
-    async def _metadata(self) -> None:
-        """Load (once) the provider's discovery document; ProviderUnavailable if not."""
+    async def _metadata(self, *, fresh: bool = False) -> None:
+        """Load the provider's discovery document (again if ``fresh``: each login
+        starts by reading it, so that a provider that is down is said so here, not
+        after the redirect to it); ProviderUnavailable if it cannot."""
+        if fresh:
+            self.client.server_metadata.pop("_loaded_at", None)
         try:
             metadata = await self.client.load_server_metadata()
         except (*HTTP_ERRORS, ValueError) as exc:
@@ -224,7 +228,7 @@ class OidcLogin:
 
     async def _login(self, request: Request) -> Response:
         try:
-            await self._metadata()
+            await self._metadata(fresh=True)
             response = await self.client.authorize_redirect(request, self._redirect_uri(request))
         except ProviderUnavailable as exc:
             log.warning("sign-in: the identity provider is unavailable: {}", printable(str(exc)))
