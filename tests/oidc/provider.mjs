@@ -60,7 +60,7 @@ async function misbehave(idToken) {
   const now = Math.floor(Date.now() / 1000);
   switch (fault) {
     case 'issuer': return resign(idToken, { iss: 'http://127.0.0.1:1/another-issuer' }, own.key);
-    case 'audience': return resign(idToken, { aud: 'another-client' }, own.key);
+    case 'audience': return resign(idToken, { aud: 'another-client', azp: 'another-client' }, own.key);
     case 'signature': return resign(idToken, {}, rogue.key);
     case 'expired': return resign(idToken, { iat: now - 7200, exp: now - 3600 }, own.key);
     case 'replay': return lastIdToken ?? idToken;
