@@ -158,5 +158,5 @@ class ConsoleSessionBackend(AuthenticationBackend):
         """The answer to a right ``/?token=``: a new operator session's cookie, and back
         to ``/``."""
         response = RedirectResponse("/", status_code=303, headers={"Cache-Control": "no-store"})
-        self.start(response, HTTPConnection(dict(scope)), None)
+        self.start(response, HTTPConnection({"type": "http", "headers": [], **scope}), None)
         return response
