@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from actors.cli import OPTION, Option, check_fields, library_only, option
 from protocol import ConfigError, Decision, printable
@@ -165,11 +165,13 @@ def _cap_bytes(option: str, value: int | str) -> int | None:
 def _issuer(option: str, value: str) -> str:
     """An OpenID Provider's issuer URL: https, or http on a loopback address (tests, a
     provider beside the gateway); the ID tokens' ``iss`` must equal what its discovery says."""
+    parts: SplitResult | None = None
+    host: str | None = None
     try:
         parts = urlsplit(value) if isinstance(value, str) else None
         host = parts.hostname if parts is not None else None
     except ValueError:
-        parts = host = None
+        parts = None
     if parts is None or parts.scheme not in ("http", "https") or not host or parts.query:
         raise ConfigError(
             option, f"expected the provider's issuer URL (https://...), not {value!r}"

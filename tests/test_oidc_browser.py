@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -265,7 +264,8 @@ def test_a_callback_with_a_wrong_or_missing_state_is_refused(
         if state == "wrong":
             forged = url.replace(f"state={real.group(1)}", "state=" + "x" * len(real.group(1)))
         else:
-            forged = re.sub(r"[?&]state=[^&]+", "", url).replace("/auth/callback&", "/auth/callback?")
+            forged = re.sub(r"[?&]state=[^&]+", "", url)
+            forged = forged.replace("/auth/callback&", "/auth/callback?")
         response = browser.get(forged)
         assert response.status_code == 400, response.text
         assert "not started in this browser" in response.json()["error"]

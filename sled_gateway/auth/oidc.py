@@ -49,13 +49,15 @@ from sled_gateway.people import Person
 log = logger.bind(actor="gateway")
 
 # Authlib's HTTP client is httpx2 where installed, else httpx: a provider that
-# cannot be reached raises either one's HTTPError.
+# cannot be reached raises either one's HTTPError (or, for a document that is
+# not JSON, a ValueError).
 try:
     import httpx2
 
     HTTP_ERRORS: tuple[type[Exception], ...] = (httpx.HTTPError, httpx2.HTTPError)
 except ImportError:  # pragma: no cover (Authlib falls back to httpx)
     HTTP_ERRORS = (httpx.HTTPError,)
+_METADATA_ERRORS: tuple[type[Exception], ...] = (*HTTP_ERRORS, ValueError)
 
 LOGIN_PATH = "/login"
 CALLBACK_PATH = "/auth/callback"
@@ -207,7 +209,7 @@ class OidcLogin:
             self.client.server_metadata.pop("_loaded_at", None)
         try:
             metadata = await self.client.load_server_metadata()
-        except (*HTTP_ERRORS, ValueError) as exc:
+        except _METADATA_ERRORS as exc:
             self.client.server_metadata.pop("_loaded_at", None)
             raise ProviderUnavailable(f"{type(exc).__name__}: {exc}") from None
         # OpenID Connect Discovery 4.3: the document must name the issuer we asked.
@@ -229,7 +231,9 @@ class OidcLogin:
     async def _login(self, request: Request) -> Response:
         try:
             await self._metadata(fresh=True)
-            response = await self.client.authorize_redirect(request, self._redirect_uri(request))
+            response: Response = await self.client.authorize_redirect(
+                request, self._redirect_uri(request)
+            )
         except ProviderUnavailable as exc:
             log.warning("sign-in: the identity provider is unavailable: {}", printable(str(exc)))
             return answer(
