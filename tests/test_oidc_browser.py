@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.sync.client import connect
 
 from sled_gateway import Gateway
 from sled_gateway.people import Person
@@ -372,3 +373,60 @@ def test_without_oidc_the_sign_in_paths_say_so() -> None:
             "person": None,
             "sign_in": False,
         }
+
+
+# ── what a signed-in person may do ──────────────────────────────────────────
+
+
+def test_a_signed_in_person_decides_with_the_roles_the_grants_give(
+    gw: Gateway, idp: Provider
+) -> None:
+    with httpx.Client() as browser:
+        browser.get(callback_url(gw, browser, "alice"))
+        session = signed_in_cookie(gw, browser)
+    assert session is not None
+    with connect(gw.url_for_sleds()) as sled:
+        sled.send(json.dumps({"type": "identity", "req_id": "i", "payload": {"project": "web"}}))
+        eventually(lambda: any(s["project"] == "web" for s in gw.state()["sleds"]), 10, "sled")
+        request = {"tool_name": "Bash", "tool_input": {"command": "npm test"}}
+        sled.send(json.dumps({"type": "perm_request", "req_id": "r1", "payload": request}))
+        eventually(lambda: gw.is_pending("web", "r1"), 10, "the request pending")
+        decided = httpx.post(
+            gw.http_url + "/api/permissions/web/r1",
+            cookies={cookie_name(gw): session},
+            json={"decision": "approve"},
+        )
+        assert decided.status_code == 200, decided.text
+        answer = json.loads(sled.recv(timeout=scaled(10)))
+        assert answer["type"] == "perm_response" and answer["req_id"] == "r1"
+        assert answer["payload"] == {"approved": True, "always_allow": False}
+
+
+def test_a_person_no_grant_names_sees_who_they_are_and_nothing_else(tmp_path: Path) -> None:
+    provider, gw = start_pair(tmp_path)  # no Grants: the default, NoGrants
+    try:
+        with httpx.Client() as browser:
+            browser.get(callback_url(gw, browser, "bob"))
+            cookies = {cookie_name(gw): signed_in_cookie(gw, browser) or ""}
+        me = httpx.get(gw.http_url + "/api/me", cookies=cookies)
+        assert me.status_code == 200 and me.json()["roles"] == []
+        assert httpx.get(gw.http_url + "/", cookies=cookies).status_code == 200
+        for path in ("/api/state", "/api/audit", "/api/rules", "/api/events"):
+            refused = httpx.get(gw.http_url + path, cookies=cookies)
+            assert refused.status_code == 403, path
+            assert refused.json()["needs"] == "viewer"
+        decision = httpx.post(
+            gw.http_url + "/api/permissions/web/r1", cookies=cookies, json={"decision": "approve"}
+        )
+        assert decision.status_code == 403 and decision.json()["needs"] == "viewer"
+        out = httpx.post(
+            gw.http_url + "/logout",
+            cookies=cookies,
+            json=None,
+            headers={"Content-Type": "application/json"},
+        )
+        assert out.status_code == 200
+        assert httpx.get(gw.http_url + "/api/me", cookies=cookies).status_code == 401
+    finally:
+        gw.stop()
+        provider.kill()

@@ -24,6 +24,10 @@ every request:
    that says to open the URL with the token. A cookie request that a browser
    marks as coming from another site (``Sec-Fetch-Site``) is refused: cookies
    are not port-scoped, so any page on another local port is "same site".
+   A principal without even the ``viewer`` role (a person signed in whom no
+   grant names) gets ``403`` with ``"needs": "viewer"`` everywhere but the
+   console page, ``GET /api/me`` and ``POST /logout``: they may see who they
+   are and sign out, and nothing else.
 4. **CSRF**, for every state-changing method (POST, PUT, PATCH, DELETE):
    ``Content-Type: application/json`` or ``415`` (a no-JavaScript form or a
    ``no-cors`` fetch cannot send it), and an ``Origin``, when sent, that is
@@ -51,7 +55,7 @@ from sled_gateway.auth import PrincipalUser
 from sled_gateway.auth.console import ConsoleSessionBackend
 from sled_gateway.auth.operator import BearerTokenBackend, same_token
 from sled_gateway.http.errors import error
-from sled_gateway.principal import Channel, Principal
+from sled_gateway.principal import Channel, Principal, Role
 
 log = logger.bind(actor="gateway")
 
@@ -62,6 +66,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: What a principal with no role may still ask: the page, who they are, and to leave.
+ROLELESS = frozenset({("GET", "/"), ("HEAD", "/"), ("GET", "/api/me"), ("POST", "/logout")})
 
 SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"x-frame-options", b"DENY"),
@@ -251,7 +257,11 @@ class RequestGuard:
                 await self.app(scope, receive, send)
                 return
             user = await self._authenticate(scope)
-            if user is None or self._cross_site(user.principal, headers):
+            if (
+                user is None
+                or self._cross_site(user.principal, headers)
+                or not user.principal.has(Role.VIEWER)
+            ):
                 await error(404, f"no WebSocket endpoint at {printable(path, 200)}")(
                     scope, receive, send
                 )
@@ -294,6 +304,13 @@ class RequestGuard:
             # The console's own fetches are same-origin; a page on another
             # port or site riding on the cookie is not.
             await error(403, "cross-site request refused")(scope, receive, send)
+            return
+        if not user.principal.has(Role.VIEWER) and (method, path) not in ROLELESS:
+            await error(
+                403,
+                f"{printable(user.principal.who, 200)} has no role on this gateway",
+                needs=Role.VIEWER.value,
+            )(scope, receive, send)
             return
 
         if method in UNSAFE_METHODS:
