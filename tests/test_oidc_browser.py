@@ -33,6 +33,7 @@ import pytest
 from websockets.sync.client import connect
 
 from sled_gateway import Gateway
+from sled_gateway.auth.oidc import STATE_COOKIE
 from sled_gateway.people import Person
 from sled_gateway.principal import Channel, Principal, Role
 from tests.conftest import closed_port, eventually, scaled
@@ -279,8 +280,9 @@ def test_a_replayed_callback_is_refused(gw: Gateway, idp: Provider) -> None:
         url = callback_url(gw, browser, "alice")
         # The state cookie as the browser had it before the callback: an attacker who
         # copied it (and the URL) tries the same callback again.
-        flow_cookies = {"sled_gateway_oidc": browser.cookies.get("sled_gateway_oidc") or ""}
-        assert flow_cookies["sled_gateway_oidc"], "no login state cookie before the callback"
+        name = f"{STATE_COOKIE}_{gw.port}"
+        flow_cookies = {name: browser.cookies.get(name) or ""}
+        assert flow_cookies[name], "no login state cookie before the callback"
         first = browser.get(url)
         assert first.status_code == 200 and signed_in_cookie(gw, browser) is not None
     with httpx.Client(cookies=flow_cookies) as same_browser:

@@ -41,6 +41,7 @@ from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route, Router
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from protocol import printable
 from sled_gateway.auth.console import ConsoleSessionBackend
@@ -69,7 +70,13 @@ LOGIN_TTL = 600
 MAX_LOGINS = 10_000
 #: The provider's answers (discovery, keys, token) must come within this.
 PROVIDER_TIMEOUT = 10.0
-_STATE_COOKIE = "sled_gateway_oidc"
+#: The login state cookie's name (then ``_<port>``): a signed marker of the logins
+#: this browser started.
+STATE_COOKIE = "sled_gateway_oidc"
+#: A login re-reads the discovery document when it is older than this: a provider
+#: that went down is said so at /login, and anonymous /login requests cannot make
+#: the gateway fetch it more often than this.
+DISCOVERY_TTL = 5.0
 _MAX_CLAIM = 500
 
 
@@ -145,6 +152,34 @@ def answer(conn: HTTPConnection, status: int, message: str) -> Response:
     return JSONResponse({"error": message}, status, headers=headers)
 
 
+class _PerPortSessions:
+    """Starlette's ``SessionMiddleware`` around the sign-in routes, with the cookie
+    named per port as the console's is: two gateways on one host name must not
+    overwrite each other's logins in flight. (An ASGI app, not a function, so that
+    ``Route`` hands it the raw scope.)"""
+
+    def __init__(self, app: ASGIApp, *, secret_key: str) -> None:
+        self.app = app
+        self.secret_key = secret_key
+        self._by_port: dict[int, SessionMiddleware] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server") or (None, None)
+        port = int(server[1] or 0)
+        middleware = self._by_port.get(port)
+        if middleware is None:
+            middleware = self._by_port[port] = SessionMiddleware(
+                self.app,
+                secret_key=self.secret_key,
+                session_cookie=f"{STATE_COOKIE}_{port}",
+                max_age=LOGIN_TTL,
+                path="/",
+                # Lax: the callback is a top-level navigation from the provider's site.
+                same_site="lax",
+            )
+        await middleware(scope, receive, send)
+
+
 class ProviderUnavailable(Exception):
     """The provider could not be reached, or its discovery document is not usable."""
 
@@ -184,15 +219,7 @@ class OidcLogin:
                 Route(CALLBACK_PATH, self._callback, methods=["GET"]),
             ]
         )
-        self._flow = SessionMiddleware(
-            router,
-            secret_key=secrets.token_urlsafe(32),
-            session_cookie=_STATE_COOKIE,
-            max_age=LOGIN_TTL,
-            path="/",
-            # Lax: the callback is a top-level navigation from the provider's site.
-            same_site="lax",
-        )
+        self._flow = _PerPortSessions(router, secret_key=secrets.token_urlsafe(32))
 
     def routes(self) -> list[BaseRoute]:
         """``GET /login`` and ``GET /auth/callback`` (public: the guard lets them through)."""
@@ -202,10 +229,12 @@ class OidcLogin:
         ]
 
     async def _metadata(self, *, fresh: bool = False) -> None:
-        """Load the provider's discovery document (again if ``fresh``: each login
-        starts by reading it, so that a provider that is down is said so here, not
-        after the redirect to it); ProviderUnavailable if it cannot."""
-        if fresh:
+        """Load the provider's discovery document (again if ``fresh`` and it is older
+        than :data:`DISCOVERY_TTL`: a login starts by reading it, so that a provider
+        that is down is said so here, not after the redirect to it);
+        ProviderUnavailable if it cannot."""
+        loaded = self.client.server_metadata.get("_loaded_at")
+        if fresh and (not isinstance(loaded, float) or time.time() - loaded > DISCOVERY_TTL):
             self.client.server_metadata.pop("_loaded_at", None)
         try:
             metadata = await self.client.load_server_metadata()
@@ -335,6 +364,7 @@ __all__ = [
     "LOGIN_PATH",
     "LOGOUT_PATH",
     "ME_PATH",
+    "STATE_COOKIE",
     "OidcLogin",
     "StateStore",
     "logout",
