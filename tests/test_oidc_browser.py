@@ -252,7 +252,27 @@ def test_logout_is_a_state_changing_post_with_the_csrf_rules(gw: Gateway, idp: P
     assert api_status(gw, session) == 401
 
 
+def test_cancelling_at_the_provider_opens_no_session(gw: Gateway, idp: Provider, page: Any) -> None:
+    page.goto(gw.http_url + "/login")
+    page.wait_for_selector("input[name=login]", timeout=WAIT_MS)
+    page.click("text=[ Cancel ]")
+    page.wait_for_selector("text=sign-in ended at the identity provider", timeout=WAIT_MS)
+    assert "access_denied" in page.content()
+    assert session_of(page, gw) is None
+
+
 # ── attacks on the flow ─────────────────────────────────────────────────────
+
+
+def test_an_unverified_email_does_not_make_someone_that_person(gw: Gateway, idp: Provider) -> None:
+    # mallory's provider profile says alice@example.test, unverified: the access file
+    # grants alice's roles by that address, so mallory must not be named by it.
+    with httpx.Client() as browser:
+        assert browser.get(callback_url(gw, browser, "mallory")).status_code == 200
+        me = browser.get(gw.http_url + "/api/me").json()
+    assert me["person"]["email"] is None
+    assert me["person"]["id"] == me["who"] == f"{idp.issuer}|mallory"
+    assert me["person"]["display"] == "Mallory"
 
 
 @pytest.mark.parametrize("state", ["wrong", "missing"])

@@ -2,7 +2,8 @@
 // scripts/install-oidc-provider.sh), with its own login and consent pages
 // (devInteractions: the package's built-in interaction UI, which takes any
 // password for a known account), one static confidential client that must use
-// PKCE, and two people, alice and bob.
+// PKCE, and three people: alice, bob, and mallory (whose email, alice's, is not
+// verified).
 //
 //   node tests/oidc/provider.mjs <install dir>
 //
@@ -35,6 +36,11 @@ const PEOPLE = {
   bob: {
     sub: 'bob', email: 'bob@example.test', email_verified: true,
     name: 'Bob Builder', groups: ['api-team'],
+  },
+  // Typed alice's address into her profile; the provider never verified it.
+  mallory: {
+    sub: 'mallory', email: 'alice@example.test', email_verified: false,
+    name: 'Mallory', groups: [],
   },
 };
 
