@@ -32,7 +32,12 @@ from sled_gateway.people import Grants, NoGrants, Person
 from sled_gateway.principal import Channel, Principal
 
 SESSION_TTL = 24 * 3600.0  # a console session lasts a day, or until the gateway stops
-MAX_SESSIONS = 1000  # only token holders can create them; the cap bounds memory anyway
+MAX_SESSIONS = 1000  # the oldest go first beyond: the cap bounds memory
+#: Sessions one person may hold at once (their oldest ends beyond): anyone with an
+#: account at the identity provider can sign in, and must not be able to push every
+#: other session (the operator's included) out of MAX_SESSIONS by signing in again
+#: and again.
+MAX_SESSIONS_PER_PERSON = 10
 
 
 class Session(NamedTuple):
@@ -43,9 +48,15 @@ class Session(NamedTuple):
 class Sessions:
     """Console sessions: random ids, stored hashed, expiring, bounded in number."""
 
-    def __init__(self, ttl: float = SESSION_TTL, limit: int = MAX_SESSIONS) -> None:
+    def __init__(
+        self,
+        ttl: float = SESSION_TTL,
+        limit: int = MAX_SESSIONS,
+        per_person: int = MAX_SESSIONS_PER_PERSON,
+    ) -> None:
         self.ttl = ttl
         self.limit = limit
+        self.per_person = per_person
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # sha256(id) → session
 
     @staticmethod
@@ -53,6 +64,10 @@ class Sessions:
         return hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()
 
     def create(self, person: Person | None = None) -> str:
+        if person is not None:
+            theirs = [k for k, s in self._sessions.items() if s.person == person]  # oldest first
+            for key in theirs[: max(0, len(theirs) - self.per_person + 1)]:
+                del self._sessions[key]
         session_id = secrets.token_urlsafe(32)
         self._sessions[self._key(session_id)] = Session(time.monotonic() + self.ttl, person)
         while len(self._sessions) > self.limit:
