@@ -72,7 +72,7 @@ class Approvers:
 class Provider:
     """One ``tests/oidc/provider.mjs`` process."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.proc = WatchedProcess(
             ["node", str(PROVIDER_SCRIPT), str(PROVIDER_DIR)],
             cwd=ROOT,
@@ -80,7 +80,7 @@ class Provider:
             timeout=scaled(20),
         )
         self.port = int(self.proc.wait_for(r"listening (\d+)", "stdout").group(1))
-        self.issuer = f"http://127.0.0.1:{self.port}"
+        self.issuer = f"http://{host}:{self.port}"
 
     def command(self, command: dict[str, Any], answer: str) -> str:
         self.proc.type(json.dumps(command))
@@ -89,6 +89,7 @@ class Provider:
     def start(self, redirect_uri: str) -> None:
         self.command(
             {
+                "issuer": self.issuer,
                 "redirect_uri": redirect_uri,
                 "client_id": CLIENT_ID,
                 "client_secret": CLIENT_SECRET,
@@ -105,10 +106,12 @@ class Provider:
         self.proc.kill()
 
 
-def start_pair(tmp_path: Path, **gateway: Any) -> tuple[Provider, Gateway]:
+def start_pair(
+    tmp_path: Path, provider_host: str = "127.0.0.1", **gateway: Any
+) -> tuple[Provider, Gateway]:
     """A provider, and a gateway signing people in with it (the client registered
     with the gateway's own callback URL)."""
-    provider = Provider()
+    provider = Provider(provider_host)
     secret = tmp_path / "client-secret"
     secret.write_text(CLIENT_SECRET + "\n")
     gw = Gateway(
@@ -234,6 +237,27 @@ def test_alice_signs_in_through_the_providers_pages_and_out_again(
     page.click("#sign-out")
     page.wait_for_selector("text=sign in", timeout=WAIT_MS)  # the 401 page links to /login
     assert api_status(gw, after) == 401, "the session outlived POST /logout"
+
+
+def test_a_login_that_starts_at_another_site_still_lands_signed_in(
+    browser: Any, tmp_path: Path
+) -> None:
+    # The provider at http://localhost:P, the gateway at http://127.0.0.1:G: two
+    # sites, as a real provider and gateway are. The callback is then a cross-site
+    # navigation: the Lax state cookie rides along, and the Strict console cookie
+    # is not sent on redirects of that navigation (hence the page that moves on).
+    provider, gw = start_pair(tmp_path, provider_host="localhost", grants=Approvers())
+    try:
+        with browser_support.fresh_page(browser) as page:
+            page.goto(gw.http_url + "/login")
+            sign_in_at_provider(page, "alice")
+            page.wait_for_url(gw.http_url + "/", timeout=WAIT_MS)
+            page.wait_for_selector("#signed-in:has-text('Alice Liddell')", timeout=WAIT_MS)
+            session = session_of(page, gw)
+            assert session is not None and api_status(gw, session) == 200
+    finally:
+        gw.stop()
+        provider.kill()
 
 
 def test_logout_is_a_state_changing_post_with_the_csrf_rules(gw: Gateway, idp: Provider) -> None:
