@@ -280,6 +280,14 @@ class OidcLogin:
             why = printable(request.query_params["error"], 100)
             log.info("sign-in ended at the provider: {}", why)
             return answer(request, 400, f"sign-in ended at the identity provider: {why}")
+        state = request.query_params.get("state", "")
+        if not state or f"_state_{self.client.name}_{state}" not in request.session:
+            # Authlib (>= 1.6) checks this marker too; the binding of a callback to the
+            # browser that started the login (login CSRF) must not hang on its version.
+            log.warning("sign-in refused from {}: no login in this browser has that state", client)
+            return answer(
+                request, 400, "sign-in refused: this login was not started in this browser"
+            )
         try:
             await self._metadata()
             token = await self.client.authorize_access_token(request)
