@@ -380,7 +380,15 @@ def test_the_provider_down_at_login_is_a_503_and_people_signed_in_keep_working(
             browser.get(callback_url(gw, browser, "alice"))
             session = signed_in_cookie(gw, browser)
         assert session is not None
+        halfway = httpx.Client()  # bob's login, at its callback when the provider dies
+        pending_callback = callback_url(gw, halfway, "bob")
         provider.kill()
+        try:
+            cut = halfway.get(pending_callback)
+        finally:
+            halfway.close()
+        assert cut.status_code == 503, cut.text
+        assert "cannot be reached" in cut.json()["error"]
         eventually(
             lambda: httpx.get(gw.http_url + "/login").status_code == 503, 10, "a 503 at /login"
         )
