@@ -259,13 +259,18 @@ def _announce(gateway: Gateway, args: argparse.Namespace) -> None:
             "listening on every interface, but only loopback names are allowed as Host: "
             "add --allowed-host with the name or address clients use (others get 421)"
         )
-    if args.sled_tokens_file:
-        with contextlib.suppress(OSError):
-            if os.stat(args.sled_tokens_file).st_mode & 0o077:
-                logger.warning(
-                    "--sled-tokens {}: readable by other users; chmod 600 it",
-                    args.sled_tokens_file,
-                )
+    for flag, secret_file in (
+        ("--sled-tokens", args.sled_tokens_file),
+        ("--oidc-client-secret-file", config.oidc_client_secret_file),
+    ):
+        if secret_file:
+            with contextlib.suppress(OSError):
+                if os.stat(secret_file).st_mode & 0o077:
+                    logger.warning(
+                        "{} {}: readable by other users; chmod 600 it", flag, secret_file
+                    )
+    if config.oidc_issuer is not None:
+        logger.info("people sign in at /login with {}", config.oidc_issuer)
     if config.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning(
             "listening on {} without TLS: the operator token and every decision cross the "

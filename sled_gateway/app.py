@@ -4,6 +4,7 @@
 
     RequestGuard (http/guard.py)          Host allowlist, operator auth, CSRF, headers
       └─ Routes (http/routes.py)          REST handlers, console page
+           ├─ OidcLogin (auth/oidc.py)    GET /login, /auth/callback → a person's console session
            ├─ Hub (hub.py)                sled WebSockets; serves sled.<project>.mcp on the bus
            ├─ Relay (relay.py)            POST /sleds/{project}/mcp → bus request
            └─ Approvals (approvals.py)    the one door for decisions; audit before answer
@@ -25,13 +26,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
 from sled_gateway.approvals import Approvals, Forbidden, NotRecorded
 from sled_gateway.auth.console import ConsoleSessionBackend
+from sled_gateway.auth.oidc import (
+    CALLBACK_PATH,
+    LOGIN_PATH,
+    LOGOUT_PATH,
+    ME_PATH,
+    OidcLogin,
+    logout,
+    me,
+    not_configured,
+)
 from sled_gateway.auth.operator import BearerTokenBackend
 from sled_gateway.auth.person_token import PersonTokenBackend
 from sled_gateway.auth.sled import SledTokenBackend
 from sled_gateway.bus.local import LocalBus
-from sled_gateway.config import GatewayConfig
+from sled_gateway.config import GatewayConfig, read_client_secret
 from sled_gateway.events import Events, PermissionDecided, PermissionRequested, PermissionWithdrawn
 from sled_gateway.http.console import SHELL_PATHS
 from sled_gateway.http.guard import AllowedHosts, RequestGuard
@@ -56,7 +71,11 @@ class GatewayApp:
         state: GatewayState,
         listen_host: str = "127.0.0.1",
         store: Store | None = None,
+        *,
+        grants: Grants | None = None,
     ) -> None:
+        """``grants``: where signed-in people's roles come from (without one, a person
+        may sign in and do nothing; see :mod:`sled_gateway.people`)."""
         self.config = config
         self.state = state
         self.store = store if store is not None else make_store().open()
@@ -85,8 +104,44 @@ class GatewayApp:
         self.relay = Relay(config, state, self.bus)
         #: Where people's roles come from (the --access file); OpenID Connect sign-in and
         #: person tokens turn a Person into a Principal through it.
-        self.grants: Grants = config.access if config.access is not None else NoGrants()
+        self.grants: Grants = (
+            grants
+            if grants is not None
+            else config.access
+            if config.access is not None
+            else NoGrants()
+        )
         self.tokens = PersonTokens(self.store, self.grants)
+        self.console = ConsoleSessionBackend(grants=self.grants)
+        self.oidc: OidcLogin | None = None
+        if config.oidc_issuer is not None and config.oidc_client_id is not None:
+            secret_file = config.oidc_client_secret_file
+            self.oidc = OidcLogin(
+                self.console,
+                issuer=config.oidc_issuer,
+                client_id=config.oidc_client_id,
+                client_secret=read_client_secret(secret_file) if secret_file else None,
+            )
+        sign_in = self.oidc is not None
+
+        async def _me(request: Request) -> Response:
+            return me(request, sign_in=sign_in)
+
+        async def _logout(request: Request) -> Response:
+            return await logout(request, self.console)
+
+        sign_in_routes = [
+            *(
+                self.oidc.routes()
+                if self.oidc is not None
+                else [
+                    Route(LOGIN_PATH, not_configured, methods=["GET"]),
+                    Route(CALLBACK_PATH, not_configured, methods=["GET"]),
+                ]
+            ),
+            Route(LOGOUT_PATH, _logout, methods=["POST"]),
+            Route(ME_PATH, _me, methods=["GET"]),
+        ]
         self.routes = Routes(
             config,
             state,
@@ -95,17 +150,20 @@ class GatewayApp:
             hub=self.hub,
             relay=self.relay,
             tokens=self.tokens,
+            extra_routes=sign_in_routes,
         )
         state.add_change_listener(self.routes.live.changed)
         self.allowed_hosts = AllowedHosts.default(listen_host, config.allowed_hosts)
         self.asgi = RequestGuard(
             self.routes.app,
             operator=BearerTokenBackend(config.operator_token),
-            console=ConsoleSessionBackend(),
+            console=self.console,
             allowed_hosts=self.allowed_hosts,
             person_tokens=PersonTokenBackend(self.tokens),
             public_websockets=(UPLINK_PATH,),
-            public_http_paths=(UPLINK_PATH, *SHELL_PATHS),
+            # The app's own files, and the sign-in's paths: a person has no credential yet there.
+            public_http_paths=(UPLINK_PATH, *SHELL_PATHS, LOGIN_PATH, CALLBACK_PATH),
+            sign_in=sign_in,
         )
 
     def add_pending_listener(self, callback: Callable[[PendingPermission], None]) -> None:

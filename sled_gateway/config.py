@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 from actors.cli import OPTION, Option, check_fields, library_only, option
 from protocol import ConfigError, Decision, printable
@@ -160,6 +161,49 @@ def _cap_bytes(option: str, value: int | str) -> int | None:
     if not isinstance(value, bool) and value in (0, "0"):
         return None
     return byte_size(option, value)
+
+
+def _issuer(option: str, value: str) -> str:
+    """An OpenID Provider's issuer URL: https, or http on a loopback address (tests, a
+    provider beside the gateway); the ID tokens' ``iss`` must equal what its discovery says."""
+    parts: SplitResult | None = None
+    host: str | None = None
+    try:
+        parts = urlsplit(value) if isinstance(value, str) else None
+        host = parts.hostname if parts is not None else None
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not host or parts.query:
+        raise ConfigError(
+            option, f"expected the provider's issuer URL (https://...), not {value!r}"
+        )
+    if parts.scheme == "http" and host not in ("localhost", "127.0.0.1", "::1"):
+        raise ConfigError(option, "must be https:// (http only for a provider on loopback)")
+    return value
+
+
+def read_client_secret(path: str | os.PathLike[str]) -> str:
+    """The OpenID Connect client secret: the file's first line, never shown in errors."""
+    try:
+        text = Path(path).read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(
+            "--oidc-client-secret-file", f"cannot read {str(path)!r}: {reason}"
+        ) from None
+    secret = text.strip()
+    if not secret or "\n" in secret:
+        raise ConfigError(
+            "--oidc-client-secret-file", f"{str(path)!r} must hold the secret on one line"
+        )
+    return secret
+
+
+def _secret_file(option: str, value: str | os.PathLike[str]) -> str | os.PathLike[str]:
+    if not isinstance(value, str | os.PathLike) or not os.fspath(value):
+        raise ConfigError(option, f"expected a file path, not {value!r}")
+    read_client_secret(value)  # unreadable or empty: an error at start, not at the first login
+    return value
 
 
 def _sled_tokens(option: str, value: Mapping[Any, Any]) -> Mapping[str, str]:
@@ -363,6 +407,30 @@ class GatewayConfig:
         metavar="N",
         shown_default="1GiB",
     )
+    oidc_issuer: str | None = option(
+        None,
+        "--oidc-issuer",
+        "sign people in with this OpenID Connect provider (its issuer URL; discovery and "
+        "keys are read from it): GET /login",
+        rule=_issuer,
+        metavar="URL",
+        shown_default="none, only the operator token",
+    )
+    oidc_client_id: str | None = option(
+        None,
+        "--oidc-client-id",
+        "the gateway's client id at the provider (with --oidc-issuer)",
+        rule=_token,
+        metavar="ID",
+    )
+    oidc_client_secret_file: str | os.PathLike[str] | None = option(  # noqa: RUF009
+        None,
+        "--oidc-client-secret-file",
+        "a file holding the client's secret (a confidential client); without one the "
+        "gateway is a public client (PKCE only)",
+        rule=_secret_file,
+        metavar="PATH",
+    )
 
     def __repr__(self) -> str:
         def shown(name: str) -> str:
@@ -407,6 +475,13 @@ class GatewayConfig:
         return self
 
     def _check_together(self) -> None:
+        if (self.oidc_issuer is None) != (self.oidc_client_id is None):
+            raise ConfigError(
+                "--oidc-issuer" if self.oidc_issuer is None else "--oidc-client-id",
+                "--oidc-issuer and --oidc-client-id go together",
+            )
+        if self.oidc_client_secret_file is not None and self.oidc_issuer is None:
+            raise ConfigError("--oidc-client-secret-file", "needs --oidc-issuer")
         if self.max_frame_bytes < self.max_input_bytes + FRAME_SLACK:
             raise ConfigError(
                 "--max-frame-bytes",

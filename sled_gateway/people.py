@@ -50,7 +50,7 @@ class NoGrants:
     """No access file: people may sign in, and may do nothing until one grants them a role."""
 
     def principal_for(self, person: Person, channel: Channel) -> Principal:
-        return Principal(person.id, channel, frozenset())
+        return Principal(person.id, channel, frozenset(), person=person.id)
 
 
 __all__ = ["Grants", "NoGrants", "Person"]

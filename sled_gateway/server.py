@@ -45,6 +45,7 @@ from sled_gateway.config import GatewayConfig
 from sled_gateway.events import Events
 from sled_gateway.lifecycle import Lifecycle
 from sled_gateway.logs import protect_uvicorn_loggers
+from sled_gateway.people import Grants
 from sled_gateway.principal import Principal, as_principal
 from sled_gateway.records import DecisionRecord, PendingPermission
 from sled_gateway.state import GatewayState
@@ -119,7 +120,9 @@ class Transport(Protocol):
 class Gateway:
     """The reference sled gateway, usable from tests in a background thread."""
 
-    def __init__(self, config: GatewayConfig | None = None, **overrides: Any) -> None:
+    def __init__(
+        self, config: GatewayConfig | None = None, *, grants: Grants | None = None, **overrides: Any
+    ) -> None:
         """``Gateway(**settings)`` or ``Gateway(config, **overrides)``.
 
         The keywords are :class:`GatewayConfig`'s fields (``run_gateway.py
@@ -128,6 +131,10 @@ class Gateway:
         opens the console and the API (generated if None), ``allowed_hosts``
         are Host names served besides the loopback names and ``host``; ``db``
         is the SQLite file (``:memory:`` by default).
+
+        ``grants`` gives signed-in people (``--oidc-issuer``) their roles: a
+        :class:`~sled_gateway.people.Grants` (the ``--access`` file's); without
+        one they may sign in and do nothing.
         """
         self.config = (
             replace(config, **overrides) if config is not None else GatewayConfig(**overrides)
@@ -141,7 +148,9 @@ class Gateway:
             retention_days=self.config.audit_retention_days,
             max_bytes=self.config.audit_max_bytes,
         )
-        self._app = GatewayApp(self.config, self._state, listen_host=self.host, store=self.store)
+        self._app = GatewayApp(
+            self.config, self._state, listen_host=self.host, store=self.store, grants=grants
+        )
         self._sock: socket.socket | None = None
         self._port: int | None = None
         self._thread: threading.Thread | None = None

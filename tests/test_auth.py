@@ -14,9 +14,10 @@ from starlette.authentication import AuthenticationError
 from starlette.requests import HTTPConnection
 
 from sled_gateway.auth import Authenticated, PrincipalUser, principal_of
-from sled_gateway.auth.console import ConsoleSessionBackend, cookie_name
+from sled_gateway.auth.console import ConsoleSessionBackend, Sessions, cookie_name
 from sled_gateway.auth.operator import BearerTokenBackend
 from sled_gateway.auth.sled import SledTokenBackend
+from sled_gateway.people import Person
 from sled_gateway.principal import Channel, Principal, Role
 
 
@@ -67,6 +68,20 @@ def test_console_session_cookie() -> None:
     other_port = f"sled_gateway_9999={name_value.split('=', 1)[1]}"
     assert run(backend, connection({"Cookie": other_port})) is None
     assert run(backend, connection({"Cookie": f"{name_value.split('=')[0]}=forged"})) is None
+
+
+def test_one_person_signing_in_again_and_again_cannot_push_others_out() -> None:
+    sessions = Sessions(limit=20, per_person=3)
+    operator = sessions.create()
+    bob = sessions.create(Person("https://idp.test", "bob"))
+    mallory = Person("https://idp.test", "mallory")
+    hers = [sessions.create(mallory) for _ in range(50)]
+    assert sessions.valid(operator) and sessions.valid(bob)
+    assert [sessions.valid(s) for s in hers[-4:]] == [False, True, True, True]
+    session = sessions.get(hers[-1])
+    assert session is not None and session.person == mallory
+    assert sessions.end(hers[-1]) and not sessions.valid(hers[-1])
+    assert not sessions.end(hers[-1])
 
 
 def test_sled_tokens() -> None:

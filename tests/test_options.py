@@ -365,6 +365,9 @@ GATEWAY_BAD = {
     "db": ("", ""),
     "audit_retention_days": ("-1", -1.0),
     "audit_max_bytes": ("-5", -5),
+    "oidc_issuer": ("http://idp.example", "http://idp.example"),
+    "oidc_client_id": ("", ""),
+    "oidc_client_secret_file": ("/nonexistent/secret", "/nonexistent/secret"),
 }
 
 

@@ -19,14 +19,17 @@ from __future__ import annotations
 from starlette.authentication import AuthCredentials, BaseUser
 from starlette.requests import HTTPConnection
 
+from sled_gateway.people import Person
 from sled_gateway.principal import Principal
 
 
 class PrincipalUser(BaseUser):
-    """Starlette's ``request.user``, carrying the :class:`Principal`."""
+    """Starlette's ``request.user``, carrying the :class:`Principal` (and the
+    :class:`Person`, for a signed-in person)."""
 
-    def __init__(self, principal: Principal) -> None:
+    def __init__(self, principal: Principal, person: Person | None = None) -> None:
         self.principal = principal
+        self.person = person
 
     @property
     def is_authenticated(self) -> bool:
@@ -44,9 +47,12 @@ class PrincipalUser(BaseUser):
 Authenticated = tuple[AuthCredentials, PrincipalUser]
 
 
-def authenticated(principal: Principal) -> Authenticated:
+def authenticated(principal: Principal, person: Person | None = None) -> Authenticated:
     """What a backend returns for ``principal`` (its roles as Starlette scopes)."""
-    return AuthCredentials(sorted(r.value for r in principal.roles)), PrincipalUser(principal)
+    return (
+        AuthCredentials(sorted(r.value for r in principal.roles)),
+        PrincipalUser(principal, person),
+    )
 
 
 def principal_of(conn: HTTPConnection) -> Principal:

@@ -25,6 +25,10 @@ every request:
    that says to open the URL with the token. A cookie request that a browser
    marks as coming from another site (``Sec-Fetch-Site``) is refused: cookies
    are not port-scoped, so any page on another local port is "same site".
+   A principal without even the ``viewer`` role (a person signed in whom no
+   grant names) gets ``403`` with ``"needs": "viewer"`` everywhere but the
+   console page, ``GET /api/me`` and ``POST /logout``: they may see who they
+   are and sign out, and nothing else.
 4. **CSRF**, for every state-changing method (POST, PUT, PATCH, DELETE):
    ``Content-Type: application/json`` or ``415`` (a no-JavaScript form or a
    ``no-cors`` fetch cannot send it), and an ``Origin``, when sent, that is
@@ -57,7 +61,7 @@ from sled_gateway.auth import PrincipalUser
 from sled_gateway.auth.console import ConsoleSessionBackend
 from sled_gateway.auth.operator import BearerTokenBackend, same_token
 from sled_gateway.http.errors import error
-from sled_gateway.principal import Channel, Principal
+from sled_gateway.principal import Channel, Principal, Role
 
 log = logger.bind(actor="gateway")
 
@@ -68,6 +72,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: What a principal with no role may still ask: the page, who they are, and to leave.
+ROLELESS = frozenset({("GET", "/"), ("HEAD", "/"), ("GET", "/api/me"), ("POST", "/logout")})
 
 SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"x-frame-options", b"DENY"),
@@ -85,9 +91,10 @@ _LOGIN_PAGE = """<!doctype html>
 <p>Open the console with the URL the gateway printed when it started:
 <code>http://HOST:PORT/?token=&lt;operator token&gt;</code>.
 The token is the one given with <code>--operator-token</code> or
-<code>SLED_GATEWAY_OPERATOR_TOKEN</code>.</p>
+<code>SLED_GATEWAY_OPERATOR_TOKEN</code>.</p>{sign_in}
 </body></html>
 """
+_SIGN_IN = '<p>Or <a href="/login">sign in</a> with your identity provider.</p>'
 
 
 class AllowedHosts:
@@ -166,6 +173,7 @@ class RequestGuard:
         public_http: Iterable[tuple[str, str]] = (("GET", "/healthz"), ("HEAD", "/healthz")),
         public_websockets: Iterable[str] = (),
         public_http_paths: Iterable[str] = (),
+        sign_in: bool = False,
     ) -> None:
         self.app = app
         self.operator = operator
@@ -181,6 +189,7 @@ class RequestGuard:
         self._public_http = frozenset(public_http)
         self._public_http_paths = frozenset(public_http_paths)
         self._public_ws = frozenset(public_websockets)
+        self._sign_in = _SIGN_IN if sign_in else ""  # the 401 page links to GET /login
 
     # -- helpers ------------------------------------------------------------------
 
@@ -265,7 +274,11 @@ class RequestGuard:
                 await self.app(scope, receive, send)
                 return
             user = await self._authenticate(scope)
-            if user is None or self._cross_site(user.principal, headers):
+            if (
+                user is None
+                or self._cross_site(user.principal, headers)
+                or not user.principal.has_somewhere(Role.VIEWER)
+            ):
                 await error(404, f"no WebSocket endpoint at {printable(path, 200)}")(
                     scope, receive, send
                 )
@@ -289,7 +302,9 @@ class RequestGuard:
         user = await self._authenticate(scope)
         if user is None:
             if path == "/" and method in ("GET", "HEAD"):
-                page = _LOGIN_PAGE.format(why="This console needs the operator token.")
+                page = _LOGIN_PAGE.format(
+                    why="This console needs the operator token.", sign_in=self._sign_in
+                )
                 await HTMLResponse(page, 401, headers={"Cache-Control": "no-store"})(
                     scope, receive, send
                 )
@@ -306,6 +321,13 @@ class RequestGuard:
             # The console's own fetches are same-origin; a page on another
             # port or site riding on the cookie is not.
             await error(403, "cross-site request refused")(scope, receive, send)
+            return
+        if not user.principal.has_somewhere(Role.VIEWER) and (method, path) not in ROLELESS:
+            await error(
+                403,
+                f"{printable(user.principal.who, 200)} has no role on this gateway",
+                needs=Role.VIEWER.value,
+            )(scope, receive, send)
             return
 
         if method in UNSAFE_METHODS:
@@ -339,7 +361,9 @@ class RequestGuard:
         if not same_token(token, self.operator.token):
             client = scope.get("client") or ("?", 0)
             log.warning("console login with a wrong token from {}:{}", client[0], client[1])
-            page = _LOGIN_PAGE.format(why="That token is not this gateway's operator token.")
+            page = _LOGIN_PAGE.format(
+                why="That token is not this gateway's operator token.", sign_in=self._sign_in
+            )
             await HTMLResponse(page, 401, headers={"Cache-Control": "no-store"})(
                 scope, receive, send
             )

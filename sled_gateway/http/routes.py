@@ -13,6 +13,8 @@
 ``GET|POST /api/tokens``        person API tokens; ``DELETE /api/tokens/{id}`` (:mod:`.tokens_api`)
 ``/api/rules/check|import|impact``  rules in Claude Code's grammar (:mod:`.rules_api`)
 ``POST /sleds/{project}/mcp``   JSON-RPC relayed to that sled (:mod:`sled_gateway.relay`)
+``GET /login``, ``/auth/callback``  OpenID Connect sign-in (:mod:`sled_gateway.auth.oidc`)
+``POST /logout``, ``GET /api/me``   end the console session; who this request acts as
 ``GET /healthz``                liveness
 ==============================  =========================================================
 
@@ -27,6 +29,7 @@ import functools
 import json
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from loguru import logger
@@ -34,7 +37,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from protocol import Decision, printable
@@ -98,6 +101,7 @@ class Routes:
         hub: Hub,
         relay: Relay,
         tokens: PersonTokens,
+        extra_routes: Sequence[BaseRoute] = (),
     ) -> None:
         self.config = config
         self.state = state
@@ -149,6 +153,7 @@ class Routes:
                 Route("/api/tokens", self.tokens_api.list, methods=["GET"]),
                 Route("/api/tokens", self.tokens_api.create, methods=["POST"]),
                 Route("/api/tokens/{token_id}", self.tokens_api.revoke, methods=["DELETE"]),
+                *extra_routes,  # sign-in (sled_gateway/auth/oidc.py)
                 # Starlette closes an unrouted WebSocket before the handshake
                 # (an HTTP 403); a 404 says what is wrong: the path.
                 WebSocketRoute("/{path:path}", self._no_such_websocket),
