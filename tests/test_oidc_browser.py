@@ -266,12 +266,15 @@ def test_logout_is_a_state_changing_post_with_the_csrf_rules(gw: Gateway, idp: P
         session = signed_in_cookie(gw, browser)
         assert session is not None
     cookies = {cookie_name(gw): session}
-    # A form post from another site: no JSON content type, a foreign Origin.
-    assert httpx.post(gw.http_url + "/logout", cookies=cookies).status_code == 415
+    # A post with no Origin on the cookie (browsers always send one), a form post from
+    # the page's own origin (no JSON content type), and one from a foreign origin.
+    assert httpx.post(gw.http_url + "/logout", cookies=cookies).status_code == 403
+    form = {"Origin": gw.http_url, "Content-Type": "application/x-www-form-urlencoded"}
+    assert httpx.post(gw.http_url + "/logout", cookies=cookies, headers=form).status_code == 415
     foreign = {"Content-Type": "application/json", "Origin": "http://evil.example"}
     assert httpx.post(gw.http_url + "/logout", cookies=cookies, headers=foreign).status_code == 403
     assert api_status(gw, session) == 200
-    own = {"Content-Type": "application/json"}
+    own = {"Content-Type": "application/json", "Origin": gw.http_url}
     assert httpx.post(gw.http_url + "/logout", cookies=cookies, headers=own).status_code == 200
     assert api_status(gw, session) == 401
 
@@ -426,6 +429,7 @@ def test_without_oidc_the_sign_in_paths_say_so() -> None:
             "who": "operator",
             "channel": "api",
             "roles": ["admin"],
+            "project_roles": [],
             "person": None,
             "sign_in": False,
         }
@@ -451,6 +455,7 @@ def test_a_signed_in_person_decides_with_the_roles_the_grants_give(
             gw.http_url + "/api/permissions/web/r1",
             cookies={cookie_name(gw): session},
             json={"decision": "approve"},
+            headers={"Origin": gw.http_url},  # as the console's own fetch sends it
         )
         assert decided.status_code == 200, decided.text
         answer = json.loads(sled.recv(timeout=scaled(10)))
@@ -472,14 +477,17 @@ def test_a_person_no_grant_names_sees_who_they_are_and_nothing_else(tmp_path: Pa
             assert refused.status_code == 403, path
             assert refused.json()["needs"] == "viewer"
         decision = httpx.post(
-            gw.http_url + "/api/permissions/web/r1", cookies=cookies, json={"decision": "approve"}
+            gw.http_url + "/api/permissions/web/r1",
+            cookies=cookies,
+            json={"decision": "approve"},
+            headers={"Origin": gw.http_url},
         )
         assert decision.status_code == 403 and decision.json()["needs"] == "viewer"
         out = httpx.post(
             gw.http_url + "/logout",
             cookies=cookies,
             json=None,
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", "Origin": gw.http_url},
         )
         assert out.status_code == 200
         assert httpx.get(gw.http_url + "/api/me", cookies=cookies).status_code == 401

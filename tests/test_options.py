@@ -150,6 +150,7 @@ BAD = {
     "ingress_max_connections_per_client": ("many", 1.5),
     "claude_progress_interval": ("0", 0.0),
     "hook_never_forward": (None, ("Read", 7)),
+    "owner": ("not an email", "not an email"),
 }
 
 
