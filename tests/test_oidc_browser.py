@@ -494,3 +494,75 @@ def test_a_person_no_grant_names_sees_who_they_are_and_nothing_else(tmp_path: Pa
     finally:
         gw.stop()
         provider.kill()
+
+
+# ── two people, the access file, the audit ─────────────────────────────────
+
+
+TEAM = """\
+[[grant]]
+who = "group:web-team"
+role = "approver"
+projects = ["web-*"]
+
+[[grant]]
+who = "bob@example.test"
+role = "approver"
+projects = ["web-*"]
+"""
+
+
+def test_two_people_sign_in_and_each_decision_names_its_person(
+    browser: Any, tmp_path: Path
+) -> None:
+    """Alice (an approver through her ID token's group) and Bob (by his email) sign in
+    through the provider's pages in two browsers; each approves one request from the
+    console, and the audit and the console name who did, not "console"."""
+    from sled_gateway.access import load_access
+
+    access = tmp_path / "access.toml"
+    access.write_text(TEAM)
+    provider, gw = start_pair(tmp_path, access=load_access(access))
+    try:
+        with connect(gw.url_for_sleds()) as sled:
+            sled.send(
+                json.dumps({"type": "identity", "req_id": "i", "payload": {"project": "web-1"}})
+            )
+            for req_id in ("by-alice", "by-bob"):
+                payload = {"tool_name": "Bash", "tool_input": {"command": f"make {req_id}"}}
+                sled.send(
+                    json.dumps({"type": "perm_request", "req_id": req_id, "payload": payload})
+                )
+            eventually(
+                lambda: gw.is_pending("web-1", "by-alice") and gw.is_pending("web-1", "by-bob"),
+                10,
+                "both requests pending",
+            )
+            for who, name, req_id in (
+                ("alice", "Alice Liddell", "by-alice"),
+                ("bob", "Bob Builder", "by-bob"),
+            ):
+                with browser_support.fresh_page(browser) as page:
+                    page.goto(gw.http_url + "/login")
+                    sign_in_at_provider(page, who)
+                    page.wait_for_selector(f"#signed-in:has-text('{name}')", timeout=WAIT_MS)
+                    card = f"#pending .card[data-req-id='{req_id}']"
+                    page.click(f"{card} button[data-action=approve]", timeout=WAIT_MS)
+                    page.wait_for_selector(card, state="detached", timeout=WAIT_MS)
+                    # The console's audit log names the person.
+                    page.wait_for_selector(
+                        f"#audit tbody tr:has-text('{req_id}'):has-text('{who}@example.test')",
+                        timeout=WAIT_MS,
+                    )
+                answer = json.loads(sled.recv(timeout=scaled(10)))
+                assert answer["req_id"] == req_id and answer["payload"]["approved"] is True, answer
+        with httpx.Client(base_url=gw.http_url, headers=gw.api_headers()) as api:
+            rows = {r["req_id"]: r for r in api.get("/api/audit").json()["entries"]}
+            alice_rows = api.get("/api/audit", params={"person": "alice@example.test"}).json()
+        assert rows["by-alice"]["who"] == "alice@example.test"
+        assert rows["by-bob"]["who"] == "bob@example.test"
+        assert rows["by-alice"]["channel"] == rows["by-bob"]["channel"] == "console"
+        assert [r["req_id"] for r in alice_rows["entries"]] == ["by-alice"]
+    finally:
+        gw.stop()
+        provider.kill()
