@@ -24,10 +24,10 @@ import pytest
 pytest.importorskip("nio", reason="matrix-nio is not installed (the 'matrix' extra)")
 
 from actors import Uplink
-from protocol import Decision
+from protocol import ConfigError, Decision
 from sled_gateway import Gateway
 from sled_gateway.access import load_access
-from sled_gateway.transports.matrix import MatrixTransport
+from sled_gateway.transports.matrix import MatrixTransport, config_from_options
 from tests.conftest import REFERENCE_TOKEN
 from tests.support.matrix_client import MatrixPerson, body, reply_to
 from tests.support.synapse import Synapse, SynapseUnavailable, synapse_python
@@ -221,8 +221,7 @@ def test_an_approver_of_another_project_is_refused(
     post = room_setup.posted("r-api")
     refusal = reply(room_setup, team, "dave", post["event_id"], "always")
     assert refusal == (
-        f"{M['dave']}: {DAVE} has no role on sled 'web-1': answering needs the approver "
-        "role on it."
+        f"{M['dave']}: {DAVE} has no role on sled 'web-1': answering needs the approver role on it."
     )
     assert room_setup.gw.is_pending("web-1", "r-api")
     assert room_setup.gw.rules() == []
@@ -274,3 +273,21 @@ def test_the_sleds_owner_cannot_approve_alone_from_the_room(
     assert counted == f"1 of 2 approvals: {BOB}"
     assert room_setup.gw.is_pending("web-2", "own")
     assert not outcome.done()
+
+
+def test_with_access_the_allow_list_is_optional(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("pw")
+    secret.chmod(0o600)
+    options: dict[str, Any] = {
+        "homeserver": "http://127.0.0.1:8008",
+        "user": BOT,
+        "password_file": str(secret),
+        "access_token_file": None,
+        "room": "#r:localhost",
+        "operators": None,
+    }
+    config = config_from_options(**options, people=True)
+    assert config is not None and config.operators == frozenset()
+    with pytest.raises(ConfigError, match="--matrix-operators: required"):
+        config_from_options(**options)  # without --access the allow list is who answers

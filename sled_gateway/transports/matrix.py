@@ -207,7 +207,8 @@ MATRIX_OPTIONS: dict[str, Option] = {
     ),
     "operators": Option(
         "--matrix-operators",
-        "who may answer from the room (comma-separated user ids)",
+        "who may answer from the room (comma-separated user ids); with --access its "
+        "people answer instead (docs/matrix.md)",
         metavar="@A:SERVER,...",
         default=None,
     ),
@@ -222,8 +223,13 @@ def config_from_options(
     access_token_file: str | None,
     room: str | None,
     operators: str | None,
+    people: bool = False,
 ) -> MatrixConfig | None:
     """The command line's ``--matrix-*`` options → a config (None when none was given).
+
+    ``people``: the gateway has an ``--access`` file, whose people answer from
+    the room; ``--matrix-operators`` is then optional (and names no one who
+    is not also one of them).
 
     Raises :class:`ConfigError` naming the first unusable option, so a bad
     value stops the gateway before it starts instead of failing in the loop.
@@ -238,12 +244,11 @@ def config_from_options(
     if all(v is None for v in given.values()) and not secrets_given:
         return None
     for option, value in given.items():
-        if not value:
+        if not value and not (people and option == "--matrix-operators" and value is None):
             raise ConfigError(option, "required with the other --matrix-* options")
     assert homeserver
     assert user
     assert room
-    assert operators
     if password_file is not None and access_token_file is not None:
         raise ConfigError(
             "--matrix-password-file", "cannot be combined with --matrix-access-token-file"
@@ -261,8 +266,8 @@ def config_from_options(
             "--matrix-room",
             f"expected a room id (!id) or an alias (#name:server), not {room!r}",
         )
-    names = [name.strip() for name in operators.split(",") if name.strip()]
-    if not names:
+    names = [name.strip() for name in (operators or "").split(",") if name.strip()]
+    if not names and not people:
         raise ConfigError("--matrix-operators", "name at least one operator (@user:server)")
     for name in names:
         if not _is_user_id(name):
