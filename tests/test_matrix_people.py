@@ -13,6 +13,10 @@ before the access file ruled the room, and is refused now.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +32,14 @@ from protocol import ConfigError, Decision
 from sled_gateway import Gateway
 from sled_gateway.access import load_access
 from sled_gateway.transports.matrix import MatrixTransport, config_from_options
-from tests.conftest import REFERENCE_TOKEN
+from tests.conftest import REFERENCE_TOKEN, closed_port
 from tests.support.matrix_client import MatrixPerson, body, reply_to
 from tests.support.synapse import Synapse, SynapseUnavailable, synapse_python
 from tests.test_matrix import (
     BOT,
     NOT_INSTALLED,
     PASSWORDS,
+    ROOT,
     Homeserver,
     Setup,
     T,
@@ -291,3 +296,79 @@ def test_with_access_the_allow_list_is_optional(tmp_path: Path) -> None:
     assert config is not None and config.operators == frozenset()
     with pytest.raises(ConfigError, match="--matrix-operators: required"):
         config_from_options(**options)  # without --access the allow list is who answers
+
+
+def test_run_gateway_with_access_and_no_allow_list(
+    team: Team, tmp_path: Path, make_uplink: Callable[..., Uplink]
+) -> None:
+    """``run_gateway.py --access FILE --matrix-*`` without ``--matrix-operators``: the file's
+    people answer from the room, the outsider is refused."""
+    alice, mallory = team.people["alice"], team.people["mallory"]
+    room = alice.create_room(invite=[BOT, M["mallory"]])
+    mallory.join(room)
+    access = tmp_path / "access.toml"
+    access.write_text(ACCESS)
+    password_file = tmp_path / "bot-password"
+    password_file.write_text(PASSWORDS["bot"] + "\n")
+    password_file.chmod(0o600)
+    port = closed_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "run_gateway.py"),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--access",
+            str(access),
+            "--matrix-homeserver",
+            team.synapse.url,
+            "--matrix-user",
+            BOT,
+            "--matrix-password-file",
+            str(password_file),
+            "--matrix-room",
+            room,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "SLED_GATEWAY_TOKEN": REFERENCE_TOKEN},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    output: list[bytes] = []
+    pump = threading.Thread(target=lambda: output.extend(proc.stdout or []), daemon=True)
+    pump.start()
+
+    def text() -> str:
+        return b"".join(output).decode(errors="replace")
+
+    try:
+        try:
+            wait_until(lambda: "matrix: joined" in text(), T, "the bot joined")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; output:\n{text()}") from None
+        assert f"the access file's people: {M['alice']}" in text()
+        url = f"ws://127.0.0.1:{port}/api/sled-uplink?token={REFERENCE_TOKEN}"
+        uplink = make_uplink(url, project="web-cli")
+        assert uplink.wait_connected(T)
+        outcome = uplink.request_permission("Bash", {"command": "uptime"}, request_id="r-cli")
+        post = alice.wait_event(
+            room,
+            lambda e: e["sender"] == BOT and "Request: r-cli\n" in body(e),
+            T,
+            "the post of r-cli",
+        )
+        attempt = mallory.reply(room, post["event_id"], "approve")
+        refusal = alice.wait_event(
+            room, lambda e: e["sender"] == BOT and reply_to(e) == attempt, T, "the refusal"
+        )
+        assert "not a known person" in body(refusal)
+        assert not outcome.done()
+        alice.reply(room, post["event_id"], "approve")
+        assert outcome.result(T).decision is Decision.APPROVE
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        pump.join(5)
+    log = text()
+    assert proc.returncode == 0, log
+    assert f"approve by {ALICE}" in log
