@@ -12,7 +12,9 @@ What it does, in one room:
 - an operator answers by *replying* to that message with ``approve``,
   ``deny`` or ``always`` (or by reacting with ✅ / ❌ / 🔁); only the listed
   operators can decide, anyone else gets a short refusal in reply (at most
-  one per person a minute);
+  one per person a minute); with an ``--access`` file, its people answer
+  instead: a user id a ``[[person]]`` maps votes as that person, under their
+  roles on the sled's project and the quorum, and the refusal says why;
 - a message answers only the request *instance* it shows: once that one is
   decided or withdrawn, a reply to it decides nothing, even when a new
   request reuses its id; an input the message had to clip can be denied
