@@ -372,3 +372,35 @@ def test_run_gateway_with_access_and_no_allow_list(
     log = text()
     assert proc.returncode == 0, log
     assert f"approve by {ALICE}" in log
+
+
+def test_a_vote_from_matrix_and_one_from_the_api_by_the_same_person_are_one_vote(
+    room_setup: Setup, team: Team, make_uplink: Callable[..., Uplink]
+) -> None:
+    gw = room_setup.gw
+    with httpx.Client(base_url=gw.http_url, headers=gw.api_headers(), timeout=T) as operator:
+        made = {
+            p: operator.post("/api/tokens", json={"person": p, "expires_in": 600})
+            for p in (ALICE, BOB)
+        }
+    tokens = {p: r.json()["token"] for p, r in made.items()}
+    uplink = room_setup.sled(make_uplink, project="web-1")
+    outcome = uplink.request_permission("Bash", PUSH, request_id="mixed")
+    post = room_setup.posted("mixed")
+    assert (
+        reply(room_setup, team, "alice", post["event_id"], "approve")
+        == f"1 of 2 approvals: {ALICE}"
+    )
+
+    def vote(person: str) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {tokens[person]}"}
+        with httpx.Client(base_url=gw.http_url, headers=headers, timeout=T) as client:
+            return client.post("/api/permissions/web-1/mixed", json={"decision": "approve"})
+
+    again = vote(ALICE)
+    assert again.status_code == 409 and "already voted" in again.json()["error"], again.text
+    assert gw.is_pending("web-1", "mixed")
+    assert vote(BOB).status_code == 200
+    assert outcome.result(T).decision is Decision.APPROVE
+    votes = ballot(gw, "web-1", "mixed")["votes"]
+    assert [(v["person"], v["channel"]) for v in votes] == [(ALICE, "matrix"), (BOB, "api")]
