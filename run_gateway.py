@@ -152,7 +152,8 @@ def resolve_matrix(args: argparse.Namespace) -> MatrixConfig | None:
         # --auto answers before anyone could read the room.
         raise ConfigError("--matrix-homeserver", "cannot be combined with --auto")
     config = matrix_config_from_options(
-        **{name: getattr(args, f"matrix_{name}") for name in MATRIX_OPTIONS}
+        **{name: getattr(args, f"matrix_{name}") for name in MATRIX_OPTIONS},
+        people=args.access_file is not None,
     )
     if config is not None:
         try:

@@ -12,7 +12,9 @@ What it does, in one room:
 - an operator answers by *replying* to that message with ``approve``,
   ``deny`` or ``always`` (or by reacting with ✅ / ❌ / 🔁); only the listed
   operators can decide, anyone else gets a short refusal in reply (at most
-  one per person a minute);
+  one per person a minute); with an ``--access`` file, its people answer
+  instead: a user id a ``[[person]]`` maps votes as that person, under their
+  roles on the sled's project and the quorum, and the refusal says why;
 - a message answers only the request *instance* it shows: once that one is
   decided or withdrawn, a reply to it decides nothing, even when a new
   request reuses its id; an input the message had to clip can be denied
@@ -54,8 +56,8 @@ from loguru import logger
 
 from actors.cli import Option
 from protocol import ConfigError, Decision, decision_word, printable, show_invisible
-from sled_gateway.approvals import Approvals, Forbidden, NotRecorded, VoteCounted, VoteRefused
-from sled_gateway.principal import Principal
+from sled_gateway.approvals import Forbidden, NotRecorded, VoteCounted, VoteRefused
+from sled_gateway.principal import Channel, Principal, Role
 from sled_gateway.records import (
     WITHDRAWN,
     AlreadyDecided,
@@ -207,7 +209,8 @@ MATRIX_OPTIONS: dict[str, Option] = {
     ),
     "operators": Option(
         "--matrix-operators",
-        "who may answer from the room (comma-separated user ids)",
+        "who may answer from the room (comma-separated user ids); with --access its "
+        "people answer instead (docs/matrix.md)",
         metavar="@A:SERVER,...",
         default=None,
     ),
@@ -222,8 +225,13 @@ def config_from_options(
     access_token_file: str | None,
     room: str | None,
     operators: str | None,
+    people: bool = False,
 ) -> MatrixConfig | None:
     """The command line's ``--matrix-*`` options → a config (None when none was given).
+
+    ``people``: the gateway has an ``--access`` file, whose people answer from
+    the room; ``--matrix-operators`` is then optional (and names no one who
+    is not also one of them).
 
     Raises :class:`ConfigError` naming the first unusable option, so a bad
     value stops the gateway before it starts instead of failing in the loop.
@@ -238,12 +246,11 @@ def config_from_options(
     if all(v is None for v in given.values()) and not secrets_given:
         return None
     for option, value in given.items():
-        if not value:
+        if not value and not (people and option == "--matrix-operators" and value is None):
             raise ConfigError(option, "required with the other --matrix-* options")
     assert homeserver
     assert user
     assert room
-    assert operators
     if password_file is not None and access_token_file is not None:
         raise ConfigError(
             "--matrix-password-file", "cannot be combined with --matrix-access-token-file"
@@ -261,8 +268,8 @@ def config_from_options(
             "--matrix-room",
             f"expected a room id (!id) or an alias (#name:server), not {room!r}",
         )
-    names = [name.strip() for name in operators.split(",") if name.strip()]
-    if not names:
+    names = [name.strip() for name in (operators or "").split(",") if name.strip()]
+    if not names and not people:
         raise ConfigError("--matrix-operators", "name at least one operator (@user:server)")
     for name in names:
         if not _is_user_id(name):
@@ -609,12 +616,25 @@ class MatrixTransport:
         self.gateway.add_pending_listener(self._on_pending)
         self.gateway.add_decision_listener(self._on_decision)
         self._future = self.gateway.run_on_loop(self._main())
+        access = self.gateway.config.access
+        if access is None:
+            who = "operators: " + ", ".join(sorted(self.config.operators))
+        else:
+            mapped = sorted(p.matrix for p in access.people if p.matrix is not None)
+            who = "the access file's people: " + (", ".join(mapped) or "none mapped")
+            ignored = sorted(self.config.operators - set(mapped))
+            if ignored:
+                log.warning(
+                    "matrix: with --access only the people it maps to Matrix ids answer; "
+                    "--matrix-operators {} are not among them and cannot answer",
+                    ", ".join(ignored),
+                )
         log.info(
-            "matrix: bot {} for room {} on {} (operators: {})",
+            "matrix: bot {} for room {} on {} ({})",
             self.config.user_id,
             self.config.room,
             self.config.homeserver,
-            ", ".join(sorted(self.config.operators)),
+            who,
         )
         return self
 
@@ -978,14 +998,10 @@ class MatrixTransport:
         shown = self._by_event.get(target)
         if shown is None:
             return
-        # The bot's allow list makes a Matrix user an approver; the approvals
-        # service judges what that allows.
-        principal = Principal.matrix(sender, approver=sender in self.config.operators)
         instance = shown.instance
-        try:
-            Approvals.authorize(principal)  # an outsider hears the refusal, not the hint
-        except Forbidden:
-            await self._refuse(sender, thread, event_id)
+        principal, why_not = self._voter(sender, instance.project)
+        if why_not is not None:  # an outsider hears the refusal, not the hint
+            await self._refuse(sender, thread, event_id, why_not)
             return
         if not shown.answerable:
             await self._reply(
@@ -1022,8 +1038,10 @@ class MatrixTransport:
                 by=principal,
                 input_sha256=instance.input_sha256,
             )
-        except Forbidden:
-            await self._refuse(sender, thread, event_id)
+        except Forbidden as exc:
+            await self._refuse(
+                sender, thread, event_id, f"answering needs the {exc.needs.value} role."
+            )
         except (VoteCounted, VoteRefused) as exc:
             # A quorum: the vote counted without deciding yet, or cannot count.
             await self._reply(thread, event_id, printable(str(exc)))
@@ -1041,25 +1059,60 @@ class MatrixTransport:
         except (UnknownRequest, InputMismatch):
             await self._reply(thread, event_id, "That request is no longer pending.")
 
-    async def _refuse(self, sender: str, thread: str | None, event_id: str) -> None:
-        """Refuse an outsider, in the room at most once per ``REFUSAL_INTERVAL_S``:
-        refusals must not become a way to make the bot flood the room."""
+    def _voter(self, sender: str, project: str) -> tuple[Principal, str | None]:
+        """Whom a Matrix user answers as on ``project``'s request, and why they may not
+        (None: they may; the approvals service still judges the vote itself).
+
+        With an ``--access`` file its ``[[person]]`` tables decide: a mapped user is
+        that person, with the person's roles, and nobody else answers (the allow
+        list then names no one: a user id on it that no person claims would be
+        an approver no grant, quorum or audit knows about). Without one, the
+        bot's allow list makes a user an approver on every project.
+        """
+        access = self.gateway.config.access
+        if access is None:
+            principal = Principal.matrix(sender, approver=sender in self.config.operators)
+            if principal.has(Role.APPROVER, project):
+                return principal, None
+            return principal, "only the gateway's operators can answer."
+        person_id = access.person_for_matrix(sender)
+        if person_id is None:
+            return (
+                Principal.matrix(sender, approver=False),
+                "not a known person: the gateway's access file maps no person to this "
+                "Matrix id, so it cannot answer.",
+            )
+        principal = access.principal_for(access.person(person_id), Channel.MATRIX)
+        if principal.has(Role.APPROVER, project):
+            return principal, None
+        shown = printable(person_id, 200)
+        sled = _shorten(printable(project), 100)
+        if principal.has(Role.VIEWER, project):
+            return principal, (
+                f"{shown} is a viewer of sled '{sled}': answering needs the approver role."
+            )
+        return principal, (
+            f"{shown} has no role on sled '{sled}': answering needs the approver role on it."
+        )
+
+    async def _refuse(self, sender: str, thread: str | None, event_id: str, why: str) -> None:
+        """Refuse someone who may not answer, in the room at most once per
+        ``REFUSAL_INTERVAL_S``: refusals must not become a way to make the bot flood the room."""
         now = time.monotonic()
         last = self._refused.get(sender)
         if last is not None and now - last < REFUSAL_INTERVAL_S:
             log.debug(
-                "matrix: {} is not an operator; answer refused (not told again)",
+                "matrix: {} may not answer; refused (not told again): {}",
                 printable(sender, 200),
+                why,
             )
             return
-        log.warning("matrix: {} is not an operator; answer refused", printable(sender, 200))
+        log.warning("matrix: {} may not answer; refused: {}", printable(sender, 200), why)
         self._refused[sender] = now
         self._refused.move_to_end(sender)
         while len(self._refused) > _REFUSED_MEMORY:
             self._refused.popitem(last=False)
-        await self._reply(
-            thread, event_id, f"{printable(sender)}: only the gateway's operators can answer."
-        )
+        await self._reply(thread, event_id, f"{printable(sender)}: {why}")
 
     async def _reply(self, thread: str | None, event_id: str, text: str) -> None:
         assert self._queue is not None
