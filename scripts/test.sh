@@ -12,6 +12,8 @@ bash scripts/install-synapse.sh >&2 || true
 bash scripts/install-claude-code.sh >&2 || true
 # The console's accessibility check runs a pinned axe-core (npm, into .tools/).
 bash scripts/install-axe.sh >&2 || true
+# The store's PostgreSQL tests run Debian's PostgreSQL 15 (installed if missing).
+bash scripts/install-postgres.sh >&2 || true
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?
