@@ -247,8 +247,12 @@ class _OperationFailed(Exception):
 
 def _reason(exc: Exception) -> str:
     """The database's own words: SQLAlchemy's message adds the statement and its
-    parameters (a tool's input), which belong in no error a caller passes on."""
-    return str(exc.orig) if isinstance(exc, DBAPIError) else str(exc)
+    parameters (a tool's input), which belong in no error a caller passes on. Only
+    the primary message, too: PostgreSQL's detail quotes the failing row."""
+    if not isinstance(exc, DBAPIError):
+        return str(exc)
+    primary = getattr(getattr(exc.orig, "diag", None), "message_primary", None)
+    return str(primary) if primary else str(exc.orig)
 
 
 def _rule(row: Sequence[Any]) -> Rule:
