@@ -6,7 +6,9 @@ refuses to run as root, so under root it runs as ``nobody`` (``setpriv``),
 the directory owned by that user. It listens on 127.0.0.1 only, on a free
 port, with ``trust`` authentication for loopback and its own socket (nothing
 else can reach it). ``setpriv --pdeathsig`` makes the kernel stop it should
-the test process die without its teardown, and the directory is removed at
+the test process die without its teardown (the parent it watches is one
+thread kept for that, since the kernel signals when the starting *thread*
+ends, and a test may start the server from any thread), and the directory is removed at
 the end, so a run leaves nothing behind.
 
 Fixtures: ``postgres`` (the session's :class:`PostgresServer`, or a skip
@@ -16,6 +18,7 @@ database of its own for one test, dropped after it).
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import os
 import pwd
@@ -60,6 +63,7 @@ class PostgresServer:
         self.port = _free_port()
         self._proc: subprocess.Popen[bytes] | None = None
         self._names = itertools.count(1)
+        self._launcher = concurrent.futures.ThreadPoolExecutor(1, "postgres-launcher")
         if os.geteuid() == 0:
             user = pwd.getpwnam("nobody")
             self._as: list[str] = [
@@ -103,8 +107,24 @@ class PostgresServer:
         return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> PostgresServer:
+        self._proc = self._launcher.submit(self._launch).result()
+        deadline = time.monotonic() + _START_TIMEOUT
+        while True:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"postgres exited: {self.log.read_text()[-2000:]}")
+            ready = subprocess.run(
+                [str(PG_BIN / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)],
+                check=False,
+            )
+            if ready.returncode == 0:
+                return self
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"postgres not ready in {_START_TIMEOUT} s")
+            time.sleep(0.05)
+
+    def _launch(self) -> subprocess.Popen[bytes]:
         with open(self.log, "ab") as log:
-            self._proc = subprocess.Popen(
+            return subprocess.Popen(
                 [
                     *self._as,
                     "--pdeathsig",
@@ -132,19 +152,6 @@ class PostgresServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + _START_TIMEOUT
-        while True:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"postgres exited: {self.log.read_text()[-2000:]}")
-            ready = subprocess.run(
-                [str(PG_BIN / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)],
-                check=False,
-            )
-            if ready.returncode == 0:
-                return self
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"postgres not ready in {_START_TIMEOUT} s")
-            time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGINT) -> None:
         """Stop the server (SIGINT: PostgreSQL's fast shutdown, which drops every client)."""
@@ -161,6 +168,7 @@ class PostgresServer:
 
     def remove(self) -> None:
         self.stop()
+        self._launcher.shutdown()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def url(self, database: str = "postgres") -> str:

@@ -65,7 +65,7 @@ from sqlalchemy.types import TypeEngine
 
 from protocol.web import ascii_digits
 from sled_gateway.policy import Policy
-from sled_gateway.store import MEMORY, sqlite
+from sled_gateway.store import MEMORY, postgresql, sqlite
 from sled_gateway.store.models import (
     MAX_PAGE,
     AuditEntry,
@@ -320,7 +320,7 @@ def _new_id(result: CursorResult[Any]) -> int:
 
 def _url(location: str | os.PathLike[str]) -> URL:
     text = os.fspath(location)
-    return make_url(text) if "://" in text else sqlite.url_for_path(text)
+    return postgresql.driver_url(make_url(text)) if "://" in text else sqlite.url_for_path(text)
 
 
 class SqlStore:
@@ -356,6 +356,7 @@ class SqlStore:
         #: Transactions committed by the writer thread (a burst should take few).
         self.commits = 0
         self._sqlite = sqlite.is_sqlite(self.url)
+        self._postgresql = postgresql.is_postgresql(self.url)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._gate = threading.Lock()  # orders "closed" against queueing
         self._closed = True
@@ -378,7 +379,12 @@ class SqlStore:
                 self._lock = sqlite.FileLock(file)
                 self._lock.acquire()
             # hide_parameters: an error (and its log line) never carries a tool's input.
-            engine = create_engine(self.url, poolclass=NullPool, hide_parameters=True)
+            engine = create_engine(
+                self.url,
+                poolclass=NullPool,
+                hide_parameters=True,
+                connect_args=postgresql.connect_args(self.url) if self._postgresql else {},
+            )
         except OSError as exc:
             self._release()
             raise StoreError(f"cannot open {self.location}: {exc.strerror or exc}") from None
@@ -475,6 +481,8 @@ class SqlStore:
     def _prepare(self, conn: Connection) -> list[Rule]:
         """Migrate and read the active rules, in one transaction."""
         with conn.begin():
+            if self._postgresql:
+                postgresql.lock_migrations(conn)  # replicas starting together take turns
             found, current = self._schema_version(conn)
             if not current and not inspect(conn).get_table_names():
                 # An empty database: made as the newest revision leaves it and
@@ -554,7 +562,8 @@ class SqlStore:
                     stop = True
                     break
                 batch.append(item)
-            self._run_batch(conn, batch)
+            if self._sqlite or self._reachable(conn, batch):
+                self._run_batch(conn, batch)
             if self._capped:
                 assert self.max_bytes
                 self._written += sum(fn.size for fn, _fut in batch if isinstance(fn, _AuditRow))
@@ -562,6 +571,32 @@ class SqlStore:
                     self._cap(conn)
             if stop:
                 return
+
+    def _reachable(self, conn: Connection, batch: list[_Op]) -> bool:
+        """Whether a server database answers, a dead connection replaced first; if not,
+        ``batch`` fails with :class:`StoreError` (see :mod:`.postgresql`)."""
+        error = self._ping(conn)
+        if error is not None and error.connection_invalidated:
+            log.warning("store connection to {} lost; reconnecting", self.location)
+            error = self._ping(conn)  # on a new connection
+        if error is None:
+            return True
+        log.warning("store {} unreachable: {}", self.location, _reason(error))
+        failure = StoreError(f"the store cannot reach {self.location}: {_reason(error)}")
+        for _fn, fut in batch:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(failure)
+        return False
+
+    @staticmethod
+    def _ping(conn: Connection) -> DBAPIError | None:
+        try:
+            conn.exec_driver_sql("SELECT 1")
+        except DBAPIError as exc:
+            conn.rollback()  # no round trip: the connection is gone (or was never made)
+            return exc
+        conn.rollback()
+        return None
 
     def _run_batch(self, conn: Connection, batch: list[_Op]) -> None:
         # A future its caller cancelled still has its operation run (an audit

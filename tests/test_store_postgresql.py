@@ -1,0 +1,104 @@
+"""The store on PostgreSQL: what only a server database brings (the shared behaviour is
+in ``test_store_interface.py``, run there on every engine).
+
+A real PostgreSQL 15 (``tests/pg.py``), stopped and started where the point is
+losing it; a real gateway with a raw ``websockets`` sled where the point is
+what an operator and a sled see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from sled_gateway import Gateway
+from sled_gateway.store import AuditEntry, StoreError, make_store
+from tests.pg import PostgresServer
+from tests.test_gateway import TOKEN, T, pending_ids, perm_request, recv, run, sled, wait_state
+
+pytestmark = pytest.mark.timeout(120)
+
+T0 = 1767225600.0
+
+
+def entry(req_id: str, project: str = "p", decision: str = "approve") -> AuditEntry:
+    return AuditEntry(
+        project, 1, req_id, "Bash", {"command": "make"}, decision, "console", None, T0, T0 + 1
+    )
+
+
+@pytest.fixture
+def make_gateway(make_reference_gateway: Callable[..., Gateway]) -> Callable[..., Gateway]:
+    return functools.partial(make_reference_gateway, token=TOKEN)
+
+
+def test_a_postgresql_url_uses_psycopg_and_hides_its_password(pg_url: str) -> None:
+    with_password = pg_url.replace("sled@", "sled:hunter2@")
+    store = make_store(with_password).open()  # trust auth: the password is not checked
+    try:
+        assert store.url.drivername == "postgresql+psycopg"
+        assert "hunter2" not in store.location
+    finally:
+        store.close()
+
+
+def test_the_store_fails_while_postgresql_is_down_and_reconnects_when_it_is_back(
+    postgres: PostgresServer, pg_url: str
+) -> None:
+    store = make_store(pg_url).open()
+    try:
+
+        async def scenario() -> None:
+            await store.record(entry("before"))
+            # A restart between two operations: the next one still succeeds (its
+            # connection died unseen, and is replaced before it is used).
+            await asyncio.to_thread(postgres.stop)
+            await asyncio.to_thread(postgres.start)
+            await store.record(entry("after-restart"))
+            await asyncio.to_thread(postgres.stop)
+            with pytest.raises(StoreError):
+                await store.record(entry("while-down"))
+            with pytest.raises(StoreError):  # still down: fails again, promptly
+                await asyncio.wait_for(store.record(entry("still-down")), T)
+            await asyncio.to_thread(postgres.start)
+            await store.record(entry("after"))  # the first operation after: no error
+            assert [e.req_id for e in await store.audit()] == ["after", "after-restart", "before"]
+
+        run(scenario())
+    finally:
+        store.close()
+
+
+def test_a_decision_is_not_taken_while_postgresql_is_down_and_is_after(
+    postgres: PostgresServer, pg_url: str, make_gateway: Callable[..., Gateway]
+) -> None:
+    gw = make_gateway(db=pg_url)
+
+    async def scenario() -> None:
+        async with (
+            sled(gw, "p") as ws,
+            httpx.AsyncClient(base_url=gw.http_url, headers=gw.api_headers(), timeout=T) as client,
+        ):
+            await ws.send(perm_request("r1", "Bash", {"command": "make"}))
+            await wait_state(gw, lambda s: "r1" in pending_ids(s))
+            await asyncio.to_thread(postgres.stop)
+            response = await client.post("/api/permissions/p/r1", json={"decision": "approve"})
+            assert response.status_code == 503, response.text
+            assert "still pending" in response.json()["error"]
+            assert gw.is_pending("p", "r1")
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(ws.recv(), 0.5)  # the sled got nothing
+            await asyncio.to_thread(postgres.start)
+            response = await client.post("/api/permissions/p/r1", json={"decision": "approve"})
+            assert response.status_code == 200, response.text
+            answer = await recv(ws)
+            assert answer["type"] == "perm_response", answer
+            audit = (await client.get("/api/audit")).json()
+            rows = audit["entries"] if isinstance(audit, dict) else audit
+            assert [(r["req_id"], r["decision"]) for r in rows] == [("r1", "approve")]
+
+    run(scenario())
