@@ -102,3 +102,22 @@ def test_a_decision_is_not_taken_while_postgresql_is_down_and_is_after(
             assert [(r["req_id"], r["decision"]) for r in rows] == [("r1", "approve")]
 
     run(scenario())
+
+
+def test_an_unreachable_or_unknown_database_url_is_refused_in_one_line() -> None:
+    from tests.conftest import closed_port
+    from tests.test_store import GatewayProcess
+
+    for url, said in (
+        (f"postgresql://sled:hunter2@127.0.0.1:{closed_port()}/gw", "cannot open"),
+        ("nosuchdb://somewhere/gw", "cannot open"),
+    ):
+        done = GatewayProcess("--listen", "127.0.0.1:0", "--db", url)
+        try:
+            assert done.proc.wait(3 * T) == 2
+        finally:
+            done.kill()
+        stderr = done.out["stderr"]
+        assert "--db" in stderr and said in stderr, stderr
+        assert "Traceback" not in stderr
+        assert "hunter2" not in stderr  # the password is never printed
