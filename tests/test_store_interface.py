@@ -26,6 +26,7 @@ from sled_gateway.store import (
     DENY,
     MAX_PAGE,
     MEMORY,
+    AlreadyRecorded,
     AuditEntry,
     Rule,
     RuleRevoked,
@@ -406,3 +407,28 @@ def test_record_later_futures_are_concurrent_futures(engine: Engine) -> None:
     future = store.record_later(entry(1))
     assert isinstance(future, concurrent.futures.Future)
     assert isinstance(future.result(10), int)
+
+
+def test_a_request_is_recorded_once_of_two_concurrent_deciders(engine: Engine) -> None:
+    store = engine.open()
+    approve, deny = entry(1), replace(entry(1), decision="deny", by="matrix:@b:x")
+    later = replace(entry(1), requested_at=T0 + 60, decided_at=T0 + 61)  # the id used again
+
+    async def scenario() -> None:
+        results = await asyncio.gather(
+            store.record(approve, once=True),
+            store.record(deny, once=True),
+            return_exceptions=True,
+        )
+        refused = [r for r in results if isinstance(r, AlreadyRecorded)]
+        assert len(refused) == 1, results
+        winner = approve if results[1] is refused[0] else deny
+        assert refused[0].entry is not None and refused[0].entry.decision == winner.decision
+        rows = await store.audit()
+        assert [(e.req_id, e.decision) for e in rows] == [("p-1", winner.decision)]
+        # A later request under the same id is another request; without once, no check.
+        await store.record(later, once=True)
+        await store.record(approve)
+        assert len(await store.audit()) == 3
+
+    run(scenario())

@@ -12,16 +12,19 @@ import asyncio
 import functools
 import subprocess
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
 
 from sled_gateway import Gateway
-from sled_gateway.store import AuditEntry, Rule, StoreError, make_store
+from sled_gateway.store import AlreadyRecorded, AuditEntry, Rule, Store, StoreError, make_store
 from sled_gateway.store.sql import SCHEMA_VERSION
 from tests.pg import PG_BIN, PostgresServer
 from tests.test_gateway import TOKEN, T, pending_ids, perm_request, recv, run, sled, wait_state
+from tests.test_store import audit_rows
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,6 +35,19 @@ def entry(req_id: str, project: str = "p", decision: str = "approve") -> AuditEn
     return AuditEntry(
         project, 1, req_id, "Bash", {"command": "make"}, decision, "console", None, T0, T0 + 1
     )
+
+
+def count_rows(db: str, project: str) -> int:
+    reader = create_engine(make_store(db).url)
+    try:
+        with reader.connect() as conn:
+            return int(
+                conn.execute(
+                    text("SELECT count(*) FROM audit WHERE project = :p"), {"p": project}
+                ).scalar_one()
+            )
+    finally:
+        reader.dispose()
 
 
 @pytest.fixture
@@ -158,3 +174,39 @@ def test_a_pg_dump_restored_into_a_new_database_is_the_same_store(
             again.close()
     finally:
         postgres.drop_database(restored)
+
+
+def test_two_replicas_deciding_the_same_requests_record_each_exactly_once(pg_url: str) -> None:
+    """Two stores on one database are two gateway replicas. 200 requests, each decided
+    at the same moment on both with conflicting answers: one row per request, one
+    success and one AlreadyRecorded, and the row holds the winner's answer."""
+    first, second = make_store(pg_url).open(), make_store(pg_url).open()
+    ids = [f"r{i:03d}" for i in range(200)]
+
+    async def decide(store: Store, req_id: str, decision: str) -> str | None:
+        try:
+            await store.record(replace(entry(req_id), decision=decision), once=True)
+        except AlreadyRecorded:
+            return None
+        return decision
+
+    async def both_at_once() -> list[tuple[str | None, str | None]]:
+        pairs = await asyncio.gather(
+            *(asyncio.gather(decide(first, r, "approve"), decide(second, r, "deny")) for r in ids)
+        )
+        return [tuple(p) for p in pairs]  # type: ignore[misc]
+
+    try:
+        outcomes = run(both_at_once())
+        rows = audit_rows(pg_url, "p")
+    finally:
+        first.close()
+        second.close()
+    assert len(rows) == len(ids)  # the dict has one key per request id ...
+    count = count_rows(pg_url, "p")
+    assert count == len(ids), count  # ... and the table one row each
+    for req_id, (a, b) in zip(ids, outcomes, strict=True):
+        assert (a is None) != (b is None), (req_id, a, b)  # one success, one refusal
+        assert rows[req_id] == (a or b), (req_id, rows[req_id], a, b)
+    both = {o for pair in outcomes for o in pair if o}
+    print(f"winners: {sorted(both)}; approve won {sum(a is not None for a, _ in outcomes)}")

@@ -18,7 +18,9 @@
   is unknown.
 - **Several gateways on one database** are allowed (no lock file): the
   schema migration takes a transaction-level advisory lock so that two
-  replicas starting together do not both create the tables.
+  replicas starting together do not both create the tables, and
+  ``record(once=True)`` one per request, so that of two replicas deciding
+  one request exactly one records it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,17 @@ def driver_url(url: URL) -> URL:
 def connect_args(url: URL) -> dict[str, Any]:
     """A bound on connecting, unless the URL's query sets its own."""
     return {} if "connect_timeout" in url.query else {"connect_timeout": CONNECT_TIMEOUT_S}
+
+
+def try_lock_request(connection: Connection, project: str, req_id: str) -> bool:
+    """Take the request's lock until the caller's transaction ends; False when another
+    transaction holds it (``record(once=True)``: another decision is committing)."""
+    return bool(
+        connection.execute(
+            text("SELECT pg_try_advisory_xact_lock(hashtextextended(:key, 0))"),
+            {"key": f"{project}\x1f{req_id}"},
+        ).scalar_one()
+    )
 
 
 def lock_migrations(connection: Connection) -> None:

@@ -68,6 +68,7 @@ from sled_gateway.policy import Policy
 from sled_gateway.store import MEMORY, postgresql, sqlite
 from sled_gateway.store.models import (
     MAX_PAGE,
+    AlreadyRecorded,
     AuditEntry,
     PersonToken,
     Recorded,
@@ -89,6 +90,8 @@ SCHEMA_VERSION = 4
 #: Most operations in one transaction (a bound on one commit's latency).
 _MAX_BATCH = 512
 _PURGE_EVERY_S = 3600.0
+#: How far gateways' clocks may differ for ``record(once=True)`` to find a request's row.
+_CLOCK_MARGIN_S = 3600.0
 #: The share of the size cap written between two checks of it (a bound on the overshoot).
 _CAP_CHECK_SHARE = 16
 #: A trim takes the audit this far under the cap, so the next rows do not trim again at once.
@@ -745,24 +748,53 @@ class SqlStore:
 
     # -- the audit log ------------------------------------------------------------------
 
-    async def record(self, entry: AuditEntry, new_rule: Rule | None = None) -> Recorded:
+    async def record(
+        self, entry: AuditEntry, new_rule: Rule | None = None, *, once: bool = False
+    ) -> Recorded:
         """Commit an audit row (and the rule an always_allow makes) in one transaction.
 
         ``new_rule``'s id is ignored; the committed rule (or an identical active
-        one, reused) comes back and matches from then on.
+        one, reused) comes back and matches from then on. ``once``: only if the
+        request has no row yet (:meth:`_claim`), else :class:`AlreadyRecorded`.
         """
 
-        if new_rule is None:
+        if new_rule is None and not once:
             return Recorded(await self._run(_AuditRow(entry)), None)
 
         def write(conn: Connection) -> Recorded:
-            rule = self._insert_rule(conn, new_rule)
+            if once:
+                self._claim(conn, entry)
+            rule = self._insert_rule(conn, new_rule) if new_rule is not None else None
             return Recorded(_AuditRow(entry)(conn), rule)
 
         recorded = await self._run(write)
         if recorded.rule is not None:
             self.policy.add(recorded.rule)
         return recorded
+
+    def _claim(self, conn: Connection, entry: AuditEntry) -> None:
+        """The compare-and-set of ``record(once=True)``, in the caller's transaction.
+
+        The request is (project, req_id, requested_at): a sled may use an id again for
+        a later request. On PostgreSQL a transaction-level advisory lock on the request
+        makes the check and the insert one step across gateways; a decider that finds
+        it taken fails at once rather than waiting (no deadlock between two batches,
+        and the other decision is about to commit). SQLite has one writer per file.
+        """
+        if self._postgresql and not postgresql.try_lock_request(conn, entry.project, entry.req_id):
+            raise AlreadyRecorded(None)
+        query = select(*_AUDIT_COLUMNS).where(
+            AUDIT.c.project == entry.project,
+            AUDIT.c.req_id == entry.req_id,
+            AUDIT.c.requested_at.is_not_distinct_from(entry.requested_at),
+        )
+        if entry.requested_at is not None:
+            # A request's row is written after it arrived: the decided_at index narrows
+            # the search to that (an hour's margin for gateways' clocks).
+            query = query.where(AUDIT.c.decided_at >= entry.requested_at - _CLOCK_MARGIN_S)
+        found = conn.execute(query.limit(1)).first()
+        if found is not None:
+            raise AlreadyRecorded(_entry(found))
 
     def record_later(self, entry: AuditEntry) -> concurrent.futures.Future[int]:
         """Queue an audit row without waiting (for paths that send the sled nothing)."""
