@@ -780,6 +780,9 @@ class SqlStore:
         makes the check and the insert one step across gateways; a decider that finds
         it taken fails at once rather than waiting (no deadlock between two batches,
         and the other decision is about to commit). SQLite has one writer per file.
+        There is no index on (project, req_id): the search reads the rows decided
+        since the request arrived, which is why the approvals path does not ask for
+        it yet (pending requests kept as rows would make this an update of one row).
         """
         if self._postgresql and not postgresql.try_lock_request(conn, entry.project, entry.req_id):
             raise AlreadyRecorded(None)
