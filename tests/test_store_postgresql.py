@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +20,8 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
+from actors import Uplink
+from protocol import Decision
 from sled_gateway import Gateway
 from sled_gateway.store import AlreadyRecorded, AuditEntry, Rule, Store, StoreError, make_store
 from sled_gateway.store.sql import SCHEMA_VERSION
@@ -210,3 +213,50 @@ def test_two_replicas_deciding_the_same_requests_record_each_exactly_once(pg_url
         assert rows[req_id] == (a or b), (req_id, rows[req_id], a, b)
     both = {o for pair in outcomes for o in pair if o}
     print(f"winners: {sorted(both)}; approve won {sum(a is not None for a, _ in outcomes)}")
+
+
+def test_run_gateway_on_postgresql_with_a_real_uplink_keeps_decisions_across_a_restart(
+    pg_url: str, make_uplink: Callable[..., Uplink]
+) -> None:
+    """The command as deployed: ``run_gateway.py --db postgresql://...``, a real uplink,
+    a decision over the API; the gateway restarted on the same port and database."""
+    from tests.conftest import closed_port
+    from tests.test_store import OPERATOR, GatewayProcess
+
+    port = closed_port()
+    base = f"http://127.0.0.1:{port}"
+    listen = ("--listen", f"127.0.0.1:{port}", "--db", pg_url)
+    first = GatewayProcess(*listen)
+    try:
+        first.port()
+        uplink = make_uplink(f"ws://127.0.0.1:{port}/api/sled-uplink?token={TOKEN}", project="pg")
+        assert uplink.wait_connected(T)
+        asked = uplink.request_permission("Bash", {"command": "make"}, request_id="before")
+        url = f"{base}/api/permissions/pg/before"
+        while (
+            r := httpx.post(url, json={"decision": "deny"}, headers=OPERATOR)
+        ).status_code == 404:
+            time.sleep(0.02)
+        assert r.status_code == 200, r.text
+        assert asked.result(T).decision is Decision.DENY
+    finally:
+        first.kill()
+    second = GatewayProcess(*listen)
+    try:
+        second.port()
+        assert uplink.wait_connected(3 * T)  # it reconnects by itself
+        asked = uplink.request_permission("Bash", {"command": "ls"}, request_id="after")
+        url = f"{base}/api/permissions/pg/after"
+        while (
+            r := httpx.post(url, json={"decision": "approve"}, headers=OPERATOR)
+        ).status_code == 404:
+            time.sleep(0.02)
+        assert r.status_code == 200, r.text
+        assert asked.result(T).decision is Decision.APPROVE
+        listed = httpx.get(f"{base}/api/audit", headers=OPERATOR, timeout=T).json()["entries"]
+        assert [(e["req_id"], e["decision"], e["project"]) for e in listed] == [
+            ("after", "approve", "pg"),
+            ("before", "deny", "pg"),
+        ]
+    finally:
+        second.kill()
