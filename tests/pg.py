@@ -8,8 +8,9 @@ port, with ``trust`` authentication for loopback and its own socket (nothing
 else can reach it). ``setpriv --pdeathsig`` makes the kernel stop it should
 the test process die without its teardown (the parent it watches is one
 thread kept for that, since the kernel signals when the starting *thread*
-ends, and a test may start the server from any thread), and the directory is removed at
-the end, so a run leaves nothing behind.
+ends, and a test may start the server from any thread). The directory is
+removed at the end; one left by a test process killed outright is removed
+by the next session (:func:`remove_stale`).
 
 Fixtures: ``postgres`` (the session's :class:`PostgresServer`, or a skip
 with one reason when the binaries are missing) and ``pg_url`` (an empty
@@ -44,6 +45,9 @@ MISSING = (
     "scripts/install-postgres.sh installs it as root)"
 )
 _START_TIMEOUT = 30.0
+_PREFIX = "sled-pg-"
+#: A directory this old without a live server is a killed session's.
+_STALE_AFTER_S = 600.0
 
 
 def _free_port() -> int:
@@ -52,12 +56,30 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def remove_stale() -> None:
+    """Remove the directories of servers whose test process was killed (``kill -9``
+    leaves no teardown; the kernel stopped the server, the files stay)."""
+    for root in Path(tempfile.gettempdir()).glob(f"{_PREFIX}*"):
+        try:
+            if time.time() - root.stat().st_mtime < _STALE_AFTER_S:
+                continue  # perhaps another session's, still starting
+            pid_file = root / "data" / "postmaster.pid"
+            if pid_file.exists():
+                os.kill(int(pid_file.read_text().split()[0]), 0)
+                continue  # its server runs
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError, IndexError):
+            continue
+        shutil.rmtree(root, ignore_errors=True)
+
+
 class PostgresServer:
     """One PostgreSQL server in a temporary directory; :meth:`stop` and :meth:`start`
     again keep its data (a test of the store's reconnection does that)."""
 
     def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="sled-pg-"))
+        self.root = Path(tempfile.mkdtemp(prefix=_PREFIX))
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"
         self.port = _free_port()
@@ -217,6 +239,7 @@ class PostgresServer:
 def postgres() -> Iterator[PostgresServer]:
     if MISSING:
         pytest.skip(MISSING)
+    remove_stale()
     server = PostgresServer()
     try:
         server.start()
