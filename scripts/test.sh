@@ -14,6 +14,8 @@ bash scripts/install-claude-code.sh >&2 || true
 bash scripts/install-axe.sh >&2 || true
 # The OpenID Connect sign-in tests run a real OpenID Provider (npm oidc-provider, into .tools/).
 bash scripts/install-oidc-provider.sh >&2 || true
+# The store's PostgreSQL tests run Debian's PostgreSQL 15 (installed if missing).
+bash scripts/install-postgres.sh >&2 || true
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?

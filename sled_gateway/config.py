@@ -152,7 +152,9 @@ def _days(option: str, value: float | str) -> float | None:
 
 def _db(option: str, value: str | os.PathLike[str]) -> str | os.PathLike[str]:
     if not isinstance(value, str | os.PathLike) or not os.fspath(value):
-        raise ConfigError(option, f"expected a file path or ':memory:', not {value!r}")
+        raise ConfigError(
+            option, f"expected a file path, ':memory:' or a postgresql:// URL, not {value!r}"
+        )
     return value
 
 
@@ -385,9 +387,9 @@ class GatewayConfig:
     db: str | os.PathLike[str] = option(  # noqa: RUF009 (option() returns a field)
         MEMORY,
         "--db",
-        "SQLite file for the audit log and rules",
+        "SQLite file, or a postgresql:// URL (docs/deploy.md), for the audit log and rules",
         rule=_db,
-        metavar="PATH",
+        metavar="PATH|URL",
         cli_default=None,  # run_gateway.py puts it in $XDG_DATA_HOME
         shown_default=DEFAULT_DB_SHOWN,
     )

@@ -19,6 +19,7 @@ import pytest
 from actors import Uplink, UplinkConfig
 from actors.logsetup import configure_logging
 from sled_gateway import Gateway as ReferenceGateway
+from tests.pg import pg_url, postgres  # noqa: F401  (fixtures for every test file)
 from tests.support.claude import Decider
 from tests.support.gateway import Gateway
 

@@ -3,7 +3,8 @@
 Real sockets throughout: a raw ``websockets`` client or a real uplink plays
 the sled, httpx the operator, ``run_gateway.py`` runs as a process where a
 restart or a ``kill -9`` is the point, and every database is a real SQLite
-file in the test's temporary directory.
+file in the test's temporary directory. The tests that take ``db`` run on
+SQLite and again on a real PostgreSQL (``tests/pg.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -88,6 +90,28 @@ class GatewayProcess(WatchedProcess):
         return int(self.wait_for(r"gateway listening on http://[^\s]+:(\d+)").group(1))
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a test's gateway keeps its store: a SQLite file, or an empty PostgreSQL
+    database (``--db postgresql://...``)."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("pg_url"))
+    return str(tmp_path / "gw.db")
+
+
+def audit_rows(db: str, project: str) -> dict[str, str]:
+    """``req_id → decision`` of a project, read straight from the database."""
+    reader = create_engine(make_store(db).url)
+    try:
+        with reader.connect() as conn:
+            found = conn.execute(
+                text("SELECT req_id, decision FROM audit WHERE project = :p"), {"p": project}
+            ).all()
+    finally:
+        reader.dispose()
+    return {str(row.req_id): str(row.decision) for row in found}
+
+
 @pytest.fixture
 def spawn() -> Iterator[Callable[..., GatewayProcess]]:
     procs: list[GatewayProcess] = []
@@ -121,9 +145,8 @@ def test_rule_keys_are_the_whole_input_seen() -> None:
 
 
 def test_decisions_survive_a_restart_of_the_library_gateway(
-    make_gateway: Callable[..., Gateway], tmp_path: Path
+    make_gateway: Callable[..., Gateway], db: str
 ) -> None:
-    db = tmp_path / "gw.db"
     gw = make_gateway(db=db)
 
     async def decide_some(gw: Gateway, prefix: str) -> None:
@@ -137,7 +160,6 @@ def test_decisions_survive_a_restart_of_the_library_gateway(
 
     run(decide_some(gw, "before"))
     gw.stop()
-    assert db.exists()
     gw2 = make_gateway(db=db)
     earlier = gw2.audit()
     assert [(e["req_id"], e["decision"], e["by"]) for e in earlier] == [
@@ -280,9 +302,8 @@ def _fill(db: Path, per_project: dict[str, int]) -> None:
 
 
 def test_cli_keeps_decisions_across_a_restart(
-    spawn: Callable[..., GatewayProcess], tmp_path: Path
+    spawn: Callable[..., GatewayProcess], db: str
 ) -> None:
-    db = tmp_path / "cli.db"
 
     async def one_decision(port: int, req: str) -> None:
         base = f"http://127.0.0.1:{port}"
@@ -298,12 +319,12 @@ def test_cli_keeps_decisions_across_a_restart(
             assert r.status_code == 200, r.text
             assert await recv(ws) == frame_payload(req, "deny")
 
-    first = spawn("--listen", "127.0.0.1:0", "--db", str(db))
+    first = spawn("--listen", "127.0.0.1:0", "--db", db)
     run(one_decision(first.port(), "r-before"))
     first.proc.send_signal(signal.SIGTERM)
     assert first.proc.wait(3 * T) == 0
 
-    second = spawn("--listen", "127.0.0.1:0", "--db", str(db))
+    second = spawn("--listen", "127.0.0.1:0", "--db", db)
     port = second.port()
     run(one_decision(port, "r-after"))
     listed = httpx.get(f"http://127.0.0.1:{port}/api/audit", headers=OPERATOR, timeout=T).json()[
@@ -333,10 +354,9 @@ def test_cli_default_db_is_in_the_users_data_dir(
 
 
 def test_kill_9_during_a_burst_loses_no_decision_a_sled_received(
-    spawn: Callable[..., GatewayProcess], tmp_path: Path
+    spawn: Callable[..., GatewayProcess], db: str
 ) -> None:
-    db = tmp_path / "crash.db"
-    gp = spawn("--listen", "127.0.0.1:0", "--auto", "approve", "--db", str(db))
+    gp = spawn("--listen", "127.0.0.1:0", "--auto", "approve", "--db", db)
     port = gp.port()
     received: dict[str, dict[str, Any]] = {}
 
@@ -358,10 +378,7 @@ def test_kill_9_during_a_burst_loses_no_decision_a_sled_received(
     assert gp.proc.wait(T) == -signal.SIGKILL
     assert 120 <= len(received) < 500, len(received)  # the kill landed inside the burst
     assert all(p == APPROVE for p in received.values())
-    with sqlite3.connect(db) as conn:
-        rows = dict(
-            conn.execute("SELECT req_id, decision FROM audit WHERE project = 'burst'").fetchall()
-        )
+    rows = audit_rows(db, "burst")
     missing = sorted(set(received) - set(rows))
     assert missing == [], f"{len(missing)} answered decisions are not in the audit: {missing[:5]}"
     assert all(rows[r] == "approve" for r in received)
@@ -371,9 +388,8 @@ def test_kill_9_during_a_burst_loses_no_decision_a_sled_received(
 
 
 def test_always_allow_rule_answers_after_a_restart_with_a_real_uplink_then_revoked(
-    make_gateway: Callable[..., Gateway], make_uplink: Callable[..., Uplink], tmp_path: Path
+    make_gateway: Callable[..., Gateway], make_uplink: Callable[..., Uplink], db: str
 ) -> None:
-    db = tmp_path / "rules.db"
     gw = make_gateway(db=db)
     port = gw.port
     uplink = make_uplink(gw.url_for_sleds(), project="sled-a")

@@ -1,10 +1,9 @@
 """The store interface, run against every engine the same way.
 
 Each test takes ``engine``, a way to make stores on one database: a SQLite
-file and SQLite in memory today. A server database joins by adding an entry
-to :data:`ENGINES` that hands out an empty database per test (its URL from the
-environment, its tables dropped after). Tests that restart the store skip
-where nothing survives a close.
+file, SQLite in memory, and PostgreSQL (a real server, ``tests/pg.py``, an
+empty database per test; skipped with its reason when PostgreSQL 15 is not
+installed). Tests that restart the store run only where data survives a close.
 
 Nothing is mocked: the stores are the real implementation on real databases.
 """
@@ -27,6 +26,7 @@ from sled_gateway.store import (
     DENY,
     MAX_PAGE,
     MEMORY,
+    AlreadyRecorded,
     AuditEntry,
     Rule,
     RuleRevoked,
@@ -60,22 +60,30 @@ class Engine:
         return store
 
 
-def _sqlite_file(tmp_path: Path) -> Engine:
+def _sqlite_file(request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
     return Engine(str(tmp_path / "store.db"), persistent=True)
 
 
-def _sqlite_memory(_tmp_path: Path) -> Engine:
+def _sqlite_memory(request: pytest.FixtureRequest, _tmp_path: Path) -> Engine:
     return Engine(MEMORY, persistent=False)
 
 
-ENGINES: dict[str, Callable[[Path], Engine]] = {
+def _postgresql(request: pytest.FixtureRequest, _tmp_path: Path) -> Engine:
+    # tests/pg.py: the session's server, an empty database of this test's own.
+    return Engine(request.getfixturevalue("pg_url"), persistent=True)
+
+
+ENGINES: dict[str, Callable[[pytest.FixtureRequest, Path], Engine]] = {
     "sqlite-file": _sqlite_file,
     "sqlite-memory": _sqlite_memory,
+    "postgresql": _postgresql,
 }
+#: The engines whose data outlives a close of the store.
+LASTING = ("postgresql", "sqlite-file")
 
 
-def _engine(name: str, tmp_path: Path) -> Iterator[Engine]:
-    made = ENGINES[name](tmp_path)
+def _engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    made = ENGINES[request.param](request, tmp_path)
     yield made
     for store in made.opened:
         store.close()
@@ -83,13 +91,13 @@ def _engine(name: str, tmp_path: Path) -> Iterator[Engine]:
 
 @pytest.fixture(params=sorted(ENGINES))
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    yield from _engine(request.param, tmp_path)
+    yield from _engine(request, tmp_path)
 
 
 # What is closed and opened again: only the engines that keep data across a close.
-@pytest.fixture(params=sorted(name for name in ENGINES if ENGINES[name](Path()).persistent))
+@pytest.fixture(params=LASTING)
 def lasting_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    yield from _engine(request.param, tmp_path)
+    yield from _engine(request, tmp_path)
 
 
 def entry(i: int, project: str = "p", decision: str = "approve", at: float = T0) -> AuditEntry:
@@ -399,3 +407,28 @@ def test_record_later_futures_are_concurrent_futures(engine: Engine) -> None:
     future = store.record_later(entry(1))
     assert isinstance(future, concurrent.futures.Future)
     assert isinstance(future.result(10), int)
+
+
+def test_a_request_is_recorded_once_of_two_concurrent_deciders(engine: Engine) -> None:
+    store = engine.open()
+    approve, deny = entry(1), replace(entry(1), decision="deny", by="matrix:@b:x")
+    later = replace(entry(1), requested_at=T0 + 60, decided_at=T0 + 61)  # the id used again
+
+    async def scenario() -> None:
+        results = await asyncio.gather(
+            store.record(approve, once=True),
+            store.record(deny, once=True),
+            return_exceptions=True,
+        )
+        refused = [r for r in results if isinstance(r, AlreadyRecorded)]
+        assert len(refused) == 1, results
+        winner = approve if results[1] is refused[0] else deny
+        assert refused[0].entry is not None and refused[0].entry.decision == winner.decision
+        rows = await store.audit()
+        assert [(e.req_id, e.decision) for e in rows] == [("p-1", winner.decision)]
+        # A later request under the same id is another request; without once, no check.
+        await store.record(later, once=True)
+        await store.record(approve)
+        assert len(await store.audit()) == 3
+
+    run(scenario())

@@ -1,23 +1,29 @@
 """The store's schema: Alembic revisions, files from earlier releases, files it must refuse.
 
 ``tests/fixtures/gateway-0.2.0.sqlite3`` was written by the 0.2.0 store
-itself (see ``tests/fixtures/README.md``); each test works on a copy.
+itself (see ``tests/fixtures/README.md``); each test works on a copy. The
+tests at the end run on SQLite and on a real PostgreSQL (``tests/pg.py``).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import shutil
 import sqlite3
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine
+from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from sled_gateway.store import StoreError, make_store, migrations
 from sled_gateway.store.sql import METADATA, SCHEMA_VERSION
+from tests.pg import PostgresServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -282,3 +288,178 @@ def test_a_head_database_opens_again_with_its_grammar_rules(tmp_path: Path) -> N
     assert denied is not None and denied.rule == "Bash(rm:*)"
     assert again.policy.match("p", "Bash", {"command": "ls"}) is None
     assert [(r.rule, r.action) for r in _rules_of(db)] == [(None, "allow"), ("Bash(rm:*)", "deny")]
+
+
+# -- on every engine ------------------------------------------------------------------------
+# The tests above read SQLite's own catalogue; these ask SQLAlchemy's inspector,
+# so they run on SQLite and on a real PostgreSQL (tests/pg.py) alike.
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], str]]:
+    """``new_database()`` → the URL of another empty database on this test's engine."""
+    made: list[str] = []
+
+    def make() -> str:
+        if request.param == "sqlite":
+            made.append(f"db{len(made)}.sqlite3")
+            return f"sqlite:///{tmp_path / made[-1]}"
+        server: PostgresServer = request.getfixturevalue("postgres")
+        made.append(server.create_database())
+        return server.url(made[-1])
+
+    yield make
+    if request.param == "postgresql":
+        for name in made:
+            request.getfixturevalue("postgres").drop_database(name)
+
+
+def _engine_for(url: str) -> Engine:
+    return create_engine(make_store(url).url)  # the store's own driver for the URL
+
+
+def _drift(url: str) -> list[Any]:
+    engine = _engine_for(url)
+    try:
+        with engine.connect() as conn:
+            diffs = compare_metadata(MigrationContext.configure(conn), METADATA)
+    finally:
+        engine.dispose()
+    return [d for group in diffs for d in (group if isinstance(group, list) else [group])]
+
+
+def _layout(url: str) -> dict[str, Any]:
+    """Every table's columns (name, type, nullable), indexes, CHECKs and primary key."""
+    engine = _engine_for(url)
+    try:
+        with engine.connect() as conn:
+            seen = inspect(conn)
+            return {
+                table: (
+                    [(c["name"], str(c["type"]), c["nullable"]) for c in seen.get_columns(table)],
+                    sorted(
+                        (i["name"], tuple(i["column_names"]), bool(i["unique"]))
+                        for i in seen.get_indexes(table)
+                    ),
+                    sorted((c["name"], c["sqltext"]) for c in seen.get_check_constraints(table)),
+                    seen.get_pk_constraint(table)["constrained_columns"],
+                )
+                for table in sorted(seen.get_table_names())
+            }
+    finally:
+        engine.dispose()
+
+
+def _upgrade(url: str, revision: str) -> None:
+    from alembic import command
+
+    engine = _engine_for(url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(migrations.config(conn), revision)
+    finally:
+        engine.dispose()
+
+
+def test_the_revisions_build_what_a_new_database_gets_on_every_engine(
+    new_database: Callable[[], str],
+) -> None:
+    stepwise, direct = new_database(), new_database()
+    _upgrade(stepwise, "head")
+    make_store(direct).open().close()
+    assert _layout(stepwise) == _layout(direct)
+    assert _drift(stepwise) == []
+    assert _drift(direct) == []
+
+
+def test_a_0002_database_is_migrated_with_its_rows_and_rules_on_every_engine(
+    new_database: Callable[[], str],
+) -> None:
+    import asyncio
+
+    from sled_gateway.store import Rule
+
+    url = new_database()
+    _upgrade(url, "0002")
+    engine = _engine_for(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO audit (project, session, req_id, tool_name, tool_input, "
+                    "decision, decided_by, requested_at, decided_at) "
+                    "VALUES ('p', 1, 'old-1', 'Bash', '{}', 'approve', 'console', 1.0, 2.0)"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO rules (project, tool_name, match_key, action, created_at, "
+                    "created_by) VALUES ('p', 'Bash', 'make', 'allow', 1.0, 'console')"
+                )
+            )
+    finally:
+        engine.dispose()
+    store = make_store(url).open()
+    try:
+        assert store.found_version == 2
+        made = asyncio.run(
+            store.add_rule(Rule(0, "p", "Bash", None, "ask", 1.0, "t", rule="Bash(git push:*)"))
+        )
+        rows = asyncio.run(store.audit())
+    finally:
+        store.close()
+    assert made.id == 2 and made.action == "ask"
+    assert [(r.req_id, r.decision, r.who) for r in rows] == [("old-1", "approve", None)]
+    assert _drift(url) == []
+    engine = _engine_for(url)
+    try:
+        with pytest.raises(IntegrityError, match="rules_action"), engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO rules (project, tool_name, action, created_at, created_by) "
+                    "VALUES (NULL, 'Bash', 'maybe', 0, 'x')"
+                )
+            )
+    finally:
+        engine.dispose()
+
+
+def test_a_database_from_a_newer_release_or_another_project_is_refused_on_every_engine(
+    new_database: Callable[[], str],
+) -> None:
+    newer, other = new_database(), new_database()
+    make_store(newer).open().close()
+    for url, version in ((newer, "0009"), (other, "ae1027a6acf")):
+        engine = _engine_for(url)
+        try:
+            with engine.begin() as conn:
+                if url == other:
+                    conn.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32))"))
+                    conn.execute(text(f"INSERT INTO alembic_version VALUES ('{version}')"))
+                else:
+                    conn.execute(text(f"UPDATE alembic_version SET version_num = '{version}'"))
+        finally:
+            engine.dispose()
+    with pytest.raises(StoreError, match=r"schema version 9; .*a newer release"):
+        make_store(newer).open()
+    with pytest.raises(StoreError, match="not a gateway database"):
+        make_store(other).open()
+
+
+def test_replicas_opening_a_new_postgresql_database_together_make_it_once(
+    postgres: PostgresServer, pg_url: str
+) -> None:
+    """Two gateways started at once on one empty database: one creates the tables,
+    the other waits for its migration lock, then finds them."""
+    barrier = threading.Barrier(4)
+
+    def open_one(_: int) -> int:
+        barrier.wait()
+        store = make_store(pg_url).open()
+        store.close()
+        return store.found_version
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        found = sorted(pool.map(open_one, range(4)))
+    assert found == [0, SCHEMA_VERSION, SCHEMA_VERSION, SCHEMA_VERSION]
+    assert _drift(pg_url) == []

@@ -29,6 +29,7 @@ from sled_gateway.store.models import (
     ASK,
     DENY,
     MAX_PAGE,
+    AlreadyRecorded,
     AuditEntry,
     PersonToken,
     Recorded,
@@ -50,6 +51,7 @@ __all__ = [
     "DENY",
     "MAX_PAGE",
     "MEMORY",
+    "AlreadyRecorded",
     "AuditEntry",
     "PersonToken",
     "Recorded",
@@ -91,10 +93,17 @@ class Store(Protocol):
         """Finish queued work, then close. Idempotent; later calls fail with StoreError."""
         ...
 
-    async def record(self, entry: AuditEntry, new_rule: Rule | None = None) -> Recorded:
+    async def record(
+        self, entry: AuditEntry, new_rule: Rule | None = None, *, once: bool = False
+    ) -> Recorded:
         """Commit an audit row, and with it ``new_rule`` (an always_allow's), in one
         transaction; returns once committed. ``new_rule``'s id is ignored; an
-        identical active rule is reused. :class:`StoreError` if it was not committed."""
+        identical active rule is reused. :class:`StoreError` if it was not committed.
+
+        ``once``: a compare-and-set on the request (``project``, ``req_id``,
+        ``requested_at``), in the same transaction: :class:`AlreadyRecorded` when it
+        has a row already or another store is committing one at this moment, so of
+        two deciders (two gateways on one database) exactly one records."""
         ...
 
     def record_later(self, entry: AuditEntry) -> concurrent.futures.Future[int]:

@@ -140,6 +140,19 @@ class UnknownToken(LookupError):
     pass
 
 
+class AlreadyRecorded(Exception):
+    """A request already has its row (another decider's, or its withdrawal), or another
+    decision for it is being committed right now: ``entry`` is the row, None in that case."""
+
+    def __init__(self, entry: AuditEntry | None) -> None:
+        super().__init__(
+            "another decision for this request is being recorded"
+            if entry is None
+            else f"request {entry.req_id!r} was already recorded: {entry.decision} by {entry.by}"
+        )
+        self.entry = entry
+
+
 class TokenRevoked(Exception):
     def __init__(self, token: PersonToken) -> None:
         super().__init__(f"token {token.id} was already revoked by {token.revoked_by}")

@@ -65,9 +65,10 @@ from sqlalchemy.types import TypeEngine
 
 from protocol.web import ascii_digits
 from sled_gateway.policy import Policy
-from sled_gateway.store import MEMORY, sqlite
+from sled_gateway.store import MEMORY, postgresql, sqlite
 from sled_gateway.store.models import (
     MAX_PAGE,
+    AlreadyRecorded,
     AuditEntry,
     PersonToken,
     Recorded,
@@ -89,6 +90,8 @@ SCHEMA_VERSION = 4
 #: Most operations in one transaction (a bound on one commit's latency).
 _MAX_BATCH = 512
 _PURGE_EVERY_S = 3600.0
+#: How far gateways' clocks may differ for ``record(once=True)`` to find a request's row.
+_CLOCK_MARGIN_S = 3600.0
 #: The share of the size cap written between two checks of it (a bound on the overshoot).
 _CAP_CHECK_SHARE = 16
 #: A trim takes the audit this far under the cap, so the next rows do not trim again at once.
@@ -247,8 +250,12 @@ class _OperationFailed(Exception):
 
 def _reason(exc: Exception) -> str:
     """The database's own words: SQLAlchemy's message adds the statement and its
-    parameters (a tool's input), which belong in no error a caller passes on."""
-    return str(exc.orig) if isinstance(exc, DBAPIError) else str(exc)
+    parameters (a tool's input), which belong in no error a caller passes on. Only
+    the primary message, too: PostgreSQL's detail quotes the failing row."""
+    if not isinstance(exc, DBAPIError):
+        return str(exc)
+    primary = getattr(getattr(exc.orig, "diag", None), "message_primary", None)
+    return str(primary) if primary else str(exc.orig)
 
 
 def _rule(row: Sequence[Any]) -> Rule:
@@ -316,7 +323,7 @@ def _new_id(result: CursorResult[Any]) -> int:
 
 def _url(location: str | os.PathLike[str]) -> URL:
     text = os.fspath(location)
-    return make_url(text) if "://" in text else sqlite.url_for_path(text)
+    return postgresql.driver_url(make_url(text)) if "://" in text else sqlite.url_for_path(text)
 
 
 class SqlStore:
@@ -352,6 +359,7 @@ class SqlStore:
         #: Transactions committed by the writer thread (a burst should take few).
         self.commits = 0
         self._sqlite = sqlite.is_sqlite(self.url)
+        self._postgresql = postgresql.is_postgresql(self.url)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._gate = threading.Lock()  # orders "closed" against queueing
         self._closed = True
@@ -374,7 +382,12 @@ class SqlStore:
                 self._lock = sqlite.FileLock(file)
                 self._lock.acquire()
             # hide_parameters: an error (and its log line) never carries a tool's input.
-            engine = create_engine(self.url, poolclass=NullPool, hide_parameters=True)
+            engine = create_engine(
+                self.url,
+                poolclass=NullPool,
+                hide_parameters=True,
+                connect_args=postgresql.connect_args(self.url) if self._postgresql else {},
+            )
         except OSError as exc:
             self._release()
             raise StoreError(f"cannot open {self.location}: {exc.strerror or exc}") from None
@@ -471,6 +484,8 @@ class SqlStore:
     def _prepare(self, conn: Connection) -> list[Rule]:
         """Migrate and read the active rules, in one transaction."""
         with conn.begin():
+            if self._postgresql:
+                postgresql.lock_migrations(conn)  # replicas starting together take turns
             found, current = self._schema_version(conn)
             if not current and not inspect(conn).get_table_names():
                 # An empty database: made as the newest revision leaves it and
@@ -550,7 +565,8 @@ class SqlStore:
                     stop = True
                     break
                 batch.append(item)
-            self._run_batch(conn, batch)
+            if self._sqlite or self._reachable(conn, batch):
+                self._run_batch(conn, batch)
             if self._capped:
                 assert self.max_bytes
                 self._written += sum(fn.size for fn, _fut in batch if isinstance(fn, _AuditRow))
@@ -558,6 +574,32 @@ class SqlStore:
                     self._cap(conn)
             if stop:
                 return
+
+    def _reachable(self, conn: Connection, batch: list[_Op]) -> bool:
+        """Whether a server database answers, a dead connection replaced first; if not,
+        ``batch`` fails with :class:`StoreError` (see :mod:`.postgresql`)."""
+        error = self._ping(conn)
+        if error is not None and error.connection_invalidated:
+            log.warning("store connection to {} lost; reconnecting", self.location)
+            error = self._ping(conn)  # on a new connection
+        if error is None:
+            return True
+        log.warning("store {} unreachable: {}", self.location, _reason(error))
+        failure = StoreError(f"the store cannot reach {self.location}: {_reason(error)}")
+        for _fn, fut in batch:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(failure)
+        return False
+
+    @staticmethod
+    def _ping(conn: Connection) -> DBAPIError | None:
+        try:
+            conn.exec_driver_sql("SELECT 1")
+        except DBAPIError as exc:
+            conn.rollback()  # no round trip: the connection is gone (or was never made)
+            return exc
+        conn.rollback()
+        return None
 
     def _run_batch(self, conn: Connection, batch: list[_Op]) -> None:
         # A future its caller cancelled still has its operation run (an audit
@@ -706,24 +748,56 @@ class SqlStore:
 
     # -- the audit log ------------------------------------------------------------------
 
-    async def record(self, entry: AuditEntry, new_rule: Rule | None = None) -> Recorded:
+    async def record(
+        self, entry: AuditEntry, new_rule: Rule | None = None, *, once: bool = False
+    ) -> Recorded:
         """Commit an audit row (and the rule an always_allow makes) in one transaction.
 
         ``new_rule``'s id is ignored; the committed rule (or an identical active
-        one, reused) comes back and matches from then on.
+        one, reused) comes back and matches from then on. ``once``: only if the
+        request has no row yet (:meth:`_claim`), else :class:`AlreadyRecorded`.
         """
 
-        if new_rule is None:
+        if new_rule is None and not once:
             return Recorded(await self._run(_AuditRow(entry)), None)
 
         def write(conn: Connection) -> Recorded:
-            rule = self._insert_rule(conn, new_rule)
+            if once:
+                self._claim(conn, entry)
+            rule = self._insert_rule(conn, new_rule) if new_rule is not None else None
             return Recorded(_AuditRow(entry)(conn), rule)
 
         recorded = await self._run(write)
         if recorded.rule is not None:
             self.policy.add(recorded.rule)
         return recorded
+
+    def _claim(self, conn: Connection, entry: AuditEntry) -> None:
+        """The compare-and-set of ``record(once=True)``, in the caller's transaction.
+
+        The request is (project, req_id, requested_at): a sled may use an id again for
+        a later request. On PostgreSQL a transaction-level advisory lock on the request
+        makes the check and the insert one step across gateways; a decider that finds
+        it taken fails at once rather than waiting (no deadlock between two batches,
+        and the other decision is about to commit). SQLite has one writer per file.
+        There is no index on (project, req_id): the search reads the rows decided
+        since the request arrived, which is why the approvals path does not ask for
+        it yet (pending requests kept as rows would make this an update of one row).
+        """
+        if self._postgresql and not postgresql.try_lock_request(conn, entry.project, entry.req_id):
+            raise AlreadyRecorded(None)
+        query = select(*_AUDIT_COLUMNS).where(
+            AUDIT.c.project == entry.project,
+            AUDIT.c.req_id == entry.req_id,
+            AUDIT.c.requested_at.is_not_distinct_from(entry.requested_at),
+        )
+        if entry.requested_at is not None:
+            # A request's row is written after it arrived: the decided_at index narrows
+            # the search to that (an hour's margin for gateways' clocks).
+            query = query.where(AUDIT.c.decided_at >= entry.requested_at - _CLOCK_MARGIN_S)
+        found = conn.execute(query.limit(1)).first()
+        if found is not None:
+            raise AlreadyRecorded(_entry(found))
 
     def record_later(self, entry: AuditEntry) -> concurrent.futures.Future[int]:
         """Queue an audit row without waiting (for paths that send the sled nothing)."""
