@@ -1,0 +1,339 @@
+"""Exactly once, judged by the history checker (tests/history.py) on real gateways.
+
+The gateways are ``run_gateway.py`` processes; the sleds are raw websocket
+clients that record every ``perm_response`` they receive and deny what is
+left when their connection ends, as the uplink does; two deciders (separate
+API clients) answer every pending request at the same time with conflicting
+answers. The scenarios take a list of gateway base URLs (:class:`Gateways`),
+so the same runs can point at several replicas: sleds and deciders are spread
+over the list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.history import History, Verdict
+from tests.support.proc import WatchedProcess
+
+pytestmark = pytest.mark.timeout(180)
+
+ROOT = Path(__file__).resolve().parent.parent
+FACTOR = float(os.environ.get("SLED_TEST_TIME_FACTOR", "1"))
+T = 10.0 * FACTOR
+OPERATOR = "op-" + "x" * 40
+SLED_TOKEN = "sled-" + "y" * 40
+REQUESTS = 500
+SLEDS = 5
+
+
+# -- the gateways -------------------------------------------------------------------------
+
+
+class GatewayProcess(WatchedProcess):
+    """One ``run_gateway.py`` on loopback, with its own database file."""
+
+    def __init__(self, db: Path, port: int = 0) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLED_GATEWAY_")}
+        env["SLED_GATEWAY_OPERATOR_TOKEN"] = OPERATOR
+        env["SLED_GATEWAY_TOKEN"] = SLED_TOKEN
+        super().__init__(
+            [
+                sys.executable,
+                str(ROOT / "run_gateway.py"),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--db",
+                str(db),
+                "--log-level",
+                "INFO",
+                "--max-pending-per-sled",
+                str(REQUESTS),
+            ],
+            cwd=ROOT,
+            env=env,
+            timeout=T,
+        )
+        self.db = db
+        self.port = int(self.wait_for(r"gateway listening on http://[^\s]+:(\d+)").group(1))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class Gateways:
+    """The gateways a scenario runs against: their base URLs, and how to kill one."""
+
+    procs: list[GatewayProcess]
+
+    @property
+    def urls(self) -> list[str]:
+        return [p.url for p in self.procs]
+
+    def kill(self, i: int) -> None:
+        """``kill -9`` (no drain, nothing flushed)."""
+        self.procs[i].kill()
+
+    def restart(self, i: int) -> None:
+        """Start it again on the same port and database."""
+        old = self.procs[i]
+        self.procs[i] = GatewayProcess(old.db, old.port)
+
+
+@pytest.fixture
+def gateways(tmp_path: Path) -> Iterator[Gateways]:
+    made = Gateways([GatewayProcess(tmp_path / "gateway.db")])
+    yield made
+    for p in made.procs:
+        p.kill()
+
+
+# -- the parties --------------------------------------------------------------------------
+
+
+@dataclass
+class RawSled:
+    """A sled as the gateway sees it: identity, ``perm_request``s, and what comes back."""
+
+    project: str
+    base_url: str
+    history: History
+    outstanding: set[str] = field(default_factory=set)
+    ws: ClientConnection | None = None
+    reader: asyncio.Task[None] | None = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> None:
+        url = self.base_url.replace("http://", "ws://") + f"/api/sled-uplink?token={SLED_TOKEN}"
+        self.ws = await connect(url, max_size=None)
+        await self.send("identity", "identity", {"project": self.project})
+        self.reader = asyncio.create_task(self._read())
+
+    async def send(self, kind: str, req_id: str, payload: Any) -> None:
+        assert self.ws is not None
+        await self.ws.send(json.dumps({"type": kind, "req_id": req_id, "payload": payload}))
+
+    async def ask(self, req_id: str) -> None:
+        self.outstanding.add(req_id)
+        self.history.sent(self.project, req_id)
+        await self.send(
+            "perm_request", req_id, {"tool_name": "Bash", "tool_input": {"command": req_id}}
+        )
+
+    async def _read(self) -> None:
+        assert self.ws is not None
+        try:
+            async for message in self.ws:
+                frame = json.loads(message)
+                if frame.get("type") != "perm_response":
+                    continue
+                req_id = frame["req_id"]
+                # Whatever arrives is recorded: a second answer is the checker's to find.
+                self.history.delivered(self.project, req_id, frame["payload"])
+                self.outstanding.discard(req_id)
+        except (ConnectionClosed, OSError):
+            pass
+        finally:
+            # The uplink fails closed: what was not answered is denied by the sled.
+            for req_id in sorted(self.outstanding):
+                self.history.denied_by_sled(self.project, req_id, "session ended")
+            self.outstanding.clear()
+            self.ended.set()
+
+    def abort(self) -> None:
+        """Drop the TCP connection without a close frame."""
+        assert self.ws is not None
+        self.ws.transport.abort()
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+        if self.reader is not None:
+            await self.reader
+
+
+def client(base_url: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=base_url,
+        headers={"Authorization": f"Bearer {OPERATOR}", "Content-Type": "application/json"},
+        timeout=T,
+        # Two deciders stay under the gateway's --max-connections-per-client (32):
+        # beyond it, the gateway closes a client's oldest connections by design.
+        limits=httpx.Limits(max_connections=12),
+    )
+
+
+async def vote(
+    api: httpx.AsyncClient, name: str, history: History, project: str, req_id: str, value: str
+) -> None:
+    """One decider's answer; a refused connection or a timeout is recorded as status 0."""
+    try:
+        r = await api.post(f"/api/permissions/{project}/{req_id}", json={"decision": value})
+        status = r.status_code
+    except httpx.HTTPError as exc:
+        print(f"vote {name} {project}/{req_id}: {exc!r}")
+        status = 0
+    history.voted(name, project, req_id, value, status)
+
+
+async def pending_count(api: httpx.AsyncClient) -> int:
+    r = await api.get("/api/state")
+    r.raise_for_status()
+    return len(r.json()["pending"])
+
+
+async def read_audit(api: httpx.AsyncClient) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    before: int | None = None
+    while True:
+        params: dict[str, Any] = {"limit": 500}
+        if before is not None:
+            params["before"] = before
+        r = await api.get("/api/audit", params=params)
+        r.raise_for_status()
+        page = r.json()
+        rows.extend(page["entries"])
+        before = page["next_before"]
+        if before is None:
+            return rows
+
+
+async def until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not in time: {what}")
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class Run:
+    history: History
+    sleds: list[RawSled]
+    statuses: dict[tuple[str, str], list[int]]
+
+
+async def burst(
+    urls: list[str],
+    *,
+    seed: int,
+    during: Any = None,
+    after_votes: int = REQUESTS // 2,
+) -> Run:
+    """``REQUESTS`` pending requests over ``SLEDS`` sleds, each decided by two deciders
+    at once (approve and deny, in random order); ``during(run)`` is awaited once
+    ``after_votes`` pairs of votes have been sent."""
+    rng = random.Random(seed)
+    history = History()
+    sleds = [RawSled(f"sled{i}", urls[i % len(urls)], history) for i in range(SLEDS)]
+    for s in sleds:
+        await s.start()
+    ids = [(sleds[i % SLEDS], f"r{i:04d}") for i in range(REQUESTS)]
+    for s, req_id in ids:
+        await s.ask(req_id)
+    first = client(urls[0])
+    try:
+        await until(lambda: _at_least(first, REQUESTS), T, f"{REQUESTS} requests pending")
+    finally:
+        await first.aclose()
+    deciders = [
+        ("api-A", client(urls[0])),
+        ("api-B", client(urls[1 % len(urls)])),
+    ]
+    run = Run(history, sleds, {})
+    try:
+        pairs = []
+        for s, req_id in ids:
+            values = ["approve", "deny"]
+            rng.shuffle(values)
+            pairs.append((s.project, req_id, values))
+        rng.shuffle(pairs)
+        semaphore = asyncio.Semaphore(40)
+        started = 0
+        triggered = asyncio.Event()
+
+        async def decide(project: str, req_id: str, values: list[str]) -> None:
+            nonlocal started
+            async with semaphore:
+                started += 1
+                if during is not None and started == after_votes:
+                    triggered.set()
+                await asyncio.gather(
+                    *(
+                        vote(api, name, history, project, req_id, value)
+                        for (name, api), value in zip(deciders, values, strict=True)
+                    )
+                )
+
+        tasks = [asyncio.create_task(decide(*p)) for p in pairs]
+        if during is not None:
+            await triggered.wait()
+            await during(run)
+        await asyncio.gather(*tasks)
+    finally:
+        for _, api in deciders:
+            await api.aclose()
+    for e in history.events:
+        if e.kind == "voted":
+            assert e.status is not None
+            run.statuses.setdefault(e.key, []).append(e.status)
+    return run
+
+
+async def _at_least(api: httpx.AsyncClient, n: int) -> bool:
+    return await pending_count(api) >= n
+
+
+async def settle(run: Run, urls: list[str]) -> Verdict:
+    """Wait until every sled has settled what it asked (or its session ended), end the
+    sessions, read the audit, and judge."""
+
+    async def settled() -> bool:
+        return all(not s.outstanding or s.ended.is_set() for s in run.sleds)
+
+    await until(settled, T, "every request answered at its sled")
+    for s in run.sleds:
+        await s.close()
+    api = client(urls[0])
+    try:
+        run.history.audited(await read_audit(api))
+    finally:
+        await api.aclose()
+    verdict = run.history.check()
+    print(f"\nVERDICT {verdict}")
+    return verdict
+
+
+# -- the runs --------------------------------------------------------------------------------
+
+
+def test_two_conflicting_deciders_get_one_200_and_one_409_per_request(
+    gateways: Gateways,
+) -> None:
+    async def scenario() -> Verdict:
+        run = await burst(gateways.urls, seed=1)
+        verdict = await settle(run, gateways.urls)
+        assert sorted(map(sorted, run.statuses.values())) == [[200, 409]] * REQUESTS
+        return verdict
+
+    verdict = asyncio.run(scenario())
+    assert verdict.ok, str(verdict)
+    c = verdict.counts
+    assert (c["sent"], c["votes_200"], c["votes_409"]) == (REQUESTS, REQUESTS, REQUESTS)
+    assert (c["audit_decisions"], c["delivered"]) == (REQUESTS, REQUESTS)
+    assert c.get("audit_withdrawn", 0) == 0
