@@ -15,8 +15,11 @@ import asyncio
 import json
 import os
 import random
+import sqlite3
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +29,14 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from sled_gateway import Gateway as ReferenceGateway
 from tests.history import History, Verdict
 from tests.support.proc import WatchedProcess
+from tests.test_gateway import api as gw_api
+from tests.test_gateway import pending_ids as gw_pending_ids
+from tests.test_gateway import perm_request as gw_perm_request
+from tests.test_gateway import sled as gw_sled
+from tests.test_gateway import wait_state as gw_wait_state
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -185,8 +194,7 @@ async def vote(
     try:
         r = await api.post(f"/api/permissions/{project}/{req_id}", json={"decision": value})
         status = r.status_code
-    except httpx.HTTPError as exc:
-        print(f"vote {name} {project}/{req_id}: {exc!r}")
+    except httpx.HTTPError:
         status = 0
     history.voted(name, project, req_id, value, status)
 
@@ -337,3 +345,94 @@ def test_two_conflicting_deciders_get_one_200_and_one_409_per_request(
     assert (c["sent"], c["votes_200"], c["votes_409"]) == (REQUESTS, REQUESTS, REQUESTS)
     assert (c["audit_decisions"], c["delivered"]) == (REQUESTS, REQUESTS)
     assert c.get("audit_withdrawn", 0) == 0
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_sleds_disconnecting_mid_burst(gateways: Gateways, seed: int) -> None:
+    async def drop(run: Run) -> None:
+        run.sleds[0].abort()  # no close frame
+        await run.sleds[1].ws.close()  # type: ignore[union-attr]
+
+    async def scenario() -> Verdict:
+        run = await burst(gateways.urls, seed=seed, during=drop)
+        return await settle(run, gateways.urls)
+
+    verdict = asyncio.run(scenario())
+    assert verdict.ok, str(verdict)
+    c = verdict.counts
+    assert c["denied_by_sled"] > 0 and c["audit_withdrawn"] > 0, c
+
+
+def test_gateway_killed_mid_burst_and_restarted(gateways: Gateways) -> None:
+    async def kill(run: Run) -> None:
+        await asyncio.to_thread(gateways.kill, 0)
+
+    async def scenario() -> Verdict:
+        run = await burst(gateways.urls, seed=4, during=kill)
+        await asyncio.to_thread(gateways.restart, 0)
+        return await settle(run, gateways.urls)
+
+    verdict = asyncio.run(scenario())
+    assert verdict.ok, str(verdict)
+
+
+# -- a decision being committed when its sled disconnects ---------------------------------------
+
+
+@contextmanager
+def store_locked(db: Path) -> Iterator[None]:
+    """While inside, a second connection holds the database's write lock (a long
+    transaction, a slow disk): the gateway's commits wait (its busy timeout is 5 s)."""
+    conn = sqlite3.connect(db, isolation_level=None, timeout=0)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        yield
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+
+
+def test_a_decision_committing_while_its_sled_disconnects_is_its_one_outcome(
+    make_reference_gateway: Callable[..., ReferenceGateway], tmp_path: Path
+) -> None:
+    """Attack: the decision's audit row is being written when the sled drops. The
+    request must end once: decided (the decider told 200, no withdrawal row) or
+    withdrawn (the decider told 409, no decision row), never both."""
+    db = tmp_path / "gateway.db"
+    gw = make_reference_gateway(db=db)
+    history = History()
+
+    async def scenario() -> int:
+        async with httpx.AsyncClient(base_url=gw.http_url, headers=gw_api(gw), timeout=T) as api:
+            async with gw_sled(gw, "p") as ws:
+                await ws.send(gw_perm_request("r1"))
+                history.sent("p", "r1")
+                await gw_wait_state(gw, lambda s: "r1" in gw_pending_ids(s))
+                with store_locked(db):
+                    posted = asyncio.create_task(
+                        api.post("/api/permissions/p/r1", json={"decision": "approve"})
+                    )
+                    # The decision is in the store's queue, waiting for the lock.
+                    await asyncio.sleep(0.3 * FACTOR)
+                    assert not posted.done()
+                    await ws.close()
+                    await gw_wait_state(
+                        gw, lambda s: not any(x["state"] == "connected" for x in s["sleds"])
+                    )
+                history.denied_by_sled("p", "r1", "session ended")  # it got no answer
+            status = (await posted).status_code
+            history.voted("api", "p", "r1", "approve", status)
+            return status
+
+    status = asyncio.run(asyncio.wait_for(scenario(), 6 * T))
+
+    def audited() -> list[dict[str, Any]]:
+        rows = [r for r in gw.audit() if r["req_id"] == "r1"]
+        return rows if len(rows) >= 1 else []
+
+    gw.wait_for(lambda _s: audited(), T)
+    time.sleep(0.2)  # a withdrawal row written later would show by now
+    history.audited(gw.audit())
+    verdict = history.check()
+    print(f"\nVERDICT {verdict} (the decider got {status})")
+    assert verdict.ok, str(verdict)
