@@ -519,10 +519,22 @@ class Approvals:
         answer goes out and the audit rows need not be waited for.
         """
         gone = self.state.pending_of_session(session)
-        self._withdraw(
-            gone, "sled_disconnected", f"the sled disconnected (close code {close_code})"
-        )
+        why = f"the sled disconnected (close code {close_code})"
+        for item in gone:
+            self._withdraw_when_undecided(item, "sled_disconnected", why)
         return gone
+
+    def _withdraw_when_undecided(self, item: PendingPermission, by: str, why: str) -> None:
+        """Withdraw ``item`` now, or, while a decision of it is being committed, once that
+        decision has failed: a committed decision is the request's one outcome (its audit
+        row cannot be taken back), so a withdrawal then would give it two."""
+        if self.state.pending_or_none(item.project, item.req_id) is not item:
+            return  # decided (or replaced) meanwhile
+        busy = self._deciding.get((item.project, item.req_id))
+        if busy is None:
+            self._withdraw([item], by, why)
+            return
+        busy.add_done_callback(lambda _: self._withdraw_when_undecided(item, by, why))
 
     def _withdraw(self, items: list[PendingPermission], by: str, why: str) -> None:
         """End pending requests without a decision: audited as withdrawn (``by``,

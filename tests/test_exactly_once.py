@@ -341,6 +341,8 @@ def test_two_conflicting_deciders_get_one_200_and_one_409_per_request(
 
     verdict = asyncio.run(scenario())
     assert verdict.ok, str(verdict)
+    outcome = [r["decision"] for r in gw.audit() if r["req_id"] == "r1"]
+    assert (status, outcome) == ((200, ["approve"]) if commits else (503, ["withdrawn"]))
     c = verdict.counts
     assert (c["sent"], c["votes_200"], c["votes_409"]) == (REQUESTS, REQUESTS, REQUESTS)
     assert (c["audit_decisions"], c["delivered"]) == (REQUESTS, REQUESTS)
@@ -359,6 +361,8 @@ def test_sleds_disconnecting_mid_burst(gateways: Gateways, seed: int) -> None:
 
     verdict = asyncio.run(scenario())
     assert verdict.ok, str(verdict)
+    outcome = [r["decision"] for r in gw.audit() if r["req_id"] == "r1"]
+    assert (status, outcome) == ((200, ["approve"]) if commits else (503, ["withdrawn"]))
     c = verdict.counts
     assert c["denied_by_sled"] > 0 and c["audit_withdrawn"] > 0, c
 
@@ -374,30 +378,42 @@ def test_gateway_killed_mid_burst_and_restarted(gateways: Gateways) -> None:
 
     verdict = asyncio.run(scenario())
     assert verdict.ok, str(verdict)
+    outcome = [r["decision"] for r in gw.audit() if r["req_id"] == "r1"]
+    assert (status, outcome) == ((200, ["approve"]) if commits else (503, ["withdrawn"]))
 
 
 # -- a decision being committed when its sled disconnects ---------------------------------------
 
 
 @contextmanager
-def store_locked(db: Path) -> Iterator[None]:
+def store_locked(db: Path, *, then_refuse_decisions: bool = False) -> Iterator[None]:
     """While inside, a second connection holds the database's write lock (a long
-    transaction, a slow disk): the gateway's commits wait (its busy timeout is 5 s)."""
+    transaction, a slow disk): the gateway's commits wait (its busy timeout is 5 s).
+    ``then_refuse_decisions``: when it lets go, every audit row but a withdrawal is
+    refused from then on (a trigger, committed as the lock is released)."""
     conn = sqlite3.connect(db, isolation_level=None, timeout=0)
     try:
         conn.execute("BEGIN IMMEDIATE")
+        if then_refuse_decisions:
+            conn.execute(
+                "CREATE TRIGGER refuse_decisions BEFORE INSERT ON audit "
+                "WHEN NEW.decision != 'withdrawn' "
+                "BEGIN SELECT RAISE(ABORT, 'decisions refused by the test'); END"
+            )
         yield
     finally:
-        conn.execute("ROLLBACK")
+        conn.execute("COMMIT" if then_refuse_decisions else "ROLLBACK")
         conn.close()
 
 
+@pytest.mark.parametrize("commits", [True, False], ids=["commits", "fails"])
 def test_a_decision_committing_while_its_sled_disconnects_is_its_one_outcome(
-    make_reference_gateway: Callable[..., ReferenceGateway], tmp_path: Path
+    make_reference_gateway: Callable[..., ReferenceGateway], tmp_path: Path, commits: bool
 ) -> None:
     """Attack: the decision's audit row is being written when the sled drops. The
     request must end once: decided (the decider told 200, no withdrawal row) or
-    withdrawn (the decider told 409, no decision row), never both."""
+    withdrawn (the decider told 409, no decision row), never both; a decision that
+    fails to commit (503) leaves the withdrawal to follow."""
     db = tmp_path / "gateway.db"
     gw = make_reference_gateway(db=db)
     history = History()
@@ -408,7 +424,7 @@ def test_a_decision_committing_while_its_sled_disconnects_is_its_one_outcome(
                 await ws.send(gw_perm_request("r1"))
                 history.sent("p", "r1")
                 await gw_wait_state(gw, lambda s: "r1" in gw_pending_ids(s))
-                with store_locked(db):
+                with store_locked(db, then_refuse_decisions=not commits):
                     posted = asyncio.create_task(
                         api.post("/api/permissions/p/r1", json={"decision": "approve"})
                     )
@@ -431,8 +447,10 @@ def test_a_decision_committing_while_its_sled_disconnects_is_its_one_outcome(
         return rows if len(rows) >= 1 else []
 
     gw.wait_for(lambda _s: audited(), T)
-    time.sleep(0.2)  # a withdrawal row written later would show by now
+    time.sleep(0.2 * FACTOR)  # a second row written later would show by now
     history.audited(gw.audit())
     verdict = history.check()
     print(f"\nVERDICT {verdict} (the decider got {status})")
     assert verdict.ok, str(verdict)
+    outcome = [r["decision"] for r in gw.audit() if r["req_id"] == "r1"]
+    assert (status, outcome) == ((200, ["approve"]) if commits else (503, ["withdrawn"]))
