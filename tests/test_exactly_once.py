@@ -341,8 +341,6 @@ def test_two_conflicting_deciders_get_one_200_and_one_409_per_request(
 
     verdict = asyncio.run(scenario())
     assert verdict.ok, str(verdict)
-    outcome = [r["decision"] for r in gw.audit() if r["req_id"] == "r1"]
-    assert (status, outcome) == ((200, ["approve"]) if commits else (503, ["withdrawn"]))
     c = verdict.counts
     assert (c["sent"], c["votes_200"], c["votes_409"]) == (REQUESTS, REQUESTS, REQUESTS)
     assert (c["audit_decisions"], c["delivered"]) == (REQUESTS, REQUESTS)
@@ -361,25 +359,49 @@ def test_sleds_disconnecting_mid_burst(gateways: Gateways, seed: int) -> None:
 
     verdict = asyncio.run(scenario())
     assert verdict.ok, str(verdict)
-    outcome = [r["decision"] for r in gw.audit() if r["req_id"] == "r1"]
-    assert (status, outcome) == ((200, ["approve"]) if commits else (503, ["withdrawn"]))
     c = verdict.counts
     assert c["denied_by_sled"] > 0 and c["audit_withdrawn"] > 0, c
 
 
-def test_gateway_killed_mid_burst_and_restarted(gateways: Gateways) -> None:
+def killed_mid_burst(gateways: Gateways, seed: int) -> Verdict:
+    """The burst, with the first gateway killed (-9) half-way and started again."""
+
     async def kill(run: Run) -> None:
         await asyncio.to_thread(gateways.kill, 0)
 
     async def scenario() -> Verdict:
-        run = await burst(gateways.urls, seed=4, during=kill)
+        run = await burst(gateways.urls, seed=seed, during=kill)
         await asyncio.to_thread(gateways.restart, 0)
         return await settle(run, gateways.urls)
 
-    verdict = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "seed", [4, *(pytest.param(s, marks=pytest.mark.slow) for s in range(100, 120))]
+)
+def test_a_gateway_killed_mid_burst_loses_and_duplicates_no_decision(
+    gateways: Gateways, seed: int
+) -> None:
+    """One seeded run always; twenty more behind ``-m slow`` (each about 6 s)."""
+    verdict = killed_mid_burst(gateways, seed=seed)
+    # What a kill -9 of the one process must never do: two outcomes, an answer the
+    # audit does not hold, a 200 the audit lost. (The requests it held pending are
+    # the next test's.)
+    assert set(verdict.kinds()) <= {"unaccounted"}, str(verdict)
+    c = verdict.counts
+    assert c["votes_200"] == c["audit_decisions"] > 0, c
+    assert c["denied_by_sled"] >= c.get("violations", 0), c
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="one gateway keeps pending requests in memory only: those pending at a kill -9 "
+    "never get an audit row (issue 24: pending rows in the store, released on restart)",
+)
+def test_a_gateway_killed_mid_burst_accounts_for_every_request(gateways: Gateways) -> None:
+    verdict = killed_mid_burst(gateways, seed=5)
     assert verdict.ok, str(verdict)
-    outcome = [r["decision"] for r in gw.audit() if r["req_id"] == "r1"]
-    assert (status, outcome) == ((200, ["approve"]) if commits else (503, ["withdrawn"]))
 
 
 # -- a decision being committed when its sled disconnects ---------------------------------------
