@@ -351,7 +351,7 @@ def test_two_conflicting_deciders_get_one_200_and_one_409_per_request(
 def test_sleds_disconnecting_mid_burst(gateways: Gateways, seed: int) -> None:
     async def drop(run: Run) -> None:
         run.sleds[0].abort()  # no close frame
-        await run.sleds[1].ws.close()  # type: ignore[union-attr]
+        await run.sleds[1].close()  # with a close frame
 
     async def scenario() -> Verdict:
         run = await burst(gateways.urls, seed=seed, during=drop)
