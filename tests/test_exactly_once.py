@@ -429,13 +429,18 @@ def store_locked(db: Path, *, then_refuse_decisions: bool = False) -> Iterator[N
 
 
 @pytest.mark.parametrize("commits", [True, False], ids=["commits", "fails"])
-def test_a_decision_committing_while_its_sled_disconnects_is_its_one_outcome(
-    make_reference_gateway: Callable[..., ReferenceGateway], tmp_path: Path, commits: bool
+@pytest.mark.parametrize("how", ["disconnect", "cancel"])
+def test_a_decision_committing_while_its_sled_lets_go_is_its_one_outcome(
+    make_reference_gateway: Callable[..., ReferenceGateway],
+    tmp_path: Path,
+    commits: bool,
+    how: str,
 ) -> None:
-    """Attack: the decision's audit row is being written when the sled drops. The
-    request must end once: decided (the decider told 200, no withdrawal row) or
-    withdrawn (the decider told 409, no decision row), never both; a decision that
-    fails to commit (503) leaves the withdrawal to follow."""
+    """Attack: the decision's audit row is being written when the sled lets the
+    request go (it disconnects, or cancels it after its own timeout). The request
+    must end once: decided (the decider told 200, no withdrawal row) or withdrawn
+    (no decision row), never both; a decision that fails to commit (503) leaves
+    the withdrawal to follow."""
     db = tmp_path / "gateway.db"
     gw = make_reference_gateway(db=db)
     history = History()
@@ -453,20 +458,39 @@ def test_a_decision_committing_while_its_sled_disconnects_is_its_one_outcome(
                     # The decision is in the store's queue, waiting for the lock.
                     await asyncio.sleep(0.3 * FACTOR)
                     assert not posted.done()
-                    await ws.close()
-                    await gw_wait_state(
-                        gw, lambda s: not any(x["state"] == "connected" for x in s["sleds"])
-                    )
-                history.denied_by_sled("p", "r1", "session ended")  # it got no answer
+                    if how == "disconnect":
+                        await ws.close()
+                        await gw_wait_state(
+                            gw, lambda s: not any(x["state"] == "connected" for x in s["sleds"])
+                        )
+                    else:
+                        # The uplink's own timeout denied it; it tells the gateway. (An
+                        # answer arriving later is for an id it no longer holds: ignored.)
+                        await ws.send(
+                            json.dumps(
+                                {
+                                    "type": "perm_cancel",
+                                    "req_id": "r1",
+                                    "payload": {"reason": "timeout"},
+                                }
+                            )
+                        )
+                        # Frames are handled in order: once r2 is pending, the cancel was seen.
+                        await ws.send(gw_perm_request("r2"))
+                        history.sent("p", "r2")
+                        await gw_wait_state(gw, lambda s: "r2" in gw_pending_ids(s))
+                history.denied_by_sled("p", "r1", how)  # it acted on no answer
+            if how == "cancel":
+                history.denied_by_sled("p", "r2", "session ended")
             status = (await posted).status_code
             history.voted("api", "p", "r1", "approve", status)
             return status
 
     status = asyncio.run(asyncio.wait_for(scenario(), 6 * T))
+    ids = {"r1"} if how == "disconnect" else {"r1", "r2"}
 
-    def audited() -> list[dict[str, Any]]:
-        rows = [r for r in gw.audit() if r["req_id"] == "r1"]
-        return rows if len(rows) >= 1 else []
+    def audited() -> bool:
+        return {r["req_id"] for r in gw.audit()} >= ids
 
     gw.wait_for(lambda _s: audited(), T)
     time.sleep(0.2 * FACTOR)  # a second row written later would show by now
