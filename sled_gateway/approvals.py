@@ -389,6 +389,7 @@ class Approvals:
 
         Only a request pending from that very session is withdrawn; False (and
         nothing changes) for any other id, so no sled cancels another's request.
+        A decision being committed meanwhile stands (the sled ignores its answer).
         """
         item = self.state.pending_or_none(project, req_id)
         if item is None or item.session != session:
@@ -406,7 +407,9 @@ class Approvals:
             printable(req_id, 120),
             reason,
         )
-        self._withdraw([item], f"sled_cancel:{reason}", f"the sled cancelled it: {reason}")
+        self._withdraw_when_undecided(
+            item, f"sled_cancel:{reason}", f"the sled cancelled it: {reason}"
+        )
         return True
 
     def _over_pending_bytes(self, item: PendingPermission) -> tuple[str, str] | None:
