@@ -29,6 +29,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from protocol import input_sha256
 from sled_gateway import Gateway as ReferenceGateway
 from tests.history import History, Verdict
 from tests.support.proc import WatchedProcess
@@ -199,6 +200,26 @@ async def vote(
     history.voted(name, project, req_id, value, status)
 
 
+async def bulk_vote(
+    api: httpx.AsyncClient,
+    name: str,
+    history: History,
+    chunk: list[tuple[str, str]],
+    value: str,
+) -> None:
+    """One bulk decision of ``chunk``; each item's own status is its vote's."""
+    items = [
+        {"project": p, "req_id": r, "input_sha256": input_sha256({"command": r})} for p, r in chunk
+    ]
+    try:
+        r = await api.post("/api/permissions/decide", json={"decision": value, "items": items})
+        statuses = [int(x["status"]) for x in r.json()["results"]] if r.status_code == 200 else []
+    except httpx.HTTPError:
+        statuses = []
+    for (project, req_id), status in zip(chunk, statuses or [0] * len(chunk), strict=True):
+        history.voted(name, project, req_id, value, status)
+
+
 async def pending_count(api: httpx.AsyncClient) -> int:
     r = await api.get("/api/state")
     r.raise_for_status()
@@ -234,6 +255,7 @@ class Run:
     history: History
     sleds: list[RawSled]
     statuses: dict[tuple[str, str], list[int]]
+    verdict: Verdict | None = None
 
 
 async def burst(
@@ -242,10 +264,12 @@ async def burst(
     seed: int,
     during: Any = None,
     after_votes: int = REQUESTS // 2,
+    bulk: int = 0,
 ) -> Run:
     """``REQUESTS`` pending requests over ``SLEDS`` sleds, each decided by two deciders
     at once (approve and deny, in random order); ``during(run)`` is awaited once
-    ``after_votes`` pairs of votes have been sent."""
+    ``after_votes`` requests' votes have been sent. ``bulk``: the second decider sends
+    ``POST /api/permissions/decide`` with this many items (one value for them all)."""
     rng = random.Random(seed)
     history = History()
     sleds = [RawSled(f"sled{i}", urls[i % len(urls)], history) for i in range(SLEDS)]
@@ -261,34 +285,39 @@ async def burst(
         await first.aclose()
     deciders = [
         ("api-A", client(urls[0])),
-        ("api-B", client(urls[1 % len(urls)])),
+        ("bulk-B" if bulk else "api-B", client(urls[1 % len(urls)])),
     ]
     run = Run(history, sleds, {})
     try:
-        pairs = []
-        for s, req_id in ids:
+        keys = [(s.project, req_id) for s, req_id in ids]
+        rng.shuffle(keys)
+        size = max(bulk, 1)
+        chunks: list[tuple[list[str], list[tuple[str, str]]]] = []
+        for at in range(0, len(keys), size):
             values = ["approve", "deny"]
             rng.shuffle(values)
-            pairs.append((s.project, req_id, values))
-        rng.shuffle(pairs)
-        semaphore = asyncio.Semaphore(40)
+            chunks.append((values, keys[at : at + size]))
+        semaphore = asyncio.Semaphore(40 // size or 1)
         started = 0
         triggered = asyncio.Event()
 
-        async def decide(project: str, req_id: str, values: list[str]) -> None:
+        async def decide(values: list[str], chunk: list[tuple[str, str]]) -> None:
             nonlocal started
             async with semaphore:
-                started += 1
-                if during is not None and started == after_votes:
+                started += len(chunk)
+                if during is not None and started >= after_votes and not triggered.is_set():
                     triggered.set()
+                (a_name, a_api), (b_name, b_api) = deciders
+                second = (
+                    [bulk_vote(b_api, b_name, history, chunk, values[1])]
+                    if bulk
+                    else [vote(b_api, b_name, history, *chunk[0], values[1])]
+                )
                 await asyncio.gather(
-                    *(
-                        vote(api, name, history, project, req_id, value)
-                        for (name, api), value in zip(deciders, values, strict=True)
-                    )
+                    *(vote(a_api, a_name, history, p, r, values[0]) for p, r in chunk), *second
                 )
 
-        tasks = [asyncio.create_task(decide(*p)) for p in pairs]
+        tasks = [asyncio.create_task(decide(*c)) for c in chunks]
         if during is not None:
             await triggered.wait()
             await during(run)
@@ -345,6 +374,18 @@ def test_two_conflicting_deciders_get_one_200_and_one_409_per_request(
     assert (c["sent"], c["votes_200"], c["votes_409"]) == (REQUESTS, REQUESTS, REQUESTS)
     assert (c["audit_decisions"], c["delivered"]) == (REQUESTS, REQUESTS)
     assert c.get("audit_withdrawn", 0) == 0
+
+
+def test_a_single_decider_against_a_bulk_decider(gateways: Gateways) -> None:
+    async def scenario() -> Run:
+        run = await burst(gateways.urls, seed=6, bulk=25)
+        run.verdict = await settle(run, gateways.urls)
+        return run
+
+    run = asyncio.run(scenario())
+    assert run.verdict is not None and run.verdict.ok, str(run.verdict)
+    assert sorted(map(sorted, run.statuses.values())) == [[200, 409]] * REQUESTS
+    assert run.verdict.counts["audit_decisions"] == run.verdict.counts["delivered"] == REQUESTS
 
 
 @pytest.mark.parametrize("seed", [2, 3])
