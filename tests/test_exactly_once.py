@@ -431,7 +431,9 @@ def test_a_gateway_killed_mid_burst_loses_and_duplicates_no_decision(
     # the next test's.)
     assert set(verdict.kinds()) <= {"unaccounted"}, str(verdict)
     c = verdict.counts
-    assert c["votes_200"] == c["audit_decisions"] > 0, c
+    # A decision committed just before the kill may have reached neither its decider
+    # nor its sled (counted as decided_undelivered): more rows than 200s, never fewer.
+    assert 0 < c["votes_200"] <= c["audit_decisions"], c
     assert c["denied_by_sled"] >= c.get("violations", 0), c
 
 
