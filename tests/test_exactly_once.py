@@ -102,6 +102,7 @@ class Gateways:
     def restart(self, i: int) -> None:
         """Start it again on the same port and database."""
         old = self.procs[i]
+        old.kill()  # reaps it and closes its pipes (it has exited already)
         self.procs[i] = GatewayProcess(old.db, old.port)
 
 
@@ -543,3 +544,20 @@ def test_a_decision_committing_while_its_sled_lets_go_is_its_one_outcome(
     assert verdict.ok, str(verdict)
     outcome = [r["decision"] for r in gw.audit() if r["req_id"] == "r1"]
     assert (status, outcome) == ((200, ["approve"]) if commits else (503, ["withdrawn"]))
+
+
+def test_a_gateway_stopped_mid_burst_accounts_for_every_request(gateways: Gateways) -> None:
+    """SIGTERM (a deploy): the gateway closes its sleds and ends what they had pending."""
+
+    async def stop(run: Run) -> None:
+        proc = gateways.procs[0].proc
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, T)
+
+    async def scenario() -> Verdict:
+        run = await burst(gateways.urls, seed=7, during=stop)
+        await asyncio.to_thread(gateways.restart, 0)
+        return await settle(run, gateways.urls)
+
+    verdict = asyncio.run(scenario())
+    assert verdict.ok, str(verdict)
