@@ -56,7 +56,7 @@ SLEDS = 5
 class GatewayProcess(WatchedProcess):
     """One ``run_gateway.py`` on loopback, with its own database file."""
 
-    def __init__(self, db: Path, port: int = 0) -> None:
+    def __init__(self, db: Path, port: int = 0, extra: tuple[str, ...] = ()) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLED_GATEWAY_")}
         env["SLED_GATEWAY_OPERATOR_TOKEN"] = OPERATOR
         env["SLED_GATEWAY_TOKEN"] = SLED_TOKEN
@@ -72,12 +72,14 @@ class GatewayProcess(WatchedProcess):
                 "INFO",
                 "--max-pending-per-sled",
                 str(REQUESTS),
+                *extra,
             ],
             cwd=ROOT,
             env=env,
             timeout=T,
         )
         self.db = db
+        self.extra = extra
         self.port = int(self.wait_for(r"gateway listening on http://[^\s]+:(\d+)").group(1))
 
     @property
@@ -103,7 +105,7 @@ class Gateways:
         """Start it again on the same port and database."""
         old = self.procs[i]
         old.kill()  # reaps it and closes its pipes (it has exited already)
-        self.procs[i] = GatewayProcess(old.db, old.port)
+        self.procs[i] = GatewayProcess(old.db, old.port, old.extra)
 
 
 @pytest.fixture
@@ -178,14 +180,14 @@ class RawSled:
             await self.reader
 
 
-def client(base_url: str) -> httpx.AsyncClient:
+def client(base_url: str, token: str = OPERATOR) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         base_url=base_url,
-        headers={"Authorization": f"Bearer {OPERATOR}", "Content-Type": "application/json"},
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
         timeout=T,
-        # Two deciders stay under the gateway's --max-connections-per-client (32):
+        # Three deciders stay under the gateway's --max-connections-per-client (32):
         # beyond it, the gateway closes a client's oldest connections by design.
-        limits=httpx.Limits(max_connections=12),
+        limits=httpx.Limits(max_connections=10),
     )
 
 
@@ -266,11 +268,13 @@ async def burst(
     during: Any = None,
     after_votes: int = REQUESTS // 2,
     bulk: int = 0,
+    people: dict[str, str] | None = None,
 ) -> Run:
     """``REQUESTS`` pending requests over ``SLEDS`` sleds, each decided by two deciders
     at once (approve and deny, in random order); ``during(run)`` is awaited once
     ``after_votes`` requests' votes have been sent. ``bulk``: the second decider sends
-    ``POST /api/permissions/decide`` with this many items (one value for them all)."""
+    ``POST /api/permissions/decide`` with this many items (one value for them all).
+    ``people``: the deciders instead, by name and API token, all approving but one."""
     rng = random.Random(seed)
     history = History()
     sleds = [RawSled(f"sled{i}", urls[i % len(urls)], history) for i in range(SLEDS)]
@@ -284,10 +288,17 @@ async def burst(
         await until(lambda: _at_least(first, REQUESTS), T, f"{REQUESTS} requests pending")
     finally:
         await first.aclose()
-    deciders = [
-        ("api-A", client(urls[0])),
-        ("bulk-B" if bulk else "api-B", client(urls[1 % len(urls)])),
-    ]
+    deciders = (
+        [
+            (name, client(urls[i % len(urls)], token))
+            for i, (name, token) in enumerate(people.items())
+        ]
+        if people
+        else [
+            ("api-A", client(urls[0])),
+            ("bulk-B" if bulk else "api-B", client(urls[1 % len(urls)])),
+        ]
+    )
     run = Run(history, sleds, {})
     try:
         keys = [(s.project, req_id) for s, req_id in ids]
@@ -295,7 +306,7 @@ async def burst(
         size = max(bulk, 1)
         chunks: list[tuple[list[str], list[tuple[str, str]]]] = []
         for at in range(0, len(keys), size):
-            values = ["approve", "deny"]
+            values = ["approve"] * (len(deciders) - 1) + ["deny"]
             rng.shuffle(values)
             chunks.append((values, keys[at : at + size]))
         semaphore = asyncio.Semaphore(40 // size or 1)
@@ -308,14 +319,18 @@ async def burst(
                 started += len(chunk)
                 if during is not None and started >= after_votes and not triggered.is_set():
                     triggered.set()
-                (a_name, a_api), (b_name, b_api) = deciders
-                second = (
-                    [bulk_vote(b_api, b_name, history, chunk, values[1])]
-                    if bulk
-                    else [vote(b_api, b_name, history, *chunk[0], values[1])]
-                )
+                if bulk:
+                    (a_name, a_api), (b_name, b_api) = deciders
+                    await asyncio.gather(
+                        *(vote(a_api, a_name, history, p, r, values[0]) for p, r in chunk),
+                        bulk_vote(b_api, b_name, history, chunk, values[1]),
+                    )
+                    return
                 await asyncio.gather(
-                    *(vote(a_api, a_name, history, p, r, values[0]) for p, r in chunk), *second
+                    *(
+                        vote(api, name, history, *chunk[0], value)
+                        for (name, api), value in zip(deciders, values, strict=True)
+                    )
                 )
 
         tasks = [asyncio.create_task(decide(*c)) for c in chunks]
@@ -561,3 +576,57 @@ def test_a_gateway_stopped_mid_burst_accounts_for_every_request(gateways: Gatewa
 
     verdict = asyncio.run(scenario())
     assert verdict.ok, str(verdict)
+
+
+# -- a quorum of two, three people at once -------------------------------------------------------
+
+ACCESS = """
+[[grant]]
+who = "alice@example.test"
+role = "approver"
+
+[[grant]]
+who = "bob@example.test"
+role = "approver"
+
+[[grant]]
+who = "carol@example.test"
+role = "approver"
+
+[[quorum]]
+rule = "Bash"
+approvals = 2
+"""
+
+
+def test_a_quorum_of_two_with_three_people_voting_at_once(tmp_path: Path) -> None:
+    """Two approve and one denies, at once, on each of 500 requests needing two approvals:
+    one decision each (the deny if it came first or second, else the quorum's approve),
+    told as one 200; the other votes 202 (counted) or 409 (too late)."""
+    access = tmp_path / "access.toml"
+    access.write_text(ACCESS)
+    gateways = Gateways([GatewayProcess(tmp_path / "gateway.db", extra=("--access", str(access)))])
+    try:
+
+        async def scenario() -> Run:
+            people: dict[str, str] = {}
+            async with client(gateways.urls[0]) as admin:
+                for person in ("alice@example.test", "bob@example.test", "carol@example.test"):
+                    made = await admin.post(
+                        "/api/tokens", json={"person": person, "expires_in": 3600}
+                    )
+                    assert made.status_code == 201, made.text
+                    people[person] = made.json()["token"]
+            run = await burst(gateways.urls, seed=8, people=people)
+            run.verdict = await settle(run, gateways.urls)
+            return run
+
+        run = asyncio.run(scenario())
+    finally:
+        for p in gateways.procs:
+            p.kill()
+    assert run.verdict is not None and run.verdict.ok, str(run.verdict)
+    for key, statuses in run.statuses.items():
+        assert statuses.count(200) == 1 and set(statuses) <= {200, 202, 409}, (key, statuses)
+    c = run.verdict.counts
+    assert c["audit_decisions"] == c["delivered"] == REQUESTS, c
