@@ -389,6 +389,7 @@ class Approvals:
 
         Only a request pending from that very session is withdrawn; False (and
         nothing changes) for any other id, so no sled cancels another's request.
+        A decision being committed meanwhile stands (the sled ignores its answer).
         """
         item = self.state.pending_or_none(project, req_id)
         if item is None or item.session != session:
@@ -406,7 +407,9 @@ class Approvals:
             printable(req_id, 120),
             reason,
         )
-        self._withdraw([item], f"sled_cancel:{reason}", f"the sled cancelled it: {reason}")
+        self._withdraw_when_undecided(
+            item, f"sled_cancel:{reason}", f"the sled cancelled it: {reason}"
+        )
         return True
 
     def _over_pending_bytes(self, item: PendingPermission) -> tuple[str, str] | None:
@@ -519,10 +522,22 @@ class Approvals:
         answer goes out and the audit rows need not be waited for.
         """
         gone = self.state.pending_of_session(session)
-        self._withdraw(
-            gone, "sled_disconnected", f"the sled disconnected (close code {close_code})"
-        )
+        why = f"the sled disconnected (close code {close_code})"
+        for item in gone:
+            self._withdraw_when_undecided(item, "sled_disconnected", why)
         return gone
+
+    def _withdraw_when_undecided(self, item: PendingPermission, by: str, why: str) -> None:
+        """Withdraw ``item`` now, or, while a decision of it is being committed, once that
+        decision has failed: a committed decision is the request's one outcome (its audit
+        row cannot be taken back), so a withdrawal then would give it two."""
+        if self.state.pending_or_none(item.project, item.req_id) is not item:
+            return  # decided (or replaced) meanwhile
+        busy = self._deciding.get((item.project, item.req_id))
+        if busy is None:
+            self._withdraw([item], by, why)
+            return
+        busy.add_done_callback(lambda _: self._withdraw_when_undecided(item, by, why))
 
     def _withdraw(self, items: list[PendingPermission], by: str, why: str) -> None:
         """End pending requests without a decision: audited as withdrawn (``by``,
