@@ -148,6 +148,10 @@ def _days(option: str, value: float | str) -> float | None:
     return positive_number(option, value, "days")
 
 
+def _drain_seconds(option: str, value: float | str) -> float:
+    return 0.0 if str(value).strip() in ("0", "0.0") else positive_seconds(option, value)
+
+
 def _db(option: str, value: str | os.PathLike[str]) -> str | os.PathLike[str]:
     if not isinstance(value, str | os.PathLike) or not os.fspath(value):
         raise ConfigError(option, f"expected a file path or ':memory:', not {value!r}")
@@ -311,6 +315,13 @@ class GatewayConfig:
         "a whole HTTP request (head and body) must be in within this, whatever the "
         "handler does; else 408 and the connection is closed",
         rule=positive_seconds,
+    )
+    drain_seconds: float = option(
+        10.0,
+        "--drain-seconds",
+        "on SIGTERM, close the sleds spread over this long (1012, retry_after), then exit; "
+        "0 closes them all at once",
+        rule=_drain_seconds,
     )
     max_connections: int = option(
         200,

@@ -13,6 +13,7 @@
 ``/api/rules/check|import|impact``  rules in Claude Code's grammar (:mod:`.rules_api`)
 ``POST /sleds/{project}/mcp``   JSON-RPC relayed to that sled (:mod:`sled_gateway.relay`)
 ``GET /healthz``                liveness
+``GET /readyz``                 readiness: 503 while draining or without a database
 ==============================  =========================================================
 
 Who asks is the :class:`~sled_gateway.principal.Principal` the request guard
@@ -47,6 +48,7 @@ from sled_gateway.http.live import EVENTS_PATH, LiveStreams
 from sled_gateway.http.params import BodyTooLarge, BodyTooSlow, int_param, read_body, time_param
 from sled_gateway.http.rules_api import RulesApi
 from sled_gateway.hub import Hub
+from sled_gateway.readiness import Readiness
 from sled_gateway.records import AlreadyDecided, InputMismatch, UnknownRequest
 from sled_gateway.relay import Relay
 from sled_gateway.state import GatewayState
@@ -89,6 +91,7 @@ class Routes:
         self.store = store
         self.approvals = approvals
         self.hub = hub
+        self.readiness = Readiness(store, lambda: hub.draining)
         self.rules_api = RulesApi(
             store,
             approvals,
@@ -106,6 +109,7 @@ class Routes:
                 Route("/", ConsolePage().handle, methods=["GET"]),
                 *(Route(path, shell.handle, methods=["GET"]) for path in SHELL_PATHS),
                 Route("/healthz", self._healthz, methods=["GET"]),
+                Route("/readyz", self._readyz, methods=["GET"]),
                 Route("/api/state", self._state, methods=["GET"]),
                 Route(EVENTS_PATH, self.live, methods=["GET"]),
                 Route(BULK_PATH, self.bulk.handle, methods=["POST"]),
@@ -154,6 +158,13 @@ class Routes:
 
     async def _healthz(self, request: Request) -> Response:
         return JSONResponse({"ok": True, "sleds": self.hub.sled_count})
+
+    async def _readyz(self, request: Request) -> Response:
+        verdict = await self.readiness.verdict()
+        if verdict is None:
+            return JSONResponse({"ready": True, "sleds": self.hub.sled_count})
+        reason, detail = verdict
+        return error(503, detail, ready=False, reason=reason)
 
     async def _state(self, request: Request) -> Response:
         try:

@@ -81,6 +81,11 @@ class Store(Protocol):
         """Finish queued work, then close. Idempotent; later calls fail with StoreError."""
         ...
 
+    async def check(self, timeout: float) -> None:
+        """Whether a write could commit now: a transaction through the writer, within
+        ``timeout``; :class:`StoreError` naming the problem (``/readyz`` asks)."""
+        ...
+
     async def record(self, entry: AuditEntry, new_rule: Rule | None = None) -> Recorded:
         """Commit an audit row, and with it ``new_rule`` (an always_allow's), in one
         transaction; returns once committed. ``new_rule``'s id is ignored; an
