@@ -13,6 +13,7 @@ file) or only by the library; its rule still applies.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from collections.abc import Iterable, Mapping
@@ -149,7 +150,14 @@ def _days(option: str, value: float | str) -> float | None:
 
 
 def _drain_seconds(option: str, value: float | str) -> float:
-    return 0.0 if str(value).strip() in ("0", "0.0") else positive_seconds(option, value)
+    """Finite seconds, 0 or more (0: every sled closed at once)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number < 0:
+        raise ConfigError(option, f"expected a number of seconds, 0 or more, not {value!r}")
+    return number
 
 
 def _db(option: str, value: str | os.PathLike[str]) -> str | os.PathLike[str]:
