@@ -5,9 +5,10 @@ It starts one :class:`ConnectionActor` per session, and when a session ends
 session listener (the registry denies what was sent on it), stops that actor,
 waits the back-off (or a random part of the gateway's ``retry_after``) and
 starts the next, on the next of the gateway URLs (a shuffled order). A
-crashed non-connection actor is restarted from its factory and told about the live session. Its own state is
-the connection state the status shows: ``disabled``, ``connecting``,
-``connected``, ``backoff``, ``stopping`` (then ``stopped``).
+crashed non-connection actor is restarted from its factory and told about
+the live session. Its own state is the connection state the status shows:
+``disabled``, ``connecting``, ``connected``, ``backoff``, ``stopping`` (then
+``stopped``).
 """
 
 from __future__ import annotations

@@ -59,8 +59,7 @@ def test_retry_after_waits_a_uniform_part_of_the_window_then_dials_the_next_url(
     with Gateway() as a, Gateway() as b:
         uplinks = [
             # A back-off far above the window: only retry_after can bring them back in time.
-            make_uplink(f"{a.url},{b.url}", project=f"r{i}", backoff_initial=30.0,
-                        backoff_max=60.0)
+            make_uplink(f"{a.url},{b.url}", project=f"r{i}", backoff_initial=30.0, backoff_max=60.0)
             for i in range(runs)
         ]
         for uplink in uplinks:
@@ -124,8 +123,7 @@ def test_a_request_pending_at_a_1012_is_denied_once_and_not_sent_again(
         first.close(session, 1012, "retry_after=1")
         outcome = pending.result(timeout=scaled(5))
         assert (outcome.decision, outcome.reason) == (Decision.DENY, Reason.SESSION_ENDED)
-        second = other.wait_until(lambda: (_project_sessions(other, "fc") or [None])[0],
-                                  scaled(5))
+        second = other.wait_until(lambda: (_project_sessions(other, "fc") or [None])[0], scaled(5))
         assert uplink.wait_connected(scaled(5))
         # A late answer for it on the new replica changes nothing: it is no longer pending.
         lines: list[str] = []
@@ -163,6 +161,7 @@ def _run(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "run_uplink.py", *args, "--listen", "off"],
         cwd=ROOT,
+        check=False,
         env=clean,
         capture_output=True,
         text=True,
@@ -179,9 +178,7 @@ def _run(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
         ([], {"HUSKIES_UPSTREAM_GATEWAY": "ws://127.0.0.1:9/a,https://127.0.0.1:9/b"}),
     ],
 )
-def test_a_bad_url_in_the_list_is_one_line_and_exit_2(
-    args: list[str], env: dict[str, str]
-) -> None:
+def test_a_bad_url_in_the_list_is_one_line_and_exit_2(args: list[str], env: dict[str, str]) -> None:
     result = _run(args, **env)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
