@@ -42,6 +42,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, cast
 
 from loguru import logger
@@ -245,10 +246,14 @@ def main(argv: list[str] | None = None) -> int:
                 logger.error("the gateway server stopped unexpectedly")
                 status = 1
                 break
-        if drain.is_set():
+        if drain.is_set() and gateway.running:
             drained = gateway.drain()
+            # Bounded: a loop that died meanwhile would never finish the drain.
+            deadline = time.monotonic() + config.drain_seconds + 10
             while not drained.done() and not hurry.wait(0.2):
-                pass
+                if time.monotonic() > deadline or not gateway.running:
+                    logger.error("the drain did not finish; stopping")
+                    break
     finally:
         gateway.stop(timeout=4.0)  # the transports first, then the gateway's parts
     return status
