@@ -25,7 +25,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from protocol import Envelope, Kind, identity, serialize
+from actors import Uplink
+from protocol import Decision, Envelope, Kind, Reason, identity, serialize
 from sled_gateway import Gateway
 from sled_gateway.store import make_store
 from tests.conftest import closed_port, eventually, scaled
@@ -304,3 +305,37 @@ def test_a_bad_drain_seconds_is_one_line_and_exit_2(value: str) -> None:
     assert out.returncode == 2
     assert "--drain-seconds" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_an_uplink_moves_to_the_other_replica_when_its_gateway_drains(
+    make_reference_gateway: Callable[..., Gateway], make_uplink: Callable[..., Uplink]
+) -> None:
+    """Both halves together: the real gateway drains, the real uplink follows the hint."""
+    one, two = make_reference_gateway(), make_reference_gateway()
+    uplink = make_uplink(f"{one.url_for_sleds()},{two.url_for_sleds()}", project="mover")
+    assert uplink.wait_connected(scaled(5))
+
+    def on(gw: Gateway) -> bool:
+        return any(
+            s["project"] == "mover" and s["state"] == "connected" for s in gw.state()["sleds"]
+        )
+
+    first = eventually(lambda: one if on(one) else two if on(two) else None, 5, "connected")
+    other = two if first is one else one
+    pending = uplink.request_permission("Bash", {"command": "make deploy"})
+    first.wait_for(lambda s: len(s["pending"]) == 1, scaled(5))
+    drained_at = time.monotonic()
+    first.drain(0).result(scaled(10))
+    outcome = pending.result(timeout=scaled(5))
+    assert (outcome.decision, outcome.reason) == (Decision.DENY, Reason.SESSION_ENDED)
+    assert [r["decision"] for r in first.audit()] == ["withdrawn"]
+    eventually(lambda: on(other), 10, "the sled on the other replica")
+    assert time.monotonic() - drained_at <= 5 + 1.0  # retry_after=5, fully jittered
+    assert other.state()["pending"] == []  # the denied request was not sent again
+    assert _readyz(first.http_url).json()["reason"] == "draining"
+    assert _readyz(other.http_url).status_code == 200
+    decided = uplink.request_permission("Bash", {"command": "ls"})
+    other.wait_for(lambda s: len(s["pending"]) == 1, scaled(5))
+    req_id = other.state()["pending"][0]["req_id"]
+    other.decide("mover", req_id, "approve", by="test")
+    assert decided.result(timeout=scaled(5)).decision is Decision.APPROVE
