@@ -205,3 +205,17 @@ def test_repeated_options_replace_the_variable(make_uplink: Callable[..., Uplink
         assert config.gateway_urls == ("ws://from-env/x",)
     finally:
         del os.environ["HUSKIES_UPSTREAM_GATEWAY"]
+
+
+def test_a_token_sent_in_clear_to_any_of_the_urls_is_warned_about(
+    make_uplink: Callable[..., Uplink],
+) -> None:
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING")
+    try:
+        make_uplink("wss://127.0.0.1:9/a?token=t,ws://gw.example.test:9/a?token=t")
+    finally:
+        logger.remove(sink)
+    warned = [line for line in lines if "travels unencrypted" in line]
+    assert len(warned) == 1 and "gw.example.test" in warned[0], lines
+    assert not any("token=t" in line for line in lines)
