@@ -118,6 +118,8 @@ def test_readyz_503_while_the_writer_cannot_commit_then_200_again(
         # Polling hard while it is stuck queues no pile of probes behind the lock.
         for _ in range(20):
             assert _readyz(gw.http_url).status_code == 503
+        queued = gw.store._queue.qsize()  # type: ignore[attr-defined]
+        assert queued <= 3, queued
     finally:
         holder.execute("ROLLBACK")
         holder.close()
