@@ -26,6 +26,10 @@ bot are registered on the :class:`Gateway`, which starts them after its HTTP
 server and stops them first (:mod:`sled_gateway.lifecycle`): this file stops
 nothing by hand.
 
+SIGTERM drains first (``/readyz`` turns 503, the sleds are closed spread
+over ``--drain-seconds`` with 1012 and ``retry_after``); a second signal
+stops at once.
+
 Exit status: 0 after SIGINT/SIGTERM, 2 for a bad option (one line on stderr,
 no traceback), 1 if the server dies.
 """
@@ -38,6 +42,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, cast
 
 from loguru import logger
@@ -228,9 +233,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.config_error(ConfigError("--db", str(exc)))
 
     stop = threading.Event()
+    drain = threading.Event()  # SIGTERM: drain before stopping
+    hurry = threading.Event()  # a second signal: stop now
 
     def on_signal(signum: int, _frame: object) -> None:
-        logger.info("{} received; stopping", signal.Signals(signum).name)
+        if stop.is_set():
+            logger.info("{} received again; stopping now", signal.Signals(signum).name)
+            hurry.set()
+            return
+        if signum == signal.SIGTERM:
+            logger.info("SIGTERM received; draining, then stopping")
+            drain.set()
+        else:
+            logger.info("{} received; stopping", signal.Signals(signum).name)
         stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
@@ -245,6 +260,14 @@ def main(argv: list[str] | None = None) -> int:
                 logger.error("the gateway server stopped unexpectedly")
                 status = 1
                 break
+        if drain.is_set() and gateway.running:
+            drained = gateway.drain()
+            # Bounded: a loop that died meanwhile would never finish the drain.
+            deadline = time.monotonic() + config.drain_seconds + 10
+            while not drained.done() and not hurry.wait(0.2):
+                if time.monotonic() > deadline or not gateway.running:
+                    logger.error("the drain did not finish; stopping")
+                    break
     finally:
         gateway.stop(timeout=4.0)  # the transports first, then the gateway's parts
     return status

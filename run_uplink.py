@@ -2,6 +2,8 @@
 """Command-line entry point of the sled uplink (options: docs/command-line.md).
 
     python run_uplink.py --upstream-gateway 'ws://gw:8080/api/sled-uplink?token=…'
+    python run_uplink.py --token-file tok --upstream-gateway ws://gw1:8080/api/sled-uplink \
+        --upstream-gateway ws://gw2:8080/api/sled-uplink     # replicas: shuffled, next on failure
 
 Every option is checked before anything starts: a bad value exits 2 with one
 line on stderr. With no gateway configured it logs that it is disabled and

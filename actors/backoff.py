@@ -5,6 +5,11 @@ multiplies the next wait, up to the cap; every wait is then jittered by up to
 ±20 % (after the cap) so a fleet does not reconnect in step; a session that
 stayed up for ``reset_after`` returns the next wait to the initial delay; a
 401/403 waits the (jittered) maximum.
+
+A gateway that closes with ``retry_after=<s>`` (a replica draining, or one
+that cannot take sleds now) gets *full jitter* instead: a uniformly random
+wait in ``[0, s]``, so the fleet it closed spreads over the whole window
+rather than returning together; the exponential state is left as it was.
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ class Backoff:
         wait = self.maximum if auth_failed else self.base
         self.base = min(self.base * self.multiplier, self.maximum)
         return self.jitter(wait)
+
+    def full_jitter(self, retry_after: float) -> float:
+        """A uniformly random wait in ``[0, retry_after]``."""
+        return retry_after * self._rng()
 
     def jitter(self, wait: float) -> float:
         return wait * (1 + self.JITTER * (2 * self._rng() - 1))

@@ -164,6 +164,9 @@ class Option:
     repeat: bool = False
     switch: bool = False
     secret: bool = False
+    #: Repeatable, its values joined with this into one text (the variable holds
+    #: them so joined); the command line's values replace the variable's.
+    join: str | None = None
 
     @property
     def command_default(self) -> Any:
@@ -215,7 +218,28 @@ class Option:
                 kwargs["type"] = arg_type(self.flag, self.rule)
             if self.repeat:
                 kwargs["action"] = "append"
+            elif self.join is not None:
+                kwargs["action"] = _Joined
+                kwargs["const"] = self.join
         parser.add_argument(self.flag, **kwargs)
+
+
+class _Joined(argparse.Action):
+    """Each use adds its value to the text, joined with ``const``; the first one on
+    the command line replaces the default (the environment's value)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        seen = f"_{self.dest}_given"
+        if getattr(namespace, seen, False):
+            values = f"{getattr(namespace, self.dest)}{self.const}{values}"
+        setattr(namespace, seen, True)
+        setattr(namespace, self.dest, values)
 
 
 def option(default: Any, flag: str, help: str, **spec: Any) -> Any:

@@ -63,13 +63,26 @@ def _owner(option: str, value: str) -> str | None:
     return value
 
 
+#: What separates the gateway URLs in one ``--upstream-gateway`` value and in
+#: its variable (a comma inside a URL is written %2C).
+URL_SEPARATOR = ","
+
+
+def split_urls(value: str) -> tuple[str, ...]:
+    """The URLs of an ``upstream_url`` value; empty for the empty value (disabled)."""
+    return tuple(part.strip() for part in value.split(URL_SEPARATOR)) if value.strip() else ()
+
+
 def _ws_url(option: str, value: str) -> str:
-    """A ws:// or wss:// URL with a host; empty means "disabled"."""
-    if value:
-        parts = urlsplit(value)
+    """One or more ws:// or wss:// URLs with a host, comma-separated; empty means
+    "disabled", but an empty URL beside others is refused (a stray comma)."""
+    for url in split_urls(value):
+        if not url:
+            raise ConfigError(option, "an empty URL in the list (a stray comma?)")
+        parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
             # redact(): the URL may carry the token.
-            raise ConfigError(option, f"expected a ws:// or wss:// URL, not {redact(value)!r}")
+            raise ConfigError(option, f"expected a ws:// or wss:// URL, not {redact(url)!r}")
     return value
 
 
@@ -118,9 +131,12 @@ class UplinkConfig:
         "",
         "--upstream-gateway",
         "ws:// or wss:// URL of the gateway's /api/sled-uplink (may carry ?token=, "
-        "but --token-file keeps it out of the process list); unset disables the uplink",
+        "but --token-file keeps it out of the process list); unset disables the uplink. "
+        "Repeat it (or separate URLs with commas) for several gateway replicas: they are "
+        "tried in a shuffled order, the next one after each ended or failed connection",
         rule=_ws_url,
         metavar="URL",
+        join=URL_SEPARATOR,
         env="HUSKIES_UPSTREAM_GATEWAY",
         shown_default="unset",
     )
@@ -350,15 +366,24 @@ class UplinkConfig:
 
     @property
     def connect_url(self) -> str:
-        """The URL the connection dials: ``upstream_url`` with ``upstream_token``
-        as its ``?token=`` (added or replaced) when one is set."""
-        if self.upstream_token and self.upstream_url:
-            return with_token(self.upstream_url, self.upstream_token)
-        return self.upstream_url
+        """The first URL the connection dials: ``upstream_url`` with ``upstream_token``
+        as its ``?token=`` (added or replaced) when one is set; with several gateway
+        URLs, the first of :attr:`gateway_urls`."""
+        urls = self.gateway_urls
+        return urls[0] if urls else ""
+
+    @property
+    def gateway_urls(self) -> tuple[str, ...]:
+        """Every gateway URL to dial, each with ``upstream_token`` as its ``?token=``
+        when one is set (``upstream_url`` may list several, comma-separated)."""
+        urls = split_urls(self.upstream_url)
+        if self.upstream_token:
+            return tuple(with_token(url, self.upstream_token) for url in urls)
+        return urls
 
     @property
     def enabled(self) -> bool:
-        return bool(self.upstream_url)
+        return bool(split_urls(self.upstream_url))
 
     @property
     def listen_address(self) -> tuple[str, int] | None:

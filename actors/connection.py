@@ -9,13 +9,15 @@ task, closes it on request and cancels it when it stops or crashes.
 The session task: connect, send ``identity`` first, report ``SessionUp``,
 then hand every inbound message to the router as it is parsed, until the
 socket ends. Whatever ends it, it reports ``SessionEnded`` exactly once,
-which is what makes the registry fail closed.
+which is what makes the registry fail closed. A close ``1012``/``1013`` with
+the reason ``retry_after=<s>`` carries ``s`` along (:func:`retry_after_of`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import re
 import ssl
 import time
 from typing import Any
@@ -27,7 +29,7 @@ from actors.context import Role, UplinkContext
 from actors.messages import CloseSession, SessionEnded, SessionUp
 from actors.sink import FrameSink, Outbox
 from actors.websocket import WebSocket, open_websocket
-from protocol import identity, redact, serialize
+from protocol import identity, printable, redact, serialize
 
 
 def describe_close(exc: ConnectionClosed) -> tuple[str, bool]:
@@ -50,6 +52,33 @@ def describe_close(exc: ConnectionClosed) -> tuple[str, bool]:
     return "connection lost without a close frame", False
 
 
+#: The close codes whose reason may say when to come back: 1012 (service
+#: restart: a replica draining) and 1013 (try again later: it takes no sleds now).
+RETRY_AFTER_CODES = (1012, 1013)
+#: The longest ``retry_after`` honoured; a larger one is treated as malformed,
+#: so a confused gateway cannot park the sled (whose agents wait) for hours.
+MAX_RETRY_AFTER = 3600.0
+_RETRY_AFTER = re.compile(r"retry_after=([0-9]{1,7}(?:\.[0-9]{1,6})?)")
+
+
+def retry_after_of(exc: ConnectionClosed) -> tuple[float | None, str | None]:
+    """``(seconds, None)`` when the gateway closed with 1012/1013 and ``retry_after=<s>``;
+    ``(None, why)`` when that reason is malformed; ``(None, None)`` otherwise."""
+    received = exc.rcvd
+    if received is None or received.code not in RETRY_AFTER_CODES:
+        return None, None
+    reason = received.reason
+    if not reason.startswith("retry_after"):
+        return None, None
+    match = _RETRY_AFTER.fullmatch(reason)
+    if match is None:
+        return None, f"malformed close reason {printable(reason, 80)!r}"
+    seconds = float(match.group(1))
+    if seconds > MAX_RETRY_AFTER:
+        return None, f"retry_after={seconds:g} is over {MAX_RETRY_AFTER:g} s"
+    return seconds, None
+
+
 class _Connected:
     """Internal: the session task tells its actor that the socket is open."""
 
@@ -59,10 +88,12 @@ class _Connected:
 class ConnectionActor(UplinkActor):
     role = Role.CONNECTION
 
-    def __init__(self, ctx: UplinkContext, session: int) -> None:
+    def __init__(self, ctx: UplinkContext, session: int, url: str | None = None) -> None:
         self.session = session  # before super(): the logger is bound to the name
         super().__init__(ctx)
-        self.url = redact(ctx.config.connect_url)
+        # The gateway URL this session dials (the supervisor picks one of several).
+        self.dial = url if url is not None else ctx.config.connect_url
+        self.url = redact(self.dial)
         self._ws: WebSocket | None = None
         self._outbox: Outbox | None = None
         self._task: concurrent.futures.Future[None] | None = None
@@ -122,7 +153,7 @@ class ConnectionActor(UplinkActor):
         ws: WebSocket | None = None
         try:
             ws = await open_websocket(
-                config.connect_url,
+                self.dial,
                 # identity is the first frame of every session, before anything else.
                 first_text=serialize(identity(config.project, **config.identity_payload)),
                 open_timeout=config.open_timeout,
@@ -153,7 +184,10 @@ class ConnectionActor(UplinkActor):
                 ended = self._ended(up_at, ws.dead_reason)
             else:
                 words, clean = describe_close(ws.close_exc)
-                ended = self._ended(up_at, words, clean=clean)
+                retry_after, bad = retry_after_of(ws.close_exc)
+                if bad is not None:
+                    self.log.warning("gateway close: {}; ignored, the back-off applies", bad)
+                ended = self._ended(up_at, words, clean=clean, retry_after=retry_after)
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status in (401, 403):
@@ -187,7 +221,13 @@ class ConnectionActor(UplinkActor):
             self.ctx.directory.tell(Role.SUPERVISOR, ended)
 
     def _ended(
-        self, up_at: float | None, reason: str, *, clean: bool = False, auth_failed: bool = False
+        self,
+        up_at: float | None,
+        reason: str,
+        *,
+        clean: bool = False,
+        auth_failed: bool = False,
+        retry_after: float | None = None,
     ) -> SessionEnded:
         up_for = None if up_at is None else time.monotonic() - up_at
-        return SessionEnded(self.session, redact(reason), up_for, auth_failed, clean)
+        return SessionEnded(self.session, redact(reason), up_for, auth_failed, clean, retry_after)

@@ -77,6 +77,8 @@ class SessionEnded:
     up_for: float | None = None  # seconds it was up; None if it never came up
     auth_failed: bool = False  # handshake refused with 401/403
     clean: bool = False  # closed with a normal close handshake
+    # The gateway's close 1012/1013 said "retry_after=<s>": wait up to s, not the back-off.
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,14 +3,17 @@
 It starts one :class:`ConnectionActor` per session, and when a session ends
 (clean close, error, or the connection actor's own crash) it tells every
 session listener (the registry denies what was sent on it), stops that actor,
-waits the back-off and starts the next. A crashed non-connection actor is
-restarted from its factory and told about the live session. Its own state is
-the connection state the status shows: ``disabled``, ``connecting``,
-``connected``, ``backoff``, ``stopping`` (then ``stopped``).
+waits the back-off (or a random part of the gateway's ``retry_after``) and
+starts the next, on the next of the gateway URLs (a shuffled order). A
+crashed non-connection actor is restarted from its factory and told about
+the live session. Its own state is the connection state the status shows:
+``disabled``, ``connecting``, ``connected``, ``backoff``, ``stopping`` (then
+``stopped``).
 """
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
@@ -50,6 +53,12 @@ class SupervisorActor(UplinkActor):
             multiplier=config.backoff_multiplier,
             reset_after=config.backoff_reset_after,
         )
+        # The gateway URLs in a shuffled order (a fleet spreads over the replicas);
+        # each session dials the next one.
+        self.urls = list(config.gateway_urls)
+        random.shuffle(self.urls)
+        self._next_url = 0
+        self.dialed: str | None = None
         self.session = 0
         self.connection: pykka.ActorRef[Any] | None = None
         self.up_at: float | None = None
@@ -73,7 +82,7 @@ class SupervisorActor(UplinkActor):
     def snapshot(self) -> dict[str, Any]:
         return {
             "state": self.state,
-            "url": redact(self.ctx.config.connect_url),
+            "url": redact(self.dialed or self.ctx.config.connect_url),
             "session": self.session if self.connection is not None else None,
             "sessions_started": self.session,
             "sessions_up": self.sessions_up,
@@ -156,8 +165,13 @@ class SupervisorActor(UplinkActor):
 
     def _connect(self) -> None:
         self.session = self.ctx.next_session()
+        url = None
+        if self.urls:
+            url = self.urls[self._next_url % len(self.urls)]
+            self._next_url += 1
+        self.dialed = url
         self.set_state("connecting", f"session {self.session}")
-        self.connection = ConnectionActor.start(self.ctx, self.session)
+        self.connection = ConnectionActor.start(self.ctx, self.session, url)
         self.ctx.directory.set(Role.CONNECTION, self.connection)
 
     @handles(SessionUp)
@@ -178,7 +192,7 @@ class SupervisorActor(UplinkActor):
     def _on_session_ended(self, message: SessionEnded) -> None:
         if message.session != self.session or self.connection is None:
             return  # a second report of a session already ended
-        self._end_session(message.reason, message.auth_failed)
+        self._end_session(message.reason, message.auth_failed, message.retry_after)
 
     @handles(ChildFailed)
     def _on_child_failed(self, message: ChildFailed) -> None:
@@ -201,7 +215,9 @@ class SupervisorActor(UplinkActor):
         ):
             self.ctx.directory.tell(message.role, SessionOpened(self.session, self.sink))
 
-    def _end_session(self, reason: str, auth_failed: bool) -> None:
+    def _end_session(
+        self, reason: str, auth_failed: bool, retry_after: float | None = None
+    ) -> None:
         session = self.session
         up_for = None if self.up_at is None else time.monotonic() - self.up_at
         self.up_at = None
@@ -219,8 +235,18 @@ class SupervisorActor(UplinkActor):
             if not self._shutdown.done.done():
                 self._shutdown.done.set_result(None)
             return
-        self.wait = self.backoff.next_delay(up_for, auth_failed=auth_failed)
-        if auth_failed:
+        if retry_after is not None:
+            # The gateway's window, fully jittered; the exponential state is untouched.
+            self.wait = self.backoff.full_jitter(retry_after)
+            self.log.warning(
+                "session {} ended: {}; the gateway asks to retry within {:g}s: waiting {:.2f}s",
+                session,
+                reason,
+                retry_after,
+                self.wait,
+            )
+        elif auth_failed:
+            self.wait = self.backoff.next_delay(up_for, auth_failed=True)
             self.log.error(
                 "session {}: {}; waiting the maximum back-off ({:.1f}s) before retrying",
                 session,
@@ -228,6 +254,7 @@ class SupervisorActor(UplinkActor):
                 self.wait,
             )
         else:
+            self.wait = self.backoff.next_delay(up_for)
             self.log.warning("session {} ended: {}", session, reason)
         self._backoff_token += 1
         self._backoff_timer = self.tell_self_later(self.wait, BackoffElapsed(self._backoff_token))

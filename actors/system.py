@@ -126,13 +126,14 @@ class Uplink:
     def _bring_up(self, ctx: UplinkContext) -> None:
         self._ctx = ctx
         # Said once, before the first connect sends it.
-        exposed = plain_text_token_host(self.config.connect_url) if self.config.enabled else None
-        if exposed is not None:
-            _log.warning(
-                "the gateway token travels unencrypted over ws:// to {!r}, which is not "
-                "loopback: anyone on the path can read it; use wss://",
-                exposed,
-            )
+        for url in self.config.gateway_urls:
+            exposed = plain_text_token_host(url)
+            if exposed is not None:
+                _log.warning(
+                    "the gateway token travels unencrypted over ws:// to {!r}, which is not "
+                    "loopback: anyone on the path can read it; use wss://",
+                    exposed,
+                )
         try:
             self._start_actors(ctx)
             if self.config.listen_address is not None:
@@ -156,7 +157,9 @@ class Uplink:
         _log.info(
             "uplink started for project {!r} (gateway {})",
             self.config.project,
-            "disabled" if not self.config.enabled else redact(self.config.connect_url),
+            "disabled"
+            if not self.config.enabled
+            else ", ".join(redact(url) for url in self.config.gateway_urls),
         )
 
     def _start_actors(self, ctx: UplinkContext) -> None:

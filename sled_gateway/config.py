@@ -13,6 +13,7 @@ file) or only by the library; its rule still applies.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from collections.abc import Iterable, Mapping
@@ -148,6 +149,17 @@ def _days(option: str, value: float | str) -> float | None:
     if not isinstance(value, bool) and value in (0, "0"):
         return None
     return positive_number(option, value, "days")
+
+
+def _drain_seconds(option: str, value: float | str) -> float:
+    """Finite seconds, 0 or more (0: every sled closed at once)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number < 0:
+        raise ConfigError(option, f"expected a number of seconds, 0 or more, not {value!r}")
+    return number
 
 
 def _db(option: str, value: str | os.PathLike[str]) -> str | os.PathLike[str]:
@@ -368,6 +380,13 @@ class GatewayConfig:
         "a whole HTTP request (head and body) must be in within this, whatever the "
         "handler does; else 408 and the connection is closed",
         rule=positive_seconds,
+    )
+    drain_seconds: float = option(
+        10.0,
+        "--drain-seconds",
+        "on SIGTERM, close the sleds spread over this long (1012, retry_after), then exit; "
+        "0 closes them all at once",
+        rule=_drain_seconds,
     )
     max_connections: int = option(
         200,

@@ -15,6 +15,8 @@ and counting the malformed), and then:
 - publishes :class:`~sled_gateway.events.SledUp` / ``SledDown``.
 
 A newer session for a project replaces the older one (which is closed).
+:meth:`Hub.drain` closes every session, spread over a window, with ``1012``
+and ``retry_after=<s>`` (SIGTERM), and turns new sleds away with ``1013``.
 Everything runs on the gateway's event loop.
 
 Frames are dispatched by kind through one table (:attr:`Hub.handlers`): a
@@ -146,6 +148,9 @@ class Hub:
         self._ids = itertools.count(1)
         self._background: set[asyncio.Future[None]] = set()
         self._stopping = False
+        #: True once :meth:`drain` began: ``/readyz`` answers 503, new sleds get 1013.
+        self.draining = False
+        self._retry_after = 0
         approvals.answer_through(self)
         # The frame kinds a sled may send, each with its handler; anything else
         # (perm_response, mcp_request, kinds of later protocol phases) is
@@ -184,6 +189,12 @@ class Hub:
             await ws.send_denial_response(error(503, "gateway is shutting down"))
             return
         await ws.accept()
+        if self.draining:
+            # Accepted only to say when to come back: the uplink reads the close
+            # reason (a denial's Retry-After header never reaches its logic).
+            log.info("refused a sled from {} while draining (1013)", remote)
+            await ws.close(1013, f"retry_after={self._retry_after}")
+            return
         session = Session(next(self._ids), ws, remote, allowed_project=sled.who or None)
         self.sessions[session.id] = session
         log.info("sled connected from {} (session {})", remote, session.id)
@@ -472,6 +483,38 @@ class Hub:
                     printable(project, 120),
                     self.config.forget_disconnected_after,
                 )
+
+    async def drain(self, seconds: float, retry_after: int) -> None:
+        """Close every sled session with ``1012`` and ``retry_after=<retry_after>``, the
+        i-th of n at ``i * seconds / n``, so their reconnects do not land at once.
+
+        From the start, ``/readyz`` answers 503 and a new sled is closed with
+        ``1013`` and the same reason. A closed session ends as any disconnect
+        does: its sled denies what it had pending and the gateway withdraws it.
+        Returns once the sessions ended (or a few seconds after the last close).
+        """
+        self.draining = True
+        self._retry_after = retry_after
+        loop = asyncio.get_running_loop()
+        sessions = list(self.sessions.values())
+        log.info(
+            "draining: closing {} sled session(s) over {:g} s (1012, retry_after={})",
+            len(sessions),
+            seconds,
+            retry_after,
+        )
+        began = loop.time()
+        reason = f"retry_after={retry_after}"
+        for i, session in enumerate(sessions):
+            delay = began + seconds * i / len(sessions) - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if session.id in self.sessions:
+                await self._close(session, 1012, reason)
+        deadline = loop.time() + 3.0
+        while self.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        log.info("drained ({} session(s) still open)", len(self.sessions))
 
     async def shutdown(self) -> None:
         """Abandon relays (503) and close every sled session with 1001 (going away)."""

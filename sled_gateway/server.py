@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ipaddress
+import math
 import socket
 import threading
 from collections.abc import Callable, Coroutine
@@ -103,6 +104,17 @@ def _url_host(host: str) -> str:
     except ValueError:
         pass
     return host
+
+
+#: The least ``retry_after`` a drain tells its sleds: with every sled closed at
+#: once (``--drain-seconds 0``), their reconnects still spread over this long.
+MIN_RETRY_AFTER = 5
+
+
+def drain_retry_after(drain_seconds: float) -> int:
+    """The ``retry_after=<s>`` of a drain over ``drain_seconds``: a sled waits a random
+    time up to it, so the reconnects spread at least as wide as the closes did."""
+    return max(MIN_RETRY_AFTER, math.ceil(drain_seconds))
 
 
 class Transport(Protocol):
@@ -201,6 +213,13 @@ class Gateway:
         self._stop_timeout = timeout
         self._lifecycle.stop()
         log.info("gateway stopped")
+
+    def drain(self, seconds: float | None = None) -> concurrent.futures.Future[None]:
+        """Begin draining (SIGTERM): ``/readyz`` → 503 at once, then the sleds are closed
+        spread over ``seconds`` (``drain_seconds`` by default) with ``1012`` and
+        ``retry_after=<s>``. The future is done once they are; :meth:`stop` follows."""
+        window = self.config.drain_seconds if seconds is None else seconds
+        return self.run_on_loop(self._app.hub.drain(window, drain_retry_after(window)))
 
     def _start_loop(self) -> None:
         loop = asyncio.new_event_loop()

@@ -350,6 +350,7 @@ GATEWAY_BAD = {
     "allowed_hosts": ("a/b", ("a/b",)),
     "auto": ("maybe", "always_allow"),
     "heartbeat_interval": ("0", 0.0),
+    "drain_seconds": ("-1", -1.0),
     "mcp_timeout": ("nan", math.nan),
     "max_relays_per_sled": ("0", 0),
     "max_pending_per_sled": ("many", 1.5),

@@ -432,3 +432,17 @@ def test_a_request_is_recorded_once_of_two_concurrent_deciders(engine: Engine) -
         assert len(await store.audit()) == 3
 
     run(scenario())
+
+
+# -- health ------------------------------------------------------------------------------------
+
+
+def test_check_passes_on_an_open_store_and_fails_once_it_is_closed(engine: Engine) -> None:
+    store = engine.open()
+    run(store.check(2.0))  # a transaction through the writer: nothing raised
+    run(store.record(entry(1)))
+    run(store.check(2.0))
+    assert [r.req_id for r in run(store.audit())] == ["p-1"]  # the probe wrote nothing
+    store.close()
+    with pytest.raises(StoreError):
+        run(store.check(2.0))

@@ -11,7 +11,7 @@ every request:
    included): a ``Host`` that is not an allowed name gets ``421`` before any
    routing. A DNS-rebinding page (``evil.example`` resolving to 127.0.0.1)
    sends its own name as ``Host``, so it never reaches a route.
-2. **Public paths**: ``GET /healthz`` and the sled uplink path (whose own
+2. **Public paths**: ``GET /healthz``, ``GET /readyz`` and the sled uplink path (whose own
    route checks the sled's token) pass without an operator credential. A
    WebSocket on any other path needs the operator credential, and is answered
    ``404`` (not ``401``) without it: a sled configured with a wrong path then
@@ -170,7 +170,12 @@ class RequestGuard:
         console: ConsoleSessionBackend,
         allowed_hosts: AllowedHosts,
         person_tokens: AuthenticationBackend | None = None,
-        public_http: Iterable[tuple[str, str]] = (("GET", "/healthz"), ("HEAD", "/healthz")),
+        public_http: Iterable[tuple[str, str]] = (
+            ("GET", "/healthz"),
+            ("HEAD", "/healthz"),
+            ("GET", "/readyz"),
+            ("HEAD", "/readyz"),
+        ),
         public_websockets: Iterable[str] = (),
         public_http_paths: Iterable[str] = (),
         sign_in: bool = False,

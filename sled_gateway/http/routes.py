@@ -16,6 +16,7 @@
 ``GET /login``, ``/auth/callback``  OpenID Connect sign-in (:mod:`sled_gateway.auth.oidc`)
 ``POST /logout``, ``GET /api/me``   end the console session; who this request acts as
 ``GET /healthz``                liveness
+``GET /readyz``                 readiness: 503 while draining or without a database
 ==============================  =========================================================
 
 Who asks is the :class:`~sled_gateway.principal.Principal` the request guard
@@ -61,6 +62,7 @@ from sled_gateway.http.rules_api import RulesApi
 from sled_gateway.http.tokens_api import TokensApi
 from sled_gateway.hub import Hub
 from sled_gateway.principal import Principal, Role
+from sled_gateway.readiness import Readiness
 from sled_gateway.records import AlreadyDecided, InputMismatch, UnknownRequest
 from sled_gateway.relay import Relay
 from sled_gateway.state import GatewayState
@@ -109,6 +111,7 @@ class Routes:
         self.approvals = approvals
         self.hub = hub
         self.relay = relay
+        self.readiness = Readiness(store, lambda: hub.draining)
         self.rules_api = RulesApi(
             store,
             approvals,
@@ -127,6 +130,7 @@ class Routes:
                 Route("/", ConsolePage().handle, methods=["GET"]),
                 *(Route(path, shell.handle, methods=["GET"]) for path in SHELL_PATHS),
                 Route("/healthz", self._healthz, methods=["GET"]),
+                Route("/readyz", self._readyz, methods=["GET"]),
                 Route("/api/state", self._state, methods=["GET"]),
                 Route(EVENTS_PATH, _EventStream(self), methods=["GET"]),
                 Route(BULK_PATH, self.bulk.handle, methods=["POST"]),
@@ -179,6 +183,13 @@ class Routes:
 
     async def _healthz(self, request: Request) -> Response:
         return JSONResponse({"ok": True, "sleds": self.hub.sled_count})
+
+    async def _readyz(self, request: Request) -> Response:
+        verdict = await self.readiness.verdict()
+        if verdict is None:
+            return JSONResponse({"ready": True, "sleds": self.hub.sled_count})
+        reason, detail = verdict
+        return error(503, detail, ready=False, reason=reason)
 
     async def _state(self, request: Request) -> Response:
         principal = principal_of(request)

@@ -93,6 +93,11 @@ class Store(Protocol):
         """Finish queued work, then close. Idempotent; later calls fail with StoreError."""
         ...
 
+    async def check(self, timeout: float) -> None:
+        """Whether a write could commit now: a transaction through the writer, within
+        ``timeout``; :class:`StoreError` naming the problem (``/readyz`` asks)."""
+        ...
+
     async def record(
         self, entry: AuditEntry, new_rule: Rule | None = None, *, once: bool = False
     ) -> Recorded:

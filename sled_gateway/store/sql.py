@@ -367,6 +367,7 @@ class SqlStore:
         self._engine: Engine | None = None
         self._lock: sqlite.FileLock | None = None
         self._purge_due = 0.0
+        self._file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the SQLite file
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -415,6 +416,7 @@ class SqlStore:
         self.policy = Policy(rules)
         if file is not None:
             sqlite.warn_if_readable(file)
+            self._file_id = sqlite.file_id(file)
         with self._gate:
             self._thread = thread
             self._closed = False
@@ -745,6 +747,27 @@ class SqlStore:
 
     async def _run(self, fn: Callable[[Connection], T]) -> T:
         return await asyncio.wrap_future(self._submit(fn))
+
+    # -- health ---------------------------------------------------------------------
+
+    async def check(self, timeout: float) -> None:
+        """A transaction through the writer thread (``BEGIN IMMEDIATE`` on SQLite, so it
+        takes the write lock), within ``timeout``; :class:`StoreError` otherwise.
+
+        A SQLite file is also checked where it lies: an open file keeps taking
+        commits after its folder is removed or made read-only, but those rows are
+        lost, or the next start cannot open the file, so that counts as gone.
+        """
+        file = sqlite.file_of(self.url) if self._sqlite else None
+        if file is not None and self._file_id is not None:
+            problem = sqlite.file_problem(file, self._file_id)
+            if problem:
+                raise StoreError(problem)
+        fut = self._submit(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+        except TimeoutError:
+            raise StoreError(f"no commit within {timeout:g} s (the writer is stuck)") from None
 
     # -- the audit log ------------------------------------------------------------------
 

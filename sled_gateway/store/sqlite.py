@@ -92,6 +92,26 @@ def _warn_if_open(path: Path, fix: str) -> None:
         )
 
 
+def file_id(file: str) -> tuple[int, int] | None:
+    """The (device, inode) of ``file``, to notice it replaced or removed later."""
+    try:
+        st = os.stat(file)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def file_problem(file: str, opened: tuple[int, int]) -> str | None:
+    """Why the open database ``file`` no longer takes durable commits, or None."""
+    if file_id(file) != opened:
+        return f"{file} was removed or replaced"
+    folder = os.path.dirname(os.path.abspath(file))
+    # The WAL's checkpoints and the journal need the folder writable, not just the file.
+    if not os.access(folder, os.W_OK) or not os.access(file, os.W_OK):
+        return f"{file} or its folder is not writable"
+    return None
+
+
 def url_for_path(path: str) -> URL:
     """The SQLAlchemy URL of a database file, or of :data:`MEMORY`."""
     return URL.create("sqlite", database=None if path == MEMORY else path)
