@@ -34,10 +34,22 @@ class NoResponders(LookupError):
     """Nobody serves the subject a request was sent to."""
 
 
+def escape_token(text: str) -> str:
+    """``text`` as one subject token in ``[A-Za-z0-9_-]``, injectively: each UTF-8 byte
+    outside ``[A-Za-z0-9_]`` becomes ``-XX`` (hex, so ``-`` is ``-2D``); ``""`` is ``-``."""
+    if not text:
+        return "-"
+    return "".join(chr(b) if b in _PLAIN else f"-{b:02X}" for b in text.encode("utf-8"))
+
+
+_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+
+
 def sled_subject(project: str, what: str) -> str:
-    """``sled.<project>.<what>``. A project name may hold dots or spaces; local
-    subjects are opaque strings, and a network bus escapes them at its edge."""
-    return f"sled.{project}.{what}"
+    """``sled.<project>.<what>``, the project escaped (:func:`escape_token`): a project
+    name may hold dots, spaces, ``*`` or ``>``, which a network bus would read as
+    separators or wildcards."""
+    return f"sled.{escape_token(project)}.{what}"
 
 
 class Bus(Protocol):
@@ -72,5 +84,6 @@ __all__ = [
     "Message",
     "NoResponders",
     "Responder",
+    "escape_token",
     "sled_subject",
 ]
