@@ -29,6 +29,7 @@ from sled_gateway.approvals import Approvals, Forbidden, NotRecorded
 from sled_gateway.auth.console import ConsoleSessionBackend
 from sled_gateway.auth.operator import BearerTokenBackend
 from sled_gateway.auth.sled import SledTokenBackend
+from sled_gateway.bus import Bus
 from sled_gateway.bus.local import LocalBus
 from sled_gateway.config import GatewayConfig
 from sled_gateway.events import Events, PermissionDecided, PermissionRequested, PermissionWithdrawn
@@ -42,6 +43,13 @@ from sled_gateway.state import GatewayState
 from sled_gateway.store import Store, make_store
 
 __all__ = ["UPLINK_PATH", "Forbidden", "GatewayApp", "NotRecorded"]
+
+
+def _nats_bus(urls: str) -> Bus:
+    # Imported here: nats-py is the optional `cluster` extra, needed only with --bus nats://.
+    from sled_gateway.bus.nats import NatsBus
+
+    return NatsBus(urls)
 
 
 class GatewayApp:
@@ -59,7 +67,7 @@ class GatewayApp:
         self.store = store if store is not None else make_store().open()
         self.events = Events()
         state.follow(self.events)
-        self.bus = LocalBus()
+        self.bus: Bus = LocalBus() if config.bus == "local" else _nats_bus(config.bus)
         self.approvals = Approvals(
             self.store,
             state,

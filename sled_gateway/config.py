@@ -154,6 +154,22 @@ def _db(option: str, value: str | os.PathLike[str]) -> str | os.PathLike[str]:
     return value
 
 
+def _bus(option: str, value: str) -> str:
+    """``local``, or NATS URLs (``nats://``/``tls://``) with a host, comma-separated."""
+    if value == "local":
+        return value
+    urls = value.split(",") if isinstance(value, str) else []
+    for url in urls:
+        scheme, sep, rest = url.strip().partition("://")
+        if not sep or scheme not in ("nats", "tls") or not rest.strip("/"):
+            raise ConfigError(
+                option, f"expected 'local' or nats://HOST:PORT, not {printable(str(value), 200)!r}"
+            )
+    if not urls:
+        raise ConfigError(option, f"expected 'local' or nats://HOST:PORT, not {value!r}")
+    return value
+
+
 def _cap_bytes(option: str, value: int | str) -> int | None:
     """A byte count, or 0 for no cap."""
     if not isinstance(value, bool) and value in (0, "0"):
@@ -246,6 +262,14 @@ class GatewayConfig:
         "MCP relays in flight to one sled; 503 beyond",
         rule=positive_int,
         metavar="N",
+    )
+    bus: str = option(
+        "local",
+        "--bus",
+        "'local' (one process) or the NATS server(s) replicas share: nats://HOST:PORT, "
+        "comma-separated for a cluster",
+        rule=_bus,
+        metavar="local|URL",
     )
     max_pending_per_sled: int = option(
         1000,

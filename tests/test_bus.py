@@ -18,6 +18,7 @@ import pytest
 
 from sled_gateway.bus import Bus, Message, NoResponders, escape_token, sled_subject
 from sled_gateway.bus.local import LocalBus
+from sled_gateway.bus.nats import NatsBus
 from tests.support import nats as nats_support
 from tests.support.nats import NatsServer
 
@@ -48,9 +49,7 @@ def own_nats_server() -> Iterator[NatsServer]:
     server.cleanup()
 
 
-def nats_bus(url: str) -> Bus:
-    from sled_gateway.bus.nats import NatsBus
-
+def nats_bus(url: str) -> NatsBus:
     return NatsBus(url, reconnect_wait=0.1)
 
 
@@ -269,34 +268,38 @@ def test_a_request_on_one_replica_reaches_the_holder_on_another(nats_server: Nat
 def test_nats_down_fails_requests_fast_and_publish_does_not_block_then_it_recovers(
     own_nats_server: NatsServer,
 ) -> None:
-    from sled_gateway.bus.nats import NatsBus
-
-    bus = NatsBus(own_nats_server.url, reconnect_wait=0.1)
-    bus.open()
+    """Replica ``a`` holds the sled, ``b`` relays to it; then NATS stops and comes back."""
+    a, b = nats_bus(own_nats_server.url), nats_bus(own_nats_server.url)
+    a.open()
+    b.open()
     try:
 
         async def scenario() -> None:
             loop = asyncio.get_running_loop()
             reconnected = asyncio.Event()
-            bus.on_reconnect(reconnected.set)
+            assert isinstance(b, NatsBus)
+            b.on_reconnect(reconnected.set)
             heard: list[Message] = []
-            bus.subscribe("sled.p.events", heard.append)
+            b.subscribe("sled.p.events", heard.append)
 
             async def holder(message: Message) -> Message:
                 return {"ok": True}
 
-            bus.serve(sled_subject("p", "mcp"), holder)
-            assert await bus.request(sled_subject("p", "mcp"), {}, 2.0) == {"ok": True}
+            a.serve(sled_subject("p", "mcp"), holder)
+            await asyncio.sleep(0.2)
+            assert await b.request(sled_subject("p", "mcp"), {}, 2.0) == {"ok": True}
 
             own_nats_server.stop()
-            await asyncio.to_thread(settle, lambda: not bus.connected)
+            await asyncio.to_thread(settle, lambda: not b.connected)
             started = time.monotonic()
             with pytest.raises((NoResponders, TimeoutError)):
-                await bus.request(sled_subject("p", "mcp"), {}, 1.0)
+                await b.request(sled_subject("p", "mcp"), {}, 1.0)
             assert time.monotonic() - started < 1.0
+            # The holder's own replica still reaches its sled: no NATS on that path.
+            assert await a.request(sled_subject("p", "mcp"), {}, 1.0) == {"ok": True}
             started = time.monotonic()
             for n in range(100):
-                bus.publish("sled.p.lost", {"n": n})
+                b.publish("sled.p.lost", {"n": n})
             assert time.monotonic() - started < 0.1
             ticks = 0
 
@@ -314,19 +317,20 @@ def test_nats_down_fails_requests_fast_and_publish_does_not_block_then_it_recove
             await asyncio.wait_for(reconnected.wait(), 10)
             ticker.cancel()
             # nats-py resubscribed: the subscription and the holder made before work again.
-            bus.publish("sled.p.events", {"after": True})
+            await asyncio.to_thread(settle, lambda: a.connected)
+            await asyncio.sleep(0.2)
+            a.publish("sled.p.events", {"after": True})
             await asyncio.to_thread(settle, lambda: heard == [{"after": True}])
-            assert await bus.request(sled_subject("p", "mcp"), {}, 2.0) == {"ok": True}
+            assert await b.request(sled_subject("p", "mcp"), {}, 2.0) == {"ok": True}
 
         asyncio.run(scenario())
     finally:
-        bus.close()
+        a.close()
+        b.close()
 
 
 def test_nats_unreachable_at_open_is_an_error() -> None:
     nats_support.require()
-    from sled_gateway.bus.nats import NatsBus
-
     bus = NatsBus(f"nats://127.0.0.1:{nats_support.free_port()}", connect_timeout=1)
     with pytest.raises(Exception):  # noqa: B017,PT011 (nats-py's own connection error)
         bus.open()

@@ -11,7 +11,8 @@ Subjects used today:
 ``sled.<project>.mcp``
     request ``{"body": <JSON-RPC text>}``; the hub holding that sled replies
     ``{"payload": <the sled's answer or null>}`` or ``{"error": <word>}``
-    with the word one of :data:`SLED_GONE`, :data:`NOT_SENT`, :data:`STOPPING`.
+    with the word one of :data:`SLED_GONE`, :data:`NOT_SENT`, :data:`STOPPING`,
+    :data:`TOO_LARGE`.
 """
 
 from __future__ import annotations
@@ -28,10 +29,19 @@ Responder = Callable[[Message], Awaitable[Message]]
 SLED_GONE = "sled_gone"  # the session ended before the sled answered
 NOT_SENT = "not_sent"  # the session ended before the request could be sent
 STOPPING = "stopping"  # the gateway is shutting down
+TOO_LARGE = "too_large"  # the answer is larger than a network bus carries
+
+
+class MessageTooLarge(ValueError):
+    """The request is larger than the bus carries (NATS's ``max_payload``)."""
 
 
 class NoResponders(LookupError):
     """Nobody serves the subject a request was sent to."""
+
+
+class BusUnavailable(NoResponders):
+    """A network bus is not connected (NATS down or reconnecting): nobody can be asked now."""
 
 
 def escape_token(text: str) -> str:
@@ -79,9 +89,12 @@ __all__ = [
     "NOT_SENT",
     "SLED_GONE",
     "STOPPING",
+    "TOO_LARGE",
     "Bus",
+    "BusUnavailable",
     "Handler",
     "Message",
+    "MessageTooLarge",
     "NoResponders",
     "Responder",
     "escape_token",

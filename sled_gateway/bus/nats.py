@@ -35,8 +35,11 @@ socket answers instead of a random replica's dead one. The request carries
 its timeout (header ``Sled-Timeout``) and the server cancels its responder
 after it, as the local bus does.
 
-**NATS down.** ``request`` raises :class:`BusUnavailable` (a
-:class:`~sled_gateway.bus.NoResponders`) at once while disconnected;
+A request to a subject this replica serves itself is a direct call of its
+responder (no NATS hop, as on the local bus; it works while NATS is away).
+
+**NATS down.** ``request`` raises :class:`~sled_gateway.bus.BusUnavailable`
+(a :class:`~sled_gateway.bus.NoResponders`) at once while disconnected;
 ``publish`` never raises or blocks: nats-py buffers during a reconnect up to
 its pending size, beyond which the message is dropped and logged. nats-py
 reconnects forever and resubscribes; then the ``on_reconnect`` callbacks run.
@@ -59,16 +62,21 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from sled_gateway.bus import Handler, Message, NoResponders, Responder, escape_token
+from sled_gateway.bus import (
+    TOO_LARGE,
+    BusUnavailable,
+    Handler,
+    Message,
+    MessageTooLarge,
+    NoResponders,
+    Responder,
+    escape_token,
+)
 
 log = logger.bind(actor="gateway")
 
 _SAFE_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 TIMEOUT_HEADER = "Sled-Timeout"
-
-
-class BusUnavailable(NoResponders):
-    """The bus is not connected (NATS down or reconnecting): nobody can be asked now."""
 
 
 def nats_subject(subject: str) -> str:
@@ -133,6 +141,7 @@ class NatsBus:
         self._ops: asyncio.Queue[Callable[[], Awaitable[None]]] | None = None
         self._pump: asyncio.Task[None] | None = None
         self._served: dict[str, _Served] = {}  # touched on the bus loop only
+        self._local: dict[str, _Server] = {}  # the same servers, as serve() made them
         self._reconnect_hooks: list[_Hook] = []
         self._open = False
         self._lock = threading.Lock()
@@ -150,7 +159,7 @@ class NatsBus:
             self._loop, self._thread = loop, thread
             connecting = asyncio.run_coroutine_threadsafe(self._connect(), loop)
             try:
-                connecting.result(self.connect_timeout + 1)
+                connecting.result(self.connect_timeout + 5)
             except BaseException:
                 connecting.cancel()
                 self._stop_thread()
@@ -160,8 +169,14 @@ class NatsBus:
 
     async def _connect(self) -> None:
         self._ops = asyncio.Queue()
-        self._nc = await nats.connect(
-            self.url,
+        # nats-py retries a first connection forever when reconnecting is allowed: bounded
+        # here, so a replica whose NATS is unreachable fails at start and says so.
+        self._nc = await asyncio.wait_for(self._dial(), self.connect_timeout)
+        self._pump = asyncio.get_running_loop().create_task(self._run_ops())
+
+    async def _dial(self) -> Client:
+        return await nats.connect(
+            [url.strip() for url in self.url.split(",")],
             name=self.name,
             connect_timeout=max(1, round(self.connect_timeout)),
             allow_reconnect=True,
@@ -171,7 +186,6 @@ class NatsBus:
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
         )
-        self._pump = asyncio.get_running_loop().create_task(self._run_ops())
 
     def close(self) -> None:
         """Stop every subscription and server and disconnect; idempotent."""
@@ -195,6 +209,7 @@ class NatsBus:
             for task in list(served.tasks):
                 task.cancel()
         self._served.clear()
+        self._local.clear()
         if self._nc is not None:
             await self._nc.close()
 
@@ -319,6 +334,11 @@ class NatsBus:
     async def request(self, subject: str, message: Message, timeout: float) -> Message:
         if not self._open:
             raise NoResponders(subject)
+        local = self._local.get(subject)
+        if local is not None:
+            # This replica holds the sled: no hop through NATS, as on the local bus,
+            # and it works while NATS is away.
+            return await _run_on(local.loop, local.responder(message), timeout)
         if not self.connected:
             raise BusUnavailable(subject)
         data = json.dumps(message, separators=(",", ":")).encode("utf-8")
@@ -352,6 +372,8 @@ class NatsBus:
                 reply = await asyncio.wrap_future(result)
         except nats.errors.NoRespondersError:
             raise NoResponders(subject) from None
+        except nats.errors.MaxPayloadError:
+            raise MessageTooLarge(f"{subject}: larger than the NATS server's max_payload") from None
         except nats.errors.TimeoutError:
             raise TimeoutError(f"no reply on {subject} within {timeout} s") from None
         except (nats.errors.ConnectionClosedError, asyncio.CancelledError) as exc:
@@ -385,8 +407,13 @@ class NatsBus:
             except Exception:
                 log.exception("bus: the server of {} failed", subject)
                 return
-            if msg.reply:
+            if not msg.reply:
+                return
+            try:
                 await msg.respond(json.dumps(answer, separators=(",", ":")).encode("utf-8"))
+            except nats.errors.MaxPayloadError:
+                log.warning("bus: an answer on {} exceeds NATS's max_payload", subject)
+                await msg.respond(json.dumps({"error": TOO_LARGE}).encode("utf-8"))
 
         async def start() -> None:
             assert self._nc is not None
@@ -412,9 +439,12 @@ class NatsBus:
             if served.sub is not None:
                 await served.sub.unsubscribe()
 
+        self._local[subject] = server
         self._enqueue(start)
 
         def stop() -> None:
+            if self._local.get(subject) is server:
+                del self._local[subject]
             self._enqueue(stop_serving)
 
         return stop
@@ -450,4 +480,4 @@ async def _run_on(
         raise
 
 
-__all__ = ["BusUnavailable", "NatsBus", "escape_token", "nats_subject"]
+__all__ = ["NatsBus", "nats_subject"]
