@@ -136,6 +136,12 @@ def test_an_mcp_call_to_replica_b_reaches_the_sled_held_by_replica_a(
         # A sled nobody holds is still a 404 on B, after asking the bus.
         assert relay(b.mcp_url("no.such sled*")).status_code == 404
 
+        # Larger than NATS carries (its max_payload, 1 MiB by default): a 413, not a 500.
+        big = {"jsonrpc": "2.0", "id": 2, "method": "ping", "params": {"pad": "x" * 1_500_000}}
+        response = httpx.post(b.mcp_url(PROJECT), json=big, headers=HEADERS, timeout=3 * T)
+        assert response.status_code == 413
+        assert "bus" in response.json()["error"]
+
         nats_server.stop()
         started = time.monotonic()
         down = eventually(lambda: (r := relay(b.mcp_url(PROJECT))).status_code == 503 and r, T)
