@@ -9,6 +9,7 @@ are how a test takes NATS away and brings it back.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pwd
 import shutil
@@ -24,6 +25,8 @@ BINARY = os.environ.get("SLED_NATS_SERVER", "nats-server")
 
 
 def skip_reason() -> str | None:
+    if importlib.util.find_spec("nats") is None:
+        return "nats-py is not installed (the `cluster` extra)"
     if shutil.which(BINARY) is None:
         return "nats-server is not installed (scripts/install-nats.sh installs it as root)"
     return None
