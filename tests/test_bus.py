@@ -279,6 +279,38 @@ def test_a_request_on_one_replica_reaches_the_holder_on_another(nats_server: Nat
         b.close()
 
 
+def test_a_holder_whose_loop_has_ended_holds_nothing(nats_server: NatsServer) -> None:
+    """On one process everything runs on one loop; a NATS bus hands requests to the loop
+    that served, which may have ended (a stopped gateway) while the bus still runs."""
+    a, b = nats_bus(nats_server.url), nats_bus(nats_server.url)
+    a.open()
+    b.open()
+    try:
+
+        async def serve_and_end() -> None:
+            async def echo(message: Message) -> Message:
+                return message
+
+            a.serve("sled.gone.mcp", echo)
+            a.serve("sled.gone2.mcp", echo)
+            await asyncio.sleep(0.2)
+
+        asyncio.run(serve_and_end())  # the loop that served them is closed now
+
+        async def ask() -> None:
+            with pytest.raises((NoResponders, TimeoutError)):
+                await b.request("sled.gone.mcp", {}, 0.5)
+            with pytest.raises(NoResponders):
+                await b.request("sled.gone.mcp", {}, 0.5)
+            with pytest.raises(NoResponders):  # its own replica asks NATS, where nobody is
+                await a.request("sled.gone2.mcp", {}, 0.5)
+
+        asyncio.run(ask())
+    finally:
+        a.close()
+        b.close()
+
+
 def test_nats_down_fails_requests_fast_and_publish_does_not_block_then_it_recovers(
     own_nats_server: NatsServer,
 ) -> None:

@@ -335,6 +335,16 @@ class NatsBus:
         if not self._open:
             raise NoResponders(subject)
         local = self._local.get(subject)
+        if local is not None and local.loop is not None and local.loop.is_closed():
+            # Its loop has ended (a stopped gateway): unserved, before this request goes out.
+            self._local.pop(subject, None)
+            ended = local
+
+            async def unserve() -> None:
+                await self._unserve(subject, ended)
+
+            self._enqueue(unserve)
+            local = None
         if local is not None:
             # This replica holds the sled: no hop through NATS, as on the local bus,
             # and it works while NATS is away.
@@ -400,6 +410,9 @@ class NatsBus:
             except ValueError:
                 log.warning("bus: a request on {} is not JSON; dropped", subject)
                 return
+            if current.loop is not None and current.loop.is_closed():
+                await self._unserve(subject, current)  # its loop has ended: not a server
+                return
             try:
                 answer = await _run_on(current.loop, current.responder(message), timeout)
             except TimeoutError:
@@ -432,12 +445,7 @@ class NatsBus:
             served.sub = await self._nc.subscribe(wire, cb=on_request)
 
         async def stop_serving() -> None:
-            served = self._served.get(subject)
-            if served is None or served.server is not server:
-                return  # a newer server took over
-            del self._served[subject]
-            if served.sub is not None:
-                await served.sub.unsubscribe()
+            await self._unserve(subject, server)
 
         self._local[subject] = server
         self._enqueue(start)
@@ -448,6 +456,15 @@ class NatsBus:
             self._enqueue(stop_serving)
 
         return stop
+
+    async def _unserve(self, subject: str, server: _Server) -> None:
+        """Stop serving ``subject`` on NATS, unless a newer server took over (bus loop)."""
+        served = self._served.get(subject)
+        if served is None or served.server is not server:
+            return
+        del self._served[subject]
+        if served.sub is not None:
+            await served.sub.unsubscribe()
 
 
 def _call_on(loop: asyncio.AbstractEventLoop | None, call: Callable[[], None]) -> None:
