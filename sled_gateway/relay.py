@@ -93,8 +93,8 @@ class Relay:
         except BusUnavailable:
             return error(503, "the bus to the other replicas is down", headers={"Retry-After": "1"})
         except NoResponders:
-            if not self.state.is_connected(project):
-                return _no_such_sled(project)
+            if self.config.bus != "local" and not self.state.is_connected(project):
+                return _no_such_sled(project)  # not here, and no other replica holds it
             return error(502, f"sled {project!r} went away before the request was sent")
         except MessageTooLarge:
             return error(413, "body larger than the bus carries")
