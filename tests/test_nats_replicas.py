@@ -5,7 +5,9 @@ part of issue 24); what crosses between them here is only the bus. A sled
 connected to replica A is reached by an MCP client that talks to replica B:
 B's relay asks NATS, A's hub answers from the sled. Then NATS stops: B's
 relay answers 503 at once, A still relays to its own sled, and after NATS
-comes back B reaches the sled again.
+comes back B reaches the sled again. Then the relay's answers across two
+in-process replicas, with a raw WebSocket sled on A: the round trip, 504,
+502 (the sled left), 404 (nobody holds it), 503 (A stopping).
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
 from actors import Uplink
+from sled_gateway import Gateway
 from tests.conftest import REFERENCE_TOKEN, eventually
 from tests.support import nats as nats_support
 from tests.support.mcp_servers import McpSdkServer
 from tests.support.nats import NatsServer
 from tests.support.proc import WatchedProcess
+from tests.test_gateway import api, frame, recv, run, sled, sled_of, wait_state
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -152,3 +156,53 @@ def test_an_mcp_call_to_replica_b_reaches_the_sled_held_by_replica_a(
 
         nats_server.start()
         eventually(lambda: relay(b.mcp_url(PROJECT)).status_code == 200, 3 * T, "B relays again")
+
+
+# -- the relay's answers across replicas: in-process gateways, a raw WebSocket sled on A --
+
+
+@pytest.fixture
+def pair(nats_server: NatsServer) -> Iterator[Callable[..., tuple[Gateway, Gateway]]]:
+    made: list[Gateway] = []
+
+    def make(**settings: Any) -> tuple[Gateway, Gateway]:
+        for _ in range(2):
+            made.append(Gateway(token=REFERENCE_TOKEN, bus=nats_server.url, **settings).start())
+        return made[-2], made[-1]
+
+    yield make
+    for gw in made:
+        gw.stop()
+
+
+def test_relay_answers_across_replicas_round_trip_504_502_and_503_at_stop(
+    pair: Callable[..., tuple[Gateway, Gateway]],
+) -> None:
+    a, b = pair(mcp_timeout=0.5)
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(timeout=T, headers=api(b)) as http:
+            async with sled(a, "p") as ws:
+                post = asyncio.create_task(http.post(b.mcp_url("p"), content='{"id":1}'))
+                request = await recv(ws)
+                assert request["type"] == "mcp_request"
+                await ws.send(frame("mcp_response", request["req_id"], {"ok": 1}))
+                assert (await post).json() == {"ok": 1}
+
+                post = asyncio.create_task(http.post(b.mcp_url("p"), content='{"id":2}'))
+                await recv(ws)  # and no answer: B's deadline passes
+                assert (await post).status_code == 504
+
+                post = asyncio.create_task(http.post(b.mcp_url("p"), content='{"id":3}'))
+                await recv(ws)
+            assert (await post).status_code == 502  # the sled left before answering
+            await wait_state(a, lambda s: sled_of(s, "p")["state"] == "disconnected")  # type: ignore[index]
+            assert (await http.post(b.mcp_url("p"), content="{}")).status_code == 404
+
+            async with sled(a, "q") as ws:
+                post = asyncio.create_task(http.post(b.mcp_url("q"), content='{"id":4}'))
+                await recv(ws)
+                await asyncio.to_thread(a.stop)
+                assert (await post).status_code == 503  # A is stopping
+
+    run(scenario())
