@@ -233,6 +233,14 @@ def test_every_project_reaches_its_own_holder_only(bus: Bus) -> None:
             asker.close()
 
 
+def test_on_reconnect_returns_its_removal(bus: Bus) -> None:
+    called: list[int] = []
+    remove = bus.on_reconnect(lambda: called.append(1))
+    remove()
+    remove()  # idempotent
+    assert called == []
+
+
 def test_a_closed_bus_has_no_holders_and_no_subscribers(bus: Bus) -> None:
     heard: list[Message] = []
     bus.open()

@@ -84,6 +84,11 @@ class Bus(Protocol):
         """Answer requests to ``subject`` (one server per subject; the newest wins);
         returns the call that stops serving (a no-op once a newer server took over)."""
 
+    def on_reconnect(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` each time a network bus is connected again after a loss
+        (messages may have been lost meanwhile: re-read the database); returns the
+        removal. Never called on the in-process bus."""
+
 
 __all__ = [
     "NOT_SENT",
