@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -162,12 +163,19 @@ def _bus(option: str, value: str) -> str:
     for url in urls:
         scheme, sep, rest = url.strip().partition("://")
         if not sep or scheme not in ("nats", "tls") or not rest.strip("/"):
-            raise ConfigError(
-                option, f"expected 'local' or nats://HOST:PORT, not {printable(str(value), 200)!r}"
-            )
+            # The value itself is not quoted: a URL may carry a password.
+            raise ConfigError(option, "expected 'local' or nats://HOST:PORT (or tls://), not that")
     if not urls:
-        raise ConfigError(option, f"expected 'local' or nats://HOST:PORT, not {value!r}")
+        raise ConfigError(option, "expected 'local' or nats://HOST:PORT (or tls://), not that")
     return value
+
+
+def redact_userinfo(urls: str) -> str:
+    """``nats://user:secret@host`` → ``nats://***@host``, for logs and reprs."""
+    return _USERINFO.sub(r"\1***@", urls)
+
+
+_USERINFO = re.compile(r"(://)[^/@,]*@")
 
 
 def _cap_bytes(option: str, value: int | str) -> int | None:
@@ -382,6 +390,8 @@ class GatewayConfig:
             value = getattr(self, name)
             if name in _SECRET_FIELDS and value:
                 return "{...}" if isinstance(value, Mapping) else "'***'"
+            if name == "bus":
+                return repr(redact_userinfo(value))
             return repr(value)
 
         return f"GatewayConfig({', '.join(f'{n}={shown(n)}' for n in self.__dataclass_fields__)})"

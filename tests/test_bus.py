@@ -391,3 +391,15 @@ def test_nats_unreachable_at_open_is_an_error() -> None:
         bus.open()
     with pytest.raises(NoResponders):
         asyncio.run(bus.request("s", {}, 1))
+
+
+def test_a_password_in_the_nats_url_is_never_shown() -> None:
+    from protocol import ConfigError
+    from sled_gateway.config import GatewayConfig
+
+    config = GatewayConfig(bus="nats://gw:hunter2@10.0.0.5:4222,nats://gw:hunter2@10.0.0.6:4222")
+    assert "hunter2" not in repr(config)
+    assert "nats://***@10.0.0.5:4222" in repr(config)
+    with pytest.raises(ConfigError) as refused:
+        GatewayConfig(bus="http://gw:hunter2@10.0.0.5:4222")
+    assert "hunter2" not in str(refused.value)

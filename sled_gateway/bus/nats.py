@@ -72,6 +72,7 @@ from sled_gateway.bus import (
     Responder,
     escape_token,
 )
+from sled_gateway.config import redact_userinfo
 
 log = logger.bind(actor="gateway")
 
@@ -165,7 +166,7 @@ class NatsBus:
                 self._stop_thread()
                 raise
             self._open = True
-        log.info("bus: connected to NATS at {}", self.url)
+        log.info("bus: connected to NATS at {}", redact_userinfo(self.url))
 
     async def _connect(self) -> None:
         self._ops = asyncio.Queue()
@@ -244,10 +245,10 @@ class NatsBus:
 
     async def _on_disconnected(self) -> None:
         if self._open:
-            log.warning("bus: lost NATS at {}; reconnecting", self.url)
+            log.warning("bus: lost NATS at {}; reconnecting", redact_userinfo(self.url))
 
     async def _on_reconnected(self) -> None:
-        log.info("bus: reconnected to NATS at {}", self.url)
+        log.info("bus: reconnected to NATS at {}", redact_userinfo(self.url))
         for callback, loop in list(self._reconnect_hooks):
             _call_on(loop, callback)
 
