@@ -206,3 +206,30 @@ def test_relay_answers_across_replicas_round_trip_504_502_and_503_at_stop(
                 assert (await post).status_code == 503  # A is stopping
 
     run(scenario())
+
+
+def test_a_replica_whose_nats_is_unreachable_does_not_start_and_says_why(tmp_path: Path) -> None:
+    nats_support.require()
+    port = nats_support.free_port()
+    proc = WatchedProcess(
+        [
+            sys.executable,
+            str(ROOT / "run_gateway.py"),
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            str(tmp_path / "gw.db"),
+            "--bus",
+            f"nats://gw:hunter2@127.0.0.1:{port}",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "SLED_GATEWAY_TOKEN": REFERENCE_TOKEN, "PYTHONUNBUFFERED": "1"},
+        timeout=3 * T,
+    )
+    try:
+        assert proc.proc.wait(3 * T) == 2
+        proc.wait_for(rf"--bus: cannot reach NATS at nats://\*\*\*@127\.0\.0\.1:{port}", "stderr")
+        assert "--listen" not in proc.out["stderr"]
+        assert "hunter2" not in proc.out["stderr"] + proc.out["stdout"]
+    finally:
+        proc.kill()

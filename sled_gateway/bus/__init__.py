@@ -40,6 +40,10 @@ class NoResponders(LookupError):
     """Nobody serves the subject a request was sent to."""
 
 
+class BusError(RuntimeError):
+    """A network bus cannot be opened (its server unreachable): the gateway does not start."""
+
+
 class BusUnavailable(NoResponders):
     """A network bus is not connected (NATS down or reconnecting): nobody can be asked now."""
 
@@ -96,6 +100,7 @@ __all__ = [
     "STOPPING",
     "TOO_LARGE",
     "Bus",
+    "BusError",
     "BusUnavailable",
     "Handler",
     "Message",

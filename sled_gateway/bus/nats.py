@@ -64,6 +64,7 @@ from nats.aio.subscription import Subscription
 
 from sled_gateway.bus import (
     TOO_LARGE,
+    BusError,
     BusUnavailable,
     Handler,
     Message,
@@ -161,9 +162,15 @@ class NatsBus:
             connecting = asyncio.run_coroutine_threadsafe(self._connect(), loop)
             try:
                 connecting.result(self.connect_timeout + 5)
-            except BaseException:
+            except BaseException as exc:
                 connecting.cancel()
                 self._stop_thread()
+                if isinstance(exc, Exception):
+                    # Not an OSError (as a timeout is): the command would call it a --listen fault.
+                    raise BusError(
+                        f"cannot reach NATS at {redact_userinfo(self.url)} within "
+                        f"{self.connect_timeout:g} s ({type(exc).__name__})"
+                    ) from None
                 raise
             self._open = True
         log.info("bus: connected to NATS at {}", redact_userinfo(self.url))
