@@ -37,6 +37,9 @@ after it, as the local bus does.
 
 A request to a subject this replica serves itself is a direct call of its
 responder (no NATS hop, as on the local bus; it works while NATS is away).
+So a replica still holding a half-open session of a sled that has moved asks
+that session until it ends (three missed heartbeats); telling the old holder
+at once is the replica leases' part.
 
 **NATS down.** ``request`` raises :class:`~sled_gateway.bus.BusUnavailable`
 (a :class:`~sled_gateway.bus.NoResponders`) at once while disconnected;
