@@ -162,13 +162,15 @@ def test_an_mcp_call_to_replica_b_reaches_the_sled_held_by_replica_a(
 
 
 @pytest.fixture
-def pair(nats_server: NatsServer) -> Iterator[Callable[..., tuple[Gateway, Gateway]]]:
+def replica(nats_server: NatsServer) -> Iterator[Callable[..., Gateway]]:
     made: list[Gateway] = []
 
-    def make(**settings: Any) -> tuple[Gateway, Gateway]:
-        for _ in range(2):
-            made.append(Gateway(token=REFERENCE_TOKEN, bus=nats_server.url, **settings).start())
-        return made[-2], made[-1]
+    def make(**settings: Any) -> Gateway:
+        gateway = Gateway(
+            token=REFERENCE_TOKEN, operator_token=OPERATOR, bus=nats_server.url, **settings
+        )
+        made.append(gateway.start())
+        return made[-1]
 
     yield make
     for gw in made:
@@ -176,9 +178,9 @@ def pair(nats_server: NatsServer) -> Iterator[Callable[..., tuple[Gateway, Gatew
 
 
 def test_relay_answers_across_replicas_round_trip_504_502_and_503_at_stop(
-    pair: Callable[..., tuple[Gateway, Gateway]],
+    replica: Callable[..., Gateway],
 ) -> None:
-    a, b = pair(mcp_timeout=0.5)
+    a, b, c = replica(), replica(mcp_timeout=0.5), replica()
 
     async def scenario() -> None:
         async with httpx.AsyncClient(timeout=T, headers=api(b)) as http:
@@ -200,7 +202,8 @@ def test_relay_answers_across_replicas_round_trip_504_502_and_503_at_stop(
             assert (await http.post(b.mcp_url("p"), content="{}")).status_code == 404
 
             async with sled(a, "q") as ws:
-                post = asyncio.create_task(http.post(b.mcp_url("q"), content='{"id":4}'))
+                # Asked through C (--mcp-timeout 30 s): A's stop answers before that.
+                post = asyncio.create_task(http.post(c.mcp_url("q"), content='{"id":4}'))
                 await recv(ws)
                 await asyncio.to_thread(a.stop)
                 assert (await post).status_code == 503  # A is stopping

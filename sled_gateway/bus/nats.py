@@ -56,7 +56,7 @@ import json
 import re
 import threading
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import nats
 import nats.errors
@@ -122,7 +122,6 @@ class _Served:
 
     server: _Server
     sub: Subscription | None = None
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class NatsBus:
@@ -147,6 +146,7 @@ class NatsBus:
         self._pump: asyncio.Task[None] | None = None
         self._served: dict[str, _Served] = {}  # touched on the bus loop only
         self._local: dict[str, _Server] = {}  # the same servers, as serve() made them
+        self._answering: set[asyncio.Task[None]] = set()  # requests being answered (bus loop)
         self._reconnect_hooks: list[_Hook] = []
         self._open = False
         self._lock = threading.Lock()
@@ -216,9 +216,13 @@ class NatsBus:
     async def _disconnect(self) -> None:
         if self._pump is not None:
             self._pump.cancel()
-        for served in self._served.values():
-            for task in list(served.tasks):
-                task.cancel()
+        # The hub stops before the bus and answers its requests in flight ("stopping"):
+        # those answers still go out, then anything left is cancelled.
+        answering = set(self._answering)
+        if answering:
+            await asyncio.wait(answering, timeout=1.0)
+        for task in answering:
+            task.cancel()
         self._served.clear()
         self._local.clear()
         if self._nc is not None:
@@ -450,8 +454,8 @@ class NatsBus:
 
             async def on_request(msg: Msg) -> None:
                 task = asyncio.get_running_loop().create_task(handle(served, msg))
-                served.tasks.add(task)
-                task.add_done_callback(served.tasks.discard)
+                self._answering.add(task)
+                task.add_done_callback(self._answering.discard)
 
             served.sub = await self._nc.subscribe(wire, cb=on_request)
 
