@@ -319,6 +319,33 @@ def test_a_holder_whose_loop_has_ended_holds_nothing(nats_server: NatsServer) ->
         b.close()
 
 
+def test_a_request_in_flight_when_its_bus_closes_fails_at_once(nats_server: NatsServer) -> None:
+    a, b = nats_bus(nats_server.url), nats_bus(nats_server.url)
+    a.open()
+    b.open()
+    try:
+
+        async def scenario() -> None:
+            async def slow(message: Message) -> Message:
+                await asyncio.sleep(3600)
+                return {}
+
+            a.serve("sled.slow.mcp", slow)
+            await asyncio.sleep(0.2)
+            asking = asyncio.create_task(b.request("sled.slow.mcp", {}, 10.0))
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            await asyncio.to_thread(b.close)
+            with pytest.raises(NoResponders):
+                await asyncio.wait_for(asking, 2.0)
+            assert time.monotonic() - started < 2.0
+
+        asyncio.run(scenario())
+    finally:
+        a.close()
+        b.close()
+
+
 def test_nats_down_fails_requests_fast_and_publish_does_not_block_then_it_recovers(
     own_nats_server: NatsServer,
 ) -> None:

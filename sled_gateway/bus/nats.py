@@ -147,6 +147,7 @@ class NatsBus:
         self._served: dict[str, _Served] = {}  # touched on the bus loop only
         self._local: dict[str, _Server] = {}  # the same servers, as serve() made them
         self._answering: set[asyncio.Task[None]] = set()  # requests being answered (bus loop)
+        self._asking: set[asyncio.Task[None]] = set()  # requests waiting for a reply (bus loop)
         self._reconnect_hooks: list[_Hook] = []
         self._open = False
         self._lock = threading.Lock()
@@ -221,7 +222,7 @@ class NatsBus:
         answering = set(self._answering)
         if answering:
             await asyncio.wait(answering, timeout=1.0)
-        for task in answering:
+        for task in answering | self._asking:
             task.cancel()
         self._served.clear()
         self._local.clear()
@@ -379,7 +380,11 @@ class NatsBus:
                     reply = await nc.request(
                         wire, data, timeout=timeout, headers={TIMEOUT_HEADER: f"{timeout:.3f}"}
                     )
-                except BaseException as exc:
+                except asyncio.CancelledError:  # the bus is closing
+                    if not result.done():
+                        result.set_exception(nats.errors.ConnectionClosedError())
+                    raise
+                except Exception as exc:
                     if not result.done():
                         result.set_exception(exc)
                 else:
@@ -388,7 +393,9 @@ class NatsBus:
 
             # A task, so a slow answer never holds up the queue; started from the queue,
             # so its PUB follows every SUB made before this call.
-            asyncio.get_running_loop().create_task(ask())
+            task = asyncio.get_running_loop().create_task(ask())
+            self._asking.add(task)
+            task.add_done_callback(self._asking.discard)
 
         if not self._enqueue(start):
             raise NoResponders(subject)
@@ -401,10 +408,8 @@ class NatsBus:
             raise MessageTooLarge(f"{subject}: larger than the NATS server's max_payload") from None
         except nats.errors.TimeoutError:
             raise TimeoutError(f"no reply on {subject} within {timeout} s") from None
-        except (nats.errors.ConnectionClosedError, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and not result.cancelled():
-                raise
-            raise NoResponders(subject) from None
+        except nats.errors.Error:  # closed, draining, its buffer full while reconnecting
+            raise BusUnavailable(subject) from None
         try:
             answer = json.loads(reply.data)
         except ValueError:
