@@ -53,6 +53,7 @@ from protocol.options import parse_listen
 from protocol.version import __version__
 from sled_gateway import Gateway
 from sled_gateway.access import AccessError, load_access
+from sled_gateway.bus import BusError
 from sled_gateway.config import TOKEN_ENV, GatewayConfig, load_sled_tokens
 from sled_gateway.logs import configure_cli_logging
 from sled_gateway.memory import return_big_blocks
@@ -231,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except StoreError as exc:
         parser.config_error(ConfigError("--db", str(exc)))
+    except BusError as exc:
+        parser.config_error(ConfigError("--bus", str(exc)))
 
     stop = threading.Event()
     drain = threading.Event()  # SIGTERM: drain before stopping

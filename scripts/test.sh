@@ -8,6 +8,8 @@ bash scripts/bootstrap.sh gateway,cluster,test,dev >&2
 bash scripts/install-browser.sh >&2 || true
 # The Matrix transport's tests run against a real Synapse, in its own venv (.tools/).
 bash scripts/install-synapse.sh >&2 || true
+# The NATS bus tests run a real, Debian-packaged nats-server (installed if missing).
+bash scripts/install-nats.sh >&2 || true
 # The Claude Code tests run the real, pinned binary (npm, into .tools/).
 bash scripts/install-claude-code.sh >&2 || true
 # The console's accessibility check runs a pinned axe-core (npm, into .tools/).

@@ -45,6 +45,7 @@ from sled_gateway.auth.oidc import (
 from sled_gateway.auth.operator import BearerTokenBackend
 from sled_gateway.auth.person_token import PersonTokenBackend
 from sled_gateway.auth.sled import SledTokenBackend
+from sled_gateway.bus import Bus
 from sled_gateway.bus.local import LocalBus
 from sled_gateway.config import GatewayConfig, read_client_secret
 from sled_gateway.events import Events, PermissionDecided, PermissionRequested, PermissionWithdrawn
@@ -60,6 +61,13 @@ from sled_gateway.store import Store, make_store
 from sled_gateway.tokens import PersonTokens
 
 __all__ = ["UPLINK_PATH", "Forbidden", "GatewayApp", "NotRecorded"]
+
+
+def _nats_bus(urls: str) -> Bus:
+    # Imported here: nats-py is the optional `cluster` extra, needed only with --bus nats://.
+    from sled_gateway.bus.nats import NatsBus
+
+    return NatsBus(urls)
 
 
 class GatewayApp:
@@ -81,7 +89,7 @@ class GatewayApp:
         self.store = store if store is not None else make_store().open()
         self.events = Events()
         state.follow(self.events)
-        self.bus = LocalBus()
+        self.bus: Bus = LocalBus() if config.bus == "local" else _nats_bus(config.bus)
         self.approvals = Approvals(
             self.store,
             state,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -170,6 +171,29 @@ def _db(option: str, value: str | os.PathLike[str]) -> str | os.PathLike[str]:
     return value
 
 
+def _bus(option: str, value: str) -> str:
+    """``local``, or NATS URLs (``nats://``/``tls://``) with a host, comma-separated."""
+    if value == "local":
+        return value
+    urls = value.split(",") if isinstance(value, str) else []
+    for url in urls:
+        scheme, sep, rest = url.strip().partition("://")
+        if not sep or scheme not in ("nats", "tls") or not rest.strip("/"):
+            # The value itself is not quoted: a URL may carry a password.
+            raise ConfigError(option, "expected 'local' or nats://HOST:PORT (or tls://), not that")
+    if not urls:
+        raise ConfigError(option, "expected 'local' or nats://HOST:PORT (or tls://), not that")
+    return value
+
+
+def redact_userinfo(urls: str) -> str:
+    """``nats://user:secret@host`` → ``nats://***@host``, for logs and reprs."""
+    return _USERINFO.sub(r"\1***@", urls)
+
+
+_USERINFO = re.compile(r"(://)[^/@,]*@")
+
+
 def _cap_bytes(option: str, value: int | str) -> int | None:
     """A byte count, or 0 for no cap."""
     if not isinstance(value, bool) and value in (0, "0"):
@@ -316,6 +340,14 @@ class GatewayConfig:
         rule=positive_int,
         metavar="N",
     )
+    bus: str = option(
+        "local",
+        "--bus",
+        "'local' (one process) or the NATS server(s) replicas share: nats://HOST:PORT, "
+        "comma-separated for a cluster",
+        rule=_bus,
+        metavar="local|URL",
+    )
     max_pending_per_sled: int = option(
         1000,
         "--max-pending-per-sled",
@@ -458,6 +490,8 @@ class GatewayConfig:
             value = getattr(self, name)
             if name in _SECRET_FIELDS and value:
                 return "{...}" if isinstance(value, Mapping) else "'***'"
+            if name == "bus":
+                return repr(redact_userinfo(value))
             return repr(value)
 
         return f"GatewayConfig({', '.join(f'{n}={shown(n)}' for n in self.__dataclass_fields__)})"

@@ -353,6 +353,7 @@ GATEWAY_BAD = {
     "drain_seconds": ("-1", -1.0),
     "mcp_timeout": ("nan", math.nan),
     "max_relays_per_sled": ("0", 0),
+    "bus": ("http://127.0.0.1:4222", "nats://"),
     "max_pending_per_sled": ("many", 1.5),
     "max_input_bytes": ("0", 0),
     "max_pending_bytes_per_sled": ("lots", -1),

@@ -11,7 +11,8 @@ Subjects used today:
 ``sled.<project>.mcp``
     request ``{"body": <JSON-RPC text>}``; the hub holding that sled replies
     ``{"payload": <the sled's answer or null>}`` or ``{"error": <word>}``
-    with the word one of :data:`SLED_GONE`, :data:`NOT_SENT`, :data:`STOPPING`.
+    with the word one of :data:`SLED_GONE`, :data:`NOT_SENT`, :data:`STOPPING`,
+    :data:`TOO_LARGE`.
 """
 
 from __future__ import annotations
@@ -28,16 +29,41 @@ Responder = Callable[[Message], Awaitable[Message]]
 SLED_GONE = "sled_gone"  # the session ended before the sled answered
 NOT_SENT = "not_sent"  # the session ended before the request could be sent
 STOPPING = "stopping"  # the gateway is shutting down
+TOO_LARGE = "too_large"  # the answer is larger than a network bus carries
+
+
+class MessageTooLarge(ValueError):
+    """The request is larger than the bus carries (NATS's ``max_payload``)."""
 
 
 class NoResponders(LookupError):
     """Nobody serves the subject a request was sent to."""
 
 
+class BusError(RuntimeError):
+    """A network bus cannot be opened (its server unreachable): the gateway does not start."""
+
+
+class BusUnavailable(NoResponders):
+    """A network bus is not connected (NATS down or reconnecting): nobody can be asked now."""
+
+
+def escape_token(text: str) -> str:
+    """``text`` as one subject token in ``[A-Za-z0-9_-]``, injectively: each UTF-8 byte
+    outside ``[A-Za-z0-9_]`` becomes ``-XX`` (hex, so ``-`` is ``-2D``); ``""`` is ``-``."""
+    if not text:
+        return "-"
+    return "".join(chr(b) if b in _PLAIN else f"-{b:02X}" for b in text.encode("utf-8"))
+
+
+_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+
+
 def sled_subject(project: str, what: str) -> str:
-    """``sled.<project>.<what>``. A project name may hold dots or spaces; local
-    subjects are opaque strings, and a network bus escapes them at its edge."""
-    return f"sled.{project}.{what}"
+    """``sled.<project>.<what>``, the project escaped (:func:`escape_token`): a project
+    name may hold dots, spaces, ``*`` or ``>``, which a network bus would read as
+    separators or wildcards."""
+    return f"sled.{escape_token(project)}.{what}"
 
 
 class Bus(Protocol):
@@ -62,15 +88,25 @@ class Bus(Protocol):
         """Answer requests to ``subject`` (one server per subject; the newest wins);
         returns the call that stops serving (a no-op once a newer server took over)."""
 
+    def on_reconnect(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` each time a network bus is connected again after a loss
+        (messages may have been lost meanwhile: re-read the database); returns the
+        removal. Never called on the in-process bus."""
+
 
 __all__ = [
     "NOT_SENT",
     "SLED_GONE",
     "STOPPING",
+    "TOO_LARGE",
     "Bus",
+    "BusError",
+    "BusUnavailable",
     "Handler",
     "Message",
+    "MessageTooLarge",
     "NoResponders",
     "Responder",
+    "escape_token",
     "sled_subject",
 ]
