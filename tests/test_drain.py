@@ -1,4 +1,4 @@
-"""``/readyz`` and the drain on SIGTERM (PROTOCOL.md section 6, "Several gateway replicas").
+"""``/readyz`` and the drain on SIGTERM (docs/protocol.md, docs/gateway.md "Readiness and drain").
 
 The gateway is real (in-process for ``/readyz``, ``run_gateway.py`` as a
 process for the drain); the sleds are raw websocket clients that speak the

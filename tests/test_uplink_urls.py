@@ -1,4 +1,4 @@
-"""Several gateway URLs and the gateway's ``retry_after`` (PROTOCOL.md section 6).
+"""Several gateway URLs and the gateway's ``retry_after`` (docs/protocol.md).
 
 The gateways are real websocket servers (tests/support/gateway.py); the
 uplinks are the real actors. A refused handshake moves the uplink to the
