@@ -267,7 +267,10 @@ class GuardedH11Protocol(H11Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        # uvicorn writes a response's head and its body in two writes, so two
+        # system calls and two TCP segments the client wakes up for; through
+        # this they leave together. The guard itself acts on the real transport.
+        super().connection_made(CoalescedWrites(transport))
         self._guard_transport = transport
         peer = transport.get_extra_info("peername")
         self._guard_client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
@@ -365,6 +368,90 @@ class GuardedH11Protocol(H11Protocol):
         if self._guard_transport is not None:
             self.open_transports.pop(self._guard_transport, None)
         super().connection_lost(exc)
+
+
+class CoalescedWrites(asyncio.Transport):
+    """A transport that holds a write until the next one, or the next turn of the loop.
+
+    A response's head is held until its body is written, and both leave in one
+    ``write``, at once; a lone write waits one turn of the loop, not a timer.
+    Everything else goes to
+    the real transport; ``close`` and ``write_eof`` flush first, ``abort``
+    drops what is held, as it drops the transport's own buffer.
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        super().__init__()
+        self._transport = transport
+        self._held: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if self._held:  # the body after its head: both leave now, in one call
+            held, self._held = self._held, []
+            if not self._transport.is_closing():
+                self._transport.write(b"".join((*held, data)))
+            return
+        self._held.append(bytes(data))
+        self._loop.call_soon(self.flush)
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def flush(self) -> None:
+        if not self._held:
+            return
+        held, self._held = self._held, []
+        if not self._transport.is_closing():
+            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def abort(self) -> None:
+        self._held = []
+        self._transport.abort()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(len(d) for d in self._held)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
 
 
 def guarded_protocol(

@@ -381,8 +381,9 @@ def gateway(checkouts: dict[str, Path], rounds: int, n: int) -> None:
                 for side in sides.order(r):
                     base = bases[side]
                     wsu = f"ws://{base.removeprefix('http://')}/api/sled-uplink?token={TOKEN}"
-                    times, _ = loop.run_until_complete(round_trips(base, wsu, n))
+                    times, retries = loop.run_until_complete(round_trips(base, wsu, n))
                     sides.add("rt", side, med(times))
+                    sides.add("404", side, retries / n)
         finally:
             loop.run_until_complete(light.close())
             loop.run_until_complete(heavy.aclose())
@@ -396,7 +397,10 @@ def gateway(checkouts: dict[str, Path], rounds: int, n: int) -> None:
     )
     for side in checkouts:
         value = sides.get("rt", side)
-        print(f"   {side:>5} round trip p50 {us(value)}: {report('', value, raw, 1.5)}")
+        print(
+            f"   {side:>5} round trip p50 {us(value)}: {report('', value, raw, 1.5)}; "
+            f"{sides.get('404', side):.2f} early POSTs (404, retried) a request"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
