@@ -360,6 +360,9 @@ class GuardedH11Protocol(H11Protocol):
         if transport is not None and transport.get_protocol() is not self:
             # A WebSocket now: the transport still counts toward the cap, but this
             # spent HTTP protocol is not kept alive for the socket's lifetime.
+            # Its frames are written whole and at once: nothing to hold for.
+            if isinstance(self.transport, CoalescedWrites):
+                self.transport.pass_through()
             self._guard_disarm()
             self.open_transports[transport] = None
 
@@ -384,10 +387,19 @@ class CoalescedWrites(asyncio.Transport):
         super().__init__()
         self._transport = transport
         self._held: list[bytes] = []
+        self._holding = True
         self._loop = asyncio.get_running_loop()
+
+    def pass_through(self) -> None:
+        """From now on write at once (a WebSocket took the connection over)."""
+        self.flush()
+        self._holding = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
+            return
+        if not self._holding:
+            self._transport.write(data)
             return
         if self._held:  # the body after its head: both leave now, in one call
             held, self._held = self._held, []

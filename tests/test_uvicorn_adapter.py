@@ -408,5 +408,7 @@ def test_a_response_leaves_in_one_write_and_a_websocket_still_echoes(
             assert writes == [answer]
     with connect(f"ws://127.0.0.1:{s.port}/ws", open_timeout=T) as ws:
         for text in ("one", "two"):
+            writes.clear()
             ws.send(text)
             assert ws.recv(T) == text
+            assert len(writes) == 1  # a frame is written at once, never held
