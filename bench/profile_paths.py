@@ -210,6 +210,36 @@ def summary(out: Path, top: int, n: int) -> str:
     return text.getvalue()
 
 
+def by_package(out: Path, n: int) -> str:
+    """Self time summed by where it is spent: kernel socket calls, each library, our code."""
+    raw: dict[Any, Any] = pstats.Stats(str(out)).stats  # type: ignore[attr-defined]
+    shares: dict[str, float] = {}
+    for (filename, _line, name), (_cc, _calls, tottime, _ct, _callers) in raw.items():
+        if any(idle in name for idle in IDLE):
+            continue
+        if filename == "~":
+            if "socket" in name and ("send" in name or "recv" in name):
+                key = "kernel: socket send/recv"
+            elif "sqlite3" in name:
+                key = "sqlite3 (C)"
+            elif "_thread.lock" in name:
+                key = "thread wake-ups (lock release)"
+            else:
+                key = "C builtins"
+        elif "site-packages/" in filename:
+            key = filename.split("site-packages/", 1)[1].split("/", 1)[0]
+        elif "/lib/python3" in filename:
+            key = "stdlib " + filename.split("/lib/python3", 1)[1].split("/")[1].removesuffix(".py")
+        else:
+            key = "ours: " + _short(filename).split("/", 1)[0]
+        shares[key] = shares.get(key, 0.0) + tottime
+    busy = sum(shares.values())
+    lines = [f"{'self %':>7} {'µs/req':>7}  where"]
+    for key, tottime in sorted(shares.items(), key=lambda kv: -kv[1])[:14]:
+        lines.append(f"{100 * tottime / busy:>6.1f}% {tottime / n * 1e6:>7.0f}  {key}")
+    return "\n".join(lines) + "\n"
+
+
 def _short(filename: str) -> str:
     for marker in ("site-packages/", "lib/python3.11/", str(REPO) + "/"):
         if marker in filename:
@@ -233,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     {"ingress": ingress, "mcp": mcp, "gateway": gateway}[args.path](out, args.n)
     print(f"{args.path}: {args.n} requests in {time.perf_counter() - started:.1f} s; {out}")
     print(summary(out, args.top, args.n))
+    print(by_package(out, args.n))
     return 0
 
 
