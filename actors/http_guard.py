@@ -344,6 +344,8 @@ class GuardedH11Protocol(H11Protocol):
         self._guard_release_if_upgraded()
 
     def on_response_complete(self) -> None:
+        if isinstance(self.transport, CoalescedWrites):
+            self.transport.response_complete()
         super().on_response_complete()  # may serve a pipelined request, even an upgrade
         if self.awaiting_body:
             # Answered before the body was in: h11 cannot start the next request
@@ -374,21 +376,24 @@ class GuardedH11Protocol(H11Protocol):
 
 
 class CoalescedWrites(asyncio.Transport):
-    """A transport that holds a write until the next one, or the next turn of the loop.
+    """A transport that sends a response's head together with its body.
 
-    A response's head is held until its body is written, and both leave in one
-    ``write``, at once; a lone write waits one turn of the loop, not a timer.
-    Everything else goes to
-    the real transport; ``close`` and ``write_eof`` flush first, ``abort``
-    drops what is held, as it drops the transport's own buffer.
+    uvicorn writes the head on ``http.response.start`` and the body on
+    ``http.response.body``: two system calls, two TCP segments the client
+    wakes up for. A head that declares a ``Content-Length`` is held until the
+    next write (the body: both leave in one call, at once) or the end of the
+    response (no body). Nothing else is held: an interim ``1xx`` (a client
+    waits for ``100 Continue`` before it sends), a streamed (chunked) head, an
+    upgraded connection's frames. ``close`` and ``write_eof`` flush first;
+    ``abort`` drops what is held, as it drops the transport's own buffer.
+    Everything else goes to the real transport.
     """
 
     def __init__(self, transport: asyncio.Transport) -> None:
         super().__init__()
         self._transport = transport
-        self._held: list[bytes] = []
-        self._holding = True
-        self._loop = asyncio.get_running_loop()
+        self._held: bytes | None = None
+        self._holding = True  # until the connection is upgraded
 
     def pass_through(self) -> None:
         """From now on write at once (a WebSocket took the connection over)."""
@@ -398,27 +403,28 @@ class CoalescedWrites(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
-        if not self._holding:
-            self._transport.write(data)
-            return
-        if self._held:  # the body after its head: both leave now, in one call
-            held, self._held = self._held, []
+        if self._held is not None:  # the body after its head: one call
+            held, self._held = self._held, None
             if not self._transport.is_closing():
-                self._transport.write(b"".join((*held, data)))
+                self._transport.write(held + bytes(data))
             return
-        self._held.append(bytes(data))
-        self._loop.call_soon(self.flush)
+        if self._holding and _held_head(data):
+            self._held = bytes(data)
+            return
+        self._transport.write(data)
+
+    def response_complete(self) -> None:
+        """The response ended: a head without a body goes now."""
+        self.flush()
 
     def writelines(self, list_of_data: Any) -> None:
         for data in list_of_data:
             self.write(data)
 
     def flush(self) -> None:
-        if not self._held:
-            return
-        held, self._held = self._held, []
-        if not self._transport.is_closing():
-            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
 
     def close(self) -> None:
         self.flush()
@@ -429,7 +435,7 @@ class CoalescedWrites(asyncio.Transport):
         self._transport.write_eof()
 
     def abort(self) -> None:
-        self._held = []
+        self._held = None
         self._transport.abort()
 
     def can_write_eof(self) -> bool:
@@ -457,13 +463,24 @@ class CoalescedWrites(asyncio.Transport):
         return self._transport.is_reading()
 
     def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + sum(len(d) for d in self._held)
+        return self._transport.get_write_buffer_size() + len(self._held or b"")
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         return self._transport.get_write_buffer_limits()
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         self._transport.set_write_buffer_limits(high, low)
+
+
+def _held_head(data: bytes | bytearray | memoryview) -> bool:
+    """A final response head with a Content-Length (h11 writes a head whole, in one call)."""
+    head = bytes(data[:4096]).lower()
+    return (
+        head.startswith(b"http/1.1 ")
+        and not head.startswith(b"http/1.1 1")
+        and head.endswith(b"\r\n\r\n")
+        and b"\r\ncontent-length:" in head
+    )
 
 
 def guarded_protocol(
