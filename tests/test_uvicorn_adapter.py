@@ -412,3 +412,21 @@ def test_a_response_leaves_in_one_write_and_a_websocket_still_echoes(
             ws.send(text)
             assert ws.recv(T) == text
             assert len(writes) == 1  # a frame is written at once, never held
+
+
+def test_an_interim_100_continue_is_not_held_back(served: list[Served]) -> None:
+    """A client that sends ``Expect: 100-continue`` waits for it before its body:
+    the interim answer must leave at once, not wait for a body that never comes."""
+    s = Served(header_timeout=60.0, max_connections=10)
+    served.append(s)
+    with s.connect() as sock:
+        sock.sendall(
+            b"POST /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 ")
+        sock.sendall(b"{}")
+        answer = b""
+        while not answer.endswith(b"ok"):
+            answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200 OK")
