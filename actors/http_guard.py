@@ -267,7 +267,10 @@ class GuardedH11Protocol(H11Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        # uvicorn writes a response's head and its body in two writes, so two
+        # system calls and two TCP segments the client wakes up for; through
+        # this they leave together. The guard itself acts on the real transport.
+        super().connection_made(CoalescedWrites(transport))
         self._guard_transport = transport
         peer = transport.get_extra_info("peername")
         self._guard_client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
@@ -341,6 +344,8 @@ class GuardedH11Protocol(H11Protocol):
         self._guard_release_if_upgraded()
 
     def on_response_complete(self) -> None:
+        if isinstance(self.transport, CoalescedWrites):
+            self.transport.response_complete()
         super().on_response_complete()  # may serve a pipelined request, even an upgrade
         if self.awaiting_body:
             # Answered before the body was in: h11 cannot start the next request
@@ -357,6 +362,9 @@ class GuardedH11Protocol(H11Protocol):
         if transport is not None and transport.get_protocol() is not self:
             # A WebSocket now: the transport still counts toward the cap, but this
             # spent HTTP protocol is not kept alive for the socket's lifetime.
+            # Its frames are written whole and at once: nothing to hold for.
+            if isinstance(self.transport, CoalescedWrites):
+                self.transport.pass_through()
             self._guard_disarm()
             self.open_transports[transport] = None
 
@@ -365,6 +373,114 @@ class GuardedH11Protocol(H11Protocol):
         if self._guard_transport is not None:
             self.open_transports.pop(self._guard_transport, None)
         super().connection_lost(exc)
+
+
+class CoalescedWrites(asyncio.Transport):
+    """A transport that sends a response's head together with its body.
+
+    uvicorn writes the head on ``http.response.start`` and the body on
+    ``http.response.body``: two system calls, two TCP segments the client
+    wakes up for. A head that declares a ``Content-Length`` is held until the
+    next write (the body: both leave in one call, at once) or the end of the
+    response (no body). Nothing else is held: an interim ``1xx`` (a client
+    waits for ``100 Continue`` before it sends), a streamed (chunked) head, an
+    upgraded connection's frames. ``close`` and ``write_eof`` flush first;
+    ``abort`` drops what is held, as it drops the transport's own buffer.
+    Everything else goes to the real transport.
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        super().__init__()
+        self._transport = transport
+        self._held: bytes | None = None
+        self._holding = True  # until the connection is upgraded
+
+    def pass_through(self) -> None:
+        """From now on write at once (a WebSocket took the connection over)."""
+        self.flush()
+        self._holding = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if self._held is not None:  # the body after its head: one call
+            held, self._held = self._held, None
+            if not self._transport.is_closing():
+                self._transport.write(held + bytes(data))
+            return
+        if self._holding and _held_head(data):
+            self._held = bytes(data)
+            return
+        self._transport.write(data)
+
+    def response_complete(self) -> None:
+        """The response ended: a head without a body goes now."""
+        self.flush()
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def abort(self) -> None:
+        self._held = None
+        self._transport.abort()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + len(self._held or b"")
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+
+def _held_head(data: bytes | bytearray | memoryview) -> bool:
+    """A final response head with a Content-Length (h11 writes a head whole, in one call)."""
+    head = bytes(data[:4096]).lower()
+    return (
+        head.startswith(b"http/1.1 ")
+        and not head.startswith(b"http/1.1 1")
+        and head.endswith(b"\r\n\r\n")
+        and b"\r\ncontent-length:" in head
+    )
 
 
 def guarded_protocol(

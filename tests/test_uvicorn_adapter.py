@@ -368,3 +368,65 @@ def test_the_request_deadline_counts_the_request_not_the_handler(served: list[Se
         assert answer.startswith(b"HTTP/1.1 408"), answer
         assert b'{"error":' in answer
         assert 0.4 <= time.monotonic() - started < T
+
+
+class _WriteCounter:
+    """The real transport, with its ``write`` calls counted (each is a system call)."""
+
+    def __init__(self, transport: asyncio.Transport, writes: list[bytes]) -> None:
+        self._transport = transport
+        self._writes = writes
+
+    def write(self, data: bytes) -> None:
+        self._writes.append(bytes(data))
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def test_a_response_leaves_in_one_write_and_a_websocket_still_echoes(
+    served: list[Served],
+) -> None:
+    """uvicorn writes a head and a body; the guarded protocol sends them as one
+    write, so the client wakes for one segment, not two."""
+    s = Served(header_timeout=60.0, max_connections=10)
+    served.append(s)
+    protocol = s.server.config.http_protocol_class
+    writes: list[bytes] = []
+
+    class Counted(protocol):  # type: ignore[valid-type,misc]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(_WriteCounter(transport, writes))
+
+    s.server.config.http_protocol_class = Counted
+    with s.connect() as sock:
+        for _ in range(3):  # keep-alive: every response of the connection
+            writes.clear()
+            answer = _get(sock)
+            assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"\r\n\r\nok")
+            assert writes == [answer]
+    with connect(f"ws://127.0.0.1:{s.port}/ws", open_timeout=T) as ws:
+        for text in ("one", "two"):
+            writes.clear()
+            ws.send(text)
+            assert ws.recv(T) == text
+            assert len(writes) == 1  # a frame is written at once, never held
+
+
+def test_an_interim_100_continue_is_not_held_back(served: list[Served]) -> None:
+    """A client that sends ``Expect: 100-continue`` waits for it before its body:
+    the interim answer must leave at once, not wait for a body that never comes."""
+    s = Served(header_timeout=60.0, max_connections=10)
+    served.append(s)
+    with s.connect() as sock:
+        sock.sendall(
+            b"POST /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 ")
+        sock.sendall(b"{}")
+        answer = b""
+        while not answer.endswith(b"ok"):
+            answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200 OK")

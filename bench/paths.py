@@ -1,0 +1,434 @@
+"""Issue 26 targets 1, 2 and 4 as ratios against raw baselines from the same run.
+
+    python -m bench.paths                        # ingress, MCP replay and gateway round trip
+    python -m bench.paths --only ingress --rounds 6 --n 150
+    python -m bench.paths --vs /tmp/old-checkout  # this tree and another, alternating
+
+Each path is measured in rounds; within a round the raw baselines and the
+uplink (or gateway) samples alternate, and with ``--vs`` the two checkouts
+alternate too, which one goes first switching every round. The figure of a
+side is the median of its round medians, and every ratio is against the
+baselines of the same run. The machine need not be quiet for the ratios to
+mean something, but only a quiet machine gives the absolute figures.
+
+1. Ingress: sequential ``POST /permission`` p50 against a raw HTTP round trip
+   to a trivial server plus a raw WebSocket round trip (the same gateway peer
+   the uplink uses), with a light client (aiohttp) and with httpx; and
+   decisions/s at 64 in flight against raw HTTP requests/s at 64 in flight
+   (aiohttp). Targets: p50 ≤ 1.2 x (HTTP + WS), throughput ≥ 0.8 x raw.
+2. MCP replay: a gateway in this process sends ``mcp_request`` frames; the p50
+   of their answers against a direct POST of the same body to the same
+   JSON-RPC server with httpx (the client the uplink replays with) plus a raw
+   WebSocket round trip. Target: p50 ≤ POST + WS + 0.3 ms. aiohttp's direct
+   POST is printed too: the distance between the two is what the HTTP client
+   costs.
+3. Gateway round trip at one sled (``bench.gateway_fleet``'s probe: a
+   ``perm_request`` in, the decision POSTed with httpx, the ``perm_response``
+   out, the SQLite audit committed before it) against a raw WebSocket round
+   trip + a raw httpx POST round trip + one raw SQLite commit in the store's
+   mode (WAL, ``synchronous=NORMAL``, ``BEGIN IMMEDIATE``). Target ≤ 1.5 x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+
+from bench.run import (
+    PY,
+    REPO,
+    BenchGateway,
+    free_port,
+    peer,
+    proc_cpu_seconds,
+    raw_ws_sequential,
+    wait_ready,
+    ws_url,
+)
+
+BODY = {"tool_name": "Bash", "tool_input": {"command": "ls"}}
+RPC_BODY = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo"}}
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:.0f} µs"
+
+
+class Sides:
+    """Round medians per (figure, side), and the order sides take in a round."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.rounds: dict[tuple[str, str], list[float]] = {}
+
+    def order(self, r: int) -> list[str]:
+        return self.names if r % 2 == 0 else list(reversed(self.names))
+
+    def add(self, figure: str, side: str, value: float) -> None:
+        self.rounds.setdefault((figure, side), []).append(value)
+
+    def get(self, figure: str, side: str = "raw") -> float:
+        return med(self.rounds.get((figure, side), []))
+
+
+@contextlib.contextmanager
+def uplink(checkout: Path, gateway_url: str, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    command = [PY, "run_uplink.py", "--upstream-gateway", gateway_url, "--log-level", "WARNING"]
+    proc = subprocess.Popen(
+        [*command, "--project", "bench", *extra],
+        cwd=checkout,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def aiohttp_sequential(session: aiohttp.ClientSession, url: str, body: Any, n: int) -> float:
+    data = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    samples = []
+    for _ in range(n):
+        started = time.perf_counter()
+        async with session.post(url, data=data, headers=headers) as response:
+            await response.read()
+            samples.append(time.perf_counter() - started)
+            assert response.status == 200, response.status
+    return med(samples)
+
+
+async def httpx_sequential(client: httpx.AsyncClient, url: str, body: Any, n: int) -> float:
+    samples = []
+    for _ in range(n):
+        started = time.perf_counter()
+        response = await client.post(url, json=body)
+        samples.append(time.perf_counter() - started)
+        assert response.status_code == 200, response.text
+    return med(samples)
+
+
+async def aiohttp_rate(
+    session: aiohttp.ClientSession, url: str, total: int, in_flight: int
+) -> float:
+    data = json.dumps(BODY).encode()
+    headers = {"Content-Type": "application/json"}
+    left = total
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            async with session.post(url, data=data, headers=headers) as response:
+                await response.read()
+                assert response.status == 200, response.status
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    return total / (time.perf_counter() - started)
+
+
+def sessions() -> tuple[aiohttp.ClientSession, httpx.AsyncClient]:
+    connector = aiohttp.TCPConnector(limit=128, limit_per_host=128)
+    limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
+    return aiohttp.ClientSession(connector=connector), httpx.AsyncClient(
+        timeout=10, limits=limits, trust_env=False
+    )
+
+
+def report(label: str, value: float, base: float, target: float, above: bool = False) -> str:
+    ratio = value / base
+    ok = ratio >= target if above else ratio <= target
+    sign = "≥" if above else "≤"
+    return f"{ratio:.2f}× (target {sign} {target}×: {'ok' if ok else 'MISS'})"
+
+
+# ── 1. ingress ──────────────────────────────────────────────────────────────
+
+
+def ingress(checkouts: dict[str, Path], rounds: int, n: int, total: int) -> None:
+    sides = Sides(list(checkouts))
+    with peer("gateway", "--auto", "approve") as gw_port, peer("http") as http_port:
+        gw = ws_url(gw_port)
+        raw_url = f"http://127.0.0.1:{http_port}/"
+        ports = {name: free_port() for name in checkouts}
+        with contextlib.ExitStack() as stack:
+            procs = {
+                name: stack.enter_context(
+                    uplink(checkout, gw, "--listen", f"127.0.0.1:{ports[name]}")
+                )
+                for name, checkout in checkouts.items()
+            }
+            for port in ports.values():
+                wait_ready(port)
+            cpu = dict.fromkeys(checkouts, 0.0)
+            count = dict.fromkeys(checkouts, 0)
+
+            async def main() -> None:
+                light, heavy = sessions()
+                async with light, heavy:
+                    urls = {s: f"http://127.0.0.1:{p}/permission" for s, p in ports.items()}
+                    for url in [raw_url, *urls.values()]:  # warm-up
+                        await aiohttp_sequential(light, url, BODY, 100)
+                        await httpx_sequential(heavy, url, BODY, 100)
+                    for r in range(rounds):
+                        sides.add("ws", "raw", med(await raw_ws_sequential(gw, n)))
+                        sides.add(
+                            "aiohttp", "raw", await aiohttp_sequential(light, raw_url, BODY, n)
+                        )
+                        sides.add("httpx", "raw", await httpx_sequential(heavy, raw_url, BODY, n))
+                        sides.add("rate", "raw", await aiohttp_rate(light, raw_url, total, 64))
+                        for side in sides.order(r):
+                            before = proc_cpu_seconds(procs[side].pid)
+                            url = urls[side]
+                            sides.add(
+                                "aiohttp", side, await aiohttp_sequential(light, url, BODY, n)
+                            )
+                            sides.add("httpx", side, await httpx_sequential(heavy, url, BODY, n))
+                            cpu[side] += proc_cpu_seconds(procs[side].pid) - before
+                            count[side] += 2 * n
+                            sides.add("rate", side, await aiohttp_rate(light, url, total, 64))
+
+            asyncio.run(main())
+    ws = sides.get("ws")
+    print(
+        f"\n1. ingress POST /permission, {rounds} rounds × {n} sequential, {total} at 64 in flight"
+    )
+    print(f"   raw WebSocket round trip {us(ws)}")
+    for client in ("aiohttp", "httpx"):
+        raw = sides.get(client)
+        print(f"   raw HTTP round trip ({client}) {us(raw)}; raw HTTP + WS {us(raw + ws)}")
+        for side in checkouts:
+            value = sides.get(client, side)
+            print(
+                f"   {side:>5} p50 ({client}) {us(value)}: {report(client, value, raw + ws, 1.2)}"
+            )
+    raw_rate = sides.get("rate")
+    print(f"   raw HTTP at 64 in flight (aiohttp) {raw_rate:.0f}/s")
+    for side in checkouts:
+        rate = sides.get("rate", side)
+        print(
+            f"   {side:>5} decisions/s at 64 in flight {rate:.0f}/s: "
+            + report("", rate, raw_rate, 0.8, True)
+        )
+    for side in checkouts:
+        print(f"   {side:>5} uplink CPU per sequential request {us(cpu[side] / count[side])}")
+
+
+# ── 2. MCP replay ───────────────────────────────────────────────────────────
+
+
+def mcp(checkouts: dict[str, Path], rounds: int, n: int) -> None:
+    sides = Sides(list(checkouts))
+    with peer("jsonrpc") as rpc_port, peer("gateway", "--auto", "approve") as gw_port:
+        rpc_url = f"http://127.0.0.1:{rpc_port}/mcp"
+        gateways = {name: BenchGateway() for name in checkouts}
+        with contextlib.ExitStack() as stack:
+            procs = {}
+            for name, checkout in checkouts.items():
+                gateways[name].start()
+                stack.callback(gateways[name].stop)
+                procs[name] = stack.enter_context(
+                    uplink(
+                        checkout,
+                        ws_url(gateways[name].port),
+                        "--local-mcp-url",
+                        rpc_url,
+                        "--listen",
+                        "off",
+                    )
+                )
+            for name, gateway in gateways.items():
+                if not gateway.identified.wait(30):
+                    raise RuntimeError(f"the {name} uplink did not connect")
+                gateway.run(gateway.sequential(200))
+            cpu = dict.fromkeys(checkouts, 0.0)
+            loop = asyncio.new_event_loop()
+            light, heavy = loop.run_until_complete(_sessions())
+            try:
+                loop.run_until_complete(aiohttp_sequential(light, rpc_url, RPC_BODY, 100))
+                loop.run_until_complete(httpx_sequential(heavy, rpc_url, RPC_BODY, 100))
+                start = 1000
+                for r in range(rounds):
+                    sides.add(
+                        "ws",
+                        "raw",
+                        med(loop.run_until_complete(raw_ws_sequential(ws_url(gw_port), n))),
+                    )
+                    sides.add(
+                        "httpx",
+                        "raw",
+                        loop.run_until_complete(httpx_sequential(heavy, rpc_url, RPC_BODY, n)),
+                    )
+                    sides.add(
+                        "aiohttp",
+                        "raw",
+                        loop.run_until_complete(aiohttp_sequential(light, rpc_url, RPC_BODY, n)),
+                    )
+                    for side in sides.order(r):
+                        before = proc_cpu_seconds(procs[side].pid)
+                        gateway = gateways[side]
+                        sides.add("replay", side, med(gateway.run(gateway.sequential(n, start))))
+                        cpu[side] += proc_cpu_seconds(procs[side].pid) - before
+                        start += n
+            finally:
+                loop.run_until_complete(light.close())
+                loop.run_until_complete(heavy.aclose())
+                loop.close()
+    ws, post, light_post = sides.get("ws"), sides.get("httpx"), sides.get("aiohttp")
+    bound = post + ws + 0.0003
+    print(f"\n2. MCP replay, {rounds} rounds × {n} sequential")
+    print(f"   raw WebSocket round trip {us(ws)}")
+    print(
+        f"   direct POST: httpx {us(post)}, aiohttp {us(light_post)} "
+        f"(httpx costs {us(post - light_post)} more)"
+    )
+    print(f"   bound: httpx POST + WS + 300 µs = {us(bound)}")
+    for side in checkouts:
+        value = sides.get("replay", side)
+        verdict = "ok" if value <= bound else "MISS"
+        print(
+            f"   {side:>5} replay p50 {us(value)}: {value / (post + ws):.2f}× (POST + WS), "
+            f"{us(value - post - ws)} above it (target ≤ 300 µs: {verdict}); "
+            f"uplink CPU per replay {us(cpu[side] / (rounds * n))}"
+        )
+
+
+async def _sessions() -> tuple[aiohttp.ClientSession, httpx.AsyncClient]:
+    return sessions()
+
+
+# ── 3. gateway round trip ───────────────────────────────────────────────────
+
+
+def sqlite_commits(path: Path, n: int) -> float:
+    """p50 of one small transaction in the store's SQLite mode."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY, at REAL, body TEXT)"
+        )
+        body = json.dumps(
+            {"tool_name": "Bash", "tool_input": {"command": "echo 1"}, "pad": "x" * 200}
+        )
+        samples = []
+        for _ in range(n):
+            started = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO audit (at, body) VALUES (?, ?)", (time.time(), body))
+            conn.execute("COMMIT")
+            samples.append(time.perf_counter() - started)
+        return med(samples)
+    finally:
+        conn.close()
+
+
+def gateway(checkouts: dict[str, Path], rounds: int, n: int) -> None:
+    from bench.gateway_fleet import TOKEN, gateway_process, round_trips, wait_http
+
+    sides = Sides(list(checkouts))
+    with (
+        tempfile.TemporaryDirectory(prefix="i26-paths-") as tmp,
+        peer("gateway", "--auto", "approve") as gw_port,
+        peer("http") as http_port,
+        contextlib.ExitStack() as stack,
+    ):
+        raw_url = f"http://127.0.0.1:{http_port}/"
+        bases = {}
+        for name, checkout in checkouts.items():
+            workdir = Path(tmp) / name
+            workdir.mkdir()
+            _, port = stack.enter_context(gateway_process(workdir, 1, checkout))
+            bases[name] = f"http://127.0.0.1:{port}"
+            asyncio.run(wait_http(bases[name]))
+        loop = asyncio.new_event_loop()
+        light, heavy = loop.run_until_complete(_sessions())
+        try:
+            loop.run_until_complete(httpx_sequential(heavy, raw_url, BODY, 100))
+            for r in range(rounds):
+                sides.add(
+                    "ws", "raw", med(loop.run_until_complete(raw_ws_sequential(ws_url(gw_port), n)))
+                )
+                sides.add(
+                    "http",
+                    "raw",
+                    loop.run_until_complete(httpx_sequential(heavy, raw_url, BODY, n)),
+                )
+                sides.add("sqlite", "raw", sqlite_commits(Path(tmp) / "raw.db", n))
+                for side in sides.order(r):
+                    base = bases[side]
+                    wsu = f"ws://{base.removeprefix('http://')}/api/sled-uplink?token={TOKEN}"
+                    times, retries = loop.run_until_complete(round_trips(base, wsu, n))
+                    sides.add("rt", side, med(times))
+                    sides.add("404", side, retries / n)
+        finally:
+            loop.run_until_complete(light.close())
+            loop.run_until_complete(heavy.aclose())
+            loop.close()
+    ws, http, commit = sides.get("ws"), sides.get("http"), sides.get("sqlite")
+    raw = ws + http + commit
+    print(f"\n4. gateway decision round trip at one sled, {rounds} rounds × {n}")
+    print(
+        f"   raw WS {us(ws)} + raw POST (httpx) {us(http)} "
+        f"+ one SQLite commit (WAL, NORMAL) {us(commit)} = {us(raw)}"
+    )
+    for side in checkouts:
+        value = sides.get("rt", side)
+        print(
+            f"   {side:>5} round trip p50 {us(value)}: {report('', value, raw, 1.5)}; "
+            f"{sides.get('404', side):.2f} early POSTs (404, retried) a request"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="ingress,mcp,gateway", help="comma-separated paths")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--n", type=int, default=150, help="sequential samples per round")
+    parser.add_argument("--total", type=int, default=2000, help="requests per 64-in-flight sample")
+    parser.add_argument("--vs", type=Path, metavar="CHECKOUT", help="also measure another checkout")
+    args = parser.parse_args(argv)
+    checkouts = {"this": REPO}
+    if args.vs is not None:
+        checkouts["other"] = args.vs.resolve()
+    print(
+        f"bench.paths: {os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.2f}; "
+        + ", ".join(f"{k} = {v}" for k, v in checkouts.items()),
+        flush=True,
+    )
+    only = args.only.split(",")
+    if "ingress" in only:
+        ingress(checkouts, args.rounds, args.n, args.total)
+    if "mcp" in only:
+        mcp(checkouts, args.rounds, args.n)
+    if "gateway" in only:
+        gateway(checkouts, args.rounds, args.n)
+    print(f"\nload average after the run: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
