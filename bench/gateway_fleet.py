@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
 def compare(
     sizes: list[int], samples: int, idle_s: float, other: Path, rounds: int, gc_log: bool = False
 ) -> int:
-    """This checkout's gateway against ``other``'s, alternating A B A B at each size so
+    """This checkout's gateway against ``other``'s, alternating A B B A at each size so
     that a drift of the machine's speed falls on both; medians over the rounds."""
     if not (other / "run_gateway.py").is_file():
         print(f"--vs: no run_gateway.py in {other}", file=sys.stderr)
@@ -481,7 +481,8 @@ def compare(
     for n in sizes:
         runs: dict[str, list[Result]] = {"this": [], "other": []}
         for i in range(rounds):
-            for side, checkout in (("this", REPO), ("other", other)):
+            order = [("this", REPO), ("other", other)]
+            for side, checkout in order if i % 2 == 0 else reversed(order):
                 print(f"... {n} sled(s), {side}, round {i + 1}", file=sys.stderr, flush=True)
                 runs[side].append(measure(n, samples, idle_s, checkout, gc_log))
                 last = runs[side][-1]

@@ -1,4 +1,4 @@
-"""How the gateway's process hands freed memory back to the system.
+"""How the gateway's process hands freed memory back, and keeps its collector short.
 
 A sled may send inputs of up to ``--max-input-bytes`` (1 MiB); each passes
 through a few blocks of that size (the frame, the parsed input, its canonical
@@ -10,14 +10,25 @@ flood of 1,000 inputs of 1 MB, 67 of them kept, then left the process 500 MiB
 bigger instead of 70 (tests/test_security_bounds.py). Setting the threshold
 fixes it where it is: big blocks stay in ``mmap`` and go back when freed.
 
-Process-wide, so ``run_gateway.py`` calls it; a program embedding the gateway
-decides for its own process.
+The cyclic garbage collector's full pass walks every tracked object, and a
+connected sled keeps about 120 of them (coroutines, frames, buffers): at 5,000
+sleds one pass took 160-370 ms on a quiet 2-CPU VM (``bench.gateway_fleet
+--gc-log``), and every request in flight waited for it. :func:`tune_collector`
+freezes what start-up built (modules, routes, the store, the config: alive
+until exit) so no pass walks it again, and sets the thresholds.
+:class:`FleetFreezer` then freezes the sleds' objects as the fleet grows, and
+gives them back to the collector when enough sleds have left (see there why
+that does not leak).
+
+Process-wide, so ``run_gateway.py`` calls these; a program embedding the
+gateway decides for its own process.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import sys
 
 from loguru import logger
@@ -43,3 +54,82 @@ def return_big_blocks() -> bool:
     if not done:
         logger.debug("mallopt(M_MMAP_THRESHOLD) refused; freed inputs may stay in the heap")
     return done
+
+
+#: The collector's thresholds after start-up: (generation 0, 1, 2). A request's
+#: objects die by reference counting within the request; the ones alive when a
+#: young pass runs (in flight, not garbage) are promoted and become the older
+#: generations' work. Fewer young passes promote fewer of them: at 700 (the
+#: default) a gateway at 5,000 sleds ran a young pass every few hundred
+#: milliseconds. The older two stay at CPython's default ratios.
+THRESHOLDS = (10_000, 10, 10)
+
+
+def tune_collector(thresholds: tuple[int, int, int] = THRESHOLDS) -> None:
+    """Freeze every object alive now (call after start-up) and set the thresholds.
+
+    A frozen object is never walked by a collection again; it is still freed by
+    reference counting when its last reference goes. What start-up built lives
+    until exit anyway, so freezing it loses nothing. A full pass first, so that
+    start-up's own garbage is not frozen with it.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*thresholds)
+
+
+class FleetFreezer:
+    """Freeze the connected sleds' objects as the fleet grows; thaw when sleds leave.
+
+    A frozen object is skipped by every collection, so a full pass costs what
+    was allocated since the last freeze, not the whole fleet. Freezing cannot
+    lose an object that reference counting frees (most of a session's
+    objects, when it ends); what it can keep is *cyclic* garbage among frozen
+    objects, which only a collection would find. So that this stays bounded:
+
+    - each freeze is preceded by a collection of the young generations, so
+      little garbage is frozen with the live objects;
+    - once sleds that were frozen have left (``churn`` of the count at the last
+      freeze, at least ``min_sleds``), everything is unfrozen, one full
+      collection frees what they left, and the survivors are frozen again.
+
+    The unreclaimed cyclic garbage is then at most a ``churn`` share of the
+    sessions; the price is one full pass per ``churn`` turnover of the fleet
+    (CPython's own rule runs one each time the long-lived heap grows by a
+    quarter). Counting is fed by the hub's ``SledUp``/``SledDown`` events on the
+    gateway's loop; :meth:`tick` runs on any thread (the collector holds the GIL).
+    """
+
+    def __init__(self, grow: float = 1.25, churn: float = 0.25, min_sleds: int = 64) -> None:
+        self.grow, self.churn, self.min_sleds = grow, churn, min_sleds
+        self.live = 0  # identified sessions now
+        self.left = 0  # identified sessions ended since the last freeze
+        self.frozen_at = 0  # ``live`` at the last freeze
+        self.freezes = 0
+        self.thaws = 0
+
+    def sled_up(self, _event: object) -> None:
+        self.live += 1
+
+    def sled_down(self, event: object) -> None:
+        if getattr(event, "project", None) is not None:  # only identified ones were counted up
+            self.live -= 1
+            self.left += 1
+
+    def tick(self) -> str | None:
+        """Freeze or thaw if due; returns what was done ("freeze", "thaw") or None."""
+        if self.left >= max(self.min_sleds, self.churn * self.frozen_at):
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
+            self.frozen_at, self.left = self.live, 0
+            self.thaws += 1
+            return "thaw"
+        if self.live >= max(self.min_sleds, self.grow * self.frozen_at):
+            gc.collect(1)
+            gc.freeze()
+            # ``left`` is kept: the sleds that left were frozen before, their cycles wait a thaw.
+            self.frozen_at = self.live
+            self.freezes += 1
+            return "freeze"
+        return None
