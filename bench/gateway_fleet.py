@@ -180,6 +180,10 @@ def gateway_process(
             # clients: the default cap would evict sleds the bench counts on.
             "--max-connections",
             str(sleds + 64),
+            # All the fleet's sleds share one address, and it opens 64 at a time: the
+            # per-address cap on connections in their handshake (32) would close some.
+            "--max-connections-per-client",
+            "128",
             "--log-level",
             "WARNING",
         ],
