@@ -4,11 +4,16 @@ Freezing the fleet's objects keeps the collector's passes short, but a frozen ob
 is never collected: the cyclic garbage a session leaves when it ends would stay. These
 tests connect a real fleet to a real gateway, let it leave, and count the objects the
 collector tracks (frozen ones included) against the count before the fleet came.
+
+And a sled's connect costs the same with thousands of sleds connected: the HTTP
+guard's caps (actors/http_guard.py) look through the connections still speaking
+HTTP, not through every sled's WebSocket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import asyncio.selector_events
 import gc
 import json
 import resource
@@ -52,11 +57,13 @@ def collector() -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-async def _fleet(gw: Gateway, freezer: FleetFreezer, peak: dict[str, float]) -> None:
-    """Connect and identify FLEET sleds (ticking the freezer as run_gateway.py does), then
-    close them all."""
+async def _connect(
+    gw: Gateway, names: range, conns: list[ClientConnection], freezer: FleetFreezer | None = None
+) -> None:
+    """Connect and identify a sled for each name (ticking the freezer as run_gateway.py
+    does) until the gateway counts them all connected."""
     gate = asyncio.Semaphore(16)  # under the gateway's 32 handshakes per client address
-    conns: list[ClientConnection] = []
+    expected = gw.state()["counts"]["connected"] + len(names)
 
     async def one(i: int) -> None:
         async with gate:
@@ -65,18 +72,24 @@ async def _fleet(gw: Gateway, freezer: FleetFreezer, peak: dict[str, float]) -> 
             await ws.send(json.dumps(identity))
             conns.append(ws)
 
-    tasks = [asyncio.create_task(one(i)) for i in range(FLEET)]
-    while not all(t.done() for t in tasks) or gw.state()["counts"]["connected"] < FLEET:
-        freezer.tick()
+    tasks = [asyncio.create_task(one(i)) for i in names]
+    while not all(t.done() for t in tasks) or gw.state()["counts"]["connected"] < expected:
+        if freezer is not None:
+            freezer.tick()
         for failed in (t for t in tasks if t.done() and t.exception() is not None):
             raise AssertionError("a sled could not connect") from failed.exception()
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.1)
     await asyncio.gather(*tasks)
+
+
+async def _fleet(gw: Gateway, freezer: FleetFreezer, peak: dict[str, float]) -> None:
+    """Connect and identify FLEET sleds, then close them all."""
+    conns: list[ClientConnection] = []
+    await _connect(gw, range(FLEET), conns, freezer)
     freezer.tick()
     peak["objects"], peak["rss"] = tracked(), rss_mib()
     await asyncio.gather(*(ws.close() for ws in conns))
     conns.clear()
-    tasks.clear()
     while gw.state()["counts"]["connected"] > 0:
         await asyncio.sleep(0.1)
 
@@ -126,3 +139,36 @@ def test_a_fleet_that_connects_and_leaves_is_freed_after_the_thaw(collector: Non
     assert after_objects - base_objects < 0.1 * grown, report
     assert second_objects - base_objects < 0.1 * grown, report
     assert second_rss - after_rss < 0.5 * (peak["rss"] - base_rss), report
+
+
+def test_a_connect_does_not_look_through_every_connected_sled(
+    collector: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each new connection used to sweep every open transport (and every WebSocket for the
+    per-client cap): 5,000 connects made 12.5 million looks, seconds of the fleet's
+    connect time. The looks are counted at the transports' ``is_closing``."""
+    looks = 0
+    is_closing = asyncio.selector_events._SelectorTransport.is_closing
+
+    def counted(transport: asyncio.selector_events._SelectorTransport) -> bool:
+        nonlocal looks
+        looks += 1
+        return is_closing(transport)
+
+    monkeypatch.setattr(asyncio.selector_events._SelectorTransport, "is_closing", counted)
+
+    async def run(gw: Gateway) -> tuple[int, int]:
+        nonlocal looks
+        conns: list[ClientConnection] = []
+        await _connect(gw, range(FLEET), conns)
+        looks = 0
+        await _connect(gw, range(FLEET, FLEET + 100), conns)
+        per_connect = looks / 100
+        await asyncio.gather(*(ws.close() for ws in conns))
+        return FLEET, int(per_connect)
+
+    with Gateway(token="t", max_connections=2 * FLEET) as gw:
+        connected, per_connect = asyncio.run(run(gw))
+    # A few looks belong to the connection's own I/O; before, each connect looked at all
+    # of the ~1,000 transports open, twice.
+    assert per_connect < 50, f"{per_connect} looks a connect with {connected} sleds connected"
