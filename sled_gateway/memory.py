@@ -103,7 +103,7 @@ class FleetFreezer:
     def __init__(self, grow: float = 1.25, churn: float = 0.25, min_sleds: int = 64) -> None:
         self.grow, self.churn, self.min_sleds = grow, churn, min_sleds
         self.live = 0  # identified sessions now
-        self.left = 0  # identified sessions ended since the last freeze
+        self.left = 0  # identified sessions ended since the last thaw
         self.frozen_at = 0  # ``live`` at the last freeze
         self.freezes = 0
         self.thaws = 0
