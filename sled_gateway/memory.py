@@ -56,13 +56,14 @@ def return_big_blocks() -> bool:
     return done
 
 
-#: The collector's thresholds after start-up: (generation 0, 1, 2). A request's
-#: objects die by reference counting within the request; the ones alive when a
-#: young pass runs (in flight, not garbage) are promoted and become the older
-#: generations' work. Fewer young passes promote fewer of them: at 700 (the
-#: default) a gateway at 5,000 sleds ran a young pass every few hundred
-#: milliseconds. The older two stay at CPython's default ratios.
-THRESHOLDS = (10_000, 10, 10)
+#: The collector's thresholds after start-up: (generation 0, 1, 2), CPython's
+#: defaults, measured against a larger young generation. At 10,000 a young pass
+#: ran a tenth as often, but each one walked enough to take 76-82 ms of CPU at
+#: 5,000 sleds, and the p99 tripled (96 ms against 31, A/B in docs/benchmarks.md).
+#: With the fleet frozen, the older generations hold only what changed since the
+#: last freeze, so their default ratios cost little. Set here so a caller that
+#: changed them gets the measured ones.
+THRESHOLDS = (700, 10, 10)
 
 
 def tune_collector(thresholds: tuple[int, int, int] = THRESHOLDS) -> None:
