@@ -16,8 +16,9 @@ sleds one pass took 160-370 ms on a quiet 2-CPU VM (``bench.gateway_fleet
 --gc-log``), and every request in flight waited for it. :func:`tune_collector`
 freezes what start-up built (modules, routes, the store, the config: alive
 until exit) so no pass walks it again, and sets the thresholds.
-:class:`FleetFreezer` then freezes the sleds' objects as the fleet grows, and
-gives them back to the collector when enough sleds have left (see there why
+:class:`FleetFreezer` then freezes the sleds' objects as the fleet grows, runs
+the young passes by time rather than by count, and gives everything back to the
+collector when enough sleds have left or ten minutes have passed (see there why
 that does not leak).
 
 Process-wide, so ``run_gateway.py`` calls these; a program embedding the
