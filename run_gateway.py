@@ -55,8 +55,9 @@ from sled_gateway import Gateway
 from sled_gateway.access import AccessError, load_access
 from sled_gateway.bus import BusError
 from sled_gateway.config import TOKEN_ENV, GatewayConfig, load_sled_tokens
+from sled_gateway.events import SledDown, SledUp
 from sled_gateway.logs import configure_cli_logging
-from sled_gateway.memory import return_big_blocks
+from sled_gateway.memory import FleetFreezer, return_big_blocks, tune_collector
 from sled_gateway.store import StoreError, default_db_path
 from sled_gateway.transports.matrix import MATRIX_OPTIONS, MatrixConfig, MatrixTransport
 from sled_gateway.transports.matrix import config_from_options as matrix_config_from_options
@@ -220,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.config_error(exc)
     configure_cli_logging(args.log_level)
     return_big_blocks()  # a flood of big inputs must not leave the process big
+    freezer = FleetFreezer()  # the sleds' objects, frozen as the fleet grows (memory.py)
+    gateway.events.subscribe(SledUp, freezer.sled_up)
+    gateway.events.subscribe(SledDown, freezer.sled_down)
     if args.interactive:
         gateway.add_transport(TerminalPrompter(gateway), "terminal")
     if matrix_config is not None:
@@ -235,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     except BusError as exc:
         parser.config_error(ConfigError("--bus", str(exc)))
 
+    # Start-up is done (store open, routes built, imports made): what exists now lives
+    # until exit, and no collection needs to walk it again (sled_gateway/memory.py).
+    tune_collector()
     stop = threading.Event()
     drain = threading.Event()  # SIGTERM: drain before stopping
     hurry = threading.Event()  # a second signal: stop now
@@ -259,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         # A timed wait keeps the main thread responsive to signals and lets us
         # notice a server thread that died.
         while not stop.wait(0.5):
+            freezer.tick()
             if not gateway.running:
                 logger.error("the gateway server stopped unexpectedly")
                 status = 1

@@ -138,6 +138,12 @@ class GuardedH11Protocol(H11Protocol):
     # WebSocket, so the spent HTTP protocol can be freed), oldest first; shared by
     # every connection of one server (one class per server, see guarded_protocol).
     open_transports: ClassVar[dict[asyncio.Transport, GuardedH11Protocol | None]] = {}
+    # The protocols still speaking HTTP (not upgraded, not lost), oldest first: what the
+    # caps look through, so a new connection costs the HTTP connections open, not every
+    # sled's WebSocket (5,000 sleds made each connect scan 5,000 transports).
+    http_protocols: ClassVar[dict[GuardedH11Protocol, None]] = {}
+    # len(open_transports) after the last sweep of the closed ones (see _guard_enforce_cap).
+    swept_size: ClassVar[int] = 0
     # client address → the pending recount of its connections (one at a time).
     client_checks: ClassVar[dict[str, asyncio.TimerHandle]] = {}
 
@@ -275,16 +281,13 @@ class GuardedH11Protocol(H11Protocol):
         peer = transport.get_extra_info("peername")
         self._guard_client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
         self.open_transports[transport] = self
+        self.http_protocols[self] = None
         self._guard_arm_head()
         self._guard_enforce_client_cap()
         self._guard_enforce_cap()
 
     def _guard_receiving_of(self, client: str) -> list[GuardedH11Protocol]:
-        return [
-            p
-            for p in self.open_transports.values()
-            if p is not None and p._guard_client == client and p.receiving
-        ]
+        return [p for p in self.http_protocols if p._guard_client == client and p.receiving]
 
     def _guard_enforce_client_cap(self) -> None:
         client = self._guard_client
@@ -312,17 +315,20 @@ class GuardedH11Protocol(H11Protocol):
         )
 
     def _guard_enforce_cap(self) -> None:
-        # Transports already closed (or told to close) no longer count: drop them.
-        for closed in [t for t in self.open_transports if t.is_closing()]:
-            del self.open_transports[closed]
-        over = len(self.open_transports) - self.max_connections
+        # Transports already closed (or told to close) no longer count: drop them. An
+        # upgraded one is only dropped here (its WebSocket protocol, not this one, sees it
+        # lost), and a sweep looks at every transport listed: so it runs when the count
+        # matters (over the cap), or once the list has doubled since the last sweep,
+        # which bounds the closed ones kept and costs O(1) a connection on average.
+        transports = self.open_transports
+        if len(transports) > self.max_connections or len(transports) >= 2 * self.swept_size:
+            for closed in [t for t in transports if t.is_closing()]:
+                del transports[closed]
+            type(self).swept_size = max(len(transports), 32)
+        over = len(transports) - self.max_connections
         if over <= 0:
             return
-        idle = [
-            p
-            for p in self.open_transports.values()
-            if p is not None and p is not self and p.awaiting_head
-        ]
+        idle = [p for p in self.http_protocols if p is not self and p.awaiting_head]
         for victim in idle[:over]:
             victim._guard_close()
             over -= 1
@@ -367,11 +373,13 @@ class GuardedH11Protocol(H11Protocol):
                 self.transport.pass_through()
             self._guard_disarm()
             self.open_transports[transport] = None
+            self.http_protocols.pop(self, None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._guard_disarm()
         if self._guard_transport is not None:
             self.open_transports.pop(self._guard_transport, None)
+        self.http_protocols.pop(self, None)
         super().connection_lost(exc)
 
 
@@ -507,6 +515,8 @@ def guarded_protocol(
             "max_per_client": max_connections if max_per_client is None else max_per_client,
             "log_actor": log_actor,
             "open_transports": {},
+            "http_protocols": {},
+            "swept_size": 0,
             "client_checks": {},
         },
     )

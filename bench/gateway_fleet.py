@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import gc_trace
 from bench.run import proc_cpu_seconds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,18 +152,23 @@ class Result:
     max_ms: float
     retries: float  # 404s per request (POST raced the frame)
     state_ms: float  # p50 of the console's poll, GET /api/state?limit=200
+    window: tuple[float, float] = (0.0, 0.0)  # the round trips' start and end (epoch)
+    gc: str = ""  # with --gc-log: the collector's summary per generation (bench/gc_trace.py)
 
 
 @contextlib.contextmanager
 def gateway_process(
-    workdir: Path, sleds: int, checkout: Path = REPO
+    workdir: Path, sleds: int, checkout: Path = REPO, gc_log: Path | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port = free_port()
     log = (workdir / "gateway.log").open("wb")
     env = {**os.environ, "SLED_GATEWAY_OPERATOR_TOKEN": OPERATOR_TOKEN}
+    # This tree's tracer runs any checkout's run_gateway.py, so both sides of --vs are traced alike.
+    trace = [] if gc_log is None else [str(REPO / "bench" / "gc_trace.py"), str(gc_log)]
     proc = subprocess.Popen(
         [
             PY,
+            *trace,
             str(checkout / "run_gateway.py"),
             "--listen",
             f"127.0.0.1:{port}",
@@ -174,6 +180,10 @@ def gateway_process(
             # clients: the default cap would evict sleds the bench counts on.
             "--max-connections",
             str(sleds + 64),
+            # All the fleet's sleds share one address, and it opens 64 at a time: the
+            # per-address cap on connections in their handshake (32) would close some.
+            "--max-connections-per-client",
+            "128",
             "--log-level",
             "WARNING",
         ],
@@ -303,14 +313,28 @@ async def state_polls(base: str, n: int) -> float:
     return 1000 * statistics.median(took)
 
 
-def measure(sleds: int, samples: int, idle_s: float, checkout: Path = REPO) -> Result:
-    with (
-        tempfile.TemporaryDirectory(prefix="gw-fleet-") as tmp,
-        gateway_process(Path(tmp), sleds, checkout) as (
-            gw,
-            port,
-        ),
-    ):
+def measure(
+    sleds: int, samples: int, idle_s: float, checkout: Path = REPO, gc_log: bool = False
+) -> Result:
+    with tempfile.TemporaryDirectory(prefix="gw-fleet-") as tmp:
+        trace = Path(tmp) / "gc.log" if gc_log else None
+        result = _measure(Path(tmp), sleds, samples, idle_s, checkout, trace)
+        if trace is not None and trace.is_file():  # written when the gateway exits
+            passes = gc_trace.read(trace)
+            probing = [p for p in passes if result.window[0] <= p[0] <= result.window[1]]
+            result.gc = "\n".join(
+                [trace.read_text().splitlines()[0], "whole run:"]
+                + [f"  {line}" for line in gc_trace.summary(passes)]
+                + ["while probing:"]
+                + [f"  {line}" for line in gc_trace.summary(probing)]
+            )
+    return result
+
+
+def _measure(
+    tmp: Path, sleds: int, samples: int, idle_s: float, checkout: Path, gc_log: Path | None
+) -> Result:
+    with gateway_process(tmp, sleds, checkout, gc_log) as (gw, port):
         base = f"http://127.0.0.1:{port}"
         ws_url = f"ws://127.0.0.1:{port}/api/sled-uplink?token={TOKEN}"
         asyncio.run(wait_http(base))
@@ -337,7 +361,9 @@ def measure(sleds: int, samples: int, idle_s: float, checkout: Path = REPO) -> R
             cpu_idle = 100 * (proc_cpu_seconds(gw.pid) - c0) / (time.monotonic() - w0)
             rss = rss_mib(gw.pid)
             c1, w1 = proc_cpu_seconds(gw.pid), time.monotonic()
+            window = time.time()
             times, retries = asyncio.run(round_trips(base, ws_url, samples))
+            window_end = time.time()
             cpu_probe = 100 * (proc_cpu_seconds(gw.pid) - c1) / (time.monotonic() - w1)
 
             async def check() -> int:
@@ -360,6 +386,7 @@ def measure(sleds: int, samples: int, idle_s: float, checkout: Path = REPO) -> R
         1000 * max(times),
         retries / len(times),
         state_ms,
+        (window, window_end),
     )
 
 
@@ -384,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=1, help="with --vs: alternations per size (median kept)"
     )
+    parser.add_argument(
+        "--gc-log",
+        action="store_true",
+        help="trace the gateway's cyclic collector (bench/gc_trace.py) and print each size's "
+        "passes per generation, over the whole run and while probing",
+    )
     args = parser.parse_args(argv)
     nofile = raise_nofile()
     if args.cmd == "fleet":
@@ -401,11 +434,13 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     if args.vs is not None:
-        return compare(sizes, args.samples, args.idle, args.vs.resolve(), args.rounds)
+        return compare(sizes, args.samples, args.idle, args.vs.resolve(), args.rounds, args.gc_log)
     results: list[Result] = []
     for n in sizes:
         print(f"... {n} sled(s)", file=sys.stderr, flush=True)
-        results.append(measure(n, args.samples, args.idle))
+        results.append(measure(n, args.samples, args.idle, gc_log=args.gc_log))
+        if results[-1].gc:
+            print(f"{n} sled(s), the gateway's collector:\n{results[-1].gc}", flush=True)
     base = results[0].p50_ms
     header = (
         f"{'sleds':>6} {'connect s':>9} {'RSS MiB':>8} {'CPU idle':>9} {'CPU probing':>11} "
@@ -427,30 +462,57 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def compare(sizes: list[int], samples: int, idle_s: float, other: Path, rounds: int) -> int:
-    """This checkout's gateway against ``other``'s, alternating A B A B at each size so
+def compare(
+    sizes: list[int], samples: int, idle_s: float, other: Path, rounds: int, gc_log: bool = False
+) -> int:
+    """This checkout's gateway against ``other``'s, alternating A B B A at each size so
     that a drift of the machine's speed falls on both; medians over the rounds."""
     if not (other / "run_gateway.py").is_file():
         print(f"--vs: no run_gateway.py in {other}", file=sys.stderr)
         return 2
-    figures = ("rss_mib", "cpu_idle", "cpu_probe", "p50_ms", "p99_ms", "state_ms")
+    figures = (
+        "connect_s",
+        "rss_mib",
+        "cpu_idle",
+        "cpu_probe",
+        "p50_ms",
+        "p99_ms",
+        "p99/p50",
+        "state_ms",
+    )
     header = f"{'sleds':>6} {'figure':>9} {'this':>9} {'other':>9} {'this/other':>10}"
     rows = []
     for n in sizes:
         runs: dict[str, list[Result]] = {"this": [], "other": []}
         for i in range(rounds):
-            for side, checkout in (("this", REPO), ("other", other)):
+            order = [("this", REPO), ("other", other)]
+            for side, checkout in order if i % 2 == 0 else reversed(order):
                 print(f"... {n} sled(s), {side}, round {i + 1}", file=sys.stderr, flush=True)
-                runs[side].append(measure(n, samples, idle_s, checkout))
+                runs[side].append(measure(n, samples, idle_s, checkout, gc_log))
+                last = runs[side][-1]
+                print(
+                    f"    p50 {last.p50_ms:.2f} ms, p99 {last.p99_ms:.2f} ms, "
+                    f"connect {last.connect_s:.1f} s, RSS {last.rss_mib:.1f} MiB",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if last.gc:
+                    print(last.gc, file=sys.stderr, flush=True)
         for figure in figures:
-            mine = statistics.median(getattr(r, figure) for r in runs["this"])
-            theirs = statistics.median(getattr(r, figure) for r in runs["other"])
+            mine = statistics.median(_figure(r, figure) for r in runs["this"])
+            theirs = statistics.median(_figure(r, figure) for r in runs["other"])
             ratio = mine / theirs if theirs else float("nan")
             rows.append(f"{n:>6} {figure:>9} {mine:>9.2f} {theirs:>9.2f} {ratio:>9.2f}x")
     print(f"\nthis: {REPO}\nother: {other}\n{header}\n{'-' * len(header)}")
     print("\n".join(rows))
     print(f"\nload average after the run: {os.getloadavg()[0]:.2f}")
     return 0
+
+
+def _figure(result: Result, name: str) -> float:
+    if name == "p99/p50":  # the tail against the median of the same run
+        return result.p99_ms / result.p50_ms
+    return float(getattr(result, name))
 
 
 if __name__ == "__main__":
