@@ -144,6 +144,11 @@ class GuardedH11Protocol(H11Protocol):
     http_protocols: ClassVar[dict[GuardedH11Protocol, None]] = {}
     # len(open_transports) after the last sweep of the closed ones (see _guard_enforce_cap).
     swept_size: ClassVar[int] = 0
+    # An upgraded transport's end is seen by its WebSocket protocol, not by the guard: a
+    # timer sweeps the closed ones while any upgraded one is listed, so a fleet that has
+    # left is not kept (its transports and sockets) until the next connections come.
+    upgraded_sweep_interval: ClassVar[float] = 1.0
+    upgraded_sweep: ClassVar[list[asyncio.TimerHandle]] = []
     # client address → the pending recount of its connections (one at a time).
     client_checks: ClassVar[dict[str, asyncio.TimerHandle]] = {}
 
@@ -374,6 +379,25 @@ class GuardedH11Protocol(H11Protocol):
             self._guard_disarm()
             self.open_transports[transport] = None
             self.http_protocols.pop(self, None)
+            self._guard_arm_upgraded_sweep()
+
+    def _guard_arm_upgraded_sweep(self) -> None:
+        if self.upgraded_sweep:
+            return
+        cls = type(self)
+
+        def sweep() -> None:
+            cls.upgraded_sweep.clear()
+            transports = cls.open_transports
+            for closed in [t for t, p in transports.items() if p is None and t.is_closing()]:
+                del transports[closed]
+            if any(p is None for p in transports.values()):
+                cls.upgraded_sweep.append(
+                    asyncio.get_running_loop().call_later(cls.upgraded_sweep_interval, sweep)
+                )
+
+        loop = asyncio.get_running_loop()
+        self.upgraded_sweep.append(loop.call_later(self.upgraded_sweep_interval, sweep))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._guard_disarm()
@@ -517,6 +541,7 @@ def guarded_protocol(
             "open_transports": {},
             "http_protocols": {},
             "swept_size": 0,
+            "upgraded_sweep": [],
             "client_checks": {},
         },
     )
