@@ -220,3 +220,21 @@ def test_cyclic_garbage_frozen_by_the_fleets_ticks_is_freed_by_the_timed_thaw(
     now[0] = 600.0
     assert freezer.tick() == "thaw"
     assert tracked() - base < 0.05 * frozen_garbage, (tracked() - base, frozen_garbage)
+
+
+def test_the_sockets_of_a_fleet_that_left_are_let_go(collector: None) -> None:
+    """A sled's transport is listed by the HTTP guard (it counts toward the cap) and its
+    end is seen by the WebSocket protocol only: without a sweep of its own, a fleet that
+    left stayed in the list, sockets and all, until new connections came."""
+    transport_class: Any = getattr(asyncio.selector_events, "_SelectorSocketTransport")  # noqa: B009
+
+    def transports() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) is transport_class)
+
+    gw = Gateway(token="t", max_connections=FLEET + 16)
+    with gw:
+        before = transports()
+        asyncio.run(_fleet(gw, FleetFreezer(), {}))
+        left = transports() - before
+    assert left < FLEET // 20, f"{left} transports of {FLEET} sleds that left are still held"
