@@ -373,7 +373,9 @@ class Approvals:
             printable(tool_name, 120),
             printable(first.tool_name, 120),
         )
-        self._withdraw([first], REUSED_ID, "its id was reused by a different request")
+        # A decision of the first being committed stands (see _withdraw_when_undecided);
+        # the deny below answers whatever the sled holds under the id either way.
+        self._withdraw_when_undecided(first, REUSED_ID, "its id was reused by a different request")
         await self.deny_by_gateway(
             session,
             project,
