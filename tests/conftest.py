@@ -20,6 +20,7 @@ from actors import Uplink, UplinkConfig
 from actors.logsetup import configure_logging
 from sled_gateway import Gateway as ReferenceGateway
 from tests.pg import pg_url, postgres  # noqa: F401  (fixtures for every test file)
+from tests.support.browser import browser, page  # noqa: F401  (the browser tests' fixtures)
 from tests.support.claude import Decider
 from tests.support.gateway import Gateway
 

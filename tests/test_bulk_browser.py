@@ -39,12 +39,6 @@ if (why := browser_support.skip_reason()) is not None:
     pytest.skip(why, allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with browser_support.launch() as chromium:
-        yield chromium
-
-
 class Page:
     """A 390 x 844 page whose confirmations are answered ``self.accept`` and recorded."""
 

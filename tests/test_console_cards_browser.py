@@ -37,30 +37,17 @@ if (why := browser_support.skip_reason()) is not None:
     pytest.skip(why, allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with browser_support.launch() as chromium:
-        yield chromium
-
-
 @pytest.fixture
 def page(browser: Any) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 390, "height": 844})
-    page = context.new_page()
-    errors: list[str] = []
     dialogs: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
 
     def on_dialog(dialog: Any) -> None:
         dialogs.append(dialog.message)
         dialog.dismiss()
 
-    page.on("dialog", on_dialog)
-    try:
+    with browser_support.watched_page(browser, browser_support.PHONE) as page:
+        page.on("dialog", on_dialog)
         yield page
-    finally:
-        context.close()
-    assert errors == [], f"JavaScript errors in the console page: {errors}"
     assert dialogs == [], f"a sled's text opened a dialog: {dialogs}"
 
 

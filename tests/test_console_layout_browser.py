@@ -53,12 +53,6 @@ if (why := browser_support.skip_reason()) is not None:
     pytest.skip(why, allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with browser_support.launch() as chromium:
-        yield chromium
-
-
 @pytest.fixture
 def gw() -> Iterator[Gateway]:
     # The raw sled sends no heartbeats: a long interval keeps it "connected", not stale.

@@ -54,12 +54,6 @@ RECORD_NOTIFICATIONS = """
 SHELL = {"/", "/manifest.webmanifest", "/icons/icon-192.png", "/icons/icon-512.png"}
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with browser_support.launch() as chromium:
-        yield chromium
-
-
 @pytest.fixture
 def context(browser: Any) -> Iterator[Any]:
     context = browser.new_context(viewport={"width": 1100, "height": 700})

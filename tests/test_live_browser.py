@@ -34,22 +34,6 @@ if (why := browser_support.skip_reason()) is not None:
 sync_api = browser_support.sync_api()
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with browser_support.launch() as chromium:
-        yield chromium
-
-
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1100, "height": 700})
-    page = context.new_page()
-    try:
-        yield page
-    finally:
-        context.close()
-
-
 @pytest.fixture
 def gw() -> Iterator[Gateway]:
     gateway = Gateway(token=TOKEN, heartbeat_interval=0.3, request_timeout=1.0).start()

@@ -146,12 +146,6 @@ def gw(pair: tuple[Provider, Gateway]) -> Gateway:
     return pair[1]
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with browser_support.launch() as chromium:
-        yield chromium
-
-
 @pytest.fixture
 def page(browser: Any) -> Iterator[Any]:
     with browser_support.fresh_page(browser) as fresh:

@@ -74,3 +74,38 @@ def fresh_page(browser: Any) -> Iterator[Any]:
         yield context.new_page()
     finally:
         context.close()
+
+
+#: The console's two layouts: a desk's window and a phone's (an iPhone 12-14's CSS pixels).
+DESKTOP = {"width": 1100, "height": 700}
+PHONE = {"width": 390, "height": 844}
+
+
+@contextmanager
+def watched_page(browser: Any, viewport: dict[str, int] = DESKTOP) -> Iterator[Any]:
+    """A page in a context of its own, closed on exit; the test fails if the page threw a
+    JavaScript error meanwhile (an uncaught one is a console bug even when the test's
+    clicks still worked)."""
+    context = browser.new_context(viewport=viewport)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        yield page
+    finally:
+        context.close()
+    assert errors == [], f"JavaScript errors in the console page: {errors}"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One headless chromium for a test module (a module needing other flags defines its own)."""
+    with launch() as chromium:
+        yield chromium
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    """A desktop-sized watched page (:func:`watched_page`)."""
+    with watched_page(browser) as fresh:
+        yield fresh
