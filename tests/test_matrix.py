@@ -56,7 +56,7 @@ from tests.support.matrix_client import (
     reply_to,
     transcript,
 )
-from tests.support.synapse import Synapse, SynapseUnavailable, synapse_python
+from tests.support.synapse import NOT_INSTALLED, Synapse, homeserver_with, synapse_python
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -77,9 +77,6 @@ class Homeserver:
     mallory: MatrixPerson  # in the room, not an operator
 
 
-NOT_INSTALLED = "Synapse is not installed (bash scripts/install-synapse.sh installs it)"
-
-
 @pytest.fixture(scope="session")
 def synapse_installed() -> None:
     if synapse_python() is None:
@@ -88,26 +85,10 @@ def synapse_installed() -> None:
 
 @pytest.fixture(scope="session")
 def homeserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Homeserver]:
-    python = synapse_python()
-    if python is None:
-        pytest.skip(NOT_INSTALLED)
-    synapse = Synapse(tmp_path_factory.mktemp("synapse"), python)
-    try:
-        synapse.start()
-    except SynapseUnavailable as exc:
-        pytest.skip(f"Synapse would not start: {exc}")
-    try:
-        for name, password in PASSWORDS.items():
-            synapse.register(name, password)
-        alice = MatrixPerson(synapse.url, ALICE, PASSWORDS["alice"])
-        mallory = MatrixPerson(synapse.url, MALLORY, PASSWORDS["mallory"])
-    except BaseException:
-        synapse.stop()
-        raise
-    yield Homeserver(synapse, alice, mallory)
-    alice.close()
-    mallory.close()
-    synapse.stop()
+    directory = tmp_path_factory.mktemp("synapse")
+    clients = {"alice": ALICE, "mallory": MALLORY}
+    with homeserver_with(directory, PASSWORDS, clients) as (synapse, people):
+        yield Homeserver(synapse, people["alice"], people["mallory"])
 
 
 @pytest.fixture

@@ -34,10 +34,9 @@ from sled_gateway.access import load_access
 from sled_gateway.transports.matrix import MatrixTransport, config_from_options
 from tests.conftest import REFERENCE_TOKEN, closed_port
 from tests.support.matrix_client import MatrixPerson, body, reply_to
-from tests.support.synapse import Synapse, SynapseUnavailable, synapse_python
+from tests.support.synapse import Synapse, homeserver_with
 from tests.test_matrix import (
     BOT,
-    NOT_INSTALLED,
     PASSWORDS,
     ROOT,
     Homeserver,
@@ -115,29 +114,10 @@ class Team:
 
 @pytest.fixture(scope="module")
 def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
-    python = synapse_python()
-    if python is None:
-        pytest.skip(NOT_INSTALLED)
-    synapse = Synapse(tmp_path_factory.mktemp("synapse-people"), python)
-    try:
-        synapse.start()
-    except SynapseUnavailable as exc:
-        pytest.skip(f"Synapse would not start: {exc}")
-    people: dict[str, MatrixPerson] = {}
-    try:
-        synapse.register("bot", PASSWORDS["bot"])
-        for name, password in USERS.items():
-            synapse.register(name, password)
-            people[name] = MatrixPerson(synapse.url, M[name], password)
-    except BaseException:
-        for person in people.values():
-            person.close()
-        synapse.stop()
-        raise
-    yield Team(synapse, people)
-    for person in people.values():
-        person.close()
-    synapse.stop()
+    directory = tmp_path_factory.mktemp("synapse-people")
+    accounts = {"bot": PASSWORDS["bot"], **USERS}
+    with homeserver_with(directory, accounts, {name: M[name] for name in USERS}) as found:
+        yield Team(*found)
 
 
 @pytest.fixture
