@@ -48,7 +48,7 @@ from sled_gateway.events import (
     SledDown,
     SledUp,
 )
-from sled_gateway.policy import grammar_tool, rule_key, sandbox_off, suggested_rules
+from sled_gateway.policy import grammar_tool, rule_key, sandbox_off
 from sled_gateway.principal import Principal, Role
 from sled_gateway.records import (
     WITHDRAWN,
@@ -341,7 +341,7 @@ class Approvals:
                 would = {"id": allow.id, "rule": allow.rule, "describes": allow.describes}
         return replace(
             item,
-            suggested_rules=suggested_rules(item.tool_name, item.tool_input, suggestions),
+            agent_suggestions=suggestions,  # the card's rules are computed when first shown
             would_match=would,
         )
 

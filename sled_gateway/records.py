@@ -110,15 +110,20 @@ class PendingPermission:
     input_sha256: str = field(default="", compare=False)
     input_bytes: int = field(default=-1, compare=False)
     summary: JSON = field(default=None, repr=False, compare=False)
-    #: The grammar rules "always allow" may make instead of the exact one, as
-    #: ``(rule, kind)`` (``exact``, ``prefix``): computed once, when it goes pending.
-    suggested_rules: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    #: The rules the sled's agent suggested for "always allow", as it sent them
+    #: (checked against this very use in :attr:`suggested_rules`).
+    agent_suggestions: tuple[str, ...] = field(default=(), compare=False)
     #: The allow rule that matched but may not answer (the call leaves the sandbox).
     would_match: JSON = field(default=None, compare=False)
     #: Approvals from different people it needs (a quorum of the --access file).
     needs: int = field(default=1, compare=False)
     #: Who approved it so far, toward that quorum.
     votes: tuple[str, ...] = field(default=(), compare=False)
+    # The card's rules once computed: a shell parse that only a card, a listing or an
+    # "always allow" needs, so a request is registered (and can be decided) without it.
+    _suggested: tuple[tuple[str, str], ...] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         measured = self.input_sha256 and self.input_bytes >= 0
@@ -129,6 +134,18 @@ class PendingPermission:
         object.__setattr__(self, "input_bytes", len(raw))
         if len(raw) > AUDIT_INPUT_LIMIT:
             object.__setattr__(self, "summary", summarize(raw))
+
+    @property
+    def suggested_rules(self) -> tuple[tuple[str, str], ...]:
+        """The rules "always allow" may make instead of the exact one, as ``(rule, kind)``
+        (``exact``, ``prefix``, ``claude``): computed on first use, then kept."""
+        if self._suggested is None:
+            from sled_gateway.policy import suggested_rules
+
+            found = suggested_rules(self.tool_name, self.tool_input, self.agent_suggestions)
+            object.__setattr__(self, "_suggested", found)
+            return found
+        return self._suggested
 
     @property
     def audit_input(self) -> JSON:

@@ -253,3 +253,56 @@ def test_the_audit_labels_of_principals() -> None:
         assert Principal.from_by(label).by == label
     assert Principal.operator(Channel.API).has(Role.APPROVER)
     assert not Principal.matrix("@x:host", approver=False).has(Role.VIEWER)
+
+
+def test_a_request_is_decidable_before_its_cards_rules_are_computed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The card's rules (a shell parse) are not on the path from frame to pending: they are
+    computed once, when something first shows or checks them, and the sled's own
+    suggestions are still checked against the request."""
+    import sled_gateway.policy as policy
+
+    computed: list[str] = []
+    real = policy.suggested_rules
+
+    def counted(tool_name: str, tool_input: object, sled: tuple[str, ...] = ()) -> object:
+        computed.append(tool_name)
+        return real(tool_name, tool_input, sled)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(policy, "suggested_rules", counted)
+    # Wherever else it was imported by name, so a computation on the path is seen too.
+    import sled_gateway.approvals
+
+    monkeypatch.setattr(sled_gateway.approvals, "suggested_rules", counted, raising=False)
+
+    async def scenario() -> None:
+        async with approvals(tmp_path) as s:
+            seen: list[PermissionRequested] = []
+            s.events.subscribe(PermissionRequested, seen.append)
+            await s.approvals.request(
+                SESSION,
+                "p",
+                "r1",
+                "Bash",
+                {"command": "npm test -- -u"},
+                suggestions=("Bash(npm test:*)", "Bash(curl:*)"),
+            )
+            assert s.state.is_pending("p", "r1")
+            assert computed == []
+            item = s.state.pending_item("p", "r1")
+            expected = [
+                {"rule": "Bash(npm test -- -u)", "kind": "exact"},
+                {"rule": "Bash(npm test:*)", "kind": "prefix"},
+            ]
+            assert item.to_json()["suggested_rules"] == expected
+            assert seen[0].item.to_json()["suggested_rules"] == expected
+            assert len(computed) <= 2  # once per item object, not once per reading
+            item.to_json()
+            assert len(computed) <= 2
+            record = await s.approvals.decide(
+                "p", "r1", Decision.ALWAYS_ALLOW, APPROVER, rule="Bash(npm test:*)"
+            )
+            assert record.decision == "always_allow"
+
+    asyncio.run(scenario())
