@@ -261,7 +261,7 @@ def test_a_request_is_decidable_before_its_cards_rules_are_computed(
     """The card's rules (a shell parse) are not on the path from frame to pending: they are
     computed once, when something first shows or checks them, and the sled's own
     suggestions are still checked against the request."""
-    import sled_gateway.policy as policy
+    from sled_gateway import policy
 
     computed: list[str] = []
     real = policy.suggested_rules
