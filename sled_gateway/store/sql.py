@@ -312,6 +312,8 @@ class _AuditRow:
         self.size = len(self.params["tool_input"]) + 256
 
     def __call__(self, conn: Connection) -> int:
+        if conn.dialect.name == "sqlite":
+            return sqlite.insert_row(conn, "audit", self.params)
         return _new_id(conn.execute(_INSERT_AUDIT, self.params))
 
 
