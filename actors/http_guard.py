@@ -142,8 +142,6 @@ class GuardedH11Protocol(H11Protocol):
     # caps look through, so a new connection costs the HTTP connections open, not every
     # sled's WebSocket (5,000 sleds made each connect scan 5,000 transports).
     http_protocols: ClassVar[dict[GuardedH11Protocol, None]] = {}
-    # len(open_transports) after the last sweep of the closed ones (see _guard_enforce_cap).
-    swept_size: ClassVar[int] = 0
     # An upgraded transport's end is seen by its WebSocket protocol, not by the guard: a
     # timer sweeps the closed ones while any upgraded one is listed, so a fleet that has
     # left is not kept (its transports and sockets) until the next connections come.
@@ -321,15 +319,14 @@ class GuardedH11Protocol(H11Protocol):
 
     def _guard_enforce_cap(self) -> None:
         # Transports already closed (or told to close) no longer count: drop them. An
-        # upgraded one is only dropped here (its WebSocket protocol, not this one, sees it
-        # lost), and a sweep looks at every transport listed: so it runs when the count
-        # matters (over the cap), or once the list has doubled since the last sweep,
-        # which bounds the closed ones kept and costs O(1) a connection on average.
+        # HTTP one leaves the list when it is lost; an upgraded one is dropped by the
+        # upgraded sweep's timer (its WebSocket protocol, not this one, sees it lost),
+        # which bounds the closed ones kept. A sweep looks at every transport listed, so
+        # a connection runs one only when the count matters: over the cap.
         transports = self.open_transports
-        if len(transports) > self.max_connections or len(transports) >= 2 * self.swept_size:
+        if len(transports) > self.max_connections:
             for closed in [t for t in transports if t.is_closing()]:
                 del transports[closed]
-            type(self).swept_size = max(len(transports), 32)
         over = len(transports) - self.max_connections
         if over <= 0:
             return
@@ -540,7 +537,6 @@ def guarded_protocol(
             "log_actor": log_actor,
             "open_transports": {},
             "http_protocols": {},
-            "swept_size": 0,
             "upgraded_sweep": [],
             "client_checks": {},
         },

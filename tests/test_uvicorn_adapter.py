@@ -303,6 +303,33 @@ def test_a_newcomer_is_closed_when_every_connection_is_busy(served: list[Served]
         assert ws.recv(T) == "still here"
 
 
+def test_a_websocket_that_left_frees_its_place_under_the_cap_at_once(
+    served: list[Served],
+) -> None:
+    """A closed WebSocket's transport is swept when a newcomer finds the cap reached, not
+    only by the upgraded sweep's timer: the place is free for the next connection."""
+    s = Served(header_timeout=60.0, max_connections=1)
+    served.append(s)
+    s.server.config.http_protocol_class.upgraded_sweep_interval = 3600.0  # type: ignore[union-attr]
+    with connect(f"ws://127.0.0.1:{s.port}/ws", open_timeout=T) as ws:
+        ws.send("ping")
+        assert ws.recv(T) == "ping"
+    deadline = time.monotonic() + 2 * T
+    while True:  # the server sees the close a moment after the client
+        with s.connect() as newcomer:
+            newcomer.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"ok"):
+                chunk = newcomer.recv(65536)
+                if not chunk:  # closed by the cap: try again
+                    break
+                answer += chunk
+        if b"200 OK" in answer or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert b"200 OK" in answer
+
+
 def test_an_upgraded_connection_counts_without_keeping_its_http_protocol(
     served: list[Served],
 ) -> None:
