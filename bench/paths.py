@@ -358,10 +358,11 @@ def gateway(checkouts: dict[str, Path], rounds: int, n: int) -> None:
     ):
         raw_url = f"http://127.0.0.1:{http_port}/"
         bases = {}
+        gateways = {}
         for name, checkout in checkouts.items():
             workdir = Path(tmp) / name
             workdir.mkdir()
-            _, port = stack.enter_context(gateway_process(workdir, 1, checkout))
+            gateways[name], port = stack.enter_context(gateway_process(workdir, 1, checkout))
             bases[name] = f"http://127.0.0.1:{port}"
             asyncio.run(wait_http(bases[name]))
         loop = asyncio.new_event_loop()
@@ -381,7 +382,12 @@ def gateway(checkouts: dict[str, Path], rounds: int, n: int) -> None:
                 for side in sides.order(r):
                     base = bases[side]
                     wsu = f"ws://{base.removeprefix('http://')}/api/sled-uplink?token={TOKEN}"
+                    before = proc_cpu_seconds(gateways[side].pid)
                     times, retries = loop.run_until_complete(round_trips(base, wsu, n))
+                    # Its own CPU (all threads) over the round trips, connect and warm-up
+                    # included: a count that a loaded machine inflates less than a latency.
+                    cpu = proc_cpu_seconds(gateways[side].pid) - before
+                    sides.add("gwcpu", side, cpu / n)
                     sides.add("rt", side, med(times))
                     sides.add("404", side, retries / n)
         finally:
@@ -399,7 +405,8 @@ def gateway(checkouts: dict[str, Path], rounds: int, n: int) -> None:
         value = sides.get("rt", side)
         print(
             f"   {side:>5} round trip p50 {us(value)}: {report('', value, raw, 1.5)}; "
-            f"{sides.get('404', side):.2f} early POSTs (404, retried) a request"
+            f"{sides.get('404', side):.2f} early POSTs (404, retried) a request; "
+            f"gateway CPU per round trip {us(sides.get('gwcpu', side))}"
         )
 
 
