@@ -130,16 +130,21 @@ async def fleet(urls: list[str], first: int, count: int, concurrency: int) -> No
                 up_at = time.monotonic()
                 emit("up", i, r)
                 try:
-                    await asyncio.sleep(random.uniform(0, HEARTBEAT_S))
+                    # Reading all the time, as the uplink does, so a dead replica is noticed
+                    # when its socket ends, not at the next heartbeat.
+                    next_beat = up_at + random.uniform(0, HEARTBEAT_S)
                     while True:
-                        await ws.send(beat)
-                        await asyncio.sleep(HEARTBEAT_S)
+                        try:
+                            await asyncio.wait_for(ws.recv(), next_beat - time.monotonic())
+                        except TimeoutError:
+                            await ws.send(beat)
+                            next_beat += HEARTBEAT_S
                 except ConnectionClosed as closed:
                     retry_after, _ = retry_after_of(closed)
                 finally:
                     emit("down", i, r)
                     await ws.close()
-            except Exception as exc:  # noqa: BLE001 - any failed connect is retried, as the uplink does
+            except Exception as exc:  # any failed connect is retried, as the uplink does
                 if up_at is None:
                     emit("fail", i, r)
                     print(f"sled {i} on {r}: {exc!r}", file=sys.stderr, flush=True)
@@ -151,10 +156,13 @@ async def fleet(urls: list[str], first: int, count: int, concurrency: int) -> No
             )
             await asyncio.sleep(wait)
 
+    parent = os.getppid()
+
     async def flush() -> None:
-        while True:
+        while os.getppid() == parent:  # a bench killed outright leaves no fleet behind
             await asyncio.sleep(0.1)
             sys.stdout.flush()
+        os._exit(1)
 
     tasks = [asyncio.create_task(one(i)) for i in range(first, first + count)]
     tasks.append(asyncio.create_task(flush()))
@@ -390,7 +398,7 @@ async def round_trips(home: Replica, other: Replica, samples: int) -> RoundTrips
                     raise RuntimeError(f"decision refused: {response.status_code} {response.text}")
                 try:
                     answer = json.loads(await asyncio.wait_for(ws.recv(), RESPONSE_TIMEOUT_S))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if mode != "cross":
                         raise RuntimeError(f"no perm_response for {req_id}") from None
                     out.cross_problem = (
@@ -431,9 +439,12 @@ def verdict(ok: bool) -> str:
 
 def run(args: argparse.Namespace) -> int:
     size = args.sleds
-    with tempfile.TemporaryDirectory(prefix="cluster-fleet-") as tmp, engines(Path(tmp)) as (
-        db,
-        bus,
+    with (
+        tempfile.TemporaryDirectory(prefix="cluster-fleet-") as tmp,
+        engines(Path(tmp)) as (
+            db,
+            bus,
+        ),
     ):
         replicas: list[Replica] = []
         procs: list[Any] = []
@@ -557,7 +568,9 @@ def measure(
         )
     print(f"  target <= 30 KiB a sled: {verdict(worst <= 30)}")
     print("\ndecision round trip, probe sled on replica 1:")
-    print(f"  same  (POST to replica 1): {describe(trips.same)}, 404 retries {trips.retries['same']}")
+    print(
+        f"  same  (POST to replica 1): {describe(trips.same)}, 404 retries {trips.retries['same']}"
+    )
     if trips.cross_problem:
         print(f"  cross (POST to replica 2): {trips.cross_problem}")
     else:
@@ -581,8 +594,8 @@ def measure(
     print(f"\nreconnect storm: kill -9 of replica {victim.index}, which held {victim_sleds} sleds")
     if storm_times:
         print(
-            f"  {len(storm_times)} reconnected: from the kill, p50 {statistics.median(storm_times):.2f} s, "
-            f"p95 {pct(storm_times, 0.95):.2f} s, max {max(storm_times):.2f} s"
+            f"  {len(storm_times)} reconnected: from the kill, "
+            f"p50 {statistics.median(storm_times):.2f} s, p95 {pct(storm_times, 0.95):.2f} s, max {max(storm_times):.2f} s"
         )
     print(
         f"  all {size} connected again: {'yes' if storm_complete else 'NO'}"
