@@ -595,7 +595,8 @@ def measure(
     if storm_times:
         print(
             f"  {len(storm_times)} reconnected: from the kill, "
-            f"p50 {statistics.median(storm_times):.2f} s, p95 {pct(storm_times, 0.95):.2f} s, max {max(storm_times):.2f} s"
+            f"p50 {statistics.median(storm_times):.2f} s, "
+            f"p95 {pct(storm_times, 0.95):.2f} s, max {max(storm_times):.2f} s"
         )
     print(
         f"  all {size} connected again: {'yes' if storm_complete else 'NO'}"
