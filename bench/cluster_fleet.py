@@ -93,7 +93,7 @@ async def fleet(urls: list[str], first: int, count: int, concurrency: int) -> No
     from actors.config import UplinkConfig
     from actors.connection import retry_after_of
 
-    defaults = UplinkConfig.__dataclass_fields__
+    defaults = UplinkConfig()  # the uplink's own back-off settings
     # All the sleds share one client address: the gate keeps their handshakes under the
     # gateway's per-address cap, which a real fleet (one address each) never meets.
     gate = asyncio.Semaphore(concurrency)
@@ -104,10 +104,10 @@ async def fleet(urls: list[str], first: int, count: int, concurrency: int) -> No
 
     async def one(i: int) -> None:
         backoff = Backoff(
-            initial=defaults["backoff_initial"].default,
-            maximum=defaults["backoff_max"].default,
-            multiplier=defaults["backoff_multiplier"].default,
-            reset_after=defaults["backoff_reset_after"].default,
+            initial=defaults.backoff_initial,
+            maximum=defaults.backoff_max,
+            multiplier=defaults.backoff_multiplier,
+            reset_after=defaults.backoff_reset_after,
         )
         # Like the uplink: its URLs in a shuffled order, the next after each ended or failed
         # connection; the sled's own replica first, so the fleet starts round robin.
