@@ -49,6 +49,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from bench.gateway_fleet import (
     HEARTBEAT_S,
@@ -98,6 +99,7 @@ async def fleet(urls: list[str], first: int, count: int, concurrency: int) -> No
     # gateway's per-address cap, which a real fleet (one address each) never meets.
     gate = asyncio.Semaphore(concurrency)
     beat = json.dumps({"type": "heartbeat", "req_id": "", "payload": None})
+    failures = [0]
 
     def emit(kind: str, i: int, r: int) -> None:
         sys.stdout.write(f"{kind} {i} {r} {time.monotonic():.6f}\n")
@@ -147,7 +149,9 @@ async def fleet(urls: list[str], first: int, count: int, concurrency: int) -> No
             except Exception as exc:  # any failed connect is retried, as the uplink does
                 if up_at is None:
                     emit("fail", i, r)
-                    print(f"sled {i} on {r}: {exc!r}", file=sys.stderr, flush=True)
+                    failures[0] += 1
+                    if failures[0] <= 5:  # the first few say why; the parent counts them all
+                        print(f"sled {i} on {r}: {exc!r}"[:300], file=sys.stderr, flush=True)
             up_for = None if up_at is None else time.monotonic() - up_at
             wait = (
                 backoff.full_jitter(retry_after)
@@ -207,9 +211,11 @@ class FleetView:
 
 
 class Replica:
-    def __init__(self, index: int, workdir: Path, db: str, bus: str, sleds: int) -> None:
+    def __init__(
+        self, index: int, workdir: Path, db: str, bus: str, sleds: int, port: int = 0
+    ) -> None:
         self.index = index
-        self.port = free_port()
+        self.port = port or free_port()
         self.log = workdir / f"replica-{index}.log"
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
@@ -451,7 +457,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             # One after another: the first creates the schema the others find.
             for index in range(REPLICAS):
-                replicas.append(Replica(index + 1, Path(tmp), db, bus, size))
+                port = args.replica_ports[index] if args.replica_ports else 0
+                replicas.append(Replica(index + 1, Path(tmp), db, bus, size, port))
                 asyncio.run(wait_http(replicas[-1].base, timeout=60))
             time.sleep(args.settle)
             rss_before = [rss_mib(r.proc.pid) for r in replicas]
@@ -627,6 +634,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--via", metavar="URL", help="the sleds' WebSocket URL through a load balancer"
     )
+    parser.add_argument(
+        "--replica-ports",
+        metavar="P1,P2,P3",
+        help="the replicas' ports on 127.0.0.1 (default: free ones), for a --via load balancer "
+        "configured beforehand",
+    )
     parser.add_argument("--sleds-per-process", type=int, default=5000, metavar="N")
     parser.add_argument("--connect-timeout", type=float, default=300.0, metavar="S")
     parser.add_argument("--storm-timeout", type=float, default=120.0, metavar="S")
@@ -640,13 +653,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.sleds < REPLICAS or args.samples < 2 or args.sleds_per_process < 1:
         parser.error(f"--sleds must be at least {REPLICAS}, --samples at least 2")
-    if args.via and not args.via.startswith(("ws://", "wss://", "http://")):
+    if args.via and not args.via.startswith(("ws://", "wss://", "http://", "https://")):
         parser.error("--via takes a ws:// URL")
-    if args.via and args.via.startswith("http://"):
-        args.via = "ws://" + args.via.removeprefix("http://").rstrip("/")
-        args.via += f"/api/sled-uplink?token={TOKEN}"
+    if args.via:  # a bare address gets the sleds' path and the bench's token
+        via = urlsplit(args.via)
+        scheme = {"http": "ws", "https": "wss"}.get(via.scheme, via.scheme)
+        path = via.path if via.path not in ("", "/") else "/api/sled-uplink"
+        query = via.query or f"token={TOKEN}"
+        args.via = urlunsplit((scheme, via.netloc, path, query, ""))
+    if args.replica_ports:
+        try:
+            args.replica_ports = [int(p) for p in args.replica_ports.split(",")]
+        except ValueError:
+            parser.error("--replica-ports takes three port numbers, comma-separated")
+        if len(args.replica_ports) != REPLICAS or not all(
+            0 < p < 65536 for p in args.replica_ports
+        ):
+            parser.error("--replica-ports takes three port numbers, comma-separated")
     if args.sleds + 256 > nofile:
         parser.error(f"RLIMIT_NOFILE is {nofile}: too low for {args.sleds} sleds")
+    # A SIGTERM (``timeout``, Ctrl-C's cousin) still stops the replicas and the engines.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     return run(args)
 
 
