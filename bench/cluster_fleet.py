@@ -2,7 +2,8 @@
 
     python -m bench.cluster_fleet                    # 10,000 sleds (a quiet machine: ~5 min)
     python -m bench.cluster_fleet --sleds 300 --samples 100   # a smoke run (~1-2 min)
-    python -m bench.cluster_fleet --via http://127.0.0.1:8080 # the sleds through a load balancer
+    python -m bench.cluster_fleet --replica-ports 8101,8102,8103 --via ws://127.0.0.1:8080
+                                                     # the sleds through a load balancer
 
 A real PostgreSQL 15 (``tests/pg.py``) and nats-server (``tests/support/nats.py``)
 run unprivileged in temporary directories; three ``run_gateway.py`` replicas
