@@ -276,15 +276,33 @@ async def connected_here(base: str) -> int:
     return int(state["counts"]["connected"])
 
 
-async def all_identified(replicas: list[Replica], want: list[int], timeout: float) -> bool:
-    """Wait until each replica counts at least the sleds the fleet says it holds.
+async def held_here(base: str) -> int:
+    """The connected sleds this replica itself holds, or -1 when it does not answer.
 
-    "At least": a gateway whose API shows the whole fleet on every replica passes too."""
+    A gateway whose replicas share their sleds lists every sled on every replica and names
+    the holder in ``replica`` (``null`` for the one answering); without that field every
+    listed sled is the answering replica's own."""
+    import httpx
+
+    try:
+        async with operator_client(base, timeout=30) as http:
+            state = (await http.get("/api/state", params={"limit": "100000"})).json()
+    except (httpx.HTTPError, ValueError):
+        return -1
+    return sum(1 for s in state["sleds"] if s["state"] == "connected" and not s.get("replica"))
+
+
+async def all_identified(replicas: list[Replica], want: list[int], timeout: float) -> bool:
+    """Wait until each replica holds the sleds the fleet says it holds, connected and identified.
+
+    The cheap count first (it may be fleet-wide), then the listing, once it can be true."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = await asyncio.gather(*(connected_here(r.base) for r in replicas))
         if all(g >= w for g, w in zip(got, want, strict=True)):
-            return True
+            held = await asyncio.gather(*(held_here(r.base) for r in replicas))
+            if all(h >= w for h, w in zip(held, want, strict=True)):
+                return True
         await asyncio.sleep(0.5)
     return False
 
@@ -495,8 +513,7 @@ def measure(
 
     def shares() -> list[int]:
         if args.via:  # which replica holds a sled is only known to the replicas
-            counts = [asyncio.run(connected_here(r.base)) for r in replicas]
-            return [max(c, 0) for c in counts]
+            return [max(asyncio.run(held_here(r.base)), 0) for r in replicas]
         return view.shares(len(urls))
 
     if not everyone_up(args.connect_timeout) or not asyncio.run(
