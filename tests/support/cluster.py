@@ -116,7 +116,8 @@ class Cluster:
                 replica.start()
             self.haproxy = HAProxy(
                 [r.address for r in self.replicas], heartbeat_interval=self.heartbeat_interval
-            ).start()
+            )
+            self.haproxy.start()
         except BaseException:
             self.stop()
             raise
