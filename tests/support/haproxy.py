@@ -63,8 +63,9 @@ global
 defaults
     mode http
     timeout connect 5s
-    timeout client 30s
-    timeout server 30s
+    # Above the replicas' --mcp-timeout (30 s by default): a slow MCP relay answers 504 itself.
+    timeout client 60s
+    timeout server 60s
     # A sled's WebSocket once upgraded: idle for at most this long (heartbeats keep it busy).
     timeout tunnel {tunnel}s
     timeout client-fin 5s
