@@ -19,16 +19,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from tests.conftest import eventually
 from tests.support import cluster as cluster_support
-from tests.support.cluster import SLED_TOKEN, Cluster
+from tests.support.cluster import SLED_TOKEN, Cluster, Replica
 from tests.support.proc import WatchedProcess
 
 pytestmark = pytest.mark.timeout(240)
 
 ROOT = Path(__file__).resolve().parent.parent
+MCP_TIMEOUT_S = 3.0
 
 
 @pytest.fixture
@@ -36,19 +37,20 @@ def cluster() -> Iterator[Cluster]:
     reason = cluster_support.skip_reason()
     if reason:
         pytest.skip(reason)
-    with Cluster(replicas=3, extra=("--drain-seconds", "2")) as made:
+    extra = ("--drain-seconds", "2", "--mcp-timeout", f"{MCP_TIMEOUT_S:g}")
+    with Cluster(replicas=3, extra=extra) as made:
         yield made
 
 
-def _holder(c: Cluster, project: str) -> int | None:
+def _holder(c: Cluster, project: str) -> Replica | None:
     """The replica whose hub holds ``project``'s socket."""
-    for i, replica in enumerate(c.replicas):
+    for replica in c.replicas:
         try:
             state = httpx.get(replica.http + "/api/state", headers=c.headers(), timeout=5).json()
         except httpx.HTTPError:
             continue
         if any(s["project"] == project and s["state"] == "connected" for s in state["sleds"]):
-            return i
+            return replica
     return None
 
 
@@ -81,7 +83,7 @@ def test_readyz_through_haproxy_and_a_sled_decided_through_it(cluster: Cluster) 
             holder = await asyncio.to_thread(
                 eventually, lambda: _holder(cluster, "through-haproxy"), 15, "a replica holds it"
             )
-            base = cluster.replicas[holder].http
+            base = holder.http
             async with httpx.AsyncClient(
                 base_url=base, headers=cluster.headers(), timeout=10
             ) as api:
@@ -150,3 +152,91 @@ def test_cluster_sh_starts_everything_prints_the_urls_and_ctrl_c_stops_it_all() 
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         script.kill()
+
+
+class _Sled:
+    """A raw sled through HAProxy that answers every ``mcp_request`` and keeps the rest."""
+
+    def __init__(self, cluster: Cluster, project: str) -> None:
+        self.cluster, self.project = cluster, project
+        self.frames: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+        self.ws: ClientConnection | None = None
+        self.reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> _Sled:
+        self.ws = await connect(f"{self.cluster.sled_url}?token={SLED_TOKEN}")
+        await self.send("identity", "identity", {"project": self.project})
+        self.reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.ws is not None and self.reader is not None
+        await self.ws.close()
+        self.reader.cancel()
+
+    async def send(self, kind: str, req_id: str, payload: object) -> None:
+        assert self.ws is not None
+        await self.ws.send(json.dumps({"type": kind, "req_id": req_id, "payload": payload}))
+
+    async def _read(self) -> None:
+        assert self.ws is not None
+        async for message in self.ws:
+            frame = json.loads(message)
+            if frame.get("type") == "mcp_request":
+                await self.send("mcp_response", frame["req_id"], {"answered_by": "sled"})
+            else:
+                await self.frames.put(frame)
+
+
+def test_nats_stopped_relay_fails_fast_and_decisions_still_reach_the_sled(
+    cluster: Cluster,
+) -> None:
+    project = "nats-down"
+
+    async def scenario() -> None:
+        async with _Sled(cluster, project) as sled:
+            holder = await asyncio.to_thread(
+                eventually, lambda: _holder(cluster, project), 15, "a replica holds it"
+            )
+            near = holder.http
+            far = next(r for r in cluster.replicas if r is not holder).http
+            body = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+
+            async def relay(base: str) -> tuple[int, float]:
+                started = time.monotonic()
+                async with httpx.AsyncClient(headers=cluster.headers(), timeout=30) as http:
+                    r = await http.post(f"{base}/sleds/{project}/mcp", json=body)
+                return r.status_code, time.monotonic() - started
+
+            assert (await relay(far))[0] == 200  # across replicas, over NATS
+            assert cluster.nats is not None
+            await asyncio.to_thread(cluster.nats.stop)
+            status, took = await relay(far)
+            assert status in (503, 504), status
+            assert took < MCP_TIMEOUT_S + 2, took  # at once (503), at worst the relay's timeout
+            assert (await relay(near))[0] == 200  # the holder reaches its own sled
+
+            await sled.send(
+                "perm_request", "r1", {"tool_name": "Bash", "tool_input": {"command": "make"}}
+            )
+            async with httpx.AsyncClient(
+                base_url=near, headers=cluster.headers(), timeout=10
+            ) as api:
+                for _ in range(100):
+                    r = await api.post(
+                        f"/api/permissions/{project}/r1", json={"decision": "approve"}
+                    )
+                    if r.status_code != 404:
+                        break
+                    await asyncio.sleep(0.05)
+                assert r.status_code == 200, r.text
+            answer = await asyncio.wait_for(sled.frames.get(), 10)
+            assert answer["type"] == "perm_response" and answer["req_id"] == "r1", answer
+
+            await asyncio.to_thread(cluster.nats.start)  # same port: the replicas reconnect
+            deadline = time.monotonic() + 15
+            while (await relay(far))[0] != 200:
+                assert time.monotonic() < deadline, "the relay across replicas never came back"
+                await asyncio.sleep(0.3)
+
+    asyncio.run(scenario())
