@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import json
 import os
+import random
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from tests.conftest import eventually
 from tests.support import cluster as cluster_support
@@ -240,3 +243,172 @@ def test_nats_stopped_relay_fails_fast_and_decisions_still_reach_the_sled(
                 await asyncio.sleep(0.3)
 
     asyncio.run(scenario())
+
+
+DRAIN_S = 4.0
+HEARTBEAT_S = 5.0
+
+
+class _RollingSled:
+    """A raw sled that reconnects through HAProxy as the uplink does: after a close with
+    ``retry_after=<s>`` it waits a random time in ``[0, s]``. Each session asks one
+    permission that nobody decides, so it is pending when its replica drains."""
+
+    def __init__(self, cluster: Cluster, project: str) -> None:
+        self.cluster, self.project = cluster, project
+        self.sent: list[str] = []  # req ids, one per session
+        self.closes: list[tuple[float, int | None, str]] = []  # (when, code, reason)
+        self.connected = asyncio.Event()
+        self.stop = False
+
+    @staticmethod
+    async def _send(ws: ClientConnection, kind: str, req_id: str, payload: object) -> None:
+        await ws.send(json.dumps({"type": kind, "req_id": req_id, "payload": payload}))
+
+    async def _heartbeats(self, ws: ClientConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await self._send(ws, "heartbeat", "", None)
+                await asyncio.sleep(HEARTBEAT_S)
+
+    async def _session(self, ws: ClientConnection, req_id: str) -> None:
+        await self._send(ws, "identity", "identity", {"project": self.project})
+        await self._send(
+            ws, "perm_request", req_id, {"tool_name": "Bash", "tool_input": {"command": req_id}}
+        )
+        self.sent.append(req_id)
+        self.connected.set()
+        async for message in ws:
+            frame = json.loads(message)
+            if frame.get("type") == "mcp_request":
+                await self._send(ws, "mcp_response", frame["req_id"], {"ok": True})
+            if self.stop:
+                return
+
+    async def run(self) -> None:
+        session = 0
+        while not self.stop:
+            try:
+                ws = await connect(f"{self.cluster.sled_url}?token={SLED_TOKEN}")
+            except (OSError, InvalidStatus, InvalidHandshake):
+                await asyncio.sleep(random.uniform(0, 1))
+                continue
+            session += 1
+            req_id = f"{self.project}-s{session}"
+            async with ws:
+                beat = asyncio.create_task(self._heartbeats(ws))
+                try:
+                    await self._session(ws, req_id)
+                except ConnectionClosed:
+                    pass
+                finally:
+                    beat.cancel()
+            self.connected.clear()
+            self.closes.append((time.monotonic(), ws.close_code, ws.close_reason or ""))
+            hint = re.search(r"retry_after=(\d+(?:\.\d+)?)", ws.close_reason or "")
+            await asyncio.sleep(random.uniform(0, float(hint.group(1)) if hint else 1.0))
+
+
+@pytest.mark.slow
+def test_rolling_restart_with_drain_moves_every_sled_and_accounts_for_every_request() -> None:
+    reason = cluster_support.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    random.seed(24)
+    extra = ("--drain-seconds", f"{DRAIN_S:g}", "--mcp-timeout", "5")
+    with Cluster(replicas=3, extra=extra, heartbeat_interval=HEARTBEAT_S) as cluster:
+
+        async def scenario() -> tuple[
+            list[_RollingSled], list[tuple[int, str | None]], list[tuple[int, float, float]]
+        ]:
+            sleds = [_RollingSled(cluster, f"roll-{i}") for i in range(12)]
+            tasks = [asyncio.create_task(s.run()) for s in sleds]
+            await asyncio.wait_for(asyncio.gather(*(s.connected.wait() for s in sleds)), 30)
+            relays: list[tuple[int, str | None]] = []
+            done = asyncio.Event()
+
+            async def mcp_client() -> None:
+                body = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+                async with httpx.AsyncClient(headers=cluster.headers(), timeout=20) as http:
+                    while not done.is_set():
+                        project = random.choice(sleds).project
+                        try:
+                            r = await http.post(f"{cluster.http}/sleds/{project}/mcp", json=body)
+                            relays.append((r.status_code, r.headers.get("retry-after")))
+                        except httpx.HTTPError as exc:
+                            relays.append((0, type(exc).__name__))
+                        await asyncio.sleep(0.1)
+
+            client = asyncio.create_task(mcp_client())
+            windows: list[tuple[int, float, float]] = []
+            for i in range(len(cluster.replicas)):
+                started = time.monotonic()
+                assert await asyncio.to_thread(cluster.drain, i, 60) == 0
+                windows.append((i, started, time.monotonic()))
+                await asyncio.to_thread(cluster.replicas[i].start)
+                await asyncio.to_thread(
+                    eventually,
+                    lambda i=i: cluster.readyz(cluster.replicas[i].http) == 200,
+                    30,
+                    f"replica {i} ready again",
+                )
+            try:
+                await asyncio.wait_for(asyncio.gather(*(s.connected.wait() for s in sleds)), 30)
+            except TimeoutError:
+                lost = {s.project: s.closes[-3:] for s in sleds if not s.connected.is_set()}
+                raise AssertionError(f"not reconnected after the restart: {lost}") from None
+            done.set()
+            await client
+            for s in sleds:
+                s.stop = True
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return sleds, relays, windows
+
+        sleds, relays, windows = asyncio.run(scenario())
+
+        # Every sled was moved at least once, by a 1012 carrying its hint.
+        for s in sleds:
+            drained = [c for c in s.closes if c[1] == 1012]
+            assert drained, (s.project, s.closes)
+            assert all("retry_after=" in reason for _, _, reason in drained)
+        # The closes of one drain spread over its window, not all at once.
+        for _i, start, end in windows:
+            times = sorted(
+                t for s in sleds for t, code, _ in s.closes if code == 1012 and start <= t <= end
+            )
+            if len(times) >= 3:
+                assert times[-1] - times[0] >= DRAIN_S / 4, times
+        # No MCP error but hinted 503s.
+        bad = [
+            (status, hint)
+            for status, hint in relays
+            if status != 200 and not (status == 503 and hint)
+        ]
+        assert not bad, f"{len(bad)} of {len(relays)} relays: {sorted(set(bad))}"
+        # Every request pending on a drained session is in the audit, withdrawn.
+        drained_ids = {s.sent[n] for s in sleds for n, c in enumerate(s.closes) if c[1] == 1012}
+        audit = _read_audit(cluster)
+        withdrawn = {r["req_id"] for r in audit if r["decision"] == "withdrawn"}
+        missing = drained_ids - withdrawn
+        assert not missing, f"{len(missing)} of {len(drained_ids)} not withdrawn: {sorted(missing)}"
+
+
+def _read_audit(cluster: Cluster) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    before = None
+    while True:
+        params: dict[str, object] = {"limit": 500}
+        if before is not None:
+            params["before"] = before
+        page = httpx.get(
+            f"{cluster.replicas[0].http}/api/audit",
+            params=params,
+            headers=cluster.headers(),
+            timeout=10,
+        ).json()
+        rows += page["entries"]
+        before = page["next_before"]
+        if before is None:
+            return rows
