@@ -437,3 +437,81 @@ def _read_audit(cluster: Cluster) -> list[dict[str, object]]:
         before = page["next_before"]
         if before is None:
             return rows
+
+
+@pytest.mark.parametrize("how", ["stopped", "frozen"])
+def test_postgresql_away_every_replica_refuses_and_haproxy_has_none_then_all_recover(
+    cluster: Cluster, how: str
+) -> None:
+    project = f"pg-{how}"
+    postgres = cluster.postgres
+    assert postgres is not None
+
+    async def scenario() -> None:
+        async with _Sled(cluster, project) as sled:
+            holder = await asyncio.to_thread(
+                eventually, lambda: _holder(cluster, project), 15, "a replica holds it"
+            )
+            await sled.send(
+                "perm_request", "r1", {"tool_name": "Bash", "tool_input": {"command": "make"}}
+            )
+            async with httpx.AsyncClient(
+                base_url=holder.http, headers=cluster.headers(), timeout=30
+            ) as api:
+                await asyncio.to_thread(
+                    eventually,
+                    lambda: httpx.get(f"{holder.http}/api/state", headers=cluster.headers()).json()[
+                        "pending"
+                    ],
+                    15,
+                    "r1 pending",
+                )
+                away = time.monotonic()
+                if how == "stopped":
+                    await asyncio.to_thread(postgres.stop)
+                else:
+                    postgres.freeze()
+                try:
+                    for replica in cluster.replicas:  # each one's own probe: within 5 s
+                        await asyncio.to_thread(
+                            eventually,
+                            lambda r=replica: cluster.readyz(r.http) == 503,
+                            max(0.1, 5.0 - (time.monotonic() - away)),
+                            f"{replica.http} 503",
+                        )
+                    assert cluster.readyz() == 503  # HAProxy has no ready replica left
+                    r = await api.post(
+                        f"/api/permissions/{project}/r1", json={"decision": "approve"}
+                    )
+                    assert r.status_code == 503, r.text
+                    with pytest.raises(TimeoutError):
+                        await asyncio.wait_for(sled.frames.get(), 1)  # no allow reached it
+                finally:
+                    if how == "stopped":
+                        await asyncio.to_thread(postgres.start)
+                    else:
+                        postgres.thaw()
+                back = time.monotonic()
+                for replica in cluster.replicas:
+                    await asyncio.to_thread(
+                        eventually,
+                        lambda r=replica: cluster.readyz(r.http) == 200,
+                        max(0.1, 10.0 - (time.monotonic() - back)),
+                        f"{replica.http} back",
+                    )
+                while True:
+                    r = await api.post(
+                        f"/api/permissions/{project}/r1", json={"decision": "approve"}
+                    )
+                    if r.status_code in (200, 409):  # 409: a commit on the wire landed at thaw
+                        break
+                    assert r.status_code == 503, r.text
+                    assert time.monotonic() - back < 10, "no decision within 10 s of the return"
+                    await asyncio.sleep(0.2)
+            audit = _read_audit(cluster)
+            assert len([e for e in audit if e["req_id"] == "r1"]) == 1, audit
+            if r.status_code == 200:
+                answer = await asyncio.wait_for(sled.frames.get(), 10)
+                assert answer["type"] == "perm_response", answer
+
+    asyncio.run(scenario())
