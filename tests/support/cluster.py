@@ -106,9 +106,11 @@ class Cluster:
 
     def __enter__(self) -> Cluster:
         try:
-            self.postgres = PostgresServer().start()
+            self.postgres = PostgresServer()  # kept before starting: stop() removes it
+            self.postgres.start()
             self.db = self.postgres.url(self.postgres.create_database())
-            self.nats = NatsServer().start()
+            self.nats = NatsServer()
+            self.nats.start()
             # One replica first: it creates the schema; the others find it made.
             for _ in range(self.count):
                 replica = Replica(self.db, self.nats.url, extra=self.extra, timeout=self.timeout)
