@@ -92,6 +92,8 @@ def connect_args(url: URL) -> dict[str, Any]:
     return {k: v for k, v in defaults.items() if k not in url.query}
 
 
+#: The bound on the hourly retention purge, which nobody waits for and may delete many rows.
+PURGE_TIMEOUT_S = 300.0
 #: How much longer than an operation's own deadline its caller waits, for the commit that
 #: follows the operation's last statement.
 COMMIT_GRACE_S = 1.0
@@ -143,9 +145,10 @@ class Watchdog:
             self._raw = dbapi_connection
 
     @contextlib.contextmanager
-    def bound(self) -> Iterator[None]:
+    def bound(self, limit: float | None = None) -> Iterator[None]:
+        """Shut the connection if the block runs over ``limit`` (default: :attr:`limit`)."""
         with self._cond:
-            self._deadline = time.monotonic() + self.limit
+            self._deadline = time.monotonic() + (limit or self.limit)
             self._cond.notify()
         try:
             yield

@@ -561,7 +561,12 @@ class SqlStore:
             try:
                 first = self._queue.get(timeout=self._purge_wait())
             except queue.Empty:
-                self._purge(conn)
+                with (
+                    self._watchdog.bound(postgresql.PURGE_TIMEOUT_S)
+                    if self._watchdog
+                    else contextlib.nullcontext()
+                ):
+                    self._purge(conn)
                 continue
             if first is _STOP:
                 return
