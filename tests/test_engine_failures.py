@@ -59,6 +59,8 @@ def test_every_store_operation_ends_while_postgresql_is_frozen_then_works_again(
                 assert time.monotonic() - started < 3 * T
             with pytest.raises(StoreError):
                 await asyncio.wait_for(store.check(2.0), 3 * T)
+            # The writer thread was freed too, not only its callers: its connection was shut.
+            assert store._watchdog is not None and store._watchdog.fired >= 1
             postgres.thaw()
             back = time.monotonic()
             while True:  # the first operations after the thaw may still meet the old socket
