@@ -10,6 +10,8 @@ bash scripts/install-browser.sh >&2 || true
 bash scripts/install-synapse.sh >&2 || true
 # The NATS bus tests run a real, Debian-packaged nats-server (installed if missing).
 bash scripts/install-nats.sh >&2 || true
+# The replica tests and scripts/cluster.sh put Debian's HAProxy in front (installed if missing).
+bash scripts/install-haproxy.sh >&2 || true
 # The Claude Code tests run the real, pinned binary (npm, into .tools/).
 bash scripts/install-claude-code.sh >&2 || true
 # The console's accessibility check runs a pinned axe-core (npm, into .tools/).

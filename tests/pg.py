@@ -20,6 +20,7 @@ database of its own for one test, dropped after it).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import os
 import pwd
@@ -181,6 +182,9 @@ class PostgresServer:
         if proc is None:
             return
         if proc.poll() is None:
+            self._proc = proc
+            self.thaw()  # a frozen server cannot stop
+            self._proc = None
             proc.send_signal(sig)
             try:
                 proc.wait(30)
@@ -188,7 +192,33 @@ class PostgresServer:
                 proc.kill()
                 proc.wait()
 
+    def pids(self) -> list[int]:
+        """The postmaster and every process it started (backends, writer, checkpointer...)."""
+        if self._proc is None:
+            return []
+        found = [self._proc.pid]
+        for pid in found:  # grows while walked: children of children too
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                try:
+                    found += [int(c) for c in (task / "children").read_text().split()]
+                except OSError:
+                    pass
+        return found
+
+    def freeze(self) -> None:
+        """SIGSTOP every process of the server: it keeps its sockets and answers nothing
+        (a hung host, as its clients see it)."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
     def remove(self) -> None:
+        self.thaw()
         self.stop()
         self._launcher.shutdown()
         shutil.rmtree(self.root, ignore_errors=True)

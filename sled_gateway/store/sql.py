@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import math
 import os
@@ -368,6 +369,9 @@ class SqlStore:
         self._thread: threading.Thread | None = None
         self._engine: Engine | None = None
         self._lock: sqlite.FileLock | None = None
+        self._watchdog: postgresql.Watchdog | None = None
+        #: How long a caller waits for its operation (None: until it ends; see .postgresql).
+        self._operation_timeout = postgresql.OPERATION_TIMEOUT_S if self._postgresql else None
         self._purge_due = 0.0
         self._file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the SQLite file
 
@@ -402,6 +406,8 @@ class SqlStore:
             raise
         if self._sqlite:
             sqlite.prepare_engine(engine, in_file=file is not None)
+        if self._postgresql:
+            self._watchdog = postgresql.Watchdog(engine)
         self._engine = engine
         self._purge_due = 0.0  # purge once at start, then hourly
         ready: concurrent.futures.Future[list[Rule]] = concurrent.futures.Future()
@@ -445,6 +451,9 @@ class SqlStore:
         self._release()
 
     def _release(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
@@ -554,7 +563,12 @@ class SqlStore:
             try:
                 first = self._queue.get(timeout=self._purge_wait())
             except queue.Empty:
-                self._purge(conn)
+                with (
+                    self._watchdog.bound(postgresql.PURGE_TIMEOUT_S)
+                    if self._watchdog
+                    else contextlib.nullcontext()
+                ):
+                    self._purge(conn)
                 continue
             if first is _STOP:
                 return
@@ -569,8 +583,9 @@ class SqlStore:
                     stop = True
                     break
                 batch.append(item)
-            if self._sqlite or self._reachable(conn, batch):
-                self._run_batch(conn, batch)
+            with self._watchdog.bound() if self._watchdog else contextlib.nullcontext():
+                if self._sqlite or self._reachable(conn, batch):
+                    self._run_batch(conn, batch)
             if self._capped:
                 assert self.max_bytes
                 self._written += sum(fn.size for fn, _fut in batch if isinstance(fn, _AuditRow))
@@ -748,7 +763,18 @@ class SqlStore:
         return fut
 
     async def _run(self, fn: Callable[[Connection], T]) -> T:
-        return await asyncio.wrap_future(self._submit(fn))
+        if self._operation_timeout is None:
+            return await asyncio.wrap_future(self._submit(fn))
+        deadline = time.monotonic() + self._operation_timeout
+        future = asyncio.wrap_future(self._submit(postgresql.by_deadline(deadline, fn)))
+        try:
+            return await asyncio.wait_for(
+                future, self._operation_timeout + postgresql.COMMIT_GRACE_S
+            )
+        except TimeoutError:
+            raise StoreError(
+                f"no answer from {self.location} within {self._operation_timeout:g} s"
+            ) from None
 
     # -- health ---------------------------------------------------------------------
 

@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
-
 BINARY = os.environ.get("SLED_NATS_SERVER", "nats-server")
 
 
@@ -34,6 +32,8 @@ def skip_reason() -> str | None:
 
 def require() -> None:
     """Skip the calling test, with the reason, when there is no nats-server."""
+    import pytest  # here: scripts/cluster.sh imports this module without the test extra
+
     reason = skip_reason()
     if reason is not None:
         pytest.skip(reason)
