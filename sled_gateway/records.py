@@ -119,6 +119,8 @@ class PendingPermission:
     needs: int = field(default=1, compare=False)
     #: Who approved it so far, toward that quorum.
     votes: tuple[str, ...] = field(default=(), compare=False)
+    #: The gateway replica holding its sled's session; None: this process.
+    replica: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         measured = self.input_sha256 and self.input_bytes >= 0
