@@ -1,0 +1,118 @@
+"""Two gateway replicas on one real PostgreSQL and one real nats-server are one gateway.
+
+The replicas are in-process :class:`~sled_gateway.Gateway` objects (short sweeps and
+leases, so the timing guarantees show in seconds); the sled is a raw WebSocket
+client on replica A. B lists A's sled and its pending request, decides it, and A's
+sled gets the one answer; a second decider on A gets 409. With NATS stopped, a
+decision on B still reaches the sled, through A's sweep of the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from sled_gateway import Gateway
+from tests.conftest import REFERENCE_TOKEN
+from tests.support import nats as nats_support
+from tests.support.nats import NatsServer
+from tests.test_gateway import api, perm_request, recv, sled
+
+pytestmark = pytest.mark.timeout(90)
+
+FACTOR = float(os.environ.get("SLED_TEST_TIME_FACTOR", "1"))
+T = 10.0 * FACTOR
+OPERATOR = "replicas-operator-t0ken"
+SWEEP = 0.5
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    nats_support.require()
+    server = NatsServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def replica(nats_server: NatsServer, pg_url: str) -> Iterator[Callable[..., Gateway]]:
+    made: list[Gateway] = []
+
+    def make(**settings: Any) -> Gateway:
+        gateway = Gateway(
+            token=REFERENCE_TOKEN,
+            operator_token=OPERATOR,
+            db=pg_url,
+            bus=nats_server.url,
+            sweep_interval=SWEEP,
+            lease_seconds=4 * SWEEP,
+            **settings,
+        )
+        made.append(gateway.start())
+        return made[-1]
+
+    yield make
+    for gw in made:
+        gw.stop()
+
+
+def listed(gw: Gateway, project: str, req_id: str) -> bool:
+    state = gw.state()
+    return any(s["project"] == project and s["state"] == "connected" for s in state["sleds"]) and any(
+        p["project"] == project and p["req_id"] == req_id for p in state["pending"]
+    )
+
+
+def test_replica_b_lists_and_decides_a_request_of_a_sled_held_by_replica_a(
+    replica: Callable[..., Gateway], nats_server: NatsServer
+) -> None:
+    a, b = replica(), replica()
+
+    async def scenario() -> dict[str, float]:
+        figures: dict[str, float] = {}
+        async with (
+            httpx.AsyncClient(base_url=a.http_url, headers=api(a), timeout=T) as on_a,
+            httpx.AsyncClient(base_url=b.http_url, headers=api(b), timeout=T) as on_b,
+            sled(a, "web") as ws,
+        ):
+            await ws.send(perm_request("r1"))
+            await asyncio.to_thread(b.wait_for, lambda _s: listed(b, "web", "r1"), T)
+            seen = (await on_b.get("/api/state")).json()
+            sled_row = next(s for s in seen["sleds"] if s["project"] == "web")
+            assert sled_row["replica"] is not None  # held by another replica
+            got = await on_b.post("/api/permissions/web/r1", json={"decision": "approve"})
+            assert got.status_code == 200, got.text
+            answer = await recv(ws)
+            assert (answer["type"], answer["req_id"]) == ("perm_response", "r1")
+            assert answer["payload"]["approved"] is True
+            late = await on_a.post("/api/permissions/web/r1", json={"decision": "deny"})
+            assert late.status_code == 409, late.text
+            # Both replicas drop it from their lists.
+            for gw in (a, b):
+                await asyncio.to_thread(
+                    gw.wait_for, lambda s: not any(p["req_id"] == "r1" for p in s["pending"]), T
+                )
+
+            # The bus stops: no ring reaches A, and A's sweep delivers B's decision.
+            await asyncio.to_thread(nats_server.stop)
+            await ws.send(perm_request("r2"))
+            await asyncio.to_thread(b.wait_for, lambda _s: listed(b, "web", "r2"), T)
+            got = await on_b.post("/api/permissions/web/r2", json={"decision": "deny"})
+            assert got.status_code == 200, got.text
+            began = time.monotonic()
+            answer = await recv(ws)
+            figures["sweep_delivery_s"] = time.monotonic() - began
+            assert (answer["req_id"], answer["payload"]["approved"]) == ("r2", False)
+        return figures
+
+    figures = asyncio.run(asyncio.wait_for(scenario(), 6 * T))
+    print(f"\nFIGURES {figures}")
+    assert figures["sweep_delivery_s"] < 4 * FACTOR
+    rows = [(r["req_id"], r["decision"]) for r in a.audit() if r["project"] == "web"]
+    assert sorted(rows) == [("r1", "approve"), ("r2", "deny")]
