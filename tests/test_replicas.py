@@ -17,12 +17,16 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from sled_gateway import Gateway
+from sled_gateway.config import ConfigError
 from tests.conftest import REFERENCE_TOKEN
 from tests.support import nats as nats_support
 from tests.support.nats import NatsServer
-from tests.test_gateway import api, perm_request, recv, sled
+from tests.test_exactly_once import SLED_TOKEN, GatewayProcess
+from tests.test_gateway import api, frame, perm_request, recv, sled
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -116,3 +120,64 @@ def test_replica_b_lists_and_decides_a_request_of_a_sled_held_by_replica_a(
     assert figures["sweep_delivery_s"] < 4 * FACTOR
     rows = [(r["req_id"], r["decision"]) for r in a.audit() if r["project"] == "web"]
     assert sorted(rows) == [("r1", "approve"), ("r2", "deny")]
+
+
+def test_a_dead_replicas_pending_requests_are_withdrawn_by_a_survivor(
+    replica: Callable[..., Gateway], pg_url: str, nats_server: NatsServer
+) -> None:
+    """kill -9 of replica A with two requests pending there: its sled's socket drops
+    (the sled denies them itself), and once A's lease expires the survivor B withdraws
+    both (audited), forgets A's sled, and a late decision of one gets 409."""
+    b = replica()
+    a = GatewayProcess(
+        pg_url,  # type: ignore[arg-type]
+        extra=("--bus", nats_server.url, "--sweep-interval", str(SWEEP), "--lease-seconds", "2"),
+    )
+    try:
+
+        async def scenario() -> float:
+            url = a.url.replace("http://", "ws://") + f"/api/sled-uplink?token={SLED_TOKEN}"
+            async with connect(url) as ws:
+                await ws.send(frame("identity", "identity", {"project": "web"}))
+                await ws.send(perm_request("r1"))
+                await ws.send(perm_request("r2"))
+                await asyncio.to_thread(
+                    b.wait_for, lambda _s: listed(b, "web", "r1") and listed(b, "web", "r2"), T
+                )
+                await asyncio.to_thread(a.kill)
+                killed = time.monotonic()
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), T)  # the uplink would deny both now
+
+            def withdrawn() -> bool:
+                rows = b.audit(project="web")
+                return {r["req_id"] for r in rows if r["decision"] == "withdrawn"} == {"r1", "r2"}
+
+            while not await asyncio.to_thread(withdrawn):
+                assert time.monotonic() - killed < 2 + 15 * FACTOR, "not withdrawn in time"
+                await asyncio.sleep(0.1)
+            after = time.monotonic() - killed
+            await asyncio.to_thread(
+                b.wait_for,
+                lambda s: not s["pending"] and not any(x["project"] == "web" for x in s["sleds"]),
+                T,
+            )
+            async with httpx.AsyncClient(base_url=b.http_url, headers=api(b), timeout=T) as on_b:
+                late = await on_b.post("/api/permissions/web/r1", json={"decision": "approve"})
+                assert late.status_code == 409, late.text
+            return after
+
+        after = asyncio.run(asyncio.wait_for(scenario(), 6 * T))
+    finally:
+        a.kill()
+    print(f"\nFIGURES withdrawn {after:.1f} s after the kill (lease 2 s)")
+    rows = b.audit(project="web")
+    assert sorted((r["req_id"], r["decision"], r["by"]) for r in rows) == [
+        ("r1", "withdrawn", "replica_lost"),
+        ("r2", "withdrawn", "replica_lost"),
+    ]
+
+
+def test_a_lease_shorter_than_two_sweeps_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--lease-seconds"):
+        Gateway(lease_seconds=3, sweep_interval=2)
