@@ -818,6 +818,7 @@ class Approvals:
         if self.replicas is not None:
             # Every replica's votes count; the deciding one's compare-and-set settles it.
             ballot.votes = await self._votes_on(item)
+            self._ballots[key] = ballot  # what GET /api/permissions/... shows here
         elif self.state.pending_or_none(*key) is not item:
             # The request left while the vote was written (withdrawn; or replaced by
             # another under the same id, which this vote was not for).

@@ -378,7 +378,8 @@ class Replicas:
                 "sent" if sent else "its session is gone (undelivered)",
             )
             self.after_send(item, decision, sent)
-            self.events.publish(PermissionDecided(record_of(row)))
+            if self.state.pending_or_none(row.project, row.req_id) is not None:
+                self.events.publish(PermissionDecided(record_of(row)))
 
     async def _resync(self) -> None:
         sleds, pending = await self.store.fleet()
