@@ -70,6 +70,7 @@ log = logger.bind(actor="gateway")
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
+
 #: The audit's ``by`` of a request denied, and of the one withdrawn, because
 #: a sled reused a pending id for a different request.
 REUSED_ID = "reused_id"

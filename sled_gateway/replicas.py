@@ -27,6 +27,7 @@ sent until long after the row is marked delivered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import OrderedDict
@@ -86,7 +87,7 @@ def item_of(row: PendingRow) -> PendingPermission:
         row.tool_input,
         row.requested_at,
         row.session,
-        suggested_rules=tuple(tuple(r) for r in offer.get("suggested_rules", ())),  # type: ignore[misc]
+        suggested_rules=tuple((str(r[0]), str(r[1])) for r in offer.get("suggested_rules", ())),
         would_match=offer.get("would_match"),
         needs=row.needs,
         replica=row.replica,
@@ -300,7 +301,7 @@ class Replicas:
         """A decided request whose sled's session ended before its answer went out."""
         by = Principal.gateway("sled_disconnected")
         now = time.time()
-        try:
+        with contextlib.suppress(StateChanged):  # delivered or ended meanwhile
             await self.store.end_pending(
                 AuditEntry(
                     item.project,
@@ -319,8 +320,6 @@ class Replicas:
                 DECIDED,
                 UNDELIVERED,
             )
-        except StateChanged:
-            pass  # delivered or ended meanwhile
 
     # -- the sweep ---------------------------------------------------------------------------
 
@@ -362,7 +361,7 @@ class Replicas:
             return
         for row in await self.store.decided_for(self.id):
             item = item_of(row)
-            decision = Decision(row.decision)
+            decision = Decision(row.decision or Decision.DENY.value)
             if not self.claim_send(item):
                 continue
             session = hub.sessions.get(row.session)
@@ -404,9 +403,12 @@ class Replicas:
             return
         # A withdrawal that could not commit leaves a row pending for a session long gone.
         for row in pending:
-            if row.replica == self.id and row.session not in hub.sessions:
-                if time.time() - row.requested_at > self.sweep_interval:
-                    self._spawn(self._withdraw_orphan(row))
+            if (
+                row.replica == self.id
+                and row.session not in hub.sessions
+                and time.time() - row.requested_at > self.sweep_interval
+            ):
+                self._spawn(self._withdraw_orphan(row))
 
     async def _withdraw_orphan(self, row: PendingRow) -> None:
         by = Principal.gateway("sled_disconnected")

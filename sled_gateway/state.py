@@ -266,8 +266,8 @@ class GatewayState:
                 else:
                     mine.beat_mono = rec.beat_mono  # its holder renews its lease: alive
             for project in self._remote_sleds - seen_sleds:
-                rec = self._sleds.get(project)
-                if rec is not None and rec.replica is not None:
+                gone = self._sleds.get(project)
+                if gone is not None and gone.replica is not None:
                     del self._sleds[project]
                     changed = True
             self._remote_sleds = seen_sleds
@@ -370,9 +370,7 @@ class GatewayState:
     def pending_of_session(self, session: int) -> list[PendingPermission]:
         """This process's requests from its session ``session``."""
         with self._cond:
-            return [
-                p for p in self._pending.values() if p.session == session and p.replica is None
-            ]
+            return [p for p in self._pending.values() if p.session == session and p.replica is None]
 
     def sled_state(self, session: int, project: str) -> SledState | None:
         """The state of ``project``'s sled if ``session`` is its session, else None."""

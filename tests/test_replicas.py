@@ -20,8 +20,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from protocol import ConfigError
 from sled_gateway import Gateway
-from sled_gateway.config import ConfigError
 from tests.conftest import REFERENCE_TOKEN
 from tests.support import nats as nats_support
 from tests.support.nats import NatsServer
@@ -68,9 +68,9 @@ def replica(nats_server: NatsServer, pg_url: str) -> Iterator[Callable[..., Gate
 
 def listed(gw: Gateway, project: str, req_id: str) -> bool:
     state = gw.state()
-    return any(s["project"] == project and s["state"] == "connected" for s in state["sleds"]) and any(
-        p["project"] == project and p["req_id"] == req_id for p in state["pending"]
-    )
+    return any(
+        s["project"] == project and s["state"] == "connected" for s in state["sleds"]
+    ) and any(p["project"] == project and p["req_id"] == req_id for p in state["pending"])
 
 
 def test_replica_b_lists_and_decides_a_request_of_a_sled_held_by_replica_a(

@@ -469,7 +469,9 @@ def test_a_pending_request_is_decided_once_then_delivered(engine: Engine) -> Non
         results = await asyncio.gather(
             store.decide_pending(decision("r1", "approve")),
             store.decide_pending(decision("r1", "deny", by="matrix:@b:x")),
-            store.end_pending(decision("r1", WITHDRAWN, by="sled_disconnected"), PENDING, WITHDRAWN),
+            store.end_pending(
+                decision("r1", WITHDRAWN, by="sled_disconnected"), PENDING, WITHDRAWN
+            ),
             return_exceptions=True,
         )
         lost = [r for r in results if isinstance(r, StateChanged)]
@@ -507,7 +509,9 @@ def test_a_dead_replicas_requests_and_sleds_are_released(engine: Engine) -> None
         await store.decide_pending(decision("r2", "deny"))
         await _pend(store, "r3", replica="B")
         assert await store.expired_replicas(T0 + 20) == ["A"]
-        assert await store.release_replica("A", T0 + 20, "replica_lost", "replica_lost", "gateway") == (1, 1)
+        assert await store.release_replica(
+            "A", T0 + 20, "replica_lost", "replica_lost", "gateway"
+        ) == (1, 1)
         assert await store.expired_replicas(T0 + 20) == []
         sleds, pending = await store.fleet()
         assert [(s.project, s.replica) for s in sleds] == [("q", "B")]

@@ -209,6 +209,7 @@ def _move(
     project: str,
     req_id: str,
     requested_at: float,
+    *,
     expected: str,
     new: str,
     **values: Any,
@@ -219,9 +220,7 @@ def _move(
     waited on another's row lock could wait in a cycle (two batches of decisions
     taking rows in different orders); instead the loser raises :class:`RowBusy`
     at once and its caller tries again once the other has committed."""
-    if conn.dialect.name == "postgresql" and not postgresql.try_lock_request(
-        conn, project, req_id
-    ):
+    if conn.dialect.name == "postgresql" and not postgresql.try_lock_request(conn, project, req_id):
         raise RowBusy(project, req_id)
     done = conn.execute(
         update(PENDING_REQUESTS)
@@ -299,7 +298,14 @@ class FleetStore:
                 pending = row.state == PENDING
                 new = WITHDRAWN if pending else UNDELIVERED
                 try:
-                    _move(conn, row.project, row.req_id, row.requested_at, row.state, new)
+                    _move(
+                        conn,
+                        row.project,
+                        row.req_id,
+                        row.requested_at,
+                        expected=row.state,
+                        new=new,
+                    )
                 except StateChanged:
                     continue
                 counts[0 if pending else 1] += 1
@@ -427,9 +433,7 @@ class FleetStore:
     async def pending_row(self, project: str, req_id: str) -> PendingRow | None:
         return await self._run(lambda conn: _current(conn, project, req_id))
 
-    async def decide_pending(
-        self, entry: AuditEntry, new_rule: Rule | None = None
-    ) -> Recorded:
+    async def decide_pending(self, entry: AuditEntry, new_rule: Rule | None = None) -> Recorded:
         """The decision of a pending request: the compare-and-set ``pending`` → ``decided``
         and its audit row (and an always_allow's rule) in one transaction, or
         :class:`StateChanged` and nothing written. ``entry.requested_at`` names the
@@ -442,8 +446,8 @@ class FleetStore:
                 entry.project,
                 entry.req_id,
                 entry.requested_at,  # type: ignore[arg-type]
-                PENDING,
-                DECIDED,
+                expected=PENDING,
+                new=DECIDED,
                 decision=entry.decision,
                 decided_by=entry.by,
                 decided_at=entry.decided_at,
@@ -466,7 +470,15 @@ class FleetStore:
             ended["decision"] = WITHDRAWN
 
         def end(conn: Connection) -> None:
-            _move(conn, entry.project, entry.req_id, entry.requested_at, expected, new, **ended)  # type: ignore[arg-type]
+            _move(
+                conn,
+                entry.project,
+                entry.req_id,
+                entry.requested_at,  # type: ignore[arg-type]
+                expected=expected,
+                new=new,
+                **ended,
+            )
             _audit(conn, entry)
 
         await self._run_cas(end)
@@ -476,7 +488,7 @@ class FleetStore:
 
         def mark(conn: Connection) -> bool:
             try:
-                _move(conn, project, req_id, requested_at, DECIDED, DELIVERED)
+                _move(conn, project, req_id, requested_at, expected=DECIDED, new=DELIVERED)
             except StateChanged:
                 return False
             return True
