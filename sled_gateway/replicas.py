@@ -172,7 +172,10 @@ class Replicas:
     async def start(self, hub: Hub) -> None:
         """Take a lease, listen for rings, and sweep until :meth:`stop`."""
         self.hub = hub
-        await self.store.renew_lease(self.id, self.started_at, time.time() + self.lease_seconds)
+        try:
+            await self.store.renew_lease(self.id, self.started_at, time.time() + self.lease_seconds)
+        except Exception as exc:  # the database is away: the sweep tries again
+            log.warning("replica {}: lease not taken yet: {}", self.id, exc)
         self._stops.append(self.bus.subscribe(CHANGED, self._rung))
         self._stops.append(self.bus.subscribe(deliver_subject(self.id), lambda _m: self.deliver()))
         self._stops.append(self.bus.on_reconnect(self._reconnected))
@@ -409,6 +412,61 @@ class Replicas:
                 and time.time() - row.requested_at > self.sweep_interval
             ):
                 self._spawn(self._withdraw_orphan(row))
+        # Released by a survivor while alive (a lease renewal late, the database slow):
+        # this replica's sleds are listed again, and its requests that the store has
+        # ended leave its read model (their sleds get no answer: they time out, denied).
+        held = {s.project for s in sleds if s.replica == self.id}
+        for project, session in list(hub.by_project.items()):
+            if project not in held and time.time() - self.started_at > self.sweep_interval:
+                self._spawn(
+                    self._hold(
+                        SledUp(session.id, project, session.remote, self.state.sled_info(project))
+                    )
+                )
+        still = {(r.project, r.req_id, r.requested_at) for r in pending if r.replica == self.id}
+        for item in self.state.pending_items():
+            if (
+                item.replica is None
+                and (item.project, item.req_id, item.received_at) not in still
+                and time.time() - item.received_at > 2 * self.sweep_interval
+            ):
+                self._spawn(self._forget_ended(item))
+
+    async def _forget_ended(self, item: PendingPermission) -> None:
+        row = await self.store.pending_row(item.project, item.req_id)
+        if (
+            row is not None
+            and row.requested_at == item.received_at
+            and row.state
+            in (
+                PENDING,
+                DECIDED,
+            )
+        ):
+            return  # still open (or being delivered): nothing to forget
+        if self.state.pending_or_none(item.project, item.req_id) is not item:
+            return
+        now = time.time()
+        record = (
+            record_of(row)
+            if row is not None and row.requested_at == item.received_at
+            else DecisionRecord(
+                item.project,
+                item.req_id,
+                item.tool_name,
+                WITHDRAWN,
+                "?",
+                now,
+                now - item.received_at,
+            )
+        )
+        log.warning(
+            "permission '{}' of sled '{}' ended in the store ({}) while pending here",
+            printable(item.req_id, 120),
+            printable(item.project, 120),
+            record.decision,
+        )
+        self.events.publish(PermissionWithdrawn(item, record))
 
     async def _withdraw_orphan(self, row: PendingRow) -> None:
         by = Principal.gateway("sled_disconnected")

@@ -181,3 +181,39 @@ def test_a_dead_replicas_pending_requests_are_withdrawn_by_a_survivor(
 def test_a_lease_shorter_than_two_sweeps_is_refused() -> None:
     with pytest.raises(ConfigError, match="--lease-seconds"):
         Gateway(lease_seconds=3, sweep_interval=2)
+
+
+def test_a_replica_released_while_alive_lists_its_sled_again_and_drops_what_ended(
+    replica: Callable[..., Gateway],
+) -> None:
+    """A survivor released replica A (A's lease renewal came late) while A lives on: A's
+    pending request was withdrawn in the store, so A stops showing it; A's sled is
+    listed again on B, and its next request is decided on B and delivered by A."""
+    a, b = replica(), replica()
+    fleet_a = a._app.replicas
+    assert fleet_a is not None
+
+    async def scenario() -> None:
+        async with (
+            httpx.AsyncClient(base_url=b.http_url, headers=api(b), timeout=T) as on_b,
+            sled(a, "web") as ws,
+        ):
+            await ws.send(perm_request("r1"))
+            await asyncio.to_thread(b.wait_for, lambda _s: listed(b, "web", "r1"), T)
+            released = b.run_on_loop(
+                b._app.store.release_replica(  # type: ignore[attr-defined]
+                    fleet_a.id, time.time(), "replica_lost", "replica_lost", "gateway"
+                )
+            )
+            assert await asyncio.wrap_future(released) == (1, 0)
+            await asyncio.to_thread(a.wait_for, lambda s: not s["pending"], T)
+            late = await on_b.post("/api/permissions/web/r1", json={"decision": "approve"})
+            assert late.status_code == 409, late.text
+            await ws.send(perm_request("r2"))
+            await asyncio.to_thread(b.wait_for, lambda _s: listed(b, "web", "r2"), T)
+            got = await on_b.post("/api/permissions/web/r2", json={"decision": "approve"})
+            assert got.status_code == 200, got.text
+            answer = await recv(ws)
+            assert (answer["req_id"], answer["payload"]["approved"]) == ("r2", True)
+
+    asyncio.run(asyncio.wait_for(scenario(), 6 * T))
