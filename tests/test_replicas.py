@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,6 +37,7 @@ FACTOR = float(os.environ.get("SLED_TEST_TIME_FACTOR", "1"))
 T = 10.0 * FACTOR
 OPERATOR = "replicas-operator-t0ken"
 SWEEP = 0.5
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -181,6 +185,22 @@ def test_a_dead_replicas_pending_requests_are_withdrawn_by_a_survivor(
 def test_a_lease_shorter_than_two_sweeps_is_refused() -> None:
     with pytest.raises(ConfigError, match="--lease-seconds"):
         Gateway(lease_seconds=3, sweep_interval=2)
+    argv = ["--no-auth", "--lease-seconds", "1", "--sweep-interval", "1"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "run_gateway.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=T,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "--lease-seconds" in done.stderr, done.stderr
+
+
+def test_the_embedded_gateway_is_no_replica() -> None:
+    """SQLite and the local bus: one process, its pending requests in memory only."""
+    with Gateway(token=REFERENCE_TOKEN, operator_token=OPERATOR) as gw:
+        assert gw._app.replicas is None and gw._app.approvals.replicas is None
 
 
 def test_a_replica_released_while_alive_lists_its_sled_again_and_drops_what_ended(
