@@ -56,8 +56,10 @@ from sled_gateway.hub import Hub
 from sled_gateway.people import Grants, NoGrants
 from sled_gateway.records import DecisionRecord, PendingPermission
 from sled_gateway.relay import Relay
+from sled_gateway.replicas import Replicas
 from sled_gateway.state import GatewayState
 from sled_gateway.store import Store, make_store
+from sled_gateway.store.fleet import FleetStore
 from sled_gateway.tokens import PersonTokens
 
 __all__ = ["UPLINK_PATH", "Forbidden", "GatewayApp", "NotRecorded"]
@@ -109,6 +111,19 @@ class GatewayApp:
             bus=self.bus,
             sled_auth=SledTokenBackend(config.token, config.sled_tokens),
         )
+        #: This process among the replicas on a shared server database; None for the
+        #: embedded default (one process, pending requests in memory only).
+        self.replicas: Replicas | None = None
+        if isinstance(self.store, FleetStore) and getattr(self.store, "shared", False):
+            self.replicas = Replicas(
+                self.store,
+                self.bus,
+                state,
+                self.events,
+                lease_seconds=config.lease_seconds,
+                sweep_interval=config.sweep_interval,
+            )
+            self.approvals.replicas = self.replicas
         self.relay = Relay(config, state, self.bus)
         #: Where people's roles come from (the --access file); OpenID Connect sign-in and
         #: person tokens turn a Person into a Principal through it.
@@ -191,8 +206,12 @@ class GatewayApp:
         self.events.subscribe(PermissionWithdrawn, lambda event: callback(event.record))
 
     async def monitor(self) -> None:
+        if self.replicas is not None:
+            await self.replicas.start(self.hub)
         await self.hub.monitor()
 
     async def shutdown(self) -> None:
+        if self.replicas is not None:
+            self.replicas.stop()
         self.routes.live.close_all()  # an open console must not hold the server's shutdown
         await self.hub.shutdown()

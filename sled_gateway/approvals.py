@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from loguru import logger
 
@@ -56,12 +56,20 @@ from sled_gateway.records import (
     DecisionRecord,
     InputMismatch,
     PendingPermission,
+    UnknownRequest,
     bounded_input,
 )
+from sled_gateway.replicas import Replicas, item_of, record_of
 from sled_gateway.state import GatewayState
 from sled_gateway.store import ALLOW, AuditEntry, Rule, Store, Vote
+from sled_gateway.store.fleet import DECIDED, PENDING, PendingRow, StateChanged
 
 log = logger.bind(actor="gateway")
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
 
 #: The audit's ``by`` of a request denied, and of the one withdrawn, because
 #: a sled reused a pending id for a different request.
@@ -172,6 +180,10 @@ class Approvals:
         # Decisions whose audit row is being written: a second decider waits for
         # the first's outcome, so a request gets exactly one decision.
         self._deciding: dict[Key, asyncio.Future[None]] = {}
+        #: The fleet this process is a replica of (a shared server database), or None:
+        #: one process, its pending requests in memory only.
+        self.replicas: Replicas | None = None
+        self._background: set[asyncio.Future[None]] = set()
 
     def _sled_up(self, event: SledUp) -> None:
         owner = event.info.get("owner")
@@ -270,7 +282,8 @@ class Approvals:
     ) -> None:
         """A sled's ``perm_request``: answer it by rule, cap or ``--auto``, or make it pending
         (``suggestions``: the rules its agent suggests for "always allow", checked when offered)."""
-        if self.state.is_pending(project, req_id):
+        held = self.state.pending_or_none(project, req_id)
+        if held is not None and held.replica is None:
             await self._again(session, project, req_id, tool_name, tool_input)
             return
         # Measured once: the caps below, the audit's summary and /api/state all use it.
@@ -325,6 +338,17 @@ class Approvals:
             await self._settle(item, self.auto, Principal.auto(), None, pending=False)
             return
         item = self._offer(item, suggestions)
+        if self.replicas is not None:
+            # The shared store first: any replica may decide it from then on.
+            try:
+                await self.replicas.add_pending(item)
+            except Exception as exc:
+                log.opt(exception=exc).error("permission {!r}: not recorded as pending", req_id)
+                await self._refuse(item, "not recorded as pending", str(exc))
+                return
+            self.events.publish(PermissionRequested(item))
+            self.replicas.ring()
+            return
         self.events.publish(PermissionRequested(item))
 
     def _offer(
@@ -535,11 +559,71 @@ class Approvals:
         row cannot be taken back), so a withdrawal then would give it two."""
         if self.state.pending_or_none(item.project, item.req_id) is not item:
             return  # decided (or replaced) meanwhile
+        if self.replicas is not None:
+            # The store's compare-and-set settles a race with any replica's decision.
+            self._spawn(self._withdraw_shared(item, by, why))
+            return
         busy = self._deciding.get((item.project, item.req_id))
         if busy is None:
             self._withdraw([item], by, why)
             return
         busy.add_done_callback(lambda _: self._withdraw_when_undecided(item, by, why))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _withdraw_shared(self, item: PendingPermission, by: str, why: str) -> None:
+        """Withdraw ``item`` by a compare-and-set on its row: if a decision won (on any
+        replica), that decision stands, and it is recorded as undelivered."""
+        assert self.replicas is not None
+        now = time.time()
+        withdrawer = Principal.gateway(by)
+        entry = AuditEntry(
+            item.project,
+            item.session,
+            item.req_id,
+            item.tool_name,
+            item.audit_input,
+            WITHDRAWN,
+            withdrawer.by,
+            why,
+            item.received_at,
+            now,
+            who=withdrawer.who,
+            channel=withdrawer.channel.value,
+        )
+        try:
+            await self.store.end_pending(entry, PENDING, WITHDRAWN)  # type: ignore[attr-defined]
+        except StateChanged as exc:
+            row = exc.row
+            if row is None or row.requested_at != item.received_at:
+                return
+            if row.state == DECIDED and self.replicas.claim_send(item):
+                # Decided elsewhere, its answer not sent: the sled denied it itself.
+                await self.replicas.mark_undelivered(item, row.decision or "?")
+            self.events.publish(PermissionDecided(record_of(row)))
+            return
+        except Exception as exc:
+            # The sweep withdraws it later (a row pending for a session that ended).
+            log.opt(exception=exc).error("permission {!r}: withdrawal not recorded", item.req_id)
+            return
+        self.events.publish(
+            PermissionWithdrawn(
+                item,
+                DecisionRecord(
+                    item.project,
+                    item.req_id,
+                    item.tool_name,
+                    WITHDRAWN,
+                    withdrawer.by,
+                    now,
+                    now - item.received_at,
+                ),
+            )
+        )
+        self.replicas.ring()
 
     def _withdraw(self, items: list[PendingPermission], by: str, why: str) -> None:
         """End pending requests without a decision: audited as withdrawn (``by``,
@@ -609,7 +693,13 @@ class Approvals:
         key = (project, req_id)
         while (busy := self._deciding.get(key)) is not None:
             await asyncio.shield(busy)
-        item = self.state.pending_item(project, req_id)
+        try:
+            item = self.state.pending_item(project, req_id)
+        except UnknownRequest:
+            if self.replicas is None:
+                raise
+            # Pending on another replica, not read here yet: the store knows.
+            item = await self._from_store(project, req_id)
         if input_sha256 is not None and input_sha256 != item.input_sha256:
             log.warning(
                 "permission '{}' of sled '{}': {} decided another input than the pending one; "
@@ -639,6 +729,37 @@ class Approvals:
             del self._deciding[key]
             done.set_result(None)
 
+    async def _from_store(self, project: str, req_id: str) -> PendingPermission:
+        assert self.replicas is not None
+        try:
+            row = await self.replicas.find(project, req_id)
+        except Exception as exc:
+            raise NotRecorded(str(exc)) from exc
+        if row is None:
+            raise UnknownRequest(f"no permission request {req_id!r} from sled {project!r}")
+        if row.state != PENDING:
+            raise AlreadyDecided(record_of(row))
+        return item_of(row)
+
+    def _lost(self, item: PendingPermission, row: PendingRow | None) -> Exception:
+        """What a decider is told whose compare-and-set found ``row`` instead."""
+        if row is None:
+            return UnknownRequest(f"no permission request {item.req_id!r} from {item.project!r}")
+        if row.requested_at != item.received_at:
+            return InputMismatch(item_of(row), item.input_sha256)
+        return AlreadyDecided(record_of(row))
+
+    async def _votes_on(self, item: PendingPermission) -> list[Vote]:
+        """The votes on ``item`` as the shared store has them (every replica's), the
+        first of each person only."""
+        seen: set[str] = set()
+        votes = []
+        for v in await self.store.votes(item.project, item.req_id):
+            if v.requested_at == item.received_at and v.person.lower() not in seen:
+                seen.add(v.person.lower())
+                votes.append(v)
+        return votes
+
     async def _vote(
         self,
         item: PendingPermission,
@@ -653,7 +774,9 @@ class Approvals:
         """
         key = (item.project, item.req_id)
         ballot = self._ballots.get(key)
-        if ballot is None or ballot.received_at != item.received_at:
+        if self.replicas is not None:
+            ballot = _Ballot(item.received_at, await self._votes_on(item))
+        elif ballot is None or ballot.received_at != item.received_at:
             ballot = self._ballots[key] = _Ballot(item.received_at)
         voter = voter_of(principal)
         # Case-blind: an email in two spellings is one person.
@@ -663,7 +786,11 @@ class Approvals:
                 list(ballot.votes),
                 item.needs,
             )
-        owner = self._owners.get(item.session)
+        owner = (
+            self._owners.get(item.session)
+            if item.replica is None
+            else _text(self.state.sled_info(item.project).get("owner"))
+        )
         approving = decision is not Decision.DENY
         if approving and owner is not None and owner.lower() == voter.lower():
             raise VoteRefused(
@@ -689,13 +816,18 @@ class Approvals:
         except Exception as exc:
             log.opt(exception=exc).error("vote on {!r} not recorded; still pending", item.req_id)
             raise NotRecorded(str(exc)) from exc
-        if self.state.pending_or_none(*key) is not item:
+        if self.replicas is not None:
+            # Every replica's votes count; the deciding one's compare-and-set settles it.
+            ballot.votes = await self._votes_on(item)
+            self._ballots[key] = ballot  # what GET /api/permissions/... shows here
+        elif self.state.pending_or_none(*key) is not item:
             # The request left while the vote was written (withdrawn; or replaced by
             # another under the same id, which this vote was not for).
             current = self.state.pending_item(*key)  # UnknownRequest / AlreadyDecided
             raise InputMismatch(current, item.input_sha256)
-        self._ballots[key] = ballot
-        ballot.votes.append(vote)
+        else:
+            self._ballots[key] = ballot
+            ballot.votes.append(vote)
         approvals = [v.person for v in ballot.votes if v.decision == Decision.APPROVE.value]
         log.info(
             "permission '{}' of sled '{}': {} votes {} ({} of {} approvals)",
@@ -772,8 +904,15 @@ class Approvals:
             channel=principal.channel.value,
         )
         rule = None
+        shared = self.replicas is not None and pending
         try:
-            _, rule = await self.store.record(entry, new_rule)
+            if shared:
+                _, rule = await self.store.decide_pending(entry, new_rule)  # type: ignore[attr-defined]
+            else:
+                _, rule = await self.store.record(entry, new_rule)
+        except StateChanged as exc:
+            # Another decision, or the withdrawal, committed first (on any replica).
+            raise self._lost(item, exc.row) from None
         except Exception as exc:
             if pending:
                 log.opt(exception=exc).error(
@@ -782,7 +921,9 @@ class Approvals:
                 raise NotRecorded(str(exc)) from exc
             log.opt(exception=exc).error("permission {!r}: not recorded; denying", req_id)
             decision = Decision.DENY
-        if pending and not self.state.is_pending(project, req_id):
+        if shared:
+            pass  # the compare-and-set above was the one check
+        elif pending and not self.state.is_pending(project, req_id):
             # The sled went away while the row was written: its withdrawal stands.
             withdrawn = self.state.decision_for(project, req_id)
             if withdrawn is not None:
@@ -817,8 +958,30 @@ class Approvals:
             )
             self.events.publish(RulesChanged(rule, revoked=False))
         self.events.publish(PermissionDecided(record, was_pending=pending))
-        await self._send(item.session, req_id, decision)
+        if shared:
+            await self._send_shared(item, decision)
+        else:
+            await self._send(item.session, req_id, decision)
         return record
+
+    async def _send_shared(self, item: PendingPermission, decision: Decision) -> None:
+        """Answer a request decided in the shared store: from here when this replica
+        holds its sled, else by ringing the holder (whose sweep delivers it anyway)."""
+        assert self.replicas is not None
+        if item.replica is not None and item.replica != self.replicas.id:
+            self.replicas.ring_holder(item.replica)
+            return
+        if self.replicas.claim_send(item):
+            sent = self._answerer is not None and await self._answerer.answer(
+                item.session, item.req_id, decision
+            )
+            if not sent:
+                log.warning(
+                    "permission '{}': the sled's session is gone; answer not sent",
+                    printable(item.req_id, 120),
+                )
+            self.replicas.after_send(item, decision, sent)
+        self.replicas.ring()
 
     async def _answer_by_rule(
         self,

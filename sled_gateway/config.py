@@ -420,6 +420,20 @@ class GatewayConfig:
         "0 closes them all at once",
         rule=_drain_seconds,
     )
+    lease_seconds: float = option(
+        10.0,
+        "--lease-seconds",
+        "replicas on a shared database: one that has not renewed its lease for this long "
+        "is taken for dead, and the others withdraw what it held",
+        rule=positive_seconds,
+    )
+    sweep_interval: float = option(
+        2.0,
+        "--sweep-interval",
+        "replicas on a shared database: how often each renews its lease, releases dead "
+        "replicas, delivers decisions made elsewhere and re-reads the fleet",
+        rule=positive_seconds,
+    )
     max_connections: int = option(
         200,
         "--max-connections",
@@ -542,6 +556,12 @@ class GatewayConfig:
                 "--max-frame-bytes",
                 f"must be at least --max-input-bytes plus {FRAME_SLACK} "
                 f"({self.max_input_bytes + FRAME_SLACK}), not {self.max_frame_bytes}",
+            )
+        if self.lease_seconds < 2 * self.sweep_interval:
+            raise ConfigError(
+                "--lease-seconds",
+                f"must be at least twice --sweep-interval ({2 * self.sweep_interval:g}), "
+                f"not {self.lease_seconds:g}: a live replica renews it at each sweep",
             )
         sled_secrets = set(self.sled_tokens.values())
         if self.token is not None and self.token in sled_secrets:

@@ -119,6 +119,8 @@ class PendingPermission:
     needs: int = field(default=1, compare=False)
     #: Who approved it so far, toward that quorum.
     votes: tuple[str, ...] = field(default=(), compare=False)
+    #: The gateway replica holding its sled's session; None: this process.
+    replica: str | None = field(default=None, compare=False)
     # The card's rules once computed: a shell parse that only a card, a listing or an
     # "always allow" needs, so a request is registered (and can be decided) without it.
     _suggested: tuple[tuple[str, str], ...] | None = field(

@@ -76,6 +76,8 @@ class SledRecord:
     frames_in: int = 0
     frames_dropped: int = 0
     reported: SledState = SledState.CONNECTED  # last state announced in the log
+    #: The gateway replica holding its session; None: this process.
+    replica: str | None = None
 
     def state_at(self, mono_now: float, stale_after: float) -> SledState:
         if self.disconnected_at is not None:
@@ -111,6 +113,9 @@ class GatewayState:
         self._decided: OrderedDict[Key, DecisionRecord] = OrderedDict()
         self._recent: deque[DecisionRecord] = deque(maxlen=RECENT_DECISIONS)
         self._version = 0  # bumped on every change; lets waiters see "something happened"
+        # What other replicas hold, as last read from the shared store (set_fleet).
+        self._remote_sleds: set[str] = set()
+        self._remote_pending: set[Key] = set()
         self._listeners: list[Callable[[], None]] = []
 
     # -- changes: events from the loop ------------------------------------------
@@ -139,6 +144,7 @@ class GatewayState:
 
     def _on_sled_up(self, event: SledUp) -> None:
         with self._cond:
+            self._remote_sleds.discard(event.project)
             self._sleds[event.project] = SledRecord(
                 project=event.project,
                 session=event.session,
@@ -154,7 +160,12 @@ class GatewayState:
             project = event.project
             rec = self._sleds.get(project) if project is not None else None
             # The late end of a replaced session must not touch its successor.
-            if rec is not None and rec.session == event.session and rec.disconnected_at is None:
+            if (
+                rec is not None
+                and rec.replica is None
+                and rec.session == event.session
+                and rec.disconnected_at is None
+            ):
                 rec.disconnected_at = self._wall()
                 rec.disconnected_mono = self._mono()
                 rec.close_code = event.close_code
@@ -167,6 +178,7 @@ class GatewayState:
         with self._cond:
             self._decided.pop(key, None)  # a reused id (sled restarted) is a new request
             self._unpend(key)
+            self._remote_pending.discard(key)
             self._pending[key] = item
             self._pending_bytes[item.project] = (
                 self._pending_bytes.get(item.project, 0) + item.input_bytes
@@ -188,6 +200,9 @@ class GatewayState:
         item = self._pending.pop(key, None)
         if item is None:
             return
+        if item.replica is not None:
+            self._remote_pending.discard(key)
+            return  # another replica's: its bytes are that replica's to count
         left = self._pending_bytes.get(item.project, 0) - item.input_bytes
         if left > 0:
             self._pending_bytes[item.project] = left
@@ -208,7 +223,7 @@ class GatewayState:
     def _on_heartbeat(self, event: SledHeartbeat) -> None:
         with self._cond:
             rec = self._sleds.get(event.project)
-            if rec is None or rec.session != event.session:
+            if rec is None or rec.session != event.session or rec.replica is not None:
                 return
             rec.last_heartbeat = self._wall()
             rec.beat_mono = self._mono()
@@ -219,7 +234,7 @@ class GatewayState:
         with self._cond:
             project = event.project
             rec = self._sleds.get(project) if project is not None else None
-            if rec is None or rec.session != event.session:
+            if rec is None or rec.session != event.session or rec.replica is not None:
                 return
             rec.frames_in += 1
             if event.dropped:
@@ -232,6 +247,56 @@ class GatewayState:
         while len(self._decided) > DECIDED_MEMORY:
             self._decided.popitem(last=False)
         self._recent.appendleft(record)
+
+    def set_fleet(self, sleds: list[SledRecord], pending: list[PendingPermission]) -> None:
+        """What the other replicas hold now (read from the shared store): their sleds and
+        pending requests replace the ones read before. This process's own sessions and
+        requests win over anything read (they are newer than any read can be)."""
+        with self._cond:
+            changed = False
+            seen_sleds = set()
+            for rec in sleds:
+                mine = self._sleds.get(rec.project)
+                if mine is not None and mine.replica is None and mine.disconnected_at is None:
+                    continue
+                seen_sleds.add(rec.project)
+                if mine is None or mine.replica != rec.replica or mine.session != rec.session:
+                    self._sleds[rec.project] = rec
+                    changed = True
+                else:
+                    mine.beat_mono = rec.beat_mono  # its holder renews its lease: alive
+            for project in self._remote_sleds - seen_sleds:
+                gone = self._sleds.get(project)
+                if gone is not None and gone.replica is not None:
+                    del self._sleds[project]
+                    changed = True
+            self._remote_sleds = seen_sleds
+            seen_pending = set()
+            for item in pending:
+                key = (item.project, item.req_id)
+                held = self._pending.get(key)
+                if held is not None and held.replica is None:
+                    continue
+                seen_pending.add(key)
+                if held is None or held.received_at != item.received_at:
+                    if held is not None:
+                        self._unpend(key)
+                    self._pending[key] = item
+                    changed = True
+            for key in self._remote_pending - seen_pending:
+                held = self._pending.get(key)
+                if held is not None and held.replica is not None:
+                    self._unpend(key)
+                    changed = True
+            self._remote_pending = seen_pending
+            if changed:
+                self._changed()
+
+    def sled_info(self, project: str) -> dict[str, JSON]:
+        """The identity's extra keys of ``project``'s sled (empty when unknown)."""
+        with self._cond:
+            rec = self._sleds.get(project)
+            return dict(rec.info) if rec is not None else {}
 
     def forget_disconnected(self, older_than: float) -> list[str]:
         """Drop the records of sleds disconnected more than ``older_than`` s ago.
@@ -303,14 +368,15 @@ class GatewayState:
             return self._pending.get((project, req_id))
 
     def pending_of_session(self, session: int) -> list[PendingPermission]:
+        """This process's requests from its session ``session``."""
         with self._cond:
-            return [p for p in self._pending.values() if p.session == session]
+            return [p for p in self._pending.values() if p.session == session and p.replica is None]
 
     def sled_state(self, session: int, project: str) -> SledState | None:
         """The state of ``project``'s sled if ``session`` is its session, else None."""
         with self._cond:
             rec = self._sleds.get(project)
-            if rec is None or rec.session != session:
+            if rec is None or rec.session != session or rec.replica is not None:
                 return None
             return rec.state_at(self._mono(), self.stale_after)
 
@@ -367,6 +433,7 @@ class GatewayState:
                         "frames_in": rec.frames_in,
                         "frames_dropped": rec.frames_dropped,
                         "pending": pending_per_project.get(rec.project, 0),
+                        "replica": rec.replica,
                     }
                 )
             return {

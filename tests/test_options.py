@@ -351,6 +351,8 @@ GATEWAY_BAD = {
     "auto": ("maybe", "always_allow"),
     "heartbeat_interval": ("0", 0.0),
     "drain_seconds": ("-1", -1.0),
+    "lease_seconds": ("0", 0.0),
+    "sweep_interval": ("never", math.inf),
     "mcp_timeout": ("nan", math.nan),
     "max_relays_per_sled": ("0", 0),
     "bus": ("http://127.0.0.1:4222", "nats://"),

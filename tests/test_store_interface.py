@@ -35,6 +35,13 @@ from sled_gateway.store import (
     UnknownRule,
     make_store,
 )
+from sled_gateway.store.fleet import (
+    DECIDED,
+    PENDING,
+    UNDELIVERED,
+    WITHDRAWN,
+    StateChanged,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -432,6 +439,124 @@ def test_a_request_is_recorded_once_of_two_concurrent_deciders(engine: Engine) -
         assert len(await store.audit()) == 3
 
     run(scenario())
+
+
+# -- what replicas share: pending requests, sleds, leases ----------------------------------------
+
+
+async def _pend(store: Any, req_id: str, at: float = T0, replica: str = "A") -> None:
+    await store.add_pending(
+        "p", req_id, at, replica=replica, session=1, tool_name="Bash",
+        tool_input={"command": req_id}, needs=1, offer={"suggested_rules": [["Bash(ls)", "exact"]]},
+    )  # fmt: skip
+
+
+def decision(req_id: str, value: str, at: float = T0, by: str = "console") -> AuditEntry:
+    return AuditEntry(
+        "p", 1, req_id, "Bash", {"command": req_id}, value, by, None, at, at + 1
+    )  # fmt: skip
+
+
+def test_a_pending_request_is_decided_once_then_delivered(engine: Engine) -> None:
+    store: Any = engine.open()
+
+    async def scenario() -> None:
+        await _pend(store, "r1")
+        _sleds, pending = await store.fleet()
+        assert [(r.req_id, r.state, r.offer["suggested_rules"]) for r in pending] == [
+            ("r1", PENDING, [["Bash(ls)", "exact"]])
+        ]
+        results = await asyncio.gather(
+            store.decide_pending(decision("r1", "approve")),
+            store.decide_pending(decision("r1", "deny", by="matrix:@b:x")),
+            store.end_pending(
+                decision("r1", WITHDRAWN, by="sled_disconnected"), PENDING, WITHDRAWN
+            ),
+            return_exceptions=True,
+        )
+        lost = [r for r in results if isinstance(r, StateChanged)]
+        assert len(lost) == 2, results
+        assert all(x.row is not None and x.row.state == DECIDED for x in lost)
+        row = await store.pending_row("p", "r1")
+        assert (row.state, row.decision) in {(DECIDED, "approve"), (DECIDED, "deny")}
+        assert [(e.req_id, e.decision) for e in await store.audit()] == [("r1", row.decision)]
+        assert [r.req_id for r in await store.decided_for("A")] == ["r1"]
+        assert await store.decided_for("B") == []
+        assert await store.delivered("p", "r1", T0) is True
+        assert await store.delivered("p", "r1", T0) is False  # once
+        assert (await store.fleet())[1] == []
+        # A finished request gives way to a new one under its id; a pending one does not.
+        await _pend(store, "r1", T0 + 60)
+        with pytest.raises(StoreError):
+            await _pend(store, "r1", T0 + 120)
+        with pytest.raises(StateChanged) as other:  # a decision of the old one
+            await store.decide_pending(decision("r1", "approve", at=T0))
+        assert other.value.row is not None and other.value.row.requested_at == T0 + 60
+
+    run(scenario())
+
+
+def test_a_dead_replicas_requests_and_sleds_are_released(engine: Engine) -> None:
+    store: Any = engine.open()
+
+    async def scenario() -> None:
+        await store.renew_lease("A", T0, T0 + 10)
+        await store.renew_lease("B", T0, T0 + 30)
+        await store.hold_sled("p", "A", 1, "127.0.0.1:1", {"owner": "alice"})
+        await store.hold_sled("q", "B", 7, "127.0.0.1:2", {})
+        await _pend(store, "r1")
+        await _pend(store, "r2")
+        await store.decide_pending(decision("r2", "deny"))
+        await _pend(store, "r3", replica="B")
+        assert await store.expired_replicas(T0 + 20) == ["A"]
+        assert await store.release_replica(
+            "A", T0 + 20, "replica_lost", "replica_lost", "gateway"
+        ) == (1, 1)
+        assert await store.expired_replicas(T0 + 20) == []
+        sleds, pending = await store.fleet()
+        assert [(s.project, s.replica) for s in sleds] == [("q", "B")]
+        assert [r.req_id for r in pending] == ["r3"]
+        states = {r: (await store.pending_row("p", r)).state for r in ("r1", "r2", "r3")}
+        assert states == {"r1": WITHDRAWN, "r2": UNDELIVERED, "r3": PENDING}
+        audit = sorted((e.req_id, e.decision) for e in await store.audit())
+        assert audit == [("r1", WITHDRAWN), ("r2", "deny"), ("r2", UNDELIVERED)]
+        # The sled moves to B; A's late end of its old session does not touch it.
+        await store.hold_sled("p", "B", 9, "127.0.0.1:3", {})
+        await store.let_go_sled("p", "A", 1)
+        assert sorted(s.project for s in (await store.fleet())[0]) == ["p", "q"]
+        await store.let_go_sled("p", "B", 9)
+        assert [s.project for s in (await store.fleet())[0]] == ["q"]
+
+    run(scenario())
+
+
+def test_two_replicas_on_one_database_decide_each_request_once(postgres: Any) -> None:
+    """Two stores on one PostgreSQL database (two replicas' writers), 200 requests, each
+    decided by both at once with conflicting answers, in batches: one wins each."""
+    url = postgres.url(postgres.create_database())
+    a: Any = make_store(url).open()
+    b: Any = make_store(url).open()
+    try:
+
+        async def scenario() -> None:
+            ids = [f"r{i}" for i in range(200)]
+            for req_id in ids:
+                await _pend(a, req_id)
+            calls = []
+            for i, req_id in enumerate(ids):
+                first, second = (a, b) if i % 2 else (b, a)
+                calls.append(first.decide_pending(decision(req_id, "approve")))
+                calls.append(second.decide_pending(decision(req_id, "deny", by="other")))
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            lost = [r for r in results if isinstance(r, StateChanged)]
+            assert len(lost) == 200, [r for r in results if isinstance(r, Exception)][:3]
+            rows = await a.audit(limit=1000)
+            assert sorted(e.req_id for e in rows) == sorted(ids)
+
+        run(scenario())
+    finally:
+        a.close()
+        b.close()
 
 
 # -- health ------------------------------------------------------------------------------------

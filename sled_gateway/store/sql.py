@@ -66,7 +66,7 @@ from sqlalchemy.types import TypeEngine
 
 from protocol.web import ascii_digits
 from sled_gateway.policy import Policy
-from sled_gateway.store import MEMORY, postgresql, sqlite
+from sled_gateway.store import MEMORY, fleet, postgresql, sqlite
 from sled_gateway.store.models import (
     MAX_PAGE,
     AlreadyRecorded,
@@ -87,7 +87,7 @@ log = logger.bind(actor="gateway-store")
 T = TypeVar("T")
 
 #: The schema this release writes: the number of its newest Alembic revision.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: Most operations in one transaction (a bound on one commit's latency).
 _MAX_BATCH = 512
 _PURGE_EVERY_S = 3600.0
@@ -155,6 +155,9 @@ VOTES = Table(
     Index("votes_request", "project", "req_id", "id"),
     sqlite_autoincrement=True,
 )
+# What replicas share (schema 5) is declared in its own module, and is part of the schema.
+for _table in fleet.METADATA.tables.values():
+    _table.to_metadata(METADATA)
 _TOKEN_COLUMNS = (
     TOKENS.c.id,
     TOKENS.c.person,
@@ -329,7 +332,7 @@ def _url(location: str | os.PathLike[str]) -> URL:
     return postgresql.driver_url(make_url(text)) if "://" in text else sqlite.url_for_path(text)
 
 
-class SqlStore:
+class SqlStore(fleet.FleetStore):
     """The audit log and the rules in a SQL database, behind one writer thread.
 
     ``location`` is a SQLAlchemy URL, a SQLite file's path, or
@@ -374,6 +377,11 @@ class SqlStore:
         self._operation_timeout = postgresql.OPERATION_TIMEOUT_S if self._postgresql else None
         self._purge_due = 0.0
         self._file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the SQLite file
+
+    @property
+    def shared(self) -> bool:
+        """Whether several gateway replicas may use this database (a server database)."""
+        return not self._sqlite
 
     # -- lifecycle ---------------------------------------------------------------
 

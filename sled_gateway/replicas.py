@@ -1,0 +1,504 @@
+"""This gateway replica among the others sharing its database: leases, the sweep, the
+read model of the whole fleet, and delivering decisions made elsewhere.
+
+Used when the store is a server database (``--db postgresql://``), where several
+replicas may be one gateway. The database is the system of record; the bus only
+rings:
+
+- ``gateway.changed`` (published after any change others should show: a sled up
+  or down, a request pending, decided or withdrawn): every replica re-reads the
+  fleet (:meth:`Replicas.resync`), coalescing a burst of rings into few reads;
+- ``replica.<id>.deliver`` (published by a replica that decided a request another
+  holds): the holder reads its decided rows and sends their ``perm_response``.
+
+Correctness never depends on a ring arriving: the sweep, every
+``--sweep-interval`` seconds, renews this replica's lease, releases the replicas
+whose lease expired (their pending requests withdrawn, their decided ones marked
+undelivered, each audited), withdraws this replica's own requests whose session
+is gone (a withdrawal that failed to commit), delivers what is decided for this
+replica, and re-reads the fleet. A reconnected bus triggers the same at once.
+
+A holder sends a ``perm_response`` only for a row the store says is ``decided``
+(this replica's own decisions are sent right after their compare-and-set
+commits), and at most once per request: :attr:`Replicas._sent` remembers what it
+sent until long after the row is marked delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from protocol import Decision, printable
+from sled_gateway.bus import Bus, Message, escape_token
+from sled_gateway.events import (
+    Events,
+    PermissionDecided,
+    PermissionWithdrawn,
+    SledDown,
+    SledUp,
+)
+from sled_gateway.principal import Principal
+from sled_gateway.records import WITHDRAWN, DecisionRecord, PendingPermission
+from sled_gateway.state import GatewayState, SledRecord
+from sled_gateway.store import AuditEntry
+from sled_gateway.store.fleet import (
+    DECIDED,
+    PENDING,
+    UNDELIVERED,
+    FleetStore,
+    PendingRow,
+    StateChanged,
+)
+
+if TYPE_CHECKING:
+    from sled_gateway.hub import Hub
+
+log = logger.bind(actor="replicas")
+
+#: The subject every replica listens on to re-read the fleet.
+CHANGED = "gateway.changed"
+#: The audit's ``by`` of requests a survivor released for a replica whose lease expired.
+LEASE_EXPIRED = "replica_lost"
+#: How many delivered requests a replica remembers, so none is sent twice.
+SENT_MEMORY = 100_000
+
+Key = tuple[str, str, float]  # (project, req_id, requested_at): one request
+
+
+def deliver_subject(replica: str) -> str:
+    return f"replica.{escape_token(replica)}.deliver"
+
+
+def item_of(row: PendingRow) -> PendingPermission:
+    """A pending row as the read model shows it."""
+    offer = row.offer
+    item = PendingPermission(
+        row.project,
+        row.req_id,
+        row.tool_name,
+        row.tool_input,
+        row.requested_at,
+        row.session,
+        would_match=offer.get("would_match"),
+        needs=row.needs,
+        replica=row.replica,
+    )
+    # The holder computed the card's rules (with the sled's own suggestions, which the row
+    # does not keep): show those rather than a second parse without them.
+    rules = tuple((str(r[0]), str(r[1])) for r in offer.get("suggested_rules", ()))
+    object.__setattr__(item, "_suggested", rules)
+    return item
+
+
+def record_of(row: PendingRow) -> DecisionRecord:
+    """A row's outcome as the console's log shows it."""
+    at = row.decided_at if row.decided_at is not None else time.time()
+    return DecisionRecord(
+        row.project,
+        row.req_id,
+        row.tool_name,
+        row.decision or row.state,
+        row.decided_by or "?",
+        at,
+        at - row.requested_at,
+    )
+
+
+class _Coalesced:
+    """Run ``job`` once now, and once more after it if asked again meanwhile."""
+
+    def __init__(self, job: Callable[[], Awaitable[None]], name: str) -> None:
+        self._job = job
+        self._name = name
+        self._wanted = False
+        self._task: asyncio.Task[None] | None = None
+
+    def __call__(self) -> None:
+        self._wanted = True
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while self._wanted:
+            self._wanted = False
+            try:
+                await self._job()
+            except Exception as exc:
+                log.warning("{} failed: {}", self._name, exc)
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+class Replicas:
+    """This replica's part in the fleet (everything on the gateway's event loop)."""
+
+    def __init__(
+        self,
+        store: FleetStore,
+        bus: Bus,
+        state: GatewayState,
+        events: Events,
+        *,
+        lease_seconds: float,
+        sweep_interval: float,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.state = state
+        self.events = events
+        self.lease_seconds = lease_seconds
+        self.sweep_interval = sweep_interval
+        #: This process's name in the ``replicas`` table, new at each start.
+        self.id = uuid.uuid4().hex[:16]
+        self.started_at = time.time()
+        self.hub: Hub | None = None
+        self._sent: OrderedDict[Key, None] = OrderedDict()
+        self._background: set[asyncio.Future[Any]] = set()
+        self._stops: list[Callable[[], None]] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        self.resync = _Coalesced(self._resync, "re-reading the fleet")
+        self.deliver = _Coalesced(self._deliver, "delivering decisions")
+        events.subscribe(SledUp, self._sled_up)
+        events.subscribe(SledDown, self._sled_down)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, hub: Hub) -> None:
+        """Take a lease, listen for rings, and sweep until :meth:`stop`."""
+        self.hub = hub
+        try:
+            await self.store.renew_lease(self.id, self.started_at, time.time() + self.lease_seconds)
+        except Exception as exc:  # the database is away: the sweep tries again
+            log.warning("replica {}: lease not taken yet: {}", self.id, exc)
+        self._stops.append(self.bus.subscribe(CHANGED, self._rung))
+        self._stops.append(self.bus.subscribe(deliver_subject(self.id), lambda _m: self.deliver()))
+        self._stops.append(self.bus.on_reconnect(self._reconnected))
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        log.info(
+            "replica {} on the shared store (lease {:g} s, sweep every {:g} s)",
+            self.id,
+            self.lease_seconds,
+            self.sweep_interval,
+        )
+        self.resync()
+
+    def stop(self) -> None:
+        for stop in self._stops:
+            stop()
+        self._stops.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self.resync.cancel()
+        self.deliver.cancel()
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- rings ------------------------------------------------------------------------------
+
+    def ring(self) -> None:
+        """Tell every replica to re-read (something others show changed)."""
+        try:
+            self.bus.publish(CHANGED, {"from": self.id})
+        except Exception as exc:  # a lost ring only delays: the sweep re-reads
+            log.debug("ring not sent: {}", exc)
+
+    def ring_holder(self, replica: str) -> None:
+        """Tell ``replica`` a request it holds was decided."""
+        try:
+            self.bus.publish(deliver_subject(replica), {"from": self.id})
+        except Exception as exc:
+            log.debug("ring to {} not sent: {}", replica, exc)
+        self.ring()
+
+    def _rung(self, message: Message) -> None:
+        if message.get("from") != self.id:
+            self.resync()
+
+    def _reconnected(self) -> None:
+        # Rings may have been lost while the bus was away.
+        self.resync()
+        self.deliver()
+
+    # -- sleds ------------------------------------------------------------------------------
+
+    def _sled_up(self, event: SledUp) -> None:
+        self._spawn(self._hold(event))
+
+    async def _hold(self, event: SledUp) -> None:
+        try:
+            await self.store.hold_sled(
+                event.project, self.id, event.session, event.remote, event.info
+            )
+        except Exception as exc:
+            log.warning("sled {!r} not recorded as held here: {}", event.project, exc)
+        self.ring()
+
+    def _sled_down(self, event: SledDown) -> None:
+        if event.project is not None:
+            self._spawn(self._let_go(event.project, event.session))
+
+    async def _let_go(self, project: str, session: int) -> None:
+        try:
+            await self.store.let_go_sled(project, self.id, session)
+        except Exception as exc:
+            log.warning("sled {!r} not recorded as gone: {}", project, exc)
+        self.ring()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def add_pending(self, item: PendingPermission) -> None:
+        """Record ``item`` as pending here (raises if it could not be)."""
+        await self.store.add_pending(
+            item.project,
+            item.req_id,
+            item.received_at,
+            replica=self.id,
+            session=item.session,
+            tool_name=item.tool_name,
+            tool_input=item.tool_input,
+            needs=item.needs,
+            offer={
+                "suggested_rules": [list(r) for r in item.suggested_rules],
+                "would_match": item.would_match,
+            },
+        )
+
+    async def find(self, project: str, req_id: str) -> PendingRow | None:
+        """The request's row as the store has it now."""
+        return await self.store.pending_row(project, req_id)
+
+    def claim_send(self, item: PendingPermission) -> bool:
+        """Whether this replica may send ``item``'s answer now (never twice)."""
+        key = (item.project, item.req_id, item.received_at)
+        if key in self._sent:
+            return False
+        self._sent[key] = None
+        while len(self._sent) > SENT_MEMORY:
+            self._sent.popitem(last=False)
+        return True
+
+    def after_send(self, item: PendingPermission, decision: Decision, sent: bool) -> None:
+        """Record how the answer of a decided request went: delivered, or (its session
+        gone) undelivered, audited so."""
+        self._spawn(self._settle_delivery(item, decision.value, sent))
+
+    async def _settle_delivery(self, item: PendingPermission, decision: str, sent: bool) -> None:
+        try:
+            if sent:
+                await self.store.delivered(item.project, item.req_id, item.received_at)
+            else:
+                await self.mark_undelivered(item, decision)
+        except Exception as exc:
+            log.warning("request {!r}: delivery not recorded: {}", item.req_id, exc)
+
+    async def mark_undelivered(self, item: PendingPermission, decision: str) -> None:
+        """A decided request whose sled's session ended before its answer went out."""
+        by = Principal.gateway("sled_disconnected")
+        now = time.time()
+        with contextlib.suppress(StateChanged):  # delivered or ended meanwhile
+            await self.store.end_pending(
+                AuditEntry(
+                    item.project,
+                    item.session,
+                    item.req_id,
+                    item.tool_name,
+                    item.audit_input,
+                    UNDELIVERED,
+                    by.by,
+                    f"decided {decision}, but the sled's session ended before it got the answer",
+                    item.received_at,
+                    now,
+                    who=by.who,
+                    channel=by.channel.value,
+                ),
+                DECIDED,
+                UNDELIVERED,
+            )
+
+    # -- the sweep ---------------------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("sweep failed: {}", exc)
+
+    async def sweep(self) -> None:
+        now = time.time()
+        await self.store.renew_lease(self.id, self.started_at, now + self.lease_seconds)
+        for replica in await self.store.expired_replicas(now):
+            if replica == self.id:
+                continue  # late, but alive: renewed above
+            by = Principal.gateway(LEASE_EXPIRED)
+            withdrawn, undelivered = await self.store.release_replica(
+                replica, now, by.by, by.who, by.channel.value
+            )
+            log.warning(
+                "replica {}'s lease expired: released it ({} pending request(s) withdrawn, "
+                "{} decided but undelivered)",
+                replica,
+                withdrawn,
+                undelivered,
+            )
+            self.ring()
+        await self._deliver()
+        await self._resync()
+
+    async def _deliver(self) -> None:
+        """Send the answers of requests held here that another replica decided."""
+        hub = self.hub
+        if hub is None:
+            return
+        for row in await self.store.decided_for(self.id):
+            item = item_of(row)
+            decision = Decision(row.decision or Decision.DENY.value)
+            if not self.claim_send(item):
+                continue
+            session = hub.sessions.get(row.session)
+            sent = False
+            if session is not None and session.project == row.project:
+                sent = await hub.answer(row.session, row.req_id, decision)
+            log.info(
+                "permission '{}' of sled '{}': {} decided by {} elsewhere; {}",
+                printable(row.req_id, 120),
+                printable(row.project, 120),
+                row.decision,
+                row.decided_by,
+                "sent" if sent else "its session is gone (undelivered)",
+            )
+            self.after_send(item, decision, sent)
+            if self.state.pending_or_none(row.project, row.req_id) is not None:
+                self.events.publish(PermissionDecided(record_of(row)))
+
+    async def _resync(self) -> None:
+        sleds, pending = await self.store.fleet()
+        mono = time.monotonic()
+        hub = self.hub
+        others = [
+            SledRecord(
+                project=s.project,
+                session=s.session,
+                remote=s.remote or "?",
+                connected_at=s.connected_at,
+                beat_mono=mono,
+                info=s.info,
+                replica=s.replica,
+            )
+            for s in sleds
+            if s.replica != self.id
+        ]
+        remote = [item_of(r) for r in pending if r.replica != self.id]
+        self.state.set_fleet(others, remote)
+        if hub is None:
+            return
+        # A withdrawal that could not commit leaves a row pending for a session long gone.
+        for row in pending:
+            if (
+                row.replica == self.id
+                and row.session not in hub.sessions
+                and time.time() - row.requested_at > self.sweep_interval
+            ):
+                self._spawn(self._withdraw_orphan(row))
+        # Released by a survivor while alive (a lease renewal late, the database slow):
+        # this replica's sleds are listed again, and its requests that the store has
+        # ended leave its read model (their sleds get no answer: they time out, denied).
+        held = {s.project for s in sleds if s.replica == self.id}
+        for project, session in list(hub.by_project.items()):
+            if project not in held and time.time() - self.started_at > self.sweep_interval:
+                self._spawn(
+                    self._hold(
+                        SledUp(session.id, project, session.remote, self.state.sled_info(project))
+                    )
+                )
+        still = {(r.project, r.req_id, r.requested_at) for r in pending if r.replica == self.id}
+        for item in self.state.pending_items():
+            if (
+                item.replica is None
+                and (item.project, item.req_id, item.received_at) not in still
+                and time.time() - item.received_at > 2 * self.sweep_interval
+            ):
+                self._spawn(self._forget_ended(item))
+
+    async def _forget_ended(self, item: PendingPermission) -> None:
+        row = await self.store.pending_row(item.project, item.req_id)
+        if (
+            row is not None
+            and row.requested_at == item.received_at
+            and row.state
+            in (
+                PENDING,
+                DECIDED,
+            )
+        ):
+            return  # still open (or being delivered): nothing to forget
+        if self.state.pending_or_none(item.project, item.req_id) is not item:
+            return
+        now = time.time()
+        record = (
+            record_of(row)
+            if row is not None and row.requested_at == item.received_at
+            else DecisionRecord(
+                item.project,
+                item.req_id,
+                item.tool_name,
+                WITHDRAWN,
+                "?",
+                now,
+                now - item.received_at,
+            )
+        )
+        log.warning(
+            "permission '{}' of sled '{}' ended in the store ({}) while pending here",
+            printable(item.req_id, 120),
+            printable(item.project, 120),
+            record.decision,
+        )
+        self.events.publish(PermissionWithdrawn(item, record))
+
+    async def _withdraw_orphan(self, row: PendingRow) -> None:
+        by = Principal.gateway("sled_disconnected")
+        item = item_of(row)
+        try:
+            await self.store.end_pending(
+                AuditEntry(
+                    row.project,
+                    row.session,
+                    row.req_id,
+                    row.tool_name,
+                    item.audit_input,
+                    WITHDRAWN,
+                    by.by,
+                    "the sled's session had ended",
+                    row.requested_at,
+                    time.time(),
+                    who=by.who,
+                    channel=by.channel.value,
+                ),
+                PENDING,
+                WITHDRAWN,
+            )
+        except StateChanged:
+            return
+        now = time.time()
+        record = DecisionRecord(
+            row.project, row.req_id, row.tool_name, WITHDRAWN, by.by, now, now - row.requested_at
+        )
+        self.events.publish(PermissionWithdrawn(item, record))
+        self.ring()

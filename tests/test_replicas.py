@@ -1,0 +1,239 @@
+"""Two gateway replicas on one real PostgreSQL and one real nats-server are one gateway.
+
+The replicas are in-process :class:`~sled_gateway.Gateway` objects (short sweeps and
+leases, so the timing guarantees show in seconds); the sled is a raw WebSocket
+client on replica A. B lists A's sled and its pending request, decides it, and A's
+sled gets the one answer; a second decider on A gets 409. With NATS stopped, a
+decision on B still reaches the sled, through A's sweep of the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from protocol import ConfigError
+from sled_gateway import Gateway
+from tests.conftest import REFERENCE_TOKEN
+from tests.support import nats as nats_support
+from tests.support.nats import NatsServer
+from tests.test_exactly_once import SLED_TOKEN, GatewayProcess
+from tests.test_gateway import api, frame, perm_request, recv, sled
+
+pytestmark = pytest.mark.timeout(90)
+
+FACTOR = float(os.environ.get("SLED_TEST_TIME_FACTOR", "1"))
+T = 10.0 * FACTOR
+OPERATOR = "replicas-operator-t0ken"
+SWEEP = 0.5
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    nats_support.require()
+    server = NatsServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def replica(nats_server: NatsServer, pg_url: str) -> Iterator[Callable[..., Gateway]]:
+    made: list[Gateway] = []
+
+    def make(**settings: Any) -> Gateway:
+        gateway = Gateway(
+            token=REFERENCE_TOKEN,
+            operator_token=OPERATOR,
+            db=pg_url,
+            bus=nats_server.url,
+            sweep_interval=SWEEP,
+            lease_seconds=4 * SWEEP,
+            **settings,
+        )
+        made.append(gateway.start())
+        return made[-1]
+
+    yield make
+    for gw in made:
+        gw.stop()
+
+
+def listed(gw: Gateway, project: str, req_id: str) -> bool:
+    state = gw.state()
+    return any(
+        s["project"] == project and s["state"] == "connected" for s in state["sleds"]
+    ) and any(p["project"] == project and p["req_id"] == req_id for p in state["pending"])
+
+
+def test_replica_b_lists_and_decides_a_request_of_a_sled_held_by_replica_a(
+    replica: Callable[..., Gateway], nats_server: NatsServer
+) -> None:
+    a, b = replica(), replica()
+
+    async def scenario() -> dict[str, float]:
+        figures: dict[str, float] = {}
+        async with (
+            httpx.AsyncClient(base_url=a.http_url, headers=api(a), timeout=T) as on_a,
+            httpx.AsyncClient(base_url=b.http_url, headers=api(b), timeout=T) as on_b,
+            sled(a, "web") as ws,
+        ):
+            await ws.send(perm_request("r1"))
+            await asyncio.to_thread(b.wait_for, lambda _s: listed(b, "web", "r1"), T)
+            seen = (await on_b.get("/api/state")).json()
+            sled_row = next(s for s in seen["sleds"] if s["project"] == "web")
+            assert sled_row["replica"] is not None  # held by another replica
+            got = await on_b.post("/api/permissions/web/r1", json={"decision": "approve"})
+            assert got.status_code == 200, got.text
+            answer = await recv(ws)
+            assert (answer["type"], answer["req_id"]) == ("perm_response", "r1")
+            assert answer["payload"]["approved"] is True
+            late = await on_a.post("/api/permissions/web/r1", json={"decision": "deny"})
+            assert late.status_code == 409, late.text
+            # Both replicas drop it from their lists.
+            for gw in (a, b):
+                await asyncio.to_thread(
+                    gw.wait_for, lambda s: not any(p["req_id"] == "r1" for p in s["pending"]), T
+                )
+
+            # The bus stops: no ring reaches A, and A's sweep delivers B's decision.
+            await asyncio.to_thread(nats_server.stop)
+            await ws.send(perm_request("r2"))
+            await asyncio.to_thread(b.wait_for, lambda _s: listed(b, "web", "r2"), T)
+            got = await on_b.post("/api/permissions/web/r2", json={"decision": "deny"})
+            assert got.status_code == 200, got.text
+            began = time.monotonic()
+            answer = await recv(ws)
+            figures["sweep_delivery_s"] = time.monotonic() - began
+            assert (answer["req_id"], answer["payload"]["approved"]) == ("r2", False)
+        return figures
+
+    figures = asyncio.run(asyncio.wait_for(scenario(), 6 * T))
+    print(f"\nFIGURES {figures}")
+    assert figures["sweep_delivery_s"] < 4 * FACTOR
+    rows = [(r["req_id"], r["decision"]) for r in a.audit() if r["project"] == "web"]
+    assert sorted(rows) == [("r1", "approve"), ("r2", "deny")]
+
+
+def test_a_dead_replicas_pending_requests_are_withdrawn_by_a_survivor(
+    replica: Callable[..., Gateway], pg_url: str, nats_server: NatsServer
+) -> None:
+    """kill -9 of replica A with two requests pending there: its sled's socket drops
+    (the sled denies them itself), and once A's lease expires the survivor B withdraws
+    both (audited), forgets A's sled, and a late decision of one gets 409."""
+    b = replica()
+    a = GatewayProcess(
+        pg_url,  # type: ignore[arg-type]
+        extra=("--bus", nats_server.url, "--sweep-interval", str(SWEEP), "--lease-seconds", "2"),
+    )
+    try:
+
+        async def scenario() -> float:
+            url = a.url.replace("http://", "ws://") + f"/api/sled-uplink?token={SLED_TOKEN}"
+            async with connect(url) as ws:
+                await ws.send(frame("identity", "identity", {"project": "web"}))
+                await ws.send(perm_request("r1"))
+                await ws.send(perm_request("r2"))
+                await asyncio.to_thread(
+                    b.wait_for, lambda _s: listed(b, "web", "r1") and listed(b, "web", "r2"), T
+                )
+                await asyncio.to_thread(a.kill)
+                killed = time.monotonic()
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), T)  # the uplink would deny both now
+
+            def withdrawn() -> bool:
+                rows = b.audit(project="web")
+                return {r["req_id"] for r in rows if r["decision"] == "withdrawn"} == {"r1", "r2"}
+
+            while not await asyncio.to_thread(withdrawn):
+                assert time.monotonic() - killed < 2 + 15 * FACTOR, "not withdrawn in time"
+                await asyncio.sleep(0.1)
+            after = time.monotonic() - killed
+            await asyncio.to_thread(
+                b.wait_for,
+                lambda s: not s["pending"] and not any(x["project"] == "web" for x in s["sleds"]),
+                T,
+            )
+            async with httpx.AsyncClient(base_url=b.http_url, headers=api(b), timeout=T) as on_b:
+                late = await on_b.post("/api/permissions/web/r1", json={"decision": "approve"})
+                assert late.status_code == 409, late.text
+            return after
+
+        after = asyncio.run(asyncio.wait_for(scenario(), 6 * T))
+    finally:
+        a.kill()
+    print(f"\nFIGURES withdrawn {after:.1f} s after the kill (lease 2 s)")
+    rows = b.audit(project="web")
+    assert sorted((r["req_id"], r["decision"], r["by"]) for r in rows) == [
+        ("r1", "withdrawn", "replica_lost"),
+        ("r2", "withdrawn", "replica_lost"),
+    ]
+
+
+def test_a_lease_shorter_than_two_sweeps_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--lease-seconds"):
+        Gateway(lease_seconds=3, sweep_interval=2)
+    argv = ["--no-auth", "--lease-seconds", "1", "--sweep-interval", "1"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "run_gateway.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=T,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "--lease-seconds" in done.stderr, done.stderr
+
+
+def test_the_embedded_gateway_is_no_replica() -> None:
+    """SQLite and the local bus: one process, its pending requests in memory only."""
+    with Gateway(token=REFERENCE_TOKEN, operator_token=OPERATOR) as gw:
+        assert gw._app.replicas is None and gw._app.approvals.replicas is None
+
+
+def test_a_replica_released_while_alive_lists_its_sled_again_and_drops_what_ended(
+    replica: Callable[..., Gateway],
+) -> None:
+    """A survivor released replica A (A's lease renewal came late) while A lives on: A's
+    pending request was withdrawn in the store, so A stops showing it; A's sled is
+    listed again on B, and its next request is decided on B and delivered by A."""
+    a, b = replica(), replica()
+    fleet_a = a._app.replicas
+    assert fleet_a is not None
+
+    async def scenario() -> None:
+        async with (
+            httpx.AsyncClient(base_url=b.http_url, headers=api(b), timeout=T) as on_b,
+            sled(a, "web") as ws,
+        ):
+            await ws.send(perm_request("r1"))
+            await asyncio.to_thread(b.wait_for, lambda _s: listed(b, "web", "r1"), T)
+            released = b.run_on_loop(
+                b._app.store.release_replica(  # type: ignore[attr-defined]
+                    fleet_a.id, time.time(), "replica_lost", "replica_lost", "gateway"
+                )
+            )
+            assert await asyncio.wrap_future(released) == (1, 0)
+            await asyncio.to_thread(a.wait_for, lambda s: not s["pending"], T)
+            late = await on_b.post("/api/permissions/web/r1", json={"decision": "approve"})
+            assert late.status_code == 409, late.text
+            await ws.send(perm_request("r2"))
+            await asyncio.to_thread(b.wait_for, lambda _s: listed(b, "web", "r2"), T)
+            got = await on_b.post("/api/permissions/web/r2", json={"decision": "approve"})
+            assert got.status_code == 200, got.text
+            answer = await recv(ws)
+            assert (answer["req_id"], answer["payload"]["approved"]) == ("r2", True)
+
+    asyncio.run(asyncio.wait_for(scenario(), 6 * T))
