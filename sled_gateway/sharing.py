@@ -15,6 +15,7 @@ their cache bound applies (:mod:`sled_gateway.auth.console`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import Callable
 
@@ -73,10 +74,8 @@ class Sharing:
         ]
         try:
             while True:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.sweep_seconds)
-                except TimeoutError:
-                    pass
                 self._wake.clear()
                 await self.reload()
         finally:
@@ -92,7 +91,9 @@ class Sharing:
         try:
             if await self.store.reload_rules():
                 self.reloads += 1
-                log.info("rules re-read (changed since last read): {} active", len(self.store.policy))
+                log.info(
+                    "rules re-read (changed since last read): {} active", len(self.store.policy)
+                )
         except StoreError as exc:
             log.warning("rules not re-read (the store: {}); trying again", exc)
         except Exception:

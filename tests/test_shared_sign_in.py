@@ -96,9 +96,7 @@ def test_a_login_started_on_a_ends_on_b_and_its_session_works_on_both(
         balancer.to = a
         assert browser.get(url).status_code == 400
         balancer.to = b
-        out = browser.post(
-            a.http_url + "/logout", headers={"Origin": a.http_url}, json={}
-        )
+        out = browser.post(a.http_url + "/logout", headers={"Origin": a.http_url}, json={})
         assert out.status_code == 200, out.text
         session = out.request.headers.get("cookie", "")
     for replica in (b, a):

@@ -244,7 +244,9 @@ async def ask_as_sled(replica: Replica, req_id: str, command: str, wait: float) 
     when none came within ``wait`` seconds (the request is then pending)."""
     url = f"ws://127.0.0.1:{replica.port}/api/sled-uplink?token={SLED_TOKEN}"
     async with connect(url) as ws:
-        await ws.send(json.dumps({"type": "identity", "req_id": "identity", "payload": {"project": "web"}}))
+        await ws.send(
+            json.dumps({"type": "identity", "req_id": "identity", "payload": {"project": "web"}})
+        )
         await ws.send(
             json.dumps(
                 {

@@ -44,7 +44,9 @@ def test_sessions_keep_their_bounds_and_expire(engine: Engine) -> None:
     async def scenario() -> None:
         sessions = Sessions(store, limit=6, per_person=2, cache_seconds=0)
         operator = await sessions.create()
-        mallory = Person("https://idp.test", "mallory", email="m@example.test", groups=frozenset({"g"}))
+        mallory = Person(
+            "https://idp.test", "mallory", email="m@example.test", groups=frozenset({"g"})
+        )
         hers = [await sessions.create(mallory) for _ in range(5)]
         assert [await sessions.valid(s) for s in hers] == [False, False, False, True, True]
         found = await sessions.get(hers[-1])

@@ -177,7 +177,7 @@ class Sessions:
                 try:
                     person = None if row.person is None else _person_from_json(row.person)
                 except (ValueError, KeyError, TypeError):
-                    log.error("console session row with an unreadable person; refused")
+                    log.exception("console session row with an unreadable person; refused")
                 else:
                     session = Session(row.expires_at, person)
             self._remember(key, session)

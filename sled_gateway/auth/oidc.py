@@ -9,8 +9,9 @@ Where the flow's state lives: in a server-side, single-use store (Authlib's
 ``cache``, kept in the gateway's database so that any replica can end a login
 another started), with a marker in a short-lived, signed cookie of the browser
 that started the login (Starlette's ``SessionMiddleware``, only on these two
-paths, its key made once per database and shared by the replicas). A callback is accepted once, and only in that browser: a replayed
-callback finds no state, and an attacker's callback URL opened in a victim's
+paths, its key made once per database and shared by the replicas). A
+callback is accepted once, and only in that browser: a replayed callback
+finds no state, and an attacker's callback URL opened in a victim's
 browser (login CSRF) finds no marker.
 
 A successful callback opens a NEW console session that remembers the

@@ -151,7 +151,9 @@ class SharedState:
             known = None if force else self._rules_signature
             changes = self._policy_changes
 
-            def read(conn: Connection) -> tuple[RulesSignature, list[Rule] | None]:
+            def read(
+                conn: Connection, known: RulesSignature | None = known
+            ) -> tuple[RulesSignature, list[Rule] | None]:
                 signature = rules_signature(conn)
                 if signature == known:
                     return signature, None
@@ -239,7 +241,8 @@ class SharedState:
         query = select(OIDC_LOGINS.c.value).where(
             OIDC_LOGINS.c.key == key, OIDC_LOGINS.c.expires_at >= time.time()
         )
-        return await self._run(lambda conn: conn.execute(query).scalar())
+        found = await self._run(lambda conn: conn.execute(query).scalar())
+        return None if found is None else str(found)
 
     async def set_login_state(self, key: str, value: str, ttl: float, *, limit: int) -> None:
         """Keep a login's state for ``ttl`` seconds; the oldest go beyond ``limit``."""
