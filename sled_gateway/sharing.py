@@ -56,6 +56,7 @@ class Sharing:
         self._wake = asyncio.Event()
         #: Re-reads that found the rules changed (by another replica, or by this one).
         self.reloads = 0
+        self._failing = False  # the store could not be read last time (said once per outage)
         events.subscribe(RulesChanged, self._changed_here)
 
     def _changed_here(self, _event: RulesChanged) -> None:
