@@ -13,6 +13,8 @@ passes it on.
   session of another gateway's database is 401 here.
 - A rule made on A decides a sled's request on B; a revoked allow rule stops
   allowing on B, with NATS up (the message) and with NATS stopped (the sweep).
+- When NATS comes back, a replica re-reads the rules and forgets the sessions it
+  held, since messages may have been lost meanwhile (``Bus.on_reconnect``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from websockets.asyncio.client import connect
 
+from sled_gateway import Gateway
 from sled_gateway.auth.console import SESSION_CACHE_S
 from sled_gateway.sharing import RULES_SWEEP_S
 from tests.conftest import eventually
@@ -229,8 +232,12 @@ def test_a_session_of_another_gateways_database_is_401_here(
 
 def check(replica: Replica, command: str) -> str:
     """What ``replica``'s rules say of a Bash command on sled ``web`` (the action)."""
+    return check_on(replica.url, command)
+
+
+def check_on(base_url: str, command: str) -> str:
     response = httpx.post(
-        replica.url + "/api/rules/check",
+        base_url + "/api/rules/check",
         headers=BEARER,
         json={"tool_name": "Bash", "tool_input": {"command": command}, "project": "web"},
         timeout=T,
@@ -267,8 +274,12 @@ async def ask_as_sled(replica: Replica, req_id: str, command: str, wait: float) 
 
 
 def make_rule(replica: Replica, rule: str, action: str = "allow") -> int:
+    return make_rule_on(replica.url, rule, action)
+
+
+def make_rule_on(base_url: str, rule: str, action: str = "allow") -> int:
     response = httpx.post(
-        replica.url + "/api/rules", headers=BEARER, json={"rule": rule, "action": action}, timeout=T
+        base_url + "/api/rules", headers=BEARER, json={"rule": rule, "action": action}, timeout=T
     )
     assert response.status_code == 201, response.text
     return int(response.json()["rule"]["id"])
@@ -325,3 +336,57 @@ def test_a_revoked_rule_never_allows_again_on_the_replica_that_revoked_it(
         while time.monotonic() < deadline:
             assert check(a, f"step{i} x") != "allow"
             time.sleep(0.1)
+
+
+# -- NATS coming back: what was lost meanwhile is read again at once ---------------------
+
+
+def test_when_nats_comes_back_a_replica_reads_again_what_it_may_have_missed(
+    pg_url: str, nats_server: NatsServer
+) -> None:
+    # In-process replicas, so that B's sweep and session cache can be made too long to
+    # matter: what B learns after NATS returns, it learns from the reconnect alone.
+    a = Gateway(db=pg_url, bus=nats_server.url, operator_token=OPERATOR).start()
+    b = Gateway(db=pg_url, bus=nats_server.url, operator_token=OPERATOR).start()
+    try:
+        sharing, sessions = b._app.sharing, b._app.sessions
+        sharing.sweep_seconds = 3600.0
+        sessions.cache_seconds = 3600.0
+        rule_id = make_rule_on(a.http_url, "Bash(deploy:*)")
+        eventually(lambda: check_on(b.http_url, "deploy now") == "allow", 2 * T, "the rule at B")
+        time.sleep(RULES_SWEEP_S + 0.5)  # B's sweep in progress ends; the next is an hour away
+        name = f"sled_gateway_{a.port}"
+        front = {"Host": f"127.0.0.1:{a.port}"}
+        session = httpx.get(a.http_url + "/", params={"token": OPERATOR}).cookies.get(name)
+        me = httpx.get(b.http_url + "/api/me", headers=front, cookies={name: session})
+        assert me.status_code == 200  # B holds it now, for an hour
+
+        nats_server.stop()
+        response = httpx.delete(f"{a.http_url}/api/rules/{rule_id}", headers=BEARER, timeout=T)
+        assert response.status_code == 200
+        out = httpx.post(
+            a.http_url + "/logout",
+            headers={"Origin": a.http_url, **JSON},
+            cookies={name: session},
+            json={},
+        )
+        assert out.status_code == 200
+        time.sleep(1.0)
+        assert check_on(b.http_url, "deploy now") == "allow", "B heard of it some other way"
+        assert httpx.get(b.http_url + "/api/me", headers=front, cookies={name: session}).is_success
+
+        nats_server.start()
+        eventually(lambda: check_on(b.http_url, "deploy now") != "allow", 6 * T, "the re-read at B")
+        eventually(
+            lambda: (
+                httpx.get(
+                    b.http_url + "/api/me", headers=front, cookies={name: session}
+                ).status_code
+                == 401
+            ),
+            2 * T,
+            "the session forgotten at B",
+        )
+    finally:
+        b.stop()
+        a.stop()
