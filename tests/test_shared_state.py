@@ -390,3 +390,25 @@ def test_when_nats_comes_back_a_replica_reads_again_what_it_may_have_missed(
     finally:
         b.stop()
         a.stop()
+
+
+def test_with_the_database_away_no_session_is_opened_or_honoured_and_none_is_a_500(
+    two: list[Replica], postgres: Any
+) -> None:
+    a, b = two
+    session = open_console(a, a)
+    postgres.stop()
+    try:
+        with as_browser_of(a, b) as browser:
+            response = browser.get("/", params={"token": OPERATOR})
+            assert response.status_code == 503, response.text
+            assert not response.cookies
+        # Past the cache bound, a session the database cannot confirm opens nothing.
+        time.sleep(SESSION_CACHE_S + 0.2)
+        assert status(a, b, session) == 401
+        with as_browser_of(a, a, session) as browser:
+            # Logout needs a session the guard can confirm: refused, nothing half-done.
+            assert browser.post("/logout", json={}).status_code == 401
+    finally:
+        postgres.start()
+    eventually(lambda: status(a, b, session) == 200, 6 * T, "the session back with the database")

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 from loguru import logger
 from starlette.authentication import AuthenticationBackend, AuthenticationError
 from starlette.requests import HTTPConnection
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
 from sled_gateway.auth import Authenticated, authenticated
 from sled_gateway.bus import Bus, Message
@@ -299,9 +299,20 @@ class ConsoleSessionBackend(AuthenticationBackend):
         )
         return ended
 
-    async def login(self, scope: Mapping[str, Any]) -> RedirectResponse:
+    async def login(self, scope: Mapping[str, Any]) -> Response:
         """The answer to a right ``/?token=``: a new operator session's cookie, and back
-        to ``/``."""
+        to ``/``; ``503`` when the store cannot keep the session."""
         response = RedirectResponse("/", status_code=303, headers={"Cache-Control": "no-store"})
-        await self.start(response, HTTPConnection({"type": "http", "headers": [], **scope}), None)
+        try:
+            await self.start(
+                response, HTTPConnection({"type": "http", "headers": [], **scope}), None
+            )
+        except StoreError as exc:
+            log.warning("console login: the session could not be stored: {}", exc)
+            return PlainTextResponse(
+                "The gateway cannot open a console session now (its database is unavailable); "
+                "try again shortly.",
+                503,
+                headers={"Cache-Control": "no-store", "Retry-After": "5"},
+            )
         return response
