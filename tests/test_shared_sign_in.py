@@ -1,6 +1,6 @@
 """A sign-in started on one replica ends on another, and the session it opens is
-valid on both: real PostgreSQL, real nats-server, the real OpenID Provider of
-``tests/test_oidc_browser.py``.
+valid on both: two ``run_gateway.py`` replicas, real PostgreSQL, real
+nats-server, the real OpenID Provider of ``tests/test_oidc_browser.py``.
 
 Behind a load balancer the browser addresses one host and port; here each
 request goes to a replica's own socket with the ``Host`` of replica A (what the
@@ -17,37 +17,41 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sled_gateway import Gateway
 from tests.support import nats as nats_support
 from tests.support.nats import NatsServer
 from tests.test_oidc_browser import CLIENT_ID, CLIENT_SECRET, Provider, callback_url
+from tests.test_shared_state import Replica
 
 pytestmark = [pytest.mark.security, pytest.mark.timeout(180)]
 
 
 @pytest.fixture
-def replicas(pg_url: str, tmp_path: Path) -> Iterator[tuple[Provider, Gateway, Gateway]]:
+def replicas(pg_url: str, tmp_path: Path) -> Iterator[tuple[Provider, Replica, Replica]]:
+    """Two ``run_gateway.py`` replicas signing people in with one provider, whose client
+    is registered with A's callback URL (the address the browser knows)."""
     nats_support.require()
     nats = NatsServer().start()
     provider = Provider()
     secret = tmp_path / "client-secret"
     secret.write_text(CLIENT_SECRET + "\n")
-    settings = {
-        "db": pg_url,
-        "bus": nats.url,
-        "oidc_issuer": provider.issuer,
-        "oidc_client_id": CLIENT_ID,
-        "oidc_client_secret_file": str(secret),
-    }
-    made: list[Gateway] = []
+    secret.chmod(0o600)
+    sign_in = (
+        "--oidc-issuer",
+        provider.issuer,
+        "--oidc-client-id",
+        CLIENT_ID,
+        "--oidc-client-secret-file",
+        str(secret),
+    )
+    made: list[Replica] = []
     try:
-        made.append(Gateway(**settings).start())
-        made.append(Gateway(**settings).start())
-        provider.start(made[0].http_url + "/auth/callback")
+        made.append(Replica(pg_url, nats.url, extra=sign_in))
+        made.append(Replica(pg_url, nats.url, extra=sign_in))
+        provider.start(made[0].url + "/auth/callback")
         yield provider, made[0], made[1]
     finally:
-        for gw in made:
-            gw.stop()
+        for replica in made:
+            replica.kill()
         provider.kill()
         nats.cleanup()
 
@@ -56,7 +60,7 @@ class Balancer(httpx.BaseTransport):
     """What the browser sees as replica A's address, sent to whichever replica ``to``
     names (the ``Host`` stays A's), as a load balancer in front of both would."""
 
-    def __init__(self, to: Gateway) -> None:
+    def __init__(self, to: Replica) -> None:
         self.to = to
         self._inner = httpx.HTTPTransport()
 
@@ -68,16 +72,16 @@ class Balancer(httpx.BaseTransport):
         self._inner.close()
 
 
-def browser_behind(a: Gateway, balancer: Balancer) -> httpx.Client:
+def browser_behind(a: Replica, balancer: Balancer) -> httpx.Client:
     return httpx.Client(mounts={f"http://127.0.0.1:{a.port}": balancer})
 
 
-def me(client: httpx.Client, a: Gateway) -> httpx.Response:
+def me(client: httpx.Client, a: Replica) -> httpx.Response:
     return client.get(a.http_url + "/api/me")
 
 
 def test_a_login_started_on_a_ends_on_b_and_its_session_works_on_both(
-    replicas: tuple[Provider, Gateway, Gateway],
+    replicas: tuple[Provider, Replica, Replica],
 ) -> None:
     _provider, a, b = replicas
     balancer = Balancer(a)
@@ -107,7 +111,7 @@ def test_a_login_started_on_a_ends_on_b_and_its_session_works_on_both(
         assert gone.status_code == 401, gone.text
 
 
-def test_a_login_started_on_b_ends_on_a(replicas: tuple[Provider, Gateway, Gateway]) -> None:
+def test_a_login_started_on_b_ends_on_a(replicas: tuple[Provider, Replica, Replica]) -> None:
     _provider, a, b = replicas
     balancer = Balancer(b)
     with browser_behind(a, balancer) as browser:

@@ -58,7 +58,7 @@ WITHOUT_BUS = max(RULES_SWEEP_S, SESSION_CACHE_S) + 3 * T
 class Replica(WatchedProcess):
     """One ``run_gateway.py`` on loopback (on ``port``, 0 for any)."""
 
-    def __init__(self, db: str, bus: str, port: int = 0) -> None:
+    def __init__(self, db: str, bus: str, port: int = 0, extra: tuple[str, ...] = ()) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLED_GATEWAY_")}
         env.update(
             PYTHONUNBUFFERED="1",
@@ -66,18 +66,22 @@ class Replica(WatchedProcess):
             SLED_GATEWAY_TOKEN=SLED_TOKEN,
         )
         argv = [sys.executable, str(ROOT / "run_gateway.py"), "--listen", f"127.0.0.1:{port}"]
-        argv += ["--db", db, "--bus", bus, "--log-level", "INFO"]
+        argv += ["--db", db, "--bus", bus, "--log-level", "INFO", *extra]
         super().__init__(argv, cwd=ROOT, env=env, timeout=3 * T)
-        self.db, self.bus = db, bus
+        self.db, self.bus, self.extra = db, bus, extra
         self.port = int(self.wait_for(r"gateway listening on http://[^\s]+:(\d+)").group(1))
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def http_url(self) -> str:  # as a Gateway names it, for helpers written for one
+        return self.url
+
     def restarted(self) -> Replica:
         self.kill()
-        return Replica(self.db, self.bus, self.port)
+        return Replica(self.db, self.bus, self.port, self.extra)
 
 
 @pytest.fixture
