@@ -15,6 +15,8 @@ passes it on.
   allowing on B, with NATS up (the message) and with NATS stopped (the sweep).
 - When NATS comes back, a replica re-reads the rules and forgets the sessions it
   held, since messages may have been lost meanwhile (``Bus.on_reconnect``).
+- Through a real HAProxy (round robin), one cookie works whichever replica
+  answers, and one logout ends it on both.
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -416,3 +422,92 @@ def test_with_the_database_away_no_session_is_opened_or_honoured_and_none_is_a_5
     finally:
         postgres.start()
     eventually(lambda: status(a, b, session) == 200, 6 * T, "the session back with the database")
+
+
+# -- through a real HAProxy: the browser knows one address ------------------------------
+
+
+class HAProxy:
+    """Debian's haproxy in front of the replicas, round robin (so that consecutive
+    requests land on different replicas), run as ``nobody`` in a temp dir; each answer
+    names the replica that gave it (``X-Served-By``)."""
+
+    def __init__(self, replicas: list[Replica]) -> None:
+        self.port = nats_support.free_port()
+        # Not pytest's tmp_path: its parent is private to root, and haproxy runs as nobody.
+        self.dir = Path(tempfile.mkdtemp(prefix="sled-haproxy-"))
+        self.dir.chmod(0o755)
+        servers = "\n".join(f"    server r{i} 127.0.0.1:{r.port}" for i, r in enumerate(replicas))
+        config = self.dir / "haproxy.cfg"
+        config.write_text(
+            "global\n    maxconn 200\n"
+            "defaults\n    mode http\n    timeout connect 5s\n"
+            "    timeout client 30s\n    timeout server 30s\n"
+            f"frontend front\n    bind 127.0.0.1:{self.port}\n    default_backend replicas\n"
+            "backend replicas\n    balance roundrobin\n"
+            "    http-response set-header X-Served-By %[srv_name]\n"
+            f"{servers}\n"
+        )
+        config.chmod(0o644)
+        self.proc = subprocess.Popen(
+            ["haproxy", "-f", str(config), "-db"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            user="nobody" if os.getuid() == 0 else None,
+        )
+        eventually(self._listening, T, "haproxy listening")
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+        except OSError:
+            return False
+        return True
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def test_through_haproxy_a_console_session_works_whichever_replica_answers(
+    two: list[Replica],
+) -> None:
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy is not installed (Debian's package)")
+    balancer = HAProxy(two)
+    try:
+        name = f"sled_gateway_{balancer.port}"
+        opened = httpx.get(balancer.url + "/", params={"token": OPERATOR}, timeout=T)
+        assert opened.status_code == 303
+        session = opened.cookies.get(name)
+        assert session, opened.headers
+        served: set[str] = set()
+        for _ in range(6):  # a new connection each: round robin alternates
+            me = httpx.get(balancer.url + "/api/me", cookies={name: session}, timeout=T)
+            assert me.status_code == 200, (me.headers.get("x-served-by"), me.text)
+            served.add(me.headers["x-served-by"])
+        assert served == {"r0", "r1"}
+        out = httpx.post(
+            balancer.url + "/logout",
+            headers={"Origin": balancer.url, **JSON},
+            cookies={name: session},
+            json={},
+            timeout=T,
+        )
+        assert out.status_code == 200
+        eventually(
+            lambda: all(
+                httpx.get(balancer.url + "/api/me", cookies={name: session}, timeout=T).status_code
+                == 401
+                for _ in range(4)
+            ),
+            WITHOUT_BUS,
+            "the logout on every replica",
+        )
+    finally:
+        balancer.stop()
