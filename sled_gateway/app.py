@@ -10,6 +10,7 @@
            └─ Approvals (approvals.py)    the one door for decisions; audit before answer
     Events (events.py)  →  GatewayState (state.py), the read model, and the transports
     LocalBus (bus/local.py)               in-process request/reply and publish/subscribe
+    Sharing (sharing.py)                  rules and console sessions changed by other replicas
 
 Why ASGI and not ``websockets.asyncio.server.serve``: websockets' HTTP parser
 refuses requests with a body ("unsupported request body"), so the REST and
@@ -24,6 +25,7 @@ is the only thing other threads touch.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from starlette.requests import Request
@@ -31,7 +33,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sled_gateway.approvals import Approvals, Forbidden, NotRecorded
-from sled_gateway.auth.console import ConsoleSessionBackend
+from sled_gateway.auth.console import ConsoleSessionBackend, Sessions
 from sled_gateway.auth.oidc import (
     CALLBACK_PATH,
     LOGIN_PATH,
@@ -57,6 +59,7 @@ from sled_gateway.people import Grants, NoGrants
 from sled_gateway.records import DecisionRecord, PendingPermission
 from sled_gateway.relay import Relay
 from sled_gateway.replicas import Replicas
+from sled_gateway.sharing import Sharing
 from sled_gateway.state import GatewayState
 from sled_gateway.store import Store, make_store
 from sled_gateway.store.fleet import FleetStore
@@ -135,7 +138,10 @@ class GatewayApp:
             else NoGrants()
         )
         self.tokens = PersonTokens(self.store, self.grants)
-        self.console = ConsoleSessionBackend(grants=self.grants)
+        self.sessions = Sessions(self.store, self.bus)
+        self.console = ConsoleSessionBackend(self.sessions, grants=self.grants)
+        #: Rules and console sessions changed by other replicas on the same database.
+        self.sharing = Sharing(self.store, self.bus, self.events, self.sessions)
         self.oidc: OidcLogin | None = None
         if config.oidc_issuer is not None and config.oidc_client_id is not None:
             secret_file = config.oidc_client_secret_file
@@ -144,6 +150,7 @@ class GatewayApp:
                 issuer=config.oidc_issuer,
                 client_id=config.oidc_client_id,
                 client_secret=read_client_secret(secret_file) if secret_file else None,
+                store=self.store,
             )
         sign_in = self.oidc is not None
 
@@ -208,7 +215,11 @@ class GatewayApp:
     async def monitor(self) -> None:
         if self.replicas is not None:
             await self.replicas.start(self.hub)
-        await self.hub.monitor()
+        following = asyncio.get_running_loop().create_task(self.sharing.run())
+        try:
+            await self.hub.monitor()
+        finally:
+            following.cancel()
 
     async def shutdown(self) -> None:
         if self.replicas is not None:

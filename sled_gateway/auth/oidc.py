@@ -6,10 +6,12 @@ and checked by Authlib, and so is the ID token (signature, ``iss``, ``aud``,
 ``exp``, ``nonce``). Nothing here validates a token by hand.
 
 Where the flow's state lives: in a server-side, single-use store (Authlib's
-``cache``), with a marker in a short-lived, signed cookie of the browser that
-started the login (Starlette's ``SessionMiddleware``, only on these two
-paths). A callback is accepted once, and only in that browser: a replayed
-callback finds no state, and an attacker's callback URL opened in a victim's
+``cache``, kept in the gateway's database so that any replica can end a login
+another started), with a marker in a short-lived, signed cookie of the browser
+that started the login (Starlette's ``SessionMiddleware``, only on these two
+paths, its key made once per database and shared by the replicas). A
+callback is accepted once, and only in that browser: a replayed callback
+finds no state, and an attacker's callback URL opened in a victim's
 browser (login CSRF) finds no marker.
 
 A successful callback opens a NEW console session that remembers the
@@ -28,7 +30,6 @@ from __future__ import annotations
 import html
 import secrets
 import time
-from collections import OrderedDict
 from typing import Any
 
 import httpx
@@ -44,8 +45,9 @@ from starlette.routing import BaseRoute, Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from protocol import printable
-from sled_gateway.auth.console import ConsoleSessionBackend
+from sled_gateway.auth.console import ConsoleSessionBackend, addressed_port
 from sled_gateway.people import Person
+from sled_gateway.store import Store, StoreError
 
 log = logger.bind(actor="gateway")
 
@@ -77,36 +79,30 @@ STATE_COOKIE = "sled_gateway_oidc"
 #: that went down is said so at /login, and anonymous /login requests cannot make
 #: the gateway fetch it more often than this.
 DISCOVERY_TTL = 5.0
+#: The setting (in the store) holding the key that signs the login state cookie.
+STATE_KEY_SETTING = "oidc_state_cookie_key"
 _MAX_CLAIM = 500
 
 
 class StateStore:
     """Authlib's ``cache``: the logins in flight, each readable until deleted or expired.
 
-    In memory, on the gateway's one event loop; bounded, oldest first out.
+    In the store, so that a login started on one replica ends on any other; bounded,
+    oldest first out. A store that cannot be reached fails the login (503).
     """
 
-    def __init__(self, limit: int = MAX_LOGINS) -> None:
+    def __init__(self, store: Store, limit: int = MAX_LOGINS) -> None:
+        self.store = store
         self.limit = limit
-        self._items: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
     async def get(self, key: str) -> str | None:
-        item = self._items.get(key)
-        if item is None:
-            return None
-        if item[0] < time.monotonic():
-            del self._items[key]
-            return None
-        return item[1]
+        return await self.store.login_state(key)
 
     async def set(self, key: str, value: str, expires_in: float | None = None) -> None:
-        self._items[key] = (time.monotonic() + (expires_in or LOGIN_TTL), value)
-        self._items.move_to_end(key)
-        while len(self._items) > self.limit:
-            self._items.popitem(last=False)
+        await self.store.set_login_state(key, value, expires_in or LOGIN_TTL, limit=self.limit)
 
     async def delete(self, key: str) -> None:
-        self._items.pop(key, None)
+        await self.store.delete_login_state(key)
 
 
 def _text(value: Any) -> str | None:
@@ -156,21 +152,40 @@ class _PerPortSessions:
     """Starlette's ``SessionMiddleware`` around the sign-in routes, with the cookie
     named per port as the console's is: two gateways on one host name must not
     overwrite each other's logins in flight. (An ASGI app, not a function, so that
-    ``Route`` hands it the raw scope.)"""
+    ``Route`` hands it the raw scope.)
 
-    def __init__(self, app: ASGIApp, *, secret_key: str) -> None:
+    The key that signs the cookie is made once per database and read from it
+    (:data:`STATE_KEY_SETTING`), so that every replica accepts the cookie of a login
+    another started; it is read at the first sign-in, and never logged."""
+
+    def __init__(self, app: ASGIApp, *, store: Store) -> None:
         self.app = app
-        self.secret_key = secret_key
+        self.store = store
+        self._secret_key: str | None = None
         self._by_port: dict[int, SessionMiddleware] = {}
 
+    async def _key(self) -> str:
+        if self._secret_key is None:
+            self._secret_key = await self.store.setting(
+                STATE_KEY_SETTING, lambda: secrets.token_urlsafe(32)
+            )
+        return self._secret_key
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        server = scope.get("server") or (None, None)
-        port = int(server[1] or 0)
+        try:
+            secret_key = await self._key()
+        except StoreError as exc:
+            log.warning("sign-in: the state key cannot be read: {}", exc)
+            await answer(HTTPConnection(scope), 503, "the gateway cannot sign anyone in now")(
+                scope, receive, send
+            )
+            return
+        port = addressed_port(scope)
         middleware = self._by_port.get(port)
         if middleware is None:
             middleware = self._by_port[port] = SessionMiddleware(
                 self.app,
-                secret_key=self.secret_key,
+                secret_key=secret_key,
                 session_cookie=f"{STATE_COOKIE}_{port}",
                 max_age=LOGIN_TTL,
                 path="/",
@@ -194,11 +209,12 @@ class OidcLogin:
         issuer: str,
         client_id: str,
         client_secret: str | None,
+        store: Store,
         timeout: float = PROVIDER_TIMEOUT,
     ) -> None:
         self.console = console
         self.issuer = issuer
-        self.states = StateStore()
+        self.states = StateStore(store)
         self._oauth = OAuth(cache=self.states)
         self.client = self._oauth.register(
             "sled",
@@ -219,7 +235,7 @@ class OidcLogin:
                 Route(CALLBACK_PATH, self._callback, methods=["GET"]),
             ]
         )
-        self._flow = _PerPortSessions(router, secret_key=secrets.token_urlsafe(32))
+        self._flow = _PerPortSessions(router, store=store)
 
     def routes(self) -> list[BaseRoute]:
         """``GET /login`` and ``GET /auth/callback`` (public: the guard lets them through)."""
@@ -323,7 +339,11 @@ class OidcLogin:
             "</body></html>"
         )
         response = HTMLResponse(page, headers={"Cache-Control": "no-store"})
-        self.console.start(response, request, person)
+        try:
+            await self.console.start(response, request, person)
+        except StoreError as exc:
+            log.warning("sign-in: the session could not be stored: {}", exc)
+            return answer(request, 503, "the gateway cannot open a session now; try again")
         return response
 
 
@@ -331,7 +351,11 @@ async def logout(request: Request, console: ConsoleSessionBackend) -> Response:
     """``POST /logout``: end the request's console session (the guard has checked it is
     one, and the request's CSRF headers)."""
     response = JSONResponse({"ok": True}, headers={"Cache-Control": "no-store"})
-    ended = console.end(request, response)
+    try:
+        ended = await console.end(request, response)
+    except StoreError as exc:
+        log.warning("sign-out: the session could not be ended: {}", exc)
+        return answer(request, 503, "the gateway cannot end the session now; try again")
     if ended:
         log.info("signed out: {}", printable(getattr(request.user, "identity", "?"), 300))
     return response

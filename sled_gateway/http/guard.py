@@ -373,7 +373,7 @@ class RequestGuard:
                 scope, receive, send
             )
             return
-        await self.console.login(scope)(scope, receive, send)
+        await (await self.console.login(scope))(scope, receive, send)
 
     @staticmethod
     def _with_headers(send: Send) -> Send:

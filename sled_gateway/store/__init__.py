@@ -43,7 +43,10 @@ from sled_gateway.store.models import (
 )
 
 if TYPE_CHECKING:  # the policy module imports this package's models
+    from collections.abc import Callable
+
     from sled_gateway.policy import Policy
+    from sled_gateway.store.shared import StoredSession
 
 __all__ = [
     "ALLOW",
@@ -171,6 +174,53 @@ class Store(Protocol):
 
     async def votes(self, project: str, req_id: str) -> list[Vote]:
         """The votes on requests under this id, oldest first."""
+        ...
+
+    # What replicas share besides decisions (sled_gateway/store/shared.py has the detail).
+
+    async def reload_rules(self, *, force: bool = False) -> bool:
+        """Read the active rules again if another replica changed them; whether it did."""
+        ...
+
+    async def add_console_session(
+        self,
+        id_sha256: str,
+        person_id: str | None,
+        person: str | None,
+        expires_at: float,
+        *,
+        per_person: int,
+        limit: int,
+    ) -> None:
+        """Commit a console session (hashed id) within the per-person and global bounds."""
+        ...
+
+    async def console_session(self, id_sha256: str) -> StoredSession | None:
+        """The console session with this hashed id, expired ones too."""
+        ...
+
+    async def end_console_session(self, id_sha256: str) -> bool:
+        """Delete a console session; whether it was there."""
+        ...
+
+    async def console_sessions_of(self, person_id: str) -> list[str]:
+        """The hashed ids of a person's console sessions, oldest first."""
+        ...
+
+    async def login_state(self, key: str) -> str | None:
+        """A sign-in's state in flight, None when unknown or expired."""
+        ...
+
+    async def set_login_state(self, key: str, value: str, ttl: float, *, limit: int) -> None:
+        """Keep a sign-in's state for ``ttl`` seconds (the oldest go beyond ``limit``)."""
+        ...
+
+    async def delete_login_state(self, key: str) -> None:
+        """Forget a sign-in's state (it is used once)."""
+        ...
+
+    async def setting(self, name: str, make: Callable[[], str]) -> str:
+        """A value made once per database (``make()`` by whichever store asks first)."""
         ...
 
 

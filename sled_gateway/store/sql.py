@@ -66,7 +66,7 @@ from sqlalchemy.types import TypeEngine
 
 from protocol.web import ascii_digits
 from sled_gateway.policy import Policy
-from sled_gateway.store import MEMORY, fleet, postgresql, sqlite
+from sled_gateway.store import MEMORY, fleet, postgresql, shared, sqlite
 from sled_gateway.store.models import (
     MAX_PAGE,
     AlreadyRecorded,
@@ -87,7 +87,7 @@ log = logger.bind(actor="gateway-store")
 T = TypeVar("T")
 
 #: The schema this release writes: the number of its newest Alembic revision.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: Most operations in one transaction (a bound on one commit's latency).
 _MAX_BATCH = 512
 _PURGE_EVERY_S = 3600.0
@@ -235,6 +235,8 @@ _ALEMBIC_VERSION = Table(
     Column("version_num", String(32), nullable=False),
     PrimaryKeyConstraint("version_num", name="alembic_version_pkc"),
 )
+# Console sessions, logins in flight and settings (sled_gateway/store/shared.py).
+shared.copy_tables(METADATA)
 _INSERT_AUDIT = AUDIT.insert()
 # Many rows in one executemany call, their ids back in the order given (SQLAlchemy
 # sends them in as few statements as the engine can keep that order in).
@@ -332,7 +334,7 @@ def _url(location: str | os.PathLike[str]) -> URL:
     return postgresql.driver_url(make_url(text)) if "://" in text else sqlite.url_for_path(text)
 
 
-class SqlStore(fleet.FleetStore):
+class SqlStore(fleet.FleetStore, shared.SharedState):
     """The audit log and the rules in a SQL database, behind one writer thread.
 
     ``location`` is a SQLAlchemy URL, a SQLite file's path, or
@@ -531,6 +533,7 @@ class SqlStore(fleet.FleetStore):
             rows = conn.execute(
                 select(*_RULE_COLUMNS).where(RULES.c.revoked_at.is_(None)).order_by(RULES.c.id)
             ).all()
+            self._rules_signature = shared.rules_signature(conn)
         self.found_version = found
         if 0 < found < SCHEMA_VERSION:
             log.info(
@@ -828,7 +831,7 @@ class SqlStore(fleet.FleetStore):
 
         recorded = await self._run(write)
         if recorded.rule is not None:
-            self.policy.add(recorded.rule)
+            self._policy_add(recorded.rule)
         return recorded
 
     def _claim(self, conn: Connection, entry: AuditEntry) -> None:
@@ -931,7 +934,7 @@ class SqlStore(fleet.FleetStore):
     async def add_rule(self, rule: Rule) -> Rule:
         """Commit ``rule`` (its id is ignored); an identical active rule is returned instead."""
         committed = await self._run(lambda conn: self._insert_rule(conn, rule))
-        self.policy.add(committed)
+        self._policy_add(committed)
         return committed
 
     async def add_rules(self, rules: Sequence[Rule]) -> list[Rule]:
@@ -942,7 +945,7 @@ class SqlStore(fleet.FleetStore):
 
         committed = await self._run(insert_all)
         for rule in committed:
-            self.policy.add(rule)
+            self._policy_add(rule)
         return committed
 
     async def revoke_rule(self, rule_id: int, by: str) -> Rule:
@@ -962,7 +965,7 @@ class SqlStore(fleet.FleetStore):
             return replace(rule, revoked_at=now, revoked_by=by)
 
         revoked = await self._run(revoke)
-        self.policy.remove(revoked)
+        self._policy_remove(revoked)
         return revoked
 
     async def rules(self, *, include_revoked: bool = False) -> list[Rule]:
