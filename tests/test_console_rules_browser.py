@@ -27,8 +27,6 @@ from tests.test_console_browser import (  # noqa: F401 (fixtures)
     UI_WAIT_MS,
     T,
     _sel,
-    browser,
-    page,
     sync_api,
 )
 
