@@ -22,7 +22,7 @@ import pytest
 from actors import Uplink
 from protocol import Decision
 from sled_gateway import Gateway
-from tests.test_console_browser import (  # noqa: F401 (fixtures)
+from tests.test_console_browser import (
     TOKEN,
     UI_WAIT_MS,
     T,
@@ -49,7 +49,7 @@ def _card(req_id: str) -> str:
 
 def test_a_rule_added_by_its_text_and_a_bad_one_shows_its_position(
     gw: Gateway,
-    page: Any,  # noqa: F811
+    page: Any,
     tmp_path: Path,
 ) -> None:
     expect = sync_api.expect
@@ -151,7 +151,7 @@ def test_a_rule_added_by_its_text_and_a_bad_one_shows_its_position(
 def test_always_allow_by_the_prefix_rule_answers_the_next_command_by_rule(
     gw: Gateway,
     make_uplink: Callable[..., Uplink],
-    page: Any,  # noqa: F811
+    page: Any,
     tmp_path: Path,
 ) -> None:
     expect = sync_api.expect

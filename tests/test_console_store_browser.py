@@ -20,7 +20,7 @@ import pytest
 from actors import Uplink
 from protocol import Decision
 from sled_gateway import Gateway
-from tests.test_console_browser import (  # noqa: F401 (fixtures)
+from tests.test_console_browser import (
     TOKEN,
     UI_WAIT_MS,
     T,
@@ -35,7 +35,7 @@ PROJECT = "console-sled"
 
 def test_console_audit_and_rules_views(
     make_uplink: Callable[..., Uplink],
-    page: Any,  # noqa: F811
+    page: Any,
     tmp_path: Path,
 ) -> None:
     expect = sync_api.expect
