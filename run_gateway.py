@@ -228,20 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         gateway.add_transport(TerminalPrompter(gateway), "terminal")
     if matrix_config is not None:
         gateway.add_transport(MatrixTransport(gateway, matrix_config), "matrix")
-    try:
-        gateway.start()
-    except OSError as exc:
-        parser.config_error(
-            ConfigError("--listen", f"cannot listen on {args.listen}: {exc.strerror or exc}")
-        )
-    except StoreError as exc:
-        parser.config_error(ConfigError("--db", str(exc)))
-    except BusError as exc:
-        parser.config_error(ConfigError("--bus", str(exc)))
-
-    # Start-up is done (store open, routes built, imports made): what exists now lives
-    # until exit, and no collection needs to walk it again (sled_gateway/memory.py).
-    tune_collector()
+    # Installed before the server starts: a signal that arrives as soon as the port
+    # answers must still drain and stop cleanly, not kill the process mid-start.
     stop = threading.Event()
     drain = threading.Event()  # SIGTERM: drain before stopping
     hurry = threading.Event()  # a second signal: stop now
@@ -260,6 +248,20 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    try:
+        gateway.start()
+    except OSError as exc:
+        parser.config_error(
+            ConfigError("--listen", f"cannot listen on {args.listen}: {exc.strerror or exc}")
+        )
+    except StoreError as exc:
+        parser.config_error(ConfigError("--db", str(exc)))
+    except BusError as exc:
+        parser.config_error(ConfigError("--bus", str(exc)))
+
+    # Start-up is done (store open, routes built, imports made): what exists now lives
+    # until exit, and no collection needs to walk it again (sled_gateway/memory.py).
+    tune_collector()
     _announce(gateway, args)
     status = 0
     try:
