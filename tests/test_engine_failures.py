@@ -27,7 +27,7 @@ from tests.test_store_postgresql import entry
 
 pytestmark = pytest.mark.timeout(180)
 
-#: The contract's bounds (PROTOCOL.md section 6, issue 24), with room for a loaded machine
+#: The contract's bounds (docs/deploy.md, "When a part dies"), with room for a loaded machine
 #: only where the contract gives none.
 READYZ_WITHIN_S = 5.0
 RECOVERY_WITHIN_S = 10.0
