@@ -282,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
                     logger.error("the drain did not finish; stopping")
                     break
     finally:
-        gateway.stop(timeout=4.0)  # the transports first, then the gateway's parts
+        # The transports first, then the gateway's parts; a replica's release of its
+        # lease (at most a few seconds against a slow database) fits in half of it.
+        gateway.stop(timeout=10.0)
     return status
 
 

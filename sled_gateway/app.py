@@ -26,6 +26,7 @@ is the only thing other threads touch.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from starlette.requests import Request
@@ -57,7 +58,7 @@ from sled_gateway.http.routes import UPLINK_PATH, Routes
 from sled_gateway.hub import Hub
 from sled_gateway.people import Grants, NoGrants
 from sled_gateway.records import DecisionRecord, PendingPermission
-from sled_gateway.relay import Relay
+from sled_gateway.relay import Departures, Relay
 from sled_gateway.replicas import Replicas
 from sled_gateway.sharing import Sharing
 from sled_gateway.state import GatewayState
@@ -127,7 +128,14 @@ class GatewayApp:
                 sweep_interval=config.sweep_interval,
             )
             self.approvals.replicas = self.replicas
-        self.relay = Relay(config, state, self.bus)
+        self.relay = Relay(
+            config,
+            state,
+            self.bus,
+            self.replicas.store.sled_left_at
+            if self.replicas is not None
+            else Departures(self.events).left_at,
+        )
         #: Where people's roles come from (the --access file); OpenID Connect sign-in and
         #: person tokens turn a Person into a Principal through it.
         self.grants: Grants = (
@@ -226,3 +234,11 @@ class GatewayApp:
             self.replicas.stop()
         self.routes.live.close_all()  # an open console must not hold the server's shutdown
         await self.hub.shutdown()
+        if self.replicas is not None:
+            # The sessions' ends withdraw their requests (by "sled_disconnected") first;
+            # what is still held after that, the release ends.
+            deadline = time.monotonic() + 1.0
+            while self.hub.sessions and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            await self.approvals.settled(timeout=1.0)
+            await self.replicas.give_up()

@@ -347,7 +347,7 @@ class Approvals:
                 await self._refuse(item, "not recorded as pending", str(exc))
                 return
             self.events.publish(PermissionRequested(item))
-            self.replicas.ring()
+            self.replicas.ring(request=(item.project, item.req_id))
             return
         self.events.publish(PermissionRequested(item))
 
@@ -569,6 +569,12 @@ class Approvals:
             return
         busy.add_done_callback(lambda _: self._withdraw_when_undecided(item, by, why))
 
+    async def settled(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) for the withdrawals and deliveries on their way."""
+        running = [t for t in self._background if not t.done()]
+        if running:
+            await asyncio.wait(running, timeout=timeout)
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
@@ -623,7 +629,7 @@ class Approvals:
                 ),
             )
         )
-        self.replicas.ring()
+        self.replicas.ring(request=(item.project, item.req_id))
 
     def _withdraw(self, items: list[PendingPermission], by: str, why: str) -> None:
         """End pending requests without a decision: audited as withdrawn (``by``,
@@ -969,7 +975,7 @@ class Approvals:
         holds its sled, else by ringing the holder (whose sweep delivers it anyway)."""
         assert self.replicas is not None
         if item.replica is not None and item.replica != self.replicas.id:
-            self.replicas.ring_holder(item.replica)
+            self.replicas.ring_holder(item.replica, (item.project, item.req_id))
             return
         if self.replicas.claim_send(item):
             sent = self._answerer is not None and await self._answerer.answer(
@@ -981,7 +987,7 @@ class Approvals:
                     printable(item.req_id, 120),
                 )
             self.replicas.after_send(item, decision, sent)
-        self.replicas.ring()
+        self.replicas.ring(request=(item.project, item.req_id))
 
     async def _answer_by_rule(
         self,

@@ -90,6 +90,15 @@ class SledDown:
     session: int
     project: str | None
     close_code: int | None
+    #: The gateway ended it (stopping): the sled did not choose to leave.
+    by_gateway: bool = False
+
+    @property
+    def said_goodbye(self) -> bool:
+        """The sled itself closed normally (1000, 1001: it stopped); any other end (a
+        drain's 1012, the gateway stopping, a lost connection, a missed heartbeat)
+        means it is reconnecting."""
+        return self.close_code in (1000, 1001) and not self.by_gateway
 
 
 @dataclass(frozen=True, slots=True)

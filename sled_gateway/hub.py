@@ -415,7 +415,9 @@ class Hub:
             del self.by_project[session.project]
         session.fail_waiters(STOPPING if self._stopping else SLED_GONE)
         withdrawn = self.approvals.withdraw(session.id, close_code)
-        self.events.publish(SledDown(session.id, session.project, close_code))
+        self.events.publish(
+            SledDown(session.id, session.project, close_code, by_gateway=self._stopping)
+        )
         log.info(
             "sled {} disconnected (code {}){}",
             session.label(),

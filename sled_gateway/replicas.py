@@ -67,6 +67,13 @@ log = logger.bind(actor="replicas")
 CHANGED = "gateway.changed"
 #: The audit's ``by`` of requests a survivor released for a replica whose lease expired.
 LEASE_EXPIRED = "replica_lost"
+#: The audit's ``by`` of requests a replica ended as it stopped cleanly.
+STOPPED = "replica_stopped"
+#: How long a stopping replica waits for its release to commit (the store is bounded too).
+GIVE_UP_TIMEOUT = 3.0
+#: Rows named by rings since the last re-read above which one read of the whole fleet
+#: is cheaper than reading each.
+REREAD_ALL_ABOVE = 500
 #: How many delivered requests a replica remembers, so none is sent twice.
 SENT_MEMORY = 100_000
 
@@ -167,6 +174,9 @@ class Replicas:
         self._stops: list[Callable[[], None]] = []
         self._sweeper: asyncio.Task[None] | None = None
         self.resync = _Coalesced(self._resync, "re-reading the fleet")
+        self.refresh = _Coalesced(self._refresh, "re-reading changed rows")
+        self._dirty_sleds: set[str] = set()
+        self._dirty_requests: set[tuple[str, str]] = set()
         self.deliver = _Coalesced(self._deliver, "delivering decisions")
         events.subscribe(SledUp, self._sled_up)
         events.subscribe(SledDown, self._sled_down)
@@ -199,7 +209,41 @@ class Replicas:
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.resync.cancel()
+        self.refresh.cancel()
         self.deliver.cancel()
+
+    async def give_up(self) -> None:
+        """A clean stop (after :meth:`stop` and the sleds' sessions closed): end what this
+        replica still holds and drop its lease at once, so the survivors need not wait
+        ``--lease-seconds`` for it to expire. If this fails, the lease expires as for a
+        dead replica: nothing is lost, it only takes longer."""
+        pending = [t for t in self._background if not t.done()]
+        if pending:  # deliveries and withdrawals already on their way settle first
+            await asyncio.wait(pending, timeout=1.0)
+        by = Principal.gateway(STOPPED)
+        try:
+            withdrawn, undelivered = await asyncio.wait_for(
+                self.store.release_replica(
+                    self.id,
+                    time.time(),
+                    by.by,
+                    by.who,
+                    by.channel.value,
+                    what_happened="stopped",
+                ),
+                GIVE_UP_TIMEOUT,
+            )
+        except Exception as exc:
+            log.warning("replica {}: lease not given up ({}); it will expire", self.id, exc)
+            return
+        log.info(
+            "replica {} stopped: lease given up ({} pending request(s) withdrawn, "
+            "{} decided but undelivered)",
+            self.id,
+            withdrawn,
+            undelivered,
+        )
+        self.ring()
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -208,24 +252,81 @@ class Replicas:
 
     # -- rings ------------------------------------------------------------------------------
 
-    def ring(self) -> None:
-        """Tell every replica to re-read (something others show changed)."""
+    def ring(self, *, sled: str | None = None, request: tuple[str, str] | None = None) -> None:
+        """Tell every replica to re-read: only ``sled``'s row or ``request``'s when it
+        says which changed, else the whole fleet. The ring names rows, never their
+        content: what a replica shows and decides is always read from the store."""
+        message: dict[str, Any] = {"from": self.id}
+        if sled is not None:
+            message["sleds"] = [sled]
+        if request is not None:
+            message["requests"] = [list(request)]
         try:
-            self.bus.publish(CHANGED, {"from": self.id})
+            self.bus.publish(CHANGED, message)
         except Exception as exc:  # a lost ring only delays: the sweep re-reads
             log.debug("ring not sent: {}", exc)
 
-    def ring_holder(self, replica: str) -> None:
+    def ring_holder(self, replica: str, request: tuple[str, str] | None = None) -> None:
         """Tell ``replica`` a request it holds was decided."""
         try:
             self.bus.publish(deliver_subject(replica), {"from": self.id})
         except Exception as exc:
             log.debug("ring to {} not sent: {}", replica, exc)
-        self.ring()
+        self.ring(request=request)
 
     def _rung(self, message: Message) -> None:
-        if message.get("from") != self.id:
+        if message.get("from") == self.id:
+            return
+        sleds = message.get("sleds", [])
+        requests = message.get("requests", [])
+        named = (
+            isinstance(sleds, list)
+            and isinstance(requests, list)
+            and (sleds or requests)
+            and all(isinstance(p, str) for p in sleds)
+            and all(
+                isinstance(r, list) and len(r) == 2 and all(isinstance(x, str) for x in r)
+                for r in requests
+            )
+        )
+        if not named:  # the whole fleet (or a ring this replica cannot read: re-read all)
             self.resync()
+            return
+        self._dirty_sleds.update(sleds)
+        self._dirty_requests.update((r[0], r[1]) for r in requests)
+        if len(self._dirty_sleds) + len(self._dirty_requests) > REREAD_ALL_ABOVE:
+            self._dirty_sleds.clear()
+            self._dirty_requests.clear()
+            self.resync()  # a burst (a reconnect storm): one read of all is cheaper
+            return
+        self.refresh()
+
+    async def _refresh(self) -> None:
+        """Re-read the rows rings named since the last refresh."""
+        projects, self._dirty_sleds = self._dirty_sleds, set()
+        requests, self._dirty_requests = self._dirty_requests, set()
+        if not projects and not requests:
+            return
+        sleds, rows = await self.store.fleet_part(projects, requests)
+        mono = time.monotonic()
+        self.state.update_fleet(
+            projects,
+            [
+                SledRecord(
+                    project=s.project,
+                    session=s.session,
+                    remote=s.remote or "?",
+                    connected_at=s.connected_at,
+                    beat_mono=mono,
+                    info=s.info,
+                    replica=s.replica,
+                )
+                for s in sleds
+                if s.replica != self.id
+            ],
+            requests,
+            [item_of(r) for r in rows if r.state == PENDING and r.replica != self.id],
+        )
 
     def _reconnected(self) -> None:
         # Rings may have been lost while the bus was away.
@@ -244,18 +345,18 @@ class Replicas:
             )
         except Exception as exc:
             log.warning("sled {!r} not recorded as held here: {}", event.project, exc)
-        self.ring()
+        self.ring(sled=event.project)
 
     def _sled_down(self, event: SledDown) -> None:
         if event.project is not None:
-            self._spawn(self._let_go(event.project, event.session))
+            self._spawn(self._let_go(event.project, event.session, not event.said_goodbye))
 
-    async def _let_go(self, project: str, session: int) -> None:
+    async def _let_go(self, project: str, session: int, returning: bool) -> None:
         try:
-            await self.store.let_go_sled(project, self.id, session)
+            await self.store.let_go_sled(project, self.id, session, returning=returning)
         except Exception as exc:
             log.warning("sled {!r} not recorded as gone: {}", project, exc)
-        self.ring()
+        self.ring(sled=project)
 
     # -- requests ---------------------------------------------------------------------------
 

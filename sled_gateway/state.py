@@ -21,7 +21,7 @@ import itertools
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -289,6 +289,57 @@ class GatewayState:
                     self._unpend(key)
                     changed = True
             self._remote_pending = seen_pending
+            if changed:
+                self._changed()
+
+    def update_fleet(
+        self,
+        projects: Iterable[str],
+        sleds: list[SledRecord],
+        requests: Iterable[Key],
+        pending: list[PendingPermission],
+    ) -> None:
+        """Part of :meth:`set_fleet`: of the sleds ``projects`` and the requests
+        ``requests`` (keys) that changed, the ones other replicas still hold now are
+        ``sleds`` and ``pending``; the others are no longer theirs."""
+        with self._cond:
+            changed = False
+            found_sleds = {rec.project: rec for rec in sleds}
+            for project in projects:
+                mine = self._sleds.get(project)
+                if mine is not None and mine.replica is None and mine.disconnected_at is None:
+                    continue  # held here: this process knows best
+                rec = found_sleds.get(project)
+                if rec is not None:
+                    self._remote_sleds.add(project)
+                    if mine is None or mine.replica != rec.replica or mine.session != rec.session:
+                        self._sleds[project] = rec
+                        changed = True
+                    else:
+                        mine.beat_mono = rec.beat_mono
+                elif project in self._remote_sleds:
+                    self._remote_sleds.discard(project)
+                    if mine is not None and mine.replica is not None:
+                        del self._sleds[project]
+                        changed = True
+            found_pending = {(item.project, item.req_id): item for item in pending}
+            for key in requests:
+                held = self._pending.get(key)
+                if held is not None and held.replica is None:
+                    continue  # held here
+                item = found_pending.get(key)
+                if item is not None:
+                    self._remote_pending.add(key)
+                    if held is None or held.received_at != item.received_at:
+                        if held is not None:
+                            self._unpend(key)
+                        self._pending[key] = item
+                        changed = True
+                elif key in self._remote_pending:
+                    self._remote_pending.discard(key)
+                    if held is not None:
+                        self._unpend(key)
+                        changed = True
             if changed:
                 self._changed()
 

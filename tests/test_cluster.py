@@ -409,9 +409,7 @@ def test_rolling_restart_withdraws_every_request_pending_on_a_drained_session(
 
 
 # A relay to a sled that is between replicas (closed by a drain, reconnecting after its
-# random wait) answers 404 "no connected sled" today: only the shared sled state can tell
-# "moving, retry" (503 with Retry-After) from "unknown".
-@pytest.mark.xfail(strict=True, reason="needs the replicated pending state")
+# random wait) answers 503 with Retry-After: the store keeps when it left.
 def test_rolling_restart_gives_no_mcp_error_but_hinted_503s(
     rolling_restart: RollingRestart,
 ) -> None:

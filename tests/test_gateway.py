@@ -559,6 +559,38 @@ def test_mcp_relay_unknown_or_gone_sled_is_404(gw: Gateway) -> None:
     run(scenario())
 
 
+@pytest.mark.parametrize("how", ["dropped", "drained"])
+def test_mcp_relay_to_a_sled_that_is_reconnecting_is_a_hinted_503(gw: Gateway, how: str) -> None:
+    # A sled that left without saying goodbye comes back: a client told 404 would give
+    # up on it, one told 503 with Retry-After retries. A sled that closed normally (1000,
+    # above) is unknown again.
+    async def scenario() -> None:
+        async with httpx.AsyncClient(timeout=T, headers=api(gw)) as http:
+            async with sled(gw, "p") as ws:
+                if how == "dropped":
+                    ws.transport.abort()  # the network lost it: no close frame at all
+                else:
+                    await ws.close(1012, "retry_after=1")  # as a draining replica says
+            await wait_state(gw, lambda s: sled_of(s, "p")["state"] == "disconnected")  # type: ignore[index]
+            response = await http.post(gw.mcp_url("p"), content="{}")
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"] == "1"
+            assert "reconnecting" in response.json()["error"]
+            assert (await http.post(gw.mcp_url("nobody"), content="{}")).status_code == 404
+            # Only a caller the endpoint admits learns that the sled was there.
+            stranger = await http.post(
+                gw.mcp_url("p"), content="{}", headers={"Authorization": "Bearer wrong"}
+            )
+            assert stranger.status_code == 401
+            async with sled(gw, "p") as ws:  # back: the relay reaches it again
+                post = asyncio.create_task(http.post(gw.mcp_url("p"), content='{"id":1}'))
+                request = await recv(ws)
+                await ws.send(frame("mcp_response", request["req_id"], {"ok": 1}))
+                assert (await post).json() == {"ok": 1}
+
+    run(scenario())
+
+
 def test_mcp_relay_timeout_is_504(make_reference_gateway: Callable[..., Gateway]) -> None:
     gw = make_reference_gateway(mcp_timeout=0.3)
 

@@ -10,6 +10,7 @@ decision on B still reaches the sled, through A's sweep of the store.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from websockets.exceptions import ConnectionClosed
 
 from protocol import ConfigError
 from sled_gateway import Gateway
+from sled_gateway.store.fleet import FleetStore
 from tests.conftest import REFERENCE_TOKEN
 from tests.support import nats as nats_support
 from tests.support.nats import NatsServer
@@ -58,9 +60,7 @@ def replica(nats_server: NatsServer, pg_url: str) -> Iterator[Callable[..., Gate
             operator_token=OPERATOR,
             db=pg_url,
             bus=nats_server.url,
-            sweep_interval=SWEEP,
-            lease_seconds=4 * SWEEP,
-            **settings,
+            **{"sweep_interval": SWEEP, "lease_seconds": 4 * SWEEP, **settings},
         )
         made.append(gateway.start())
         return made[-1]
@@ -237,3 +237,133 @@ def test_a_replica_released_while_alive_lists_its_sled_again_and_drops_what_ende
             assert (answer["req_id"], answer["payload"]["approved"]) == ("r2", True)
 
     asyncio.run(asyncio.wait_for(scenario(), 6 * T))
+
+
+def test_a_relay_to_a_sled_between_replicas_is_a_hinted_503_on_every_replica(
+    replica: Callable[..., Gateway],
+) -> None:
+    # The store keeps when a sled left without saying goodbye, so even a replica started
+    # after it left tells "reconnecting, retry" (503) from "unknown" (404).
+    a, b = replica(), replica()
+
+    def relay(gw: Gateway, project: str) -> httpx.Response:
+        return httpx.post(gw.mcp_url(project), content="{}", headers=api(gw), timeout=T)
+
+    async def scenario() -> None:
+        async with sled(a, "moving") as ws:
+            ws.transport.abort()  # lost, as a killed replica's or a dropped link's sleds are
+        async with sled(a, "stopped"):
+            pass  # a normal close (1000): the sled stopped
+        await asyncio.to_thread(
+            b.wait_for,
+            lambda s: (
+                not any(x["project"] == "moving" and x["state"] == "connected" for x in s["sleds"])
+            ),
+            T,
+        )
+
+    asyncio.run(scenario())
+    c = replica()  # knows nothing of the sled but what the store says
+    for gw in (a, b, c):
+        moving = relay(gw, "moving")
+        assert moving.status_code == 503, moving.text
+        assert moving.headers["retry-after"] == "1"
+        assert "reconnecting" in moving.json()["error"]
+        assert relay(gw, "stopped").status_code == 404
+        assert relay(gw, "never-seen").status_code == 404
+
+
+def test_a_clean_stop_gives_up_the_lease_and_ends_what_it_held_at_once(
+    replica: Callable[..., Gateway],
+) -> None:
+    # With a lease of a minute, only the stopping replica's own release can end its
+    # requests within seconds: the survivors would otherwise wait for the lease.
+    a, b = replica(lease_seconds=60), replica(lease_seconds=60)
+
+    async def scenario() -> None:
+        async with sled(a, "leaving") as ws:
+            await ws.send(perm_request("r1"))
+            await asyncio.to_thread(b.wait_for, lambda _s: listed(b, "leaving", "r1"), T)
+            stopped_at = time.monotonic()
+            await asyncio.to_thread(a.stop)
+            await asyncio.to_thread(
+                b.wait_for,
+                lambda s: not any(p["req_id"] == "r1" for p in s["pending"]),
+                T,
+            )
+            assert time.monotonic() - stopped_at < 15  # far below the 60 s lease
+        audit = httpx.get(f"{b.http_url}/api/audit", headers=api(b), timeout=T).json()
+        rows = [r for r in audit["entries"] if r["req_id"] == "r1"]
+        assert [r["decision"] for r in rows] == ["withdrawn"], rows
+        late = httpx.post(
+            f"{b.http_url}/api/permissions/leaving/r1",
+            json={"decision": "approve"},
+            headers=api(b),
+            timeout=T,
+        )
+        assert late.status_code in (404, 409), late.text
+        # A's lease is gone: no survivor has anything left to release for it.
+        store = b.store
+        assert isinstance(store, FleetStore)
+        replicas = b.run_on_loop(store.expired_replicas(time.time() + 3600)).result(T)
+        assert len(replicas) == 1, replicas  # B's own only
+
+    asyncio.run(scenario())
+
+
+def test_a_ring_names_rows_and_only_the_store_says_what_they_hold(
+    replica: Callable[..., Gateway], nats_server: NatsServer
+) -> None:
+    # Sweeps a minute apart: B learns A's sled and request from the rings alone, which
+    # name the rows B then reads. A ring naming a row the store does not have shows
+    # nothing; a ring B cannot read makes it re-read everything, and nothing breaks.
+    import nats
+
+    slow = {"sweep_interval": 60, "lease_seconds": 180}
+    a, b = replica(**slow), replica(**slow)
+
+    async def scenario() -> None:
+        bus = await nats.connect(nats_server.url)
+        try:
+            async with sled(a, "rung") as ws:
+                await ws.send(perm_request("r1"))
+                await asyncio.to_thread(b.wait_for, lambda _s: listed(b, "rung", "r1"), T)
+                for forged in (
+                    {"from": "x", "requests": [["rung", "ghost"]], "sleds": ["ghost-sled"]},
+                    {"from": "x", "requests": "all", "sleds": [1]},
+                    {"from": "x", "requests": [["rung"]]},
+                ):
+                    await bus.publish("gateway.changed", json.dumps(forged).encode())
+                await bus.flush()
+                await ws.send(perm_request("r2"))  # rung after the forged rings
+                await asyncio.to_thread(b.wait_for, lambda _s: listed(b, "rung", "r2"), T)
+                state = b.state()
+                assert not any(p["req_id"] == "ghost" for p in state["pending"])
+                assert not any(s["project"] == "ghost-sled" for s in state["sleds"])
+                got = httpx.post(
+                    f"{b.http_url}/api/permissions/rung/r1",
+                    json={"decision": "approve"},
+                    headers=api(b),
+                    timeout=T,
+                )
+                assert got.status_code == 200, got.text
+                assert (await recv(ws))["req_id"] == "r1"
+                await asyncio.to_thread(
+                    a.wait_for, lambda s: not any(p["req_id"] == "r1" for p in s["pending"]), T
+                )
+                await asyncio.to_thread(
+                    b.wait_for, lambda s: not any(p["req_id"] == "r1" for p in s["pending"]), T
+                )
+            await asyncio.to_thread(
+                b.wait_for,
+                lambda s: (
+                    not any(
+                        x["project"] == "rung" and x["state"] == "connected" for x in s["sleds"]
+                    )
+                ),
+                T,
+            )
+        finally:
+            await bus.close()
+
+    asyncio.run(scenario())

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,6 +39,7 @@ from sqlalchemy import (
     Text,
     delete,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.types import TypeEngine
@@ -68,6 +69,8 @@ REPLICAS = Table(
     Column("started_at", _TIME, nullable=False),
     Column("lease_until", _TIME, nullable=False),
 )
+#: The ``replica`` of a sled no replica holds now; its ``last_seen`` is when it left.
+GONE = ""
 SLEDS = Table(
     "sleds",
     METADATA,
@@ -277,11 +280,21 @@ class FleetStore:
         return list(await self._run(lambda conn: conn.execute(query).scalars().all()))
 
     async def release_replica(
-        self, replica: str, now: float, withdrawn_by: str, who: str, channel: str
+        self,
+        replica: str,
+        now: float,
+        withdrawn_by: str,
+        who: str,
+        channel: str,
+        *,
+        what_happened: str = "stopped answering (lease expired)",
     ) -> tuple[int, int]:
-        """End what a dead replica held, in one transaction: its pending requests are
+        """End what a dead (or cleanly stopped) replica held, in one transaction: its
+        pending requests are
         withdrawn and its decided-but-undelivered ones marked undelivered (each audited),
-        its sleds and its lease removed. Returns (withdrawn, undelivered)."""
+        its sleds let go as expected back (they reconnect elsewhere, as
+        :meth:`let_go_sled` with ``returning``) and its lease removed. Returns
+        (withdrawn, undelivered)."""
 
         def release(conn: Connection) -> tuple[int, int]:
             rows = [
@@ -319,17 +332,19 @@ class FleetStore:
                         row.tool_input,
                         new,
                         withdrawn_by,
-                        "its gateway replica stopped answering (lease expired)"
+                        f"its gateway replica {what_happened}"
                         if pending
-                        else f"decided {row.decision}, but its gateway replica stopped "
-                        "answering before the sled got it (lease expired)",
+                        else f"decided {row.decision}, but its gateway replica "
+                        f"{what_happened} before the sled got it",
                         row.requested_at,
                         now,
                         who=who,
                         channel=channel,
                     ),
                 )
-            conn.execute(delete(SLEDS).where(SLEDS.c.replica == replica))
+            conn.execute(
+                update(SLEDS).where(SLEDS.c.replica == replica).values(replica=GONE, last_seen=now)
+            )
             conn.execute(delete(REPLICAS).where(REPLICAS.c.id == replica))
             return counts[0], counts[1]
 
@@ -360,23 +375,36 @@ class FleetStore:
 
         await self._run(hold)
 
-    async def let_go_sled(self, project: str, replica: str, session: int) -> None:
-        """That session ended (a newer one elsewhere is not touched)."""
-        await self._run(
-            lambda conn: conn.execute(
-                delete(SLEDS).where(
-                    SLEDS.c.project == project,
-                    SLEDS.c.replica == replica,
-                    SLEDS.c.session == session,
-                )
-            )
+    async def let_go_sled(
+        self, project: str, replica: str, session: int, *, returning: bool = False
+    ) -> None:
+        """That session ended (a newer one elsewhere is not touched). A sled expected
+        back (``returning``: it did not say goodbye) stays, held by nobody, with the time
+        it left, so one on its way to another replica is told from one never seen
+        (:meth:`sled_left_at`)."""
+        which = (
+            SLEDS.c.project == project,
+            SLEDS.c.replica == replica,
+            SLEDS.c.session == session,
         )
+        statement = (
+            update(SLEDS).where(*which).values(replica=GONE, last_seen=time.time())
+            if returning
+            else delete(SLEDS).where(*which)
+        )
+        await self._run(lambda conn: conn.execute(statement))
+
+    async def sled_left_at(self, project: str) -> float | None:
+        """When ``project``'s sled last left its replica, if no replica holds it now."""
+        query = select(SLEDS.c.last_seen).where(SLEDS.c.project == project, SLEDS.c.replica == GONE)
+        found = await self._run(lambda conn: conn.execute(query).scalar())
+        return float(found) if found is not None else None
 
     async def fleet(self) -> tuple[list[SledRow], list[PendingRow]]:
         """Every sled held, and every request still pending, in one read."""
 
         def read(conn: Connection) -> tuple[list[SledRow], list[PendingRow]]:
-            sleds = conn.execute(select(*_SLED_COLUMNS)).all()
+            sleds = conn.execute(select(*_SLED_COLUMNS).where(SLEDS.c.replica != GONE)).all()
             pending = conn.execute(
                 select(*_PENDING_COLUMNS)
                 .where(PENDING_REQUESTS.c.state == PENDING)
@@ -429,6 +457,38 @@ class FleetStore:
             )
 
         await self._run(add)
+
+    async def fleet_part(
+        self, projects: Collection[str], requests: Collection[tuple[str, str]]
+    ) -> tuple[list[SledRow], list[PendingRow]]:
+        """The held sleds among ``projects`` and the rows of ``requests`` (project,
+        req_id) in any state, in one read: what a replica re-reads when told what
+        changed, instead of the whole fleet."""
+
+        def read(conn: Connection) -> tuple[list[SledRow], list[PendingRow]]:
+            sleds = (
+                conn.execute(
+                    select(*_SLED_COLUMNS).where(
+                        SLEDS.c.project.in_(list(projects)), SLEDS.c.replica != GONE
+                    )
+                ).all()
+                if projects
+                else []
+            )
+            rows = (
+                conn.execute(
+                    select(*_PENDING_COLUMNS).where(
+                        tuple_(PENDING_REQUESTS.c.project, PENDING_REQUESTS.c.req_id).in_(
+                            list(requests)
+                        )
+                    )
+                ).all()
+                if requests
+                else []
+            )
+            return [_sled_row(r) for r in sleds], [_pending_row(r) for r in rows]
+
+        return await self._run(read)
 
     async def pending_row(self, project: str, req_id: str) -> PendingRow | None:
         return await self._run(lambda conn: _current(conn, project, req_id))
