@@ -74,6 +74,10 @@ def _text(value: object) -> str | None:
 #: The audit's ``by`` of a request denied, and of the one withdrawn, because
 #: a sled reused a pending id for a different request.
 REUSED_ID = "reused_id"
+#: How long a decision for a request this replica has not seen waits for it, when the
+#: sled is connected to another replica (the request may not have reached the store):
+#: a script deciding at once gets its answer, not a 404 it must retry.
+EARLY_DECISION_WAIT = 0.5
 
 
 Key = tuple[str, str]  # (project, req_id)
@@ -739,6 +743,11 @@ class Approvals:
         assert self.replicas is not None
         try:
             row = await self.replicas.find(project, req_id)
+            if row is None and self.state.is_connected(project):
+                # Its sled is connected (to another replica): the request may be on its
+                # way to the store. Wait for its ring rather than answer 404 at once.
+                await self.replicas.rung_for(project, req_id, EARLY_DECISION_WAIT)
+                row = await self.replicas.find(project, req_id)
         except Exception as exc:
             raise NotRecorded(str(exc)) from exc
         if row is None:

@@ -74,6 +74,8 @@ GIVE_UP_TIMEOUT = 3.0
 #: Rows named by rings since the last re-read above which one read of the whole fleet
 #: is cheaper than reading each.
 REREAD_ALL_ABOVE = 500
+#: Decisions at most waiting at once for the ring of their request (each a short wait).
+MAX_AWAITED = 1_000
 #: How many delivered requests a replica remembers, so none is sent twice.
 SENT_MEMORY = 100_000
 
@@ -177,6 +179,7 @@ class Replicas:
         self.refresh = _Coalesced(self._refresh, "re-reading changed rows")
         self._dirty_sleds: set[str] = set()
         self._dirty_requests: set[tuple[str, str]] = set()
+        self._awaited: dict[tuple[str, str], asyncio.Event] = {}
         self.deliver = _Coalesced(self._deliver, "delivering decisions")
         events.subscribe(SledUp, self._sled_up)
         events.subscribe(SledDown, self._sled_down)
@@ -327,6 +330,25 @@ class Replicas:
             requests,
             [item_of(r) for r in rows if r.state == PENDING and r.replica != self.id],
         )
+        for row in rows:
+            awaited = self._awaited.pop((row.project, row.req_id), None)
+            if awaited is not None:
+                awaited.set()
+
+    async def rung_for(self, project: str, req_id: str, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) for a ring naming that request: a decision may
+        reach this replica before the ring of the request it answers."""
+        key = (project, req_id)
+        event = self._awaited.get(key)
+        if event is None:
+            if len(self._awaited) >= MAX_AWAITED:
+                return  # a flood of decisions for requests nobody rang: do not hold them
+            event = self._awaited[key] = asyncio.Event()
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            if self._awaited.get(key) is event:
+                del self._awaited[key]
 
     def _reconnected(self) -> None:
         # Rings may have been lost while the bus was away.
@@ -376,6 +398,9 @@ class Replicas:
                 "would_match": item.would_match,
             },
         )
+        awaited = self._awaited.pop((item.project, item.req_id), None)
+        if awaited is not None:  # a decision here came before the request: it may go on
+            awaited.set()
 
     async def find(self, project: str, req_id: str) -> PendingRow | None:
         """The request's row as the store has it now."""

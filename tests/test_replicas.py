@@ -367,3 +367,45 @@ def test_a_ring_names_rows_and_only_the_store_says_what_they_hold(
             await bus.close()
 
     asyncio.run(scenario())
+
+
+def test_a_decision_that_overtakes_its_request_waits_for_it_on_another_replica(
+    replica: Callable[..., Gateway],
+) -> None:
+    # A script (or a fast console) may POST on B before A has put the request in the
+    # store: B waits for the request's ring rather than answer 404 at once. An id that
+    # never comes is a 404 after the short wait; a sled connected nowhere, at once.
+    a, b = replica(), replica()
+
+    async def scenario() -> None:
+        async with (
+            httpx.AsyncClient(base_url=b.http_url, headers=api(b), timeout=T) as on_b,
+            sled(a, "quick") as ws,
+        ):
+            await asyncio.to_thread(
+                b.wait_for,
+                lambda s: any(
+                    x["project"] == "quick" and x["state"] == "connected" for x in s["sleds"]
+                ),
+                T,
+            )
+            post = asyncio.create_task(
+                on_b.post("/api/permissions/quick/early", json={"decision": "approve"})
+            )
+            await asyncio.sleep(0.1)  # the POST is waiting on B
+            await ws.send(perm_request("early"))
+            got = await post
+            assert got.status_code == 200, got.text
+            answer = await recv(ws)
+            assert (answer["req_id"], answer["payload"]["approved"]) == ("early", True)
+
+            began = time.monotonic()
+            never = await on_b.post("/api/permissions/quick/never", json={"decision": "deny"})
+            assert never.status_code == 404
+            assert 0.3 < time.monotonic() - began < 5
+            began = time.monotonic()
+            nowhere = await on_b.post("/api/permissions/nowhere/x", json={"decision": "deny"})
+            assert nowhere.status_code == 404
+            assert time.monotonic() - began < 0.3
+
+    asyncio.run(scenario())
