@@ -291,7 +291,16 @@ class Approvals:
             await self._again(session, project, req_id, tool_name, tool_input)
             return
         # Measured once: the caps below, the audit's summary and /api/state all use it.
-        item = PendingPermission(project, req_id, tool_name, tool_input, time.time(), session)
+        # The sled's suggestions go in now: a frozen item made once instead of copied on offer.
+        item = PendingPermission(
+            project,
+            req_id,
+            tool_name,
+            tool_input,
+            time.time(),
+            session,
+            agent_suggestions=suggestions,  # the card's rules are computed when first shown
+        )
         if self.max_input_bytes is not None and item.input_bytes > self.max_input_bytes:
             await self._refuse(
                 item, "over --max-input-bytes", f"{item.input_bytes} bytes of tool input"
@@ -341,7 +350,7 @@ class Approvals:
         if self.auto is not None:
             await self._settle(item, self.auto, Principal.auto(), None, pending=False)
             return
-        item = self._offer(item, suggestions)
+        item = self._offer(item)
         if self.replicas is not None:
             # The shared store first: any replica may decide it from then on.
             try:
@@ -355,22 +364,16 @@ class Approvals:
             return
         self.events.publish(PermissionRequested(item))
 
-    def _offer(
-        self, item: PendingPermission, suggestions: tuple[str, ...] = ()
-    ) -> PendingPermission:
-        """The item with what its card offers: the rules "always allow" may make, and the
-        allow rule that matched but may not answer (a call outside the sandbox)."""
-        would = None
-        if sandbox_off(item.tool_input):
-            allow = self.store.policy.explain(
-                item.project, item.tool_name, item.tool_input
-            ).would_allow
-            if allow is not None:
-                would = {"id": allow.id, "rule": allow.rule, "describes": allow.describes}
+    def _offer(self, item: PendingPermission) -> PendingPermission:
+        """The item with the allow rule its card shows as matched but unable to answer (a
+        call outside the sandbox); the same item when there is none, as nearly always."""
+        if not sandbox_off(item.tool_input):
+            return item
+        allow = self.store.policy.explain(item.project, item.tool_name, item.tool_input).would_allow
+        if allow is None:
+            return item
         return replace(
-            item,
-            agent_suggestions=suggestions,  # the card's rules are computed when first shown
-            would_match=would,
+            item, would_match={"id": allow.id, "rule": allow.rule, "describes": allow.describes}
         )
 
     async def _again(

@@ -126,14 +126,8 @@ class Routes:
         self.app = Starlette(
             routes=[
                 WebSocketRoute(UPLINK_PATH, hub.uplink),
-                Route(UPLINK_PATH, self._upgrade_required, methods=["GET"]),
-                Route("/", ConsolePage().handle, methods=["GET"]),
-                *(Route(path, shell.handle, methods=["GET"]) for path in SHELL_PATHS),
-                Route("/healthz", self._healthz, methods=["GET"]),
-                Route("/readyz", self._readyz, methods=["GET"]),
-                Route("/api/state", self._state, methods=["GET"]),
-                Route(EVENTS_PATH, _EventStream(self), methods=["GET"]),
-                Route(BULK_PATH, self.bulk.handle, methods=["POST"]),
+                # The decision POST is the hot HTTP route, and the router tries routes in
+                # order (about 1.6 µs each); no route above or below matches its paths.
                 Route(
                     "/api/permissions/{project}/{req_id:path}",
                     self._post_decision,
@@ -144,6 +138,14 @@ class Routes:
                     self._get_permission,
                     methods=["GET"],
                 ),
+                Route(UPLINK_PATH, self._upgrade_required, methods=["GET"]),
+                Route("/", ConsolePage().handle, methods=["GET"]),
+                *(Route(path, shell.handle, methods=["GET"]) for path in SHELL_PATHS),
+                Route("/healthz", self._healthz, methods=["GET"]),
+                Route("/readyz", self._readyz, methods=["GET"]),
+                Route("/api/state", self._state, methods=["GET"]),
+                Route(EVENTS_PATH, _EventStream(self), methods=["GET"]),
+                Route(BULK_PATH, self.bulk.handle, methods=["POST"]),
                 # GET/DELETE are answered 405 by the router; the MCP SDK tolerates
                 # that (no server→client stream, no session to terminate).
                 Route("/sleds/{project}/mcp", self._relay, methods=["POST"]),
