@@ -32,9 +32,18 @@ from tests.conftest import REFERENCE_TOKEN
 from tests.support import nats as nats_support
 from tests.support.matrix_client import body, edit_of, is_message, reply_to
 from tests.support.nats import NatsServer
+from tests.support.synapse import homeserver_with
 from tests.test_gateway import perm_request, sled
-from tests.test_matrix import ALICE, BOT, Homeserver, T, bot_config, wait_until
-from tests.test_matrix import homeserver, room  # noqa: F401  (fixtures)
+from tests.test_matrix import (
+    ALICE,
+    BOT,
+    MALLORY,
+    PASSWORDS,
+    Homeserver,
+    T,
+    bot_config,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -72,12 +81,27 @@ def replica(nats_server: NatsServer, pg_url: str) -> Iterator[Callable[[], Gatew
         gw.stop()
 
 
+@pytest.fixture(scope="module")
+def hs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Homeserver]:
+    directory = tmp_path_factory.mktemp("synapse-fleet")
+    clients = {"alice": ALICE, "mallory": MALLORY}
+    with homeserver_with(directory, PASSWORDS, clients) as (synapse, people):
+        yield Homeserver(synapse, people["alice"], people["mallory"])
+
+
 @pytest.fixture
-def bots(homeserver: Homeserver, room: str) -> Iterator[Callable[[Gateway], MatrixTransport]]:
+def room_id(hs: Homeserver) -> str:
+    made = hs.alice.create_room(invite=[BOT, MALLORY])
+    hs.mallory.join(made)
+    return made
+
+
+@pytest.fixture
+def bots(hs: Homeserver, room_id: str) -> Iterator[Callable[[Gateway], MatrixTransport]]:
     made: list[MatrixTransport] = []
 
     def attach(gw: Gateway) -> MatrixTransport:
-        bot = MatrixTransport(gw, bot_config(homeserver, room)).start()
+        bot = MatrixTransport(gw, bot_config(hs, room_id)).start()
         made.append(bot)
         wait_until(lambda: bot.connected, T, "the bot connected and joined")
         return bot
@@ -87,11 +111,11 @@ def bots(homeserver: Homeserver, room: str) -> Iterator[Callable[[Gateway], Matr
         bot.stop()
 
 
-def announcements(homeserver: Homeserver, room: str, req_id: str) -> list[dict[str, Any]]:
+def announcements(hs: Homeserver, room_id: str, req_id: str) -> list[dict[str, Any]]:
     """The bot's posts announcing ``req_id`` (not its edits or replies)."""
     return [
         e
-        for e in homeserver.alice.room_events(room)
+        for e in hs.alice.room_events(room_id)
         if is_message(e)
         and e["sender"] == BOT
         and edit_of(e) is None
@@ -100,18 +124,18 @@ def announcements(homeserver: Homeserver, room: str, req_id: str) -> list[dict[s
     ]
 
 
-def posted_once(homeserver: Homeserver, room: str, req_id: str) -> dict[str, Any]:
+def posted_once(hs: Homeserver, room_id: str, req_id: str) -> dict[str, Any]:
     """The one post of ``req_id``: waits for it, then a few sweeps for any duplicate."""
-    wait_until(lambda: announcements(homeserver, room, req_id), T, f"the post of {req_id}")
+    wait_until(lambda: announcements(hs, room_id, req_id), T, f"the post of {req_id}")
     time.sleep(6 * SWEEP * FACTOR)
-    posts = announcements(homeserver, room, req_id)
+    posts = announcements(hs, room_id, req_id)
     assert len(posts) == 1, [body(p) for p in posts]
     return posts[0]
 
 
-def bot_reply(homeserver: Homeserver, room: str, event_id: str) -> str:
-    event = homeserver.alice.wait_event(
-        room,
+def bot_reply(hs: Homeserver, room_id: str, event_id: str) -> str:
+    event = hs.alice.wait_event(
+        room_id,
         lambda e: e["sender"] == BOT and reply_to(e) == event_id,
         T,
         f"the bot's reply to {event_id}",
@@ -137,8 +161,8 @@ def held_by(gw: Gateway, project: str) -> bool:
 def test_a_request_of_a_sled_on_replica_b_is_posted_by_replica_as_bot_and_decided_by_a_reply(
     replica: Callable[[], Gateway],
     bots: Callable[[Gateway], MatrixTransport],
-    homeserver: Homeserver,
-    room: str,
+    hs: Homeserver,
+    room_id: str,
     make_uplink: Callable[..., Uplink],
 ) -> None:
     a, b = replica(), replica()
@@ -148,25 +172,25 @@ def test_a_request_of_a_sled_on_replica_b_is_posted_by_replica_as_bot_and_decide
     b.wait_for(lambda _s: held_by(b, "fleet-web"), T)
 
     outcome = uplink.request_permission("Bash", {"command": "make deploy"}, request_id="x1")
-    post = posted_once(homeserver, room, "x1")
+    post = posted_once(hs, room_id, "x1")
     assert "sled 'fleet-web' wants to run Bash" in body(post)
     assert not outcome.done()
 
-    homeserver.alice.reply(room, post["event_id"], "approve")
+    hs.alice.reply(room_id, post["event_id"], "approve")
     assert outcome.result(T).decision is Decision.APPROVE
     rows = decisions_of(a, "fleet-web", "x1")
     assert [(r["decision"], r["by"]) for r in rows] == [("approve", f"matrix:{ALICE}")]
 
-    late = homeserver.alice.reply(room, post["event_id"], "deny")
-    assert bot_reply(homeserver, room, late) == f"Too late: already approve by matrix:{ALICE}."
+    late = hs.alice.reply(room_id, post["event_id"], "deny")
+    assert bot_reply(hs, room_id, late) == f"Too late: already approve by matrix:{ALICE}."
     assert len(decisions_of(b, "fleet-web", "x1")) == 1
 
 
 def test_with_a_bot_on_every_replica_one_posts_and_another_takes_over_when_it_stops(
     replica: Callable[[], Gateway],
     bots: Callable[[Gateway], MatrixTransport],
-    homeserver: Homeserver,
-    room: str,
+    hs: Homeserver,
+    room_id: str,
 ) -> None:
     a, b = replica(), replica()
     bot_a, bot_b = bots(a), bots(b)
@@ -174,8 +198,8 @@ def test_with_a_bot_on_every_replica_one_posts_and_another_takes_over_when_it_st
     async def scenario() -> list[dict[str, Any]]:
         async with sled(b, "fleet-api") as ws:
             await ws.send(perm_request("y1", tool_input={"command": "make release"}))
-            post = await asyncio.to_thread(posted_once, homeserver, room, "y1")
-            await asyncio.to_thread(homeserver.alice.reply, room, post["event_id"], "deny")
+            post = await asyncio.to_thread(posted_once, hs, room_id, "y1")
+            await asyncio.to_thread(hs.alice.reply, room_id, post["event_id"], "deny")
             answer = json.loads(await asyncio.wait_for(ws.recv(), T))
             assert (answer["type"], answer["req_id"]) == ("perm_response", "y1")
             assert answer["payload"]["approved"] is False
@@ -188,8 +212,8 @@ def test_with_a_bot_on_every_replica_one_posts_and_another_takes_over_when_it_st
             assert (bot_a.posts > 0) != (bot_b.posts > 0)  # only one of them posted
             await asyncio.to_thread(speaker.stop)
             await ws.send(perm_request("y2", tool_input={"command": "make clean"}))
-            post = await asyncio.to_thread(posted_once, homeserver, room, "y2")
-            await asyncio.to_thread(homeserver.alice.reply, room, post["event_id"], "approve")
+            post = await asyncio.to_thread(posted_once, hs, room_id, "y2")
+            await asyncio.to_thread(hs.alice.reply, room_id, post["event_id"], "approve")
             answer = json.loads(await asyncio.wait_for(ws.recv(), T))
             assert (answer["req_id"], answer["payload"]["approved"]) == ("y2", True)
             return [*decisions_of(a, "fleet-api", "y1"), *decisions_of(a, "fleet-api", "y2")]
@@ -201,7 +225,7 @@ def test_with_a_bot_on_every_replica_one_posts_and_another_takes_over_when_it_st
     ]
 
 
-class _Keyboard(io.TextIOBase):
+class _Keyboard:
     """A terminal's stdin the test types into, one line at a time."""
 
     def __init__(self) -> None:
@@ -213,7 +237,7 @@ class _Keyboard(io.TextIOBase):
             self._lines.append(line)
             self._ready.notify_all()
 
-    def readline(self, size: int | None = -1) -> str:
+    def readline(self) -> str:
         with self._ready:
             self._ready.wait_for(lambda: bool(self._lines))
             return self._lines.pop(0)
