@@ -51,7 +51,14 @@ from sled_gateway.auth.sled import SledTokenBackend
 from sled_gateway.bus import Bus
 from sled_gateway.bus.local import LocalBus
 from sled_gateway.config import GatewayConfig, read_client_secret
-from sled_gateway.events import Events, PermissionDecided, PermissionRequested, PermissionWithdrawn
+from sled_gateway.events import (
+    Events,
+    FleetPermissionEnded,
+    FleetPermissionRequested,
+    PermissionDecided,
+    PermissionRequested,
+    PermissionWithdrawn,
+)
 from sled_gateway.http.console import SHELL_PATHS
 from sled_gateway.http.guard import AllowedHosts, RequestGuard
 from sled_gateway.http.routes import UPLINK_PATH, Routes
@@ -207,6 +214,8 @@ class GatewayApp:
     def add_pending_listener(self, callback: Callable[[PendingPermission], None]) -> None:
         """Call ``callback(item)`` (on the loop thread; keep it quick) for each new request."""
         self.events.subscribe(PermissionRequested, lambda event: callback(event.item))
+        # With replicas, people see the whole fleet, not only this replica's sleds.
+        self.events.subscribe(FleetPermissionRequested, lambda event: callback(event.item))
 
     def add_decision_listener(self, callback: Callable[[DecisionRecord], None]) -> None:
         """Call ``callback(record)`` (on the loop thread; keep it quick) for each decision
@@ -219,6 +228,7 @@ class GatewayApp:
 
         self.events.subscribe(PermissionDecided, decided)
         self.events.subscribe(PermissionWithdrawn, lambda event: callback(event.record))
+        self.events.subscribe(FleetPermissionEnded, lambda event: callback(event.record))
 
     async def monitor(self) -> None:
         if self.replicas is not None:

@@ -57,6 +57,26 @@ class PermissionWithdrawn:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetPermissionRequested:
+    """Another replica's sled's request is pending (read from the shared store).
+
+    Apart from :class:`PermissionRequested` so the read model, which already holds
+    it, does not take it for one of this replica's own; the transports follow both.
+    """
+
+    item: PendingPermission
+
+
+@dataclass(frozen=True, slots=True)
+class FleetPermissionEnded:
+    """Another replica's request left the shared store's pending rows: ``record`` is
+    its outcome as the store has it (decided, or withdrawn)."""
+
+    item: PendingPermission
+    record: DecisionRecord
+
+
+@dataclass(frozen=True, slots=True)
 class SledUp:
     """A session identified itself as ``project``'s sled."""
 

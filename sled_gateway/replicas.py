@@ -40,6 +40,8 @@ from protocol import Decision, printable
 from sled_gateway.bus import Bus, Message, escape_token
 from sled_gateway.events import (
     Events,
+    FleetPermissionEnded,
+    FleetPermissionRequested,
     PermissionDecided,
     PermissionWithdrawn,
     SledDown,
@@ -531,7 +533,14 @@ class Replicas:
             if s.replica != self.id
         ]
         remote = [item_of(r) for r in pending if r.replica != self.id]
+        before = self._remote_items()
         self.state.set_fleet(others, remote)
+        after = self._remote_items()
+        # The transports (Matrix, the terminal) follow the whole fleet's requests.
+        for key in after.keys() - before.keys():
+            self.events.publish(FleetPermissionRequested(after[key]))
+        for key in before.keys() - after.keys():
+            self._spawn(self._remote_ended(before[key]))
         if hub is None:
             return
         # A withdrawal that could not commit leaves a row pending for a session long gone.
@@ -561,6 +570,35 @@ class Replicas:
                 and time.time() - item.received_at > 2 * self.sweep_interval
             ):
                 self._spawn(self._forget_ended(item))
+
+    def _remote_items(self) -> dict[Key, PendingPermission]:
+        return {
+            (i.project, i.req_id, i.received_at): i
+            for i in self.state.pending_items()
+            if i.replica is not None
+        }
+
+    async def _remote_ended(self, item: PendingPermission) -> None:
+        """Tell the transports how another replica's request ended, as the store says."""
+        try:
+            row = await self.store.pending_row(item.project, item.req_id)
+        except Exception as exc:  # the outcome line is cosmetic: the request is gone anyway
+            log.debug("outcome of {!r} not read: {}", item.req_id, exc)
+            row = None
+        if row is not None and row.requested_at == item.received_at and row.state != PENDING:
+            record = record_of(row)
+        else:
+            now = time.time()
+            record = DecisionRecord(
+                item.project,
+                item.req_id,
+                item.tool_name,
+                WITHDRAWN,
+                "?",
+                now,
+                now - item.received_at,
+            )
+        self.events.publish(FleetPermissionEnded(item, record))
 
     async def _forget_ended(self, item: PendingPermission) -> None:
         row = await self.store.pending_row(item.project, item.req_id)

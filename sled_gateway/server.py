@@ -49,6 +49,7 @@ from sled_gateway.logs import protect_uvicorn_loggers
 from sled_gateway.people import Grants
 from sled_gateway.principal import Principal, as_principal
 from sled_gateway.records import DecisionRecord, PendingPermission
+from sled_gateway.replicas import Replicas
 from sled_gateway.state import GatewayState
 from sled_gateway.store import make_store
 from sled_gateway.uvicorn_adapter import EarlyAnswerClose, NotifyingServer, guarded_protocol
@@ -328,6 +329,11 @@ class Gateway:
             and serving is not None
             and not serving.done()
         )
+
+    @property
+    def replicas(self) -> Replicas | None:
+        """This process among the replicas sharing a server database, or None (one node)."""
+        return self._app.replicas
 
     # -- addresses ----------------------------------------------------------------
 

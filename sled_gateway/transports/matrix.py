@@ -66,6 +66,8 @@ from sled_gateway.records import (
     PendingPermission,
     UnknownRequest,
 )
+from sled_gateway.speaker import SpeakerLock
+from sled_gateway.store.postgresql import is_postgresql
 
 if TYPE_CHECKING:
     from sled_gateway.server import Gateway
@@ -586,6 +588,9 @@ class MatrixTransport:
         self.reconnects = 0  # successful syncs after a failed one (tests read it)
         self.posts = 0  # messages posted (tests read it)
         self._scrub = _ScrubFilter([config.password or "", config.access_token or ""])
+        # With replicas, only the transport holding the speaker lock posts (see speaker.py).
+        self._speaker: SpeakerLock | None = None
+        self._speaking = True
 
     # -- lifecycle (any thread) ---------------------------------------------------
 
@@ -613,6 +618,11 @@ class MatrixTransport:
             ):
                 library_logger.setLevel(logging.NOTSET)  # inherit nio's WARNING
             library_logger.addFilter(self._scrub)
+        replicas = self.gateway.replicas
+        url = getattr(replicas.store, "url", None) if replicas is not None else None
+        if url is not None and is_postgresql(url):
+            self._speaker = SpeakerLock(url)
+            self._speaking = False
         self.gateway.add_pending_listener(self._on_pending)
         self.gateway.add_decision_listener(self._on_decision)
         self._future = self.gateway.run_on_loop(self._main())
@@ -704,6 +714,7 @@ class MatrixTransport:
         )
         self._client = client
         worker = asyncio.create_task(self._work())
+        following = asyncio.create_task(self._follow_speaker())
         try:
             await self._run(client)
         except asyncio.CancelledError:
@@ -712,8 +723,14 @@ class MatrixTransport:
             log.exception("matrix: the bot crashed; Matrix answers are off until a restart")
         finally:
             worker.cancel()
+            following.cancel()
             with contextlib.suppress(BaseException):
                 await worker
+            with contextlib.suppress(BaseException):
+                await following
+            if self._speaker is not None:
+                self._speaking = False
+                await asyncio.to_thread(self._speaker.close)
             self._connected = False
             if self.config.password is not None and client.access_token:
                 # Our login made a device and a token: retire both (briefly; the
@@ -723,6 +740,24 @@ class MatrixTransport:
             with contextlib.suppress(BaseException):
                 await client.close()
             log.info("matrix: bot stopped")
+
+    async def _follow_speaker(self) -> None:
+        """Take the speaker lock when it is free and notice when it is lost; the speaker
+        posts every pending request of the fleet, a standby none."""
+        speaker, replicas = self._speaker, self.gateway.replicas
+        if speaker is None or replicas is None:
+            return
+        while True:
+            speaking = await speaker.hold()
+            if speaking and not self._speaking:
+                log.info("matrix: this replica now posts the fleet's requests to the room")
+                self._speaking = True
+                if self._queue is not None:
+                    self._queue.put_nowait(("catch_up", None))
+            elif not speaking and self._speaking:
+                log.warning("matrix: the speaker lock was lost; another replica posts now")
+                self._speaking = False
+            await asyncio.sleep(replicas.sweep_interval)
 
     async def _backoff(self, attempt: int) -> None:
         delay = min(self.config.backoff_max, self.config.backoff_initial * 2**attempt)
@@ -863,6 +898,7 @@ class MatrixTransport:
                     # (on reconnect) posts whatever is still pending.
                     if (
                         self._connected
+                        and self._speaking
                         and instance not in self._posted
                         and self._current.get(instance.key) == instance
                     ):
@@ -936,6 +972,8 @@ class MatrixTransport:
     async def _catch_up(self) -> None:
         """After (re)connecting: post every pending request, again if it was posted before."""
         await self._flush_edits()
+        if not self._speaking:
+            return  # a standby: the speaker posts them
         items = self.gateway.pending()
         for item in items:  # requests pending from before the bot listened, too
             self._current[(item.project, item.req_id)] = Instance.of(item)
