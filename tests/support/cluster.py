@@ -42,8 +42,18 @@ def skip_reason() -> str | None:
 class Replica:
     """One ``run_gateway.py`` on a fixed port (so HAProxy's list stays right across restarts)."""
 
-    def __init__(self, db: str, bus: str, *, extra: Sequence[str] = (), timeout: float = 20.0):
+    def __init__(
+        self,
+        db: str,
+        bus: str,
+        *,
+        extra: Sequence[str] = (),
+        timeout: float = 20.0,
+        operator_token: str = OPERATOR,
+        sled_token: str = SLED_TOKEN,
+    ):
         self.db, self.bus, self.extra, self.timeout = db, bus, tuple(extra), timeout
+        self.operator_token, self.sled_token = operator_token, sled_token
         self.port = free_port()
         self.proc: WatchedProcess | None = None
 
@@ -59,8 +69,8 @@ class Replica:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLED_GATEWAY_")}
         env.update(
             PYTHONUNBUFFERED="1",
-            SLED_GATEWAY_OPERATOR_TOKEN=OPERATOR,
-            SLED_GATEWAY_TOKEN=SLED_TOKEN,
+            SLED_GATEWAY_OPERATOR_TOKEN=self.operator_token,
+            SLED_GATEWAY_TOKEN=self.sled_token,
         )
         argv = [sys.executable, str(ROOT / "run_gateway.py"), "--listen", self.address]
         argv += ["--db", self.db, "--bus", self.bus, "--log-level", "INFO", *self.extra]
@@ -93,8 +103,11 @@ class Cluster:
         extra: Sequence[str] = (),
         heartbeat_interval: float = 10.0,
         timeout: float = 20.0,
+        operator_token: str = OPERATOR,
+        sled_token: str = SLED_TOKEN,
     ) -> None:
         self.count = replicas
+        self.operator_token, self.sled_token = operator_token, sled_token
         self.extra = ("--heartbeat-interval", f"{heartbeat_interval:g}", *extra)
         self.heartbeat_interval = heartbeat_interval
         self.timeout = timeout
@@ -113,7 +126,14 @@ class Cluster:
             self.nats.start()
             # One replica first: it creates the schema; the others find it made.
             for _ in range(self.count):
-                replica = Replica(self.db, self.nats.url, extra=self.extra, timeout=self.timeout)
+                replica = Replica(
+                    self.db,
+                    self.nats.url,
+                    extra=self.extra,
+                    timeout=self.timeout,
+                    operator_token=self.operator_token,
+                    sled_token=self.sled_token,
+                )
                 self.replicas.append(replica)
                 replica.start()
             self.haproxy = HAProxy(
@@ -160,7 +180,10 @@ class Cluster:
         return f"{self.ws}/api/sled-uplink"
 
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {OPERATOR}", "Content-Type": "application/json"}
+        return {
+            "Authorization": f"Bearer {self.operator_token}",
+            "Content-Type": "application/json",
+        }
 
     def readyz(self, base: str | None = None) -> int:
         try:
