@@ -12,8 +12,11 @@ seen as a sled sees it.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +24,7 @@ import pytest
 
 from sled_gateway import Gateway
 from sled_gateway.store import StoreError, make_store
+from sled_gateway.store.postgresql import CONNECT_TIMEOUT_S
 from tests.pg import PostgresServer
 from tests.test_gateway import T, pending_ids, perm_request, recv, run, sled, wait_state
 from tests.test_store_postgresql import entry
@@ -162,3 +166,32 @@ def test_no_allow_while_postgresql_is_away_readyz_503_and_recovery_after(
                 assert answer["type"] == "perm_response", answer
 
     run(scenario())
+
+
+def test_a_gateway_started_against_a_frozen_postgresql_exits_2_with_one_line(
+    frozen_later: PostgresServer, pg_url: str
+) -> None:
+    """The start is bounded: a replica that cannot reach its database does not hang (its
+    supervisor would never restart it) but exits 2 saying why, as with NATS unreachable
+    (docs/deploy.md). Frozen is the worst case: the server's port accepts connections
+    (the kernel does) and nothing answers."""
+    frozen_later.freeze()
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            [sys.executable, "run_gateway.py", "--listen=127.0.0.1:0", "--no-auth", "--db", pg_url],
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=CONNECT_TIMEOUT_S + 60,
+            check=False,
+        )
+    finally:
+        frozen_later.thaw()  # before the test's database is dropped
+    took = time.monotonic() - started
+    print(f"\nFIGURES the start gave up after {took:.1f} s")
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--db" in lines[0], lines
+    assert ("hunter2" not in lines[0] and "***" in lines[0]) or "@" not in lines[0], lines
+    assert took < CONNECT_TIMEOUT_S + 30  # the connect timeout, and room for a loaded machine
