@@ -314,6 +314,7 @@ class Replicas:
             return
         sleds, rows = await self.store.fleet_part(projects, requests)
         mono = time.monotonic()
+        before = self._remote_items() if requests else {}
         self.state.update_fleet(
             projects,
             [
@@ -332,6 +333,8 @@ class Replicas:
             requests,
             [item_of(r) for r in rows if r.state == PENDING and r.replica != self.id],
         )
+        if requests:
+            self._tell_transports(before)
         for row in rows:
             awaited = self._awaited.pop((row.project, row.req_id), None)
             if awaited is not None:
@@ -535,12 +538,7 @@ class Replicas:
         remote = [item_of(r) for r in pending if r.replica != self.id]
         before = self._remote_items()
         self.state.set_fleet(others, remote)
-        after = self._remote_items()
-        # The transports (Matrix, the terminal) follow the whole fleet's requests.
-        for key in after.keys() - before.keys():
-            self.events.publish(FleetPermissionRequested(after[key]))
-        for key in before.keys() - after.keys():
-            self._spawn(self._remote_ended(before[key]))
+        self._tell_transports(before)
         if hub is None:
             return
         # A withdrawal that could not commit leaves a row pending for a session long gone.
@@ -570,6 +568,15 @@ class Replicas:
                 and time.time() - item.received_at > 2 * self.sweep_interval
             ):
                 self._spawn(self._forget_ended(item))
+
+    def _tell_transports(self, before: dict[Key, PendingPermission]) -> None:
+        """The transports (Matrix, the terminal) follow the whole fleet's requests: tell
+        them which of the other replicas' requests appeared or ended since ``before``."""
+        after = self._remote_items()
+        for key in after.keys() - before.keys():
+            self.events.publish(FleetPermissionRequested(after[key]))
+        for key in before.keys() - after.keys():
+            self._spawn(self._remote_ended(before[key]))
 
     def _remote_items(self) -> dict[Key, PendingPermission]:
         return {
