@@ -226,8 +226,11 @@ class NatsBus:
             task.cancel()
         self._served.clear()
         self._local.clear()
-        if self._nc is not None:
-            await self._nc.close()
+        try:
+            if self._nc is not None:
+                await asyncio.wait_for(self._nc.close(), 3.0)
+        finally:
+            await _finish_tasks_left()
 
     def _stop_thread(self) -> None:
         loop, thread = self._loop, self._thread
@@ -518,3 +521,16 @@ async def _run_on(
 
 
 __all__ = ["NatsBus", "nats_subject"]
+
+
+async def _finish_tasks_left() -> None:
+    """Cancel and await what is left on the bus's loop. nats-py cancels its
+    subscriptions' reader tasks without awaiting them (and leaves its reconnect
+    task while the server is away): unfinished, they are torn down when the closed
+    loop is collected, an error from the garbage collector for each."""
+    current = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+    for task in left:
+        task.cancel()
+    if left:
+        await asyncio.wait(left, timeout=1.0)
