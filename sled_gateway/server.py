@@ -52,7 +52,12 @@ from sled_gateway.records import DecisionRecord, PendingPermission
 from sled_gateway.replicas import Replicas
 from sled_gateway.state import GatewayState
 from sled_gateway.store import make_store
-from sled_gateway.uvicorn_adapter import EarlyAnswerClose, NotifyingServer, guarded_protocol
+from sled_gateway.uvicorn_adapter import (
+    EarlyAnswerClose,
+    LeanWebSocketProtocol,
+    NotifyingServer,
+    guarded_protocol,
+)
 
 log = logger.bind(actor="gateway")
 T = TypeVar("T")
@@ -298,7 +303,8 @@ class Gateway:
                 log_actor="gateway",
             ),
             timeout_keep_alive=5,
-            ws="websockets-sansio",  # the websockets library's ServerProtocol
+            # The websockets library's ServerProtocol, lighter per idle connection.
+            ws=LeanWebSocketProtocol,
             ws_max_size=self.config.max_frame_bytes,
             ws_ping_interval=self.config.ping_interval,
             ws_ping_timeout=self.config.ping_timeout,

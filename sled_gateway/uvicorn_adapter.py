@@ -18,6 +18,9 @@ exists, with the signature relied on, on the installed uvicorn.
 2. **Knowing when the server accepts connections, and asking it to stop**, from
    another thread (:class:`NotifyingServer`).
 
+3. **A sled's idle connection costing less memory** (:class:`LeanWebSocketProtocol`,
+   passed as ``uvicorn.Config(ws=...)``, which takes a class as well as a name).
+
 What :class:`NotifyingServer` relies on, and why no public hook exists:
 
 - ``uvicorn.Server.startup(sockets=None)``: a coroutine method, public by name but
@@ -32,18 +35,45 @@ What :class:`NotifyingServer` relies on, and why no public hook exists:
   carry on, which uvicorn offers only as part of its whole shutdown (that closes
   WebSockets with 1012, where a stopping gateway tells its sleds 1001);
   :meth:`NotifyingServer.stop_accepting` does it.
+
+What :class:`LeanWebSocketProtocol` relies on, and why: a gateway holds thousands of
+idle sled sockets, and uvicorn's websockets-sansio protocol gives each one an
+``asyncio.Queue`` and an ``asyncio.Event``: four ``collections.deque`` of 624 bytes
+each, about 4 KiB a connection that holds, at most, a message or two. And it keeps
+the handshake's request and response (their headers: about 3 KiB) for as long as
+the socket lives, though nothing reads them once the handshake is sent.
+
+- ``WebSocketsSansIOProtocol`` (``uvicorn.protocols.websockets.websockets_sansio_impl``):
+  ``__init__`` sets ``self.queue`` (used only through ``put_nowait``, ``get`` and
+  ``empty``) and ``self.writable`` (``set``, ``clear``, ``wait``); the subclass puts
+  :class:`LeanQueue` and :class:`LeanEvent` there, which keep those methods'
+  behaviour (FIFO; a waiter cancelled after its wake-up passes it on).
+- ``self.request`` and ``self.response`` are read only while ``handshake_complete``
+  is false (``handle_connect`` and the accept in ``send``); the subclass drops them
+  once ``send`` has completed the handshake.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import uvicorn
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from actors.http_guard import EarlyAnswerClose, GuardedH11Protocol, guarded_protocol
 
-__all__ = ["EarlyAnswerClose", "GuardedH11Protocol", "NotifyingServer", "guarded_protocol"]
+__all__ = [
+    "EarlyAnswerClose",
+    "GuardedH11Protocol",
+    "LeanEvent",
+    "LeanQueue",
+    "LeanWebSocketProtocol",
+    "NotifyingServer",
+    "guarded_protocol",
+]
 
 
 class NotifyingServer(uvicorn.Server):
@@ -70,3 +100,109 @@ class NotifyingServer(uvicorn.Server):
     def request_exit(self) -> None:
         """Begin a graceful shutdown: ``serve()`` returns once connections have finished."""
         self.should_exit = True
+
+
+class LeanQueue:
+    """What uvicorn's WebSocket protocol uses of ``asyncio.Queue`` (unbounded, FIFO):
+    ``put_nowait``, ``get`` and ``empty``, in two lists instead of four deques.
+
+    Meant for the few items a connection queues (uvicorn pauses reading once a
+    message waits), so taking from the front of a list costs nothing worth a deque.
+    """
+
+    __slots__ = ("_getters", "_items")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._getters: list[asyncio.Future[None]] = []
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        self._wake_next()
+
+    def _wake_next(self) -> None:
+        while self._getters:
+            getter = self._getters.pop(0)
+            if not getter.done():
+                getter.set_result(None)
+                return
+
+    async def get(self) -> Any:
+        while not self._items:
+            getter = asyncio.get_running_loop().create_future()
+            self._getters.append(getter)
+            try:
+                await getter
+            except BaseException:
+                getter.cancel()
+                if getter in self._getters:
+                    self._getters.remove(getter)
+                elif self._items:
+                    # Woken, then cancelled before it took the item: the next waiter may.
+                    self._wake_next()
+                raise
+        return self._items.pop(0)
+
+
+class LeanEvent:
+    """What uvicorn's WebSocket protocol uses of ``asyncio.Event`` (``set``, ``clear``,
+    ``wait``, ``is_set``), with its waiters' list made only while someone waits."""
+
+    __slots__ = ("_value", "_waiters")
+
+    def __init__(self) -> None:
+        self._value = False
+        self._waiters: list[asyncio.Future[bool]] | None = None
+
+    def is_set(self) -> bool:
+        return self._value
+
+    def set(self) -> None:
+        if self._value:
+            return
+        self._value = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(True)
+
+    def clear(self) -> None:
+        self._value = False
+
+    async def wait(self) -> bool:
+        if self._value:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        finally:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+
+class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets-sansio protocol with less memory per idle connection
+    (see the module docstring: what it replaces, and what of uvicorn it relies on)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue = LeanQueue()  # type: ignore[assignment]
+        self.writable = LeanEvent()  # type: ignore[assignment]
+        self.writable.set()
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if self.handshake_complete and getattr(self, "request", None) is not None:
+            # Read only until the handshake is sent: the headers need not live as long
+            # as the socket does.
+            self.request = None  # type: ignore[assignment]
+            self.response = None  # type: ignore[assignment]

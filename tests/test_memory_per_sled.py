@@ -1,0 +1,137 @@
+"""What a connected sled costs the gateway in memory: the cuts that keep it small stay made.
+
+Each test pins one cut measured in docs/benchmarks.md ("Replicas (issue 24)"): the
+WebSocket protocol's lean queue and event (and their asyncio semantics, which
+uvicorn relies on), the handshake's headers dropped once it is sent, and slotted
+per-sled records. They assert structure, never a size or a speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.asyncio.client import connect
+
+from sled_gateway import Gateway
+from sled_gateway.uvicorn_adapter import LeanEvent, LeanQueue, LeanWebSocketProtocol
+from tests.conftest import scaled
+
+pytestmark = pytest.mark.timeout(60)
+T = scaled(5.0)
+
+
+# -- LeanQueue and LeanEvent keep asyncio.Queue's and asyncio.Event's behaviour ----------
+
+
+def test_lean_queue_is_fifo_and_wakes_a_waiting_getter() -> None:
+    async def scenario() -> None:
+        queue = LeanQueue()
+        assert queue.empty()
+        waiting = asyncio.create_task(queue.get())
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        queue.put_nowait("a")
+        queue.put_nowait("b")
+        assert await asyncio.wait_for(waiting, T) == "a"
+        assert not queue.empty()
+        assert await queue.get() == "b"
+        assert queue.empty()
+
+    asyncio.run(scenario())
+
+
+def test_lean_queue_getter_cancelled_after_its_wake_up_passes_it_on() -> None:
+    async def scenario() -> None:
+        queue = LeanQueue()
+        first = asyncio.create_task(queue.get())
+        second = asyncio.create_task(queue.get())
+        await asyncio.sleep(0)
+        queue.put_nowait("only")  # wakes ``first``...
+        first.cancel()  # ...which is cancelled before it runs: ``second`` must get it
+        assert await asyncio.wait_for(second, T) == "only"
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert queue.empty()
+
+    asyncio.run(scenario())
+
+
+def test_lean_queue_cancelled_getter_leaves_no_waiter_behind() -> None:
+    async def scenario() -> None:
+        queue = LeanQueue()
+        getter = asyncio.create_task(queue.get())
+        await asyncio.sleep(0)
+        getter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await getter
+        queue.put_nowait(1)
+        assert await asyncio.wait_for(queue.get(), T) == 1
+
+    asyncio.run(scenario())
+
+
+def test_lean_event_wakes_every_waiter_and_clear_makes_them_wait_again() -> None:
+    async def scenario() -> None:
+        event = LeanEvent()
+        assert not event.is_set()
+        waiters = [asyncio.create_task(event.wait()) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert not any(w.done() for w in waiters)
+        event.set()
+        assert await asyncio.wait_for(asyncio.gather(*waiters), T) == [True, True, True]
+        assert await event.wait() is True  # set: no wait
+        event.clear()
+        later = asyncio.create_task(event.wait())
+        await asyncio.sleep(0.01)
+        assert not later.done()
+        event.set()
+        assert await asyncio.wait_for(later, T) is True
+
+    asyncio.run(scenario())
+
+
+# -- the gateway's sled sockets use them ---------------------------------------------------
+
+
+def _sled_protocols() -> list[WebSocketsSansIOProtocol]:
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, WebSocketsSansIOProtocol)]
+
+
+def test_a_connected_sled_holds_no_asyncio_queue_and_no_handshake_headers(
+    make_reference_gateway: Callable[..., Gateway],
+) -> None:
+    gw = make_reference_gateway()
+
+    async def scenario() -> list[Any]:
+        async with connect(gw.url_for_sleds()) as ws:
+            identity = {"type": "identity", "req_id": "identity", "payload": {"project": "lean"}}
+            await ws.send(json.dumps(identity))
+            await asyncio.to_thread(
+                gw.wait_for,
+                lambda s: any(x["project"] == "lean" for x in s["sleds"]),
+                T,
+            )
+            found = _sled_protocols()
+            seen = [
+                (type(p), type(p.queue), type(p.writable), getattr(p, "request", None))
+                for p in found
+                if not p.disconnected
+            ]
+            # Frames still flow both ways through the lean queue and event.
+            beat = {"type": "heartbeat", "req_id": "", "payload": None}
+            await ws.send(json.dumps(beat))
+            return seen
+
+    seen = asyncio.run(asyncio.wait_for(scenario(), 6 * T))
+    assert seen, "no server-side WebSocket protocol found"
+    for kind, queue, writable, request in seen:
+        assert kind is LeanWebSocketProtocol
+        assert queue is LeanQueue and writable is LeanEvent
+        assert request is None  # the handshake's headers went with the handshake
