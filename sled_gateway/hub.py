@@ -81,9 +81,9 @@ class _Ended(Exception):
         self.reason = reason
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Session:
-    """One WebSocket connection from a sled."""
+    """One WebSocket connection from a sled (slotted: one lives per connected sled)."""
 
     id: int
     ws: WebSocket

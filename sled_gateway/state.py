@@ -59,9 +59,12 @@ class SledState(enum.StrEnum):
     DISCONNECTED = "disconnected"
 
 
-@dataclass
+@dataclass(slots=True)
 class SledRecord:
-    """What the gateway knows of one project's sled (the newest session wins)."""
+    """What the gateway knows of one project's sled (the newest session wins).
+
+    Slotted: a replica keeps one for every sled of the fleet, its own and the others'.
+    """
 
     project: str
     session: int

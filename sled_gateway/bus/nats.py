@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import re
 import threading
@@ -110,18 +111,29 @@ class _Subscriber:
     sub: Subscription | None = None
 
 
-@dataclass(eq=False)
+# A replica serves one subject per sled it holds, for as long as the sled stays: what
+# serving keeps is slotted, and its callbacks are bound methods and partials rather
+# than closures (each closure keeps a function object and its cells, per sled).
+@dataclass(eq=False, slots=True)
 class _Server:
     responder: Responder
     loop: asyncio.AbstractEventLoop | None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Served:
     """One NATS subscription for a subject this replica serves, and its newest server."""
 
+    bus: NatsBus
+    subject: str
     server: _Server
     sub: Subscription | None = None
+
+    async def on_request(self, msg: Msg) -> None:
+        """nats-py's callback: answer in a task, so a slow responder holds up no other."""
+        task = asyncio.get_running_loop().create_task(self.bus._handle(self, msg))
+        self.bus._answering.add(task)
+        task.add_done_callback(self.bus._answering.discard)
 
 
 class NatsBus:
@@ -423,62 +435,52 @@ class NatsBus:
 
     def serve(self, subject: str, responder: Responder) -> Callable[[], None]:
         server = _Server(responder, _running_loop())
-        wire = nats_subject(subject)
-
-        async def handle(served: _Served, msg: Msg) -> None:
-            current = served.server
-            try:
-                message = json.loads(msg.data)
-                timeout = float((msg.headers or {}).get(TIMEOUT_HEADER, "30"))
-            except ValueError:
-                log.warning("bus: a request on {} is not JSON; dropped", subject)
-                return
-            if current.loop is not None and current.loop.is_closed():
-                await self._unserve(subject, current)  # its loop has ended: not a server
-                return
-            try:
-                answer = await _run_on(current.loop, current.responder(message), timeout)
-            except TimeoutError:
-                return  # the requester has given up too
-            except Exception:
-                log.exception("bus: the server of {} failed", subject)
-                return
-            if not msg.reply:
-                return
-            try:
-                await msg.respond(json.dumps(answer, separators=(",", ":")).encode("utf-8"))
-            except nats.errors.MaxPayloadError:
-                log.warning("bus: an answer on {} exceeds NATS's max_payload", subject)
-                await msg.respond(json.dumps({"error": TOO_LARGE}).encode("utf-8"))
-
-        async def start() -> None:
-            assert self._nc is not None
-            served = self._served.get(subject)
-            if served is not None:
-                served.server = server
-                return
-            served = _Served(server)
-            self._served[subject] = served
-
-            async def on_request(msg: Msg) -> None:
-                task = asyncio.get_running_loop().create_task(handle(served, msg))
-                self._answering.add(task)
-                task.add_done_callback(self._answering.discard)
-
-            served.sub = await self._nc.subscribe(wire, cb=on_request)
-
-        async def stop_serving() -> None:
-            await self._unserve(subject, server)
-
         self._local[subject] = server
-        self._enqueue(start)
+        self._enqueue(functools.partial(self._start_serving, subject, server))
+        return functools.partial(self._stop, subject, server)
 
-        def stop() -> None:
-            if self._local.get(subject) is server:
-                del self._local[subject]
-            self._enqueue(stop_serving)
+    async def _handle(self, served: _Served, msg: Msg) -> None:
+        """Answer one request on a served subject (bus loop)."""
+        subject, current = served.subject, served.server
+        try:
+            message = json.loads(msg.data)
+            timeout = float((msg.headers or {}).get(TIMEOUT_HEADER, "30"))
+        except ValueError:
+            log.warning("bus: a request on {} is not JSON; dropped", subject)
+            return
+        if current.loop is not None and current.loop.is_closed():
+            await self._unserve(subject, current)  # its loop has ended: not a server
+            return
+        try:
+            answer = await _run_on(current.loop, current.responder(message), timeout)
+        except TimeoutError:
+            return  # the requester has given up too
+        except Exception:
+            log.exception("bus: the server of {} failed", subject)
+            return
+        if not msg.reply:
+            return
+        try:
+            await msg.respond(json.dumps(answer, separators=(",", ":")).encode("utf-8"))
+        except nats.errors.MaxPayloadError:
+            log.warning("bus: an answer on {} exceeds NATS's max_payload", subject)
+            await msg.respond(json.dumps({"error": TOO_LARGE}).encode("utf-8"))
 
-        return stop
+    async def _start_serving(self, subject: str, server: _Server) -> None:
+        assert self._nc is not None
+        served = self._served.get(subject)
+        if served is not None:
+            served.server = server
+            return
+        served = _Served(self, subject, server)
+        self._served[subject] = served
+        served.sub = await self._nc.subscribe(nats_subject(subject), cb=served.on_request)
+
+    def _stop(self, subject: str, server: _Server) -> None:
+        """What :meth:`serve` returns: stop this server of ``subject`` (any thread)."""
+        if self._local.get(subject) is server:
+            del self._local[subject]
+        self._enqueue(functools.partial(self._unserve, subject, server))
 
     async def _unserve(self, subject: str, server: _Server) -> None:
         """Stop serving ``subject`` on NATS, unless a newer server took over (bus loop)."""

@@ -275,7 +275,10 @@ class RequestGuard:
             return
 
         if kind == "websocket":
+            # A WebSocket lives for days, and this frame with it: it need not keep the
+            # headers (a sled's socket is most of a gateway's memory).
             if path in self._public_ws:
+                del headers
                 await self.app(scope, receive, send)
                 return
             user = await self._authenticate(scope)
@@ -288,6 +291,7 @@ class RequestGuard:
                     scope, receive, send
                 )
                 return
+            del headers
             await self.app(scope, receive, send)
             return
 
