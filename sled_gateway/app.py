@@ -206,6 +206,7 @@ class GatewayApp:
             allowed_hosts=self.allowed_hosts,
             person_tokens=PersonTokenBackend(self.tokens),
             public_websockets=(UPLINK_PATH,),
+            socket_endpoints={UPLINK_PATH: self.hub.uplink},
             # The app's own files, and the sign-in's paths: a person has no credential yet there.
             public_http_paths=(UPLINK_PATH, *SHELL_PATHS, LOGIN_PATH, CALLBACK_PATH),
             sign_in=sign_in,

@@ -135,3 +135,44 @@ def test_a_connected_sled_holds_no_asyncio_queue_and_no_handshake_headers(
         assert kind is LeanWebSocketProtocol
         assert queue is LeanQueue and writable is LeanEvent
         assert request is None  # the handshake's headers went with the handshake
+
+
+def _await_chain(coro: Any) -> list[str]:
+    """``file:function`` of the coroutines ``coro`` awaits through, outermost first."""
+    files = []
+    while coro is not None:
+        code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
+        if code is not None:
+            files.append(f"{code.co_filename}:{code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return files
+
+
+def test_a_sled_socket_is_served_past_the_router_and_its_middleware(
+    make_reference_gateway: Callable[..., Gateway],
+) -> None:
+    """Each ASGI layer a sled's socket passes keeps a coroutine frame for as long as the
+    socket lives: the guard hands it to the hub directly (after its checks)."""
+    gw = make_reference_gateway()
+
+    async def chains() -> list[list[str]]:
+        return [_await_chain(task.get_coro()) for task in asyncio.all_tasks()]
+
+    async def scenario() -> list[list[str]]:
+        async with connect(gw.url_for_sleds()) as ws:
+            identity = {"type": "identity", "req_id": "identity", "payload": {"project": "direct"}}
+            await ws.send(json.dumps(identity))
+            await asyncio.to_thread(
+                gw.wait_for,
+                lambda s: any(x["project"] == "direct" for x in s["sleds"]),
+                T,
+            )
+            return await asyncio.wrap_future(gw.run_on_loop(chains()))
+
+    found = asyncio.run(asyncio.wait_for(scenario(), 6 * T))
+    sled_chains = [c for c in found if any(f.endswith("sled_gateway/hub.py:uplink") for f in c)]
+    assert sled_chains, found
+    for chain in sled_chains:
+        assert any("sled_gateway/http/guard.py:" in f for f in chain), chain
+        layers = ("routing.py", "applications.py", "_exception_handler.py", "middleware/")
+        assert not [f for f in chain if any(f"/starlette/{x}" in f for x in layers)], chain

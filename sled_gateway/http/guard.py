@@ -15,7 +15,8 @@ every request:
    route checks the sled's token) pass without an operator credential. A
    WebSocket on any other path needs the operator credential, and is answered
    ``404`` (not ``401``) without it: a sled configured with a wrong path then
-   learns that the *path* is wrong.
+   learns that the *path* is wrong. The sled uplink's endpoint is called from here
+   (``socket_endpoints``), after these checks, rather than through the router.
 3. **Operator authentication**, by the backends of :mod:`sled_gateway.auth`:
    ``Authorization: Bearer <token>`` (API and MCP clients; the principal's
    channel is ``api``; a person API token acts as its person) or the session
@@ -46,7 +47,7 @@ Every HTTP response also gets ``X-Frame-Options: DENY``, CSP
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -54,6 +55,7 @@ from loguru import logger
 from starlette.authentication import AuthenticationBackend, AuthenticationError
 from starlette.requests import HTTPConnection
 from starlette.responses import HTMLResponse
+from starlette.websockets import WebSocket
 
 from protocol import printable
 from protocol.web import LOOPBACK_HOSTS, is_json_content_type, listen_host_entry, split_host
@@ -179,8 +181,14 @@ class RequestGuard:
         public_websockets: Iterable[str] = (),
         public_http_paths: Iterable[str] = (),
         sign_in: bool = False,
+        socket_endpoints: Mapping[str, Callable[[WebSocket], Awaitable[None]]] | None = None,
     ) -> None:
         self.app = app
+        # Public WebSocket paths answered here, past ``app``'s router and middleware
+        # (which add nothing to a WebSocket: no HTTP error page, no exception handler
+        # a socket endpoint relies on). A sled's socket lives for days, and every layer
+        # it passes keeps a coroutine frame for as long: about 5 KiB a sled in all.
+        self._socket_endpoints = dict(socket_endpoints or {})
         self.operator = operator
         self.console = console
         # Tried in order; the first that finds its credential decides. A person
@@ -279,7 +287,11 @@ class RequestGuard:
             # headers (a sled's socket is most of a gateway's memory).
             if path in self._public_ws:
                 del headers
-                await self.app(scope, receive, send)
+                endpoint = self._socket_endpoints.get(path)
+                if endpoint is not None:
+                    await endpoint(WebSocket(scope, receive, send))
+                else:
+                    await self.app(scope, receive, send)
                 return
             user = await self._authenticate(scope)
             if (
