@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -167,6 +168,9 @@ def _pending_row(row: Sequence[Any]) -> PendingRow:
 
 def _sled_row(row: Sequence[Any]) -> SledRow:
     values = list(row)
+    # A replica keeps a record for every sled of the fleet: the few replica ids are
+    # shared rather than held once per sled.
+    values[1] = sys.intern(values[1])
     values[5] = json.loads(values[5]) if values[5] else {}
     return SledRow(*values)
 
@@ -404,13 +408,18 @@ class FleetStore:
         """Every sled held, and every request still pending, in one read."""
 
         def read(conn: Connection) -> tuple[list[SledRow], list[PendingRow]]:
-            sleds = conn.execute(select(*_SLED_COLUMNS).where(SLEDS.c.replica != GONE)).all()
+            # Row by row, not ``.all()``: the whole fleet's driver rows never live at once
+            # beside the records made of them (this read runs every sweep).
+            sleds = [
+                _sled_row(r)
+                for r in conn.execute(select(*_SLED_COLUMNS).where(SLEDS.c.replica != GONE))
+            ]
             pending = conn.execute(
                 select(*_PENDING_COLUMNS)
                 .where(PENDING_REQUESTS.c.state == PENDING)
                 .order_by(PENDING_REQUESTS.c.requested_at)
             ).all()
-            return [_sled_row(r) for r in sleds], [_pending_row(r) for r in pending]
+            return sleds, [_pending_row(r) for r in pending]
 
         return await self._run(read)
 
