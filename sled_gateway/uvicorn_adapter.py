@@ -40,8 +40,9 @@ What :class:`LeanWebSocketProtocol` relies on, and why: a gateway holds thousand
 idle sled sockets, and uvicorn's websockets-sansio protocol gives each one an
 ``asyncio.Queue`` and an ``asyncio.Event``: four ``collections.deque`` of 624 bytes
 each, about 4 KiB a connection that holds, at most, a message or two. And it keeps
-the handshake's request and response (their headers: about 3 KiB) for as long as
-the socket lives, though nothing reads them once the handshake is sent.
+the handshake's request and response for as long as the socket lives, though nothing
+reads them once the handshake is sent (and websockets' parser generator keeps the
+request in its suspended frame whatever uvicorn does: its headers are emptied).
 
 - ``WebSocketsSansIOProtocol`` (``uvicorn.protocols.websockets.websockets_sansio_impl``):
   ``__init__`` sets ``self.queue`` (used only through ``put_nowait``, ``get`` and
@@ -50,7 +51,9 @@ the socket lives, though nothing reads them once the handshake is sent.
   behaviour (FIFO; a waiter cancelled after its wake-up passes it on).
 - ``self.request`` and ``self.response`` are read only while ``handshake_complete``
   is false (``handle_connect`` and the accept in ``send``); the subclass drops them
-  once ``send`` has completed the handshake.
+  once ``send`` has completed the handshake, and empties the request's ``headers``
+  (websockets' ``Headers.clear``): websockets reads them only to make its answer
+  (``ServerProtocol.accept``), and the scope keeps its own copy for the app.
 """
 
 from __future__ import annotations
@@ -203,6 +206,7 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         await super().send(message)
         if self.handshake_complete and getattr(self, "request", None) is not None:
             # Read only until the handshake is sent: the headers need not live as long
-            # as the socket does.
+            # as the socket does. websockets' parser keeps the request object itself.
+            self.request.headers.clear()
             self.request = None  # type: ignore[assignment]
             self.response = None  # type: ignore[assignment]
