@@ -15,9 +15,10 @@
 Why ASGI and not ``websockets.asyncio.server.serve``: websockets' HTTP parser
 refuses requests with a body ("unsupported request body"), so the REST and
 MCP POSTs cannot share its port. uvicorn runs the WebSocket side on the
-websockets library's own sans-I/O ``ServerProtocol`` (``ws="websockets-sansio"``),
-and the ASGI *denial response* extension lets the hub answer a bad token with
-a real HTTP 401 before the upgrade.
+websockets library's own sans-I/O ``ServerProtocol`` (uvicorn's websockets-sansio
+protocol, lightened per idle socket: ``LeanWebSocketProtocol`` in
+:mod:`sled_gateway.uvicorn_adapter`), and the ASGI *denial response* extension lets
+the hub answer a bad token with a real HTTP 401 before the upgrade.
 
 Everything here runs on one event loop; :class:`sled_gateway.state.GatewayState`
 is the only thing other threads touch.
