@@ -111,6 +111,9 @@ def test_the_subclass_shadows_nothing_of_h11_protocol() -> None:
         "_guard_start",
         "_guard_phase",
         "_guard_client",
+        "_guard_proxy_header",
+        "_guard_proxy_refused",
+        "_guard_proxy_peer",
     }
 
 
@@ -457,3 +460,31 @@ def test_an_interim_100_continue_is_not_held_back(served: list[Served]) -> None:
         while not answer.endswith(b"ok"):
             answer += sock.recv(65536)
         assert answer.startswith(b"HTTP/1.1 200 OK")
+
+
+def test_uvicorn_reads_the_client_from_the_transports_socket_then_its_peername() -> None:
+    """What lets a trusted proxy's PROXY header name the client of a WebSocket too
+    (``actors/http_guard.py``): the wrapping transport hides the socket."""
+    from uvicorn.protocols import utils
+
+    class Transport(asyncio.Transport):
+        def __init__(self, info: dict[str, Any]) -> None:
+            super().__init__()
+            self.info = info
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return self.info.get(name, default)
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        with socket.create_connection(sock.getsockname()) as client:
+            seen = Transport({"socket": client, "peername": ("192.0.2.7", 1)})
+            assert utils.get_remote_addr(seen) == client.getpeername()
+    assert utils.get_remote_addr(Transport({"peername": ("192.0.2.7", 1)})) == ("192.0.2.7", 1)
+    for impl in ("h11_impl", "websockets_sansio_impl"):
+        module = __import__(
+            f"uvicorn.protocols.{'http' if impl == 'h11_impl' else 'websockets'}.{impl}",
+            fromlist=["x"],
+        )
+        assert "self.client = get_remote_addr(transport)" in inspect.getsource(module)
