@@ -57,7 +57,8 @@ What :class:`GuardedH11Protocol` adds, per connection:
    connection from a peer in that list must begin with a PROXY protocol v2
    header (:mod:`protocol.proxy_header`): the address it names is the client
    for the per-client cap, and for uvicorn's ``scope["client"]`` (HTTP and
-   WebSocket alike, so the logs name the real client). The header is read
+   WebSocket alike, so the logs name the real client), and, when it says the
+   client used TLS, ``https`` for the scope's scheme. The header is read
    before any HTTP, so the caps hold per client from the first byte on; the
    client cap of such a connection is enforced once the header is in (the
    header-read deadline and the total cap cover the wait). A header that does
@@ -103,6 +104,12 @@ What the protocol relies on, and why no public hook exists:
   answers ``"socket"`` with ``None`` and ``"peername"`` with the client a trusted
   proxy named. ``H11Protocol.client`` is the same value for HTTP requests, set
   once the header is in.
+- ``uvicorn.protocols.utils.is_ssl(transport)``, which those protocols call in
+  ``connection_made`` for ``scope["scheme"]``: true when the transport's
+  ``"sslcontext"`` is. When the header says the client reached the proxy over
+  TLS, the wrapper answers it with ``True`` (uvicorn only tests it), and
+  ``H11Protocol.scheme`` becomes ``"https"``: cookies are then ``Secure`` and
+  sign-in's redirect URI ``https://``, as behind no proxy.
 
 The rest is public: ``asyncio.Protocol``'s ``connection_made``,
 ``data_received`` and ``connection_lost`` (which the subclass extends), the
@@ -350,6 +357,10 @@ class GuardedH11Protocol(H11Protocol):
             self.client = header.source
             if isinstance(self.transport, CoalescedWrites):
                 self.transport.peer = header.source
+        if header.tls:
+            self.scheme = "https"
+            if isinstance(self.transport, CoalescedWrites):
+                self.transport.proxied_tls = True
         self._guard_enforce_client_cap()
         return bytes(buffer[header.length :])
 
@@ -496,6 +507,8 @@ class CoalescedWrites(asyncio.Transport):
         self._holding = True  # until the connection is upgraded
         #: The client a trusted proxy's PROXY header named (None: the socket's peer).
         self.peer: tuple[str, int] | None = None
+        #: The trusted proxy's header said the client reached it over TLS.
+        self.proxied_tls = False
 
     def pass_through(self) -> None:
         """From now on write at once (a WebSocket took the connection over)."""
@@ -553,6 +566,8 @@ class CoalescedWrites(asyncio.Transport):
                 return self.peer
             if name == "socket":
                 return default
+        if self.proxied_tls and name == "sslcontext":
+            return True  # uvicorn's is_ssl() only tests it (module docstring)
         return self._transport.get_extra_info(name, default)
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:

@@ -23,9 +23,12 @@ What this accepts, and why:
   connection's own peer (the proxy) stands, as the specification says.
 - ``PROXY`` over ``INET``/``INET6`` with the ``STREAM`` transport: the source is the
   client. A datagram transport cannot be what reached an HTTP server.
-- TLVs are walked so that one running past the header is refused, then ignored:
-  the gateway needs none, and the specification tells receivers to skip unknown
-  types. (A ``CRC32C`` TLV is not checked: HAProxy sends one only when asked with
+- TLVs are walked so that one running past the header is refused. One is read:
+  ``PP2_TYPE_SSL`` (``0x20``, HAProxy's ``send-proxy-v2-ssl``), whose
+  ``PP2_CLIENT_SSL`` bit says the client reached the proxy over TLS: how a
+  replica behind a TLS-terminating proxy knows its people use ``https``, without
+  believing a request header. The others are skipped, as the specification
+  says. (A ``CRC32C`` TLV is not checked: HAProxy sends one only when asked with
   ``proxy-v2-options crc32c``, and over TCP it adds nothing.)
 
 Anything else (another signature, such as a version 1 ``PROXY TCP4 ...`` line; a
@@ -56,6 +59,8 @@ _UNSPEC, _INET, _INET6, _UNIX = 0x0, 0x1, 0x2, 0x3
 _STREAM, _DGRAM = 0x1, 0x2
 #: The address block of each family: (address bytes, whole block).
 _BLOCK = {_INET: (4, 12), _INET6: (16, 36), _UNIX: (108, 216)}
+#: The SSL TLV: one byte of flags, four of verify result, then sub-TLVs.
+_TYPE_SSL, _SSL_FIXED, _CLIENT_SSL = 0x20, 5, 0x01
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +69,13 @@ class ProxyHeader:
 
     ``source`` and ``destination`` are ``(address, port)``, or ``None`` when the
     header names no client (``LOCAL``, ``UNSPEC``, ``UNIX``): the connection's
-    own peer stands.
+    own peer stands. ``tls``: the client reached the proxy over TLS.
     """
 
     length: int
     source: tuple[str, int] | None
     destination: tuple[str, int] | None
+    tls: bool = False
 
 
 def _refuse(detail: str) -> RemoteProtocolError:
@@ -117,9 +123,9 @@ def parse_proxy_v2(data: bytes | bytearray | memoryview) -> ProxyHeader | None:
     if command == _LOCAL or family == _UNSPEC:
         return ProxyHeader(length, None, None)
     block = view[FIXED_BYTES:length]
-    _check_tlvs(block[_BLOCK[family][1] :])
+    tls = _read_tlvs(block[_BLOCK[family][1] :])
     if family == _UNIX:
-        return ProxyHeader(length, None, None)
+        return ProxyHeader(length, None, None, tls)
     size = _BLOCK[family][0]
     make = ipaddress.IPv4Address if family == _INET else ipaddress.IPv6Address
     source = make(bytes(block[:size]))
@@ -128,19 +134,26 @@ def parse_proxy_v2(data: bytes | bytearray | memoryview) -> ProxyHeader | None:
     source_port = int.from_bytes(block[ports : ports + 2], "big")
     destination_port = int.from_bytes(block[ports + 2 : ports + 4], "big")
     return ProxyHeader(
-        length, (source.compressed, source_port), (destination.compressed, destination_port)
+        length, (source.compressed, source_port), (destination.compressed, destination_port), tls
     )
 
 
-def _check_tlvs(tlvs: memoryview) -> None:
-    at = 0
+def _read_tlvs(tlvs: memoryview) -> bool:
+    """Check that the TLVs fill their space exactly; whether the SSL one says TLS."""
+    at, tls = 0, False
     while at < len(tlvs):
         if len(tlvs) - at < 3:
             raise _refuse("a TLV cut short")
-        size = int.from_bytes(tlvs[at + 1 : at + 3], "big")
+        kind, size = tlvs[at], int.from_bytes(tlvs[at + 1 : at + 3], "big")
+        value = tlvs[at + 3 : at + 3 + size]
         at += 3 + size
         if at > len(tlvs):
             raise _refuse("a TLV running past the header")
+        if kind == _TYPE_SSL:
+            if size < _SSL_FIXED:
+                raise _refuse(f"an SSL TLV of {size} bytes, shorter than {_SSL_FIXED}")
+            tls = bool(value[0] & _CLIENT_SSL)
+    return tls
 
 
 def build_proxy_v2(
@@ -148,11 +161,15 @@ def build_proxy_v2(
     destination: tuple[str, int] | None = None,
     *,
     tlvs: bytes = b"",
+    tls: bool = False,
 ) -> bytes:
-    """A header naming ``source`` (``None``: a ``LOCAL`` header), as a proxy writes it.
+    """A header naming ``source`` (``None``: a ``LOCAL`` header), as a proxy writes it;
+    ``tls`` adds the SSL TLV saying the client used TLS (``send-proxy-v2-ssl``).
 
     For tests and tools that play the proxy; the gateway only parses.
     """
+    if tls:
+        tlvs += bytes([_TYPE_SSL, 0, _SSL_FIXED, _CLIENT_SSL, 0, 0, 0, 0])
     if source is None:
         return SIGNATURE + bytes([0x20, 0x00]) + len(tlvs).to_bytes(2, "big") + tlvs
     src = ipaddress.ip_address(source[0])

@@ -79,6 +79,20 @@ def test_tlvs_are_walked_and_ignored() -> None:
     assert parse_proxy_v2(header) == ProxyHeader(len(header), ("192.0.2.7", 1), ("10.0.0.11", 2))
 
 
+def test_the_ssl_tlv_says_whether_the_client_used_tls() -> None:
+    # PP2_TYPE_SSL: client flags (PP2_CLIENT_SSL = 1), verify (0: verified), a
+    # PP2_SUBTYPE_SSL_VERSION sub-TLV, as HAProxy's send-proxy-v2-ssl writes it.
+    ssl = b"\x20\x00\x0c" + b"\x01" + bytes(4) + b"\x21\x00\x04TLS3"
+    header = build_proxy_v2(("192.0.2.7", 1), ("10.0.0.11", 2), tlvs=ssl)
+    assert parse_proxy_v2(header) == ProxyHeader(
+        len(header), ("192.0.2.7", 1), ("10.0.0.11", 2), tls=True
+    )
+    assert build_proxy_v2(("192.0.2.7", 1), tls=True)[-8:] == b"\x20\x00\x05\x01" + bytes(4)
+    plain = build_proxy_v2(("192.0.2.7", 1), tlvs=b"\x20\x00\x05" + b"\x00" + bytes(4))
+    got = parse_proxy_v2(plain)
+    assert got is not None and got.tls is False
+
+
 def test_every_prefix_is_incomplete_and_the_whole_is_a_header() -> None:
     for end in range(len(INET)):
         assert parse_proxy_v2(INET[:end]) is None, end
@@ -102,6 +116,7 @@ def test_every_prefix_is_incomplete_and_the_whole_is_a_header() -> None:
         (SIGNATURE + b"\x21\x11\xff\xff", f"more than {MAX_HEADER_BYTES}"),
         (SIGNATURE + b"\x21\x11\x00\x0e" + bytes(12) + b"\x05\x00", "a TLV cut short"),
         (SIGNATURE + b"\x21\x11\x00\x10" + bytes(12) + b"\x05\x00\x09x", "running past"),
+        (SIGNATURE + b"\x21\x11\x00\x10" + bytes(12) + b"\x20\x00\x01\x01", "an SSL TLV"),
     ],
 )
 def test_a_malformed_header_is_refused_naming_the_problem(data: bytes, why: str) -> None:

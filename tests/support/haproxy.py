@@ -5,7 +5,7 @@ tests and ``scripts/cluster.sh`` run exactly this text): ``balance
 leastconn``, a ``timeout tunnel`` above three heartbeats so that an idle
 sled's WebSocket is never cut between two heartbeats, and health checks
 ``GET /readyz`` every second so that a draining replica or one that lost its
-database gets no new sleds; ``send-proxy-v2`` on every server, so that each
+database gets no new sleds; ``send-proxy-v2-ssl`` on every server, so that each
 connection to a replica begins with a PROXY protocol header naming the client
 (the replicas take it from HAProxy's address, their ``--trusted-proxy``).
 On one machine HAProxy connects to the replicas from :data:`SOURCE`, an
@@ -87,6 +87,8 @@ defaults
     timeout tunnel {tunnel}s
     timeout client-fin 5s
     timeout http-request 10s
+    # The replicas never read it (the PROXY header names the client); kept so that
+    # anything else that does finds HAProxy's own hop last.
     option forwardfor
     # A replica that just died refuses the connection before its health check fails:
     # try another one instead of answering 503.
@@ -105,9 +107,10 @@ backend replicas
     http-check expect status 200
     default-server inter {check_ms}ms fastinter {check_ms}ms downinter {check_ms}ms fall 2 rise 2
     # Each connection to a replica begins with a PROXY protocol v2 header naming the
-    # client (the health checks' says LOCAL): the replicas' per-client caps and logs
-    # see people and sleds, not HAProxy. Their --trusted-proxy names this host.
-    default-server send-proxy-v2
+    # client (the health checks' says LOCAL), and whether it came over TLS: the replicas'
+    # per-client caps and logs see people and sleds, not HAProxy, and know https.
+    # Their --trusted-proxy names this host.
+    default-server send-proxy-v2-ssl
 {source_line}{servers}
 """
 
