@@ -31,8 +31,11 @@ import pytest
 from loguru import logger
 from websockets.sync.client import connect as ws_connect
 
+from actors.http_guard import _in_networks
+from protocol import ConfigError
 from protocol.proxy_header import build_proxy_v2
 from sled_gateway import Gateway
+from sled_gateway.config import GatewayConfig, parse_trusted_proxies
 from tests.conftest import eventually, scaled
 from tests.support import haproxy as haproxy_support
 from tests.support.haproxy import HAProxy
@@ -355,3 +358,27 @@ def test_a_forged_x_forwarded_for_through_haproxy_names_nobody(
     assert len(closed_among(alice, scaled(10))) == 1
     for sock in alice:
         sock.close()
+
+
+# -- the option ------------------------------------------------------------------------------
+
+
+def test_the_option_takes_addresses_and_cidrs_and_refuses_anything_else() -> None:
+    config = GatewayConfig(trusted_proxy=["10.0.0.2", " 10.1.0.0/16", "fd00::/8"])
+    assert config.trusted_proxy == "10.0.0.2/32,10.1.0.0/16,fd00::/8"
+    assert [str(n) for n in config.trusted_proxies] == ["10.0.0.2/32", "10.1.0.0/16", "fd00::/8"]
+    assert GatewayConfig().trusted_proxies == ()
+    for bad in ("haproxy.internal", "10.0.0.5/8", "10.0.0.2,,10.0.0.3", "", "300.0.0.1"):
+        with pytest.raises(ConfigError) as refused:
+            GatewayConfig(trusted_proxy=bad)
+        assert refused.value.option == "--trusted-proxy"
+
+
+def test_an_ipv4_proxy_is_trusted_on_a_dual_stack_socket_too() -> None:
+    trusted = parse_trusted_proxies("10.0.0.2/32,fd00::/8")
+    assert _in_networks("10.0.0.2", trusted)
+    assert _in_networks("::ffff:10.0.0.2", trusted)
+    assert _in_networks("fd00::7", trusted)
+    assert not _in_networks("10.0.0.3", trusted)
+    assert not _in_networks("::ffff:10.0.0.3", trusted)
+    assert not _in_networks("?", trusted)

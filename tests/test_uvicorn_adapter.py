@@ -482,9 +482,14 @@ def test_uvicorn_reads_the_client_from_the_transports_socket_then_its_peername()
             seen = Transport({"socket": client, "peername": ("192.0.2.7", 1)})
             assert utils.get_remote_addr(seen) == client.getpeername()
     assert utils.get_remote_addr(Transport({"peername": ("192.0.2.7", 1)})) == ("192.0.2.7", 1)
+    # And the scheme from whether the transport's "sslcontext" is true.
+    assert utils.is_ssl(Transport({"sslcontext": True})) is True
+    assert utils.is_ssl(Transport({})) is False
     for impl in ("h11_impl", "websockets_sansio_impl"):
         module = __import__(
             f"uvicorn.protocols.{'http' if impl == 'h11_impl' else 'websockets'}.{impl}",
             fromlist=["x"],
         )
-        assert "self.client = get_remote_addr(transport)" in inspect.getsource(module)
+        source = inspect.getsource(module)
+        assert "self.client = get_remote_addr(transport)" in source
+        assert "is_ssl(transport)" in source
