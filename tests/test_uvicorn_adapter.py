@@ -10,6 +10,7 @@ the two limits on a real uvicorn server with real sockets.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
 import socket
 import threading
@@ -485,11 +486,7 @@ def test_uvicorn_reads_the_client_from_the_transports_socket_then_its_peername()
     # And the scheme from whether the transport's "sslcontext" is true.
     assert utils.is_ssl(Transport({"sslcontext": True})) is True
     assert utils.is_ssl(Transport({})) is False
-    for impl in ("h11_impl", "websockets_sansio_impl"):
-        module = __import__(
-            f"uvicorn.protocols.{'http' if impl == 'h11_impl' else 'websockets'}.{impl}",
-            fromlist=["x"],
-        )
-        source = inspect.getsource(module)
+    for name in ("http.h11_impl", "websockets.websockets_sansio_impl"):
+        source = inspect.getsource(importlib.import_module(f"uvicorn.protocols.{name}"))
         assert "self.client = get_remote_addr(transport)" in source
         assert "is_ssl(transport)" in source
