@@ -382,3 +382,34 @@ def test_an_ipv4_proxy_is_trusted_on_a_dual_stack_socket_too() -> None:
     assert not _in_networks("10.0.0.3", trusted)
     assert not _in_networks("::ffff:10.0.0.3", trusted)
     assert not _in_networks("?", trusted)
+
+
+def test_haproxy_reuses_no_replica_connection_across_clients(
+    behind_haproxy: tuple[Gateway, HAProxy], logged: list[str]
+) -> None:
+    """HAProxy keeps idle connections to a replica for reuse (``http-reuse safe``: a
+    session's later requests may take another's idle connection); the PROXY header
+    is sent once per connection, so a connection opened for Alice must never carry
+    Bob's requests. Each client's second request is the one that could."""
+    _, balancer = behind_haproxy
+    for who in [ALICE, BOB, ALICE, BOB, ALICE]:
+        sock = open_from(balancer.port, who)
+        for _ in range(2):  # keep-alive on both sides: the replica's connection stays idle
+            sock.sendall(b"GET /?token=wrong HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            length = int(
+                next(
+                    line.split(b":")[1]
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+            )
+            while len(body) < length:
+                body += sock.recv(65536)
+        sock.close()
+    wrong = [x for x in logged if "console login with a wrong token from" in x]
+    sources = [x.split(" from ", 1)[1].split(":")[0] for x in wrong]
+    assert sources == [ALICE] * 2 + [BOB] * 2 + [ALICE] * 2 + [BOB] * 2 + [ALICE] * 2, wrong
