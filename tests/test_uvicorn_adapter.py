@@ -10,6 +10,7 @@ the two limits on a real uvicorn server with real sockets.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
 import socket
 import threading
@@ -111,6 +112,9 @@ def test_the_subclass_shadows_nothing_of_h11_protocol() -> None:
         "_guard_start",
         "_guard_phase",
         "_guard_client",
+        "_guard_proxy_header",
+        "_guard_proxy_refused",
+        "_guard_proxy_peer",
     }
 
 
@@ -457,3 +461,32 @@ def test_an_interim_100_continue_is_not_held_back(served: list[Served]) -> None:
         while not answer.endswith(b"ok"):
             answer += sock.recv(65536)
         assert answer.startswith(b"HTTP/1.1 200 OK")
+
+
+def test_uvicorn_reads_the_client_from_the_transports_socket_then_its_peername() -> None:
+    """What lets a trusted proxy's PROXY header name the client of a WebSocket too
+    (``actors/http_guard.py``): the wrapping transport hides the socket."""
+    from uvicorn.protocols import utils
+
+    class Transport(asyncio.Transport):
+        def __init__(self, info: dict[str, Any]) -> None:
+            super().__init__()
+            self.info = info
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return self.info.get(name, default)
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        with socket.create_connection(sock.getsockname()) as client:
+            seen = Transport({"socket": client, "peername": ("192.0.2.7", 1)})
+            assert utils.get_remote_addr(seen) == client.getpeername()
+    assert utils.get_remote_addr(Transport({"peername": ("192.0.2.7", 1)})) == ("192.0.2.7", 1)
+    # And the scheme from whether the transport's "sslcontext" is true.
+    assert utils.is_ssl(Transport({"sslcontext": True})) is True
+    assert utils.is_ssl(Transport({})) is False
+    for name in ("http.h11_impl", "websockets.websockets_sansio_impl"):
+        source = inspect.getsource(importlib.import_module(f"uvicorn.protocols.{name}"))
+        assert "self.client = get_remote_addr(transport)" in source
+        assert "is_ssl(transport)" in source
