@@ -147,6 +147,18 @@ def callers(out: Path, innermost: str, limit: int = 4) -> str:
     return "\n".join(f"{c} samples: " + " < ".join(s[:8]) for s, c in stacks[:limit])
 
 
+def inclusive(out: Path, frames: list[str], n: int) -> str:
+    """For each of ``frames`` (substrings of ``path:function``): the share of busy samples
+    with it anywhere in the stack (its own time and its callees')."""
+    stacks = json.loads(out.read_text())
+    busy = sum(c for _, c in stacks)
+    lines = [f"{'inside':>7} {'a trip':>7}  frame"]
+    for frame in frames:
+        count = sum(c for s, c in stacks if any(frame in f for f in s))
+        lines.append(f"{100 * count / busy:6.1f}% {count / n:7.2f}  {frame}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "serve":
@@ -158,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=0.0005)
     parser.add_argument("--checkout", type=Path, default=REPO, help="the tree whose gateway runs")
     parser.add_argument("--stacks", help="also print the stacks whose innermost frame has this")
+    parser.add_argument(
+        "--inside", help="comma-separated frames: the share of busy samples inside each"
+    )
     args = parser.parse_args(argv)
     from bench.gateway_fleet import OPERATOR_TOKEN, TOKEN, round_trips, wait_http
     from bench.run import PY, free_port
@@ -207,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         print(report(out, args.n, args.top))
         if args.stacks:
             print(callers(out, args.stacks))
+        if args.inside:
+            print(inclusive(out, args.inside.split(","), args.n))
     return 0
 
 
