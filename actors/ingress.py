@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 from loguru import logger
@@ -63,6 +63,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _log = logger.bind(actor="ingress")
 
+T = TypeVar("T")
+
 
 class HttpError(Exception):
     def __init__(
@@ -84,22 +86,43 @@ async def _until_disconnect(receive: Receive) -> None:
         pass
 
 
-async def _unless_gone(receive: Receive, waiting: Awaitable[Any]) -> Any:
+async def _unless_gone(receive: Receive, waiting: asyncio.Future[T]) -> T:
     """Await ``waiting``; if the client disconnects first, cancel it and raise
     :class:`_ClientGone`. Nobody is left to read a late answer, and a request
-    nobody waits for must not stay in front of a person."""
-    task = asyncio.ensure_future(waiting)
-    watcher = asyncio.ensure_future(_until_disconnect(receive))
+    nobody waits for must not stay in front of a person.
+
+    The calling task awaits ``waiting`` itself, and a watcher task cancels the
+    caller on a disconnect, so an answer wakes the handler in one turn of the
+    loop (a shield and an ``asyncio.wait`` around it would add two callback
+    hops, each a turn of the loop and an ``epoll_wait``). Whichever is settled
+    first decides, once: a watcher that finds ``waiting`` already settled
+    leaves it be (its answer goes out to nobody: a decision is never turned
+    into an abandonment); one that finds it unsettled cancels it, and whoever
+    would settle it later finds it done (as for any cancelled wait).
+    """
+    if waiting.done():
+        return waiting.result()
+    caller = asyncio.current_task()
+    assert caller is not None  # an ASGI handler always runs in a task
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _until_disconnect(receive)
+        if not waiting.done():
+            gone = True
+            caller.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await waiting
+    except asyncio.CancelledError:
+        # A cancel from outside as well (the server stopping) stays a cancel.
+        if not gone or caller.uncancel() > 0:
+            raise
+        raise _ClientGone from None
     finally:
         watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    raise _ClientGone
 
 
 class RequestGuard:
@@ -272,7 +295,7 @@ class Ingress:
         self,
         ctx: UplinkContext,
         *,
-        request_permission: Callable[..., Awaitable[Outcome]],
+        request_permission: Callable[..., asyncio.Future[Outcome]],
         status: Callable[[], dict[str, Any]],
         abandon: Callable[[str], None] | None = None,
     ) -> None:
@@ -457,12 +480,12 @@ class Ingress:
             future = self.request_permission(tool_name, tool_input, request_id=request_id)
         except (LocalProtocolError, RecursionError) as exc:
             raise HttpError(400, f"request cannot be forwarded: {exc}") from None
-        # The shield keeps the request's future when the wait is cancelled: a
-        # client that goes away is abandoned (denied as caller_gone, and the
-        # gateway withdraws it), never left for a person to answer.
+        # A client that goes away is abandoned (denied as caller_gone, and the
+        # gateway withdraws it), never left for a person to answer. Its wait
+        # cancelled the future, which the registry then leaves unsettled.
         self.waiting += 1
         try:
-            outcome = await _unless_gone(receive, asyncio.shield(future))
+            outcome = await _unless_gone(receive, future)
         except _ClientGone:
             _log.info("the caller of {!r} went away; abandoning it", request_id)
             self.abandon(request_id)
@@ -489,11 +512,15 @@ class Ingress:
         try:
             return 200, await _unless_gone(
                 receive,
-                answer_hook(
-                    self.request_permission,
-                    body,
-                    self.ctx.config.hook_never_forward,
-                    abandon=self.abandon,
+                # A task of its own: cancelled when the caller leaves, its
+                # wait abandons the request (see ``claude_code.ask``).
+                asyncio.ensure_future(
+                    answer_hook(
+                        self.request_permission,
+                        body,
+                        self.ctx.config.hook_never_forward,
+                        abandon=self.abandon,
+                    )
                 ),
             )
         except ValueError as exc:
