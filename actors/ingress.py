@@ -38,6 +38,7 @@ from loguru import logger
 from actors.config import check_bindable
 from actors.context import UplinkContext
 from actors.http_guard import (
+    DISCONNECT_EXTENSION,
     DRAIN_MAX_BYTES,  # after an early answer, so it is not lost to a reset
     DRAIN_SECONDS,
     declares_body,
@@ -86,34 +87,47 @@ async def _until_disconnect(receive: Receive) -> None:
         pass
 
 
-async def _unless_gone(receive: Receive, waiting: asyncio.Future[T]) -> T:
+async def _unless_gone(scope: Scope, receive: Receive, waiting: asyncio.Future[T]) -> T:
     """Await ``waiting``; if the client disconnects first, cancel it and raise
     :class:`_ClientGone`. Nobody is left to read a late answer, and a request
     nobody waits for must not stay in front of a person.
 
-    The calling task awaits ``waiting`` itself, and a watcher task cancels the
-    caller on a disconnect, so an answer wakes the handler in one turn of the
-    loop (a shield and an ``asyncio.wait`` around it would add two callback
-    hops, each a turn of the loop and an ``epoll_wait``). Whichever is settled
-    first decides, once: a watcher that finds ``waiting`` already settled
-    leaves it be (its answer goes out to nobody: a decision is never turned
-    into an abandonment); one that finds it unsettled cancels it, and whoever
-    would settle it later finds it done (as for any cancelled wait).
+    The calling task awaits ``waiting`` itself and is cancelled when the client
+    goes away, so an answer wakes the handler in one turn of the loop (a
+    shield and an ``asyncio.wait`` around it would add two callback hops, each
+    a turn of the loop and an ``epoll_wait``). The server's protocol says when
+    the client went away (its ``sled.on_disconnect`` extension, in
+    ``actors/http_guard.py``); under a server without it, a watcher task
+    waits in ``receive``. Whichever is settled first decides, once: a client
+    found gone after ``waiting`` was settled changes nothing (its answer goes
+    out to nobody: a decision is never turned into an abandonment); one found
+    gone before cancels it, and whoever would settle it later finds it done
+    (as for any cancelled wait).
     """
     if waiting.done():
         return waiting.result()
-    caller = asyncio.current_task()
+    # The future's loop is the running one: no get_running_loop (a getpid each).
+    loop = waiting.get_loop()
+    caller = asyncio.current_task(loop)
     assert caller is not None  # an ASGI handler always runs in a task
     gone = False
 
-    async def watch() -> None:
+    def client_gone() -> None:
         nonlocal gone
-        await _until_disconnect(receive)
         if not waiting.done():
             gone = True
             caller.cancel()
 
-    watcher = asyncio.get_running_loop().create_task(watch())
+    async def watch() -> None:
+        await _until_disconnect(receive)
+        client_gone()
+
+    on_disconnect = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+    watcher = None
+    if on_disconnect is not None:
+        on_disconnect(client_gone)  # a no-op once waiting is settled
+    else:
+        watcher = loop.create_task(watch())
     try:
         return await waiting
     except asyncio.CancelledError:
@@ -122,7 +136,8 @@ async def _unless_gone(receive: Receive, waiting: asyncio.Future[T]) -> T:
             raise
         raise _ClientGone from None
     finally:
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
 
 
 class RequestGuard:
@@ -458,16 +473,20 @@ class Ingress:
                     raise HttpError(400, "bad Content-Length")
                 if int(value) > MAX_BODY:
                     raise HttpError(413, f"body is larger than {MAX_BODY} bytes")
-        body = bytearray()
+        chunks: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise HttpError(400, "client disconnected")
-            body += message.get("body", b"")
-            if len(body) > MAX_BODY:
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY:
                 raise HttpError(413, f"body is larger than {MAX_BODY} bytes")
             if not message.get("more_body"):
-                return bytes(body)
+                # Usually the whole body came in one message (bytes(bytes) is no copy).
+                return bytes(chunk) if not chunks else b"".join([*chunks, chunk])
+            chunks.append(chunk)
 
     async def _permission(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
         tool_name, tool_input, request_id = parse_permission_body(
@@ -485,7 +504,7 @@ class Ingress:
         # cancelled the future, which the registry then leaves unsettled.
         self.waiting += 1
         try:
-            outcome = await _unless_gone(receive, future)
+            outcome = await _unless_gone(scope, receive, future)
         except _ClientGone:
             _log.info("the caller of {!r} went away; abandoning it", request_id)
             self.abandon(request_id)
@@ -511,6 +530,7 @@ class Ingress:
         self.waiting += 1
         try:
             return 200, await _unless_gone(
+                scope,
                 receive,
                 # A task of its own: cancelled when the caller leaves, its
                 # wait abandons the request (see ``claude_code.ask``).
