@@ -383,6 +383,12 @@ class Ingress:
             access_log=False,
             timeout_graceful_shutdown=1,
             backlog=2048,
+            # Nothing here reads the client's address or scheme from the request,
+            # so uvicorn's X-Forwarded-* middleware would only be one more step a
+            # request (and a way for a local process to restate where it came
+            # from); and the Server header says nothing a caller needs.
+            proxy_headers=False,
+            server_header=False,
         )
         self._server = _QuietServer(config)
         self._serving = self.ctx.loop.spawn(self._server.serve, [sock])
