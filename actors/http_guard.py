@@ -388,6 +388,9 @@ class GuardedH11Protocol(H11Protocol):
         extensions[DISCONNECT_EXTENSION] = self._guard_on_gone.append
 
     def on_response_complete(self) -> None:
+        # Answered: a client leaving now is no news to the handler, and what it
+        # registered (its task, its decision) is not kept for the idle connection.
+        self._guard_on_gone.clear()
         if isinstance(self.transport, CoalescedWrites):
             self.transport.response_complete()
         super().on_response_complete()  # may serve a pipelined request, even an upgrade
