@@ -64,6 +64,11 @@ What :class:`GuardedH11Protocol` adds, per connection:
    header-read deadline and the total cap cover the wait). A header that does
    not parse, or its absence, closes that connection with one log line. From
    any other peer nothing is read: a header there is a malformed request (400).
+6. A **disconnect callback** in each request's scope
+   (``scope["extensions"]["sled.on_disconnect"]``): a handler that waits for
+   something other than its client (the ingress's permission requests wait
+   for a person) hears at once that the client left, without a task of its
+   own blocked in ``receive`` for the whole wait.
 
 And :class:`EarlyAnswerClose`, an ASGI wrapper: an answer given before the
 request body was read to its end carries ``Connection: close``; the rest of
@@ -81,6 +86,8 @@ What the protocol relies on, and why no public hook exists:
   ``app_state`` and ``_loop``, which the subclass passes through untouched. Only
   the protocol sees a connection before its request head is complete, so a
   subclass is the only place for these limits.
+- ``H11Protocol.loop``: the event loop uvicorn runs the connection in, where the
+  deadlines' timers are set.
 - ``H11Protocol.conn``: the connection's ``h11.Connection``. Its (public h11)
   ``their_state`` is ``h11.IDLE`` exactly while the head of the current request
   has not been fully received, and ``h11.SEND_BODY`` while its body is still
@@ -90,6 +97,8 @@ What the protocol relies on, and why no public hook exists:
   its next head, so the deadline is re-armed there. ASGI has no event for it
   that a server-level hook could see.
 - ``H11Protocol.cycle``: the current request's ``RequestResponseCycle``; its
+  ``scope`` is the dict its handler is called with (the disconnect extension is
+  added to it before the handler's task first runs); its
   ``response_started`` says whether an answer has begun (so a ``408`` may still
   be sent), and setting its ``disconnected`` and its ``message_event`` is what
   uvicorn's own ``connection_lost`` does to tell the handler the client is
@@ -144,6 +153,10 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+#: The ASGI scope extension through which a handler hears at once that its client
+#: went away: ``scope["extensions"][DISCONNECT_EXTENSION](callback)``.
+DISCONNECT_EXTENSION = "sled.on_disconnect"
+
 #: After an early answer, at most this much of the unread body is read and
 #: discarded, for at most this long (the request deadline may end it sooner).
 DRAIN_MAX_BYTES = 16 * 1024 * 1024
@@ -196,6 +209,10 @@ class GuardedH11Protocol(H11Protocol):
         self._guard_proxy_header: bytearray | None = None
         self._guard_proxy_refused = False
         self._guard_proxy_peer: str | None = None  # the proxy, when a header named the client
+        # The current request's cycle, and what its handler asked to be told if
+        # its client goes away (see _guard_offer_disconnect).
+        self._guard_cycle: Any = None
+        self._guard_on_gone: list[Callable[[], None]] = []
 
     # -- state --------------------------------------------------------------------
 
@@ -226,7 +243,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _guard_arm_head(self) -> None:
         self._guard_disarm()
-        loop = asyncio.get_running_loop()
+        loop = self.loop  # uvicorn's, the running one (get_running_loop costs a getpid)
         self._guard_start = loop.time()
         self._guard_phase = "head"
         self._guard_timer = loop.call_at(
@@ -235,7 +252,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _guard_arm_body(self) -> None:
         self._guard_disarm()
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self._guard_phase = "body"
         self._guard_timer = loop.call_at(
             self._guard_start + self.request_timeout, self._guard_expired
@@ -430,13 +447,35 @@ class GuardedH11Protocol(H11Protocol):
                 return
             data = rest
         super().data_received(data)
+        self._guard_offer_disconnect()
         self._guard_follow()
         self._guard_release_if_upgraded()
 
+    def _guard_offer_disconnect(self) -> None:
+        """Give a new request's handler ``scope["extensions"][DISCONNECT_EXTENSION]``.
+
+        ``on_disconnect(callback)``: ``callback()`` runs once, in the loop, the
+        moment the client is found gone before the response completed (when
+        uvicorn's ``receive`` would start returning ``http.disconnect``). A
+        handler that waits for something else (a permission request waits for
+        a person) then needs no task of its own blocked in ``receive``.
+        """
+        cycle = self.cycle
+        if cycle is None or cycle is self._guard_cycle:
+            return
+        self._guard_cycle = cycle
+        self._guard_on_gone = []
+        extensions: dict[str, Any] = cycle.scope.setdefault("extensions", {})
+        extensions[DISCONNECT_EXTENSION] = self._guard_on_gone.append
+
     def on_response_complete(self) -> None:
+        # Answered: a client leaving now is no news to the handler, and what it
+        # registered (its task, its decision) is not kept for the idle connection.
+        self._guard_on_gone.clear()
         if isinstance(self.transport, CoalescedWrites):
             self.transport.response_complete()
         super().on_response_complete()  # may serve a pipelined request, even an upgrade
+        self._guard_offer_disconnect()
         if self.awaiting_body:
             # Answered before the body was in: h11 cannot start the next request
             # until it is, and reading it to the end is what a slow client wants.
@@ -484,6 +523,16 @@ class GuardedH11Protocol(H11Protocol):
             self.open_transports.pop(self._guard_transport, None)
         self.http_protocols.pop(self, None)
         super().connection_lost(exc)
+        # uvicorn marked the cycle disconnected (also after a 408, see
+        # _guard_timeout_answer) unless its response had completed.
+        cycle = self.cycle
+        if cycle is not None and cycle is self._guard_cycle and cycle.disconnected:
+            on_gone, self._guard_on_gone = self._guard_on_gone, []
+            for callback in on_gone:
+                try:
+                    callback()
+                except Exception:  # one handler's bug must not keep the others from hearing
+                    logger.bind(actor=self.log_actor).exception("a disconnect callback failed")
 
 
 class CoalescedWrites(asyncio.Transport):
