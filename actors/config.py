@@ -383,7 +383,7 @@ class UplinkConfig:
 
     @property
     def enabled(self) -> bool:
-        return bool(split_urls(self.upstream_url))
+        return bool(self.upstream_url.strip())  # split_urls's test, without the split
 
     @property
     def listen_address(self) -> tuple[str, int] | None:

@@ -53,6 +53,23 @@ What :class:`GuardedH11Protocol` adds, per connection:
    is busy is the newcomer itself closed. A WebSocket counts toward the cap but
    is never evicted by it.
 
+5. **The client's address behind a load balancer** (``trusted_proxies``). A
+   connection from a peer in that list must begin with a PROXY protocol v2
+   header (:mod:`protocol.proxy_header`): the address it names is the client
+   for the per-client cap, and for uvicorn's ``scope["client"]`` (HTTP and
+   WebSocket alike, so the logs name the real client), and, when it says the
+   client used TLS, ``https`` for the scope's scheme. The header is read
+   before any HTTP, so the caps hold per client from the first byte on; the
+   client cap of such a connection is enforced once the header is in (the
+   header-read deadline and the total cap cover the wait). A header that does
+   not parse, or its absence, closes that connection with one log line. From
+   any other peer nothing is read: a header there is a malformed request (400).
+6. A **disconnect callback** in each request's scope
+   (``scope["extensions"]["sled.on_disconnect"]``): a handler that waits for
+   something other than its client (the ingress's permission requests wait
+   for a person) hears at once that the client left, without a task of its
+   own blocked in ``receive`` for the whole wait.
+
 And :class:`EarlyAnswerClose`, an ASGI wrapper: an answer given before the
 request body was read to its end carries ``Connection: close``; the rest of
 the body is read and discarded, within bounds, before the connection closes
@@ -69,6 +86,8 @@ What the protocol relies on, and why no public hook exists:
   ``app_state`` and ``_loop``, which the subclass passes through untouched. Only
   the protocol sees a connection before its request head is complete, so a
   subclass is the only place for these limits.
+- ``H11Protocol.loop``: the event loop uvicorn runs the connection in, where the
+  deadlines' timers are set.
 - ``H11Protocol.conn``: the connection's ``h11.Connection``. Its (public h11)
   ``their_state`` is ``h11.IDLE`` exactly while the head of the current request
   has not been fully received, and ``h11.SEND_BODY`` while its body is still
@@ -78,11 +97,28 @@ What the protocol relies on, and why no public hook exists:
   its next head, so the deadline is re-armed there. ASGI has no event for it
   that a server-level hook could see.
 - ``H11Protocol.cycle``: the current request's ``RequestResponseCycle``; its
+  ``scope`` is the dict its handler is called with (the disconnect extension is
+  added to it before the handler's task first runs); its
   ``response_started`` says whether an answer has begun (so a ``408`` may still
   be sent), and setting its ``disconnected`` and its ``message_event`` is what
   uvicorn's own ``connection_lost`` does to tell the handler the client is
   gone (its ``receive`` then returns ``http.disconnect``, its ``send`` drops
   what it is given).
+
+- ``uvicorn.protocols.utils.get_remote_addr(transport)``, which every uvicorn
+  protocol calls in ``connection_made`` to fill ``scope["client"]``: it asks the
+  transport for ``"socket"`` first and falls back to ``"peername"``. A WebSocket
+  protocol is made (and reads it) inside the HTTP protocol's upgrade, from the
+  transport the HTTP protocol holds; so that transport (:class:`CoalescedWrites`)
+  answers ``"socket"`` with ``None`` and ``"peername"`` with the client a trusted
+  proxy named. ``H11Protocol.client`` is the same value for HTTP requests, set
+  once the header is in.
+- ``uvicorn.protocols.utils.is_ssl(transport)``, which those protocols call in
+  ``connection_made`` for ``scope["scheme"]``: true when the transport's
+  ``"sslcontext"`` is. When the header says the client reached the proxy over
+  TLS, the wrapper answers it with ``True`` (uvicorn only tests it), and
+  ``H11Protocol.scheme`` becomes ``"https"``: cookies are then ``Secure`` and
+  sign-in's redirect URI ``https://``, as behind no proxy.
 
 The rest is public: ``asyncio.Protocol``'s ``connection_made``,
 ``data_received`` and ``connection_lost`` (which the subclass extends), the
@@ -98,6 +134,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, ClassVar
 
@@ -105,7 +142,8 @@ import h11
 from loguru import logger
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from protocol import dumps
+from protocol import RemoteProtocolError, dumps
+from protocol.proxy_header import parse_proxy_v2
 from protocol.web import error_body
 
 Scope = MutableMapping[str, Any]
@@ -113,6 +151,11 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: The ASGI scope extension through which a handler hears at once that its client
+#: went away: ``scope["extensions"][DISCONNECT_EXTENSION](callback)``.
+DISCONNECT_EXTENSION = "sled.on_disconnect"
 
 #: After an early answer, at most this much of the unread body is read and
 #: discarded, for at most this long (the request deadline may end it sooner).
@@ -134,6 +177,8 @@ class GuardedH11Protocol(H11Protocol):
     max_per_client: ClassVar[int] = 32
     client_grace: ClassVar[float] = 0.5
     log_actor: ClassVar[str] = "http"
+    # Peers whose connections begin with a PROXY protocol v2 header naming the client.
+    trusted_proxies: ClassVar[tuple[IPNetwork, ...]] = ()
     # transport → the guarded protocol serving it (None once upgraded to a
     # WebSocket, so the spent HTTP protocol can be freed), oldest first; shared by
     # every connection of one server (one class per server, see guarded_protocol).
@@ -159,6 +204,15 @@ class GuardedH11Protocol(H11Protocol):
         self._guard_start = 0.0
         self._guard_phase: str | None = None
         self._guard_client = "?"
+        # The PROXY header read so far, while one is awaited (a trusted peer's
+        # connection); None once it is in, or when none is expected.
+        self._guard_proxy_header: bytearray | None = None
+        self._guard_proxy_refused = False
+        self._guard_proxy_peer: str | None = None  # the proxy, when a header named the client
+        # The current request's cycle, and what its handler asked to be told if
+        # its client goes away (see _guard_offer_disconnect).
+        self._guard_cycle: Any = None
+        self._guard_on_gone: list[Callable[[], None]] = []
 
     # -- state --------------------------------------------------------------------
 
@@ -189,7 +243,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _guard_arm_head(self) -> None:
         self._guard_disarm()
-        loop = asyncio.get_running_loop()
+        loop = self.loop  # uvicorn's, the running one (get_running_loop costs a getpid)
         self._guard_start = loop.time()
         self._guard_phase = "head"
         self._guard_timer = loop.call_at(
@@ -198,7 +252,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _guard_arm_body(self) -> None:
         self._guard_disarm()
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self._guard_phase = "body"
         self._guard_timer = loop.call_at(
             self._guard_start + self.request_timeout, self._guard_expired
@@ -228,7 +282,10 @@ class GuardedH11Protocol(H11Protocol):
 
     def _guard_peer(self) -> str:
         peer = self._guard_transport.get_extra_info("peername") if self._guard_transport else None
-        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
+        shown = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
+        if self._guard_proxy_peer is not None and self.client is not None:
+            return f"{self.client[0]}:{self.client[1]} (via {shown})"
+        return shown
 
     def _guard_expired(self) -> None:
         phase, self._guard_timer = self._guard_phase, None
@@ -283,11 +340,46 @@ class GuardedH11Protocol(H11Protocol):
         self._guard_transport = transport
         peer = transport.get_extra_info("peername")
         self._guard_client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if self.trusted_proxies and _in_networks(self._guard_client, self.trusted_proxies):
+            self._guard_proxy_header = bytearray()
         self.open_transports[transport] = self
         self.http_protocols[self] = None
         self._guard_arm_head()
-        self._guard_enforce_client_cap()
+        if self._guard_proxy_header is None:  # else once the header names the client
+            self._guard_enforce_client_cap()
         self._guard_enforce_cap()
+
+    def _guard_read_proxy_header(self, data: bytes) -> bytes | None:
+        """Take ``data`` toward the PROXY header; what follows it once it is in, else None."""
+        buffer = self._guard_proxy_header
+        assert buffer is not None
+        buffer += data
+        try:
+            header = parse_proxy_v2(buffer)
+        except RemoteProtocolError as exc:
+            self._guard_proxy_refused = True
+            logger.bind(actor=self.log_actor).warning(
+                "closed a connection from trusted proxy {}: bad PROXY protocol header ({})",
+                self._guard_peer(),
+                exc.detail,
+            )
+            self._guard_close()
+            return None
+        if header is None:
+            return None
+        self._guard_proxy_header = None
+        if header.source is not None:
+            self._guard_proxy_peer = self._guard_client
+            self._guard_client = header.source[0]
+            self.client = header.source
+            if isinstance(self.transport, CoalescedWrites):
+                self.transport.peer = header.source
+        if header.tls:
+            self.scheme = "https"
+            if isinstance(self.transport, CoalescedWrites):
+                self.transport.proxied_tls = True
+        self._guard_enforce_client_cap()
+        return bytes(buffer[header.length :])
 
     def _guard_receiving_of(self, client: str) -> list[GuardedH11Protocol]:
         return [p for p in self.http_protocols if p._guard_client == client and p.receiving]
@@ -347,14 +439,43 @@ class GuardedH11Protocol(H11Protocol):
             log.debug("connection cap ({}) reached: closed idle connections", self.max_connections)
 
     def data_received(self, data: bytes) -> None:
+        if self._guard_proxy_refused:
+            return
+        if self._guard_proxy_header is not None:
+            rest = self._guard_read_proxy_header(data)
+            if not rest:
+                return
+            data = rest
         super().data_received(data)
+        self._guard_offer_disconnect()
         self._guard_follow()
         self._guard_release_if_upgraded()
 
+    def _guard_offer_disconnect(self) -> None:
+        """Give a new request's handler ``scope["extensions"][DISCONNECT_EXTENSION]``.
+
+        ``on_disconnect(callback)``: ``callback()`` runs once, in the loop, the
+        moment the client is found gone before the response completed (when
+        uvicorn's ``receive`` would start returning ``http.disconnect``). A
+        handler that waits for something else (a permission request waits for
+        a person) then needs no task of its own blocked in ``receive``.
+        """
+        cycle = self.cycle
+        if cycle is None or cycle is self._guard_cycle:
+            return
+        self._guard_cycle = cycle
+        self._guard_on_gone = []
+        extensions: dict[str, Any] = cycle.scope.setdefault("extensions", {})
+        extensions[DISCONNECT_EXTENSION] = self._guard_on_gone.append
+
     def on_response_complete(self) -> None:
+        # Answered: a client leaving now is no news to the handler, and what it
+        # registered (its task, its decision) is not kept for the idle connection.
+        self._guard_on_gone.clear()
         if isinstance(self.transport, CoalescedWrites):
             self.transport.response_complete()
         super().on_response_complete()  # may serve a pipelined request, even an upgrade
+        self._guard_offer_disconnect()
         if self.awaiting_body:
             # Answered before the body was in: h11 cannot start the next request
             # until it is, and reading it to the end is what a slow client wants.
@@ -402,6 +523,16 @@ class GuardedH11Protocol(H11Protocol):
             self.open_transports.pop(self._guard_transport, None)
         self.http_protocols.pop(self, None)
         super().connection_lost(exc)
+        # uvicorn marked the cycle disconnected (also after a 408, see
+        # _guard_timeout_answer) unless its response had completed.
+        cycle = self.cycle
+        if cycle is not None and cycle is self._guard_cycle and cycle.disconnected:
+            on_gone, self._guard_on_gone = self._guard_on_gone, []
+            for callback in on_gone:
+                try:
+                    callback()
+                except Exception:  # one handler's bug must not keep the others from hearing
+                    logger.bind(actor=self.log_actor).exception("a disconnect callback failed")
 
 
 class CoalescedWrites(asyncio.Transport):
@@ -423,6 +554,10 @@ class CoalescedWrites(asyncio.Transport):
         self._transport = transport
         self._held: bytes | None = None
         self._holding = True  # until the connection is upgraded
+        #: The client a trusted proxy's PROXY header named (None: the socket's peer).
+        self.peer: tuple[str, int] | None = None
+        #: The trusted proxy's header said the client reached it over TLS.
+        self.proxied_tls = False
 
     def pass_through(self) -> None:
         """From now on write at once (a WebSocket took the connection over)."""
@@ -474,6 +609,14 @@ class CoalescedWrites(asyncio.Transport):
         return self._transport.is_closing()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if self.peer is not None:
+            # uvicorn reads the client from "socket" first, then "peername" (module docstring).
+            if name == "peername":
+                return self.peer
+            if name == "socket":
+                return default
+        if self.proxied_tls and name == "sslcontext":
+            return True  # uvicorn's is_ssl() only tests it (module docstring)
         return self._transport.get_extra_info(name, default)
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
@@ -512,19 +655,31 @@ def _held_head(data: bytes | bytearray | memoryview) -> bool:
     )
 
 
+def _in_networks(address: str, networks: tuple[IPNetwork, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # an IPv4 peer of a dual-stack socket
+    return any(ip in network for network in networks)
+
+
 def guarded_protocol(
     *,
     header_timeout: float,
     max_connections: int,
     request_timeout: float | None = None,
     max_per_client: int | None = None,
+    trusted_proxies: tuple[IPNetwork, ...] = (),
     log_actor: str = "http",
 ) -> type[GuardedH11Protocol]:
     """A :class:`GuardedH11Protocol` class with these limits, for ``uvicorn.Config(http=...)``.
 
     ``request_timeout`` defaults to three times ``header_timeout``;
-    ``max_per_client`` to no per-client cap beyond ``max_connections``. Use one
-    class per server: the caps count the connections of its class.
+    ``max_per_client`` to no per-client cap beyond ``max_connections``;
+    ``trusted_proxies`` to none (no PROXY header is read). Use one class per
+    server: the caps count the connections of its class.
     """
     return type(
         "GuardedH11Protocol",
@@ -534,6 +689,7 @@ def guarded_protocol(
             "request_timeout": 3 * header_timeout if request_timeout is None else request_timeout,
             "max_connections": max_connections,
             "max_per_client": max_connections if max_per_client is None else max_per_client,
+            "trusted_proxies": tuple(trusted_proxies),
             "log_actor": log_actor,
             "open_transports": {},
             "http_protocols": {},

@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 from loguru import logger
@@ -38,6 +38,7 @@ from loguru import logger
 from actors.config import check_bindable
 from actors.context import UplinkContext
 from actors.http_guard import (
+    DISCONNECT_EXTENSION,
     DRAIN_MAX_BYTES,  # after an early answer, so it is not lost to a reset
     DRAIN_SECONDS,
     declares_body,
@@ -63,6 +64,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _log = logger.bind(actor="ingress")
 
+T = TypeVar("T")
+
 
 class HttpError(Exception):
     def __init__(
@@ -84,22 +87,57 @@ async def _until_disconnect(receive: Receive) -> None:
         pass
 
 
-async def _unless_gone(receive: Receive, waiting: Awaitable[Any]) -> Any:
+async def _unless_gone(scope: Scope, receive: Receive, waiting: asyncio.Future[T]) -> T:
     """Await ``waiting``; if the client disconnects first, cancel it and raise
     :class:`_ClientGone`. Nobody is left to read a late answer, and a request
-    nobody waits for must not stay in front of a person."""
-    task = asyncio.ensure_future(waiting)
-    watcher = asyncio.ensure_future(_until_disconnect(receive))
+    nobody waits for must not stay in front of a person.
+
+    The calling task awaits ``waiting`` itself and is cancelled when the client
+    goes away, so an answer wakes the handler in one turn of the loop (a
+    shield and an ``asyncio.wait`` around it would add two callback hops, each
+    a turn of the loop and an ``epoll_wait``). The server's protocol says when
+    the client went away (its ``sled.on_disconnect`` extension, in
+    ``actors/http_guard.py``); under a server without it, a watcher task
+    waits in ``receive``. Whichever is settled first decides, once: a client
+    found gone after ``waiting`` was settled changes nothing (its answer goes
+    out to nobody: a decision is never turned into an abandonment); one found
+    gone before cancels it, and whoever would settle it later finds it done
+    (as for any cancelled wait).
+    """
+    if waiting.done():
+        return waiting.result()
+    # The future's loop is the running one: no get_running_loop (a getpid each).
+    loop = waiting.get_loop()
+    caller = asyncio.current_task(loop)
+    assert caller is not None  # an ASGI handler always runs in a task
+    gone = False
+
+    def client_gone() -> None:
+        nonlocal gone
+        if not waiting.done():
+            gone = True
+            caller.cancel()
+
+    async def watch() -> None:
+        await _until_disconnect(receive)
+        client_gone()
+
+    on_disconnect = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+    watcher = None
+    if on_disconnect is not None:
+        on_disconnect(client_gone)  # a no-op once waiting is settled
+    else:
+        watcher = loop.create_task(watch())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await waiting
+    except asyncio.CancelledError:
+        # A cancel from outside as well (the server stopping) stays a cancel.
+        if not gone or caller.uncancel() > 0:
+            raise
+        raise _ClientGone from None
     finally:
-        watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    raise _ClientGone
+        if watcher is not None:
+            watcher.cancel()
 
 
 class RequestGuard:
@@ -272,7 +310,7 @@ class Ingress:
         self,
         ctx: UplinkContext,
         *,
-        request_permission: Callable[..., Awaitable[Outcome]],
+        request_permission: Callable[..., asyncio.Future[Outcome]],
         status: Callable[[], dict[str, Any]],
         abandon: Callable[[str], None] | None = None,
     ) -> None:
@@ -345,6 +383,12 @@ class Ingress:
             access_log=False,
             timeout_graceful_shutdown=1,
             backlog=2048,
+            # Nothing here reads the client's address or scheme from the request,
+            # so uvicorn's X-Forwarded-* middleware would only be one more step a
+            # request (and a way for a local process to restate where it came
+            # from); and the Server header says nothing a caller needs.
+            proxy_headers=False,
+            server_header=False,
         )
         self._server = _QuietServer(config)
         self._serving = self.ctx.loop.spawn(self._server.serve, [sock])
@@ -435,16 +479,20 @@ class Ingress:
                     raise HttpError(400, "bad Content-Length")
                 if int(value) > MAX_BODY:
                     raise HttpError(413, f"body is larger than {MAX_BODY} bytes")
-        body = bytearray()
+        chunks: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise HttpError(400, "client disconnected")
-            body += message.get("body", b"")
-            if len(body) > MAX_BODY:
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY:
                 raise HttpError(413, f"body is larger than {MAX_BODY} bytes")
             if not message.get("more_body"):
-                return bytes(body)
+                # Usually the whole body came in one message (bytes(bytes) is no copy).
+                return bytes(chunk) if not chunks else b"".join([*chunks, chunk])
+            chunks.append(chunk)
 
     async def _permission(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
         tool_name, tool_input, request_id = parse_permission_body(
@@ -457,12 +505,12 @@ class Ingress:
             future = self.request_permission(tool_name, tool_input, request_id=request_id)
         except (LocalProtocolError, RecursionError) as exc:
             raise HttpError(400, f"request cannot be forwarded: {exc}") from None
-        # The shield keeps the request's future when the wait is cancelled: a
-        # client that goes away is abandoned (denied as caller_gone, and the
-        # gateway withdraws it), never left for a person to answer.
+        # A client that goes away is abandoned (denied as caller_gone, and the
+        # gateway withdraws it), never left for a person to answer. Its wait
+        # cancelled the future, which the registry then leaves unsettled.
         self.waiting += 1
         try:
-            outcome = await _unless_gone(receive, asyncio.shield(future))
+            outcome = await _unless_gone(scope, receive, future)
         except _ClientGone:
             _log.info("the caller of {!r} went away; abandoning it", request_id)
             self.abandon(request_id)
@@ -488,12 +536,17 @@ class Ingress:
         self.waiting += 1
         try:
             return 200, await _unless_gone(
+                scope,
                 receive,
-                answer_hook(
-                    self.request_permission,
-                    body,
-                    self.ctx.config.hook_never_forward,
-                    abandon=self.abandon,
+                # A task of its own: cancelled when the caller leaves, its
+                # wait abandons the request (see ``claude_code.ask``).
+                asyncio.ensure_future(
+                    answer_hook(
+                        self.request_permission,
+                        body,
+                        self.ctx.config.hook_never_forward,
+                        abandon=self.abandon,
+                    )
                 ),
             )
         except ValueError as exc:

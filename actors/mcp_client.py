@@ -55,6 +55,28 @@ class _NotLoaded(Exception):
     """Stands for ``httpx.HTTPError`` until httpx is loaded: nothing raises it."""
 
 
+def _no_cookies() -> Any:
+    """A cookie jar that keeps nothing, for the replay client.
+
+    The replays carry the requests of whoever asked through the gateway: a
+    cookie the local server set for one of them must not go out with the
+    next. MCP keeps its session in ``Mcp-Session-Id``, which the client
+    handles itself. And reading each answer's ``Set-Cookie`` (a
+    ``email.message.Message`` of all its headers, through ``http.cookiejar``)
+    cost about as much as the rest of the replay's own code.
+    """
+    import http.cookiejar  # loaded with httpx (which imports it), on the first replay
+
+    class NoCookies(http.cookiejar.CookieJar):
+        def extract_cookies(self, response: Any, request: Any) -> None:
+            return None
+
+        def set_cookie(self, cookie: Any) -> None:
+            return None
+
+    return NoCookies()
+
+
 class LocalMcpClient:
     """Replays JSON-RPC bodies against one local MCP URL, keeping its session."""
 
@@ -80,6 +102,7 @@ class LocalMcpClient:
         self._concurrency = concurrency
         self._renew_lock = asyncio.Lock()
         self._client: httpx.AsyncClient | None = None
+        self._target: httpx.URL | None = None  # self.url, parsed by httpx once it is loaded
         # What a failed exchange raises: httpx.HTTPError once httpx is loaded.
         self._http_error: type[Exception] = _NotLoaded
 
@@ -95,9 +118,17 @@ class LocalMcpClient:
                 )
                 # trust_env=False: a proxy set for the internet must not catch loopback MCP.
                 self._client = loaded.AsyncClient(
-                    timeout=self.timeout, limits=limits, trust_env=False
+                    timeout=self.timeout,
+                    limits=limits,
+                    trust_env=False,
+                    cookies=_no_cookies(),
+                    # Every replay's; given once, not merged in from a dict each time.
+                    headers={"Content-Type": "application/json", "Accept": ACCEPT},
                 )
                 self._http_error = loaded.HTTPError
+                # Parsed once: httpx parses a str URL again on every request
+                # (several times over: about twice the rest of building it).
+                self._target = loaded.URL(self.url)
         return self._client
 
     async def aclose(self) -> None:
@@ -184,15 +215,16 @@ class LocalMcpClient:
             self._log.info("local MCP session renewed")
 
     async def _post(self, text: str, body: JSON) -> JSON:
-        headers = {"Content-Type": "application/json", "Accept": ACCEPT}
+        headers: dict[str, str] = {}  # Content-Type and Accept are the client's own
         if self.session_id is not None:
             headers["Mcp-Session-Id"] = self.session_id
         if self.protocol_version is not None:
             headers["MCP-Protocol-Version"] = self.protocol_version
         carried_session = self.session_id is not None
         client = await self._http()
+        assert self._target is not None  # set with the client
         async with client.stream(
-            "POST", self.url, content=text.encode("utf-8"), headers=headers
+            "POST", self._target, content=text.encode("utf-8"), headers=headers or None
         ) as response:
             status = response.status_code
             if status == 404 and carried_session:

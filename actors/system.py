@@ -269,9 +269,14 @@ class Uplink:
         once. Cancelling the future abandons the wait, not the request: it
         is still decided and logged.
         """
-        loop = asyncio.get_running_loop()
-        request_id = request_id or new_request_id()
         ctx = self._ctx
+        # In the uplink's loop thread while its loop runs, that loop is the running
+        # one (a thread runs one loop at a time): no get_running_loop, a getpid each.
+        if ctx is not None and ctx.loop.in_loop_thread() and ctx.loop.loop.is_running():
+            loop = ctx.loop.loop
+        else:
+            loop = asyncio.get_running_loop()
+        request_id = request_id or new_request_id()
         if ctx is not None and ctx.loop.loop is loop:
             future: asyncio.Future[Outcome] = loop.create_future()
             self._submit(tool_name, tool_input, request_id, future, suggestions)

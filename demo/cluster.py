@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.support.haproxy import SOURCE as HAPROXY_SOURCE
 from tests.support.haproxy import HAProxy, free_port
 from tests.support.haproxy import skip_reason as haproxy_missing
 from tests.support.nats import NatsServer
@@ -182,6 +183,9 @@ def main() -> int:
                             nats.url,
                             "--drain-seconds",
                             "2",
+                            # HAProxy's PROXY header names each client (docs/deploy.md).
+                            "--trusted-proxy",
+                            HAPROXY_SOURCE,
                         ],
                         cwd=ROOT,
                         env=env,

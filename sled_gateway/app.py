@@ -3,7 +3,8 @@
 ::
 
     RequestGuard (http/guard.py)          Host allowlist, operator auth, CSRF, headers
-      └─ Routes (http/routes.py)          REST handlers, console page
+      └─ Routes (http/routes.py)          REST handlers, console page (the decision POST
+           │                              on a lean path past Starlette: http/lean.py)
            ├─ OidcLogin (auth/oidc.py)    GET /login, /auth/callback → a person's console session
            ├─ Hub (hub.py)                sled WebSockets; serves sled.<project>.mcp on the bus
            ├─ Relay (relay.py)            POST /sleds/{project}/mcp → bus request
@@ -201,7 +202,7 @@ class GatewayApp:
         state.add_change_listener(self.routes.live.changed)
         self.allowed_hosts = AllowedHosts.default(listen_host, config.allowed_hosts)
         self.asgi = RequestGuard(
-            self.routes.app,
+            self.routes.asgi,
             operator=BearerTokenBackend(config.operator_token),
             console=self.console,
             allowed_hosts=self.allowed_hosts,

@@ -750,6 +750,11 @@ class Approvals:
                 # Its sled is connected (to another replica): the request may be on its
                 # way to the store. Wait for its ring rather than answer 404 at once.
                 await self.replicas.rung_for(project, req_id, EARLY_DECISION_WAIT)
+                # The ring's re-read put it here just now: the compare-and-set on its
+                # row is the check, so a second read before it would only add a wait.
+                read = self.state.pending_or_none(project, req_id)
+                if read is not None:
+                    return read
                 row = await self.replicas.find(project, req_id)
         except Exception as exc:
             raise NotRecorded(str(exc)) from exc
@@ -977,17 +982,19 @@ class Approvals:
             self.events.publish(RulesChanged(rule, revoked=False))
         self.events.publish(PermissionDecided(record, was_pending=pending))
         if shared:
-            await self._send_shared(item, decision)
+            await self._send_shared(item, decision, record)
         else:
             await self._send(item.session, req_id, decision)
         return record
 
-    async def _send_shared(self, item: PendingPermission, decision: Decision) -> None:
+    async def _send_shared(
+        self, item: PendingPermission, decision: Decision, record: DecisionRecord
+    ) -> None:
         """Answer a request decided in the shared store: from here when this replica
         holds its sled, else by ringing the holder (whose sweep delivers it anyway)."""
         assert self.replicas is not None
         if item.replica is not None and item.replica != self.replicas.id:
-            self.replicas.ring_holder(item.replica, (item.project, item.req_id))
+            self.replicas.ring_holder(item, record)
             return
         if self.replicas.claim_send(item):
             sent = self._answerer is not None and await self._answerer.answer(

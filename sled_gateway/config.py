@@ -12,6 +12,7 @@ file) or only by the library; its rule still applies.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -30,6 +31,8 @@ from protocol.options import byte_size, positive_int, positive_number, positive_
 from sled_gateway.access import Access
 from sled_gateway.http.guard import AllowedHosts
 from sled_gateway.store import MEMORY
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Largest MCP body relayed; JSON escaping inside the frame can grow it, and
 #: the uplink accepts frames up to 16 MiB.
@@ -250,6 +253,32 @@ def _sled_tokens(option: str, value: Mapping[Any, Any]) -> Mapping[str, str]:
     return MappingProxyType(check_sled_tokens(dict(value)))
 
 
+def parse_trusted_proxies(value: str) -> tuple[IPNetwork, ...]:
+    """``--trusted-proxy``'s checked text as the networks it names."""
+    return tuple(ipaddress.ip_network(item) for item in value.split(",") if item)
+
+
+def _trusted_proxy(option: str, value: str | Iterable[str]) -> str:
+    """Addresses or CIDRs, comma-separated (or a library caller's list of them): the
+    peers whose PROXY protocol header is believed. Returned as one normalised text."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    networks = []
+    for item in items:
+        text = item.strip() if isinstance(item, str) else ""
+        try:
+            # strict: 10.0.0.5/8 names a host and a network at once, most likely a typo.
+            networks.append(ipaddress.ip_network(text, strict=True))
+        except ValueError:
+            raise ConfigError(
+                option,
+                f"expected addresses or CIDRs, comma-separated (10.0.0.2, 10.0.1.0/24), "
+                f"not {printable(str(item), 80)!r}",
+            ) from None
+    if not networks:
+        raise ConfigError(option, "expected at least one address or CIDR")
+    return ",".join(str(n) for n in networks)
+
+
 def _access(option: str, value: Any) -> Access:
     if not isinstance(value, Access):
         raise ConfigError(option, "expected the access file's grants (sled_gateway.access.Access)")
@@ -449,6 +478,19 @@ class GatewayConfig:
         rule=positive_int,
         metavar="N",
     )
+    trusted_proxy: str | None = option(
+        None,
+        "--trusted-proxy",
+        "addresses or CIDRs of the load balancers in front (comma-separated, or repeat it): "
+        "their connections must begin with a PROXY protocol v2 header (HAProxy's "
+        "send-proxy-v2), whose client address then counts for the per-client caps and the "
+        "logs; nobody else's header is believed (docs/deploy.md)",
+        rule=_trusted_proxy,
+        metavar="ADDR[,ADDR...]",
+        env="SLED_GATEWAY_TRUSTED_PROXY",
+        join=",",
+        shown_default="none, every peer is the client",
+    )
     db: str | os.PathLike[str] = option(  # noqa: RUF009 (option() returns a field)
         MEMORY,
         "--db",
@@ -509,6 +551,11 @@ class GatewayConfig:
             return repr(value)
 
         return f"GatewayConfig({', '.join(f'{n}={shown(n)}' for n in self.__dataclass_fields__)})"
+
+    @property
+    def trusted_proxies(self) -> tuple[IPNetwork, ...]:
+        """The networks ``--trusted-proxy`` names (empty: no header is believed)."""
+        return parse_trusted_proxies(self.trusted_proxy) if self.trusted_proxy else ()
 
     @property
     def body_timeout(self) -> float:

@@ -9,7 +9,11 @@ rings:
   or down, a request pending, decided or withdrawn): every replica re-reads the
   fleet (:meth:`Replicas.resync`), coalescing a burst of rings into few reads;
 - ``replica.<id>.deliver`` (published by a replica that decided a request another
-  holds): the holder reads its decided rows and sends their ``perm_response``.
+  holds): the holder reads its decided rows and sends their ``perm_response``. The
+  ring may carry the decision it just committed, sealed with an HMAC under a key
+  kept in the database (:data:`DELIVERY_KEY_SETTING`): the holder then sends it
+  without that read. A ring whose seal does not check, or that names no request
+  the holder has pending as it says, is only a ring: the holder reads the store.
 
 Correctness never depends on a ring arriving: the sweep, every
 ``--sweep-interval`` seconds, renews this replica's lease, releases the replicas
@@ -20,14 +24,20 @@ replica, and re-reads the fleet. A reconnected bus triggers the same at once.
 
 A holder sends a ``perm_response`` only for a row the store says is ``decided``
 (this replica's own decisions are sent right after their compare-and-set
-commits), and at most once per request: :attr:`Replicas._sent` remembers what it
-sent until long after the row is marked delivered.
+commits; another replica's, from its sealed ring, which it sends only after its
+compare-and-set committed that decision), and at most once per request:
+:attr:`Replicas._sent` remembers what it sent until long after the row is marked
+delivered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
+import json
+import secrets
 import time
 import uuid
 from collections import OrderedDict
@@ -80,12 +90,22 @@ REREAD_ALL_ABOVE = 500
 MAX_AWAITED = 1_000
 #: How many delivered requests a replica remembers, so none is sent twice.
 SENT_MEMORY = 100_000
+#: The ``settings`` row of the key that seals delivery rings: only a process that can
+#: read the database (which could as well write a decision there) can seal one.
+DELIVERY_KEY_SETTING = "replica_delivery_key"
 
 Key = tuple[str, str, float]  # (project, req_id, requested_at): one request
 
 
 def deliver_subject(replica: str) -> str:
     return f"replica.{escape_token(replica)}.deliver"
+
+
+def delivery_seal(key: bytes, holder: str, fields: list[Any]) -> str:
+    """The HMAC of a delivery ring's ``fields`` for ``holder`` (a ring to one replica
+    cannot be replayed to another)."""
+    text = json.dumps([holder, *fields], separators=(",", ":"), allow_nan=False)
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
 
 
 def item_of(row: PendingRow) -> PendingPermission:
@@ -183,6 +203,7 @@ class Replicas:
         self._dirty_requests: set[tuple[str, str]] = set()
         self._awaited: dict[tuple[str, str], asyncio.Event] = {}
         self.deliver = _Coalesced(self._deliver, "delivering decisions")
+        self._delivery_key: bytes | None = None
         events.subscribe(SledUp, self._sled_up)
         events.subscribe(SledDown, self._sled_down)
 
@@ -195,8 +216,9 @@ class Replicas:
             await self.store.renew_lease(self.id, self.started_at, time.time() + self.lease_seconds)
         except Exception as exc:  # the database is away: the sweep tries again
             log.warning("replica {}: lease not taken yet: {}", self.id, exc)
+        await self._read_delivery_key()
         self._stops.append(self.bus.subscribe(CHANGED, self._rung))
-        self._stops.append(self.bus.subscribe(deliver_subject(self.id), lambda _m: self.deliver()))
+        self._stops.append(self.bus.subscribe(deliver_subject(self.id), self._delivery_rung))
         self._stops.append(self.bus.on_reconnect(self._reconnected))
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
         log.info(
@@ -271,13 +293,102 @@ class Replicas:
         except Exception as exc:  # a lost ring only delays: the sweep re-reads
             log.debug("ring not sent: {}", exc)
 
-    def ring_holder(self, replica: str, request: tuple[str, str] | None = None) -> None:
-        """Tell ``replica`` a request it holds was decided."""
+    def ring_holder(self, item: PendingPermission, record: DecisionRecord) -> None:
+        """Tell the replica holding ``item`` that it was decided (``record``, committed)."""
+        replica = item.replica
+        assert replica is not None
+        message: dict[str, Any] = {"from": self.id}
+        key = self._delivery_key
+        if key is not None:
+            fields = self._delivery_fields(item, record)
+            message["decided"] = fields
+            message["seal"] = delivery_seal(key, replica, fields)
         try:
-            self.bus.publish(deliver_subject(replica), {"from": self.id})
+            self.bus.publish(deliver_subject(replica), message)
         except Exception as exc:
             log.debug("ring to {} not sent: {}", replica, exc)
-        self.ring(request=request)
+        self.ring(request=(item.project, item.req_id))
+
+    @staticmethod
+    def _delivery_fields(item: PendingPermission, record: DecisionRecord) -> list[Any]:
+        return [
+            item.project,
+            item.req_id,
+            item.received_at,
+            record.decision,
+            record.by,
+            record.decided_at,
+        ]
+
+    async def _read_delivery_key(self) -> None:
+        if self._delivery_key is not None:
+            return
+        try:
+            text = await self.store.setting(  # type: ignore[attr-defined]
+                DELIVERY_KEY_SETTING, lambda: secrets.token_hex(32)
+            )
+            self._delivery_key = bytes.fromhex(text)
+        except Exception as exc:  # rings go unsealed meanwhile: holders read the store
+            log.warning("replica {}: delivery key not read yet: {}", self.id, exc)
+
+    def _delivery_rung(self, message: Message) -> None:
+        """A ring to deliver: sent at once from a sealed ring that names a request held
+        here as pending, else by reading the store."""
+        sealed = self._unsealed(message)
+        if sealed is None:
+            self.deliver()
+            return
+        item, decision, record = sealed
+        self._spawn(self._deliver_sealed(item, decision, record))
+
+    def _unsealed(
+        self, message: Message
+    ) -> tuple[PendingPermission, Decision, DecisionRecord] | None:
+        key = self._delivery_key
+        fields = message.get("decided")
+        seal = message.get("seal")
+        if key is None or fields is None:
+            return None
+        try:
+            project, req_id, requested_at, decision, by, at = fields
+            if not (
+                isinstance(seal, str)
+                and hmac.compare_digest(seal, delivery_seal(key, self.id, fields))
+            ):
+                raise ValueError("its seal does not check")
+            verdict = Decision(decision)
+        except (TypeError, ValueError) as exc:
+            log.warning("a delivery ring was not believed ({}); reading the store", exc)
+            return None
+        item = self.state.pending_or_none(project, req_id)
+        if item is None or item.replica is not None or item.received_at != requested_at:
+            return None  # not (or no longer) pending here as it says: the store knows
+        record = DecisionRecord(
+            project, req_id, item.tool_name, decision, by, at, at - item.received_at
+        )
+        return item, verdict, record
+
+    async def _deliver_sealed(
+        self, item: PendingPermission, decision: Decision, record: DecisionRecord
+    ) -> None:
+        hub = self.hub
+        if hub is None or not self.claim_send(item):
+            return
+        session = hub.sessions.get(item.session)
+        sent = False
+        if session is not None and session.project == item.project:
+            sent = await hub.answer(item.session, item.req_id, decision)
+        log.info(
+            "permission '{}' of sled '{}': {} decided by {} elsewhere; {}",
+            printable(item.req_id, 120),
+            printable(item.project, 120),
+            record.decision,
+            record.by,
+            "sent" if sent else "its session is gone (undelivered)",
+        )
+        self.after_send(item, decision, sent)
+        if self.state.pending_or_none(item.project, item.req_id) is not None:
+            self.events.publish(PermissionDecided(record))
 
     def _rung(self, message: Message) -> None:
         if message.get("from") == self.id:
@@ -474,6 +585,7 @@ class Replicas:
     async def sweep(self) -> None:
         now = time.time()
         await self.store.renew_lease(self.id, self.started_at, now + self.lease_seconds)
+        await self._read_delivery_key()
         for replica in await self.store.expired_replicas(now):
             if replica == self.id:
                 continue  # late, but alive: renewed above

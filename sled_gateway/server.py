@@ -300,9 +300,15 @@ class Gateway:
                 request_timeout=self.config.request_timeout,
                 max_connections=self.config.max_connections,
                 max_per_client=self.config.max_connections_per_client,
+                trusted_proxies=self.config.trusted_proxies,
                 log_actor="gateway",
             ),
             timeout_keep_alive=5,
+            # uvicorn believes X-Forwarded-For from 127.0.0.1 and ::1 by default (or from
+            # whatever FORWARDED_ALLOW_IPS says): any local process could name another
+            # client. The client's address comes from the connection, or from a trusted
+            # proxy's PROXY header (--trusted-proxy), never from a header of the request.
+            proxy_headers=False,
             # The websockets library's ServerProtocol, lighter per idle connection.
             ws=LeanWebSocketProtocol,
             ws_max_size=self.config.max_frame_bytes,

@@ -47,15 +47,26 @@ def cluster() -> Iterator[Cluster]:
 
 
 def _holder(c: Cluster, project: str) -> Replica | None:
-    """The replica whose hub holds ``project``'s socket."""
+    """The replica whose hub holds ``project``'s socket; None while none does.
+
+    Every replica's ``/api/state`` lists the whole fleet, so each is asked
+    which sleds *it* holds: those it lists with ``replica`` null (another
+    replica's carry that replica's id). Two holders at once is a bug, and
+    fails the test here rather than letting it pick one.
+    """
+    holders = []
     for replica in c.replicas:
         try:
             state = httpx.get(replica.http + "/api/state", headers=c.headers(), timeout=5).json()
         except httpx.HTTPError:
-            continue
-        if any(s["project"] == project and s["state"] == "connected" for s in state["sleds"]):
-            return replica
-    return None
+            continue  # killed, or stopped by the test
+        if any(
+            s["project"] == project and s["state"] == "connected" and s["replica"] is None
+            for s in state["sleds"]
+        ):
+            holders.append(replica)
+    assert len(holders) <= 1, f"{project!r} held by each of {[r.address for r in holders]}"
+    return holders[0] if holders else None
 
 
 def test_readyz_through_haproxy_and_a_sled_decided_through_it(cluster: Cluster) -> None:
@@ -91,6 +102,13 @@ def test_readyz_through_haproxy_and_a_sled_decided_through_it(cluster: Cluster) 
             async with httpx.AsyncClient(
                 base_url=base, headers=cluster.headers(), timeout=10
             ) as api:
+                # HAProxy's PROXY header named this client (127.0.0.1), not HAProxy itself.
+                (sled,) = [
+                    s
+                    for s in (await api.get("/api/state")).json()["sleds"]
+                    if s["project"] == "through-haproxy"
+                ]
+                assert sled["remote"].startswith("127.0.0.1:"), sled["remote"]
                 for _ in range(100):
                     r = await api.post(
                         "/api/permissions/through-haproxy/r1", json={"decision": "approve"}

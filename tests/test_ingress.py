@@ -830,6 +830,70 @@ def test_a_caller_that_disconnects_while_waiting_is_abandoned_and_the_gateway_to
     )
 
 
+@pytest.mark.parametrize("route", ["/permission", "/hooks/claude-code"])
+def test_callers_that_hang_up_as_their_answer_comes_end_exactly_once(
+    live: Live, logs: list[str], route: str
+) -> None:
+    """The gateway answers each request and, in the same instant, its caller hangs
+    up: the two race into the uplink. Whichever it sees first decides, once: a
+    request is approved or abandoned (caller_gone, with one perm_cancel), never
+    both, never twice, and nothing is left pending."""
+    count = 30
+    sockets: dict[str, socket.socket] = {}
+
+    def answer_and_hang_up(session: Session, frame: dict[str, Any]) -> None:
+        live.gateway.send_in_loop(session, "perm_response", frame["req_id"], APPROVE)
+        sock = sockets[frame["req_id"]]
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+    def request(i: int) -> bytes:
+        if route == "/permission":
+            payload: dict[str, Any] = {"tool_name": "Bash", "request_id": f"race-{i}"}
+        else:
+            payload = {
+                "hook_event_name": "PreToolUse",
+                "tool_name": "Bash",
+                "tool_input": {"command": "ls"},
+                "tool_use_id": f"race-{i}",
+            }
+        body = json.dumps(payload).encode()
+        head = permission_head(f"Content-Length: {len(body)}\r\n")
+        return head.replace(b"/permission", route.encode(), 1) + body
+
+    live.gateway.auto = answer_and_hang_up
+    for i in range(count):
+        sockets[f"race-{i}"] = raw_socket(live.port)
+    for i in range(count):
+        sockets[f"race-{i}"].sendall(request(i))
+    session = live.session()
+    wait_for(
+        lambda: (
+            live.counters().get("decisions", {}).get("approve", 0)
+            + live.counters().get("decision_reasons", {}).get("caller_gone", 0)
+            >= count
+        ),
+        "every request decided",
+        timeout=10,
+    )
+    live.gateway.auto = "approve"
+    # One more request, answered normally: everything before it has been handled.
+    assert (
+        live.client.post("/permission", json={"tool_name": "Bash"}).json()["decision"] == "approve"
+    )
+    reasons = live.counters()["decision_reasons"]
+    gone = reasons.get("caller_gone", 0)
+    assert reasons.get("gateway", 0) - 1 + gone == count
+    assert live.status()["permissions"]["pending"] == 0
+    cancels = [frame["req_id"] for frame in session.of_type("perm_cancel")]
+    assert len(cancels) == len(set(cancels)) == gone
+    for i in range(count):
+        decided = [line for line in logs if f"| decided 'race-{i}' " in line]
+        assert len(decided) == 1, decided
+        assert ("[caller_gone]" in decided[0]) == (f"race-{i}" in cancels)
+    assert not [line for line in logs if "| ERROR |" in line]
+
+
 def test_an_internal_error_is_still_answered_in_json(
     live: Live, logs: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

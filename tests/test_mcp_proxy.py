@@ -296,6 +296,33 @@ def test_exact_headers_session_id_and_protocol_version(gateway: Gateway, make_up
         assert second_call.headers["mcp-protocol-version"] == "2025-03-26"
 
 
+class _SetsCookies(RecordingJsonServer):
+    """Sets a cookie on every answer, as a web framework's session middleware might."""
+
+    def handle(self, h: BaseHTTPRequestHandler, body: bytes) -> None:
+        n = len(self.requests)
+        json_answer = json.dumps({"jsonrpc": "2.0", "id": json.loads(body).get("id"), "result": {}})
+        _send(
+            h,
+            200,
+            json_answer.encode(),
+            "application/json",
+            {"Set-Cookie": f"who=caller-{n}; Path=/"},
+        )
+
+
+def test_a_cookie_the_local_server_sets_never_goes_out_with_a_later_replay(
+    gateway: Gateway, make_uplink
+) -> None:
+    """Replays carry different callers' requests: one's cookie is not the next one's."""
+    with _SetsCookies() as srv:
+        link = Link(gateway, make_uplink, srv.url)
+        for i in range(3):
+            assert link.ask(f"r{i}", request(i, "ping"))["id"] == i
+        assert len(srv.requests) == 3
+        assert all("cookie" not in r.headers for r in srv.requests)
+
+
 def test_no_protocol_version_header_until_a_result_names_one(gateway: Gateway, make_uplink) -> None:
     # A server whose initialize result names no protocolVersion, but which
     # issues a session id: the id is kept, no version header is invented.

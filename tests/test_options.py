@@ -367,6 +367,7 @@ GATEWAY_BAD = {
     "max_connections": ("-3", -3),
     "request_timeout": ("0", 0),
     "max_connections_per_client": ("0", 0),
+    "trusted_proxy": ("10.0.0.5/8", "10.0.0.5/8"),
     "db": ("", ""),
     "audit_retention_days": ("-1", -1.0),
     "audit_max_bytes": ("-5", -5),

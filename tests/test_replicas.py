@@ -409,3 +409,94 @@ def test_a_decision_that_overtakes_its_request_waits_for_it_on_another_replica(
             assert time.monotonic() - began < 0.3
 
     asyncio.run(scenario())
+
+
+def test_a_sealed_delivery_ring_is_sent_without_a_read_and_a_forged_one_is_not_believed(
+    replica: Callable[..., Gateway], nats_server: NatsServer
+) -> None:
+    # B decides A's request and rings A with the decision, sealed under the key in the
+    # database: A sends it without reading its decided rows. A ring from anyone else
+    # (no seal, another key, a sealed ring altered or sent to another replica) only
+    # makes A read the store, which has nothing decided: the sled gets nothing.
+    import nats
+
+    from sled_gateway.replicas import deliver_subject, delivery_seal
+
+    slow = {"sweep_interval": 60, "lease_seconds": 180}
+    a, b = replica(**slow), replica(**slow)
+    holder = a.replicas
+    assert holder is not None and b.replicas is not None
+    reads: list[str] = []
+    read_decided = holder.store.decided_for
+
+    async def counted(replica_id: str) -> Any:
+        reads.append(replica_id)
+        return await read_decided(replica_id)
+
+    holder.store.decided_for = counted  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        bus = await nats.connect(nats_server.url)
+        seen: list[dict[str, Any]] = []
+
+        async def heard(msg: Any) -> None:
+            seen.append(json.loads(msg.data))
+
+        await bus.subscribe(deliver_subject(holder.id), cb=heard)
+        try:
+            async with sled(a, "sealed") as ws:
+                await ws.send(perm_request("r1"))
+                await asyncio.to_thread(b.wait_for, lambda _s: listed(b, "sealed", "r1"), T)
+                requested_at = holder.state.pending_item("sealed", "r1").received_at
+                forged_fields = ["sealed", "r1", requested_at, "allow", "mallory", time.time()]
+                wrong_key = b"\x01" * 32
+                for forged in (
+                    {"from": "x", "decided": forged_fields},
+                    {"from": "x", "decided": forged_fields, "seal": "0" * 64},
+                    {
+                        "from": "x",
+                        "decided": forged_fields,
+                        "seal": delivery_seal(wrong_key, holder.id, forged_fields),
+                    },
+                    {"from": "x", "decided": ["sealed", "r1"], "seal": 7},
+                ):
+                    await bus.publish(deliver_subject(holder.id), json.dumps(forged).encode())
+                await bus.flush()
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(recv(ws), 1.5 * FACTOR)
+                assert any(p["req_id"] == "r1" for p in a.state()["pending"])
+                assert reads  # the forged rings only made A read the store
+
+                reads.clear()
+                got = httpx.post(
+                    f"{b.http_url}/api/permissions/sealed/r1",
+                    json={"decision": "deny"},
+                    headers=api(b),
+                    timeout=T,
+                )
+                assert got.status_code == 200, got.text
+                answer = await recv(ws)
+                assert (answer["req_id"], answer["payload"]["approved"]) == ("r1", False)
+                assert reads == []  # sent from the sealed ring, with no read
+                genuine = next(m for m in seen if m.get("from") == b.replicas.id)
+                assert genuine["decided"][3] == "deny"
+
+                # The genuine ring again, once the sled asks anew under the same id, or
+                # altered to name a later request, is not believed either.
+                await ws.send(perm_request("r1", tool_input={"command": "rm -rf /"}))
+                await ws.send(perm_request("r2"))
+                await asyncio.to_thread(b.wait_for, lambda _s: listed(b, "sealed", "r2"), T)
+                await asyncio.to_thread(b.wait_for, lambda _s: listed(b, "sealed", "r1"), T)
+                r2_at = holder.state.pending_item("sealed", "r2").received_at
+                altered = dict(genuine, decided=["sealed", "r2", r2_at, *genuine["decided"][3:]])
+                for ring in (genuine, altered):
+                    await bus.publish(deliver_subject(holder.id), json.dumps(ring).encode())
+                await bus.flush()
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(recv(ws), 1.5 * FACTOR)
+                pending = {p["req_id"] for p in a.state()["pending"]}
+                assert pending == {"r1", "r2"}
+        finally:
+            await bus.close()
+
+    asyncio.run(scenario())

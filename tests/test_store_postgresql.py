@@ -95,6 +95,35 @@ def test_the_store_fails_while_postgresql_is_down_and_reconnects_when_it_is_back
         store.close()
 
 
+def test_a_connection_killed_between_two_quick_operations_is_replaced_unseen(pg_url: str) -> None:
+    # The writer pings only a connection idle for a while; one that died between two
+    # operations a few milliseconds apart is found dead by the second's first
+    # statement, before any COMMIT, and that operation runs again on a new connection:
+    # it succeeds, once.
+    store = make_store(pg_url).open()
+    killer = create_engine(make_store(pg_url).url, isolation_level="AUTOCOMMIT")
+    try:
+
+        async def scenario() -> None:
+            await store.record(entry("first", project="killed"))
+            with killer.connect() as conn:
+                ended = conn.execute(
+                    text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                        "AND backend_type = 'client backend'"
+                    )
+                ).scalar_one()
+            assert ended >= 1
+            await store.record(entry("second", project="killed"))
+
+        run(scenario())
+        assert count_rows(pg_url, "killed") == 2
+    finally:
+        killer.dispose()
+        store.close()
+
+
 def test_a_decision_is_not_taken_while_postgresql_is_down_and_is_after(
     postgres: PostgresServer, pg_url: str, make_gateway: Callable[..., Gateway]
 ) -> None:

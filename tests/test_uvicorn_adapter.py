@@ -10,6 +10,7 @@ the two limits on a real uvicorn server with real sockets.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
 import socket
 import threading
@@ -33,6 +34,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 from websockets.sync.client import connect
 
+from actors.http_guard import DISCONNECT_EXTENSION
 from sled_gateway.uvicorn_adapter import GuardedH11Protocol, NotifyingServer, guarded_protocol
 from tests.conftest import scaled
 
@@ -75,6 +77,17 @@ def test_h11_protocol_keeps_its_h11_connection_in_conn() -> None:
     assert protocol.conn.their_state is h11.IDLE  # no request head yet
 
 
+def test_h11_protocol_keeps_the_running_loop_in_loop() -> None:
+    """The deadlines' timers are set on ``protocol.loop`` (asking asyncio costs a getpid)."""
+
+    async def build() -> bool:
+        config = uvicorn.Config(_app(), http="h11", lifespan="off", log_config=None)
+        protocol = H11Protocol(config=config, server_state=ServerState(), app_state={})
+        return protocol.loop is asyncio.get_running_loop()
+
+    assert asyncio.run(build())
+
+
 @pytest.mark.parametrize(
     ("method", "parameters"),
     [
@@ -111,6 +124,11 @@ def test_the_subclass_shadows_nothing_of_h11_protocol() -> None:
         "_guard_start",
         "_guard_phase",
         "_guard_client",
+        "_guard_proxy_header",
+        "_guard_proxy_refused",
+        "_guard_proxy_peer",
+        "_guard_cycle",
+        "_guard_on_gone",
     }
 
 
@@ -187,9 +205,25 @@ def _app() -> Starlette:
         await asyncio.sleep(1.0)  # a handler that takes its time once the body is in
         return PlainTextResponse("ok")
 
+    async def hear(request: Request) -> PlainTextResponse:
+        # Told when its client leaves before the answer; the answer comes after a while.
+        request.scope["extensions"][DISCONNECT_EXTENSION](lambda: HEARD.append(request.url.path))
+        await asyncio.sleep(float(request.query_params.get("after", "0")))
+        return PlainTextResponse("ok")
+
     return Starlette(
-        routes=[Route("/", ok), Route("/slow", slow, methods=["POST"]), WebSocketRoute("/ws", echo)]
+        routes=[
+            Route("/", ok),
+            Route("/slow", slow, methods=["POST"]),
+            Route("/hear", hear),
+            Route("/hear-too", hear),
+            WebSocketRoute("/ws", echo),
+        ]
     )
+
+
+# The paths whose handlers were told that their client left, in order.
+HEARD: list[str] = []
 
 
 class Served:
@@ -457,3 +491,62 @@ def test_an_interim_100_continue_is_not_held_back(served: list[Served]) -> None:
         while not answer.endswith(b"ok"):
             answer += sock.recv(65536)
         assert answer.startswith(b"HTTP/1.1 200 OK")
+
+
+def test_uvicorn_reads_the_client_from_the_transports_socket_then_its_peername() -> None:
+    """What lets a trusted proxy's PROXY header name the client of a WebSocket too
+    (``actors/http_guard.py``): the wrapping transport hides the socket."""
+    from uvicorn.protocols import utils
+
+    class Transport(asyncio.Transport):
+        def __init__(self, info: dict[str, Any]) -> None:
+            super().__init__()
+            self.info = info
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return self.info.get(name, default)
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        with socket.create_connection(sock.getsockname()) as client:
+            seen = Transport({"socket": client, "peername": ("192.0.2.7", 1)})
+            assert utils.get_remote_addr(seen) == client.getpeername()
+    assert utils.get_remote_addr(Transport({"peername": ("192.0.2.7", 1)})) == ("192.0.2.7", 1)
+    # And the scheme from whether the transport's "sslcontext" is true.
+    assert utils.is_ssl(Transport({"sslcontext": True})) is True
+    assert utils.is_ssl(Transport({})) is False
+    for name in ("http.h11_impl", "websockets.websockets_sansio_impl"):
+        source = inspect.getsource(importlib.import_module(f"uvicorn.protocols.{name}"))
+        assert "self.client = get_remote_addr(transport)" in source
+        assert "is_ssl(transport)" in source
+
+
+def test_a_handler_hears_once_that_its_client_left_before_the_answer(
+    served: list[Served],
+) -> None:
+    """The disconnect extension: called once, at once, for a client that leaves while
+    its handler works; never for one that left after its answer, nor for the next
+    request's handler on the same connection."""
+    HEARD.clear()
+    s = Served(header_timeout=2.0, max_connections=10)
+    served.append(s)
+    with s.connect() as sock:  # answered, then two requests on the same connection
+        assert _get_answer_of(sock, b"/hear").endswith(b"ok")
+        assert _get_answer_of(sock, b"/hear").endswith(b"ok")
+    with s.connect() as sock:
+        sock.sendall(b"GET /hear-too?after=30 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        time.sleep(0.2)  # the handler is waiting
+    deadline = time.monotonic() + T
+    while not HEARD and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert HEARD == ["/hear-too"]
+
+
+def _get_answer_of(sock: socket.socket, path: bytes) -> bytes:
+    sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    answer = b""
+    while not answer.endswith(b"ok"):
+        answer += sock.recv(65536)
+    return answer

@@ -56,6 +56,7 @@ from sled_gateway.config import GatewayConfig
 from sled_gateway.http.bulk_api import BULK_PATH, BulkDecisions
 from sled_gateway.http.console import SHELL_PATHS, ConsolePage, ShellFiles
 from sled_gateway.http.errors import error, forbidden
+from sled_gateway.http.lean import LeanRoute
 from sled_gateway.http.live import EVENTS_PATH, LiveStreams, Receive, Scope, Send
 from sled_gateway.http.params import BodyTooLarge, BodyTooSlow, int_param, read_body, time_param
 from sled_gateway.http.rules_api import RulesApi
@@ -123,16 +124,15 @@ class Routes:
         self.tokens_api = TokensApi(tokens, self._json_body)
         self.live = LiveStreams(lambda: self.state_document(STATE_LIMIT))
         shell = ShellFiles()
+        decision = Route(
+            "/api/permissions/{project}/{req_id:path}", self._post_decision, methods=["POST"]
+        )
         self.app = Starlette(
             routes=[
                 WebSocketRoute(UPLINK_PATH, hub.uplink),
                 # The decision POST is the hot HTTP route, and the router tries routes in
                 # order (about 1.6 µs each); no route above or below matches its paths.
-                Route(
-                    "/api/permissions/{project}/{req_id:path}",
-                    self._post_decision,
-                    methods=["POST"],
-                ),
+                decision,
                 Route(
                     "/api/permissions/{project}/{req_id:path}",
                     self._get_permission,
@@ -166,6 +166,9 @@ class Routes:
             ],
             exception_handlers={HTTPException: self._http_error},
         )
+        #: What the request guard serves: the decision POST on its lean path, the rest
+        #: through Starlette (:mod:`sled_gateway.http.lean`).
+        self.asgi = LeanRoute(decision, self.app)
 
     async def _http_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

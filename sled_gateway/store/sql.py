@@ -90,6 +90,15 @@ T = TypeVar("T")
 SCHEMA_VERSION = 6
 #: Most operations in one transaction (a bound on one commit's latency).
 _MAX_BATCH = 512
+#: A server connection idle this long is pinged before its next batch (see
+#: SqlStore._answered_lately).
+PING_AFTER_IDLE_S = 1.0
+
+
+def _connection_lost(error: BaseException) -> bool:
+    return isinstance(error, DBAPIError) and error.connection_invalidated
+
+
 _PURGE_EVERY_S = 3600.0
 #: How far gateways' clocks may differ for ``record(once=True)`` to find a request's row.
 _CLOCK_MARGIN_S = 3600.0
@@ -372,6 +381,8 @@ class SqlStore(fleet.FleetStore, shared.SharedState):
         self._gate = threading.Lock()  # orders "closed" against queueing
         self._closed = True
         self._thread: threading.Thread | None = None
+        #: When the server last answered a whole batch (None: ping before the next).
+        self._answered_at: float | None = None
         self._engine: Engine | None = None
         self._lock: sqlite.FileLock | None = None
         self._watchdog: postgresql.Watchdog | None = None
@@ -595,8 +606,12 @@ class SqlStore(fleet.FleetStore, shared.SharedState):
                     break
                 batch.append(item)
             with self._watchdog.bound() if self._watchdog else contextlib.nullcontext():
-                if self._sqlite or self._reachable(conn, batch):
-                    self._run_batch(conn, batch)
+                unpinged = not self._sqlite and self._answered_lately()
+                if self._sqlite or unpinged or self._reachable(conn, batch):
+                    if self._run_batch(conn, batch, unpinged=unpinged):
+                        self._answered_at = time.monotonic()
+                    else:
+                        self._answered_at = None
             if self._capped:
                 assert self.max_bytes
                 self._written += sum(fn.size for fn, _fut in batch if isinstance(fn, _AuditRow))
@@ -604,6 +619,23 @@ class SqlStore(fleet.FleetStore, shared.SharedState):
                     self._cap(conn)
             if stop:
                 return
+
+    def _answered_lately(self) -> bool:
+        """Whether the server answered the last batch, less than :data:`PING_AFTER_IDLE_S`
+        ago: its connection is then used without a ping first. The ping is two of a
+        read's five round trips, and a decision across replicas waits for three
+        operations in a row. Should the connection have died meanwhile, the batch's
+        first statement fails, before any COMMIT, and it runs again on a new one."""
+        answered = self._answered_at
+        return answered is not None and time.monotonic() - answered < PING_AFTER_IDLE_S
+
+    def _reconnected(self, conn: Connection) -> bool:
+        """Whether a server database answers, a dead connection replaced first."""
+        error = self._ping(conn)
+        if error is not None and error.connection_invalidated:
+            log.warning("store connection to {} lost; reconnecting", self.location)
+            error = self._ping(conn)  # on a new connection
+        return error is None
 
     def _reachable(self, conn: Connection, batch: list[_Op]) -> bool:
         """Whether a server database answers, a dead connection replaced first; if not,
@@ -631,13 +663,23 @@ class SqlStore(fleet.FleetStore, shared.SharedState):
         conn.rollback()
         return None
 
-    def _run_batch(self, conn: Connection, batch: list[_Op]) -> None:
+    def _run_batch(self, conn: Connection, batch: list[_Op], *, unpinged: bool = False) -> bool:
+        """Run ``batch``; whether the database answered every operation without a
+        driver error (a refused row is an answer; a lost connection is not).
+        ``unpinged``: its connection was not pinged first (see :meth:`_answered_lately`)."""
         # A future its caller cancelled still has its operation run (an audit
         # row is written whoever stopped waiting); it just gets no result.
         wanted = [fut.set_running_or_notify_cancel() for _fn, fut in batch]
         try:
             try:
-                results = self._transact(conn, batch)
+                try:
+                    results = self._transact(conn, batch)
+                except _OperationFailed as lost:
+                    # A statement failed, so nothing was committed: when it was the
+                    # connection that died unseen, the whole batch runs again on a new one.
+                    if not (unpinged and _connection_lost(lost.error) and self._reconnected(conn)):
+                        raise
+                    results = self._transact(conn, batch)
             except _OperationFailed as failed:
                 # Rolled back whole; run again with each operation in a savepoint,
                 # so that only the failing one fails. Savepoints cost two
@@ -652,8 +694,13 @@ class SqlStore(fleet.FleetStore, shared.SharedState):
             for (_fn, fut), want in zip(batch, wanted, strict=True):
                 if want:
                     fut.set_exception(failure)
-            return
+            return False
+        answered = True
         for (_fn, fut), want, (value, error) in zip(batch, wanted, results, strict=True):
+            if isinstance(error, OperationalError) or (
+                isinstance(error, DBAPIError) and error.connection_invalidated
+            ):
+                answered = False
             if not want:
                 continue
             if isinstance(error, DBAPIError):
@@ -662,6 +709,7 @@ class SqlStore(fleet.FleetStore, shared.SharedState):
                 fut.set_exception(error)
             else:
                 fut.set_result(value)
+        return answered
 
     def _transact(self, conn: Connection, batch: list[_Op]) -> list[_Result]:
         """Every operation in one transaction; :class:`_OperationFailed` rolls all back."""

@@ -22,6 +22,7 @@ from types import TracebackType
 import httpx
 
 from tests.pg import PostgresServer
+from tests.support.haproxy import SOURCE as HAPROXY_SOURCE
 from tests.support.haproxy import HAProxy, free_port
 from tests.support.nats import NatsServer
 from tests.support.proc import WatchedProcess
@@ -73,7 +74,8 @@ class Replica:
             SLED_GATEWAY_TOKEN=self.sled_token,
         )
         argv = [sys.executable, str(ROOT / "run_gateway.py"), "--listen", self.address]
-        argv += ["--db", self.db, "--bus", self.bus, "--log-level", "INFO", *self.extra]
+        argv += ["--db", self.db, "--bus", self.bus, "--log-level", "INFO"]
+        argv += ["--trusted-proxy", HAPROXY_SOURCE, *self.extra]
         self.proc = WatchedProcess(argv, cwd=ROOT, env=env, timeout=self.timeout)
         self.proc.wait_for(r"gateway listening on http://")
         return self

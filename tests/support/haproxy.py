@@ -5,7 +5,14 @@ tests and ``scripts/cluster.sh`` run exactly this text): ``balance
 leastconn``, a ``timeout tunnel`` above three heartbeats so that an idle
 sled's WebSocket is never cut between two heartbeats, and health checks
 ``GET /readyz`` every second so that a draining replica or one that lost its
-database gets no new sleds. :class:`HAProxy` runs it in the foreground
+database gets no new sleds; ``send-proxy-v2-ssl`` on every server, so that each
+connection to a replica begins with a PROXY protocol header naming the client
+(the replicas take it from HAProxy's address, their ``--trusted-proxy``).
+On one machine HAProxy connects to the replicas from :data:`SOURCE`, an
+address of its own on loopback: the replicas trust only that one, and a test
+or a person reaching a replica directly from 127.0.0.1 is an ordinary client
+(HAProxy's ``source`` is the one line the docs' configuration leaves out).
+:class:`HAProxy` runs it in the foreground
 (``-db``) as an unprivileged user when the caller is root, and stops it.
 
 No pytest here: ``scripts/cluster.sh`` imports this module on a venv
@@ -26,6 +33,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 BINARY = os.environ.get("SLED_HAPROXY", "haproxy")
+#: The loopback address HAProxy connects to the replicas from (Linux routes all of
+#: 127/8 to ``lo``): what the replicas' ``--trusted-proxy`` names.
+SOURCE = "127.0.0.2"
 
 
 def skip_reason() -> str | None:
@@ -46,8 +56,13 @@ def config(
     *,
     heartbeat_interval: float = 10.0,
     check_every: float = 1.0,
+    source: str | None = SOURCE,
 ) -> str:
-    """The HAProxy configuration for ``replicas`` (``HOST:PORT`` each) behind ``listen``."""
+    """The HAProxy configuration for ``replicas`` (``HOST:PORT`` each) behind ``listen``.
+
+    ``source``: the address HAProxy connects to the replicas from (None: the
+    system's choice, as in a deployment where HAProxy has a host of its own).
+    """
     # Above three heartbeats: a sled sends one every interval, the gateway calls it stale
     # after three missed, so the tunnel's idle timeout must never fire first.
     tunnel = max(60, int(4 * heartbeat_interval))
@@ -55,6 +70,8 @@ def config(
     servers = "\n".join(
         f"    server replica{i} {address} check" for i, address in enumerate(replicas, 1)
     )
+    # Only on one machine: tells HAProxy's connections apart from every other local one.
+    source_line = f"    source {source}\n" if source else ""
     return f"""\
 global
     # No maxconn: HAProxy derives it from the file-descriptor limit (ulimit -n), one
@@ -70,6 +87,8 @@ defaults
     timeout tunnel {tunnel}s
     timeout client-fin 5s
     timeout http-request 10s
+    # The replicas never read it (the PROXY header names the client); kept so that
+    # anything else that does finds HAProxy's own hop last.
     option forwardfor
     # A replica that just died refuses the connection before its health check fails:
     # try another one instead of answering 503.
@@ -87,7 +106,12 @@ backend replicas
     http-check send meth GET uri /readyz ver HTTP/1.1 hdr Host 127.0.0.1
     http-check expect status 200
     default-server inter {check_ms}ms fastinter {check_ms}ms downinter {check_ms}ms fall 2 rise 2
-{servers}
+    # Each connection to a replica begins with a PROXY protocol v2 header naming the
+    # client (the health checks' says LOCAL), and whether it came over TLS: the replicas'
+    # per-client caps and logs see people and sleds, not HAProxy, and know https.
+    # Their --trusted-proxy names this host.
+    default-server send-proxy-v2-ssl
+{source_line}{servers}
 """
 
 
@@ -107,14 +131,24 @@ class HAProxy:
     """One HAProxy in the foreground; :meth:`start`, :meth:`stop`, :meth:`cleanup`."""
 
     def __init__(
-        self, replicas: Sequence[str], *, heartbeat_interval: float = 10.0, port: int = 0
+        self,
+        replicas: Sequence[str],
+        *,
+        heartbeat_interval: float = 10.0,
+        port: int = 0,
+        check_every: float = 1.0,
     ) -> None:
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="sled-haproxy-"))
         self.dir.chmod(0o755)
         self.config_file = self.dir / "haproxy.cfg"
         self.config_file.write_text(
-            config(f"127.0.0.1:{self.port}", replicas, heartbeat_interval=heartbeat_interval)
+            config(
+                f"127.0.0.1:{self.port}",
+                replicas,
+                heartbeat_interval=heartbeat_interval,
+                check_every=check_every,
+            )
         )
         self.config_file.chmod(0o644)
         self.proc: subprocess.Popen[bytes] | None = None
