@@ -69,6 +69,9 @@ from sled_gateway.state import GatewayState, SledState
 
 log = logger.bind(actor="gateway")
 
+#: How long a drain lets the MCP relays already sent on a session finish before closing it.
+RELAY_GRACE_S = 2.0
+
 # A frame handler: returns False when it dropped the frame (and counted it so).
 Handler = Callable[["Session", Envelope], Awaitable[bool | None]]
 
@@ -96,6 +99,8 @@ class Session:
     mcp_waiters: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     stop_serving: Callable[[], None] | None = None  # the bus's stop for sled.<project>.mcp
+    # A drain is about to close it: no new MCP relay is sent on it (see Hub.drain).
+    closing: bool = False
 
     def label(self) -> str:
         return f"{printable(self.project or '?', 120)}#{self.id}"
@@ -436,6 +441,8 @@ class Hub:
 
     def _mcp_responder(self, session: Session) -> Responder:
         async def respond(message: Message) -> Message:
+            if session.closing:  # not sent: its sled is about to move to another replica
+                return {"error": STOPPING}
             req_id = f"mcp-{uuid.uuid4().hex}"
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             session.mcp_waiters[req_id] = fut
@@ -512,11 +519,21 @@ class Hub:
             if delay > 0:
                 await asyncio.sleep(delay)
             if session.id in self.sessions:
+                # Relays already sent get their answers first; a relay answered 502 after
+                # its sled ran the call would invite a retry that runs it twice.
+                session.closing = True
+                await self._relays_answered(session, RELAY_GRACE_S)
                 await self._close(session, 1012, reason)
         deadline = loop.time() + 3.0
         while self.sessions and loop.time() < deadline:
             await asyncio.sleep(0.05)
         log.info("drained ({} session(s) still open)", len(self.sessions))
+
+    @staticmethod
+    async def _relays_answered(session: Session, timeout: float) -> None:
+        waiting = [fut for fut in session.mcp_waiters.values() if not fut.done()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout)
 
     async def shutdown(self) -> None:
         """Abandon relays (503) and close every sled session with 1001 (going away)."""

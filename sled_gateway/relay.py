@@ -17,8 +17,10 @@ its own sessions. Only a caller the endpoint already admitted (an admin of that
 sled) learns it.
 
 Answers: 404 no such sled connected (nor recently), 503 too many relays in flight to it
-(``--max-relays-per-sled``), the gateway stopping or the bus down, 413/408/400 a body too
-large, too slow or not UTF-8, 502 the sled went away, 504 it did not answer
+(``--max-relays-per-sled``), the gateway stopping or the bus down, the sled gone before the
+request was sent to it (with ``Retry-After``: nothing ran, it is likely reconnecting),
+413/408/400 a body too large, too slow or not UTF-8, 502 the sled went away after the
+request was sent (it may have run: no hint to retry), 504 it did not answer
 within ``--mcp-timeout``, 202 a notification's empty answer, 413 also a body
 larger than the bus carries.
 """
@@ -148,7 +150,9 @@ class Relay:
         except NoResponders:
             if self.config.bus != "local" and not self.state.is_connected(project):
                 return await self._not_here(project)  # no replica holds it
-            return error(502, f"sled {project!r} went away before the request was sent")
+            # Listed, but nobody serves it: it left a moment ago (this replica has not
+            # heard yet) and is likely reconnecting. Nothing was sent: a retry is safe.
+            return _moving(project)
         except MessageTooLarge:
             return error(413, "body larger than the bus carries")
         except TimeoutError:
@@ -165,7 +169,7 @@ class Relay:
             if failure == TOO_LARGE:
                 return error(502, f"the answer of sled {project!r} is larger than the bus carries")
             if failure == NOT_SENT:
-                return error(502, f"sled {project!r} went away before the request was sent")
+                return _moving(project)
             return error(502, f"sled {project!r} disconnected before answering")
         payload = reply.get("payload")
         if payload is None:  # the sled's local server answered 202/204 (a notification)
@@ -191,6 +195,14 @@ class Relay:
             f"sled {printable(project, 120)!r} left {ago:.1f} s ago and is reconnecting; retry",
             headers={"Retry-After": RETRY_AFTER},
         )
+
+
+def _moving(project: str) -> Response:
+    return error(
+        503,
+        f"sled {printable(project, 120)!r} went away before the request was sent; retry",
+        headers={"Retry-After": RETRY_AFTER},
+    )
 
 
 def _no_such_sled(project: str) -> Response:

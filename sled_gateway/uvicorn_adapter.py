@@ -181,7 +181,7 @@ class LeanEvent:
     async def wait(self) -> bool:
         if self._value:
             return True
-        waiter = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if self._waiters is None:
             self._waiters = []
         self._waiters.append(waiter)

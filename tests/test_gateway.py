@@ -1085,3 +1085,32 @@ def test_cli_interactive_prompt(spawn: Callable[..., GatewayProcess]) -> None:
         assert await asyncio.to_thread(gp.proc.wait, T) == 0
 
     run(scenario())
+
+
+def test_a_drain_lets_a_sent_relay_be_answered_and_hints_a_retry_for_new_ones(
+    make_reference_gateway: Callable[..., Gateway],
+) -> None:
+    # A relay already on the sled's wire when the drain reaches its session is answered
+    # (a 502 for a call the sled ran would invite running it twice); one that arrives
+    # while the session waits to close is not sent, and says to retry.
+    gw = make_reference_gateway()
+
+    async def scenario() -> None:
+        async with sled(gw, "p") as ws, httpx.AsyncClient(timeout=T, headers=api(gw)) as http:
+            sent = asyncio.create_task(http.post(gw.mcp_url("p"), content='{"id":1}'))
+            request = await recv(ws)
+            draining = asyncio.wrap_future(gw.drain(0))
+            await asyncio.sleep(0.3)  # the drain is waiting on the relay
+            late = await http.post(gw.mcp_url("p"), content='{"id":2}')
+            assert late.status_code == 503
+            assert late.headers["retry-after"] == "1"
+            await ws.send(frame("mcp_response", request["req_id"], {"ok": True}))
+            answered = await sent
+            assert answered.status_code == 200, answered.text
+            assert answered.json() == {"ok": True}
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), T)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+            await asyncio.wait_for(draining, T)
+
+    run(scenario())
