@@ -339,7 +339,7 @@ class Replicas:
             self.deliver()
             return
         item, decision, record = sealed
-        self._spawn(self._deliver_sealed(item, decision, record))
+        self._spawn(self._send_decided(item, decision, record))
 
     def _unsealed(
         self, message: Message
@@ -368,9 +368,10 @@ class Replicas:
         )
         return item, verdict, record
 
-    async def _deliver_sealed(
+    async def _send_decided(
         self, item: PendingPermission, decision: Decision, record: DecisionRecord
     ) -> None:
+        """Send the answer of ``item``, held here and decided elsewhere (once)."""
         hub = self.hub
         if hub is None or not self.claim_send(item):
             return
@@ -610,25 +611,8 @@ class Replicas:
         if hub is None:
             return
         for row in await self.store.decided_for(self.id):
-            item = item_of(row)
             decision = Decision(row.decision or Decision.DENY.value)
-            if not self.claim_send(item):
-                continue
-            session = hub.sessions.get(row.session)
-            sent = False
-            if session is not None and session.project == row.project:
-                sent = await hub.answer(row.session, row.req_id, decision)
-            log.info(
-                "permission '{}' of sled '{}': {} decided by {} elsewhere; {}",
-                printable(row.req_id, 120),
-                printable(row.project, 120),
-                row.decision,
-                row.decided_by,
-                "sent" if sent else "its session is gone (undelivered)",
-            )
-            self.after_send(item, decision, sent)
-            if self.state.pending_or_none(row.project, row.req_id) is not None:
-                self.events.publish(PermissionDecided(record_of(row)))
+            await self._send_decided(item_of(row), decision, record_of(row))
 
     async def _resync(self) -> None:
         sleds, pending = await self.store.fleet()
