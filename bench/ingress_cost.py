@@ -36,9 +36,9 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.paths import BODY, aiohttp_rate
 from bench.run import PY, REPO, free_port, peer, proc_cpu_seconds, wait_ready, ws_url
 
-BODY = {"tool_name": "Bash", "tool_input": {"command": "ls"}}
 HEADERS = {"Content-Type": "application/json"}
 IN_FLIGHT = 64
 
@@ -75,24 +75,6 @@ async def sequential(session: aiohttp.ClientSession, url: str, n: int) -> None:
             assert response.status == 200, response.status
 
 
-async def in_flight(session: aiohttp.ClientSession, url: str, n: int) -> float:
-    """Requests/s with IN_FLIGHT workers sharing ``n`` requests."""
-    data = json.dumps(BODY).encode()
-    left = n
-
-    async def worker() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            async with session.post(url, data=data, headers=HEADERS) as response:
-                await response.read()
-                assert response.status == 200, response.status
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
-    return n / (time.perf_counter() - started)
-
-
 def measure(checkouts: dict[str, Path], rounds: int, n: int, total: int) -> None:
     seq_cpu: dict[str, list[float]] = {name: [] for name in checkouts}
     par_cpu: dict[str, list[float]] = {name: [] for name in checkouts}
@@ -110,11 +92,11 @@ def measure(checkouts: dict[str, Path], rounds: int, n: int, total: int) -> None
                     }
                     for url in urls.values():  # warm-up
                         await sequential(session, url, 300)
-                        await in_flight(session, url, 500)
-                    await in_flight(session, raw_url, 500)
+                        await aiohttp_rate(session, url, 500, IN_FLIGHT)
+                    await aiohttp_rate(session, raw_url, 500, IN_FLIGHT)
                     names = list(checkouts)
                     for r in range(rounds):
-                        raw = await in_flight(session, raw_url, total)
+                        raw = await aiohttp_rate(session, raw_url, total, IN_FLIGHT)
                         rate["raw"].append(raw)
                         for name in names if r % 2 == 0 else reversed(names):
                             pid = sides[name][0]
@@ -122,7 +104,7 @@ def measure(checkouts: dict[str, Path], rounds: int, n: int, total: int) -> None
                             await sequential(session, urls[name], n)
                             seq_cpu[name].append((proc_cpu_seconds(pid) - before) / n)
                             before = proc_cpu_seconds(pid)
-                            value = await in_flight(session, urls[name], total)
+                            value = await aiohttp_rate(session, urls[name], total, IN_FLIGHT)
                             par_cpu[name].append((proc_cpu_seconds(pid) - before) / total)
                             rate[name].append(value)
                             ratio[name].append(value / raw)

@@ -629,21 +629,18 @@ class SqlStore(fleet.FleetStore, shared.SharedState):
         answered = self._answered_at
         return answered is not None and time.monotonic() - answered < PING_AFTER_IDLE_S
 
-    def _reconnected(self, conn: Connection) -> bool:
-        """Whether a server database answers, a dead connection replaced first."""
+    def _ping_reconnecting(self, conn: Connection) -> DBAPIError | None:
+        """A ping, a dead connection replaced first: None if the server answers."""
         error = self._ping(conn)
         if error is not None and error.connection_invalidated:
             log.warning("store connection to {} lost; reconnecting", self.location)
             error = self._ping(conn)  # on a new connection
-        return error is None
+        return error
 
     def _reachable(self, conn: Connection, batch: list[_Op]) -> bool:
         """Whether a server database answers, a dead connection replaced first; if not,
         ``batch`` fails with :class:`StoreError` (see :mod:`.postgresql`)."""
-        error = self._ping(conn)
-        if error is not None and error.connection_invalidated:
-            log.warning("store connection to {} lost; reconnecting", self.location)
-            error = self._ping(conn)  # on a new connection
+        error = self._ping_reconnecting(conn)
         if error is None:
             return True
         log.warning("store {} unreachable: {}", self.location, _reason(error))
@@ -677,7 +674,11 @@ class SqlStore(fleet.FleetStore, shared.SharedState):
                 except _OperationFailed as lost:
                     # A statement failed, so nothing was committed: when it was the
                     # connection that died unseen, the whole batch runs again on a new one.
-                    if not (unpinged and _connection_lost(lost.error) and self._reconnected(conn)):
+                    if not (
+                        unpinged
+                        and _connection_lost(lost.error)
+                        and self._ping_reconnecting(conn) is None
+                    ):
                         raise
                     results = self._transact(conn, batch)
             except _OperationFailed as failed:
