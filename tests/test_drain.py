@@ -8,11 +8,13 @@ protocol's frames, so each close code and time is seen as a sled sees it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import shutil
 import signal
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -85,19 +87,34 @@ def test_readyz_503_within_5s_when_the_database_folder_is_removed(
     assert isinstance(status[1]["error"], str)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+@contextlib.contextmanager
+def _read_only(folder: Path) -> Iterator[None]:
+    """The folder refuses new files: by its mode, or for root (whom modes do not stop) immutable."""
+    if os.geteuid() != 0:
+        folder.chmod(0o500)
+        try:
+            yield
+        finally:
+            folder.chmod(0o700)
+        return
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(folder)], check=False).returncode:
+        pytest.skip("root, and this file system cannot make a folder immutable (chattr +i)")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-i", str(folder)], check=True)
+
+
 def test_readyz_503_when_the_folder_is_read_only_then_200_again(
     make_gateway: Callable[..., Gateway], tmp_path: Path
 ) -> None:
     folder = tmp_path / "data"
     gw = make_gateway(token="s", db=str(folder / "gw.db"))
     assert _ready_status(gw.http_url)[0] == 200
-    folder.chmod(0o500)
-    try:
+    with _read_only(folder):
         status = eventually(lambda: (s := _ready_status(gw.http_url))[0] == 503 and s, 5.0)
         assert status[1]["reason"] == "database"
-    finally:
-        folder.chmod(0o700)
     eventually(lambda: _ready_status(gw.http_url)[0] == 200, 5.0, "readyz 200 again")
 
 
