@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import collections
 import json
+import linecache
 import os
 import runpy
 import signal
@@ -47,6 +48,9 @@ IDLE = {
     ("threading.py", "wait"),
     ("threading.py", "_wait_for_tstate_lock"),
 }
+#: Frames that wait in a C call on one line only: (file, function) → that line's text
+#: (the store's writer blocks in its ``SimpleQueue.get``, called from ``_work`` itself).
+IDLE_LINES = {("sql.py", "_work"): "self._queue.get("}
 
 
 def _where(filename: str) -> str:
@@ -72,7 +76,11 @@ def serve(out: str, interval: float, script: str, args: list[str]) -> None:
                 if ident == me:
                     continue
                 code = frame.f_code
-                if (code.co_filename.rsplit("/", 1)[-1], code.co_name) in IDLE:
+                where = (code.co_filename.rsplit("/", 1)[-1], code.co_name)
+                if where in IDLE:
+                    continue
+                waits_on = IDLE_LINES.get(where)
+                if waits_on and waits_on in linecache.getline(code.co_filename, frame.f_lineno):
                     continue
                 stack = []
                 f: Any = frame

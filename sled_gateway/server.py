@@ -57,6 +57,7 @@ from sled_gateway.uvicorn_adapter import (
     LeanWebSocketProtocol,
     NotifyingServer,
     guarded_protocol,
+    reading_into_one_buffer,
 )
 
 log = logger.bind(actor="gateway")
@@ -295,13 +296,16 @@ class Gateway:
             access_log=False,  # access lines carry ?token=
             # Head and whole-request deadlines, a per-client cap and an evicting
             # total cap on top of uvicorn's h11 protocol (uvicorn has none).
-            http=guarded_protocol(
-                header_timeout=self.config.header_timeout,
-                request_timeout=self.config.request_timeout,
-                max_connections=self.config.max_connections,
-                max_per_client=self.config.max_connections_per_client,
-                trusted_proxies=self.config.trusted_proxies,
-                log_actor="gateway",
+            # Both protocols read into one buffer, not a new 256 KiB block a read.
+            http=reading_into_one_buffer(
+                guarded_protocol(
+                    header_timeout=self.config.header_timeout,
+                    request_timeout=self.config.request_timeout,
+                    max_connections=self.config.max_connections,
+                    max_per_client=self.config.max_connections_per_client,
+                    trusted_proxies=self.config.trusted_proxies,
+                    log_actor="gateway",
+                )
             ),
             timeout_keep_alive=5,
             # uvicorn believes X-Forwarded-For from 127.0.0.1 and ::1 by default (or from
@@ -310,7 +314,7 @@ class Gateway:
             # proxy's PROXY header (--trusted-proxy), never from a header of the request.
             proxy_headers=False,
             # The websockets library's ServerProtocol, lighter per idle connection.
-            ws=LeanWebSocketProtocol,
+            ws=reading_into_one_buffer(LeanWebSocketProtocol),
             ws_max_size=self.config.max_frame_bytes,
             ws_ping_interval=self.config.ping_interval,
             ws_ping_timeout=self.config.ping_timeout,

@@ -107,7 +107,10 @@ class GatewayState:
         self.stale_after = STALE_AFTER_INTERVALS * heartbeat_interval
         self._mono = mono
         self._wall = wall
-        self._cond = threading.Condition(threading.RLock())
+        # Changes and reads take the RLock itself (its enter and exit are C); only
+        # wait_for goes through the Condition's Python methods, on the same lock.
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._sleds: dict[str, SledRecord] = {}
         self._pending: OrderedDict[Key, PendingPermission] = OrderedDict()
         # Tool-input bytes the pending requests hold, per project and in all.
@@ -146,7 +149,7 @@ class GatewayState:
             callback()
 
     def _on_sled_up(self, event: SledUp) -> None:
-        with self._cond:
+        with self._lock:
             self._remote_sleds.discard(event.project)
             self._sleds[event.project] = SledRecord(
                 project=event.project,
@@ -159,7 +162,7 @@ class GatewayState:
             self._changed()
 
     def _on_sled_down(self, event: SledDown) -> None:
-        with self._cond:
+        with self._lock:
             project = event.project
             rec = self._sleds.get(project) if project is not None else None
             # The late end of a replaced session must not touch its successor.
@@ -178,7 +181,7 @@ class GatewayState:
     def _on_requested(self, event: PermissionRequested) -> None:
         item = event.item
         key = (item.project, item.req_id)
-        with self._cond:
+        with self._lock:
             self._decided.pop(key, None)  # a reused id (sled restarted) is a new request
             self._unpend(key)
             self._remote_pending.discard(key)
@@ -192,7 +195,7 @@ class GatewayState:
     def _on_voted(self, event: PermissionVoted) -> None:
         item = event.item
         key = (item.project, item.req_id)
-        with self._cond:
+        with self._lock:
             current = self._pending.get(key)
             if current is None or current.received_at != item.received_at:
                 return  # decided, withdrawn or replaced meanwhile
@@ -215,7 +218,7 @@ class GatewayState:
 
     def _on_decided(self, event: PermissionDecided) -> None:
         record = event.record
-        with self._cond:
+        with self._lock:
             self._unpend((record.project, record.req_id))
             self._remember(record)
             self._changed()
@@ -224,7 +227,7 @@ class GatewayState:
         self._on_decided(PermissionDecided(event.record))
 
     def _on_heartbeat(self, event: SledHeartbeat) -> None:
-        with self._cond:
+        with self._lock:
             rec = self._sleds.get(event.project)
             if rec is None or rec.session != event.session or rec.replica is not None:
                 return
@@ -234,7 +237,7 @@ class GatewayState:
             self._changed()
 
     def _on_frame(self, event: FrameReceived) -> None:
-        with self._cond:
+        with self._lock:
             project = event.project
             rec = self._sleds.get(project) if project is not None else None
             if rec is None or rec.session != event.session or rec.replica is not None:
@@ -255,7 +258,7 @@ class GatewayState:
         """What the other replicas hold now (read from the shared store): their sleds and
         pending requests replace the ones read before. This process's own sessions and
         requests win over anything read (they are newer than any read can be)."""
-        with self._cond:
+        with self._lock:
             changed = False
             seen_sleds = set()
             for rec in sleds:
@@ -305,7 +308,7 @@ class GatewayState:
         """Part of :meth:`set_fleet`: of the sleds ``projects`` and the requests
         ``requests`` (keys) that changed, the ones other replicas still hold now are
         ``sleds`` and ``pending``; the others are no longer theirs."""
-        with self._cond:
+        with self._lock:
             changed = False
             found_sleds = {rec.project: rec for rec in sleds}
             for project in projects:
@@ -348,7 +351,7 @@ class GatewayState:
 
     def sled_info(self, project: str) -> dict[str, JSON]:
         """The identity's extra keys of ``project``'s sled (empty when unknown)."""
-        with self._cond:
+        with self._lock:
             rec = self._sleds.get(project)
             return dict(rec.info) if rec is not None else {}
 
@@ -358,7 +361,7 @@ class GatewayState:
         Without this, every project name a sled ever used stays in memory and
         in ``/api/state`` for as long as the gateway runs.
         """
-        with self._cond:
+        with self._lock:
             now = self._mono()
             gone = [
                 project
@@ -373,20 +376,20 @@ class GatewayState:
 
     def pending_count(self, project: str) -> int:
         """How many requests of ``project`` wait for a decision."""
-        with self._cond:
+        with self._lock:
             return sum(1 for p in self._pending.values() if p.project == project)
 
     def pending_bytes(self, project: str | None = None) -> int:
         """Tool-input bytes (canonical JSON) that ``project``'s pending requests hold,
         or every sled's when None."""
-        with self._cond:
+        with self._lock:
             if project is None:
                 return self._pending_bytes_total
             return self._pending_bytes.get(project, 0)
 
     def refresh(self) -> list[tuple[SledRecord, SledState]]:
         """Find sleds whose state changed since last announced (e.g. went stale)."""
-        with self._cond:
+        with self._lock:
             now = self._mono()
             changes = []
             for rec in self._sleds.values():
@@ -401,13 +404,13 @@ class GatewayState:
     # -- reads (any thread) ---------------------------------------------------
 
     def is_pending(self, project: str, req_id: str) -> bool:
-        with self._cond:
+        with self._lock:
             return (project, req_id) in self._pending
 
     def pending_item(self, project: str, req_id: str) -> PendingPermission:
         """The pending request itself. Raises :class:`UnknownRequest` or :class:`AlreadyDecided`."""
         key = (project, req_id)
-        with self._cond:
+        with self._lock:
             item = self._pending.get(key)
             if item is not None:
                 return item
@@ -418,17 +421,17 @@ class GatewayState:
 
     def pending_or_none(self, project: str, req_id: str) -> PendingPermission | None:
         """The pending request, or None if it is not pending."""
-        with self._cond:
+        with self._lock:
             return self._pending.get((project, req_id))
 
     def pending_of_session(self, session: int) -> list[PendingPermission]:
         """This process's requests from its session ``session``."""
-        with self._cond:
+        with self._lock:
             return [p for p in self._pending.values() if p.session == session and p.replica is None]
 
     def sled_state(self, session: int, project: str) -> SledState | None:
         """The state of ``project``'s sled if ``session`` is its session, else None."""
-        with self._cond:
+        with self._lock:
             rec = self._sleds.get(project)
             if rec is None or rec.session != session or rec.replica is not None:
                 return None
@@ -436,17 +439,17 @@ class GatewayState:
 
     def is_connected(self, project: str) -> bool:
         """Whether ``project``'s sled is identified and its session open."""
-        with self._cond:
+        with self._lock:
             rec = self._sleds.get(project)
             return rec is not None and rec.disconnected_at is None
 
     def pending_items(self) -> list[PendingPermission]:
-        with self._cond:
+        with self._lock:
             return list(self._pending.values())
 
     def decision_for(self, project: str, req_id: str) -> DecisionRecord | None:
         """The remembered decision (or withdrawal) of one request, if any."""
-        with self._cond:
+        with self._lock:
             return self._decided.get((project, req_id))
 
     def snapshot(self, limit: int | None = None) -> dict[str, Any]:
@@ -456,7 +459,7 @@ class GatewayState:
         requests (oldest first) listed; ``counts`` always has the totals, so a
         console over thousands of sleds stays cheap to poll.
         """
-        with self._cond:
+        with self._lock:
             now_mono, now_wall = self._mono(), self._wall()
             pending_per_project: dict[str, int] = {}
             for p in self._pending.values():

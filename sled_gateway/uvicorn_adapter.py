@@ -21,6 +21,18 @@ exists, with the signature relied on, on the installed uvicorn.
 3. **A sled's idle connection costing less memory** (:class:`LeanWebSocketProtocol`,
    passed as ``uvicorn.Config(ws=...)``, which takes a class as well as a name).
 
+4. **Reads without a fresh 256 KiB block each** (:class:`ReadsIntoOneBuffer`, mixed
+   into both protocols by :func:`reading_into_one_buffer`): asyncio's socket
+   transport reads a ``Protocol``'s data with ``recv(256 KiB)``, a new bytes object
+   of that size each time; above the mmap threshold the gateway fixes at 128 KiB
+   (:mod:`sled_gateway.memory`), glibc maps it, shrinks it with ``mremap`` and unmaps
+   it when freed, three system calls and a page fault a read. A protocol that is an
+   ``asyncio.BufferedProtocol`` (public asyncio API) is read with ``recv_into`` a
+   buffer it gives instead; this one hands uvicorn's ``data_received`` a copy of just
+   the bytes that came. The buffer is one a thread (a gateway's loop runs on one), so
+   an idle sled costs no memory for it. uvicorn's upgrade to a WebSocket calls
+   ``transport.set_protocol``, which asyncio uses to choose how to read from then on.
+
 What :class:`NotifyingServer` relies on, and why no public hook exists:
 
 - ``uvicorn.Server.startup(sockets=None)``: a coroutine method, public by name but
@@ -60,6 +72,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -75,7 +88,9 @@ __all__ = [
     "LeanQueue",
     "LeanWebSocketProtocol",
     "NotifyingServer",
+    "ReadsIntoOneBuffer",
     "guarded_protocol",
+    "reading_into_one_buffer",
 ]
 
 
@@ -210,3 +225,36 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             self.request.headers.clear()
             self.request = None  # type: ignore[assignment]
             self.response = None  # type: ignore[assignment]
+
+
+#: The most one read from a socket takes (below glibc's mmap threshold, see the module doc).
+READ_SIZE = 64 * 1024
+
+
+class _ReadBuffer(threading.local):
+    """One read buffer a thread: its bytes are copied out before the next read on the
+    same thread can begin (``recv_into`` and ``buffer_updated`` run in one callback),
+    and each gateway in a process (tests run several) reads on its own loop thread."""
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(READ_SIZE))
+
+
+_read_buffer = _ReadBuffer()
+
+
+class ReadsIntoOneBuffer(asyncio.BufferedProtocol):
+    """Mixin for a ``data_received`` protocol: asyncio reads into the thread's one
+    buffer, and ``data_received`` gets the bytes that came (see the module docstring)."""
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _read_buffer.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_read_buffer.view[:nbytes]))  # type: ignore[attr-defined]
+
+
+def reading_into_one_buffer(protocol: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
+    """``protocol``'s subclass that reads through :class:`ReadsIntoOneBuffer`. The class
+    attributes stay the parent's (the guarded protocol's connection counts live there)."""
+    return type(protocol.__name__, (ReadsIntoOneBuffer, protocol), {})

@@ -571,3 +571,40 @@ def test_check_passes_on_an_open_store_and_fails_once_it_is_closed(engine: Engin
     store.close()
     with pytest.raises(StoreError):
         run(store.check(2.0))
+
+
+def test_a_row_whose_caller_stopped_waiting_is_committed_and_the_store_goes_on(
+    engine: Engine,
+) -> None:
+    """A decision's caller may be cancelled (its HTTP client left) while its row is
+    queued, and its event loop may be gone by the time the writer hands the result
+    back: the row is committed all the same, and the writer serves the next caller."""
+    store = engine.open()
+
+    async def cancelled_while_queued() -> None:
+        task = asyncio.create_task(store.record(entry(1, "gone")))
+        await asyncio.sleep(0)  # queued
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(cancelled_while_queued())
+
+    async def loop_closes_first() -> None:
+        # Queued, and this loop is closed by asyncio.run before the result can come back.
+        left = asyncio.create_task(store.record(entry(2, "gone")))
+        await asyncio.sleep(0)
+        assert not left.done()  # asyncio.run cancels it, then closes the loop
+
+    run(loop_closes_first())
+
+    async def next_caller() -> list[str]:
+        await store.record(entry(3, "next"))
+        deadline = time.monotonic() + 10
+        while True:
+            rows = await store.audit(project="gone")
+            if len(rows) == 2 or time.monotonic() > deadline:
+                return sorted(r.req_id for r in rows)
+            await asyncio.sleep(0.02)
+
+    assert run(next_caller()) == ["gone-1", "gone-2"]

@@ -27,7 +27,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -35,7 +35,14 @@ from uvicorn.server import ServerState
 from websockets.sync.client import connect
 
 from actors.http_guard import DISCONNECT_EXTENSION
-from sled_gateway.uvicorn_adapter import GuardedH11Protocol, NotifyingServer, guarded_protocol
+from sled_gateway.uvicorn_adapter import (
+    READ_SIZE,
+    GuardedH11Protocol,
+    LeanWebSocketProtocol,
+    NotifyingServer,
+    guarded_protocol,
+    reading_into_one_buffer,
+)
 from tests.conftest import scaled
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,6 +207,9 @@ def _app() -> Starlette:
         except WebSocketDisconnect:
             pass
 
+    async def echo_body(request: Request) -> Response:
+        return Response(await request.body(), media_type="application/octet-stream")
+
     async def slow(request: Request) -> PlainTextResponse:
         await request.body()
         await asyncio.sleep(1.0)  # a handler that takes its time once the body is in
@@ -215,6 +225,7 @@ def _app() -> Starlette:
         routes=[
             Route("/", ok),
             Route("/slow", slow, methods=["POST"]),
+            Route("/echo", echo_body, methods=["POST"]),
             Route("/hear", hear),
             Route("/hear-too", hear),
             WebSocketRoute("/ws", echo),
@@ -229,16 +240,22 @@ HEARD: list[str] = []
 class Served:
     """A uvicorn server with the guarded protocol on a loopback port, in a thread."""
 
-    def __init__(self, *, header_timeout: float, max_connections: int, **limits: Any) -> None:
+    def __init__(
+        self, *, header_timeout: float, max_connections: int, buffered: bool = False, **limits: Any
+    ) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         started = threading.Event()
+        http: type[asyncio.Protocol] = guarded_protocol(
+            header_timeout=header_timeout, max_connections=max_connections, **limits
+        )
+        ws: type[asyncio.Protocol] | str = "websockets-sansio"
+        if buffered:  # as the gateway serves (sled_gateway/server.py)
+            http, ws = reading_into_one_buffer(http), reading_into_one_buffer(LeanWebSocketProtocol)
         config = uvicorn.Config(
             _app(),
-            http=guarded_protocol(
-                header_timeout=header_timeout, max_connections=max_connections, **limits
-            ),
-            ws="websockets-sansio",
+            http=http,
+            ws=ws,
             lifespan="off",
             log_config=None,
             timeout_graceful_shutdown=1,
@@ -550,3 +567,48 @@ def _get_answer_of(sock: socket.socket, path: bytes) -> bytes:
     while not answer.endswith(b"ok"):
         answer += sock.recv(65536)
     return answer
+
+
+def test_reads_into_one_buffer_a_thread_keep_every_byte_across_servers_and_reads(
+    served: list[Served],
+) -> None:
+    """The gateway's protocols read into one buffer a thread (no new 256 KiB block a
+    read): bodies and WebSocket messages several buffers long, sent to two servers on
+    two loop threads at once, come back byte for byte."""
+    servers = [Served(header_timeout=60.0, max_connections=10, buffered=True) for _ in range(2)]
+    served.extend(servers)
+    for s in servers:
+        assert issubclass(s.server.config.http_protocol_class, asyncio.BufferedProtocol)
+        assert issubclass(s.server.config.ws_protocol_class, asyncio.BufferedProtocol)
+    errors: list[BaseException] = []
+
+    def client(s: Served, seed: int) -> None:
+        try:
+            for size in (10, READ_SIZE - 1, READ_SIZE + 1, 5 * READ_SIZE + 7):
+                body = bytes((seed + i * 7) % 251 for i in range(size))
+                with s.connect() as sock:
+                    head = f"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n"
+                    sock.sendall(head.encode() + body)
+                    answer = b""
+                    while not answer.endswith(body) and len(answer) < size + 4096:
+                        chunk = sock.recv(1 << 20)
+                        assert chunk, "closed before the whole echo"
+                        answer += chunk
+                    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(body)
+                text = "".join(chr(97 + (seed + i) % 26) for i in range(size))
+                with connect(f"ws://127.0.0.1:{s.port}/ws", open_timeout=T, max_size=None) as ws:
+                    ws.send(text)
+                    assert ws.recv(T) == text
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=client, args=(s, seed))
+        for seed, s in enumerate(servers * 2)  # two clients a server, all at once
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(T * 6)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)

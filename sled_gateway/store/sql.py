@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, Self, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 from loguru import logger
 from sqlalchemy import (
@@ -252,7 +252,59 @@ _INSERT_AUDIT = AUDIT.insert()
 _INSERT_AUDIT_ROWS = AUDIT.insert().returning(AUDIT.c.id, sort_by_parameter_order=True)
 _INSERT_RULE = RULES.insert()
 
-_Op = tuple[Callable[[Connection], Any], concurrent.futures.Future[Any]]
+
+class _Outcome(Protocol):
+    """Where the writer thread puts an operation's result: a ``concurrent.futures.Future``
+    (a caller on another thread) or a :class:`_LoopOutcome` (a coroutine on the loop)."""
+
+    def set_running_or_notify_cancel(self) -> bool: ...
+    def set_result(self, result: Any) -> None: ...
+    def set_exception(self, exception: BaseException | None) -> None: ...
+
+
+class _LoopOutcome:
+    """An operation's result handed to a coroutine's asyncio future in one
+    ``call_soon_threadsafe``, the one wake-up of the loop the operation needs.
+
+    A ``concurrent.futures.Future`` wrapped by :func:`asyncio.wrap_future` does the
+    same with a condition variable and its lock taken six times, two chained
+    callbacks and a copy of the state across: per decision, on the loop and on the
+    writer, work of ours that was neither the database's nor the wake-up itself.
+    """
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[Any] = loop.create_future()
+
+    def set_running_or_notify_cancel(self) -> bool:
+        # The asyncio future is the loop's to read; a caller that stopped waiting is
+        # skipped in _hand_over, and its operation runs all the same (see _run_batch).
+        return True
+
+    def set_result(self, result: Any) -> None:
+        self._post(result, None)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        self._post(None, exception)
+
+    def _post(self, result: Any, exception: BaseException | None) -> None:
+        # A closed loop raises RuntimeError: nobody is left to wait for this result.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(_hand_over, self.future, result, exception)
+
+
+def _hand_over(future: asyncio.Future[Any], result: Any, exception: BaseException | None) -> None:
+    if future.done():  # cancelled: its caller stopped waiting
+        return
+    if exception is None:
+        future.set_result(result)
+    else:
+        future.set_exception(exception)
+
+
+_Op = tuple[Callable[[Connection], Any], _Outcome]
 _Result = tuple[Any, Exception | None]  # (value, None) or (None, what the operation raised)
 _STOP = object()
 
@@ -377,7 +429,8 @@ class SqlStore(fleet.FleetStore, shared.SharedState):
         self.commits = 0
         self._sqlite = sqlite.is_sqlite(self.url)
         self._postgresql = postgresql.is_postgresql(self.url)
-        self._queue: queue.Queue[Any] = queue.Queue()
+        # SimpleQueue: put and get are one C call each, with no condition variable in Python.
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._gate = threading.Lock()  # orders "closed" against queueing
         self._closed = True
         self._thread: threading.Thread | None = None
@@ -814,19 +867,29 @@ class SqlStore(fleet.FleetStore, shared.SharedState):
     # -- calling into the writer thread -----------------------------------------------
 
     def _submit(self, fn: Callable[[Connection], T]) -> concurrent.futures.Future[T]:
+        """Queue ``fn`` for a caller on any thread; its future has the result."""
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue_op(fn, fut)
+        return fut
+
+    def _queue_op(self, fn: Callable[[Connection], Any], outcome: _Outcome) -> None:
         with self._gate:
             if self._closed:
-                fut.set_exception(StoreError("the store is closed"))
+                outcome.set_exception(StoreError("the store is closed"))
             else:
-                self._queue.put((fn, fut))
-        return fut
+                self._queue.put((fn, outcome))
+
+    def _submit_here(self, fn: Callable[[Connection], T]) -> asyncio.Future[T]:
+        """Queue ``fn`` for a coroutine on the running loop (see :class:`_LoopOutcome`)."""
+        outcome = _LoopOutcome(asyncio.get_running_loop())
+        self._queue_op(fn, outcome)
+        return outcome.future
 
     async def _run(self, fn: Callable[[Connection], T]) -> T:
         if self._operation_timeout is None:
-            return await asyncio.wrap_future(self._submit(fn))
+            return await self._submit_here(fn)
         deadline = time.monotonic() + self._operation_timeout
-        future = asyncio.wrap_future(self._submit(postgresql.by_deadline(deadline, fn)))
+        future = self._submit_here(postgresql.by_deadline(deadline, fn))
         try:
             return await asyncio.wait_for(
                 future, self._operation_timeout + postgresql.COMMIT_GRACE_S
