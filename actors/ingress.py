@@ -37,7 +37,6 @@ from loguru import logger
 
 from actors.config import check_bindable
 from actors.context import UplinkContext
-from actors.permissions import new_request_id
 from actors.http_guard import (
     DISCONNECT_EXTENSION,
     DRAIN_MAX_BYTES,  # after an early answer, so it is not lost to a reset
@@ -46,6 +45,7 @@ from actors.http_guard import (
     drain,
     guarded_protocol,
 )
+from actors.permissions import new_request_id
 from protocol import JSON, ConfigError, Decision, LocalProtocolError, Outcome, dumps, loads
 from protocol.web import (
     LOOPBACK_HOSTS,
