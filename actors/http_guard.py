@@ -242,41 +242,55 @@ class GuardedH11Protocol(H11Protocol):
     # -- the deadlines ------------------------------------------------------------
 
     def _guard_arm_head(self) -> None:
-        self._guard_disarm()
-        loop = self.loop  # uvicorn's, the running one (get_running_loop costs a getpid)
-        self._guard_start = loop.time()
+        self._guard_start = self.loop.time()  # uvicorn's loop: no get_running_loop (a getpid)
         self._guard_phase = "head"
-        self._guard_timer = loop.call_at(
-            self._guard_start + min(self.header_timeout, self.request_timeout), self._guard_expired
-        )
+        self._guard_set_timer(self._guard_start + min(self.header_timeout, self.request_timeout))
 
     def _guard_arm_body(self) -> None:
-        self._guard_disarm()
-        loop = self.loop
         self._guard_phase = "body"
-        self._guard_timer = loop.call_at(
-            self._guard_start + self.request_timeout, self._guard_expired
-        )
+        self._guard_set_timer(self._guard_start + self.request_timeout)
 
-    def _guard_disarm(self) -> None:
+    def _guard_deadline(self) -> float | None:
+        """When the current phase's deadline passes (None: no deadline runs)."""
+        if self._guard_phase == "head":
+            return self._guard_start + min(self.header_timeout, self.request_timeout)
+        if self._guard_phase == "body":
+            return self._guard_start + self.request_timeout
+        return None
+
+    def _guard_set_timer(self, deadline: float) -> None:
+        # A timer that fires no later than the deadline is kept: when it fires it
+        # checks the deadline of the phase then current, and waits on for the
+        # rest. A keep-alive connection re-arms the head deadline at every
+        # response; keeping the timer spares a timer made and cancelled each time.
+        timer = self._guard_timer
+        if timer is not None:
+            if timer.when() <= deadline:
+                return
+            timer.cancel()
+        self._guard_timer = self.loop.call_at(deadline, self._guard_expired)
+
+    def _guard_stop_timer(self) -> None:
+        """No deadline runs, and no timer holds this protocol (closed or upgraded)."""
+        self._guard_phase = None
         if self._guard_timer is not None:
             self._guard_timer.cancel()
             self._guard_timer = None
-        self._guard_phase = None
 
     def _guard_follow(self) -> None:
-        """Keep the timer on the deadline the connection's state calls for."""
-        if self.awaiting_head:
+        """Keep the deadline on what the connection's state calls for."""
+        state = self.conn.their_state if self._guard_http() else None
+        if state is h11.IDLE:  # awaiting_head
             if self._guard_phase != "head":
                 self._guard_arm_head()
-        elif self.awaiting_body:
+        elif state is h11.SEND_BODY:  # awaiting_body
             if self._guard_phase != "body":
                 self._guard_arm_body()
-        elif self._guard_phase is not None:
-            self._guard_disarm()  # the request is in, or the connection is a WebSocket
+        else:
+            self._guard_phase = None  # the request is in, or the connection is a WebSocket
 
     def _guard_close(self) -> None:
-        self._guard_disarm()
+        self._guard_stop_timer()
         if self._guard_transport is not None:
             self._guard_transport.close()
 
@@ -288,8 +302,14 @@ class GuardedH11Protocol(H11Protocol):
         return shown
 
     def _guard_expired(self) -> None:
-        phase, self._guard_timer = self._guard_phase, None
-        self._guard_phase = None
+        self._guard_timer = None
+        deadline = self._guard_deadline()
+        if deadline is None:
+            return  # the request came in meanwhile: no deadline runs
+        if self.loop.time() < deadline:  # re-armed since this timer was set
+            self._guard_timer = self.loop.call_at(deadline, self._guard_expired)
+            return
+        phase, self._guard_phase = self._guard_phase, None
         log = logger.bind(actor=self.log_actor)
         if phase == "head" and self.awaiting_head:
             log.debug(
@@ -447,7 +467,8 @@ class GuardedH11Protocol(H11Protocol):
                 return
             data = rest
         super().data_received(data)
-        self._guard_offer_disconnect()
+        if self.cycle is not self._guard_cycle:
+            self._guard_offer_disconnect()
         self._guard_follow()
         self._guard_release_if_upgraded()
 
@@ -475,12 +496,14 @@ class GuardedH11Protocol(H11Protocol):
         if isinstance(self.transport, CoalescedWrites):
             self.transport.response_complete()
         super().on_response_complete()  # may serve a pipelined request, even an upgrade
-        self._guard_offer_disconnect()
-        if self.awaiting_body:
+        if self.cycle is not self._guard_cycle:
+            self._guard_offer_disconnect()
+        state = self.conn.their_state if self._guard_http() else None
+        if state is h11.SEND_BODY:  # awaiting_body
             # Answered before the body was in: h11 cannot start the next request
             # until it is, and reading it to the end is what a slow client wants.
             self._guard_close()
-        elif self.awaiting_head:
+        elif state is h11.IDLE:  # awaiting_head
             self._guard_arm_head()  # the next request on this keep-alive connection
         else:
             self._guard_follow()
@@ -494,7 +517,7 @@ class GuardedH11Protocol(H11Protocol):
             # Its frames are written whole and at once: nothing to hold for.
             if isinstance(self.transport, CoalescedWrites):
                 self.transport.pass_through()
-            self._guard_disarm()
+            self._guard_stop_timer()
             self.open_transports[transport] = None
             self.http_protocols.pop(self, None)
             self._guard_arm_upgraded_sweep()
@@ -518,7 +541,7 @@ class GuardedH11Protocol(H11Protocol):
         self.upgraded_sweep.append(loop.call_later(self.upgraded_sweep_interval, sweep))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._guard_disarm()
+        self._guard_stop_timer()
         if self._guard_transport is not None:
             self.open_transports.pop(self._guard_transport, None)
         self.http_protocols.pop(self, None)

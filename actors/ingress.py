@@ -45,6 +45,7 @@ from actors.http_guard import (
     drain,
     guarded_protocol,
 )
+from actors.permissions import new_request_id
 from protocol import JSON, ConfigError, Decision, LocalProtocolError, Outcome, dumps, loads
 from protocol.web import (
     LOOPBACK_HOSTS,
@@ -242,12 +243,19 @@ class _Body:
 
     def __init__(self, scope: Scope, receive: Receive) -> None:
         self._receive = receive
-        self.ended = not declares_body(scope)
+        self._scope = scope
+        self._read_to_end = False
+
+    @property
+    def ended(self) -> bool:
+        # The head is read for a body only when the answer goes out before it
+        # was read: a permission request's was always read by then.
+        return self._read_to_end or not declares_body(self._scope)
 
     async def __call__(self) -> dict[str, Any]:
         message = await self._receive()
         if message["type"] == "http.disconnect" or not message.get("more_body"):
-            self.ended = True
+            self._read_to_end = True
         return message
 
     async def drain(self) -> None:
@@ -498,8 +506,6 @@ class Ingress:
         tool_name, tool_input, request_id = parse_permission_body(
             await self._read_body(scope, receive)
         )
-        from actors.permissions import new_request_id
-
         request_id = request_id or new_request_id()  # named here: abandon needs it
         try:
             future = self.request_permission(tool_name, tool_input, request_id=request_id)

@@ -298,8 +298,10 @@ class Uplink:
     ) -> None:
         tool_input = {} if tool_input is None else tool_input
         # The frame's own bounds, so what is sent is what a gateway reads back.
-        hints = read_suggestions(
-            [suggestions] if isinstance(suggestions, str) else list(suggestions)
+        hints = (
+            read_suggestions([suggestions] if isinstance(suggestions, str) else list(suggestions))
+            if suggestions  # the usual (): none to read
+            else ()
         )
         # Raises LocalProtocolError (a ValueError-like caller bug) for what the
         # wire cannot carry, before anything is queued.

@@ -1,6 +1,6 @@
 """Where the uplink and the gateway spend their time on each hot path (cProfile, all threads).
 
-    python -m bench.profile_paths ingress [--n 3000] [--top 25]
+    python -m bench.profile_paths ingress [--n 3000] [--top 25] [--in-flight 64]
     python -m bench.profile_paths mcp
     python -m bench.profile_paths gateway
 
@@ -94,11 +94,17 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(60)
 
 
-async def post_many(url: str, n: int) -> None:
+async def post_many(url: str, n: int, in_flight: int = 1) -> None:
     import aiohttp
 
+    from bench.paths import aiohttp_rate
+
     data = json.dumps(BODY).encode()
-    async with aiohttp.ClientSession() as session:
+    connector = aiohttp.TCPConnector(limit=2 * in_flight)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        if in_flight > 1:  # the throughput figure's shape: bench.paths' own rate loop
+            await aiohttp_rate(session, url, n, in_flight)
+            return
         for _ in range(n):
             async with session.post(
                 url, data=data, headers={"Content-Type": "application/json"}
@@ -106,7 +112,7 @@ async def post_many(url: str, n: int) -> None:
                 await response.read()
 
 
-def ingress(out: Path, n: int) -> None:
+def ingress(out: Path, n: int, in_flight: int = 1) -> None:
     with peer("gateway", "--auto", "approve") as gw_port:
         port = free_port()
         proc = start(
@@ -121,9 +127,9 @@ def ingress(out: Path, n: int) -> None:
         )
         try:
             wait_ready(port)
-            asyncio.run(post_many(f"http://127.0.0.1:{port}/permission", 300))
+            asyncio.run(post_many(f"http://127.0.0.1:{port}/permission", 300, in_flight))
             counting(proc)
-            asyncio.run(post_many(f"http://127.0.0.1:{port}/permission", n))
+            asyncio.run(post_many(f"http://127.0.0.1:{port}/permission", n, in_flight))
         finally:
             stop(proc)
 
@@ -257,10 +263,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=3000)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", type=Path, default=None, help="keep the profile here")
+    parser.add_argument(
+        "--in-flight", type=int, default=1, help="ingress only: requests in flight at once"
+    )
     args = parser.parse_args(argv)
+    if args.in_flight < 1 or (args.in_flight > 1 and args.path != "ingress"):
+        parser.error("--in-flight is at least 1, and only for ingress")
     out = args.out or Path(tempfile.mkdtemp(prefix="i26-prof-")) / f"{args.path}.prof"
     started = time.perf_counter()
-    {"ingress": ingress, "mcp": mcp, "gateway": gateway}[args.path](out, args.n)
+    if args.path == "ingress":
+        ingress(out, args.n, args.in_flight)
+    else:
+        {"mcp": mcp, "gateway": gateway}[args.path](out, args.n)
     print(f"{args.path}: {args.n} requests in {time.perf_counter() - started:.1f} s; {out}")
     print(summary(out, args.top, args.n))
     print(by_package(out, args.n))

@@ -323,6 +323,27 @@ def test_a_request_head_must_arrive_in_time_on_each_cycle(served: list[Served]) 
         assert 0.4 <= time.monotonic() - started < T
 
 
+def test_the_head_deadline_counts_from_the_last_response_of_a_busy_connection(
+    served: list[Served],
+) -> None:
+    """A keep-alive connection keeps one deadline timer across its requests: a
+    timer that fires before the deadline then current waits on (requests made
+    in time are served past the first deadline), and a head that then stalls
+    is still cut at its own deadline."""
+    s = Served(header_timeout=1.5, max_connections=10)
+    served.append(s)
+    with s.connect() as busy:
+        started = time.monotonic()
+        while time.monotonic() - started < 4.0:  # past two deadlines from the first response
+            assert b"200 OK" in _get(busy)
+            time.sleep(0.1)
+        assert _still_open(busy)
+        stalled = time.monotonic()
+        busy.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        assert _closed(busy)
+        assert 1.0 <= time.monotonic() - stalled < T
+
+
 def test_the_cap_evicts_the_oldest_idle_connection_and_never_a_websocket(
     served: list[Served],
 ) -> None:
