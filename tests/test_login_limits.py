@@ -102,3 +102,14 @@ def test_a_refusal_counts_nothing(clock: Clock) -> None:
         assert limits.start("192.0.2.1") is not None
     clock.now += 10
     assert limits.start("192.0.2.1") is None
+
+
+def test_a_start_given_back_does_not_count(clock: Clock) -> None:
+    limits = LoginLimiter(rate=1, burst=2, in_flight=2, ttl=600, clock=clock)
+    for _ in range(10):  # the provider down: each start is given back
+        assert limits.start("192.0.2.1") is None
+        limits.refund("192.0.2.1")
+    assert limits.start("192.0.2.1") is None
+    assert limits.start("192.0.2.1") is None
+    assert limits.start("192.0.2.1") is not None
+    limits.refund("192.0.2.9")  # a client never seen: nothing to give back

@@ -160,5 +160,15 @@ class LoginLimiter:
             client.quiet_until = now + LOG_WINDOW
         return Refusal(why, max(1, math.ceil(wait)), log)
 
+    def refund(self, host: str) -> None:
+        """Take back the last start of ``host``: it wrote no login (the provider could
+        not be reached), and a person polling a provider that is down must not use up
+        their sign-ins."""
+        client = self._clients.get(client_key(host))
+        if client is not None:
+            client.tokens = min(float(self.burst), client.tokens + 1.0)
+            if client.started:
+                client.started.pop()
+
 
 __all__ = ["LOGIN_RATE", "MAX_CLIENTS", "MAX_LOGINS", "LoginLimiter", "Refusal", "client_key"]

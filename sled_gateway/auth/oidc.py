@@ -291,6 +291,8 @@ class OidcLogin:
 
     async def _login(self, request: Request) -> Response:
         # Before anything else: a refused start costs no store write and no discovery.
+        # (Counted now and given back if no login was written: requests in flight at
+        # once must not all pass one check.)
         client = request.client.host if request.client else "?"
         refusal = self.limiter.start(client)
         if refusal is not None:
@@ -333,6 +335,7 @@ class OidcLogin:
             log.warning("sign-in: the login could not be stored: {}", exc)
             return answer(request, 503, "the gateway cannot sign anyone in now; try again")
         except ProviderUnavailable as exc:
+            self.limiter.refund(client)
             log.warning("sign-in: the identity provider is unavailable: {}", printable(str(exc)))
             return answer(
                 request,
