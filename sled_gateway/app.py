@@ -37,9 +37,11 @@ from starlette.routing import Route
 
 from sled_gateway.approvals import Approvals, Forbidden, NotRecorded
 from sled_gateway.auth.console import ConsoleSessionBackend, Sessions
+from sled_gateway.auth.login_limits import LoginLimiter
 from sled_gateway.auth.oidc import (
     CALLBACK_PATH,
     LOGIN_PATH,
+    LOGIN_TTL,
     LOGOUT_PATH,
     ME_PATH,
     OidcLogin,
@@ -168,6 +170,8 @@ class GatewayApp:
                 client_id=config.oidc_client_id,
                 client_secret=read_client_secret(secret_file) if secret_file else None,
                 store=self.store,
+                limiter=LoginLimiter(rate=config.login_rate, ttl=LOGIN_TTL),
+                max_logins=config.max_logins,
             )
         sign_in = self.oidc is not None
 

@@ -29,6 +29,7 @@ from actors.cli import OPTION, Option, check_fields, library_only, option
 from protocol import ConfigError, Decision, printable
 from protocol.options import byte_size, positive_int, positive_number, positive_seconds
 from sled_gateway.access import Access
+from sled_gateway.auth.login_limits import LOGIN_RATE, MAX_LOGINS
 from sled_gateway.http.guard import AllowedHosts
 from sled_gateway.store import MEMORY
 
@@ -540,6 +541,16 @@ class GatewayConfig:
         rule=_secret_file,
         metavar="PATH",
     )
+    login_rate: int = option(
+        LOGIN_RATE,
+        "--login-rate",
+        "sign-ins (GET /login) one client address may start a minute, in bursts of twice "
+        "that, and at most three times that in flight; 429 beyond (docs/sign-in.md)",
+        rule=positive_int,
+        metavar="N",
+    )
+    # Logins in flight in the store at once; new ones are refused (503) beyond.
+    max_logins: int = library_only(MAX_LOGINS, "max_logins", positive_int)
 
     def __repr__(self) -> str:
         def shown(name: str) -> str:

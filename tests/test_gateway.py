@@ -918,6 +918,7 @@ def spawn() -> Iterator[Callable[..., GatewayProcess]]:
         (["--token", "x", "--max-relays-per-sled", "0"], "--max-relays-per-sled"),
         (["--token", "x", "--max-pending-per-sled", "many"], "--max-pending-per-sled"),
         (["--token", "x", "--max-connections", "-3"], "--max-connections"),
+        (["--token", "x", "--login-rate", "0"], "--login-rate"),
         (["--token", "x", "--identity-timeout", "0"], "--identity-timeout"),
         (["--token", "x", "--header-timeout", "soon"], "--header-timeout"),
         (["--token", "x", "--forget-disconnected-after", "inf"], "--forget-disconnected-after"),

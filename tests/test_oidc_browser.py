@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 import pytest
+from loguru import logger
 from websockets.sync.client import connect
 
 from sled_gateway import Gateway
@@ -126,7 +127,8 @@ def start_pair(
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Provider, Gateway]]:
-    provider, gw = start_pair(tmp_path_factory.mktemp("oidc"), grants=Approvers())
+    # This module's tests start a login every second or so, all from 127.0.0.1.
+    provider, gw = start_pair(tmp_path_factory.mktemp("oidc"), grants=Approvers(), login_rate=60)
     try:
         yield provider, gw
     finally:
@@ -557,6 +559,81 @@ def test_two_people_sign_in_and_each_decision_names_its_person(
         assert rows["by-bob"]["who"] == "bob@example.test"
         assert rows["by-alice"]["channel"] == rows["by-bob"]["channel"] == "console"
         assert [r["req_id"] for r in alice_rows["entries"]] == ["by-alice"]
+    finally:
+        gw.stop()
+        provider.kill()
+
+
+# ── a flood of GET /login ───────────────────────────────────────────────────
+
+# Low limits, so that a flood is a few dozen requests: a client may start 4 logins
+# at once (then one every 30 s) and hold 6 in flight; the store keeps at most 12.
+FLOOD_LIMITS = {"login_rate": 2, "max_logins": 12}
+
+
+def from_address(address: str) -> httpx.Client:
+    """An HTTP client whose connections come from ``address`` (another loopback
+    address: another client, as the gateway sees it)."""
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=address))
+
+
+def test_a_flood_of_logins_from_one_address_cannot_fail_a_persons_sign_in(
+    tmp_path: Path,
+) -> None:
+    provider, gw = start_pair(tmp_path, grants=Approvers(), **FLOOD_LIMITS)
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="INFO", format="{message}")
+    try:
+        with httpx.Client() as alice:
+            # Alice is at the provider's pages, about to come back to the gateway.
+            pending = callback_url(gw, alice, "alice")
+            with from_address("127.0.0.2") as flood:
+                answers = [flood.get(gw.http_url + "/login") for _ in range(40)]
+            statuses = [a.status_code for a in answers]
+            # The burst, then 429s (a token may come back on a slow machine: 30 s).
+            assert statuses[:4] == [302] * 4, statuses
+            assert statuses.count(302) <= 5 and statuses[-1] == 429, statuses
+            refused = answers[-1]
+            assert refused.headers["content-type"].startswith("application/json")
+            assert "too many sign-ins" in refused.json()["error"]
+            assert 1 <= int(refused.headers["retry-after"]) <= 600
+            # Another client starts a login as ever.
+            with from_address("127.0.0.3") as bob:
+                assert bob.get(gw.http_url + "/login").status_code == 302
+            done = alice.get(pending)
+            assert done.status_code == 200, done.text
+            assert signed_in_cookie(gw, alice) is not None
+        # One line for the flooding client, not one per refusal.
+        flood_lines = [line for line in lines if "127.0.0.2 starts too many" in line]
+        assert len(flood_lines) == 1, flood_lines
+    finally:
+        logger.remove(sink)
+        gw.stop()
+        provider.kill()
+
+
+def test_a_flood_of_logins_from_many_addresses_cannot_fail_a_persons_sign_in(
+    tmp_path: Path,
+) -> None:
+    """Together, twenty clients within their limits fill the table of logins in
+    flight: new logins are refused (503) rather than Alice's forgotten."""
+    provider, gw = start_pair(tmp_path, grants=Approvers(), **FLOOD_LIMITS)
+    try:
+        with httpx.Client() as alice:
+            pending = callback_url(gw, alice, "alice")
+            answers = []
+            for n in range(10, 30):
+                with from_address(f"127.0.0.{n}") as flood:
+                    answers += [flood.get(gw.http_url + "/login") for _ in range(2)]
+            statuses = [a.status_code for a in answers]
+            assert statuses.count(302) == 11, statuses  # the table's 12, with Alice's
+            full = answers[-1]
+            assert full.status_code == 503, full.text
+            assert "too many sign-ins are in progress" in full.json()["error"]
+            assert int(full.headers["retry-after"]) >= 1
+            done = alice.get(pending)
+            assert done.status_code == 200, done.text
+            assert signed_in_cookie(gw, alice) is not None
     finally:
         gw.stop()
         provider.kill()

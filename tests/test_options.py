@@ -374,6 +374,7 @@ GATEWAY_BAD = {
     "oidc_issuer": ("http://idp.example", "http://idp.example"),
     "oidc_client_id": ("", ""),
     "oidc_client_secret_file": ("/nonexistent/secret", "/nonexistent/secret"),
+    "login_rate": ("0", 0),
 }
 
 

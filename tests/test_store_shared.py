@@ -18,7 +18,7 @@ import pytest
 
 from sled_gateway.auth.console import Sessions
 from sled_gateway.people import Person
-from sled_gateway.store import make_store
+from sled_gateway.store import LoginsFull, make_store
 from tests.test_store_interface import ENGINES, Engine, _engine, rule, run
 
 pytestmark = pytest.mark.timeout(60)
@@ -109,12 +109,19 @@ def test_logins_in_flight_are_single_use_bounded_and_expire(engine: Engine) -> N
         assert await store.login_state("k1") == "v1"
         await store.delete_login_state("k1")
         assert await store.login_state("k1") is None
-        for i in range(5):
+        for i in range(3):
             await store.set_login_state(f"n{i}", str(i), 60, limit=3)
-        assert [await store.login_state(f"n{i}") for i in range(5)] == [None, None, "2", "3", "4"]
+        # Full of unexpired logins: a new one is refused, none someone started is forgotten.
+        for i in (3, 4):
+            with pytest.raises(LoginsFull):
+                await store.set_login_state(f"n{i}", str(i), 60, limit=3)
+        assert [await store.login_state(f"n{i}") for i in range(5)] == ["0", "1", "2", None, None]
+        await store.delete_login_state("n0")
         await store.set_login_state("short", "x", 0.05, limit=3)
         await asyncio.sleep(0.1)
         assert await store.login_state("short") is None
+        await store.set_login_state("after", "y", 60, limit=3)  # the expired one made room
+        assert await store.login_state("after") == "y"
 
     run(scenario())
 

@@ -20,6 +20,12 @@ is ended), and answers with a page that moves on to ``/``: the console cookie
 is ``SameSite=Strict``, which a browser withholds on the redirects of a login
 that started at the provider's site.
 
+``GET /login`` is public, so starting sign-ins is limited per client (a token
+bucket and a share of the logins in flight, :mod:`sled_gateway.auth.login_limits`:
+``429`` with ``Retry-After``), and a full table of logins in flight refuses new
+ones (``503``) rather than forgetting one someone else started: a flood of
+``/login`` cannot fail a person's sign-in halfway.
+
 The provider unreachable (or answering nonsense) → ``503`` saying so, never a
 ``500``; people already signed in are not affected (their sessions are the
 gateway's own).
@@ -46,8 +52,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from protocol import printable
 from sled_gateway.auth.console import ConsoleSessionBackend, addressed_port
+from sled_gateway.auth.login_limits import LOG_WINDOW, MAX_LOGINS, LoginLimiter
 from sled_gateway.people import Person
-from sled_gateway.store import Store, StoreError
+from sled_gateway.store import LoginsFull, Store, StoreError
 
 log = logger.bind(actor="gateway")
 
@@ -68,8 +75,8 @@ LOGOUT_PATH = "/logout"
 ME_PATH = "/api/me"
 #: How long a started login may take at the provider before its state is forgotten.
 LOGIN_TTL = 600
-#: Logins in flight at once (anyone may start one); the oldest are forgotten beyond.
-MAX_LOGINS = 10_000
+#: ``Retry-After`` of a refusal because the logins in flight are at MAX_LOGINS.
+FULL_RETRY_AFTER = 60
 #: The provider's answers (discovery, keys, token) must come within this.
 PROVIDER_TIMEOUT = 10.0
 #: The login state cookie's name (then ``_<port>``): a signed marker of the logins
@@ -87,8 +94,9 @@ _MAX_CLAIM = 500
 class StateStore:
     """Authlib's ``cache``: the logins in flight, each readable until deleted or expired.
 
-    In the store, so that a login started on one replica ends on any other; bounded,
-    oldest first out. A store that cannot be reached fails the login (503).
+    In the store, so that a login started on one replica ends on any other; bounded:
+    beyond ``limit`` unexpired logins a new one is refused (``LoginsFull``), none is
+    forgotten. A store that cannot be reached fails the login (503).
     """
 
     def __init__(self, store: Store, limit: int = MAX_LOGINS) -> None:
@@ -133,9 +141,13 @@ def _wants_html(conn: HTTPConnection) -> bool:
     return "text/html" in conn.headers.get("accept", "")
 
 
-def answer(conn: HTTPConnection, status: int, message: str) -> Response:
+def answer(
+    conn: HTTPConnection, status: int, message: str, *, retry_after: int | None = None
+) -> Response:
     """A refusal or failure: a short page for a browser, JSON for anything else."""
     headers = {"Cache-Control": "no-store"}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
     if _wants_html(conn):
         page = (
             '<!doctype html><html lang="en"><head><meta charset="utf-8">'
@@ -211,10 +223,14 @@ class OidcLogin:
         client_secret: str | None,
         store: Store,
         timeout: float = PROVIDER_TIMEOUT,
+        limiter: LoginLimiter | None = None,
+        max_logins: int = MAX_LOGINS,
     ) -> None:
         self.console = console
         self.issuer = issuer
-        self.states = StateStore(store)
+        self.states = StateStore(store, max_logins)
+        self.limiter = limiter if limiter is not None else LoginLimiter(ttl=LOGIN_TTL)
+        self._full_quiet_until = 0.0
         self._oauth = OAuth(cache=self.states)
         self.client = self._oauth.register(
             "sled",
@@ -274,12 +290,52 @@ class OidcLogin:
         return str(request.url.replace(path=CALLBACK_PATH, query="", fragment=""))
 
     async def _login(self, request: Request) -> Response:
+        # Before anything else: a refused start costs no store write and no discovery.
+        # (Counted now and given back if no login was written: requests in flight at
+        # once must not all pass one check.)
+        client = request.client.host if request.client else "?"
+        refusal = self.limiter.start(client)
+        if refusal is not None:
+            if refusal.log:
+                log.warning(
+                    "sign-in: {} starts too many ({}); refused for {} s, not logged again "
+                    "for {:g} s",
+                    printable(client, 100),
+                    refusal.why,
+                    refusal.retry_after,
+                    LOG_WINDOW,
+                )
+            return answer(
+                request,
+                429,
+                "too many sign-ins started from this address; try again later",
+                retry_after=refusal.retry_after,
+            )
         try:
             await self._metadata(fresh=True)
             response: Response = await self.client.authorize_redirect(
                 request, self._redirect_uri(request)
             )
+        except LoginsFull as exc:
+            now = time.monotonic()
+            if now >= self._full_quiet_until:
+                self._full_quiet_until = now + LOG_WINDOW
+                log.warning(
+                    "sign-in: new logins refused: {} (not logged again for {:g} s)",
+                    exc,
+                    LOG_WINDOW,
+                )
+            return answer(
+                request,
+                503,
+                "too many sign-ins are in progress; try again in a minute",
+                retry_after=FULL_RETRY_AFTER,
+            )
+        except StoreError as exc:
+            log.warning("sign-in: the login could not be stored: {}", exc)
+            return answer(request, 503, "the gateway cannot sign anyone in now; try again")
         except ProviderUnavailable as exc:
+            self.limiter.refund(client)
             log.warning("sign-in: the identity provider is unavailable: {}", printable(str(exc)))
             return answer(
                 request,
@@ -399,6 +455,7 @@ def me(request: Request, *, sign_in: bool) -> Response:
 __all__ = [
     "CALLBACK_PATH",
     "LOGIN_PATH",
+    "LOGIN_TTL",
     "LOGOUT_PATH",
     "ME_PATH",
     "STATE_COOKIE",

@@ -31,6 +31,7 @@ from sled_gateway.store.models import (
     MAX_PAGE,
     AlreadyRecorded,
     AuditEntry,
+    LoginsFull,
     PersonToken,
     Recorded,
     Rule,
@@ -56,6 +57,7 @@ __all__ = [
     "MEMORY",
     "AlreadyRecorded",
     "AuditEntry",
+    "LoginsFull",
     "PersonToken",
     "Recorded",
     "Rule",
@@ -212,7 +214,8 @@ class Store(Protocol):
         ...
 
     async def set_login_state(self, key: str, value: str, ttl: float, *, limit: int) -> None:
-        """Keep a sign-in's state for ``ttl`` seconds (the oldest go beyond ``limit``)."""
+        """Keep a sign-in's state for ``ttl`` seconds; :class:`LoginsFull` when ``limit``
+        unexpired ones are kept already (none is forgotten to make room)."""
         ...
 
     async def delete_login_state(self, key: str) -> None:

@@ -29,6 +29,11 @@ class StoreError(Exception):
     """The database cannot be used (unreadable, locked by another gateway, too new, closed)."""
 
 
+class LoginsFull(StoreError):
+    """The logins in flight are at their limit, none expired: a new one is refused
+    rather than forgetting one that someone else started (sled_gateway.auth.oidc)."""
+
+
 class UnknownRule(LookupError):
     pass
 

@@ -50,7 +50,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.types import TypeEngine
 
 from sled_gateway.policy import Policy
-from sled_gateway.store.models import Rule
+from sled_gateway.store.models import LoginsFull, Rule
 
 T = TypeVar("T")
 
@@ -245,20 +245,27 @@ class SharedState:
         return None if found is None else str(found)
 
     async def set_login_state(self, key: str, value: str, ttl: float, *, limit: int) -> None:
-        """Keep a login's state for ``ttl`` seconds; the oldest go beyond ``limit``."""
+        """Keep a login's state for ``ttl`` seconds; :class:`LoginsFull` (nothing kept)
+        when ``limit`` unexpired logins are kept already. Evicting the oldest instead
+        would let anyone who can start logins fail the one a person is finishing.
+        (Replicas writing at once may pass ``limit`` by a few: it bounds a flood.)"""
         now = time.time()
 
-        def write(conn: Connection) -> None:
+        def write(conn: Connection) -> bool:
             conn.execute(delete(OIDC_LOGINS).where(OIDC_LOGINS.c.key == key))
             conn.execute(delete(OIDC_LOGINS).where(OIDC_LOGINS.c.expires_at < now))
-            _trim_oldest(conn, OIDC_LOGINS, limit - 1)
+            kept = conn.execute(select(func.count()).select_from(OIDC_LOGINS)).scalar_one()
+            if kept >= limit:
+                return False
             conn.execute(
                 insert(OIDC_LOGINS).values(
                     key=key, value=value, created_at=now, expires_at=now + ttl
                 )
             )
+            return True
 
-        await self._run(write)
+        if not await self._run(write):
+            raise LoginsFull(f"{limit} logins are in flight")
 
     async def delete_login_state(self, key: str) -> None:
         statement = delete(OIDC_LOGINS).where(OIDC_LOGINS.c.key == key)
