@@ -515,14 +515,20 @@ class GatewayState:
 
         Re-checks on every change and at least every 50 ms (staleness is a
         function of time, not only of changes). Raises ``TimeoutError``.
+        The predicate runs without the state's lock: it may ask the gateway's
+        loop for something (the audit), and the loop takes that lock to change
+        the state, so holding it here would stall both until a timeout.
         """
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
+        while True:
+            with self._lock:
                 snap = self.snapshot()
-                if predicate(snap):
-                    return snap
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"gateway state did not reach the condition in {timeout} s")
-                self._cond.wait(min(left, 0.05))
+                seen = self._version
+            if predicate(snap):
+                return snap
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"gateway state did not reach the condition in {timeout} s")
+            with self._cond:
+                if self._version == seen:  # else it changed while the predicate ran
+                    self._cond.wait(min(left, 0.05))

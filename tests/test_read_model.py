@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from sled_gateway.events import (
     Events,
     FrameReceived,
@@ -62,3 +64,29 @@ def test_the_read_model_follows_events() -> None:
     assert snap["sleds"][0]["close_code"] == 1000
     assert [d["req_id"] for d in snap["decisions"]] == ["r2", "r1"]
     assert snap["pending"] == []
+
+
+def test_a_wait_predicate_may_wait_on_a_change_another_thread_makes() -> None:
+    """A test's predicate may ask the gateway's loop for something (``gw.audit()``), and
+    the loop takes the state's lock to apply an event: the predicate must not run
+    under that lock, or both wait until one times out."""
+    state = GatewayState(10.0)
+    events = Events()
+    state.follow(events)
+    first_answers: list[bool] = []
+
+    def predicate(_snapshot: dict[str, object]) -> bool:
+        applied = threading.Event()
+
+        def change() -> None:
+            events.publish(SledUp(1, "p", "127.0.0.1:5000", {}))
+            applied.set()
+
+        threading.Thread(target=change, daemon=True).start()
+        answer = applied.wait(2.0)
+        first_answers.append(answer)
+        return answer
+
+    state.wait_for(predicate, 10.0)
+    assert first_answers[0], "the change waited for the predicate to give the lock back"
+    assert state.is_connected("p")
