@@ -14,6 +14,7 @@ it skips with that one reason.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -233,6 +234,36 @@ def test_an_operator_answers_by_reply(
     # The report quotes one approve and one deny as the room showed them.
     print(f"\n--- room transcript ({word}) ---\n{setup.transcript()}\n---")
     assert reply_id in setup.transcript()
+
+
+@pytest.mark.parametrize("how", ["reply", "reaction"])
+def test_an_answer_that_comes_before_the_homeserver_answers_the_post_counts(
+    setup: Setup, make_uplink: Callable[..., Uplink], how: str
+) -> None:
+    """The room shows the bot's post, and someone answers it, before the homeserver's
+    answer to the bot's send reaches the bot (a loaded homeserver, a slow link): the
+    bot's sync then brings an answer to a message it does not know yet."""
+    client = setup.bot._client  # matrix-nio's client: the homeserver's side is slowed
+    send = client.room_send
+    held = 4.0 * FACTOR
+
+    async def slow_answer(*args: Any, **kwargs: Any) -> Any:
+        result = await send(*args, **kwargs)
+        await asyncio.sleep(held)  # the event is in the room; its answer is late
+        return result
+
+    client.room_send = slow_answer
+    uplink = setup.sled(make_uplink)
+    outcome = uplink.request_permission("Bash", {"command": "make"}, request_id=f"r-early-{how}")
+    post = setup.posted(f"r-early-{how}")
+    sent_at = time.monotonic()
+    if how == "reply":
+        setup.hs.alice.reply(setup.room, post["event_id"], "approve")
+    else:
+        setup.hs.alice.react(setup.room, post["event_id"], "✅")
+    assert time.monotonic() - sent_at < held, "answered too late to test the early path"
+    assert outcome.result(T).decision is Decision.APPROVE
+    assert by_of(setup.gw, f"r-early-{how}") == f"approve by matrix:{ALICE}"
 
 
 def test_an_operator_answers_by_reaction(setup: Setup, make_uplink: Callable[..., Uplink]) -> None:

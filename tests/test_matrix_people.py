@@ -338,9 +338,12 @@ def test_run_gateway_with_access_and_no_allow_list(
             "the post of r-cli",
         )
         attempt = mallory.reply(room, post["event_id"], "approve")
-        refusal = alice.wait_event(
-            room, lambda e: e["sender"] == BOT and reply_to(e) == attempt, T, "the refusal"
-        )
+        try:
+            refusal = alice.wait_event(
+                room, lambda e: e["sender"] == BOT and reply_to(e) == attempt, T, "the refusal"
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the gateway's output:\n{text()}") from None
         assert "not a known person" in body(refusal)
         assert not outcome.done()
         alice.reply(room, post["event_id"], "approve")

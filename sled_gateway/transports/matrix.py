@@ -102,6 +102,9 @@ REFUSAL_INTERVAL_S = 60.0  # at most one refusal per outsider in this time
 _NIO_LOGGERS = ("nio", "aiohttp", "peewee")
 _EVENT_MEMORY = 10_000
 _REFUSED_MEMORY = 10_000
+#: Answers to a message the bot has not yet heard back about from the homeserver,
+#: held until it has (bounded: a flood of replies to unknown messages is dropped).
+_EARLY_MEMORY = 100
 _FIRST_SYNC_FILTER = {"room": {"timeline": {"limit": 1}}, "presence": {"types": []}}
 
 
@@ -580,6 +583,11 @@ class MatrixTransport:
         self._by_event: OrderedDict[str, Shown] = OrderedDict()
         self._refused: OrderedDict[str, float] = OrderedDict()  # outsider → last refusal
         self._edits_due: list[tuple[str, str]] = []  # (our message, its outcome line)
+        # The room can show our post, and someone answer it, before the homeserver's
+        # answer to our send reaches us: answers to an unknown message that come while
+        # a send is in flight wait for it (sender, their event, our message, decision, thread).
+        self._sending = 0
+        self._early: list[tuple[str, str, str, Decision | None, str | None]] = []
         self._live = False  # past the first sync: events are new, act on them
         self._room_id: str | None = None
         self._client: Any = None
@@ -914,14 +922,31 @@ class MatrixTransport:
             except Exception as exc:
                 # The sync loop notices a dead homeserver; catch_up re-posts then.
                 log.warning("matrix: could not {} ({})", kind, _why(exc))
+            await self._answer_early()
+
+    async def _answer_early(self) -> None:
+        """Answer what came before our send's result: now to a message we know, or never."""
+        early, self._early = self._early, []
+        for sender, event_id, target, decision, thread in early:
+            if target in self._by_event:
+                try:
+                    await self._answer(sender, event_id, target, decision, thread)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("matrix: could not handle message {}", event_id)
 
     async def _send(self, content: dict[str, Any]) -> str:
         from nio import RoomSendResponse
 
         assert self._room_id is not None
-        resp = await self._client.room_send(
-            self._room_id, "m.room.message", content, ignore_unverified_devices=True
-        )
+        self._sending += 1
+        try:
+            resp = await self._client.room_send(
+                self._room_id, "m.room.message", content, ignore_unverified_devices=True
+            )
+        finally:
+            self._sending -= 1
         if not isinstance(resp, RoomSendResponse):
             raise _SyncFailed(getattr(resp, "message", str(resp)))
         self.posts += 1
@@ -1006,24 +1031,35 @@ class MatrixTransport:
             return
         content = event.source.get("content", {})
         target = replied_to(content) if isinstance(content, dict) else None
-        if target is None or target not in self._by_event:
+        if target is None:
             return
-        await self._answer(
-            event.sender, event.event_id, target, parse_reply(event.body), thread_of(content)
-        )
+        decision, thread = parse_reply(event.body), thread_of(content)
+        if target not in self._by_event:
+            self._hold_early(event.sender, event.event_id, target, decision, thread)
+            return
+        await self._answer(event.sender, event.event_id, target, decision, thread)
 
     async def _handle_reaction(self, room: Any, event: Any) -> None:
         if not self._ours(room, event):
             return
         target = event.reacts_to
-        if target not in self._by_event:
-            return
         key = event.key.replace("\ufe0f", "")
         decision = REACTIONS.get(key)
         if decision is None:
             return
         # A refusal answers the reacted-to message (replying to a reaction shows badly).
+        if target not in self._by_event:
+            self._hold_early(event.sender, target, target, decision, None)
+            return
         await self._answer(event.sender, target, target, decision)
+
+    def _hold_early(
+        self, sender: str, event_id: str, target: str, decision: Decision | None, thread: str | None
+    ) -> None:
+        """Keep an answer to a message we do not know while a send of ours is in flight:
+        that message may be the one being sent (see ``_early``)."""
+        if self._sending and len(self._early) < _EARLY_MEMORY:
+            self._early.append((sender, event_id, target, decision, thread))
 
     async def _answer(
         self,
