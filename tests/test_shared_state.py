@@ -43,6 +43,7 @@ from websockets.asyncio.client import connect
 from sled_gateway import Gateway
 from sled_gateway.auth.console import SESSION_CACHE_S
 from sled_gateway.sharing import RULES_SWEEP_S
+from sled_gateway.store.postgresql import COMMIT_GRACE_S, OPERATION_TIMEOUT_S
 from tests.conftest import eventually
 from tests.support import nats as nats_support
 from tests.support.nats import NatsServer
@@ -110,14 +111,16 @@ def two(pg_url: str, nats_server: NatsServer) -> Iterator[list[Replica]]:
 # -- a browser behind the load balancer ----------------------------------------------
 
 
-def as_browser_of(front: Replica, to: Replica, session: str | None = None) -> httpx.Client:
+def as_browser_of(
+    front: Replica, to: Replica, session: str | None = None, timeout: float = T
+) -> httpx.Client:
     """A client that talks to ``to``'s socket as a browser addressing ``front`` does."""
     cookies = {f"sled_gateway_{front.port}": session} if session is not None else {}
     return httpx.Client(
         base_url=to.url,
         headers={"Host": f"127.0.0.1:{front.port}", "Origin": front.url, **JSON},
         cookies=cookies,
-        timeout=T,
+        timeout=timeout,
     )
 
 
@@ -131,8 +134,8 @@ def open_console(front: Replica, to: Replica) -> str:
         return session
 
 
-def status(front: Replica, to: Replica, session: str) -> int:
-    with as_browser_of(front, to, session) as browser:
+def status(front: Replica, to: Replica, session: str, timeout: float = T) -> int:
+    with as_browser_of(front, to, session, timeout) as browser:
         return browser.get("/api/me").status_code
 
 
@@ -408,15 +411,18 @@ def test_with_the_database_away_no_session_is_opened_or_honoured_and_none_is_a_5
     a, b = two
     session = open_console(a, a)
     postgres.stop()
+    # A store operation may take its whole bound (OPERATION_TIMEOUT_S and the commit's
+    # grace) to give up on a database that went away; the browser waits longer than that.
+    patience = OPERATION_TIMEOUT_S + COMMIT_GRACE_S + T
     try:
-        with as_browser_of(a, b) as browser:
+        with as_browser_of(a, b, timeout=patience) as browser:
             response = browser.get("/", params={"token": OPERATOR})
             assert response.status_code == 503, response.text
             assert not response.cookies
         # Past the cache bound, a session the database cannot confirm opens nothing.
         time.sleep(SESSION_CACHE_S + 0.2)
-        assert status(a, b, session) == 401
-        with as_browser_of(a, a, session) as browser:
+        assert status(a, b, session, patience) == 401
+        with as_browser_of(a, a, session, timeout=patience) as browser:
             # Logout needs a session the guard can confirm: refused, nothing half-done.
             assert browser.post("/logout", json={}).status_code == 401
     finally:
