@@ -259,8 +259,8 @@ def test_a_hostile_page_on_another_port_cannot_act_for_the_console(
     before = rules(gw)
     page.goto(gw.console_url())  # the operator is logged in to the console in this browser
     page.wait_for_selector(f'.card[data-req-id="{REQ_ID}"]', timeout=UI_WAIT_MS)
-    # The console's own late loads (its manifest, icons, service worker) answer 200 and are
-    # not the attack's: leave it for a blank page before listening.
+    # The console's own late loads (its API reads, an icon) answer 200 and are not the
+    # attack's: leave it for a blank page before listening.
     page.goto("about:blank")
     # The page cannot read the answers (CORP blocks them for it); the browser's log shows
     # that the requests went, and the gateway's state that none of them did anything.
