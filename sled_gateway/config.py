@@ -461,7 +461,8 @@ class GatewayConfig:
         2.0,
         "--sweep-interval",
         "replicas on a shared database: how often each renews its lease, releases dead "
-        "replicas, delivers decisions made elsewhere and re-reads the fleet",
+        "replicas, delivers decisions made elsewhere and re-reads the fleet (on every "
+        "sweep while the bus is away, else on one in 15)",
         rule=positive_seconds,
     )
     max_connections: int = option(

@@ -22,6 +22,15 @@ undelivered, each audited), withdraws this replica's own requests whose session
 is gone (a withdrawal that failed to commit), delivers what is decided for this
 replica, and re-reads the fleet. A reconnected bus triggers the same at once.
 
+The whole fleet is read by every sweep only while rings may be missing: the bus
+is away, or it reaches no other process (the in-process bus), or the last read
+or ring failed. Otherwise rings carry each change and one sweep in
+:data:`FULL_READ_EVERY` reads it all, to bound what a dropped ring can leave
+stale. A replica whose bus comes back rings the whole fleet, for the rings it
+may have lost on the way out. At 10,000 sleds one whole read costs about 45 ms
+of the store's writer thread and 10 ms of the event loop (docs/benchmarks.md),
+which every commit behind it waited for.
+
 A holder sends a ``perm_response`` only for a row the store says is ``decided``
 (this replica's own decisions are sent right after their compare-and-set
 commits; another replica's, from its sealed ring, which it sends only after its
@@ -86,6 +95,10 @@ GIVE_UP_TIMEOUT = 3.0
 #: Rows named by rings since the last re-read above which one read of the whole fleet
 #: is cheaper than reading each.
 REREAD_ALL_ABOVE = 500
+#: With the bus connected, one sweep in this many re-reads the whole fleet (30 s at the
+#: default ``--sweep-interval``): the bound on how long a dropped ring leaves the read
+#: model stale. Decisions never depend on it: they are made against the store.
+FULL_READ_EVERY = 15
 #: Decisions at most waiting at once for the ring of their request (each a short wait).
 MAX_AWAITED = 1_000
 #: How many delivered requests a replica remembers, so none is sent twice.
@@ -202,6 +215,13 @@ class Replicas:
         self._dirty_sleds: set[str] = set()
         self._dirty_requests: set[tuple[str, str]] = set()
         self._awaited: dict[tuple[str, str], asyncio.Event] = {}
+        #: The next sweep reads the whole fleet: a read or a sweep failed, or rings may
+        #: have been missed (so from the start, until the first whole read).
+        self._full_read_due = True
+        self._sweeps_since_full_read = 0
+        #: A ring of this replica's could not be sent: the next sweep on a connected bus
+        #: rings the whole fleet.
+        self._ring_lost = False
         self.deliver = _Coalesced(self._deliver, "delivering decisions")
         self._delivery_key: bytes | None = None
         events.subscribe(SledUp, self._sled_up)
@@ -290,7 +310,8 @@ class Replicas:
             message["requests"] = [list(request)]
         try:
             self.bus.publish(CHANGED, message)
-        except Exception as exc:  # a lost ring only delays: the sweep re-reads
+        except Exception as exc:  # a lost ring only delays: a sweep rings again
+            self._ring_lost = True
             log.debug("ring not sent: {}", exc)
 
     def ring_holder(self, item: PendingPermission, record: DecisionRecord) -> None:
@@ -424,7 +445,11 @@ class Replicas:
         requests, self._dirty_requests = self._dirty_requests, set()
         if not projects and not requests:
             return
-        sleds, rows = await self.store.fleet_part(projects, requests)
+        try:
+            sleds, rows = await self.store.fleet_part(projects, requests)
+        except Exception:
+            self._full_read_due = True  # those rows are read with all the others
+            raise
         mono = time.monotonic()
         before = self._remote_items() if requests else {}
         self.state.update_fleet(
@@ -468,9 +493,11 @@ class Replicas:
                 del self._awaited[key]
 
     def _reconnected(self) -> None:
-        # Rings may have been lost while the bus was away.
+        # Rings may have been lost while the bus was away, both ways: this replica
+        # re-reads, and tells the others to.
         self.resync()
         self.deliver()
+        self.ring()
 
     # -- sleds ------------------------------------------------------------------------------
 
@@ -581,6 +608,7 @@ class Replicas:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self._full_read_due = True
                 log.warning("sweep failed: {}", exc)
 
     async def sweep(self) -> None:
@@ -603,7 +631,16 @@ class Replicas:
             )
             self.ring()
         await self._deliver()
-        await self._resync()
+        self._sweeps_since_full_read += 1
+        if (
+            self._full_read_due
+            or not self.bus.connected
+            or self._sweeps_since_full_read >= FULL_READ_EVERY
+        ):
+            await self._resync()
+        if self._ring_lost and self.bus.connected:
+            self._ring_lost = False
+            self.ring()
 
     async def _deliver(self) -> None:
         """Send the answers of requests held here that another replica decided."""
@@ -615,7 +652,10 @@ class Replicas:
             await self._send_decided(item_of(row), decision, record_of(row))
 
     async def _resync(self) -> None:
+        self._full_read_due = True  # until this read is in
         sleds, pending = await self.store.fleet()
+        self._full_read_due = False
+        self._sweeps_since_full_read = 0
         mono = time.monotonic()
         hub = self.hub
         others = [

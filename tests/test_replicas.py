@@ -500,3 +500,51 @@ def test_a_sealed_delivery_ring_is_sent_without_a_read_and_a_forged_one_is_not_b
             await bus.close()
 
     asyncio.run(scenario())
+
+
+def test_with_the_bus_up_rings_carry_changes_and_the_whole_fleet_is_read_only_while_it_is_away(
+    replica: Callable[..., Gateway], nats_server: NatsServer
+) -> None:
+    """At 10,000 sleds one read of the whole fleet holds the store's writer for about
+    45 ms: with the bus up, a sweep must not make one, and the rings keep B current."""
+    from sled_gateway.replicas import FULL_READ_EVERY
+
+    a, b = replica(), replica()
+    assert b.replicas is not None and b.store is b.replicas.store
+    fleet_reads = 0
+    real_fleet = b.store.fleet
+
+    async def counted_fleet() -> Any:
+        nonlocal fleet_reads
+        fleet_reads += 1
+        return await real_fleet()
+
+    quiet_sweeps = FULL_READ_EVERY - 3
+    assert quiet_sweeps >= 4, "the bound leaves too few sweeps to tell"
+
+    async def scenario() -> tuple[int, int]:
+        # The first sweeps read it all (nothing is known yet): let them pass.
+        await asyncio.sleep(2 * SWEEP)
+        b.store.fleet = counted_fleet  # type: ignore[method-assign]
+        started = time.monotonic()
+        async with sled(a, "rung") as ws:
+            await ws.send(perm_request("q1"))
+            await asyncio.to_thread(b.wait_for, lambda _s: listed(b, "rung", "q1"), T)
+            await asyncio.sleep(max(0.0, quiet_sweeps * SWEEP - (time.monotonic() - started)))
+            reads_with_the_bus = fleet_reads
+
+            await asyncio.to_thread(nats_server.stop)
+            deadline = time.monotonic() + T
+            while fleet_reads - reads_with_the_bus < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(SWEEP / 5)
+            reads_without = fleet_reads - reads_with_the_bus
+            await asyncio.to_thread(nats_server.start)
+        return reads_with_the_bus, reads_without
+
+    with_the_bus, without = asyncio.run(asyncio.wait_for(scenario(), 6 * T))
+    # Its whole-fleet reads in ~quiet_sweeps sweeps: none were due (a loaded machine may
+    # stretch a sweep, never add one; one late read of the start is allowed), where a
+    # sweep that re-reads everything makes one each.
+    assert with_the_bus <= 1, f"{with_the_bus} whole-fleet reads with the bus up"
+    # With the bus away no ring can arrive: every sweep reads it all again.
+    assert without >= 2, f"{without} whole-fleet reads in {T:g} s with the bus away"

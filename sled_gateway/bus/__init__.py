@@ -88,6 +88,13 @@ class Bus(Protocol):
         """Answer requests to ``subject`` (one server per subject; the newest wins);
         returns the call that stops serving (a no-op once a newer server took over)."""
 
+    @property
+    def connected(self) -> bool:
+        """True while what is published here reaches the other processes subscribed (a
+        network bus, connected). Always False for the in-process bus, which reaches no
+        other process: replicas on a shared database that use it learn of each other's
+        changes only by reading the database."""
+
     def on_reconnect(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback()`` each time a network bus is connected again after a loss
         (messages may have been lost meanwhile: re-read the database); returns the

@@ -65,6 +65,11 @@ class LocalBus:
 
         return stop
 
+    @property
+    def connected(self) -> bool:
+        """It reaches no other process (see :attr:`Bus.connected`)."""
+        return False
+
     def on_reconnect(self, callback: Callable[[], None]) -> Callable[[], None]:
         """One process never loses its bus: ``callback`` is never called."""
         return lambda: None
