@@ -24,7 +24,7 @@ replica, and re-reads the fleet. A reconnected bus triggers the same at once.
 
 The whole fleet is read by every sweep only while rings may be missing: the bus
 is away, or it reaches no other process (the in-process bus), or the last read
-or ring failed. Otherwise rings carry each change and one sweep in
+failed. Otherwise rings carry each change and one sweep in
 :data:`FULL_READ_EVERY` reads it all, to bound what a dropped ring can leave
 stale. A replica whose bus comes back rings the whole fleet, for the rings it
 may have lost on the way out. At 10,000 sleds one whole read costs about 45 ms
@@ -219,9 +219,6 @@ class Replicas:
         #: have been missed (so from the start, until the first whole read).
         self._full_read_due = True
         self._sweeps_since_full_read = 0
-        #: A ring of this replica's could not be sent: the next sweep on a connected bus
-        #: rings the whole fleet.
-        self._ring_lost = False
         self.deliver = _Coalesced(self._deliver, "delivering decisions")
         self._delivery_key: bytes | None = None
         events.subscribe(SledUp, self._sled_up)
@@ -310,8 +307,7 @@ class Replicas:
             message["requests"] = [list(request)]
         try:
             self.bus.publish(CHANGED, message)
-        except Exception as exc:  # a lost ring only delays: a sweep rings again
-            self._ring_lost = True
+        except Exception as exc:  # a lost ring only delays: a whole read catches it
             log.debug("ring not sent: {}", exc)
 
     def ring_holder(self, item: PendingPermission, record: DecisionRecord) -> None:
@@ -638,9 +634,6 @@ class Replicas:
             or self._sweeps_since_full_read >= FULL_READ_EVERY
         ):
             await self._resync()
-        if self._ring_lost and self.bus.connected:
-            self._ring_lost = False
-            self.ring()
 
     async def _deliver(self) -> None:
         """Send the answers of requests held here that another replica decided."""
