@@ -198,7 +198,11 @@ class PostgresServer:
             return []
         found = [self._proc.pid]
         for pid in found:  # grows while walked: children of children too
-            for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:  # a backend may exit while it is walked
+                tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            except OSError:
+                continue
+            for task in tasks:
                 try:
                     found += [int(c) for c in (task / "children").read_text().split()]
                 except OSError:

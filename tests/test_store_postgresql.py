@@ -11,20 +11,22 @@ from __future__ import annotations
 import asyncio
 import functools
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, event, text
 
 from actors import Uplink
 from protocol import Decision
 from sled_gateway import Gateway
 from sled_gateway.store import AlreadyRecorded, AuditEntry, Rule, Store, StoreError, make_store
-from sled_gateway.store.sql import SCHEMA_VERSION
+from sled_gateway.store.sql import PING_AFTER_IDLE_S, SCHEMA_VERSION
 from tests.pg import PG_BIN, PostgresServer
 from tests.test_gateway import TOKEN, T, pending_ids, perm_request, recv, run, sled, wait_state
 from tests.test_store import audit_rows
@@ -120,6 +122,48 @@ def test_a_connection_killed_between_two_quick_operations_is_replaced_unseen(pg_
         run(scenario())
         assert count_rows(pg_url, "killed") == 2
     finally:
+        killer.dispose()
+        store.close()
+
+
+def test_a_connection_ended_between_the_pings_two_statements_leaves_the_writer_serving(
+    pg_url: str,
+) -> None:
+    # The writer pings a connection idle for a while: SELECT 1, then ROLLBACK. The server
+    # can end the connection between the two (a fast shutdown, pg_terminate_backend), so
+    # that the ROLLBACK is what fails. That failure must cost at most the batch, never
+    # the writer thread: without it, no operation is answered again, even once the
+    # server is back. The backend is ended for real, right after the ping's SELECT 1
+    # (SQLAlchemy's public cursor events mark the moment).
+    store = make_store(pg_url).open()
+    killer = create_engine(make_store(pg_url).url, isolation_level="AUTOCOMMIT")
+    armed = threading.Event()
+    ended: list[int] = []
+
+    def end_the_backend(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement != "SELECT 1" or not armed.is_set():
+            return
+        armed.clear()
+        pid = conn.connection.dbapi_connection.info.backend_pid
+        with killer.connect() as other:
+            other.execute(text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": pid})
+        ended.append(pid)
+
+    event.listen(Engine, "after_cursor_execute", end_the_backend)
+    try:
+
+        async def scenario() -> None:
+            await store.rules()
+            await asyncio.sleep(PING_AFTER_IDLE_S + 0.3)  # so that the next batch pings first
+            armed.set()
+            assert await asyncio.wait_for(store.rules(), 2 * T) == []
+            assert ended, "the ping's SELECT 1 was not seen"
+            await asyncio.wait_for(store.record(entry("after", project="pinged")), 2 * T)
+
+        run(scenario())
+        assert count_rows(pg_url, "pinged") == 1
+    finally:
+        event.remove(Engine, "after_cursor_execute", end_the_backend)
         killer.dispose()
         store.close()
 

@@ -60,7 +60,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import URL, CursorResult, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.pool import NullPool
 from sqlalchemy.types import TypeEngine
 
@@ -93,6 +99,16 @@ _MAX_BATCH = 512
 #: A server connection idle this long is pinged before its next batch (see
 #: SqlStore._answered_lately).
 PING_AFTER_IDLE_S = 1.0
+
+
+def _drop(conn: Connection) -> None:
+    """Invalidate ``conn`` and end its transaction, without a round trip: its next
+    statement runs on a new connection."""
+    with contextlib.suppress(SQLAlchemyError):
+        if not conn.invalidated:
+            conn.invalidate()
+    with contextlib.suppress(SQLAlchemyError):
+        conn.rollback()  # on an invalidated connection this only forgets the transaction
 
 
 def _connection_lost(error: BaseException) -> bool:
@@ -682,10 +698,11 @@ class SqlStore(fleet.FleetStore, shared.SharedState):
         answered = self._answered_at
         return answered is not None and time.monotonic() - answered < PING_AFTER_IDLE_S
 
-    def _ping_reconnecting(self, conn: Connection) -> DBAPIError | None:
+    def _ping_reconnecting(self, conn: Connection) -> SQLAlchemyError | None:
         """A ping, a dead connection replaced first: None if the server answers."""
+        connected = not conn.invalidated  # else the ping itself is a new connection's
         error = self._ping(conn)
-        if error is not None and error.connection_invalidated:
+        if error is not None and connected:
             log.warning("store connection to {} lost; reconnecting", self.location)
             error = self._ping(conn)  # on a new connection
         return error
@@ -704,13 +721,20 @@ class SqlStore(fleet.FleetStore, shared.SharedState):
         return False
 
     @staticmethod
-    def _ping(conn: Connection) -> DBAPIError | None:
+    def _ping(conn: Connection) -> SQLAlchemyError | None:
+        """``SELECT 1`` and its ``ROLLBACK``: None if the server answered both.
+
+        Never raises: the server can end the connection between the two (a fast
+        shutdown, ``pg_terminate_backend``), and an exception here would end the
+        writer thread, after which no operation is answered again. A connection that
+        failed either statement is dropped, so that the next one is new.
+        """
         try:
             conn.exec_driver_sql("SELECT 1")
-        except DBAPIError as exc:
-            conn.rollback()  # no round trip: the connection is gone (or was never made)
+            conn.rollback()
+        except SQLAlchemyError as exc:
+            _drop(conn)
             return exc
-        conn.rollback()
         return None
 
     def _run_batch(self, conn: Connection, batch: list[_Op], *, unpinged: bool = False) -> bool:
