@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pykka
@@ -20,11 +21,27 @@ from actors import Uplink, UplinkConfig
 from actors.logsetup import configure_logging
 from sled_gateway import Gateway as ReferenceGateway
 from tests.pg import pg_url, postgres  # noqa: F401  (fixtures for every test file)
+from tests.support import proc
 from tests.support.browser import browser, page  # noqa: F401  (the browser tests' fixtures)
 from tests.support.claude import Decider
 from tests.support.gateway import Gateway
 
 TIME_FACTOR = float(os.environ.get("SLED_TEST_TIME_FACTOR", "1"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report shows what each process it started logged: a gateway that
+    stopped answering says why only there (its log is otherwise read by nobody)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for process in proc.STARTED:
+            tail = process.out["stderr"][-proc.REPORTED_TAIL :]
+            argv = " ".join(Path(str(a)).name for a in process.proc.args[:2])
+            report.sections.append((f"stderr of {argv} (pid {process.proc.pid})", tail))
+    if call.when == "teardown":
+        proc.STARTED.clear()
 
 
 def scaled(seconds: float) -> float:

@@ -106,8 +106,6 @@ def two(pg_url: str, nats_server: NatsServer) -> Iterator[list[Replica]]:
     yield made
     for replica in made:
         replica.kill()
-        # Shown only when the test fails: what each replica logged, to tell why.
-        print(f"--- replica on port {replica.port} ---\n{replica.out['stderr'][-6000:]}")
 
 
 # -- a browser behind the load balancer ----------------------------------------------

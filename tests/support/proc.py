@@ -16,6 +16,12 @@ import subprocess
 import threading
 from pathlib import Path
 
+#: Every process started since the running test's setup began: when the test fails, its
+#: report carries the tail of each one's stderr (``pytest_runtest_makereport`` in conftest).
+STARTED: list[WatchedProcess] = []
+#: How much of each process's stderr a failed test's report shows.
+REPORTED_TAIL = 6000
+
 
 class WatchedProcess:
     def __init__(
@@ -31,6 +37,7 @@ class WatchedProcess:
             stderr=subprocess.PIPE,
         )
         self.out = {"stdout": "", "stderr": ""}
+        STARTED.append(self)
         self._cond = threading.Condition()
         self._pumps = [
             threading.Thread(target=self._pump, args=(name,), daemon=True)
