@@ -5,9 +5,10 @@
   their undocumented internals) is the kind of dependency a minor release
   breaks silently, and some of these guard security (fail-closed) paths.
 - ``sled_gateway/`` holds to the same rule for every library it uses, with one
-  exception: ``uvicorn_adapter.py``, which names each uvicorn internal it
-  needs and whose uses ``tests/test_uvicorn_adapter.py`` checks against the
-  installed uvicorn. The slowloris defences both servers share have no public
+  exception each for uvicorn and nats-py: ``uvicorn_adapter.py`` and
+  ``bus/nats_adapter.py`` name each internal they need, and
+  ``tests/test_uvicorn_adapter.py`` and ``tests/test_nats_adapter.py`` check
+  those uses against the installed library. The slowloris defences both servers share have no public
   hook either: ``actors/http_guard.py`` is their one module, held to the same
   rule.
 - No import cycles among the actor modules; ``actors.permissions`` can be
@@ -46,9 +47,9 @@ INTERNALS = {
     "drain_waiters",
 }
 GATEWAY = sorted((ROOT / "sled_gateway").rglob("*.py"))
-# The one gateway module allowed past uvicorn's documented API.
-ADAPTER_NAME = "uvicorn_adapter.py"
-GATEWAY_CHECKED = [p for p in GATEWAY if p.name != ADAPTER_NAME]
+# The gateway modules allowed past a library's public API: uvicorn's, nats-py's.
+ADAPTER_NAMES = {"uvicorn_adapter.py", "nats_adapter.py"}
+GATEWAY_CHECKED = [p for p in GATEWAY if p.name not in ADAPTER_NAMES]
 GATEWAY_LIBRARIES = (
     "uvicorn",
     "h11",
@@ -65,6 +66,7 @@ GATEWAY_LIBRARIES = (
     "sqlalchemy",
     "alembic",
     "prometheus_client",
+    "nats",
 )
 # Libraries whose public API is what the top-level package exports (``__all__``):
 # their submodules (``uvicorn.protocols...``, ``h11._connection``) are internals.
@@ -297,11 +299,12 @@ def test_the_gateway_scan_finds_what_it_is_for(tmp_path: Path) -> None:
         assert any(expected in f for f in found), (expected, found)
 
 
-def test_the_uvicorn_adapter_is_one_module_naming_what_it_uses() -> None:
-    (adapter,) = [p for p in GATEWAY if p.name == ADAPTER_NAME]
+@pytest.mark.parametrize("adapter_name", sorted(ADAPTER_NAMES))
+def test_each_adapter_is_one_module_naming_what_it_uses(adapter_name: str) -> None:
+    (adapter,) = [p for p in GATEWAY if p.name == adapter_name]
     docstring = ast.get_docstring(ast.parse(adapter.read_text())) or ""
     uses = gateway_private_uses([adapter])
-    assert uses, "the adapter no longer needs uvicorn's internals: fold it back in"
+    assert uses, "the adapter no longer needs its library's internals: fold it back in"
     for use in uses:
         name = use.split(": ", 1)[1].split(" (")[0].removeprefix("from ").lstrip(".")
         assert name in docstring, f"{use}: not named in the adapter's docstring"

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import pytest
 
-from sled_gateway.bus import Bus, Message, NoResponders, escape_token, sled_subject
+from sled_gateway.bus import NOT_SENT, Bus, Message, NoResponders, escape_token, sled_subject
 from sled_gateway.bus.local import LocalBus
 from tests.support import nats as nats_support
 from tests.support.nats import NatsServer
@@ -284,6 +285,94 @@ def test_a_request_on_one_replica_reaches_the_holder_on_another(nats_server: Nat
         asyncio.run(scenario())
     finally:
         a.close()
+        b.close()
+
+
+async def _burst_across(
+    asker: NatsBus, subject: str, stop: Callable[[], object], requests: int = 40
+) -> Counter[str]:
+    """``requests`` requests from ``asker``, 0.2 ms apart, with ``stop()`` 4 ms into them:
+    what each got (a reply, its error word, no holder, or nothing within its timeout)."""
+    outcomes: Counter[str] = Counter()
+
+    async def one(delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            reply = await asyncio.wait_for(asker.request(subject, {"body": "x"}, 1.0), 3.0)
+        except NoResponders:
+            outcomes["no holder"] += 1
+        except TimeoutError:
+            outcomes["unanswered"] += 1
+        else:
+            outcomes[str(reply.get("error", "answered"))] += 1
+
+    asking = [asyncio.create_task(one(i * 0.0002)) for i in range(requests)]
+    await asyncio.sleep(0.004)
+    await asyncio.to_thread(stop)
+    await asyncio.gather(*asking)
+    return outcomes
+
+
+def test_a_request_routed_to_a_holder_as_it_stops_is_answered_not_dropped(
+    nats_server: NatsServer,
+) -> None:
+    """The server routes a request to the old holder until it has read its UNSUB. nats-py
+    forgets a subscription the moment it is unsubscribed and drops what arrives for it
+    after: its requester heard nothing until its timeout (an MCP relay's 504 while its
+    sled moved between replicas). Each must be answered, or find no holder."""
+    a, b = nats_bus(nats_server.url), nats_bus(nats_server.url)
+    a.open()
+    b.open()
+    try:
+
+        async def scenario() -> Counter[str]:
+            async def echo(message: Message) -> Message:
+                return {"echo": message["body"]}
+
+            total: Counter[str] = Counter()
+            for _ in range(10):
+                stop = a.serve("sled.moving.mcp", echo)
+                await asyncio.sleep(0.05)
+                total += await _burst_across(b, "sled.moving.mcp", stop)
+            return total
+
+        outcomes = asyncio.run(scenario())
+        assert outcomes["unanswered"] == 0, outcomes
+        assert set(outcomes) <= {"answered", NOT_SENT, "no holder"}, outcomes
+        assert outcomes["answered"] and outcomes["no holder"], outcomes  # the burst spanned it
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_request_routed_to_a_bus_as_it_closes_is_answered_not_dropped(
+    nats_server: NatsServer,
+) -> None:
+    """The same at a replica's exit: its bus closes while requests still reach it."""
+    b = nats_bus(nats_server.url)
+    b.open()
+    try:
+
+        async def scenario() -> Counter[str]:
+            async def echo(message: Message) -> Message:
+                return {"echo": message["body"]}
+
+            total: Counter[str] = Counter()
+            for _ in range(5):
+                a = nats_bus(nats_server.url)
+                a.open()
+                try:
+                    a.serve("sled.leaving.mcp", echo)
+                    await asyncio.sleep(0.05)
+                    total += await _burst_across(b, "sled.leaving.mcp", a.close)
+                finally:
+                    a.close()
+            return total
+
+        outcomes = asyncio.run(scenario())
+        assert outcomes["unanswered"] == 0, outcomes
+        assert set(outcomes) <= {"answered", NOT_SENT, "no holder"}, outcomes
+    finally:
         b.close()
 
 

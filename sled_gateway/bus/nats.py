@@ -35,6 +35,19 @@ socket answers instead of a random replica's dead one. The request carries
 its timeout (header ``Sled-Timeout``) and the server cancels its responder
 after it, as the local bus does.
 
+**Stopping** drains the subscription instead of dropping it (through
+:mod:`sled_gateway.bus.nats_adapter`, which orders nats-py's drain): NATS routes a
+request to a holder until it has read the holder's ``UNSUB``, and nats-py
+forgets an unsubscribed subscription at once, dropping what arrives after, so
+that requester would hear nothing until its timeout (a relay's 504 while its
+sled moves between replicas). Until a ``PING``'s ``PONG`` confirms the
+``UNSUB`` (one round trip), a request routed there is answered ``not_sent``
+(retry: nothing was sent to a sled); closing the bus drains the whole
+connection the same way. After that, or if the drain fails, a stale
+subscription answers nothing: were its sled held elsewhere by then, a "not
+sent" could beat that holder's real answer and invite a retry that runs the
+call twice.
+
 A request to a subject this replica serves itself is a direct call of its
 responder (no NATS hop, as on the local bus; it works while NATS is away).
 So a replica still holding a half-open session of a sled that has moved asks
@@ -52,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import json
 import re
@@ -67,6 +81,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from sled_gateway.bus import (
+    NOT_SENT,
     TOO_LARGE,
     BusError,
     BusUnavailable,
@@ -77,12 +92,16 @@ from sled_gateway.bus import (
     Responder,
     escape_token,
 )
+from sled_gateway.bus.nats_adapter import drain_subscription
 from sled_gateway.config import redact_userinfo
 
 log = logger.bind(actor="gateway")
 
 _SAFE_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 TIMEOUT_HEADER = "Sled-Timeout"
+#: How long a stopped subscription waits for the server to confirm its UNSUB.
+_DRAIN_S = 2.0
+_NOT_SENT_REPLY = json.dumps({"error": NOT_SENT}).encode("utf-8")
 
 
 def nats_subject(subject: str) -> str:
@@ -128,9 +147,21 @@ class _Served:
     subject: str
     server: _Server
     sub: Subscription | None = None
+    # Stopped, and its UNSUB not yet confirmed by the server: what NATS routed here
+    # meanwhile is answered "not sent" (nats-py would drop it after a plain unsubscribe,
+    # and its requester would wait out its whole timeout).
+    draining: bool = False
+    # Stopped: nothing here is answered any more.
+    stopped: bool = False
 
     async def on_request(self, msg: Msg) -> None:
         """nats-py's callback: answer in a task, so a slow responder holds up no other."""
+        if self.stopped:
+            if self.draining and msg.reply:
+                # Inline, so a draining subscription is done once its answers went out.
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.respond(_NOT_SENT_REPLY)
+            return
         task = asyncio.get_running_loop().create_task(self.bus._handle(self, msg))
         self.bus._answering.add(task)
         task.add_done_callback(self.bus._answering.discard)
@@ -229,6 +260,10 @@ class NatsBus:
     async def _disconnect(self) -> None:
         if self._pump is not None:
             self._pump.cancel()
+        # What is still served has lost its sled with this gateway (a sled whose unserve
+        # is still queued among them): from here on a request is answered "not sent".
+        for served in self._served.values():
+            served.stopped = served.draining = True
         # The hub stops before the bus and answers its requests in flight ("stopping"):
         # those answers still go out, then anything left is cancelled.
         answering = set(self._answering)
@@ -240,9 +275,22 @@ class NatsBus:
         self._local.clear()
         try:
             if self._nc is not None:
-                await asyncio.wait_for(self._nc.close(), 3.0)
+                await self._close_connection(self._nc)
         finally:
             await _finish_tasks_left()
+
+    @staticmethod
+    async def _close_connection(nc: Client) -> None:
+        """Drain, then close: a plain close drops unanswered what the server routed here
+        before it saw this connection go, and each of those requesters would wait out
+        its whole timeout."""
+        if nc.is_connected:
+            try:
+                await asyncio.wait_for(nc.drain(), _DRAIN_S)
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.debug("bus: draining the NATS connection: {!r}", exc)
+        if not nc.is_closed:
+            await asyncio.wait_for(nc.close(), 3.0)
 
     def _stop_thread(self) -> None:
         loop, thread = self._loop, self._thread
@@ -461,10 +509,13 @@ class NatsBus:
         if not msg.reply:
             return
         try:
-            await msg.respond(json.dumps(answer, separators=(",", ":")).encode("utf-8"))
-        except nats.errors.MaxPayloadError:
-            log.warning("bus: an answer on {} exceeds NATS's max_payload", subject)
-            await msg.respond(json.dumps({"error": TOO_LARGE}).encode("utf-8"))
+            try:
+                await msg.respond(json.dumps(answer, separators=(",", ":")).encode("utf-8"))
+            except nats.errors.MaxPayloadError:
+                log.warning("bus: an answer on {} exceeds NATS's max_payload", subject)
+                await msg.respond(json.dumps({"error": TOO_LARGE}).encode("utf-8"))
+        except nats.errors.Error as exc:  # the connection closed meanwhile
+            log.debug("bus: the answer on {} could not be sent: {!r}", subject, exc)
 
     async def _start_serving(self, subject: str, server: _Server) -> None:
         assert self._nc is not None
@@ -488,8 +539,40 @@ class NatsBus:
         if served is None or served.server is not server:
             return
         del self._served[subject]
-        if served.sub is not None:
-            await served.sub.unsubscribe()
+        served.stopped = True
+        if served.sub is None:
+            return
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            # Nothing is routed here while disconnected, and a reconnect must not
+            # subscribe it again.
+            with contextlib.suppress(nats.errors.Error):
+                await served.sub.unsubscribe()
+            return
+        # A plain unsubscribe forgets the subscription at once, so a request the server
+        # routed here before it read the UNSUB would be dropped unanswered. Draining
+        # answers those until a PING's PONG shows the server read it; in a task, so one
+        # round trip per sled leaving does not hold up the queue.
+        served.draining = True
+        task = asyncio.get_running_loop().create_task(self._drain_served(served, served.sub))
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+        # One turn of the loop: the drain writes its UNSUB before its first wait, so the
+        # UNSUB still goes out before the next queued operation's command.
+        await asyncio.sleep(0)
+
+    @staticmethod
+    async def _drain_served(served: _Served, sub: Subscription) -> None:
+        try:
+            async with asyncio.timeout(_DRAIN_S):
+                await drain_subscription(sub)
+        except (nats.errors.Error, TimeoutError) as exc:
+            # The connection went away meanwhile. If nats-py still holds the subscription
+            # it answers nothing from now on: were the sled held elsewhere by then, a
+            # "not sent" from here could win over the holder's real answer.
+            log.debug("bus: draining the subscription of {}: {!r}", served.subject, exc)
+        finally:
+            served.draining = False
 
 
 def _call_on(loop: asyncio.AbstractEventLoop | None, call: Callable[[], None]) -> None:
