@@ -275,8 +275,10 @@ class _RollingSled:
 
     def __init__(self, cluster: Cluster, project: str) -> None:
         self.cluster, self.project = cluster, project
-        self.sent: list[str] = []  # req ids, one per session
+        self.sent: list[str] = []  # req ids, one per session that got to send its request
         self.closes: list[tuple[float, int | None, str]] = []  # (when, code, reason)
+        # For each close, the req id its session sent (None: closed before it could).
+        self.sent_in_closed: list[str | None] = []
         self.connected = asyncio.Event()
         self.stop = False
 
@@ -314,6 +316,7 @@ class _RollingSled:
                 continue
             session += 1
             req_id = f"{self.project}-s{session}"
+            sent_before = len(self.sent)
             async with ws:
                 beat = asyncio.create_task(self._heartbeats(ws))
                 try:
@@ -324,6 +327,7 @@ class _RollingSled:
                     beat.cancel()
             self.connected.clear()
             self.closes.append((time.monotonic(), ws.close_code, ws.close_reason or ""))
+            self.sent_in_closed.append(req_id if len(self.sent) > sent_before else None)
             hint = re.search(r"retry_after=(\d+(?:\.\d+)?)", ws.close_reason or "")
             await asyncio.sleep(random.uniform(0, float(hint.group(1)) if hint else 1.0))
 
@@ -419,7 +423,13 @@ def test_rolling_restart_withdraws_every_request_pending_on_a_drained_session(
     rolling_restart: RollingRestart,
 ) -> None:
     sleds = rolling_restart.sleds
-    drained_ids = {s.sent[n] for s in sleds for n, c in enumerate(s.closes) if c[1] == 1012}
+    # A session closed by a drain as it opened never sent its request: nothing to withdraw.
+    drained_ids = {
+        req_id
+        for s in sleds
+        for (_, code, _), req_id in zip(s.closes, s.sent_in_closed, strict=True)
+        if code == 1012 and req_id is not None
+    }
     assert drained_ids
     withdrawn = {r["req_id"] for r in rolling_restart.audit if r["decision"] == "withdrawn"}
     missing = drained_ids - withdrawn
