@@ -151,7 +151,7 @@ class _Served:
     # meanwhile is answered "not sent" (nats-py would drop it after a plain unsubscribe,
     # and its requester would wait out its whole timeout).
     draining: bool = False
-    # Stopped: nothing here is answered any more.
+    # Stopped: its server is not called any more (while draining, "not sent" answers).
     stopped: bool = False
 
     async def on_request(self, msg: Msg) -> None:
