@@ -38,19 +38,15 @@ def settle(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 @pytest.fixture(scope="module")
 def nats_server() -> Iterator[NatsServer]:
-    nats_support.require()
-    server = NatsServer().start()
-    yield server
-    server.cleanup()
+    with nats_support.running_server() as server:
+        yield server
 
 
 @pytest.fixture
 def own_nats_server() -> Iterator[NatsServer]:
     """A server of the test's own, which it may stop and start again."""
-    nats_support.require()
-    server = NatsServer().start()
-    yield server
-    server.cleanup()
+    with nats_support.running_server() as server:
+        yield server
 
 
 def nats_bus(url: str) -> NatsBus:
@@ -313,6 +309,15 @@ async def _burst_across(
     return outcomes
 
 
+async def _echo(message: Message) -> Message:
+    return {"echo": message["body"]}
+
+
+def _assert_each_answered_or_unheld(outcomes: Counter[str]) -> None:
+    assert outcomes["unanswered"] == 0, outcomes
+    assert set(outcomes) <= {"answered", NOT_SENT, "no holder"}, outcomes
+
+
 def test_a_request_routed_to_a_holder_as_it_stops_is_answered_not_dropped(
     nats_server: NatsServer,
 ) -> None:
@@ -326,19 +331,15 @@ def test_a_request_routed_to_a_holder_as_it_stops_is_answered_not_dropped(
     try:
 
         async def scenario() -> Counter[str]:
-            async def echo(message: Message) -> Message:
-                return {"echo": message["body"]}
-
             total: Counter[str] = Counter()
             for _ in range(10):
-                stop = a.serve("sled.moving.mcp", echo)
+                stop = a.serve("sled.moving.mcp", _echo)
                 await asyncio.sleep(0.05)
                 total += await _burst_across(b, "sled.moving.mcp", stop)
             return total
 
         outcomes = asyncio.run(scenario())
-        assert outcomes["unanswered"] == 0, outcomes
-        assert set(outcomes) <= {"answered", NOT_SENT, "no holder"}, outcomes
+        _assert_each_answered_or_unheld(outcomes)
         assert outcomes["answered"] and outcomes["no holder"], outcomes  # the burst spanned it
     finally:
         a.close()
@@ -354,15 +355,12 @@ def test_a_request_routed_to_a_bus_as_it_closes_is_answered_not_dropped(
     try:
 
         async def scenario() -> Counter[str]:
-            async def echo(message: Message) -> Message:
-                return {"echo": message["body"]}
-
             total: Counter[str] = Counter()
             for _ in range(5):
                 a = nats_bus(nats_server.url)
                 a.open()
                 try:
-                    a.serve("sled.leaving.mcp", echo)
+                    a.serve("sled.leaving.mcp", _echo)
                     await asyncio.sleep(0.05)
                     total += await _burst_across(b, "sled.leaving.mcp", a.close)
                 finally:
@@ -370,8 +368,7 @@ def test_a_request_routed_to_a_bus_as_it_closes_is_answered_not_dropped(
             return total
 
         outcomes = asyncio.run(scenario())
-        assert outcomes["unanswered"] == 0, outcomes
-        assert set(outcomes) <= {"answered", NOT_SENT, "no holder"}, outcomes
+        _assert_each_answered_or_unheld(outcomes)
     finally:
         b.close()
 

@@ -33,7 +33,6 @@ from protocol import input_sha256
 from sled_gateway import Gateway as ReferenceGateway
 from tests.history import History, Verdict
 from tests.support import nats as nats_support
-from tests.support.nats import NatsServer
 from tests.support.proc import WatchedProcess
 from tests.test_gateway import api as gw_api
 from tests.test_gateway import pending_ids as gw_pending_ids
@@ -125,10 +124,8 @@ LEASE_S = 3.0
 
 @pytest.fixture
 def nats_url() -> Iterator[str]:
-    nats_support.require()
-    server = NatsServer().start()
-    yield server.url
-    server.cleanup()
+    with nats_support.running_server() as server:
+        yield server.url
 
 
 def replica_options(nats: str) -> tuple[str, ...]:

@@ -37,10 +37,8 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture(scope="module")
 def nats_server() -> Iterator[NatsServer]:
-    nats_support.require()
-    server = NatsServer().start()
-    yield server
-    server.cleanup()
+    with nats_support.running_server() as server:
+        yield server
 
 
 def test_the_installed_nats_py_is_the_pinned_minor_release() -> None:

@@ -78,10 +78,8 @@ class Replica:
 
 @pytest.fixture
 def nats_server() -> Iterator[NatsServer]:
-    nats_support.require()
-    server = NatsServer().start()
-    yield server
-    server.cleanup()
+    with nats_support.running_server() as server:
+        yield server
 
 
 @pytest.fixture

@@ -44,10 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def nats_server() -> Iterator[NatsServer]:
-    nats_support.require()
-    server = NatsServer().start()
-    yield server
-    server.cleanup()
+    with nats_support.running_server() as server:
+        yield server
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ are how a test takes NATS away and brings it back.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pwd
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 BINARY = os.environ.get("SLED_NATS_SERVER", "nats-server")
@@ -111,3 +113,14 @@ class NatsServer:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_server() -> Iterator[NatsServer]:
+    """A started :class:`NatsServer`, removed on exit; skips the caller without one."""
+    require()
+    server = NatsServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
