@@ -41,7 +41,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             argv = " ".join(Path(str(a)).name for a in process.proc.args[:2])
             report.sections.append((f"stderr of {argv} (pid {process.proc.pid})", tail))
     if call.when == "teardown":
-        proc.STARTED.clear()
+        # One still running belongs to a wider fixture (a module's cluster): kept, so a
+        # later test of that module that fails shows its log too.
+        proc.STARTED[:] = [p for p in proc.STARTED if p.proc.poll() is None]
 
 
 def scaled(seconds: float) -> float:

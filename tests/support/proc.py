@@ -16,8 +16,9 @@ import subprocess
 import threading
 from pathlib import Path
 
-#: Every process started since the running test's setup began: when the test fails, its
-#: report carries the tail of each one's stderr (``pytest_runtest_makereport`` in conftest).
+#: Every process started since the running test's setup began, and every one started
+#: before that is still running: when the test fails, its report carries the tail of
+#: each one's stderr (``pytest_runtest_makereport`` in conftest).
 STARTED: list[WatchedProcess] = []
 #: How much of each process's stderr a failed test's report shows.
 REPORTED_TAIL = 6000
