@@ -10,6 +10,7 @@ replicas on one server, NATS stopped and restarted.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 from collections import Counter
@@ -371,6 +372,74 @@ def test_a_request_routed_to_a_bus_as_it_closes_is_answered_not_dropped(
         _assert_each_answered_or_unheld(outcomes)
     finally:
         b.close()
+
+
+async def _defer(_message: Message) -> None:
+    return None
+
+
+def test_a_holder_that_defers_sends_no_reply(nats_server: NatsServer) -> None:
+    """A responder's None is no reply: on NATS the requester hears the other holder (a
+    sled's new replica), from another replica or from the deferring one itself; on one
+    process nobody else holds the subject."""
+    one = LocalBus()
+    one.serve("sled.moved.mcp", _defer)
+    with pytest.raises(NoResponders):
+        asyncio.run(one.request("sled.moved.mcp", {"body": "x"}, 1.0))
+
+    old, new, asker = (nats_bus(nats_server.url) for _ in range(3))
+    for made in (old, new, asker):
+        made.open()
+    try:
+
+        async def scenario() -> list[Message]:
+            async def slow_echo(message: Message) -> Message:
+                await asyncio.sleep(0.05)  # any reply from the old holder would come first
+                return {"echo": message["body"], "from": "new"}
+
+            old.serve("sled.moved.mcp", _defer)
+            new.serve("sled.moved.mcp", slow_echo)
+            await asyncio.sleep(0.1)
+            return [
+                await made.request("sled.moved.mcp", {"body": "x"}, 2.0) for made in (asker, old)
+            ]
+
+        assert asyncio.run(scenario()) == [{"echo": "x", "from": "new"}] * 2
+    finally:
+        for made in (old, new, asker):
+            made.close()
+
+
+def test_a_holder_stopped_quietly_leaves_what_is_still_routed_to_it_to_the_other(
+    nats_server: NatsServer,
+) -> None:
+    """A holder whose sled has moved to another replica stops quietly: the requests NATS
+    still routes to it until it reads the UNSUB get no "not sent" from it, which would
+    beat the new holder's real answer and invite a retry that runs the call twice."""
+    old, new, asker = (nats_bus(nats_server.url) for _ in range(3))
+    for made in (old, new, asker):
+        made.open()
+    try:
+
+        async def answer_later(message: Message) -> Message:
+            await asyncio.sleep(0.02)
+            return await _echo(message)
+
+        async def scenario() -> Counter[str]:
+            total: Counter[str] = Counter()
+            new.serve("sled.moved.mcp", answer_later)
+            for _ in range(10):
+                stop = old.serve("sled.moved.mcp", _echo)
+                await asyncio.sleep(0.05)
+                quiet_stop = functools.partial(stop, quiet=True)
+                total += await _burst_across(asker, "sled.moved.mcp", quiet_stop)
+            return total
+
+        outcomes = asyncio.run(scenario())
+        assert set(outcomes) == {"answered"}, outcomes
+    finally:
+        for made in (old, new, asker):
+            made.close()
 
 
 def test_a_holder_whose_loop_has_ended_holds_nothing(nats_server: NatsServer) -> None:

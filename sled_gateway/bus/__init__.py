@@ -23,7 +23,21 @@ from typing import Any, Protocol
 #: A message: what ``json.dumps`` accepts at the top level as an object.
 Message = dict[str, Any]
 Handler = Callable[[Message], None]
-Responder = Callable[[Message], Awaitable[Message]]
+#: A server's answer to a request; ``None`` sends no reply at all, for a server that
+#: knows another process serves the subject now (a sled moved to another replica):
+#: any reply from here, even "not sent", could reach the requester before that
+#: server's real answer, and it takes the first.
+Responder = Callable[[Message], Awaitable[Message | None]]
+
+
+class StopServing(Protocol):
+    """What :meth:`Bus.serve` returns: stop that server of the subject."""
+
+    def __call__(self, *, quiet: bool = False) -> None:
+        """Stop serving (a no-op once a newer server took over). ``quiet``: another
+        process serves the subject now, so a request still routed here is left to it,
+        unanswered, rather than answered :data:`NOT_SENT`."""
+
 
 #: Error words a sled's holder replies with on ``sled.<project>.mcp``.
 SLED_GONE = "sled_gone"  # the session ended before the sled answered
@@ -84,9 +98,11 @@ class Bus(Protocol):
         """The reply of whoever serves ``subject``: :class:`NoResponders` if nobody does,
         ``TimeoutError`` after ``timeout`` seconds."""
 
-    def serve(self, subject: str, responder: Responder) -> Callable[[], None]:
+    def serve(self, subject: str, responder: Responder) -> StopServing:
         """Answer requests to ``subject`` (one server per subject; the newest wins);
-        returns the call that stops serving (a no-op once a newer server took over)."""
+        returns the call that stops serving. A responder's ``None`` is no reply: on a
+        network bus the requester hears another server's; on one process's bus, nobody
+        else serves it (:class:`NoResponders`)."""
 
     @property
     def connected(self) -> bool:
@@ -114,6 +130,7 @@ __all__ = [
     "MessageTooLarge",
     "NoResponders",
     "Responder",
+    "StopServing",
     "escape_token",
     "sled_subject",
 ]

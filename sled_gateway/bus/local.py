@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from loguru import logger
 
-from sled_gateway.bus import Handler, Message, NoResponders, Responder
+from sled_gateway.bus import Handler, Message, NoResponders, Responder, StopServing
 
 log = logger.bind(actor="gateway")
 
@@ -54,12 +54,16 @@ class LocalBus:
         if responder is None:
             raise NoResponders(subject)
         async with asyncio.timeout(timeout):
-            return await responder(message)
+            answer = await responder(message)
+        if answer is None:  # it defers to another server, and none is reachable from here
+            raise NoResponders(subject)
+        return answer
 
-    def serve(self, subject: str, responder: Responder) -> Callable[[], None]:
+    def serve(self, subject: str, responder: Responder) -> StopServing:
         self._servers[subject] = responder
 
-        def stop() -> None:
+        def stop(*, quiet: bool = False) -> None:
+            # Quiet or not: once stopped, nothing reaches this server in one process.
             if self._servers.get(subject) is responder:
                 del self._servers[subject]
 

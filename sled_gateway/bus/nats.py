@@ -49,10 +49,11 @@ sent" could beat that holder's real answer and invite a retry that runs the
 call twice.
 
 A request to a subject this replica serves itself is a direct call of its
-responder (no NATS hop, as on the local bus; it works while NATS is away).
-So a replica still holding a half-open session of a sled that has moved asks
-that session until it ends (three missed heartbeats); telling the old holder
-at once is the replica leases' part.
+responder (no NATS hop, as on the local bus; it works while NATS is away); a
+responder's ``None`` (it defers to another replica's server) sends it over
+NATS after all. A holder that learns its sled moved to another replica stops
+quietly (``stop(quiet=True)``): while it drains, it answers nothing, and the
+new holder's answer is the only one.
 
 **NATS down.** ``request`` raises :class:`~sled_gateway.bus.BusUnavailable`
 (a :class:`~sled_gateway.bus.NoResponders`) at once while disconnected;
@@ -70,6 +71,7 @@ import functools
 import json
 import re
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -90,6 +92,7 @@ from sled_gateway.bus import (
     MessageTooLarge,
     NoResponders,
     Responder,
+    StopServing,
     escape_token,
 )
 from sled_gateway.bus.nats_adapter import drain_subscription
@@ -137,6 +140,9 @@ class _Subscriber:
 class _Server:
     responder: Responder
     loop: asyncio.AbstractEventLoop | None
+    # Stopped because another process serves the subject now: a request still routed
+    # here is left to that server, unanswered (see StopServing).
+    quiet: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -157,7 +163,7 @@ class _Served:
     async def on_request(self, msg: Msg) -> None:
         """nats-py's callback: answer in a task, so a slow responder holds up no other."""
         if self.stopped:
-            if self.draining and msg.reply:
+            if self.draining and msg.reply and not self.server.quiet:
                 # Inline, so a draining subscription is done once its answers went out.
                 with contextlib.suppress(nats.errors.Error):
                     await msg.respond(_NOT_SENT_REPLY)
@@ -427,7 +433,12 @@ class NatsBus:
         if local is not None:
             # This replica holds the sled: no hop through NATS, as on the local bus,
             # and it works while NATS is away.
-            return await _run_on(local.loop, local.responder(message), timeout)
+            began = time.monotonic()
+            answer = await _run_on(local.loop, local.responder(message), timeout)
+            if answer is not None:
+                return answer
+            # It defers to another replica's server (its sled moved there): ask NATS.
+            timeout = max(0.0, timeout - (time.monotonic() - began))
         if not self.connected:
             raise BusUnavailable(subject)
         data = json.dumps(message, separators=(",", ":")).encode("utf-8")
@@ -481,7 +492,7 @@ class NatsBus:
             raise NoResponders(f"{subject}: the holder's reply is not an object")
         return answer
 
-    def serve(self, subject: str, responder: Responder) -> Callable[[], None]:
+    def serve(self, subject: str, responder: Responder) -> StopServing:
         server = _Server(responder, _running_loop())
         self._local[subject] = server
         self._enqueue(functools.partial(self._start_serving, subject, server))
@@ -506,7 +517,7 @@ class NatsBus:
         except Exception:
             log.exception("bus: the server of {} failed", subject)
             return
-        if not msg.reply:
+        if answer is None or not msg.reply:  # None: another server holds it, and answers
             return
         try:
             try:
@@ -527,8 +538,10 @@ class NatsBus:
         self._served[subject] = served
         served.sub = await self._nc.subscribe(nats_subject(subject), cb=served.on_request)
 
-    def _stop(self, subject: str, server: _Server) -> None:
+    def _stop(self, subject: str, server: _Server, *, quiet: bool = False) -> None:
         """What :meth:`serve` returns: stop this server of ``subject`` (any thread)."""
+        if quiet:
+            server.quiet = True
         if self._local.get(subject) is server:
             del self._local[subject]
         self._enqueue(functools.partial(self._unserve, subject, server))
@@ -587,11 +600,11 @@ def _call_on(loop: asyncio.AbstractEventLoop | None, call: Callable[[], None]) -
 
 
 async def _run_on(
-    loop: asyncio.AbstractEventLoop | None, work: Awaitable[Message], timeout: float
-) -> Message:
+    loop: asyncio.AbstractEventLoop | None, work: Awaitable[Message | None], timeout: float
+) -> Message | None:
     """Await ``work`` on ``loop`` (the server's), cancelled there after ``timeout`` seconds."""
 
-    async def bounded() -> Message:
+    async def bounded() -> Message | None:
         async with asyncio.timeout(timeout):
             return await work
 
