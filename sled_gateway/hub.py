@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ from sled_gateway.bus import (
     Bus,
     Message,
     Responder,
+    StopServing,
     sled_subject,
 )
 from sled_gateway.config import GatewayConfig
@@ -98,9 +100,13 @@ class Session:
     identity_timer: asyncio.TimerHandle | None = None
     mcp_waiters: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    stop_serving: Callable[[], None] | None = None  # the bus's stop for sled.<project>.mcp
+    stop_serving: StopServing | None = None  # the bus's stop for sled.<project>.mcp
     # A drain is about to close it: no new MCP relay is sent on it (see Hub.drain).
     closing: bool = False
+    identified_at: float = 0.0  # wall clock, to compare with other replicas' sessions
+    # Its sled has a newer session on another replica (see Hub.moved_away): that
+    # replica's answers are the sled's, and none of this session's errors is sent.
+    moved: bool = False
 
     def label(self) -> str:
         return f"{printable(self.project or '?', 120)}#{self.id}"
@@ -236,9 +242,12 @@ class Hub:
                 session.remote,
                 self.config.identity_timeout,
             )
-            task = asyncio.ensure_future(self._close(session, 1008, "no identity in time"))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._close_soon(session, 1008, "no identity in time")
+
+    def _close_soon(self, session: Session, code: int, reason: str) -> None:
+        task = asyncio.ensure_future(self._close(session, code, reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _close(self, session: Session, code: int, reason: str) -> None:
         try:
@@ -319,6 +328,7 @@ class Hub:
             session.identity_timer.cancel()
             session.identity_timer = None
         session.project = project
+        session.identified_at = time.time()
         old = self.by_project.get(project)
         self.by_project[project] = session
         session.stop_serving = self.bus.serve(
@@ -439,34 +449,61 @@ class Hub:
             return False
         return await held.send(perm_response(req_id, decision))
 
+    def moved_away(self, project: str, connected_at: float, replica: str) -> None:
+        """The store says ``replica`` holds ``project``'s sled in a session that began at
+        ``connected_at``: if that is after this process's live session of it began, the
+        sled reconnected there and the session here is half-open (or a second sled of
+        that name, as on one process). It is closed (4000), as a newer session here
+        would close it; first it stops serving, quietly. Every replica serving the sled
+        gets each MCP relay and the requester takes the first reply, so an error from
+        here ("not sent": retry; "gone": it may have run) would beat the real answer."""
+        session = self.by_project.get(project)
+        if session is None or session.moved or connected_at <= session.identified_at:
+            return
+        session.moved = True
+        if session.stop_serving is not None:
+            session.stop_serving(quiet=True)
+        log.warning(
+            "sled '{}': a newer session on replica {}; closing session {} here",
+            printable(project, 120),
+            printable(replica, 120),
+            session.id,
+        )
+        self._close_soon(session, 4000, "replaced by a newer session for this project")
+
     def _mcp_responder(self, session: Session) -> Responder:
-        async def respond(message: Message) -> Message:
-            if session.closing:  # not sent: its sled is about to move to another replica
-                return {"error": STOPPING}
-            req_id = f"mcp-{uuid.uuid4().hex}"
-            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            session.mcp_waiters[req_id] = fut
-            log.debug(
-                "relaying MCP request {} ({} characters) to sled {}",
-                req_id,
-                len(message["body"]),
-                session.label(),
-            )
-            if not await session.send(
-                Envelope(Kind.MCP_REQUEST, req_id, {"body": message["body"]})
-            ):
-                session.mcp_waiters.pop(req_id, None)
-                return {"error": NOT_SENT}
-            try:
-                return {"payload": await fut}
-            except _Ended as exc:
-                return {"error": exc.reason}
-            finally:
-                # Answered, failed or abandoned (the requester's deadline): an
-                # answer arriving later is dropped as unknown.
-                session.mcp_waiters.pop(req_id, None)
+        async def respond(message: Message) -> Message | None:
+            if session.moved:
+                return None  # nothing sent: the sled's new holder answers
+            answer = await self._relay_mcp(session, message)
+            # Moved meanwhile: an error from here could beat the new holder's real answer.
+            return None if session.moved and "error" in answer else answer
 
         return respond
+
+    async def _relay_mcp(self, session: Session, message: Message) -> Message:
+        if session.closing:  # not sent: its sled is about to move to another replica
+            return {"error": STOPPING}
+        req_id = f"mcp-{uuid.uuid4().hex}"
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        session.mcp_waiters[req_id] = fut
+        log.debug(
+            "relaying MCP request {} ({} characters) to sled {}",
+            req_id,
+            len(message["body"]),
+            session.label(),
+        )
+        if not await session.send(Envelope(Kind.MCP_REQUEST, req_id, {"body": message["body"]})):
+            session.mcp_waiters.pop(req_id, None)
+            return {"error": NOT_SENT}
+        try:
+            return {"payload": await fut}
+        except _Ended as exc:
+            return {"error": exc.reason}
+        finally:
+            # Answered, failed or abandoned (the requester's deadline): an
+            # answer arriving later is dropped as unknown.
+            session.mcp_waiters.pop(req_id, None)
 
     @property
     def sled_count(self) -> int:

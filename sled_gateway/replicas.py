@@ -50,7 +50,7 @@ import secrets
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -76,6 +76,7 @@ from sled_gateway.store.fleet import (
     UNDELIVERED,
     FleetStore,
     PendingRow,
+    SledRow,
     StateChanged,
 )
 
@@ -289,6 +290,16 @@ class Replicas:
         )
         self.ring()
 
+    def _let_go_of_moved(self, sleds: Iterable[SledRow]) -> None:
+        """A sled held here that the store gives to another replica's newer session has
+        moved there: :meth:`Hub.moved_away` lets this replica's session of it go."""
+        hub = self.hub
+        if hub is None:
+            return
+        for row in sleds:
+            if row.replica != self.id:
+                hub.moved_away(row.project, row.connected_at, row.replica)
+
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
@@ -466,6 +477,7 @@ class Replicas:
             requests,
             [item_of(r) for r in rows if r.state == PENDING and r.replica != self.id],
         )
+        self._let_go_of_moved(sleds)
         if requests:
             self._tell_transports(before)
         for row in rows:
@@ -667,6 +679,7 @@ class Replicas:
         remote = [item_of(r) for r in pending if r.replica != self.id]
         before = self._remote_items()
         self.state.set_fleet(others, remote)
+        self._let_go_of_moved(sleds)
         self._tell_transports(before)
         if hub is None:
             return

@@ -31,7 +31,7 @@ from tests.conftest import REFERENCE_TOKEN
 from tests.support import nats as nats_support
 from tests.support.nats import NatsServer
 from tests.test_exactly_once import SLED_TOKEN, GatewayProcess
-from tests.test_gateway import api, frame, perm_request, recv, sled
+from tests.test_gateway import api, frame, perm_request, recv, sled, sled_of
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -269,6 +269,56 @@ def test_a_relay_to_a_sled_between_replicas_is_a_hinted_503_on_every_replica(
         assert "reconnecting" in moving.json()["error"]
         assert relay(gw, "stopped").status_code == 404
         assert relay(gw, "never-seen").status_code == 404
+
+
+def test_a_sled_reconnected_to_another_replica_is_let_go_by_its_old_one(
+    replica: Callable[..., Gateway],
+) -> None:
+    """A sled whose link to A went half-open reconnects to B. Every replica serving a sled
+    gets each MCP relay and the requester takes the first reply, so while A still serves
+    the old session, A's "not sent" (retry) or "gone" can beat B's real answer, and a
+    retry runs the call twice. A must let the old session go as one replica lets a
+    replaced one go (4000), at once rather than after its missed heartbeats, and answer
+    no relay for it."""
+    a, b = replica(), replica()
+
+    async def scenario() -> None:
+        async with sled(a, "moved") as old:
+            await asyncio.to_thread(b.wait_for, lambda s: sled_of(s, "moved") is not None, T)
+            async with connect(b.url_for_sleds()) as new:
+                await new.send(frame("identity", "identity", {"project": "moved"}))
+                with pytest.raises(ConnectionClosed) as closed:
+                    await asyncio.wait_for(old.recv(), T)
+                assert closed.value.rcvd is not None
+                assert closed.value.rcvd.code == 4000, closed.value.rcvd
+                for gw in (a, b):  # both list the new session as the sled's, held by B
+                    await asyncio.to_thread(
+                        gw.wait_for,
+                        lambda s, gw=gw: (
+                            (x := sled_of(s, "moved")) is not None
+                            and x["state"] == "connected"
+                            and (x["replica"] is None) == (gw is b)
+                        ),
+                        T,
+                    )
+                # A relay through A is B's sled's answer: nothing from A's old session.
+                asking = asyncio.create_task(
+                    asyncio.to_thread(
+                        httpx.post,
+                        a.mcp_url("moved"),
+                        content='{"jsonrpc":"2.0","id":1,"method":"ping"}',
+                        headers=api(a),
+                        timeout=T,
+                    )
+                )
+                request = await recv(new)
+                assert request["type"] == "mcp_request", request
+                await new.send(frame("mcp_response", request["req_id"], {"from": "new"}))
+                got = await asyncio.wait_for(asking, T)
+                assert got.status_code == 200, got.text
+                assert got.json() == {"from": "new"}
+
+    asyncio.run(asyncio.wait_for(scenario(), 6 * T))
 
 
 def test_a_clean_stop_gives_up_the_lease_and_ends_what_it_held_at_once(
