@@ -37,6 +37,11 @@ commits; another replica's, from its sealed ring, which it sends only after its
 compare-and-set committed that decision), and at most once per request:
 :attr:`Replicas._sent` remembers what it sent until long after the row is marked
 delivered.
+
+Each read of the fleet also tells the hub which sleds it holds that the store gives
+to another replica's newer session (:meth:`Hub.moved_away`): the sled reconnected
+there, so the session here is half-open, and it is let go at once rather than after
+its missed heartbeats.
 """
 
 from __future__ import annotations
