@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -103,7 +102,6 @@ class Session:
     stop_serving: StopServing | None = None  # the bus's stop for sled.<project>.mcp
     # A drain is about to close it: no new MCP relay is sent on it (see Hub.drain).
     closing: bool = False
-    identified_at: float = 0.0  # wall clock, to compare with other replicas' sessions
     # Its sled has a newer session on another replica (see Hub.moved_away): that
     # replica's answers are the sled's, and none of this session's errors is sent.
     moved: bool = False
@@ -328,7 +326,6 @@ class Hub:
             session.identity_timer.cancel()
             session.identity_timer = None
         session.project = project
-        session.identified_at = time.time()
         old = self.by_project.get(project)
         self.by_project[project] = session
         session.stop_serving = self.bus.serve(
@@ -449,16 +446,17 @@ class Hub:
             return False
         return await held.send(perm_response(req_id, decision))
 
-    def moved_away(self, project: str, connected_at: float, replica: str) -> None:
-        """The store says ``replica`` holds ``project``'s sled in a session that began at
-        ``connected_at``: if that is after this process's live session of it began, the
-        sled reconnected there and the session here is half-open (or a second sled of
-        that name, as on one process). It is closed (4000), as a newer session here
-        would close it; first it stops serving, quietly. Every replica serving the sled
-        gets each MCP relay and the requester takes the first reply, so an error from
-        here ("not sent": retry; "gone": it may have run) would beat the real answer."""
+    def moved_away(self, project: str, session_id: int, replica: str) -> None:
+        """``replica`` holds ``project``'s sled in a session newer than this process's
+        session ``session_id`` of it (:class:`~sled_gateway.replicas.Replicas` knows):
+        the sled reconnected there, and the session here is half-open (or a second
+        sled of that name, as on one process). It is closed (4000), as a newer session
+        here would close it; first it stops serving, quietly. Every replica serving the
+        sled gets each MCP relay and the requester takes the first reply, so an error
+        from here ("not sent": retry; "gone": it may have run) would beat the real
+        answer."""
         session = self.by_project.get(project)
-        if session is None or session.moved or connected_at <= session.identified_at:
+        if session is None or session.id != session_id or session.moved:
             return
         session.moved = True
         if session.stop_serving is not None:

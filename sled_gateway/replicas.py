@@ -213,6 +213,8 @@ class Replicas:
         self.started_at = time.time()
         self.hub: Hub | None = None
         self._sent: OrderedDict[Key, None] = OrderedDict()
+        # Sleds held here: session, and when the store had committed its row (monotonic).
+        self._held: dict[str, tuple[int, float]] = {}
         self._background: set[asyncio.Future[Any]] = set()
         self._stops: list[Callable[[], None]] = []
         self._sweeper: asyncio.Task[None] | None = None
@@ -295,15 +297,20 @@ class Replicas:
         )
         self.ring()
 
-    def _let_go_of_moved(self, sleds: Iterable[SledRow]) -> None:
+    def _let_go_of_moved(self, sleds: Iterable[SledRow], read_began: float) -> None:
         """A sled held here that the store gives to another replica's newer session has
-        moved there: :meth:`Hub.moved_away` lets this replica's session of it go."""
+        moved there: :meth:`Hub.moved_away` lets this replica's session of it go.
+
+        Newer by the database's own order, not by clocks: a sled has one row, and each
+        holder replaces it. A read begun after this replica's row for its session had
+        committed, that names another replica, read a row committed after that one."""
         hub = self.hub
         if hub is None:
             return
         for row in sleds:
-            if row.replica != self.id:
-                hub.moved_away(row.project, row.connected_at, row.replica)
+            held = self._held.get(row.project)
+            if held is not None and row.replica != self.id and held[1] < read_began:
+                hub.moved_away(row.project, held[0], row.replica)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -458,6 +465,7 @@ class Replicas:
         if not projects and not requests:
             return
         try:
+            read_began = time.monotonic()
             sleds, rows = await self.store.fleet_part(projects, requests)
         except Exception:
             self._full_read_due = True  # those rows are read with all the others
@@ -482,7 +490,7 @@ class Replicas:
             requests,
             [item_of(r) for r in rows if r.state == PENDING and r.replica != self.id],
         )
-        self._let_go_of_moved(sleds)
+        self._let_go_of_moved(sleds, read_began)
         if requests:
             self._tell_transports(before)
         for row in rows:
@@ -524,6 +532,8 @@ class Replicas:
             )
         except Exception as exc:
             log.warning("sled {!r} not recorded as held here: {}", event.project, exc)
+        else:
+            self._held[event.project] = (event.session, time.monotonic())
         self.ring(sled=event.project)
 
     def _sled_down(self, event: SledDown) -> None:
@@ -535,6 +545,9 @@ class Replicas:
             await self.store.let_go_sled(project, self.id, session, returning=returning)
         except Exception as exc:
             log.warning("sled {!r} not recorded as gone: {}", project, exc)
+        # After the store's answer: its hold (queued before) has answered by then.
+        if self._held.get(project, (None,))[0] == session:
+            del self._held[project]
         self.ring(sled=project)
 
     # -- requests ---------------------------------------------------------------------------
@@ -663,6 +676,7 @@ class Replicas:
 
     async def _resync(self) -> None:
         self._full_read_due = True  # until this read is in
+        read_began = time.monotonic()
         sleds, pending = await self.store.fleet()
         self._full_read_due = False
         self._sweeps_since_full_read = 0
@@ -684,7 +698,7 @@ class Replicas:
         remote = [item_of(r) for r in pending if r.replica != self.id]
         before = self._remote_items()
         self.state.set_fleet(others, remote)
-        self._let_go_of_moved(sleds)
+        self._let_go_of_moved(sleds, read_began)
         self._tell_transports(before)
         if hub is None:
             return
@@ -699,9 +713,16 @@ class Replicas:
         # Released by a survivor while alive (a lease renewal late, the database slow):
         # this replica's sleds are listed again, and its requests that the store has
         # ended leave its read model (their sleds get no answer: they time out, denied).
-        held = {s.project for s in sleds if s.replica == self.id}
+        # Not a sled another replica holds: its row there is newer than this session's
+        # (a half-open one here), and claiming it back would have that replica let go
+        # of the live session.
+        held = {s.project for s in sleds}
         for project, session in list(hub.by_project.items()):
-            if project not in held and time.time() - self.started_at > self.sweep_interval:
+            if (
+                project not in held
+                and not session.moved
+                and time.time() - self.started_at > self.sweep_interval
+            ):
                 self._spawn(
                     self._hold(
                         SledUp(session.id, project, session.remote, self.state.sled_info(project))
