@@ -474,8 +474,12 @@ class Hub:
             if session.moved:
                 return None  # nothing sent: the sled's new holder answers
             answer = await self._relay_mcp(session, message)
-            # Moved meanwhile: an error from here could beat the new holder's real answer.
-            return None if session.moved and "error" in answer else answer
+            # Moved meanwhile: an error from here could beat the new holder's real answer,
+            # on a bus that gave it the request too (one that reaches no other replica
+            # did not, and this error is then the truth: it may have been sent).
+            if session.moved and "error" in answer and self.bus.connected:
+                return None
+            return answer
 
         return respond
 

@@ -321,6 +321,41 @@ def test_a_sled_reconnected_to_another_replica_is_let_go_by_its_old_one(
     asyncio.run(asyncio.wait_for(scenario(), 6 * T))
 
 
+def test_a_relay_in_flight_to_a_sleds_old_session_is_answered_by_its_new_one(
+    replica: Callable[..., Gateway],
+) -> None:
+    """A relay through A reached the sled's old session on A (half-open: no answer comes)
+    just before the sled reconnected to B. When A lets that session go, its "gone" (502:
+    it may have run) would answer a call that never reached the sled: A defers, and the
+    relay goes on over NATS to the sled's new session on B."""
+    a, b = replica(), replica()
+
+    async def scenario() -> None:
+        async with sled(a, "moving") as old:
+            await asyncio.to_thread(b.wait_for, lambda s: sled_of(s, "moving") is not None, T)
+            asking = asyncio.create_task(
+                asyncio.to_thread(
+                    httpx.post,
+                    a.mcp_url("moving"),
+                    content='{"jsonrpc":"2.0","id":1,"method":"ping"}',
+                    headers=api(a),
+                    timeout=3 * T,
+                )
+            )
+            lost = await recv(old)  # the old link swallows it
+            assert lost["type"] == "mcp_request", lost
+            async with connect(b.url_for_sleds()) as new:
+                await new.send(frame("identity", "identity", {"project": "moving"}))
+                request = await recv(new)
+                assert request["type"] == "mcp_request", request
+                await new.send(frame("mcp_response", request["req_id"], {"from": "new"}))
+                got = await asyncio.wait_for(asking, 3 * T)
+                assert got.status_code == 200, got.text
+                assert got.json() == {"from": "new"}
+
+    asyncio.run(asyncio.wait_for(scenario(), 6 * T))
+
+
 def test_a_clean_stop_gives_up_the_lease_and_ends_what_it_held_at_once(
     replica: Callable[..., Gateway],
 ) -> None:
