@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from protocol import ConfigError
@@ -271,6 +271,31 @@ def test_a_relay_to_a_sled_between_replicas_is_a_hinted_503_on_every_replica(
         assert relay(gw, "never-seen").status_code == 404
 
 
+def _relay_started(gw: Gateway, project: str, timeout: float) -> asyncio.Task[httpx.Response]:
+    """An MCP relay to ``project`` through ``gw``, under way in the background."""
+    return asyncio.create_task(
+        asyncio.to_thread(
+            httpx.post,
+            gw.mcp_url(project),
+            content='{"jsonrpc":"2.0","id":1,"method":"ping"}',
+            headers=api(gw),
+            timeout=timeout,
+        )
+    )
+
+
+async def _answered_by_new(
+    new: ClientConnection, asking: asyncio.Task[httpx.Response], timeout: float
+) -> None:
+    """The relay ``asking`` reaches the sled's ``new`` session, and comes back with its answer."""
+    request = await recv(new)
+    assert request["type"] == "mcp_request", request
+    await new.send(frame("mcp_response", request["req_id"], {"from": "new"}))
+    got = await asyncio.wait_for(asking, timeout)
+    assert got.status_code == 200, got.text
+    assert got.json() == {"from": "new"}
+
+
 def test_a_sled_reconnected_to_another_replica_is_let_go_by_its_old_one(
     replica: Callable[..., Gateway],
 ) -> None:
@@ -302,21 +327,7 @@ def test_a_sled_reconnected_to_another_replica_is_let_go_by_its_old_one(
                         T,
                     )
                 # A relay through A is B's sled's answer: nothing from A's old session.
-                asking = asyncio.create_task(
-                    asyncio.to_thread(
-                        httpx.post,
-                        a.mcp_url("moved"),
-                        content='{"jsonrpc":"2.0","id":1,"method":"ping"}',
-                        headers=api(a),
-                        timeout=T,
-                    )
-                )
-                request = await recv(new)
-                assert request["type"] == "mcp_request", request
-                await new.send(frame("mcp_response", request["req_id"], {"from": "new"}))
-                got = await asyncio.wait_for(asking, T)
-                assert got.status_code == 200, got.text
-                assert got.json() == {"from": "new"}
+                await _answered_by_new(new, _relay_started(a, "moved", T), T)
 
     asyncio.run(asyncio.wait_for(scenario(), 6 * T))
 
@@ -333,25 +344,12 @@ def test_a_relay_in_flight_to_a_sleds_old_session_is_answered_by_its_new_one(
     async def scenario() -> None:
         async with sled(a, "moving") as old:
             await asyncio.to_thread(b.wait_for, lambda s: sled_of(s, "moving") is not None, T)
-            asking = asyncio.create_task(
-                asyncio.to_thread(
-                    httpx.post,
-                    a.mcp_url("moving"),
-                    content='{"jsonrpc":"2.0","id":1,"method":"ping"}',
-                    headers=api(a),
-                    timeout=3 * T,
-                )
-            )
+            asking = _relay_started(a, "moving", 3 * T)
             lost = await recv(old)  # the old link swallows it
             assert lost["type"] == "mcp_request", lost
             async with connect(b.url_for_sleds()) as new:
                 await new.send(frame("identity", "identity", {"project": "moving"}))
-                request = await recv(new)
-                assert request["type"] == "mcp_request", request
-                await new.send(frame("mcp_response", request["req_id"], {"from": "new"}))
-                got = await asyncio.wait_for(asking, 3 * T)
-                assert got.status_code == 200, got.text
-                assert got.json() == {"from": "new"}
+                await _answered_by_new(new, asking, 3 * T)
 
     asyncio.run(asyncio.wait_for(scenario(), 6 * T))
 
