@@ -263,7 +263,18 @@ def operator_client(base: str, timeout: float = 30) -> Any:
     return httpx.AsyncClient(base_url=base, timeout=timeout, headers=headers)
 
 
-async def round_trips(base: str, ws_url: str, samples: int) -> tuple[list[float], int]:
+#: The probe's pause between samples at a fleet: each sample starts at a random phase of
+#: the fleet's heartbeats and the collector's passes, not right behind the last answer.
+FLEET_PAUSE = (0.01, 0.03)
+
+
+async def round_trips(
+    base: str, ws_url: str, samples: int, pause: tuple[float, float] | None = FLEET_PAUSE
+) -> tuple[list[float], int]:
+    """The probe's round trips, and how many early POSTs it retried. ``pause=None`` sends
+    each request right after the last answer, as the raw baselines of ``bench.paths`` do:
+    a pause lets this VM's CPUs idle, and every hop of the next sample then pays their
+    wake-up, so a paced path against back-to-back baselines measures the pause."""
     from websockets.asyncio.client import connect
 
     times: list[float] = []
@@ -307,7 +318,8 @@ async def round_trips(base: str, ws_url: str, samples: int) -> tuple[list[float]
                 raise RuntimeError(f"unexpected answer {answer}")
             if i >= 5:
                 times.append(elapsed)
-            await asyncio.sleep(random.uniform(0.01, 0.03))
+            if pause is not None:
+                await asyncio.sleep(random.uniform(*pause))
     return times, retries
 
 

@@ -27,6 +27,8 @@ mean something, but only a quiet machine gives the absolute figures.
    out, the SQLite audit committed before it) against a raw WebSocket round
    trip + a raw httpx POST round trip + one raw SQLite commit in the store's
    mode (WAL, ``synchronous=NORMAL``, ``BEGIN IMMEDIATE``). Target ≤ 1.5 x.
+   Measured at two paces, each on both sides of the ratio: back to back, and
+   10-30 ms apart (the fleet probe's pace, whose idle CPUs wake for each hop).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import sqlite3
 import statistics
 import subprocess
@@ -49,6 +52,7 @@ from typing import Any
 import aiohttp
 import httpx
 
+from bench.gateway_fleet import FLEET_PAUSE
 from bench.run import (
     PY,
     REPO,
@@ -119,13 +123,21 @@ async def aiohttp_sequential(session: aiohttp.ClientSession, url: str, body: Any
     return med(samples)
 
 
-async def httpx_sequential(client: httpx.AsyncClient, url: str, body: Any, n: int) -> float:
+async def httpx_sequential(
+    client: httpx.AsyncClient,
+    url: str,
+    body: Any,
+    n: int,
+    pause: tuple[float, float] | None = None,
+) -> float:
     samples = []
     for _ in range(n):
         started = time.perf_counter()
         response = await client.post(url, json=body)
         samples.append(time.perf_counter() - started)
         assert response.status_code == 200, response.text
+        if pause is not None:
+            await asyncio.sleep(random.uniform(*pause))
     return med(samples)
 
 
@@ -358,6 +370,13 @@ def sqlite_commits(path: Path, n: int) -> float:
         conn.close()
 
 
+#: The two paces of target 4, each measured on both sides of its ratio: back to back, as
+#: every other path here, and with the fleet probe's pause. Idle gaps let this VM's CPUs
+#: sleep, and every hop of the next sample then pays their wake-up: a paced path against
+#: back-to-back baselines would measure the pause, about twice the gateway's own cost.
+PACES: dict[str, tuple[float, float] | None] = {"": None, "~": FLEET_PAUSE}
+
+
 def gateway(checkouts: dict[str, Path], rounds: int, n: int) -> None:
     from bench.gateway_fleet import TOKEN, gateway_process, round_trips, wait_http
 
@@ -382,44 +401,49 @@ def gateway(checkouts: dict[str, Path], rounds: int, n: int) -> None:
         try:
             loop.run_until_complete(httpx_sequential(heavy, raw_url, BODY, 100))
             for r in range(rounds):
-                sides.add(
-                    "ws", "raw", med(loop.run_until_complete(raw_ws_sequential(ws_url(gw_port), n)))
-                )
-                sides.add(
-                    "http",
-                    "raw",
-                    loop.run_until_complete(httpx_sequential(heavy, raw_url, BODY, n)),
-                )
                 sides.add("sqlite", "raw", sqlite_commits(Path(tmp) / "raw.db", n))
-                for side in sides.order(r):
-                    base = bases[side]
-                    wsu = f"ws://{base.removeprefix('http://')}/api/sled-uplink?token={TOKEN}"
-                    before = threads_cpu_seconds(gateways[side].pid)
-                    times, retries = loop.run_until_complete(round_trips(base, wsu, n))
-                    # Its own CPU (all threads) over the round trips, connect and warm-up
-                    # included: a count that a loaded machine inflates less than a latency.
-                    cpu = threads_cpu_seconds(gateways[side].pid) - before
-                    sides.add("gwcpu", side, cpu / n)
-                    sides.add("rt", side, med(times))
-                    sides.add("404", side, retries / n)
+                for pace, pause in PACES.items():
+                    ws = raw_ws_sequential(ws_url(gw_port), n, pause)
+                    sides.add("ws" + pace, "raw", med(loop.run_until_complete(ws)))
+                    http = httpx_sequential(heavy, raw_url, BODY, n, pause)
+                    sides.add("http" + pace, "raw", loop.run_until_complete(http))
+                    for side in sides.order(r):
+                        base = bases[side]
+                        wsu = f"ws://{base.removeprefix('http://')}/api/sled-uplink?token={TOKEN}"
+                        before = threads_cpu_seconds(gateways[side].pid)
+                        trips = round_trips(base, wsu, n, pause)
+                        times, retries = loop.run_until_complete(trips)
+                        # Its own CPU (all threads) over the round trips, connect and warm-up
+                        # included: a count that a loaded machine inflates less than a latency.
+                        cpu = threads_cpu_seconds(gateways[side].pid) - before
+                        sides.add("gwcpu" + pace, side, cpu / n)
+                        sides.add("rt" + pace, side, med(times))
+                        sides.add("404" + pace, side, retries / n)
         finally:
             loop.run_until_complete(light.close())
             loop.run_until_complete(heavy.aclose())
             loop.close()
-    ws, http, commit = sides.get("ws"), sides.get("http"), sides.get("sqlite")
-    raw = ws + http + commit
+    commit = sides.get("sqlite")
     print(f"\n4. gateway decision round trip at one sled, {rounds} rounds × {n}")
-    print(
-        f"   raw WS {us(ws)} + raw POST (httpx) {us(http)} "
-        f"+ one SQLite commit (WAL, NORMAL) {us(commit)} = {us(raw)}"
-    )
-    for side in checkouts:
-        value = sides.get("rt", side)
-        print(
-            f"   {side:>5} round trip p50 {us(value)}: {report('', value, raw, 1.5)}; "
-            f"{sides.get('404', side):.2f} early POSTs (404, retried) a request; "
-            f"gateway CPU per round trip {us(sides.get('gwcpu', side))}"
+    for pace, pause in PACES.items():
+        ws, http = sides.get("ws" + pace), sides.get("http" + pace)
+        raw = ws + http + commit
+        how = (
+            "back to back"
+            if pause is None
+            else f"{pause[0] * 1000:.0f}–{pause[1] * 1000:.0f} ms apart"
         )
+        print(
+            f"   {how}, on both sides: raw WS {us(ws)} + raw POST (httpx) {us(http)} "
+            f"+ one SQLite commit (WAL, NORMAL) {us(commit)} = {us(raw)}"
+        )
+        for side in checkouts:
+            value = sides.get("rt" + pace, side)
+            print(
+                f"   {side:>5} round trip p50 {us(value)}: {report('', value, raw, 1.5)}; "
+                f"{sides.get('404' + pace, side):.2f} early POSTs (404, retried) a request; "
+                f"gateway CPU per round trip {us(sides.get('gwcpu' + pace, side))}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import queue
+import random
 import socket
 import statistics
 import subprocess
@@ -189,7 +190,11 @@ def perm_request(i: int) -> str:
 # ── 1. permission round trip ────────────────────────────────────────────────
 
 
-async def raw_ws_sequential(url: str, n: int) -> list[float]:
+async def raw_ws_sequential(
+    url: str, n: int, pause: tuple[float, float] | None = None
+) -> list[float]:
+    """``n`` permission round trips over one raw connection, each ``pause`` (a random
+    number of seconds between its bounds) after the last, or right after it."""
     samples = []
     async with connect(url, ping_interval=None, compression=None) as ws:
         await ws.send(
@@ -201,6 +206,8 @@ async def raw_ws_sequential(url: str, n: int) -> list[float]:
             while json.loads(await ws.recv())["type"] != "perm_response":
                 pass
             samples.append(time.perf_counter() - started)
+            if pause is not None:
+                await asyncio.sleep(random.uniform(*pause))
     return samples
 
 
