@@ -115,6 +115,17 @@ def gw(make_reference_gateway: Callable[..., Gateway]) -> Gateway:
     return make_reference_gateway()
 
 
+def test_the_gateway_serves_on_uvloop(gw: Gateway) -> None:
+    """The gateway extra installs uvloop, and the gateway's loop is then uvloop's: a tenth
+    of a decision's CPU (docs/benchmarks.md, target 4) depends on it."""
+    import uvloop
+
+    async def running_loop() -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    assert isinstance(gw.run_on_loop(running_loop()).result(5), uvloop.Loop)
+
+
 # -- authentication -----------------------------------------------------------------
 
 
