@@ -32,6 +32,8 @@ exists, with the signature relied on, on the installed uvicorn.
    the bytes that came. The buffer is one a thread (a gateway's loop runs on one), so
    an idle sled costs no memory for it. uvicorn's upgrade to a WebSocket calls
    ``transport.set_protocol``, which asyncio uses to choose how to read from then on.
+   uvloop (the gateway's loop where it is installed) reads into the same buffer through
+   the same API; the fresh 256 KiB blocks the mixin avoids are asyncio's.
 
 What :class:`NotifyingServer` relies on, and why no public hook exists:
 
