@@ -191,6 +191,11 @@ def test_all_identical_selects_exactly_the_identical_ones_and_approve_3_decides_
     ]
     assert all(r["by"] == "console" for r in rows)
     assert gw.is_pending("sled-a", "r2") and gw.is_pending("sled-b", "t1")
+    # The live stream may take the cards away before the bulk POST's answer reaches the
+    # page; the banner is written when that answer is read.
+    ui.page.wait_for_function(
+        "() => document.getElementById('banner').textContent.length > 0", timeout=UI_WAIT_MS
+    )
     assert "Approved 3 of 3." in ui.page.inner_text("#banner")
     assert ui.page.query_selector("#bulk-bar").is_hidden()
 
