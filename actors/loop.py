@@ -3,9 +3,9 @@
 Actors never block their mailboxes on sockets or HTTP :
 they hand coroutines and timers to this loop, and the loop answers them with
 ``tell``. Either anyio's :class:`BlockingPortal` runs the loop in a helper
-thread (``EventLoop()``), or an asyncio application lends the uplink its own
-running loop (``await EventLoop.adopt()``), so that its awaits reach the
-socket without crossing threads.
+thread (``EventLoop()``, on uvloop where it is installed), or an asyncio
+application lends the uplink its own running loop (``await EventLoop.adopt()``),
+so that its awaits reach the socket without crossing threads.
 """
 
 from __future__ import annotations
@@ -20,6 +20,18 @@ from typing import Any, TypeVar
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 T = TypeVar("T")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop: uvloop's where it is installed (a dependency on every platform
+    but Windows), else asyncio's. The uplink's and the gateway's hot paths are each two
+    sockets' reads and writes a request, and uvloop takes 4-10 % of the CPU off them
+    (docs/benchmarks.md, targets 1 and 4)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 class Timer:
@@ -44,7 +56,9 @@ class EventLoop:
     """A running asyncio loop with thread-safe entry points."""
 
     def __init__(self) -> None:
-        self._portal_cm: Any = start_blocking_portal(backend="asyncio")
+        self._portal_cm: Any = start_blocking_portal(
+            backend="asyncio", backend_options={"loop_factory": new_event_loop}
+        )
         self.portal: BlockingPortal = self._portal_cm.__enter__()
         self.loop: asyncio.AbstractEventLoop = self.portal.call(asyncio.get_running_loop)
         self.thread_id: int = self.portal.call(threading.get_ident)

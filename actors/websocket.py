@@ -17,6 +17,7 @@ import itertools
 import logging
 import ssl
 from collections.abc import Callable
+from typing import cast
 
 from loguru import logger
 from websockets.client import ClientProtocol
@@ -71,8 +72,9 @@ class WebSocket(asyncio.Protocol):
     # ── asyncio.Protocol ────────────────────────────────────────────────
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport, though not always a subclass of asyncio.Transport
+        # (uvloop's are not): create_connection made it.
+        self.transport = cast(asyncio.Transport, transport)
         request = self.protocol.connect()
         request.headers.setdefault("User-Agent", self.user_agent)
         self.protocol.send_request(request)

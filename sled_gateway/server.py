@@ -40,6 +40,7 @@ from urllib.parse import quote
 import uvicorn
 from loguru import logger
 
+from actors.loop import new_event_loop
 from protocol import Decision
 from sled_gateway.app import GatewayApp
 from sled_gateway.config import GatewayConfig
@@ -62,18 +63,6 @@ from sled_gateway.uvicorn_adapter import (
 
 log = logger.bind(actor="gateway")
 T = TypeVar("T")
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """The gateway's event loop: uvloop's where it is installed (the ``gateway`` extra, on
-    every platform but Windows), else asyncio's. A decision's round trip is two sockets'
-    reads and writes and a hand-back from the store's writer thread, and uvloop takes
-    about a tenth of the loop's CPU off it (docs/benchmarks.md, target 4)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 def _run_forever(loop: asyncio.AbstractEventLoop) -> None:
