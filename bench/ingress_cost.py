@@ -21,7 +21,6 @@ All with aiohttp, against the same approving gateway peer.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -37,6 +36,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.paths import BODY, aiohttp_rate
+from bench.peers import run_loop
 from bench.run import PY, REPO, free_port, peer, proc_cpu_seconds, wait_ready, ws_url
 
 HEADERS = {"Content-Type": "application/json"}
@@ -109,7 +109,7 @@ def measure(checkouts: dict[str, Path], rounds: int, n: int, total: int) -> None
                             rate[name].append(value)
                             ratio[name].append(value / raw)
 
-            asyncio.run(main())
+            run_loop(main())
     print(f"{rounds} rounds: {n} sequential, then {total} at {IN_FLIGHT} in flight (aiohttp)")
     print(f"   raw HTTP at {IN_FLIGHT} in flight {statistics.median(rate['raw']):.0f}/s")
     for name in checkouts:
@@ -135,13 +135,13 @@ def syscalls(name: str, checkout: Path, n: int) -> None:
             async with aiohttp.ClientSession() as session:
                 await sequential(session, url, count)
 
-        asyncio.run(run(300))
+        run_loop(run(300))
         out = Path(tmp) / "strace.txt"
         tracer = subprocess.Popen(
             ["strace", "-f", "-c", "-o", str(out), "-p", str(pid)], stderr=subprocess.DEVNULL
         )
         time.sleep(1.0)  # attached to every thread
-        asyncio.run(run(n))
+        run_loop(run(n))
         tracer.send_signal(signal.SIGINT)
         tracer.wait(30)
         counts = []

@@ -11,10 +11,10 @@ To compare two versions, run it in each checkout in turn, several times.
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 import sys
 
+from bench.peers import run_loop
 from bench.run import (
     async_library,
     library_pipeline,
@@ -50,14 +50,14 @@ def main(argv: list[str]) -> int:
             uplink.wait_connected(10)
             library_sequential(uplink, SEQUENTIAL)  # warm-up
             for _ in range(rounds):
-                before = asyncio.run(raw_ws_pipeline(url, PIPELINED, 64))
-                asyncio_rate = asyncio.run(async_library(url, 0, PIPELINED, 64))[1]
+                before = run_loop(raw_ws_pipeline(url, PIPELINED, 64))
+                asyncio_rate = run_loop(async_library(url, 0, PIPELINED, 64))[1]
                 blocking_rate = library_pipeline(uplink, PIPELINED, 64)
-                raw_rate = (before + asyncio.run(raw_ws_pipeline(url, PIPELINED, 64))) / 2
+                raw_rate = (before + run_loop(raw_ws_pipeline(url, PIPELINED, 64))) / 2
                 async_pipe.append(asyncio_rate / raw_rate)
                 blocking_pipe.append(blocking_rate / raw_rate)
-                raw_p50 = statistics.median(asyncio.run(raw_ws_sequential(url, SEQUENTIAL)))
-                samples = asyncio.run(async_library(url, SEQUENTIAL, 0, 0))[0]
+                raw_p50 = statistics.median(run_loop(raw_ws_sequential(url, SEQUENTIAL)))
+                samples = run_loop(async_library(url, SEQUENTIAL, 0, 0))[0]
                 async_p50.append(statistics.median(samples) / raw_p50)
                 blocking_p50.append(
                     statistics.median(library_sequential(uplink, SEQUENTIAL)) / raw_p50

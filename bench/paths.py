@@ -9,13 +9,22 @@ uplink (or gateway) samples alternate, and with ``--vs`` the two checkouts
 alternate too, which one goes first switching every round. The figure of a
 side is the median of its round medians, and every ratio is against the
 baselines of the same run. The machine need not be quiet for the ratios to
-mean something, but only a quiet machine gives the absolute figures.
+mean something, but only a quiet machine gives the absolute figures. Clients
+and peers run the loop the uplink and the gateway run (uvloop's where it is
+installed; ``bench.peers.new_event_loop``), so no raw part is measured on a
+slower loop than the process it is compared with.
 
 1. Ingress: sequential ``POST /permission`` p50 against a raw HTTP round trip
    to a trivial server plus a raw WebSocket round trip (the same gateway peer
    the uplink uses), with a light client (aiohttp) and with httpx; and
    decisions/s at 64 in flight against raw HTTP requests/s at 64 in flight
    (aiohttp). Targets: p50 ≤ 1.2 x (HTTP + WS), throughput ≥ 0.8 x raw.
+   Printed beside them, the same figures of the stack's floor
+   (``bench.peers relay``): the same request relayed to the same gateway peer
+   on the ingress's parts (uvicorn's h11 server, websockets' sans-I/O client,
+   the same loop) with none of the uplink's own work. What the uplink costs
+   above the floor is its own; what the floor costs above the raw parts is
+   the relay's hop on these parts.
 2. MCP replay: a gateway in this process sends ``mcp_request`` frames; the p50
    of their answers against a direct POST of the same body to the same
    JSON-RPC server with httpx (the client the uplink replays with) plus a raw
@@ -53,6 +62,7 @@ import aiohttp
 import httpx
 
 from bench.gateway_fleet import FLEET_PAUSE
+from bench.peers import new_event_loop, run_loop
 from bench.run import (
     PY,
     REPO,
@@ -181,9 +191,12 @@ def report(label: str, value: float, base: float, target: float, above: bool = F
 
 def ingress(checkouts: dict[str, Path], rounds: int, n: int, total: int) -> None:
     sides = Sides(list(checkouts))
-    with peer("gateway", "--auto", "approve") as gw_port, peer("http") as http_port:
+    with contextlib.ExitStack() as peers:
+        gw_port = peers.enter_context(peer("gateway", "--auto", "approve"))
+        http_port = peers.enter_context(peer("http"))
         gw = ws_url(gw_port)
         raw_url = f"http://127.0.0.1:{http_port}/"
+        floor_url = f"http://127.0.0.1:{peers.enter_context(peer('relay', gw))}/permission"
         ports = {name: free_port() for name in checkouts}
         with contextlib.ExitStack() as stack:
             procs = {
@@ -201,7 +214,7 @@ def ingress(checkouts: dict[str, Path], rounds: int, n: int, total: int) -> None
                 light, heavy = sessions()
                 async with light, heavy:
                     urls = {s: f"http://127.0.0.1:{p}/permission" for s, p in ports.items()}
-                    for url in [raw_url, *urls.values()]:  # warm-up
+                    for url in [raw_url, floor_url, *urls.values()]:  # warm-up
                         await aiohttp_sequential(light, url, BODY, 100)
                         await httpx_sequential(heavy, url, BODY, 100)
                     for r in range(rounds):
@@ -211,6 +224,13 @@ def ingress(checkouts: dict[str, Path], rounds: int, n: int, total: int) -> None
                         )
                         sides.add("httpx", "raw", await httpx_sequential(heavy, raw_url, BODY, n))
                         sides.add("rate", "raw", await aiohttp_rate(light, raw_url, total, 64))
+                        sides.add(
+                            "aiohttp", "floor", await aiohttp_sequential(light, floor_url, BODY, n)
+                        )
+                        sides.add(
+                            "httpx", "floor", await httpx_sequential(heavy, floor_url, BODY, n)
+                        )
+                        sides.add("rate", "floor", await aiohttp_rate(light, floor_url, total, 64))
                         for side in sides.order(r):
                             before = proc_cpu_seconds(procs[side].pid)
                             url = urls[side]
@@ -222,7 +242,7 @@ def ingress(checkouts: dict[str, Path], rounds: int, n: int, total: int) -> None
                             count[side] += 2 * n
                             sides.add("rate", side, await aiohttp_rate(light, url, total, 64))
 
-            asyncio.run(main())
+            run_loop(main())
     ws = sides.get("ws")
     print(
         f"\n1. ingress POST /permission, {rounds} rounds × {n} sequential, {total} at 64 in flight"
@@ -231,6 +251,8 @@ def ingress(checkouts: dict[str, Path], rounds: int, n: int, total: int) -> None
     for client in ("aiohttp", "httpx"):
         raw = sides.get(client)
         print(f"   raw HTTP round trip ({client}) {us(raw)}; raw HTTP + WS {us(raw + ws)}")
+        floor = sides.get(client, "floor")
+        print(f"   floor p50 ({client}) {us(floor)}: {(floor / (raw + ws)):.2f}×")
         for side in checkouts:
             value = sides.get(client, side)
             print(
@@ -238,6 +260,8 @@ def ingress(checkouts: dict[str, Path], rounds: int, n: int, total: int) -> None
             )
     raw_rate = sides.get("rate")
     print(f"   raw HTTP at 64 in flight (aiohttp) {raw_rate:.0f}/s")
+    floor_rate = sides.get("rate", "floor")
+    print(f"   floor at 64 in flight {floor_rate:.0f}/s: {floor_rate / raw_rate:.2f}×")
     for side in checkouts:
         rate = sides.get("rate", side)
         print(
@@ -276,7 +300,7 @@ def mcp(checkouts: dict[str, Path], rounds: int, n: int) -> None:
                     raise RuntimeError(f"the {name} uplink did not connect")
                 gateway.run(gateway.sequential(200))
             cpu = dict.fromkeys(checkouts, 0.0)
-            loop = asyncio.new_event_loop()
+            loop = new_event_loop()
             light, heavy = loop.run_until_complete(_sessions())
             try:
                 loop.run_until_complete(aiohttp_sequential(light, rpc_url, RPC_BODY, 100))
@@ -395,8 +419,8 @@ def gateway(checkouts: dict[str, Path], rounds: int, n: int) -> None:
             workdir.mkdir()
             gateways[name], port = stack.enter_context(gateway_process(workdir, 1, checkout))
             bases[name] = f"http://127.0.0.1:{port}"
-            asyncio.run(wait_http(bases[name]))
-        loop = asyncio.new_event_loop()
+            run_loop(wait_http(bases[name]))
+        loop = new_event_loop()
         light, heavy = loop.run_until_complete(_sessions())
         try:
             loop.run_until_complete(httpx_sequential(heavy, raw_url, BODY, 100))

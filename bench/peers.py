@@ -3,9 +3,12 @@
     python -m bench.peers gateway --auto approve|silent   # a minimal WebSocket gateway
     python -m bench.peers http                            # trivial HTTP JSON server
     python -m bench.peers jsonrpc                         # trivial local JSON-RPC server
+    python -m bench.peers relay WS_URL                    # the ingress's floor (below)
 
 They run in their own processes so that the process being measured does not
-share a GIL with its peers.
+share a GIL with its peers. Every bench process, peers and clients alike, runs
+the event loop the uplink and the gateway run (:func:`new_event_loop`): a raw
+baseline on a slower loop than the process it is compared with would flatter it.
 """
 
 from __future__ import annotations
@@ -13,9 +16,29 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 APPROVE = {"approved": True, "always_allow": False}
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """The loop the uplink's own thread and the gateway run (``actors.loop.new_event_loop``):
+    uvloop's where it is installed, else asyncio's. A copy, not an import, so that
+    the bench also runs against an older checkout, whose ``actors`` may not have it."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)`` on :func:`new_event_loop`."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(main)
 
 
 async def gateway(auto: str) -> None:
@@ -64,7 +87,99 @@ def _jsonrpc_answer(body: bytes) -> Any:
     return {"jsonrpc": "2.0", "id": request.get("id"), "result": {"ok": True}}
 
 
-async def http_server(answer: Any) -> None:
+class _RelaySocket(asyncio.Protocol):
+    """The relay's WebSocket: websockets' sans-I/O client on an asyncio transport, as
+    the uplink's own (``actors/websocket.py``), with nothing but the frames."""
+
+    def __init__(self, url: str) -> None:
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+
+        self.protocol = ClientProtocol(parse_uri(url))
+        self.waiting: dict[str, asyncio.Future[Any]] = {}
+        self.opened = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.protocol.send_request(self.protocol.connect())
+        self.transport.write(b"".join(self.protocol.data_to_send()))
+
+    def data_received(self, data: bytes) -> None:
+        from websockets.frames import Opcode
+
+        self.protocol.receive_data(data)
+        for event in self.protocol.events_received():
+            if not self.opened.done():
+                self.opened.set_result(None)  # the handshake's response
+            elif event.opcode is Opcode.TEXT:
+                frame = json.loads(event.data)
+                waiter = self.waiting.pop(frame.get("req_id"), None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(frame["payload"])
+        if out := self.protocol.data_to_send():
+            self.transport.write(b"".join(out))
+
+    def send(self, frame: Any) -> None:
+        self.protocol.send_text(json.dumps(frame, separators=(",", ":")).encode())
+        self.transport.write(b"".join(self.protocol.data_to_send()))
+
+
+async def relay(url: str) -> None:
+    """The floor of the ingress's stack: ``POST /permission`` relayed as a
+    ``perm_request`` and answered with the gateway's decision, in an answer of the
+    ingress's shape, on the same parts (uvicorn's h11 server, websockets' sans-I/O
+    client, the same loop), with none of the uplink's checks, limits, registry or
+    fail-closed paths. What the uplink costs above it is its own."""
+    from urllib.parse import urlsplit
+
+    loop = asyncio.get_running_loop()
+    where = urlsplit(url)
+    _, ws = await loop.create_connection(lambda: _RelaySocket(url), where.hostname, where.port)
+    await ws.opened
+    ws.send({"type": "identity", "req_id": "identity", "payload": {"project": "relay"}})
+    ids = iter(range(1 << 62))
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        request = json.loads(body)
+        request_id = f"relay-{next(ids)}"
+        waiter = loop.create_future()
+        ws.waiting[request_id] = waiter
+        ws.send(
+            {
+                "type": "perm_request",
+                "req_id": request_id,
+                "payload": {"tool_name": request["tool_name"], "tool_input": request["tool_input"]},
+            }
+        )
+        decision = await waiter
+        approved = decision.get("approved") is True
+        answer = {
+            "request_id": request_id,
+            "decision": "approve" if approved else "deny",
+            "reason": "gateway",
+            "behavior": "allow" if approved else "deny",
+            "updatedInput": request["tool_input"],
+        }
+        payload = json.dumps(answer).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(payload)),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    await http_server(app)
+
+
+async def http_server(app: Any) -> None:
     import socket
 
     import uvicorn
@@ -76,7 +191,7 @@ async def http_server(answer: Any) -> None:
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)  # accepting before the port is announced
     print(sock.getsockname()[1], flush=True)
-    config = uvicorn.Config(_asgi(answer), log_config=None, access_log=False, lifespan="off")
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
     await uvicorn.Server(config).serve([sock])
 
 
@@ -84,11 +199,13 @@ def main() -> None:
     kind = sys.argv[1]
     if kind == "gateway":
         auto = sys.argv[sys.argv.index("--auto") + 1] if "--auto" in sys.argv else "approve"
-        asyncio.run(gateway(auto))
+        run_loop(gateway(auto))
     elif kind == "http":
-        asyncio.run(http_server(lambda _body: {"ok": True}))
+        run_loop(http_server(_asgi(lambda _body: {"ok": True})))
     elif kind == "jsonrpc":
-        asyncio.run(http_server(_jsonrpc_answer))
+        run_loop(http_server(_asgi(_jsonrpc_answer)))
+    elif kind == "relay":
+        run_loop(relay(sys.argv[2]))
     else:
         raise SystemExit(f"unknown peer {kind!r}")
 

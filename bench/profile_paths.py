@@ -15,7 +15,6 @@ Profiling slows everything down about twice; read the shares, not the times.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import cProfile
 import io
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.peers import run_loop
 from bench.run import PY, REPO, BenchGateway, free_port, peer, wait_ready, ws_url
 
 BODY = {"tool_name": "Bash", "tool_input": {"command": "ls"}}
@@ -127,9 +127,9 @@ def ingress(out: Path, n: int, in_flight: int = 1) -> None:
         )
         try:
             wait_ready(port)
-            asyncio.run(post_many(f"http://127.0.0.1:{port}/permission", 300, in_flight))
+            run_loop(post_many(f"http://127.0.0.1:{port}/permission", 300, in_flight))
             counting(proc)
-            asyncio.run(post_many(f"http://127.0.0.1:{port}/permission", n, in_flight))
+            run_loop(post_many(f"http://127.0.0.1:{port}/permission", n, in_flight))
         finally:
             stop(proc)
 
@@ -183,13 +183,13 @@ def gateway(out: Path, n: int) -> None:
         )
         try:
             base = f"http://127.0.0.1:{port}"
-            asyncio.run(wait_http(base))
+            run_loop(wait_http(base))
             url = f"ws://127.0.0.1:{port}/api/sled-uplink?token={TOKEN}"
             # Back to back, as bench.paths measures the round trip: pauses would add the
             # gateway's idle timers to the profile.
-            asyncio.run(round_trips(base, url, 100, pause=None))
+            run_loop(round_trips(base, url, 100, pause=None))
             counting(proc)
-            asyncio.run(round_trips(base, url, n, pause=None))
+            run_loop(round_trips(base, url, n, pause=None))
         finally:
             stop(proc)
 

@@ -41,6 +41,8 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
+from bench.peers import new_event_loop, run_loop
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -297,7 +299,7 @@ async def async_library(url: str, n: int, pipeline_total: int, in_flight: int) -
 def thread_round_trip(n: int) -> list[float]:
     """The floor under any blocking call into an event loop in another thread:
     hand a callback to the loop and wait for it (two thread wake-ups)."""
-    loop = asyncio.new_event_loop()
+    loop = new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     samples = []
@@ -367,7 +369,7 @@ class BenchGateway:
                 if self.ws is not None:
                     self.ws.transport.abort()
 
-        asyncio.run(main())
+        run_loop(main())
 
     async def _handler(self, ws: Any) -> None:
         with contextlib.suppress(ConnectionClosed):  # we abort it on stop
@@ -517,15 +519,15 @@ def main(argv: list[str] | None = None) -> int:
             library_sequential(uplink, 200)  # warm-up
             http_sequential(ingress_url, body, 200)
             for _ in range(rounds):
-                raw_seq += asyncio.run(raw_ws_sequential(url, chunk))
-                async_seq += asyncio.run(async_library(url, chunk, 0, 0))[0]
+                raw_seq += run_loop(raw_ws_sequential(url, chunk))
+                async_seq += run_loop(async_library(url, chunk, 0, 0))[0]
                 lib_seq += library_sequential(uplink, chunk)
                 hop += thread_round_trip(chunk)
                 raw_http += http_sequential(http_url, body, chunk)
                 ingress += http_sequential(ingress_url, body, chunk)
             for _ in range(3):
-                raw_pipes.append(asyncio.run(raw_ws_pipeline(url, pipeline_total, 64)))
-                async_pipes.append(asyncio.run(async_library(url, 0, pipeline_total, 64))[1])
+                raw_pipes.append(run_loop(raw_ws_pipeline(url, pipeline_total, 64)))
+                async_pipes.append(run_loop(async_library(url, 0, pipeline_total, 64))[1])
                 lib_pipes.append(library_pipeline(uplink, pipeline_total, 64))
         raw_pipe = statistics.median(raw_pipes)
         async_pipe, lib_pipe = statistics.median(async_pipes), statistics.median(lib_pipes)
