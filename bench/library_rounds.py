@@ -7,14 +7,18 @@ sample of decisions/s at 64 in flight swings by half. This measures only the
 library figures, each round beside its own raw baseline (the raw pipeline
 before and after the uplink's), and prints the median ratio over the rounds.
 To compare two versions, run it in each checkout in turn, several times.
+
+Its own loops (the raw client's and the asyncio face's, side by side) are
+asyncio's, not ``bench.peers.run_loop``'s: ``bench.library_ab`` runs this in
+older checkouts, whose uplink cannot be lent a uvloop loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import sys
 
-from bench.peers import run_loop
 from bench.run import (
     async_library,
     library_pipeline,
@@ -50,14 +54,14 @@ def main(argv: list[str]) -> int:
             uplink.wait_connected(10)
             library_sequential(uplink, SEQUENTIAL)  # warm-up
             for _ in range(rounds):
-                before = run_loop(raw_ws_pipeline(url, PIPELINED, 64))
-                asyncio_rate = run_loop(async_library(url, 0, PIPELINED, 64))[1]
+                before = asyncio.run(raw_ws_pipeline(url, PIPELINED, 64))
+                asyncio_rate = asyncio.run(async_library(url, 0, PIPELINED, 64))[1]
                 blocking_rate = library_pipeline(uplink, PIPELINED, 64)
-                raw_rate = (before + run_loop(raw_ws_pipeline(url, PIPELINED, 64))) / 2
+                raw_rate = (before + asyncio.run(raw_ws_pipeline(url, PIPELINED, 64))) / 2
                 async_pipe.append(asyncio_rate / raw_rate)
                 blocking_pipe.append(blocking_rate / raw_rate)
-                raw_p50 = statistics.median(run_loop(raw_ws_sequential(url, SEQUENTIAL)))
-                samples = run_loop(async_library(url, SEQUENTIAL, 0, 0))[0]
+                raw_p50 = statistics.median(asyncio.run(raw_ws_sequential(url, SEQUENTIAL)))
+                samples = asyncio.run(async_library(url, SEQUENTIAL, 0, 0))[0]
                 async_p50.append(statistics.median(samples) / raw_p50)
                 blocking_p50.append(
                     statistics.median(library_sequential(uplink, SEQUENTIAL)) / raw_p50
