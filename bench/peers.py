@@ -59,17 +59,20 @@ async def gateway(auto: str) -> None:
         await asyncio.Future()
 
 
+async def _request_body(receive: Any) -> bytes:
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
 def _asgi(answer: Any) -> Any:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        payload = json.dumps(answer(body)).encode()
+        payload = json.dumps(answer(await _request_body(receive))).encode()
         await send(
             {
                 "type": "http.response.start",
@@ -142,13 +145,7 @@ async def relay(url: str) -> None:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        request = json.loads(body)
+        request = json.loads(await _request_body(receive))
         request_id = f"relay-{next(ids)}"
         waiter = loop.create_future()
         ws.waiting[request_id] = waiter
