@@ -222,6 +222,37 @@ def test_an_uplink_in_its_own_thread_runs_on_uvloop_and_decides_over_it(make_upl
         assert answer.json()["decision"] == "approve"
 
 
+def test_an_application_on_uvloop_lends_the_uplink_its_loop() -> None:
+    """An application's own loop is kept, uvloop's too: the uplink's WebSocket and ingress
+    run on it (their transports are uvloop's) and every request is answered once."""
+    import uvloop
+
+    with Gateway(auto="approve") as gateway:
+
+        async def main() -> list[Outcome]:
+            async with Uplink(config(gateway.url, listen="127.0.0.1:0")) as uplink:
+                assert uplink.context.loop.loop is asyncio.get_running_loop()
+                assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+                await connected(uplink)
+                port = uplink.status()["ingress"]["port"]
+                async with httpx.AsyncClient(timeout=scaled(5)) as client:
+                    answer = await client.post(
+                        f"http://127.0.0.1:{port}/permission",
+                        json={"tool_name": "Bash", "tool_input": {"command": "ls"}},
+                    )
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["decision"] == "approve"
+                return await asyncio.gather(*(uplink.adecide("Read", {"i": i}) for i in range(50)))
+
+        async def guarded() -> list[Outcome]:
+            async with asyncio.timeout(scaled(30)):
+                return await main()
+
+        outcomes = uvloop.run(guarded())
+        assert [o.decision for o in outcomes] == [Decision.APPROVE] * 50
+        assert len({o.request_id for o in outcomes}) == 50
+
+
 def test_a_registry_crash_denies_what_it_held() -> None:
     with Gateway() as gateway:
 
