@@ -82,6 +82,7 @@ START_IMPORTS = (
     "actors.supervisor",
     "actors.mcp_proxy",
     "actors.system",
+    "uvloop",  # the loop the uplink's thread starts (actors.loop.new_event_loop)
     "uvicorn",
     "actors.http_guard",
     "actors.ingress",
