@@ -31,12 +31,16 @@ def config(url: str, **overrides: Any) -> UplinkConfig:
     return UplinkConfig(upstream_url=url, **{"project": "async-proj", **FAST, **overrides})
 
 
-def run(main: Callable[[], Awaitable[Any]]) -> Any:
+def run(
+    main: Callable[[], Awaitable[Any]],
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+) -> Any:
     async def guarded() -> Any:  # one task: "other tasks" below means the uplink's
         async with asyncio.timeout(scaled(30)):
             return await main()
 
-    return asyncio.run(guarded())
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(guarded())
 
 
 async def connected(uplink: Uplink) -> None:
@@ -244,11 +248,7 @@ def test_an_application_on_uvloop_lends_the_uplink_its_loop() -> None:
                 assert answer.json()["decision"] == "approve"
                 return await asyncio.gather(*(uplink.adecide("Read", {"i": i}) for i in range(50)))
 
-        async def guarded() -> list[Outcome]:
-            async with asyncio.timeout(scaled(30)):
-                return await main()
-
-        outcomes = uvloop.run(guarded())
+        outcomes = run(main, uvloop.new_event_loop)
         assert [o.decision for o in outcomes] == [Decision.APPROVE] * 50
         assert len({o.request_id for o in outcomes}) == 50
 
