@@ -14,6 +14,7 @@ baseline on a slower loop than the process it is compared with would flatter it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sys
 from collections.abc import Coroutine
@@ -140,7 +141,7 @@ async def relay(url: str) -> None:
     _, ws = await loop.create_connection(lambda: _RelaySocket(url), where.hostname, where.port)
     await ws.opened
     ws.send({"type": "identity", "req_id": "identity", "payload": {"project": "relay"}})
-    ids = iter(range(1 << 62))
+    ids = itertools.count()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
