@@ -24,7 +24,10 @@ slower loop than the process it is compared with.
    on the ingress's parts (uvicorn's h11 server, websockets' sans-I/O client,
    the same loop) with none of the uplink's own work. What the uplink costs
    above the floor is its own; what the floor costs above the raw parts is
-   the relay's hop on these parts.
+   the relay's hop on these parts. Below it, the bare hop
+   (``bench.peers bare-relay``): the same process in the path with no parts
+   on it (a request's bytes unparsed, fixed frames and answers), which shows
+   how much of the floor is the hop and how much the parts.
 2. MCP replay: a gateway in this process sends ``mcp_request`` frames; the p50
    of their answers against a direct POST of the same body to the same
    JSON-RPC server with httpx (the client the uplink replays with) plus a raw
@@ -197,6 +200,7 @@ def ingress(checkouts: dict[str, Path], rounds: int, n: int, total: int) -> None
         gw = ws_url(gw_port)
         raw_url = f"http://127.0.0.1:{http_port}/"
         floor_url = f"http://127.0.0.1:{peers.enter_context(peer('relay', gw))}/permission"
+        bare_url = f"http://127.0.0.1:{peers.enter_context(peer('bare-relay', gw))}/permission"
         ports = {name: free_port() for name in checkouts}
         with contextlib.ExitStack() as stack:
             procs = {
@@ -214,7 +218,7 @@ def ingress(checkouts: dict[str, Path], rounds: int, n: int, total: int) -> None
                 light, heavy = sessions()
                 async with light, heavy:
                     urls = {s: f"http://127.0.0.1:{p}/permission" for s, p in ports.items()}
-                    for url in [raw_url, floor_url, *urls.values()]:  # warm-up
+                    for url in [raw_url, floor_url, bare_url, *urls.values()]:  # warm-up
                         await aiohttp_sequential(light, url, BODY, 100)
                         await httpx_sequential(heavy, url, BODY, 100)
                     for r in range(rounds):
@@ -231,6 +235,11 @@ def ingress(checkouts: dict[str, Path], rounds: int, n: int, total: int) -> None
                             "httpx", "floor", await httpx_sequential(heavy, floor_url, BODY, n)
                         )
                         sides.add("rate", "floor", await aiohttp_rate(light, floor_url, total, 64))
+                        sides.add(
+                            "aiohttp", "bare", await aiohttp_sequential(light, bare_url, BODY, n)
+                        )
+                        sides.add("httpx", "bare", await httpx_sequential(heavy, bare_url, BODY, n))
+                        sides.add("rate", "bare", await aiohttp_rate(light, bare_url, total, 64))
                         for side in sides.order(r):
                             before = proc_cpu_seconds(procs[side].pid)
                             url = urls[side]
@@ -251,6 +260,8 @@ def ingress(checkouts: dict[str, Path], rounds: int, n: int, total: int) -> None
     for client in ("aiohttp", "httpx"):
         raw = sides.get(client)
         print(f"   raw HTTP round trip ({client}) {us(raw)}; raw HTTP + WS {us(raw + ws)}")
+        bare = sides.get(client, "bare")
+        print(f"   bare hop p50 ({client}) {us(bare)}: {(bare / (raw + ws)):.2f}×")
         floor = sides.get(client, "floor")
         print(f"   floor p50 ({client}) {us(floor)}: {(floor / (raw + ws)):.2f}×")
         for side in checkouts:
@@ -260,6 +271,8 @@ def ingress(checkouts: dict[str, Path], rounds: int, n: int, total: int) -> None
             )
     raw_rate = sides.get("rate")
     print(f"   raw HTTP at 64 in flight (aiohttp) {raw_rate:.0f}/s")
+    bare_rate = sides.get("rate", "bare")
+    print(f"   bare hop at 64 in flight {bare_rate:.0f}/s: {bare_rate / raw_rate:.2f}×")
     floor_rate = sides.get("rate", "floor")
     print(f"   floor at 64 in flight {floor_rate:.0f}/s: {floor_rate / raw_rate:.2f}×")
     for side in checkouts:

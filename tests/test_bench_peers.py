@@ -8,6 +8,8 @@ gateway peer and the relay, each in its own process; the figures are not asserte
 
 from __future__ import annotations
 
+import socket
+
 import httpx
 import pytest
 
@@ -38,3 +40,56 @@ def test_the_floor_relays_to_the_gateway_and_answers_in_the_ingress_shape() -> N
             k: v for k, v in ingress.items() if k != "request_id"
         }
     assert len({answer.json()["request_id"] for answer in answers}) == 3, "one frame each"
+
+
+def test_the_floor_answers_504_when_the_gateway_does_not_answer() -> None:
+    """A gateway that stopped answering does not hold the bench's client for ever."""
+    with (
+        peer("gateway", "--auto", "silent") as gw_port,
+        peer("relay", ws_url(gw_port), "--timeout", "0.5") as port,
+    ):
+        answer = httpx.post(f"http://127.0.0.1:{port}/permission", json=REQUEST, timeout=scaled(10))
+    assert answer.status_code == 504, answer.text
+    assert answer.json() == {"error": "the gateway did not answer"}
+
+
+def test_the_bare_relay_sends_one_frame_a_request_and_answers_each_in_the_ingress_shape() -> None:
+    """The hop with no parts (``bench.peers bare-relay``) still relays: with a gateway
+    that never answers, no request is answered; with one that does, each of several
+    requests on several connections, some pipelined, gets one answer of the ingress's
+    keys, so its figure is a round trip through the gateway, not a local echo."""
+    request = httpx.Request("POST", "http://x/permission", json=REQUEST)
+    raw = (
+        b"POST /permission HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(request.content), request.content)
+    )
+    with (
+        peer("gateway", "--auto", "silent") as gw_port,
+        peer("bare-relay", ws_url(gw_port)) as port,
+        socket.create_connection(("127.0.0.1", port)) as silent,
+    ):
+        silent.sendall(raw)
+        silent.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            silent.recv(1)
+    with (
+        peer("gateway", "--auto", "approve") as gw_port,
+        peer("bare-relay", ws_url(gw_port)) as port,
+    ):
+        ingress = permission_answer(
+            Outcome("id", Decision.APPROVE, Reason.GATEWAY), {"command": "ls"}
+        )
+        with httpx.Client(timeout=scaled(5)) as client:
+            for _ in range(3):
+                body = client.post(f"http://127.0.0.1:{port}/permission", json=REQUEST).json()
+                assert body.keys() == ingress.keys()
+                assert body["decision"] == "approve"
+        with socket.create_connection(("127.0.0.1", port)) as pipelined:
+            pipelined.sendall(raw * 3)  # three requests in one write: three answers
+            pipelined.settimeout(scaled(5))
+            received = b""
+            while received.count(b"HTTP/1.1 200 OK") < 3:
+                chunk = pipelined.recv(65536)
+                assert chunk, received
+                received += chunk
+            assert received.count(b'"behavior": "allow"') == 3
