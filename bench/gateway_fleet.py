@@ -268,26 +268,82 @@ def operator_client(base: str, timeout: float = 30) -> Any:
 FLEET_PAUSE = (0.01, 0.03)
 
 
+class _LightOperator:
+    """The operator's client on aiohttp (a light client, as the issue measured with),
+    with the two calls the probe makes of it: far less of a round trip is the client's
+    own than with httpx, so the gateway's share of it shows."""
+
+    def __init__(self, base: str) -> None:
+        import aiohttp
+
+        headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}", "Content-Type": "application/json"}
+        self.session = aiohttp.ClientSession(base_url=base, headers=headers)
+
+    async def __aenter__(self) -> _LightOperator:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.session.close()
+
+    async def state(self) -> Any:
+        async with self.session.get("/api/state", params={"limit": "100000"}) as response:
+            return await response.json()
+
+    async def post(self, path: str, body: bytes) -> tuple[int, str]:
+        async with self.session.post(path, data=body) as response:
+            return response.status, await response.text()
+
+
+class _HttpxOperator:
+    """The same two calls on httpx (the console's and the operator API's usual client)."""
+
+    def __init__(self, base: str) -> None:
+        self.client = operator_client(base)
+
+    async def __aenter__(self) -> _HttpxOperator:
+        await self.client.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.__aexit__(*exc)
+
+    async def state(self) -> Any:
+        return (await self.client.get("/api/state", params={"limit": "100000"})).json()
+
+    async def post(self, path: str, body: bytes) -> tuple[int, str]:
+        response = await self.client.post(path, content=body)
+        return response.status_code, response.text
+
+
+#: The probe's decision POST, by client name: httpx, or aiohttp (the light client).
+OPERATOR_CLIENTS = {"httpx": _HttpxOperator, "aiohttp": _LightOperator}
+
+
 async def round_trips(
-    base: str, ws_url: str, samples: int, pause: tuple[float, float] | None = FLEET_PAUSE
+    base: str,
+    ws_url: str,
+    samples: int,
+    pause: tuple[float, float] | None = FLEET_PAUSE,
+    client: str = "httpx",
 ) -> tuple[list[float], int]:
     """The probe's round trips, and how many early POSTs it retried. ``pause=None`` sends
     each request right after the last answer, as the raw baselines of ``bench.paths`` do:
     a pause lets this VM's CPUs idle, and every hop of the next sample then pays their
-    wake-up, so a paced path against back-to-back baselines measures the pause."""
+    wake-up, so a paced path against back-to-back baselines measures the pause.
+    ``client`` names the HTTP client that POSTs the decisions (``OPERATOR_CLIENTS``)."""
     from websockets.asyncio.client import connect
 
     times: list[float] = []
     retries = 0
     async with (
         connect(ws_url, max_size=None, compression=None) as ws,
-        operator_client(base) as http,
+        OPERATOR_CLIENTS[client](base) as http,
     ):
         await ws.send(
             json.dumps({"type": "identity", "req_id": "identity", "payload": {"project": "probe"}})
         )
         while True:  # wait until the gateway knows the probe
-            state = (await http.get("/api/state", params={"limit": "100000"})).json()
+            state = await http.state()
             if any(s["project"] == "probe" for s in state["sleds"]):
                 break
             await asyncio.sleep(0.05)
@@ -302,13 +358,13 @@ async def round_trips(
             start = time.perf_counter()
             await ws.send(json.dumps(frame))
             while True:
-                response = await http.post(f"/api/permissions/probe/{req_id}", content=body)
-                if response.status_code != 404:
+                status, text = await http.post(f"/api/permissions/probe/{req_id}", body)
+                if status != 404:
                     break
                 if i >= 5:
                     retries += 1
-            if response.status_code != 200:
-                raise RuntimeError(f"decision refused: {response.status_code} {response.text}")
+            if status != 200:
+                raise RuntimeError(f"decision refused: {status} {text}")
             answer = json.loads(await asyncio.wait_for(ws.recv(), 30))
             elapsed = time.perf_counter() - start
             if answer["req_id"] != req_id or answer["payload"] != {

@@ -123,7 +123,13 @@ def uplink(checkout: Path, gateway_url: str, *extra: str) -> Iterator[subprocess
         proc.wait(10)
 
 
-async def aiohttp_sequential(session: aiohttp.ClientSession, url: str, body: Any, n: int) -> float:
+async def aiohttp_sequential(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: Any,
+    n: int,
+    pause: tuple[float, float] | None = None,
+) -> float:
     data = json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     samples = []
@@ -133,6 +139,8 @@ async def aiohttp_sequential(session: aiohttp.ClientSession, url: str, body: Any
             await response.read()
             samples.append(time.perf_counter() - started)
             assert response.status == 200, response.status
+        if pause is not None:
+            await asyncio.sleep(random.uniform(*pause))
     return med(samples)
 
 
@@ -412,6 +420,10 @@ def sqlite_commits(path: Path, n: int) -> float:
 #: sleep, and every hop of the next sample then pays their wake-up: a paced path against
 #: back-to-back baselines would measure the pause, about twice the gateway's own cost.
 PACES: dict[str, tuple[float, float] | None] = {"": None, "~": FLEET_PAUSE}
+#: The clients that POST target 4's decisions, each on both sides of its ratio: httpx
+#: (the console's usual client) and aiohttp, the light client the issue measured with,
+#: whose smaller share of a round trip leaves more of it to the gateway.
+GATEWAY_CLIENTS = ("httpx", "aiohttp")
 
 
 def gateway(checkouts: dict[str, Path], rounds: int, n: int) -> None:
@@ -437,50 +449,62 @@ def gateway(checkouts: dict[str, Path], rounds: int, n: int) -> None:
         light, heavy = loop.run_until_complete(_sessions())
         try:
             loop.run_until_complete(httpx_sequential(heavy, raw_url, BODY, 100))
+            loop.run_until_complete(aiohttp_sequential(light, raw_url, BODY, 100))
+            raw_posts = {
+                "httpx": lambda pause: httpx_sequential(heavy, raw_url, BODY, n, pause),
+                "aiohttp": lambda pause: aiohttp_sequential(light, raw_url, BODY, n, pause),
+            }
             for r in range(rounds):
                 sides.add("sqlite", "raw", sqlite_commits(Path(tmp) / "raw.db", n))
                 for pace, pause in PACES.items():
                     ws = raw_ws_sequential(ws_url(gw_port), n, pause)
                     sides.add("ws" + pace, "raw", med(loop.run_until_complete(ws)))
-                    http = httpx_sequential(heavy, raw_url, BODY, n, pause)
-                    sides.add("http" + pace, "raw", loop.run_until_complete(http))
-                    for side in sides.order(r):
-                        base = bases[side]
-                        wsu = f"ws://{base.removeprefix('http://')}/api/sled-uplink?token={TOKEN}"
-                        before = threads_cpu_seconds(gateways[side].pid)
-                        trips = round_trips(base, wsu, n, pause)
-                        times, retries = loop.run_until_complete(trips)
-                        # Its own CPU (all threads) over the round trips, connect and warm-up
-                        # included: a count that a loaded machine inflates less than a latency.
-                        cpu = threads_cpu_seconds(gateways[side].pid) - before
-                        sides.add("gwcpu" + pace, side, cpu / n)
-                        sides.add("rt" + pace, side, med(times))
-                        sides.add("404" + pace, side, retries / n)
+                    for client in GATEWAY_CLIENTS:
+                        figure = client + pace
+                        http = raw_posts[client](pause)
+                        sides.add("http" + figure, "raw", loop.run_until_complete(http))
+                        for side in sides.order(r):
+                            base = bases[side]
+                            wsu = (
+                                f"ws://{base.removeprefix('http://')}/api/sled-uplink?token={TOKEN}"
+                            )
+                            before = threads_cpu_seconds(gateways[side].pid)
+                            trips = round_trips(base, wsu, n, pause, client)
+                            times, retries = loop.run_until_complete(trips)
+                            # Its own CPU (all threads) over the round trips, connect and
+                            # warm-up included: a count that a loaded machine inflates less
+                            # than a latency.
+                            cpu = threads_cpu_seconds(gateways[side].pid) - before
+                            sides.add("gwcpu" + figure, side, cpu / n)
+                            sides.add("rt" + figure, side, med(times))
+                            sides.add("404" + figure, side, retries / n)
         finally:
             loop.run_until_complete(light.close())
             loop.run_until_complete(heavy.aclose())
             loop.close()
     commit = sides.get("sqlite")
     print(f"\n4. gateway decision round trip at one sled, {rounds} rounds × {n}")
-    for pace, pause in PACES.items():
-        ws, http = sides.get("ws" + pace), sides.get("http" + pace)
-        raw = ws + http + commit
-        how = (
-            "back to back"
-            if pause is None
-            else f"{pause[0] * 1000:.0f}–{pause[1] * 1000:.0f} ms apart"
-        )
-        print(
-            f"   {how}, on both sides: raw WS {us(ws)} + raw POST (httpx) {us(http)} "
-            f"+ one SQLite commit (WAL, NORMAL) {us(commit)} = {us(raw)}"
-        )
-        for side in checkouts:
-            value = sides.get("rt" + pace, side)
-            print(
-                f"   {side:>5} round trip p50 {us(value)}: {report('', value, raw, 1.5)}; "
-                f"{sides.get('404' + pace, side):.2f} early POSTs (404, retried) a request; "
-                f"gateway CPU per round trip {us(sides.get('gwcpu' + pace, side))}"
+    for client in GATEWAY_CLIENTS:
+        for pace, pause in PACES.items():
+            figure = client + pace
+            ws, http = sides.get("ws" + pace), sides.get("http" + figure)
+            raw = ws + http + commit
+            how = (
+                "back to back"
+                if pause is None
+                else f"{pause[0] * 1000:.0f}–{pause[1] * 1000:.0f} ms apart"
             )
+            print(
+                f"   {client}, {how}, on both sides: raw WS {us(ws)} + raw POST {us(http)} "
+                f"+ one SQLite commit (WAL, NORMAL) {us(commit)} = {us(raw)}"
+            )
+            for side in checkouts:
+                value = sides.get("rt" + figure, side)
+                print(
+                    f"   {side:>5} round trip p50 {us(value)}: {report('', value, raw, 1.5)}; "
+                    f"{sides.get('404' + figure, side):.2f} early POSTs (404, retried) a "
+                    f"request; gateway CPU per round trip {us(sides.get('gwcpu' + figure, side))}"
+                )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,19 +1,26 @@
-"""The ingress's floor (``bench.peers relay``) relays like the ingress and answers in its shape.
+"""The bench's own parts measure what they claim to: the ingress's floor
+(``bench.peers relay``) and the bare hop (``bench.peers bare-relay``) relay to the
+gateway peer and answer in the ingress's shape, and target 4's probe decides through a
+real gateway with either of its clients.
 
-``bench.paths`` measures target 1's floor with it: were its answer smaller than the
-ingress's, or its request never to reach the gateway, the floor would measure less
-work than the ingress does. Real peers, as the bench starts them: the WebSocket
-gateway peer and the relay, each in its own process; the figures are not asserted.
+Were a floor's answer smaller than the ingress's, or its request never to reach the
+gateway, it would measure less work than the ingress does; were the light client's
+probe to skip a step, its ratio would not be target 4's. Real peers and a real
+gateway, as the bench starts them; the figures are not asserted.
 """
 
 from __future__ import annotations
 
 import socket
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from actors.ingress import permission_answer
+from bench.gateway_fleet import TOKEN, gateway_process, operator_client, round_trips, wait_http
+from bench.peers import run_loop
 from bench.run import peer, ws_url
 from protocol import Decision, Outcome, Reason
 from tests.conftest import scaled
@@ -93,3 +100,31 @@ def test_the_bare_relay_sends_one_frame_a_request_and_answers_each_in_the_ingres
                 assert chunk, received
                 received += chunk
             assert received.count(b'"behavior": "allow"') == 3
+
+
+@pytest.mark.parametrize("client", ["httpx", "aiohttp"])
+def test_the_gateway_probe_decides_through_a_real_gateway_with_either_client(
+    client: str, tmp_path: Path
+) -> None:
+    """Target 4's probe (``bench.gateway_fleet.round_trips``) with each of its clients:
+    every sample is a request the gateway registered, a decision it accepted and
+    committed, and the approval the probe's sled received (the probe raises on
+    anything else), so the light client's figure is the same round trip as httpx's."""
+    with gateway_process(tmp_path, 1) as (_, port):
+        base = f"http://127.0.0.1:{port}"
+        run_loop(wait_http(base))
+        url = f"ws://127.0.0.1:{port}/api/sled-uplink?token={TOKEN}"
+        times, _retries = run_loop(round_trips(base, url, 5, None, client))
+        state = run_loop(_audit(base))
+    assert len(times) == 5
+    decided = [row for row in state if row["project"] == "probe"]
+    assert len(decided) == 10, decided  # the 5 samples and the 5 warm-ups, each committed
+    assert {row["decision"] for row in decided} == {"approve"}
+
+
+async def _audit(base: str) -> list[dict[str, Any]]:
+    async with operator_client(base) as http:
+        response = await http.get("/api/audit", params={"limit": "100"})
+        response.raise_for_status()
+        body = response.json()
+        return body["entries"] if isinstance(body, dict) else body
