@@ -8,8 +8,11 @@ Each path is measured in rounds; within a round the raw baselines and the
 uplink (or gateway) samples alternate, and with ``--vs`` the two checkouts
 alternate too, which one goes first switching every round. The figure of a
 side is the median of its round medians, and every ratio is against the
-baselines of the same run. The machine need not be quiet for the ratios to
-mean something, but only a quiet machine gives the absolute figures. Clients
+baselines of the same run. Beside each target's ratio, the lowest and highest of
+the rounds' own ratios (each round's figure over that round's baselines): on a
+small VM they show how far a single round's verdict can be from the run's. The
+machine need not be quiet for the ratios to mean something, but only a quiet
+machine gives the absolute figures. Clients
 and peers run the loop the uplink and the gateway run (uvloop's where it is
 installed; ``bench.peers.new_event_loop``), so no raw part is measured on a
 slower loop than the process it is compared with.
@@ -105,6 +108,24 @@ class Sides:
 
     def get(self, figure: str, side: str = "raw") -> float:
         return med(self.rounds.get((figure, side), []))
+
+    def each(self, figure: str, side: str = "raw") -> list[float]:
+        """The round medians, in round order."""
+        return self.rounds.get((figure, side), [])
+
+
+def spread(values: list[float], bases: list[float]) -> str:
+    """The lowest and highest of the rounds' own ratios (each round's figure over the
+    same round's baseline): how far one round's verdict can sit from the run's."""
+    ratios = [value / base for value, base in zip(values, bases, strict=True)]
+    if len(ratios) < 2:
+        return ""
+    return f" (rounds {min(ratios):.2f}–{max(ratios):.2f}×)"
+
+
+def summed(*rounds: list[float]) -> list[float]:
+    """Per-round sums of several baselines' round medians."""
+    return [sum(parts) for parts in zip(*rounds, strict=True)]
 
 
 @contextlib.contextmanager
@@ -272,10 +293,12 @@ def ingress(checkouts: dict[str, Path], rounds: int, n: int, total: int) -> None
         print(f"   bare hop p50 ({client}) {us(bare)}: {(bare / (raw + ws)):.2f}×")
         floor = sides.get(client, "floor")
         print(f"   floor p50 ({client}) {us(floor)}: {(floor / (raw + ws)):.2f}×")
+        bases = summed(sides.each(client), sides.each("ws"))
         for side in checkouts:
             value = sides.get(client, side)
             print(
                 f"   {side:>5} p50 ({client}) {us(value)}: {report(client, value, raw + ws, 1.2)}"
+                + spread(sides.each(client, side), bases)
             )
     raw_rate = sides.get("rate")
     print(f"   raw HTTP at 64 in flight (aiohttp) {raw_rate:.0f}/s")
@@ -288,6 +311,7 @@ def ingress(checkouts: dict[str, Path], rounds: int, n: int, total: int) -> None
         print(
             f"   {side:>5} decisions/s at 64 in flight {rate:.0f}/s: "
             + report("", rate, raw_rate, 0.8, True)
+            + spread(sides.each("rate", side), sides.each("rate"))
         )
     for side in checkouts:
         print(f"   {side:>5} uplink CPU per sequential request {us(cpu[side] / count[side])}")
@@ -498,10 +522,14 @@ def gateway(checkouts: dict[str, Path], rounds: int, n: int) -> None:
                 f"   {client}, {how}, on both sides: raw WS {us(ws)} + raw POST {us(http)} "
                 f"+ one SQLite commit (WAL, NORMAL) {us(commit)} = {us(raw)}"
             )
+            bases = summed(
+                sides.each("ws" + pace), sides.each("http" + figure), sides.each("sqlite")
+            )
             for side in checkouts:
                 value = sides.get("rt" + figure, side)
                 print(
-                    f"   {side:>5} round trip p50 {us(value)}: {report('', value, raw, 1.5)}; "
+                    f"   {side:>5} round trip p50 {us(value)}: {report('', value, raw, 1.5)}"
+                    f"{spread(sides.each('rt' + figure, side), bases)}; "
                     f"{sides.get('404' + figure, side):.2f} early POSTs (404, retried) a "
                     f"request; gateway CPU per round trip {us(sides.get('gwcpu' + figure, side))}"
                 )
