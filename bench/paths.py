@@ -12,10 +12,10 @@ baselines of the same run. Beside each target's ratio, the lowest and highest of
 the rounds' own ratios (each round's figure over that round's baselines): on a
 small VM they show how far a single round's verdict can be from the run's. The
 machine need not be quiet for the ratios to mean something, but only a quiet
-machine gives the absolute figures. Clients
-and peers run the loop the uplink and the gateway run (uvloop's where it is
-installed; ``bench.peers.new_event_loop``), so no raw part is measured on a
-slower loop than the process it is compared with.
+machine gives the absolute figures. Clients and peers run the loop the uplink
+and the gateway run (uvloop's where it is installed;
+``bench.peers.new_event_loop``), so no raw part is measured on a slower loop
+than the process it is compared with.
 
 1. Ingress: sequential ``POST /permission`` p50 against a raw HTTP round trip
    to a trivial server plus a raw WebSocket round trip (the same gateway peer
@@ -37,12 +37,13 @@ slower loop than the process it is compared with.
    WebSocket round trip. Target: p50 ≤ POST + WS + 0.3 ms. aiohttp's direct
    POST is printed too: the distance between the two is what the HTTP client
    costs.
-3. Gateway round trip at one sled (``bench.gateway_fleet``'s probe: a
-   ``perm_request`` in, the decision POSTed with httpx, the ``perm_response``
-   out, the SQLite audit committed before it) against a raw WebSocket round
-   trip + a raw httpx POST round trip + one raw SQLite commit in the store's
+4. Gateway round trip at one sled (``bench.gateway_fleet``'s probe: a
+   ``perm_request`` in, the decision POSTed, the ``perm_response`` out, the
+   SQLite audit committed before it) against a raw WebSocket round trip + a raw
+   POST round trip with the same client + one raw SQLite commit in the store's
    mode (WAL, ``synchronous=NORMAL``, ``BEGIN IMMEDIATE``). Target ≤ 1.5 x.
-   Measured at two paces, each on both sides of the ratio: back to back, and
+   Measured with httpx and with aiohttp (the light client the issue measured
+   with), and at two paces, each on both sides of the ratio: back to back, and
    10-30 ms apart (the fleet probe's pace, whose idle CPUs wake for each hop).
 """
 

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 APPROVE = {"approved": True, "always_allow": False}
-#: Seconds the relays wait for the gateway's answer before a 504.
+#: Seconds the floor relay waits for the gateway's answer before its 504.
 RELAY_TIMEOUT = 30.0
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -88,7 +88,7 @@ def _asgi(answer: Any) -> Any:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [(b"content-type", b"application/json")],
+                "headers": JSON_HEADERS,
             }
         )
         await send({"type": "http.response.body", "body": payload})
