@@ -84,13 +84,10 @@ def _asgi(answer: Any) -> Any:
         if scope["type"] != "http":
             return
         payload = json.dumps(answer(await _request_body(receive))).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": JSON_HEADERS,
-            }
-        )
+        # A length, as every answer of the uplink and the gateway has: without one the
+        # server sends the body chunked, more bytes and more writes than theirs.
+        headers = [*JSON_HEADERS, (b"content-length", b"%d" % len(payload))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
     return app
