@@ -128,3 +128,16 @@ async def _audit(base: str) -> list[dict[str, Any]]:
         response.raise_for_status()
         body = response.json()
         return body["entries"] if isinstance(body, dict) else body
+
+
+@pytest.mark.parametrize("kind", ["http", "jsonrpc"])
+def test_the_raw_servers_answer_with_a_length_as_the_uplink_and_the_gateway_do(kind: str) -> None:
+    """A raw baseline that answers chunked sends more bytes in more writes than the
+    ingress and the gateway, whose answers carry a length: a slower baseline flatters
+    every ratio against it."""
+    body = {"jsonrpc": "2.0", "id": 7, "method": "ping"}
+    with peer(kind) as port:
+        answer = httpx.post(f"http://127.0.0.1:{port}/", json=body, timeout=scaled(5))
+    assert answer.status_code == 200
+    assert "transfer-encoding" not in answer.headers
+    assert answer.headers["content-length"] == str(len(answer.content))
