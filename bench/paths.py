@@ -216,7 +216,9 @@ def report(label: str, value: float, base: float, target: float, above: bool = F
     ratio = value / base
     ok = ratio >= target if above else ratio <= target
     sign = "≥" if above else "≤"
-    return f"{ratio:.2f}× (target {sign} {target}×: {'ok' if ok else 'MISS'})"
+    # A ratio that rounds to its bound gets a third digit: "1.20" would read as met.
+    shown = f"{ratio:.2f}" if round(ratio, 2) != target else f"{ratio:.3f}"
+    return f"{shown}× (target {sign} {target}×: {'ok' if ok else 'MISS'})"
 
 
 # ── 1. ingress ──────────────────────────────────────────────────────────────

@@ -20,6 +20,7 @@ import pytest
 
 from actors.ingress import permission_answer
 from bench.gateway_fleet import TOKEN, gateway_process, operator_client, round_trips, wait_http
+from bench.paths import report
 from bench.peers import run_loop
 from bench.run import peer, ws_url
 from protocol import Decision, Outcome, Reason
@@ -141,3 +142,11 @@ def test_the_raw_servers_answer_with_a_length_as_the_uplink_and_the_gateway_do(k
     assert answer.status_code == 200
     assert "transfer-encoding" not in answer.headers
     assert answer.headers["content-length"] == str(len(answer.content))
+
+
+def test_a_ratio_that_rounds_to_its_bound_is_printed_with_the_digit_that_decides_it() -> None:
+    """A miss printed as 1.20 against a bound of 1.2 reads as met; its third digit does not."""
+    assert report("", 1.2049, 1.0, 1.2) == "1.205× (target ≤ 1.2×: MISS)"
+    assert report("", 1.196, 1.0, 1.2) == "1.196× (target ≤ 1.2×: ok)"
+    assert report("", 0.7951, 1.0, 0.8, above=True) == "0.795× (target ≥ 0.8×: MISS)"
+    assert report("", 1.31, 1.0, 1.2) == "1.31× (target ≤ 1.2×: MISS)"
