@@ -63,6 +63,8 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 TOKEN = "fleet-bench-token"
 OPERATOR_TOKEN = "fleet-bench-operator"
+#: What every operator request carries, whichever client sends it.
+OPERATOR_HEADERS = {"Authorization": f"Bearer {OPERATOR_TOKEN}", "Content-Type": "application/json"}
 HEARTBEAT_S = 10.0
 
 
@@ -259,8 +261,7 @@ def operator_client(base: str, timeout: float = 30) -> Any:
     """An HTTP client of the gateway as its operator: every ``/api`` route needs the token."""
     import httpx
 
-    headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}", "Content-Type": "application/json"}
-    return httpx.AsyncClient(base_url=base, timeout=timeout, headers=headers)
+    return httpx.AsyncClient(base_url=base, timeout=timeout, headers=OPERATOR_HEADERS)
 
 
 #: The probe's pause between samples at a fleet: each sample starts at a random phase of
@@ -276,8 +277,7 @@ class _LightOperator:
     def __init__(self, base: str) -> None:
         import aiohttp
 
-        headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}", "Content-Type": "application/json"}
-        self.session = aiohttp.ClientSession(base_url=base, headers=headers)
+        self.session = aiohttp.ClientSession(base_url=base, headers=OPERATOR_HEADERS)
 
     async def __aenter__(self) -> _LightOperator:
         return self

@@ -19,6 +19,7 @@ import collections
 import contextlib
 import itertools
 import json
+import socket
 import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -273,7 +274,6 @@ async def bare_relay(url: str) -> None:
     The WebSocket handshake is websockets'. What :func:`relay` costs above it is its
     parts' (uvicorn, h11, the ASGI app, websockets per frame), not the hop's: the
     extra process on the path, its wake-ups and its two sockets."""
-    import socket
     from urllib.parse import urlsplit
 
     loop = asyncio.get_running_loop()
@@ -287,21 +287,13 @@ async def bare_relay(url: str) -> None:
     )
     frame = b"".join(ws.protocol.data_to_send())  # one mask key, for every request
     ws.bare = True
-    sock = socket.socket()
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    print(sock.getsockname()[1], flush=True)
-    server = await loop.create_server(lambda: _BareHttp(ws, frame), sock=sock)
+    server = await loop.create_server(lambda: _BareHttp(ws, frame), sock=_announced_socket())
     async with server:
         await asyncio.Future()
 
 
-async def http_server(app: Any) -> None:
-    import socket
-
-    import uvicorn
-
+def _announced_socket() -> socket.socket:
+    """A listening socket on a free loopback port, its port printed for the bench."""
     sock = socket.socket()
     # Accepted sockets inherit TCP_NODELAY on Linux; without it a response
     # written as headers + body waits ~40 ms on the client's delayed ACK.
@@ -309,8 +301,14 @@ async def http_server(app: Any) -> None:
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)  # accepting before the port is announced
     print(sock.getsockname()[1], flush=True)
+    return sock
+
+
+async def http_server(app: Any) -> None:
+    import uvicorn
+
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
-    await uvicorn.Server(config).serve([sock])
+    await uvicorn.Server(config).serve([_announced_socket()])
 
 
 def main() -> None:
