@@ -1,15 +1,31 @@
-"""Where the uplink and the gateway spend their time on each hot path (cProfile, all threads).
+"""Where the uplink and the gateway spend their time on each hot path, by two profilers.
 
     python -m bench.profile_paths ingress [--n 3000] [--top 25] [--in-flight 64]
     python -m bench.profile_paths mcp
     python -m bench.profile_paths gateway
+    python -m bench.profile_paths gateway --sampler py-spy [--rate 1000]
 
-The process under test (``run_uplink.py`` or ``run_gateway.py``) is started
-through ``serve``, which wraps every thread's ``run`` in a ``cProfile.Profile``
-(on Python 3.11 a profile sees one thread only, and the uplink's event loop
-runs in a helper thread), drives ``--n`` sequential requests through the path,
-stops it with SIGTERM and prints the top frames by self time over all threads.
-Profiling slows everything down about twice; read the shares, not the times.
+The process under test (``run_uplink.py`` or ``run_gateway.py``) is started, warmed up,
+driven through ``--n`` requests of the path, and stopped with SIGTERM. Two samplers:
+
+- ``cprofile`` (the default): the process is started through ``serve``, which wraps every
+  thread's ``run`` in a ``cProfile.Profile`` (on Python 3.11 a profile sees one thread
+  only, and the uplink's event loop runs in a helper thread); it prints the top frames by
+  self time over all threads. cProfile charges a fixed cost to every Python call, so code
+  made of many small calls looks dearer than it is, and everything runs about twice as
+  slowly: read the shares, not the times.
+- ``py-spy`` (PyPI): the process runs as it does in production, and py-spy reads its
+  threads' Python stacks from outside, ``--rate`` times a second, while the path is
+  driven, without pausing it (``--nonblocking``). Only the samples of a thread holding
+  the GIL count (``--gil``): py-spy's own idle detection does not work on this VM (the
+  loop's ``epoll_wait`` inside uvloop and the writer's queue wait were counted busy), and
+  a thread that waits gives the GIL up. So the figures are the interpreter's time, which
+  one process can spend on one core at a time; C work done without the GIL (SQLite's
+  commit, libuv's socket reads) is not in them. It prints the flame graph's widest
+  frames (the share of samples with that frame on the stack), the innermost frames
+  (self), and the self share by package; the collapsed stacks are kept for a flame graph
+  (``flamegraph.pl`` or speedscope reads them). The sampler takes CPU from a 2-core
+  machine too: read the shares; the times are the sampled ones.
 """
 
 from __future__ import annotations
@@ -20,7 +36,9 @@ import cProfile
 import io
 import json
 import pstats
+import re
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,24 +92,102 @@ def serve(out: str, script: str, args: list[str]) -> None:
         stats.dump_stats(out)
 
 
-def start(out: Path, script: str, *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [PY, "-m", "bench.profile_paths", "serve", str(out), script, *args],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def _spawn(command: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def counting(proc: subprocess.Popen[bytes]) -> None:
-    """After the warm-up: forget start-up and warm-up, count from here."""
-    proc.send_signal(signal.SIGUSR2)
-    time.sleep(0.5)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
+def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.send_signal(signal.SIGTERM)
     proc.wait(60)
+
+
+class CProfileSampler:
+    """cProfile of every thread: the script runs under ``serve``, which writes ``out``."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def start(self, script: str, *args: str) -> subprocess.Popen[bytes]:
+        return _spawn([PY, "-m", "bench.profile_paths", "serve", str(self.out), script, *args])
+
+    def counting(self, proc: subprocess.Popen[bytes]) -> None:
+        """After the warm-up: forget start-up and warm-up, count from here."""
+        proc.send_signal(signal.SIGUSR2)
+        time.sleep(0.5)
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        _stop(proc)
+
+    def report(self, top: int, n: int) -> str:
+        return summary(self.out, top, n) + "\n" + by_package(self.out, n)
+
+
+class PySpySampler:
+    """py-spy, attached from outside once the warm-up is done, writing collapsed stacks to
+    ``out`` when it is interrupted after the measured requests (the module's docstring says
+    why it counts only the samples that hold the GIL)."""
+
+    def __init__(self, out: Path, rate: int) -> None:
+        self.out = out
+        self.rate = rate
+        self.recorder: subprocess.Popen[bytes] | None = None
+
+    def start(self, script: str, *args: str) -> subprocess.Popen[bytes]:
+        return _spawn([PY, script, *args])
+
+    def counting(self, proc: subprocess.Popen[bytes]) -> None:
+        self.recorder = subprocess.Popen(
+            [
+                py_spy(),
+                "record",
+                "--pid",
+                str(proc.pid),
+                "--rate",
+                str(self.rate),
+                "--format",
+                "raw",
+                "--full-filenames",
+                "--nolineno",
+                "--gil",
+                "--nonblocking",
+                "--output",
+                str(self.out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(1.0)  # attached, and sampling, before the measured requests start
+        if self.recorder.poll() is not None:
+            raise RuntimeError(f"py-spy did not start: {self._said()}")
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        try:
+            if self.recorder is not None:
+                self.recorder.send_signal(signal.SIGINT)  # py-spy writes its file and ends
+                self.recorder.wait(60)
+                if not self.out.is_file() or not self.out.stat().st_size:
+                    raise RuntimeError(f"py-spy wrote no samples: {self._said()}")
+        finally:
+            _stop(proc)
+
+    def _said(self) -> str:
+        assert self.recorder is not None and self.recorder.stderr is not None
+        return " ".join(self.recorder.stderr.read().decode(errors="replace").split())[-400:]
+
+    def report(self, top: int, n: int) -> str:
+        return flame_summary(self.out, top, n, self.rate)
+
+
+Sampler = CProfileSampler | PySpySampler
+
+
+def py_spy() -> str:
+    """The py-spy installed beside this Python (the test extra's), else the one on PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    found = str(beside) if beside.is_file() else shutil.which("py-spy")
+    if found is None:
+        raise SystemExit("bench.profile_paths: py-spy is not installed (pip install py-spy)")
+    return found
 
 
 async def post_many(url: str, n: int, in_flight: int = 1) -> None:
@@ -112,11 +208,10 @@ async def post_many(url: str, n: int, in_flight: int = 1) -> None:
                 await response.read()
 
 
-def ingress(out: Path, n: int, in_flight: int = 1) -> None:
+def ingress(sampler: Sampler, n: int, in_flight: int = 1) -> None:
     with peer("gateway", "--auto", "approve") as gw_port:
         port = free_port()
-        proc = start(
-            out,
+        proc = sampler.start(
             "run_uplink.py",
             "--upstream-gateway",
             ws_url(gw_port),
@@ -128,18 +223,17 @@ def ingress(out: Path, n: int, in_flight: int = 1) -> None:
         try:
             wait_ready(port)
             run_loop(post_many(f"http://127.0.0.1:{port}/permission", 300, in_flight))
-            counting(proc)
+            sampler.counting(proc)
             run_loop(post_many(f"http://127.0.0.1:{port}/permission", n, in_flight))
         finally:
-            stop(proc)
+            sampler.stop(proc)
 
 
-def mcp(out: Path, n: int) -> None:
+def mcp(sampler: Sampler, n: int) -> None:
     with peer("jsonrpc") as rpc_port:
         gateway = BenchGateway()
         gateway.start()
-        proc = start(
-            out,
+        proc = sampler.start(
             "run_uplink.py",
             "--upstream-gateway",
             ws_url(gateway.port),
@@ -154,14 +248,14 @@ def mcp(out: Path, n: int) -> None:
             if not gateway.identified.wait(30):
                 raise RuntimeError("the uplink did not connect")
             gateway.run(gateway.sequential(300))
-            counting(proc)
+            sampler.counting(proc)
             gateway.run(gateway.sequential(n, 1000))
         finally:
-            stop(proc)
+            sampler.stop(proc)
             gateway.stop()
 
 
-def gateway(out: Path, n: int) -> None:
+def gateway(sampler: Sampler, n: int) -> None:
     from bench.gateway_fleet import OPERATOR_TOKEN, TOKEN, round_trips, wait_http
 
     with tempfile.TemporaryDirectory(prefix="i26-prof-") as tmp:
@@ -169,8 +263,7 @@ def gateway(out: Path, n: int) -> None:
         import os
 
         os.environ["SLED_GATEWAY_OPERATOR_TOKEN"] = OPERATOR_TOKEN
-        proc = start(
-            out,
+        proc = sampler.start(
             "run_gateway.py",
             "--listen",
             f"127.0.0.1:{port}",
@@ -188,10 +281,10 @@ def gateway(out: Path, n: int) -> None:
             # Back to back, as bench.paths measures the round trip: pauses would add the
             # gateway's idle timers to the profile.
             run_loop(round_trips(base, url, 100, pause=None))
-            counting(proc)
+            sampler.counting(proc)
             run_loop(round_trips(base, url, n, pause=None))
         finally:
-            stop(proc)
+            sampler.stop(proc)
 
 
 IDLE = ("acquire' of '_thread.lock", "poll' of 'select.epoll", "time.sleep", "select.select")
@@ -234,18 +327,70 @@ def by_package(out: Path, n: int) -> str:
                 key = "thread wake-ups (lock release)"
             else:
                 key = "C builtins"
-        elif "site-packages/" in filename:
-            key = filename.split("site-packages/", 1)[1].split("/", 1)[0]
-        elif "/lib/python3" in filename:
-            key = "stdlib " + filename.split("/lib/python3", 1)[1].split("/")[1].removesuffix(".py")
         else:
-            key = "ours: " + _short(filename).split("/", 1)[0]
+            key = _package(filename)
         shares[key] = shares.get(key, 0.0) + tottime
     busy = sum(shares.values())
     lines = [f"{'self %':>7} {'µs/req':>7}  where"]
     for key, tottime in sorted(shares.items(), key=lambda kv: -kv[1])[:14]:
         lines.append(f"{100 * tottime / busy:>6.1f}% {tottime / n * 1e6:>7.0f}  {key}")
     return "\n".join(lines) + "\n"
+
+
+def _package(filename: str) -> str:
+    """Whose code a file is: a library's (by its top-level name), the stdlib's, or ours."""
+    if "site-packages/" in filename:
+        return filename.split("site-packages/", 1)[1].split("/", 1)[0]
+    if "/lib/python3" in filename:
+        return "stdlib " + filename.split("/lib/python3", 1)[1].split("/")[1].removesuffix(".py")
+    return "ours: " + _short(filename).split("/", 1)[0]
+
+
+#: A py-spy frame without its line: ``function (filename)``.
+_FRAME = re.compile(r"(?P<name>.*) \((?P<file>[^()]*)\)$")
+
+
+def flame_summary(out: Path, top: int, n: int, rate: int) -> str:
+    """py-spy's collapsed stacks read three ways: the flame graph's widest frames (share of
+    the samples with the frame anywhere on the stack), the innermost frames (self), and
+    the self share by package; with the time under the GIL a request they stand for."""
+    wide: dict[str, int] = {}
+    inner: dict[str, int] = {}
+    packages: dict[str, int] = {}
+    busy = 0
+    for line in out.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        busy += count
+        frames = []
+        for frame in stack.split(";"):
+            match = _FRAME.match(frame)
+            name, filename = (match["name"], match["file"]) if match else (frame, "")
+            frames.append((f"{_short(filename)}({name})", filename))
+        for where in {where for where, _ in frames}:
+            wide[where] = wide.get(where, 0) + count
+        where, filename = frames[-1]
+        inner[where] = inner.get(where, 0) + count
+        package = _package(filename) if filename else "?"
+        packages[package] = packages.get(package, 0) + count
+    if not busy:
+        raise RuntimeError(f"py-spy recorded no sample holding the GIL in {out}")
+    text = io.StringIO()
+    text.write(
+        f"samples holding the GIL {busy} at {rate}/s: {busy / rate / n * 1e6:.0f} µs under "
+        f"the GIL a request (all threads, sampled); collapsed stacks in {out}\n"
+    )
+    for title, table, rows in (
+        ("widest frames (on the stack)", wide, top),
+        ("innermost frames (self)", inner, top),
+        ("self by package", packages, 14),
+    ):
+        text.write(f"\n{'share':>7} {'µs/req':>7}  {title}\n")
+        for where, count in sorted(table.items(), key=lambda kv: -kv[1])[:rows]:
+            text.write(f"{100 * count / busy:>6.1f}% {count / rate / n * 1e6:>7.1f}  {where}\n")
+    return text.getvalue()
 
 
 def _short(filename: str) -> str:
@@ -268,18 +413,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--in-flight", type=int, default=1, help="ingress only: requests in flight at once"
     )
+    parser.add_argument("--sampler", choices=["cprofile", "py-spy"], default="cprofile")
+    parser.add_argument("--rate", type=int, default=1000, help="py-spy's samples a second")
     args = parser.parse_args(argv)
     if args.in_flight < 1 or (args.in_flight > 1 and args.path != "ingress"):
         parser.error("--in-flight is at least 1, and only for ingress")
-    out = args.out or Path(tempfile.mkdtemp(prefix="i26-prof-")) / f"{args.path}.prof"
+    if args.rate < 1:
+        parser.error("--rate is at least 1")
+    suffix = "prof" if args.sampler == "cprofile" else "collapsed.txt"
+    out = args.out or Path(tempfile.mkdtemp(prefix="i26-prof-")) / f"{args.path}.{suffix}"
+    sampler: Sampler = (
+        CProfileSampler(out) if args.sampler == "cprofile" else PySpySampler(out, args.rate)
+    )
     started = time.perf_counter()
     if args.path == "ingress":
-        ingress(out, args.n, args.in_flight)
+        ingress(sampler, args.n, args.in_flight)
     else:
-        {"mcp": mcp, "gateway": gateway}[args.path](out, args.n)
+        {"mcp": mcp, "gateway": gateway}[args.path](sampler, args.n)
     print(f"{args.path}: {args.n} requests in {time.perf_counter() - started:.1f} s; {out}")
-    print(summary(out, args.top, args.n))
-    print(by_package(out, args.n))
+    print(sampler.report(args.top, args.n))
     return 0
 
 

@@ -1,7 +1,8 @@
 """The bench's own parts measure what they claim to: the ingress's floor
 (``bench.peers relay``) and the bare hop (``bench.peers bare-relay``) relay to the
 gateway peer and answer in the ingress's shape, and target 4's probe decides through a
-real gateway with either of its clients.
+real gateway with either of its clients; py-spy, in ``bench.profile_paths``, samples a
+real gateway's decision path.
 
 Were a floor's answer smaller than the ingress's, or its request never to reach the
 gateway, it would measure less work than the ingress does; were the light client's
@@ -11,7 +12,10 @@ gateway, as the bench starts them; the figures are not asserted.
 
 from __future__ import annotations
 
+import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,7 @@ from actors.ingress import permission_answer
 from bench.gateway_fleet import TOKEN, gateway_process, operator_client, round_trips, wait_http
 from bench.paths import report
 from bench.peers import run_loop
-from bench.run import peer, ws_url
+from bench.run import REPO, peer, ws_url
 from protocol import Decision, Outcome, Reason
 from tests.conftest import scaled
 
@@ -150,3 +154,30 @@ def test_a_ratio_that_rounds_to_its_bound_is_printed_with_the_digit_that_decides
     assert report("", 1.196, 1.0, 1.2) == "1.196× (target ≤ 1.2×: ok)"
     assert report("", 0.7951, 1.0, 0.8, above=True) == "0.795× (target ≥ 0.8×: MISS)"
     assert report("", 1.31, 1.0, 1.2) == "1.31× (target ≤ 1.2×: MISS)"
+
+
+def test_py_spy_samples_the_gateways_decision_path_from_outside_the_process(
+    tmp_path: Path,
+) -> None:
+    """``bench.profile_paths gateway --sampler py-spy``: py-spy attaches to a real gateway
+    that is deciding, and the summary names the decision route and the store's writer
+    thread, on the loop and off it. A sampler that saw nothing, or read its own stacks
+    wrong, would name neither."""
+    out = tmp_path / "gateway.collapsed.txt"
+    command = ["-m", "bench.profile_paths", "gateway", "--sampler", "py-spy", "--n", "400"]
+    done = subprocess.run(
+        [sys.executable, *command, "--top", "60", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=scaled(50),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    stacks = out.read_text()
+    assert "_post_decision" in stacks, "the decision POST's handler, on the loop"
+    assert "sled_gateway/store/sql.py" in stacks, "the store's writer thread"
+    widest = done.stdout.split("widest frames")[1].split("innermost frames")[0]
+    assert "sled_gateway/http/routes.py(Routes._post_decision)" in widest
+    per_request = re.search(r"(\d+) µs under the GIL a request", done.stdout)
+    assert per_request is not None and int(per_request[1]) > 0, done.stdout
