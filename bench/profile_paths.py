@@ -21,11 +21,14 @@ driven through ``--n`` requests of the path, and stopped with SIGTERM. Two sampl
   loop's ``epoll_wait`` inside uvloop and the writer's queue wait were counted busy), and
   a thread that waits gives the GIL up. So the figures are the interpreter's time, which
   one process can spend on one core at a time; C work done without the GIL (SQLite's
-  commit, libuv's socket reads) is not in them. It prints the flame graph's widest
-  frames (the share of samples with that frame on the stack), the innermost frames
-  (self), and the self share by package; the collapsed stacks are kept for a flame graph
-  (``flamegraph.pl`` or speedscope reads them). The sampler takes CPU from a 2-core
-  machine too: read the shares; the times are the sampled ones.
+  commit, libuv's socket reads) is not in them. Pausing the process for each sample
+  (py-spy's default) counted more time under the GIL than the requests took, and slowed
+  them by half; read without a pause, a stack is sometimes read from its innermost frames
+  only, and the summary prints how many were read whole. It prints the flame graph's
+  widest frames (the share of samples with that frame on the stack), the innermost
+  frames (self), and the self share by package; the collapsed stacks are kept for a
+  flame graph (``flamegraph.pl`` or speedscope reads them). The sampler takes CPU from a
+  2-core machine too: read the shares; the times are the sampled ones.
 """
 
 from __future__ import annotations
@@ -357,7 +360,7 @@ def flame_summary(out: Path, top: int, n: int, rate: int) -> str:
     wide: dict[str, int] = {}
     inner: dict[str, int] = {}
     packages: dict[str, int] = {}
-    busy = 0
+    busy = whole = 0
     for line in out.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
@@ -369,6 +372,8 @@ def flame_summary(out: Path, top: int, n: int, rate: int) -> str:
             match = _FRAME.match(frame)
             name, filename = (match["name"], match["file"]) if match else (frame, "")
             frames.append((f"{_short(filename)}({name})", filename))
+        if frames[0][0].endswith(("(Thread._bootstrap)", "(<module>)")):
+            whole += count
         for where in {where for where, _ in frames}:
             wide[where] = wide.get(where, 0) + count
         where, filename = frames[-1]
@@ -381,6 +386,10 @@ def flame_summary(out: Path, top: int, n: int, rate: int) -> str:
     text.write(
         f"samples holding the GIL {busy} at {rate}/s: {busy / rate / n * 1e6:.0f} µs under "
         f"the GIL a request (all threads, sampled); collapsed stacks in {out}\n"
+        # Read without pausing the process, a stack is sometimes read from its innermost
+        # frames only: the innermost shares count every sample, an outer frame's width
+        # only the stacks read down to it.
+        f"stacks read whole, from the thread's first frame: {100 * whole / busy:.0f} %\n"
     )
     for title, table, rows in (
         ("widest frames (on the stack)", wide, top),
