@@ -4,6 +4,7 @@
     python -m bench.gateway_fleet --sleds 1,200 --samples 100 --idle 11   # a smoke run
     python -m bench.gateway_fleet --vs ../old-checkout --rounds 2   # this tree against another
     python -m bench.gateway_fleet --sleds 5000 --gc-ab --rounds 2   # collector tuning on vs off
+    python -m bench.gateway_fleet --sleds 5000 --py-spy   # where the connect and the probe go
 
 For each fleet size a fresh gateway is started in its own process
 (``run_gateway.py`` with a token, no ``--auto``, ``--db`` in a temporary
@@ -66,6 +67,9 @@ OPERATOR_TOKEN = "fleet-bench-operator"
 #: What every operator request carries, whichever client sends it.
 OPERATOR_HEADERS = {"Authorization": f"Bearer {OPERATOR_TOKEN}", "Content-Type": "application/json"}
 HEARTBEAT_S = 10.0
+#: With --py-spy: its samples a second, and the frames each table of a summary shows.
+FLAME_RATE = 500
+FLAME_TOP = 25
 
 
 def raise_nofile() -> int:
@@ -162,6 +166,7 @@ class Result:
     state_ms: float  # p50 of the console's poll, GET /api/state?limit=200
     window: tuple[float, float] = (0.0, 0.0)  # the round trips' start and end (epoch)
     gc: str = ""  # with --gc-log: the collector's summary per generation (bench/gc_trace.py)
+    flame: str = ""  # with --py-spy: py-spy's summaries of the connect and of the round trips
 
 
 @contextlib.contextmanager
@@ -400,10 +405,11 @@ def measure(
     checkout: Path = REPO,
     gc_log: bool = False,
     gc_off: bool = False,
+    flame: bool = False,
 ) -> Result:
     with tempfile.TemporaryDirectory(prefix="gw-fleet-") as tmp:
         trace = Path(tmp) / "gc.log" if gc_log else None
-        result = _measure(Path(tmp), sleds, samples, idle_s, checkout, trace, gc_off)
+        result = _measure(Path(tmp), sleds, samples, idle_s, checkout, trace, gc_off, flame)
         if trace is not None and trace.is_file():  # written when the gateway exits
             passes = gc_trace.read(trace)
             probing = [p for p in passes if result.window[0] <= p[0] <= result.window[1]]
@@ -424,12 +430,20 @@ def _measure(
     checkout: Path,
     gc_log: Path | None,
     gc_off: bool = False,
+    flame: bool = False,
 ) -> Result:
+    from bench.profile_paths import PySpySampler
+
+    flames = Path(tempfile.mkdtemp(prefix="gw-flame-")) if flame else None
+    summaries: list[str] = []
     with gateway_process(tmp, sleds, checkout, gc_log, gc_off) as (gw, port):
         base = f"http://127.0.0.1:{port}"
         ws_url = f"ws://127.0.0.1:{port}/api/sled-uplink?token={TOKEN}"
         asyncio.run(wait_http(base))
         fleet_size = sleds - 1  # the probe is the last sled
+        connecting = PySpySampler(flames / f"connect-{sleds}.txt", FLAME_RATE) if flames else None
+        if connecting is not None and fleet_size > 0:
+            connecting.attach(gw.pid)
         t0 = time.monotonic()
         with contextlib.ExitStack() as stack:
             if fleet_size > 0:
@@ -446,15 +460,30 @@ def _measure(
 
                 asyncio.run(settle())
             connect_s = time.monotonic() - t0
+            if connecting is not None and fleet_size > 0:
+                connecting.detach()
+                summaries.append(
+                    f"the connect of {fleet_size} sleds, µs a sled:\n"
+                    + connecting.report(FLAME_TOP, fleet_size)
+                )
             time.sleep(5)  # let the connect burst settle
             c0, w0 = proc_cpu_seconds(gw.pid), time.monotonic()
             time.sleep(idle_s)
             cpu_idle = 100 * (proc_cpu_seconds(gw.pid) - c0) / (time.monotonic() - w0)
             rss = rss_mib(gw.pid)
             c1, w1 = proc_cpu_seconds(gw.pid), time.monotonic()
+            probing = PySpySampler(flames / f"probe-{sleds}.txt", FLAME_RATE) if flames else None
+            if probing is not None:
+                probing.attach(gw.pid)
             window = time.time()
             times, retries = asyncio.run(round_trips(base, ws_url, samples))
             window_end = time.time()
+            if probing is not None:
+                probing.detach()
+                summaries.append(
+                    f"the {samples} round trips, the fleet's heartbeats included, µs a round "
+                    "trip:\n" + probing.report(FLAME_TOP, samples)
+                )
             cpu_probe = 100 * (proc_cpu_seconds(gw.pid) - c1) / (time.monotonic() - w1)
 
             async def check() -> int:
@@ -478,6 +507,7 @@ def _measure(
         retries / len(times),
         state_ms,
         (window, window_end),
+        flame="\n".join(summaries),
     )
 
 
@@ -517,6 +547,13 @@ def main(argv: list[str] | None = None) -> int:
         help="trace the gateway's cyclic collector (bench/gc_trace.py) and print each size's "
         "passes per generation, over the whole run and while probing",
     )
+    parser.add_argument(
+        "--py-spy",
+        action="store_true",
+        help="sample the gateway with py-spy (bench.profile_paths) while the fleet connects "
+        "and while probing, and print each phase's flame summary; the figures are then the "
+        "sampled gateway's",
+    )
     args = parser.parse_args(argv)
     nofile = raise_nofile()
     if args.cmd == "fleet":
@@ -535,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.vs is not None and args.gc_ab:
         parser.error("--vs and --gc-ab are two different comparisons: give one")
+    if args.py_spy and (args.vs is not None or args.gc_ab):
+        parser.error("--py-spy samples one gateway: not with --vs or --gc-ab")
     if args.vs is not None:
         if not (args.vs / "run_gateway.py").is_file():
             parser.error(f"--vs: no run_gateway.py in {args.vs}")
@@ -546,9 +585,11 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     for n in sizes:
         print(f"... {n} sled(s)", file=sys.stderr, flush=True)
-        results.append(measure(n, args.samples, args.idle, gc_log=args.gc_log))
+        results.append(measure(n, args.samples, args.idle, gc_log=args.gc_log, flame=args.py_spy))
         if results[-1].gc:
             print(f"{n} sled(s), the gateway's collector:\n{results[-1].gc}", flush=True)
+        if results[-1].flame:
+            print(f"{n} sled(s), py-spy:\n{results[-1].flame}", flush=True)
     base = results[0].p50_ms
     header = (
         f"{'sleds':>6} {'connect s':>9} {'RSS MiB':>8} {'CPU idle':>9} {'CPU probing':>11} "

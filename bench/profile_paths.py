@@ -139,12 +139,16 @@ class PySpySampler:
         return _spawn([PY, script, *args])
 
     def counting(self, proc: subprocess.Popen[bytes]) -> None:
+        self.attach(proc.pid)
+
+    def attach(self, pid: int) -> None:
+        """Start sampling process ``pid`` (any process of ours, not only one we started)."""
         self.recorder = subprocess.Popen(
             [
                 py_spy(),
                 "record",
                 "--pid",
-                str(proc.pid),
+                str(pid),
                 "--rate",
                 str(self.rate),
                 "--format",
@@ -165,13 +169,17 @@ class PySpySampler:
 
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
         try:
-            if self.recorder is not None:
-                self.recorder.send_signal(signal.SIGINT)  # py-spy writes its file and ends
-                self.recorder.wait(60)
-                if not self.out.is_file() or not self.out.stat().st_size:
-                    raise RuntimeError(f"py-spy wrote no samples: {self._said()}")
+            self.detach()
         finally:
             _stop(proc)
+
+    def detach(self) -> None:
+        """Stop sampling; the collapsed stacks are then in ``out``."""
+        if self.recorder is not None:
+            self.recorder.send_signal(signal.SIGINT)  # py-spy writes its file and ends
+            self.recorder.wait(60)
+            if not self.out.is_file() or not self.out.stat().st_size:
+                raise RuntimeError(f"py-spy wrote no samples: {self._said()}")
 
     def _said(self) -> str:
         assert self.recorder is not None and self.recorder.stderr is not None
