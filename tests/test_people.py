@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -387,8 +387,22 @@ def qgw(make_reference_gateway: Callable[..., Gateway], tmp_path: Path) -> Gatew
     return make_reference_gateway(token=TOKEN, access=load_access(path))
 
 
+#: The clients ``tokens_of`` made in the running test, closed when it ends: left to the
+#: collector, their sockets warn as unclosed inside whatever test runs then.
+_OPEN_CLIENTS: list[httpx.Client] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _OPEN_CLIENTS:
+        _OPEN_CLIENTS.pop().close()
+
+
 def tokens_of(gw: Gateway, *people: str) -> list[httpx.Client]:
-    return [as_person(gw, person_token(gw, p)[1]) for p in people]
+    clients = [as_person(gw, person_token(gw, p)[1]) for p in people]
+    _OPEN_CLIENTS.extend(clients)
+    return clients
 
 
 def test_one_person_voting_twice_does_not_make_a_quorum_of_two(qgw: Gateway) -> None:
