@@ -183,6 +183,8 @@ def test_relay_answers_across_replicas_round_trip_504_502_and_503_at_stop(
     async def scenario() -> None:
         async with httpx.AsyncClient(timeout=T, headers=api(b)) as http:
             async with sled(a, "p") as ws:
+                # Relayed to A once A has taken the sled's identity (asked before, A has no p).
+                await wait_state(a, lambda s: (sled_of(s, "p") or {}).get("state") == "connected")
                 post = asyncio.create_task(http.post(b.mcp_url("p"), content='{"id":1}'))
                 request = await recv(ws)
                 assert request["type"] == "mcp_request"
@@ -200,6 +202,7 @@ def test_relay_answers_across_replicas_round_trip_504_502_and_503_at_stop(
             assert (await http.post(b.mcp_url("p"), content="{}")).status_code == 404
 
             async with sled(a, "q") as ws:
+                await wait_state(a, lambda s: (sled_of(s, "q") or {}).get("state") == "connected")
                 # Asked through C (--mcp-timeout 30 s): A's stop answers before that.
                 post = asyncio.create_task(http.post(c.mcp_url("q"), content='{"id":4}'))
                 await recv(ws)
