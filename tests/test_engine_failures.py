@@ -46,6 +46,7 @@ def frozen_later(postgres: PostgresServer) -> Iterator[PostgresServer]:
         postgres.thaw()
 
 
+@pytest.mark.slow  # every operation against a frozen PostgreSQL (14 s): in CI's second pass
 def test_every_store_operation_ends_while_postgresql_is_frozen_then_works_again(
     frozen_later: PostgresServer, pg_url: str
 ) -> None:
@@ -111,7 +112,10 @@ async def _until_status(client: httpx.AsyncClient, path: str, status: int, withi
         await asyncio.sleep(0.1)
 
 
-@pytest.mark.parametrize("how", ["stopped", "frozen"])
+@pytest.mark.parametrize(
+    "how",
+    ["stopped", pytest.param("frozen", marks=pytest.mark.slow)],  # frozen: 16 s, second pass
+)
 def test_no_allow_while_postgresql_is_away_readyz_503_and_recovery_after(
     frozen_later: PostgresServer, pg_url: str, make_gateway: Callable[..., Gateway], how: str
 ) -> None:

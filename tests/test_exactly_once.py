@@ -545,7 +545,7 @@ async def final_after_kill(run: Run, survivor: str, killed_at: float) -> tuple[V
 
 
 @pytest.mark.parametrize(
-    "seed", [5, 9, *(pytest.param(s, marks=pytest.mark.slow) for s in range(200, 220))]
+    "seed", [5, *(pytest.param(s, marks=pytest.mark.slow) for s in (9, *range(200, 220)))]
 )
 def test_a_replica_killed_mid_burst_accounts_for_every_request(
     replicas: Gateways, seed: int

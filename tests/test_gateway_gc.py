@@ -107,6 +107,7 @@ async def _fleet(gw: Gateway, freezer: FleetFreezer, peak: dict[str, float]) -> 
     await asyncio.sleep(2.5)
 
 
+@pytest.mark.slow  # a real fleet, 10-25 s: in CI's second pass
 def test_a_fleet_that_connects_and_leaves_is_freed_after_the_thaw(collector: None) -> None:
     freezer = FleetFreezer()
     gw = Gateway(token="t", max_connections=FLEET + 16)
@@ -154,6 +155,7 @@ def test_a_fleet_that_connects_and_leaves_is_freed_after_the_thaw(collector: Non
     assert second_rss - after_rss < 0.5 * (peak["rss"] - base_rss), report
 
 
+@pytest.mark.slow  # a real fleet, 10-25 s: in CI's second pass
 def test_a_connect_does_not_look_through_every_connected_sled(
     collector: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -222,6 +224,7 @@ def test_cyclic_garbage_frozen_by_the_fleets_ticks_is_freed_by_the_timed_thaw(
     assert tracked() - base < 0.05 * frozen_garbage, (tracked() - base, frozen_garbage)
 
 
+@pytest.mark.slow  # a real fleet, 10-25 s: in CI's second pass
 def test_the_sockets_of_a_fleet_that_left_are_let_go(collector: None) -> None:
     """A sled's transport is listed by the HTTP guard (it counts toward the cap) and its
     end is seen by the WebSocket protocol only: without a sweep of its own, a fleet that

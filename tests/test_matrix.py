@@ -1093,6 +1093,7 @@ def test_request_message_escapes_html() -> None:
 # -- the demo's Matrix mode ---------------------------------------------------------
 
 
+@pytest.mark.slow  # the whole demo with a real Synapse (14 s): in CI's second pass
 def test_the_demo_matrix_mode_end_to_end(synapse_installed: None, tmp_path: Path) -> None:
     """``python -m demo.run --matrix``: its own Synapse, the printed login works, a reply
     to the bot approves a ``POST /permission`` on the demo's uplink (all real processes)."""
