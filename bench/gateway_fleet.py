@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import gc_trace
+from bench.profile_paths import PySpySampler
 from bench.run import proc_cpu_seconds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -432,8 +433,6 @@ def _measure(
     gc_off: bool = False,
     flame: bool = False,
 ) -> Result:
-    from bench.profile_paths import PySpySampler
-
     flames = Path(tempfile.mkdtemp(prefix="gw-flame-")) if flame else None
     summaries: list[str] = []
     with gateway_process(tmp, sleds, checkout, gc_log, gc_off) as (gw, port):
