@@ -423,6 +423,24 @@ def measure(
     return result
 
 
+@contextlib.contextmanager
+def _sampled(
+    flames: Path | None, name: str, pid: int, per: int, title: str, summaries: list[str]
+) -> Iterator[None]:
+    """With ``--py-spy`` (``flames``, its directory): py-spy samples ``pid`` through the
+    block, and the block's summary, ``per`` what it did, is added to ``summaries``."""
+    if flames is None:
+        yield
+        return
+    sampler = PySpySampler(flames / f"{name}.txt", FLAME_RATE)
+    sampler.attach(pid)
+    try:
+        yield
+    finally:
+        sampler.detach()
+    summaries.append(f"{title}:\n" + sampler.report(FLAME_TOP, per))
+
+
 def _measure(
     tmp: Path,
     sleds: int,
@@ -440,50 +458,48 @@ def _measure(
         ws_url = f"ws://127.0.0.1:{port}/api/sled-uplink?token={TOKEN}"
         asyncio.run(wait_http(base))
         fleet_size = sleds - 1  # the probe is the last sled
-        connecting = PySpySampler(flames / f"connect-{sleds}.txt", FLAME_RATE) if flames else None
-        if connecting is not None and fleet_size > 0:
-            connecting.attach(gw.pid)
-        t0 = time.monotonic()
         with contextlib.ExitStack() as stack:
-            if fleet_size > 0:
-                proc = stack.enter_context(fleet_process(ws_url, fleet_size))
-                assert proc.stdout is not None
-                line = proc.stdout.readline().split()
-                if not line or line[0] != "ready" or line[2] != "0":
-                    raise RuntimeError(f"the fleet did not connect: {line}")
+            with _sampled(
+                flames if fleet_size > 0 else None,
+                f"connect-{sleds}",
+                gw.pid,
+                fleet_size,
+                f"the connect of {fleet_size} sleds, µs a sled",
+                summaries,
+            ):
+                t0 = time.monotonic()
+                if fleet_size > 0:
+                    proc = stack.enter_context(fleet_process(ws_url, fleet_size))
+                    assert proc.stdout is not None
+                    line = proc.stdout.readline().split()
+                    if not line or line[0] != "ready" or line[2] != "0":
+                        raise RuntimeError(f"the fleet did not connect: {line}")
 
-                async def settle() -> None:
-                    async with operator_client(base) as http:
-                        while await connected_count(http) < fleet_size:
-                            await asyncio.sleep(0.2)
+                    async def settle() -> None:
+                        async with operator_client(base) as http:
+                            while await connected_count(http) < fleet_size:
+                                await asyncio.sleep(0.2)
 
-                asyncio.run(settle())
-            connect_s = time.monotonic() - t0
-            if connecting is not None and fleet_size > 0:
-                connecting.detach()
-                summaries.append(
-                    f"the connect of {fleet_size} sleds, µs a sled:\n"
-                    + connecting.report(FLAME_TOP, fleet_size)
-                )
+                    asyncio.run(settle())
+                connect_s = time.monotonic() - t0
             time.sleep(5)  # let the connect burst settle
             c0, w0 = proc_cpu_seconds(gw.pid), time.monotonic()
             time.sleep(idle_s)
             cpu_idle = 100 * (proc_cpu_seconds(gw.pid) - c0) / (time.monotonic() - w0)
             rss = rss_mib(gw.pid)
-            c1, w1 = proc_cpu_seconds(gw.pid), time.monotonic()
-            probing = PySpySampler(flames / f"probe-{sleds}.txt", FLAME_RATE) if flames else None
-            if probing is not None:
-                probing.attach(gw.pid)
-            window = time.time()
-            times, retries = asyncio.run(round_trips(base, ws_url, samples))
-            window_end = time.time()
-            if probing is not None:
-                probing.detach()
-                summaries.append(
-                    f"the {samples} round trips, the fleet's heartbeats included, µs a round "
-                    "trip:\n" + probing.report(FLAME_TOP, samples)
-                )
-            cpu_probe = 100 * (proc_cpu_seconds(gw.pid) - c1) / (time.monotonic() - w1)
+            with _sampled(
+                flames,
+                f"probe-{sleds}",
+                gw.pid,
+                samples,
+                f"the {samples} round trips, the fleet's heartbeats included, µs a round trip",
+                summaries,
+            ):
+                c1, w1 = proc_cpu_seconds(gw.pid), time.monotonic()
+                window = time.time()
+                times, retries = asyncio.run(round_trips(base, ws_url, samples))
+                window_end = time.time()
+                cpu_probe = 100 * (proc_cpu_seconds(gw.pid) - c1) / (time.monotonic() - w1)
 
             async def check() -> int:
                 async with operator_client(base) as http:
