@@ -40,6 +40,7 @@ from tests.test_exactly_once import (
     Run,
     burst,
     final_after_kill,
+    replica_id,
 )
 
 pytestmark = pytest.mark.timeout(240)
@@ -115,7 +116,7 @@ def replica_ids(cluster: Cluster) -> dict[str, int]:
     ids = {}
     for i, replica in enumerate(cluster.replicas):
         assert replica.proc is not None
-        ids[replica.proc.wait_for(r"replica (\w+) on the shared store").group(1)] = i
+        ids[replica_id(replica.proc)] = i
     return ids
 
 
@@ -187,7 +188,7 @@ def killed_through_haproxy(cluster: Cluster, seed: int) -> Outcome:
         for i in range(UPLINKS)
     ]
     watcher = Watcher(watched)
-    replica_ids_of[id(cluster)] = replica_ids(cluster)
+    replica_ids_of[id(cluster)] = ids = replica_ids(cluster)
     try:
         projects = {w.project for w in watched}
         before = wait_held(cluster, projects, 30 * FACTOR)
@@ -197,6 +198,7 @@ def killed_through_haproxy(cluster: Cluster, seed: int) -> Outcome:
         killed = max(range(len(cluster.replicas)), key=lambda i: list(before.values()).count(i))
         order = [killed, *(i for i in range(len(cluster.replicas)) if i != killed)]
         urls = [cluster.replicas[i].http for i in order]
+        killed_id = next(rid for rid, i in ids.items() if i == killed)
         killed_at: list[float] = []
 
         async def kill(_: Run) -> None:
@@ -205,7 +207,9 @@ def killed_through_haproxy(cluster: Cluster, seed: int) -> Outcome:
 
         async def scenario() -> tuple[str, bool, float]:
             run = await burst(urls, seed=seed, during=kill)
-            verdict, final_after = await final_after_kill(run, urls[1], killed_at[0])
+            verdict, final_after = await final_after_kill(
+                run, urls[1], killed_at[0], store_url=cluster.db, killed=killed_id
+            )
             return str(verdict), verdict.ok, final_after
 
         verdict, verdict_ok, final_after = asyncio.run(scenario())
