@@ -16,7 +16,6 @@ session cannot touch its successor.
 from __future__ import annotations
 
 import enum
-import heapq
 import itertools
 import threading
 import time
@@ -112,6 +111,10 @@ class GatewayState:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._sleds: dict[str, SledRecord] = {}
+        # The projects of ``_sleds`` by name, kept until one comes or goes: a console's
+        # poll lists the first of thousands, and sorting them each time cost it more than
+        # the rest of the document.
+        self._projects_in_order: list[str] | None = None
         self._pending: OrderedDict[Key, PendingPermission] = OrderedDict()
         # Tool-input bytes the pending requests hold, per project and in all.
         self._pending_bytes: dict[str, int] = {}
@@ -142,6 +145,20 @@ class GatewayState:
         thread: it must be quick and must not call back into this object."""
         self._listeners.append(callback)
 
+    def _put_sled(self, rec: SledRecord) -> None:
+        if rec.project not in self._sleds:
+            self._projects_in_order = None
+        self._sleds[rec.project] = rec
+
+    def _drop_sled(self, project: str) -> None:
+        del self._sleds[project]
+        self._projects_in_order = None
+
+    def _ordered_projects(self) -> list[str]:
+        if self._projects_in_order is None:
+            self._projects_in_order = sorted(self._sleds)
+        return self._projects_in_order
+
     def _changed(self) -> None:
         self._version += 1
         self._cond.notify_all()
@@ -151,13 +168,15 @@ class GatewayState:
     def _on_sled_up(self, event: SledUp) -> None:
         with self._lock:
             self._remote_sleds.discard(event.project)
-            self._sleds[event.project] = SledRecord(
-                project=event.project,
-                session=event.session,
-                remote=event.remote,
-                connected_at=self._wall(),
-                beat_mono=self._mono(),
-                info=event.info,
+            self._put_sled(
+                SledRecord(
+                    project=event.project,
+                    session=event.session,
+                    remote=event.remote,
+                    connected_at=self._wall(),
+                    beat_mono=self._mono(),
+                    info=event.info,
+                )
             )
             self._changed()
 
@@ -267,14 +286,14 @@ class GatewayState:
                     continue
                 seen_sleds.add(rec.project)
                 if mine is None or mine.replica != rec.replica or mine.session != rec.session:
-                    self._sleds[rec.project] = rec
+                    self._put_sled(rec)
                     changed = True
                 else:
                     mine.beat_mono = rec.beat_mono  # its holder renews its lease: alive
             for project in self._remote_sleds - seen_sleds:
                 gone = self._sleds.get(project)
                 if gone is not None and gone.replica is not None:
-                    del self._sleds[project]
+                    self._drop_sled(project)
                     changed = True
             self._remote_sleds = seen_sleds
             seen_pending = set()
@@ -319,14 +338,14 @@ class GatewayState:
                 if rec is not None:
                     self._remote_sleds.add(project)
                     if mine is None or mine.replica != rec.replica or mine.session != rec.session:
-                        self._sleds[project] = rec
+                        self._put_sled(rec)
                         changed = True
                     else:
                         mine.beat_mono = rec.beat_mono
                 elif project in self._remote_sleds:
                     self._remote_sleds.discard(project)
                     if mine is not None and mine.replica is not None:
-                        del self._sleds[project]
+                        self._drop_sled(project)
                         changed = True
             found_pending = {(item.project, item.req_id): item for item in pending}
             for key in requests:
@@ -369,7 +388,7 @@ class GatewayState:
                 if rec.disconnected_mono is not None and now - rec.disconnected_mono > older_than
             ]
             for project in gone:
-                del self._sleds[project]
+                self._drop_sled(project)
             if gone:
                 self._changed()
             return gone
@@ -464,14 +483,17 @@ class GatewayState:
             pending_per_project: dict[str, int] = {}
             for p in self._pending.values():
                 pending_per_project[p.project] = pending_per_project.get(p.project, 0) + 1
-            by_state = dict.fromkeys((s.value for s in SledState), 0)
+            # Keyed by the members (str themselves): an enum's ``.value`` is a Python
+            # property, a cost paid once a sled of thousands.
+            by_state = dict.fromkeys(SledState, 0)
             for rec in self._sleds.values():
-                by_state[rec.state_at(now_mono, self.stale_after).value] += 1
+                by_state[rec.state_at(now_mono, self.stale_after)] += 1
+            projects = self._ordered_projects()
             if limit is None:
-                chosen = sorted(self._sleds.values(), key=lambda r: r.project)
+                chosen = [self._sleds[p] for p in projects]
                 pending = list(self._pending.values())
             else:
-                chosen = heapq.nsmallest(limit, self._sleds.values(), key=lambda r: r.project)
+                chosen = [self._sleds[p] for p in projects[:limit]]
                 pending = list(itertools.islice(self._pending.values(), limit))
             sleds = []
             for rec in chosen:
@@ -500,7 +522,7 @@ class GatewayState:
                 "stale_after_s": round(self.stale_after, 6),
                 "counts": {
                     "sleds": len(self._sleds),
-                    **by_state,
+                    **{state.value: count for state, count in by_state.items()},
                     "pending": len(self._pending),
                 },
                 "sleds": sleds,

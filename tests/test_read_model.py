@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import random
 import threading
 
 from sled_gateway.events import (
@@ -15,7 +17,7 @@ from sled_gateway.events import (
     SledUp,
 )
 from sled_gateway.records import DecisionRecord, PendingPermission
-from sled_gateway.state import GatewayState
+from sled_gateway.state import GatewayState, SledRecord
 
 
 class Clock:
@@ -90,3 +92,45 @@ def test_a_wait_predicate_may_wait_on_a_change_another_thread_makes() -> None:
     state.wait_for(predicate, 10.0)
     assert first_answers[0], "the change waited for the predicate to give the lock back"
     assert state.is_connected("p")
+
+
+def test_the_listed_sleds_are_the_first_by_name_as_sleds_come_go_and_move() -> None:
+    """``/api/state?limit=N`` lists the first N sleds by name, from an order the read
+    model keeps between polls: every way a sled comes, goes or changes hands (its own
+    sessions, other replicas' reads, forgetting the long gone) must leave it exact."""
+    clock = Clock()
+    state = GatewayState(10.0, mono=clock, wall=clock)
+    events = Events()
+    state.follow(events)
+    rng = random.Random(26)
+    names = [f"sled{n}" for n in range(40)]
+    session = itertools.count(1)
+    sessions: dict[str, int] = {}
+
+    def remote(project: str) -> SledRecord:
+        return SledRecord(project, next(session), "10.0.0.1:1", clock.now, clock.now, replica="r2")
+
+    for step in range(600):
+        clock.now += rng.uniform(0, 3)
+        project = rng.choice(names)
+        action = rng.randrange(5)
+        if action == 0:
+            sessions[project] = next(session)
+            events.publish(SledUp(sessions[project], project, "127.0.0.1:1", {}))
+        elif action == 1 and project in sessions:
+            events.publish(SledDown(sessions.pop(project), project, 1000))
+        elif action == 2:
+            state.forget_disconnected(older_than=rng.uniform(0, 10))
+        elif action == 3:
+            state.set_fleet([remote(p) for p in rng.sample(names, rng.randrange(8))], [])
+        else:
+            moved = rng.sample(names, rng.randrange(1, 6))
+            held = [remote(p) for p in moved if rng.random() < 0.5]
+            state.update_fleet(moved, held, [], [])
+        whole = state.snapshot()
+        listed = [s["project"] for s in whole["sleds"]]
+        assert listed == sorted(set(listed)), f"step {step}: not in order, or twice"
+        assert len(listed) == whole["counts"]["sleds"], f"step {step}: {listed}"
+        for limit in (0, 1, 7):
+            first = [s["project"] for s in state.snapshot(limit=limit)["sleds"]]
+            assert first == listed[:limit], f"step {step}, limit {limit}"
