@@ -8,7 +8,9 @@ this module imports nothing else of the gateway's, so any of those may use it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -83,10 +85,28 @@ def bounded_input(value: JSON, limit: int = AUDIT_INPUT_LIMIT) -> JSON:
 
 
 def iso(t: float | None) -> str | None:
-    """Wall-clock seconds → ISO 8601 UTC with milliseconds (None stays None)."""
+    """Wall-clock seconds → ISO 8601 UTC with milliseconds (None stays None), exactly as
+    ``datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")`` writes it.
+
+    A console's poll writes hundreds of these: the date and time of each whole second
+    are formatted once, and the microseconds are rounded as ``fromtimestamp`` rounds
+    them (half to even), then cut to milliseconds as ``isoformat`` cuts them."""
     if t is None:
         return None
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
+    fraction, whole = math.modf(t)
+    micro = round(fraction * 1e6)
+    if micro >= 1_000_000:
+        whole += 1
+        micro -= 1_000_000
+    elif micro < 0:
+        whole -= 1
+        micro += 1_000_000
+    return f"{_iso_second(int(whole))}.{micro // 1000:03d}+00:00"
+
+
+@functools.lru_cache(maxsize=1024)
+def _iso_second(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds").removesuffix("+00:00")
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import threading
+from collections import Counter
+from datetime import UTC, datetime
 
 from sled_gateway.events import (
     Events,
@@ -16,8 +19,8 @@ from sled_gateway.events import (
     SledHeartbeat,
     SledUp,
 )
-from sled_gateway.records import DecisionRecord, PendingPermission
-from sled_gateway.state import GatewayState, SledRecord
+from sled_gateway.records import DecisionRecord, PendingPermission, iso
+from sled_gateway.state import GatewayState, SledRecord, SledState, tally_states
 
 
 class Clock:
@@ -134,3 +137,38 @@ def test_the_listed_sleds_are_the_first_by_name_as_sleds_come_go_and_move() -> N
         for limit in (0, 1, 7):
             first = [s["project"] for s in state.snapshot(limit=limit)["sleds"]]
             assert first == listed[:limit], f"step {step}, limit {limit}"
+
+
+def test_the_state_tally_counts_each_sled_as_its_own_state_says() -> None:
+    """``counts`` in ``/api/state`` inlines :meth:`SledRecord.state_at`: the same rule."""
+    rng = random.Random(5)
+    now = 1000.0
+    records = [
+        SledRecord(
+            f"s{n}",
+            n,
+            "127.0.0.1:1",
+            now,
+            # Around the stale bound, and exactly on it.
+            now - rng.choice([0.0, 29.999, 30.0, 30.001, rng.uniform(0, 60)]),
+            disconnected_at=now if rng.random() < 0.3 else None,
+        )
+        for n in range(500)
+    ]
+    expected = Counter(rec.state_at(now, 30.0) for rec in records)
+    assert tally_states(records, now, 30.0) == {state: expected[state] for state in SledState}
+    assert set(expected) == set(SledState)
+
+
+def test_iso_writes_a_time_as_datetime_does_ties_and_carries_included() -> None:
+    rng = random.Random(8)
+    times = [rng.uniform(0, 4e9) for _ in range(20_000)]
+    times += [rng.uniform(1.7e9, 1.8e9) for _ in range(20_000)]
+    # Half a microsecond (a rounding tie), a fraction that rounds up to the next second,
+    # the float just below each, the epoch.
+    times += [1.7e9 + (k + 0.5) / 1e6 for k in range(0, 1_000_000, 997)]
+    times += [1.7e9 + 0.9999995, 1733598000.9999999, 1733598000.9995, 0.0, 1.5]
+    times += [math.nextafter(t, 0) for t in times[-2_000:]]
+    for t in times:
+        assert iso(t) == datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds"), t
+    assert iso(None) is None
