@@ -11,7 +11,9 @@ The gateway relays each JSON-RPC request over the sled's uplink WebSocket
 and sends the answer back (``mcp_response``). This client neither knows nor
 cares: it is an ordinary Streamable-HTTP MCP client (``ClientSession``).
 
-Exit status: 0 if every call worked, 1 otherwise.
+Exit status: 0 if every call worked, 1 otherwise. When the gateway refuses a request
+(a wrong token: 401; no such sled: 404), the reason it gives is printed: the SDK itself
+reports it only as a JSON-RPC error without the status.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
@@ -38,8 +41,23 @@ def _text(result: Any) -> str:
     return "".join(getattr(part, "text", "") for part in result.content)
 
 
-async def call_tools(url: str, text: str, token: str) -> int:
+async def call_tools(url: str, text: str, token: str, refusals: list[str]) -> int:
+    """List and call the tools; each error answer of the gateway's is added to ``refusals``."""
+
+    async def note_refusal(response: httpx.Response) -> None:
+        if response.status_code < 400:
+            return
+        await response.aread()
+        try:
+            reason = response.json().get("error")
+        except (ValueError, AttributeError):
+            reason = None
+        refusals.append(
+            f"{response.status_code} {response.reason_phrase}: {reason or response.text[:200]}"
+        )
+
     client = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
+    client.event_hooks["response"].append(note_refusal)
     async with (
         streamable_http_client(url, http_client=client) as (read, write),
         ClientSession(read, write) as session,
@@ -102,14 +120,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"the operator token is needed: --token-file PATH or env {OPERATOR_TOKEN_ENV}")
     url = f"{args.gateway.rstrip('/')}/sleds/{quote(args.project, safe='')}/mcp"
     print(f"MCP endpoint: {url}", flush=True)
+    refusals: list[str] = []
     try:
-        return asyncio.run(asyncio.wait_for(call_tools(url, args.text, token), 60))
+        return asyncio.run(asyncio.wait_for(call_tools(url, args.text, token, refusals), 60))
     except Exception as exc:
-        # The SDK wraps transport failures in exception groups; show the root causes.
-        causes = exc.exceptions if isinstance(exc, BaseExceptionGroup) else [exc]
-        for cause in causes:
+        if refusals:
+            print(f"call_tools: the gateway answered {refusals[0]}", file=sys.stderr)
+            if refusals[0].startswith("401"):
+                print(
+                    "call_tools: is that the operator token of the gateway running now? "
+                    "Each demo run makes a new one (its operator-token file).",
+                    file=sys.stderr,
+                )
+        for cause in _root_causes(exc):
             print(f"call_tools: failed: {cause!r}", file=sys.stderr)
         return 1
+
+
+def _root_causes(exc: BaseException) -> list[BaseException]:
+    """The SDK wraps failures in exception groups, nested: the exceptions inside them."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [cause for inner in exc.exceptions for cause in _root_causes(inner)]
+    return [exc]
 
 
 if __name__ == "__main__":

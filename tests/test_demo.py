@@ -255,7 +255,7 @@ def ask_and_approve(ask_cmd: list[str], gateway: str, headers: dict[str, str]) -
     return str(item["req_id"])
 
 
-def call_tools_as_printed(run: DemoRun, gateway: str) -> None:
+def call_tools_as_printed(run: DemoRun, gateway: str, scratch: Path) -> None:
     """Step 3: the printed call_tools command, an MCP SDK client through the gateway."""
     call_cmd = run.command("demo.call_tools")
     assert f"--gateway {gateway}" in shlex.join(call_cmd)
@@ -277,6 +277,24 @@ def call_tools_as_printed(run: DemoRun, gateway: str) -> None:
         done.stdout
     )
     assert "add({'a': 2, 'b': 3}) -> '5'" in done.stdout
+
+    # A stale or wrong token: the gateway's 401 and its reason, not the SDK's bare
+    # "Server returned an error response".
+    wrong = scratch / "wrong-operator-token"
+    wrong.write_text("op-" + "w" * 40 + "\n")
+    token_at = call_cmd.index("--token-file") + 1
+    refused = subprocess.run(
+        [*call_cmd[:token_at], str(wrong), *call_cmd[token_at + 1 :]],
+        cwd=ROOT,
+        env=helper_env(),
+        capture_output=True,
+        text=True,
+        timeout=6 * T,
+        check=False,
+    )
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "call_tools: the gateway answered 401 Unauthorized: " in refused.stderr, refused.stderr
+    assert "operator token" in refused.stderr
 
 
 def test_demo_end_to_end_then_ctrl_c(
@@ -306,7 +324,7 @@ def test_demo_end_to_end_then_ctrl_c(
     ask_cmd = run.command("demo.ask_permission")
     assert f"--ingress http://127.0.0.1:{ports['uplink']}" in shlex.join(ask_cmd)
     first = ask_and_approve(ask_cmd, gateway, headers)
-    call_tools_as_printed(run, gateway)
+    call_tools_as_printed(run, gateway, tmp_path)
 
     # One more request, left unanswered: Ctrl-C must deny it (fail closed).
     late = spawn_printed([*ask_cmd, "--tool", "Write", "--input", '{"path": "x.txt"}'])
