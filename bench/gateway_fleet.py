@@ -16,7 +16,8 @@ pings, as a real uplink does). Then:
 * **idle cost**: the gateway's RSS, and its CPU over ``--idle`` seconds with
   only heartbeats and pings flowing;
 * **console poll**: the p50 of ``GET /api/state?limit=200``, what the console
-  fetches every second;
+  fetches every second, and the gateway's CPU a poll (its CPU over the polls, all
+  threads, less its idle rate over as long);
 * **round trip**: a probe sled in this process sends ``perm_request``; a
   driver in this process, which knows the request id, POSTs the decision to
   ``/api/permissions/{project}/{req_id}`` (with ``Authorization: Bearer``,
@@ -59,7 +60,7 @@ from typing import Any
 
 from bench import gc_trace
 from bench.profile_paths import PySpySampler
-from bench.run import proc_cpu_seconds
+from bench.run import proc_cpu_seconds, threads_cpu_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -165,6 +166,7 @@ class Result:
     max_ms: float
     retries: float  # 404s per request (POST raced the frame)
     state_ms: float  # p50 of the console's poll, GET /api/state?limit=200
+    state_cpu_ms: float  # the gateway's CPU a poll, its idle rate taken off
     window: tuple[float, float] = (0.0, 0.0)  # the round trips' start and end (epoch)
     gc: str = ""  # with --gc-log: the collector's summary per generation (bench/gc_trace.py)
     flame: str = ""  # with --py-spy: py-spy's summaries of the connect and of the round trips
@@ -385,8 +387,9 @@ async def round_trips(
     return times, retries
 
 
-async def state_polls(base: str, n: int) -> float:
-    """p50 of the console's poll (``GET /api/state?limit=200``), in ms."""
+async def state_polls(base: str, n: int) -> list[float]:
+    """The console's polls (``GET /api/state?limit=200``), 50 ms apart as a console's
+    timer spaces them: each one's time, in s."""
 
     took = []
     async with operator_client(base) as http:
@@ -396,7 +399,12 @@ async def state_polls(base: str, n: int) -> float:
             response.raise_for_status()
             took.append(time.perf_counter() - start)
             await asyncio.sleep(0.05)
-    return 1000 * statistics.median(took)
+    return took
+
+
+#: The console's polls each size ends with: enough that the idle CPU taken off their own
+#: (the fleet's heartbeats, as much as the polls' at 5,000 sleds) leaves a steady figure.
+STATE_POLLS = 100
 
 
 def measure(
@@ -506,7 +514,12 @@ def _measure(
                     return await connected_count(http)
 
             still = asyncio.run(check())
-            state_ms = asyncio.run(state_polls(base, 30))
+            # The poll's own CPU: the gateway's over the polls, less what it spends idle
+            # (the fleet's heartbeats) in as long, to the nanosecond.
+            c2, w2 = threads_cpu_seconds(gw.pid), time.monotonic()
+            polls = asyncio.run(state_polls(base, STATE_POLLS))
+            polled_cpu = threads_cpu_seconds(gw.pid) - c2
+            state_cpu = polled_cpu - cpu_idle / 100 * (time.monotonic() - w2)
             if still < sleds - 1:
                 raise RuntimeError(f"only {still} of {sleds} sleds stayed connected")
             rss = max(rss, rss_mib(gw.pid))
@@ -520,7 +533,8 @@ def _measure(
         1000 * pct(times, 0.99),
         1000 * max(times),
         retries / len(times),
-        state_ms,
+        1000 * statistics.median(polls),
+        1000 * state_cpu / STATE_POLLS,
         (window, window_end),
         flame="\n".join(summaries),
     )
@@ -609,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"{'sleds':>6} {'connect s':>9} {'RSS MiB':>8} {'CPU idle':>9} {'CPU probing':>11} "
         f"{'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'x 1-sled p50':>12} {'404/req':>7} "
-        f"{'state ms':>8}"
+        f"{'state ms':>8} {'state CPU ms':>12}"
     )
     print("\n" + header)
     print("-" * len(header))
@@ -617,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r.sleds:>6} {r.connect_s:>9.1f} {r.rss_mib:>8.1f} {r.cpu_idle:>8.1f}% "
             f"{r.cpu_probe:>10.1f}% {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.max_ms:>7.1f} "
-            f"{r.p50_ms / base:>11.2f}x {r.retries:>7.2f} {r.state_ms:>8.2f}"
+            f"{r.p50_ms / base:>11.2f}x {r.retries:>7.2f} {r.state_ms:>8.2f} "
+            f"{r.state_cpu_ms:>12.2f}"
         )
     print(f"\nload average after the run: {os.getloadavg()[0]:.2f}")
     worst = results[-1]
@@ -657,9 +672,10 @@ def compare(
         "p99_ms",
         "p99/p50",
         "state_ms",
+        "state_cpu_ms",
     )
     ratio_name = f"{mine_name}/{theirs_name}"
-    header = f"{'sleds':>6} {'figure':>9} {mine_name:>9} {theirs_name:>9} {ratio_name}"
+    header = f"{'sleds':>6} {'figure':>12} {mine_name:>9} {theirs_name:>9} {ratio_name}"
     rows = []
     verdicts = []
     for n in sizes:
@@ -681,9 +697,8 @@ def compare(
             mine = statistics.median(_figure(r, figure) for r in runs[mine_name])
             theirs = statistics.median(_figure(r, figure) for r in runs[theirs_name])
             ratio = mine / theirs if theirs else float("nan")
-            rows.append(
-                f"{n:>6} {figure:>9} {mine:>9.2f} {theirs:>9.2f} {ratio:>{len(ratio_name) - 1}.2f}x"
-            )
+            width = len(ratio_name) - 1
+            rows.append(f"{n:>6} {figure:>12} {mine:>9.2f} {theirs:>9.2f} {ratio:>{width}.2f}x")
         if n == sizes[-1]:
             for side, results in runs.items():
                 tail = statistics.median(_figure(r, "p99/p50") for r in results)

@@ -78,6 +78,7 @@ from bench.run import (
     peer,
     proc_cpu_seconds,
     raw_ws_sequential,
+    threads_cpu_seconds,
     wait_ready,
     ws_url,
 )
@@ -404,18 +405,6 @@ async def _sessions() -> tuple[aiohttp.ClientSession, httpx.AsyncClient]:
 
 
 # ── 3. gateway round trip ───────────────────────────────────────────────────
-
-
-def threads_cpu_seconds(pid: int) -> float:
-    """CPU time of a process's live threads so far, to the nanosecond (the scheduler's
-    own count, ``/proc/PID/task/*/schedstat``): ``proc_cpu_seconds`` counts in clock
-    ticks, 100 µs a round trip over 100 of them."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        # A thread that ended meanwhile is not counted (the gateway's are long-lived).
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-    return total / 1e9
 
 
 def sqlite_commits(path: Path, n: int) -> float:

@@ -168,6 +168,18 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def threads_cpu_seconds(pid: int) -> float:
+    """CPU time of a process's live threads so far, to the nanosecond (the scheduler's
+    own count, ``/proc/PID/task/*/schedstat``): ``proc_cpu_seconds`` counts in clock
+    ticks, 100 µs a round trip over 100 of them."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        # A thread that ended meanwhile is not counted (the gateway's are long-lived).
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+    return total / 1e9
+
+
 def proc_status(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field):
