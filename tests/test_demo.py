@@ -255,20 +255,19 @@ def ask_and_approve(ask_cmd: list[str], gateway: str, headers: dict[str, str]) -
     return str(item["req_id"])
 
 
+def run_printed(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """A printed command line, run to its end as a user would run it."""
+    return subprocess.run(
+        argv, cwd=ROOT, env=helper_env(), capture_output=True, text=True, timeout=6 * T, check=False
+    )
+
+
 def call_tools_as_printed(run: DemoRun, gateway: str, scratch: Path) -> None:
     """Step 3: the printed call_tools command, an MCP SDK client through the gateway."""
     call_cmd = run.command("demo.call_tools")
     assert f"--gateway {gateway}" in shlex.join(call_cmd)
     assert "--token-file " in shlex.join(call_cmd)  # the token itself stays out of argv
-    done = subprocess.run(
-        call_cmd,
-        cwd=ROOT,
-        env=helper_env(),
-        capture_output=True,
-        text=True,
-        timeout=6 * T,
-        check=False,
-    )
+    done = run_printed(call_cmd)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "initialized: demo-sled" in done.stdout
     for tool in ("echo", "add", "server_time"):
@@ -283,15 +282,7 @@ def call_tools_as_printed(run: DemoRun, gateway: str, scratch: Path) -> None:
     wrong = scratch / "wrong-operator-token"
     wrong.write_text("op-" + "w" * 40 + "\n")
     token_at = call_cmd.index("--token-file") + 1
-    refused = subprocess.run(
-        [*call_cmd[:token_at], str(wrong), *call_cmd[token_at + 1 :]],
-        cwd=ROOT,
-        env=helper_env(),
-        capture_output=True,
-        text=True,
-        timeout=6 * T,
-        check=False,
-    )
+    refused = run_printed([*call_cmd[:token_at], str(wrong), *call_cmd[token_at + 1 :]])
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "call_tools: the gateway answered 401 Unauthorized: " in refused.stderr, refused.stderr
     assert "operator token" in refused.stderr
