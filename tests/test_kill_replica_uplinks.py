@@ -188,7 +188,7 @@ def killed_through_haproxy(cluster: Cluster, seed: int) -> Outcome:
         for i in range(UPLINKS)
     ]
     watcher = Watcher(watched)
-    replica_ids_of[id(cluster)] = ids = replica_ids(cluster)
+    replica_ids_of[id(cluster)] = replica_ids(cluster)
     try:
         projects = {w.project for w in watched}
         before = wait_held(cluster, projects, 30 * FACTOR)
@@ -198,7 +198,9 @@ def killed_through_haproxy(cluster: Cluster, seed: int) -> Outcome:
         killed = max(range(len(cluster.replicas)), key=lambda i: list(before.values()).count(i))
         order = [killed, *(i for i in range(len(cluster.replicas)) if i != killed)]
         urls = [cluster.replicas[i].http for i in order]
-        killed_id = next(rid for rid, i in ids.items() if i == killed)
+        killed_proc = cluster.replicas[killed].proc
+        assert killed_proc is not None
+        killed_id = replica_id(killed_proc)
         killed_at: list[float] = []
 
         async def kill(_: Run) -> None:
