@@ -57,6 +57,30 @@ def test_one_client_holds_at_most_its_share_of_the_logins_in_flight(clock: Clock
     assert limits.start("192.0.2.1") is None
 
 
+def test_a_client_the_store_refused_is_held_here_until_its_oldest_login_expires(
+    clock: Clock,
+) -> None:
+    """Its share is full on other replicas: further starts here are refused without a
+    store write, logged once, and it is as any client again once the wait is over."""
+    limits = LoginLimiter(rate=10, ttl=600, clock=clock)
+    assert limits.start("2001:db8::1") is None
+    held = limits.hold("2001:db8::2", 42.5, "6 sign-ins in flight from this client")
+    assert held.retry_after == 43 and held.log
+    clock.now += 10
+    again = limits.start("2001:db8::3")  # the same /64
+    assert again is not None and again.why == held.why
+    assert again.retry_after == 33 and not again.log
+    assert limits.start("2001:db9::1") is None  # another client is not held
+    clock.now += 33
+    assert limits.start("2001:db8::4") is None
+    # Held entries are not dropped as idle while held.
+    limits.hold("192.0.2.9", 600, "full")
+    clock.now += 300
+    for n in range(20):
+        limits.start(f"198.51.100.{n}")
+    assert limits.start("192.0.2.9") is not None
+
+
 def test_a_refused_client_is_logged_once_per_window(clock: Clock) -> None:
     limits = LoginLimiter(rate=1, burst=1, in_flight=1, ttl=600, clock=clock)
     assert limits.start("192.0.2.1") is None

@@ -36,6 +36,9 @@ def replicas(pg_url: str, tmp_path: Path) -> Iterator[tuple[Provider, Replica, R
     secret.write_text(CLIENT_SECRET + "\n")
     secret.chmod(0o600)
     sign_in = (
+        # A burst of 4 sign-ins on each replica, and 6 in flight per client.
+        "--login-rate",
+        "2",
         "--oidc-issuer",
         provider.issuer,
         "--oidc-client-id",
@@ -60,9 +63,9 @@ class Balancer(httpx.BaseTransport):
     """What the browser sees as replica A's address, sent to whichever replica ``to``
     names (the ``Host`` stays A's), as a load balancer in front of both would."""
 
-    def __init__(self, to: Replica) -> None:
+    def __init__(self, to: Replica, *, local_address: str | None = None) -> None:
         self.to = to
-        self._inner = httpx.HTTPTransport()
+        self._inner = httpx.HTTPTransport(local_address=local_address)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         request.url = request.url.copy_with(port=self.to.port)
@@ -121,3 +124,36 @@ def test_a_login_started_on_b_ends_on_a(replicas: tuple[Provider, Replica, Repli
         assert ended.status_code == 200, ended.text
         answer = me(browser, a)
         assert answer.status_code == 200 and answer.json()["person"]["sub"] == "bob"
+
+
+def test_a_client_spreading_its_sign_ins_over_replicas_gets_one_share(
+    replicas: tuple[Provider, Replica, Replica],
+) -> None:
+    """An anonymous client behind a balancer that sends each request to the next replica
+    holds at most its 6 logins in flight over both, not 6 on each (or the burst of 4 on
+    each): filling the shared table of logins still takes many clients. The bucket of
+    each replica alone let 8 through."""
+    _provider, a, b = replicas
+    balancer = Balancer(a)
+    with browser_behind(a, balancer) as alice:
+        pending = callback_url(a, alice, "alice")  # Alice is at the provider's pages
+        flood = Balancer(a, local_address="127.0.0.2")
+        answers = []
+        with browser_behind(a, flood) as client:
+            for n in range(16):
+                flood.to = (a, b)[n % 2]
+                answers.append(client.get(a.http_url + "/login"))
+        statuses = [answer.status_code for answer in answers]
+        assert statuses.count(302) == 6 and statuses[:6] == [302] * 6, statuses
+        assert set(statuses[6:]) == {429}, statuses
+        for refused in answers[6:]:
+            assert "too many sign-ins" in refused.json()["error"]
+            assert 1 <= int(refused.headers["retry-after"]) <= 600
+        # Another address starts one, on either replica.
+        for replica in (a, b):
+            other = Balancer(replica, local_address="127.0.0.3")
+            with browser_behind(a, other) as bob:
+                assert bob.get(a.http_url + "/login").status_code == 302
+        balancer.to = b
+        done = alice.get(pending)
+        assert done.status_code == 200, done.text

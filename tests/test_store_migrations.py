@@ -424,6 +424,39 @@ def test_a_0002_database_is_migrated_with_its_rows_and_rules_on_every_engine(
         engine.dispose()
 
 
+def test_a_login_in_flight_when_0007_is_applied_still_ends_on_every_engine(
+    new_database: Callable[[], str],
+) -> None:
+    """A person halfway through a sign-in while the gateway upgrades can finish it: the
+    login's row keeps its state, and counts toward no client's share (it names none)."""
+    import asyncio
+    import time
+
+    url = new_database()
+    _upgrade(url, "0006")
+    expires = time.time() + 600
+    engine = _engine_for(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO oidc_logins (key, value, created_at, expires_at) "
+                    "VALUES ('_state_sled_abc', '{\"data\": 1}', :now, :expires)"
+                ),
+                {"now": expires - 600, "expires": expires},
+            )
+    finally:
+        engine.dispose()
+    store = make_store(url).open()
+    try:
+        assert store.found_version == 6
+        assert asyncio.run(store.login_state("_state_sled_abc")) == '{"data": 1}'
+        asyncio.run(store.set_login_state("k", "v", 60, limit=5, client="10.0.0.1", per_client=1))
+    finally:
+        store.close()
+    assert _drift(url) == []
+
+
 def test_a_database_from_a_newer_release_or_another_project_is_refused_on_every_engine(
     new_database: Callable[[], str],
 ) -> None:

@@ -13,12 +13,13 @@ import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sled_gateway.auth.console import Sessions
 from sled_gateway.people import Person
-from sled_gateway.store import LoginsFull, make_store
+from sled_gateway.store import ClientLoginsFull, LoginsFull, make_store
 from tests.test_store_interface import ENGINES, Engine, _engine, rule, run
 
 pytestmark = pytest.mark.timeout(60)
@@ -122,6 +123,49 @@ def test_logins_in_flight_are_single_use_bounded_and_expire(engine: Engine) -> N
         assert await store.login_state("short") is None
         await store.set_login_state("after", "y", 60, limit=3)  # the expired one made room
         assert await store.login_state("after") == "y"
+
+    run(scenario())
+
+
+def test_one_clients_share_of_the_logins_in_flight_is_kept_by_the_store(engine: Engine) -> None:
+    store = engine.open()
+
+    async def scenario() -> None:
+        def start(key: str, client: str, ttl: float = 60) -> Any:
+            return store.set_login_state(key, "v", ttl, limit=10, client=client, per_client=2)
+
+        await start("a1", "198.51.100.7")
+        await start("a2", "198.51.100.7", ttl=30)
+        with pytest.raises(ClientLoginsFull) as refused:
+            await start("a3", "198.51.100.7")
+        # Until the client's oldest login expires, not a full ttl.
+        assert 25 < refused.value.retry_after <= 30
+        assert await store.login_state("a3") is None
+        await start("b1", "2001:db8::/64")  # another client has its own share
+        await store.delete_login_state("a1")  # a login that ended frees its place
+        await start("a3", "198.51.100.7")
+        await store.set_login_state("short", "v", 0.05, limit=10, client="c", per_client=1)
+        await asyncio.sleep(0.1)
+        await store.set_login_state("again", "v", 60, limit=10, client="c", per_client=1)
+        # The table's own bound still holds for everyone.
+        for i in range(6):  # 4 kept, and 6 more from 6 clients: the table's 10
+            await start(f"n{i}", f"203.0.113.{i}")
+        with pytest.raises(LoginsFull):
+            await start("n6", "203.0.113.6")
+
+    run(scenario())
+
+
+def test_a_clients_share_spans_replicas(shared: tuple[Engine, Engine]) -> None:
+    """A client sending its sign-ins to two replicas in turn gets no bigger share."""
+    a, b = (engine.open() for engine in shared)
+
+    async def scenario() -> None:
+        for n, store in enumerate((a, b, a)):
+            await store.set_login_state(f"k{n}", "v", 60, limit=100, client="x", per_client=3)
+        for store in (b, a):
+            with pytest.raises(ClientLoginsFull):
+                await store.set_login_state("k9", "v", 60, limit=100, client="x", per_client=3)
 
     run(scenario())
 

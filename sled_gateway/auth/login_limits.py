@@ -23,8 +23,13 @@ A client is its address as the gateway sees it (``scope["client"]``, which a
 trusted proxy's PROXY header sets), an IPv6 address counted by its /64: one host
 usually holds a whole /64 and could otherwise change address per request.
 
-The limits are per replica (in memory): behind a balancer spreading one client
-over N replicas, it gets N times the rate; the store's cap is shared.
+The bucket is per replica (in memory): behind a balancer spreading one client
+over N replicas, it gets N times the rate. The share of logins in flight is
+counted twice: here, so that a client over it costs no store write, and in the
+store, in the transaction that keeps the login (each row names its client), so
+that over every replica on one database a client still holds at most
+``in_flight``. A client the store refused is held here (:meth:`LoginLimiter.hold`)
+until its oldest login expires. The store's cap on all logins is shared too.
 
 Memory is bounded: a client's entry is dropped once it is as good as new (bucket
 full again, no login in flight), checked for the least recently seen entries on
@@ -84,6 +89,9 @@ class _Client:
     refilled_at: float
     started: deque[float] = field(default_factory=deque)
     quiet_until: float = -math.inf
+    #: Refused until then, for ``held_why``: its share is full on other replicas.
+    held_until: float = -math.inf
+    held_why: str = ""
 
 
 class LoginLimiter:
@@ -120,7 +128,12 @@ class LoginLimiter:
 
     def _as_good_as_new(self, client: _Client, now: float) -> bool:
         self._refill(client, now)
-        return client.tokens >= self.burst and not client.started and now >= client.quiet_until
+        return (
+            client.tokens >= self.burst
+            and not client.started
+            and now >= client.quiet_until
+            and now >= client.held_until
+        )
 
     def _sweep(self, now: float) -> None:
         for _ in range(_SWEEP):
@@ -131,11 +144,7 @@ class LoginLimiter:
                 return
             del self._clients[key]
 
-    def start(self, host: str) -> Refusal | None:
-        """Count a sign-in that ``host`` starts; a :class:`Refusal` (nothing counted)
-        when it is over a limit."""
-        now = self.clock()
-        self._sweep(now)
+    def _seen(self, host: str, now: float) -> _Client:
         key = client_key(host)
         client = self._clients.get(key)
         if client is None:
@@ -145,7 +154,24 @@ class LoginLimiter:
         else:
             self._clients.move_to_end(key)
             self._refill(client, now)
-        if len(client.started) >= self.in_flight:
+        return client
+
+    def _refusal(self, client: _Client, why: str, wait: float, now: float) -> Refusal:
+        log = now >= client.quiet_until
+        if log:
+            client.quiet_until = now + LOG_WINDOW
+        return Refusal(why, max(1, math.ceil(wait)), log)
+
+    def start(self, host: str) -> Refusal | None:
+        """Count a sign-in that ``host`` starts; a :class:`Refusal` (nothing counted)
+        when it is over a limit."""
+        now = self.clock()
+        self._sweep(now)
+        client = self._seen(host, now)
+        if now < client.held_until:
+            why = client.held_why
+            wait = client.held_until - now
+        elif len(client.started) >= self.in_flight:
             why = f"{len(client.started)} sign-ins started in {self.ttl:g} s"
             wait = client.started[0] + self.ttl - now
         elif client.tokens < 1.0:
@@ -155,10 +181,17 @@ class LoginLimiter:
             client.tokens -= 1.0
             client.started.append(now)
             return None
-        log = now >= client.quiet_until
-        if log:
-            client.quiet_until = now + LOG_WINDOW
-        return Refusal(why, max(1, math.ceil(wait)), log)
+        return self._refusal(client, why, wait, now)
+
+    def hold(self, host: str, seconds: float, why: str) -> Refusal:
+        """Refuse ``host`` for ``seconds`` more: the store found its share of the logins
+        in flight full, most of them started on other replicas. Its start stays
+        counted here, so that being refused by the store is not free."""
+        now = self.clock()
+        client = self._seen(host, now)
+        client.held_until = max(client.held_until, now + seconds)
+        client.held_why = why
+        return self._refusal(client, why, seconds, now)
 
     def refund(self, host: str) -> None:
         """Take back the last start of ``host``: it wrote no login (the provider could

@@ -36,6 +36,7 @@ from __future__ import annotations
 import html
 import secrets
 import time
+from contextvars import ContextVar
 from typing import Any
 
 import httpx
@@ -52,9 +53,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from protocol import printable
 from sled_gateway.auth.console import ConsoleSessionBackend, addressed_port
-from sled_gateway.auth.login_limits import LOG_WINDOW, MAX_LOGINS, LoginLimiter
+from sled_gateway.auth.login_limits import (
+    LOG_WINDOW,
+    MAX_LOGINS,
+    LoginLimiter,
+    Refusal,
+    client_key,
+)
 from sled_gateway.people import Person
-from sled_gateway.store import LoginsFull, Store, StoreError
+from sled_gateway.store import ClientLoginsFull, LoginsFull, Store, StoreError
 
 log = logger.bind(actor="gateway")
 
@@ -91,23 +98,42 @@ STATE_KEY_SETTING = "oidc_state_cookie_key"
 _MAX_CLAIM = 500
 
 
+#: The client starting the sign-in this task is serving (``login_limits.client_key``):
+#: Authlib's cache interface has no room for it, and a login's row records it.
+_STARTED_BY: ContextVar[str | None] = ContextVar("sled_login_started_by", default=None)
+
+
 class StateStore:
     """Authlib's ``cache``: the logins in flight, each readable until deleted or expired.
 
     In the store, so that a login started on one replica ends on any other; bounded:
     beyond ``limit`` unexpired logins a new one is refused (``LoginsFull``), none is
-    forgotten. A store that cannot be reached fails the login (503).
+    forgotten, and beyond ``per_client`` of them started by one client, counted over
+    every replica, so is that client's (``ClientLoginsFull``). A store that cannot be
+    reached fails the login (503).
     """
 
-    def __init__(self, store: Store, limit: int = MAX_LOGINS) -> None:
+    def __init__(
+        self, store: Store, limit: int = MAX_LOGINS, *, per_client: int | None = None
+    ) -> None:
         self.store = store
         self.limit = limit
+        self.per_client = per_client
 
     async def get(self, key: str) -> str | None:
         return await self.store.login_state(key)
 
     async def set(self, key: str, value: str, expires_in: float | None = None) -> None:
-        await self.store.set_login_state(key, value, expires_in or LOGIN_TTL, limit=self.limit)
+        # Authlib asks for an hour; the state cookie the callback needs lives LOGIN_TTL,
+        # and a row kept longer would only hold a place in the bounded table.
+        await self.store.set_login_state(
+            key,
+            value,
+            min(expires_in or LOGIN_TTL, LOGIN_TTL),
+            limit=self.limit,
+            client=_STARTED_BY.get(),
+            per_client=self.per_client,
+        )
 
     async def delete(self, key: str) -> None:
         await self.store.delete_login_state(key)
@@ -228,8 +254,8 @@ class OidcLogin:
     ) -> None:
         self.console = console
         self.issuer = issuer
-        self.states = StateStore(store, max_logins)
         self.limiter = limiter if limiter is not None else LoginLimiter(ttl=LOGIN_TTL)
+        self.states = StateStore(store, max_logins, per_client=self.limiter.in_flight)
         self._full_quiet_until = 0.0
         self._oauth = OAuth(cache=self.states)
         self.client = self._oauth.register(
@@ -291,30 +317,22 @@ class OidcLogin:
 
     async def _login(self, request: Request) -> Response:
         # Before anything else: a refused start costs no store write and no discovery.
-        # (Counted now and given back if no login was written: requests in flight at
-        # once must not all pass one check.)
+        # (Counted now and given back if the provider could not be asked: requests in
+        # flight at once must not all pass one check.)
         client = request.client.host if request.client else "?"
         refusal = self.limiter.start(client)
         if refusal is not None:
-            if refusal.log:
-                log.warning(
-                    "sign-in: {} starts too many ({}); refused for {} s, not logged again "
-                    "for {:g} s",
-                    printable(client, 100),
-                    refusal.why,
-                    refusal.retry_after,
-                    LOG_WINDOW,
-                )
-            return answer(
-                request,
-                429,
-                "too many sign-ins started from this address; try again later",
-                retry_after=refusal.retry_after,
-            )
+            return self._refused(request, client, refusal)
+        # The column holds 64 characters; an address, or an IPv6 /64, is shorter.
+        started_by = _STARTED_BY.set(client_key(client)[:64])
         try:
             await self._metadata(fresh=True)
             response: Response = await self.client.authorize_redirect(
                 request, self._redirect_uri(request)
+            )
+        except ClientLoginsFull as exc:
+            return self._refused(
+                request, client, self.limiter.hold(client, exc.retry_after, str(exc))
             )
         except LoginsFull as exc:
             now = time.monotonic()
@@ -342,8 +360,26 @@ class OidcLogin:
                 503,
                 f"the identity provider ({self.issuer}) cannot be reached now; try again later",
             )
+        finally:
+            _STARTED_BY.reset(started_by)
         response.headers["Cache-Control"] = "no-store"
         return response
+
+    def _refused(self, request: Request, client: str, refusal: Refusal) -> Response:
+        if refusal.log:
+            log.warning(
+                "sign-in: {} starts too many ({}); refused for {} s, not logged again for {:g} s",
+                printable(client, 100),
+                refusal.why,
+                refusal.retry_after,
+                LOG_WINDOW,
+            )
+        return answer(
+            request,
+            429,
+            "too many sign-ins started from this address; try again later",
+            retry_after=refusal.retry_after,
+        )
 
     async def _callback(self, request: Request) -> Response:
         client = request.client.host if request.client else "?"

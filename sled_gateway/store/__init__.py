@@ -31,6 +31,7 @@ from sled_gateway.store.models import (
     MAX_PAGE,
     AlreadyRecorded,
     AuditEntry,
+    ClientLoginsFull,
     LoginsFull,
     PersonToken,
     Recorded,
@@ -57,6 +58,7 @@ __all__ = [
     "MEMORY",
     "AlreadyRecorded",
     "AuditEntry",
+    "ClientLoginsFull",
     "LoginsFull",
     "PersonToken",
     "Recorded",
@@ -213,9 +215,20 @@ class Store(Protocol):
         """A sign-in's state in flight, None when unknown or expired."""
         ...
 
-    async def set_login_state(self, key: str, value: str, ttl: float, *, limit: int) -> None:
-        """Keep a sign-in's state for ``ttl`` seconds; :class:`LoginsFull` when ``limit``
-        unexpired ones are kept already (none is forgotten to make room)."""
+    async def set_login_state(
+        self,
+        key: str,
+        value: str,
+        ttl: float,
+        *,
+        limit: int,
+        client: str | None = None,
+        per_client: int | None = None,
+    ) -> None:
+        """Keep a sign-in's state for ``ttl`` seconds, started by ``client``;
+        :class:`LoginsFull` when ``limit`` unexpired ones are kept already (none is
+        forgotten to make room), :class:`ClientLoginsFull` when ``per_client`` of them
+        are that client's."""
         ...
 
     async def delete_login_state(self, key: str) -> None:

@@ -34,6 +34,16 @@ class LoginsFull(StoreError):
     rather than forgetting one that someone else started (sled_gateway.auth.oidc)."""
 
 
+class ClientLoginsFull(StoreError):
+    """One client has its share of the logins in flight, counted over every replica on
+    the database: a new one is refused until ``retry_after`` seconds from now, when its
+    oldest expires (sled_gateway.auth.login_limits)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class UnknownRule(LookupError):
     pass
 

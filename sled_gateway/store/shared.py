@@ -50,7 +50,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.types import TypeEngine
 
 from sled_gateway.policy import Policy
-from sled_gateway.store.models import LoginsFull, Rule
+from sled_gateway.store.models import ClientLoginsFull, LoginsFull, Rule
 
 T = TypeVar("T")
 
@@ -75,7 +75,10 @@ OIDC_LOGINS = Table(
     Column("value", Text, nullable=False),
     Column("created_at", _TIME, nullable=False),
     Column("expires_at", _TIME, nullable=False),
+    # Who started it (login_limits.client_key), for the share each client may hold.
+    Column("client", String(64)),
     Index("oidc_logins_created_at", "created_at"),
+    Index("oidc_logins_client", "client", "expires_at"),
 )
 SETTINGS = Table(
     "settings",
@@ -244,28 +247,53 @@ class SharedState:
         found = await self._run(lambda conn: conn.execute(query).scalar())
         return None if found is None else str(found)
 
-    async def set_login_state(self, key: str, value: str, ttl: float, *, limit: int) -> None:
+    async def set_login_state(
+        self,
+        key: str,
+        value: str,
+        ttl: float,
+        *,
+        limit: int,
+        client: str | None = None,
+        per_client: int | None = None,
+    ) -> None:
         """Keep a login's state for ``ttl`` seconds; :class:`LoginsFull` (nothing kept)
         when ``limit`` unexpired logins are kept already. Evicting the oldest instead
         would let anyone who can start logins fail the one a person is finishing.
-        (Replicas writing at once may pass ``limit`` by a few: it bounds a flood.)"""
+        :class:`ClientLoginsFull` (nothing kept) when ``per_client`` of them were started
+        by ``client``: counted here, on the database every replica writes, a client
+        spreading its starts over replicas behind a balancer gets no bigger share.
+        (Replicas writing at once may pass either limit by a few: they bound a flood.)"""
         now = time.time()
 
-        def write(conn: Connection) -> bool:
+        def write(conn: Connection) -> float | bool:
             conn.execute(delete(OIDC_LOGINS).where(OIDC_LOGINS.c.key == key))
             conn.execute(delete(OIDC_LOGINS).where(OIDC_LOGINS.c.expires_at < now))
+            if client is not None and per_client is not None:
+                held, oldest = conn.execute(
+                    select(func.count(), func.min(OIDC_LOGINS.c.expires_at)).where(
+                        OIDC_LOGINS.c.client == client
+                    )
+                ).one()
+                if held >= per_client:
+                    return float(oldest) - now
             kept = conn.execute(select(func.count()).select_from(OIDC_LOGINS)).scalar_one()
             if kept >= limit:
                 return False
             conn.execute(
                 insert(OIDC_LOGINS).values(
-                    key=key, value=value, created_at=now, expires_at=now + ttl
+                    key=key, value=value, created_at=now, expires_at=now + ttl, client=client
                 )
             )
             return True
 
-        if not await self._run(write):
+        outcome = await self._run(write)
+        if outcome is False:
             raise LoginsFull(f"{limit} logins are in flight")
+        if outcome is not True:
+            raise ClientLoginsFull(
+                f"{per_client} sign-ins in flight from this client", retry_after=outcome
+            )
 
     async def delete_login_state(self, key: str) -> None:
         statement = delete(OIDC_LOGINS).where(OIDC_LOGINS.c.key == key)

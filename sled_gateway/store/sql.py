@@ -93,7 +93,7 @@ log = logger.bind(actor="gateway-store")
 T = TypeVar("T")
 
 #: The schema this release writes: the number of its newest Alembic revision.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 #: Most operations in one transaction (a bound on one commit's latency).
 _MAX_BATCH = 512
 #: A server connection idle this long is pinged before its next batch (see
