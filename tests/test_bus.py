@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import re
 import time
 from collections import Counter
@@ -585,3 +586,40 @@ def test_a_password_in_the_nats_url_is_never_shown() -> None:
     with pytest.raises(ConfigError) as refused:
         GatewayConfig(bus="http://gw:hunter2@10.0.0.5:4222")
     assert "hunter2" not in str(refused.value)
+
+
+def test_a_silent_path_to_nats_is_noticed_by_the_pings_and_left_for_a_new_connection(
+    own_nats_server: NatsServer,
+) -> None:
+    """A partition that drops packets keeps the socket open and TCP quiet: without pings
+    the bus would call itself connected for minutes, publishing into the void while the
+    replicas trust the rings. With the bus's pings it is disconnected within a few of
+    them, and once the path heals it reconnects and delivers again."""
+    from sled_gateway.bus.nats import PING_INTERVAL, NatsBus
+    from tests.support.relay import FreezableRelay
+
+    # Noticed within about three intervals: no longer than a replica's full read.
+    assert PING_INTERVAL * 3 <= 30
+    with FreezableRelay(own_nats_server.port) as relay:
+        bus = NatsBus(f"nats://127.0.0.1:{relay.port}", reconnect_wait=0.1, ping_interval=0.3)
+        bus.open()
+        try:
+            heard: list[Message] = []
+            bus.subscribe("sled.p.events", heard.append)
+            bus.publish("sled.p.events", {"n": 1})
+            settle(lambda: heard == [{"n": 1}])
+            relay.freeze()
+            frozen_at = time.monotonic()
+            while bus.connected and time.monotonic() - frozen_at < 10:
+                time.sleep(0.05)
+            noticed = time.monotonic() - frozen_at
+            assert noticed < 5, f"still connected {noticed:.1f} s into a silent partition"
+            relay.heal()
+            settle(lambda: bus.connected, timeout=10)
+            bus.publish("sled.p.events", {"n": 2})
+            settle(lambda: {"n": 2} in heard, timeout=10)
+        finally:
+            bus.close()
+            # The closed loop's leftovers are finalised here, not while pytest parses
+            # this file to show a failure (CPython 3.11 then raises a SystemError).
+            gc.collect()
