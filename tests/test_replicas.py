@@ -10,8 +10,10 @@ decision on B still reaches the sled, through A's sweep of the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+from loguru import logger
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -352,6 +355,182 @@ def test_a_relay_in_flight_to_a_sleds_old_session_is_answered_by_its_new_one(
                 await _answered_by_new(new, asking, 3 * T)
 
     asyncio.run(asyncio.wait_for(scenario(), 6 * T))
+
+
+def _holder(gw: Gateway, project: str) -> tuple[str, int] | None:
+    """The replica and session the shared store names as holding ``project``'s sled."""
+    store = gw.store
+    assert isinstance(store, FleetStore)
+    sleds, _pending = gw.run_on_loop(store.fleet()).result(T)
+    return next(((s.replica, s.session) for s in sleds if s.project == project), None)
+
+
+async def _until(predicate: Callable[[], object], what: str) -> None:
+    """Poll ``predicate`` (in a thread: it may wait on a gateway's loop) until it holds."""
+    deadline = time.monotonic() + T
+    while not await asyncio.to_thread(predicate):
+        assert time.monotonic() < deadline, f"{what}: not within {T:g} s"
+        await asyncio.sleep(0.05)
+
+
+def test_a_sled_moved_to_a_replica_whose_clock_is_behind_is_let_go_by_its_old_one(
+    replica: Callable[..., Gateway],
+    pg_url: str,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Which of two replicas' sessions of a sled is the newer is the database's order of
+    their rows, not the replicas' clocks. B's wall clock runs 3 s behind A's (more than
+    the sled takes to move from A to B): judged by the connection times each clock wrote,
+    B's session would look older than A's, and A would keep serving the sled's old,
+    half-open session beside the live one. A lets it go (4000) as soon as it reads B's
+    row, and the sled stays B's."""
+    behind = 3.0
+    # B's whole process sees its host's clock 3 s slow (its monotonic clock is its own
+    # anyway). Leases of 30 s keep that skew far from making either take the other for
+    # dead.
+    (tmp_path / "sitecustomize.py").write_text(
+        f"import time\n_real = time.time\ntime.time = lambda: _real() - {behind!r}\n"
+    )
+    with monkeypatch.context() as env:
+        env.setenv("PYTHONPATH", str(tmp_path), prepend=os.pathsep)
+        skewed = subprocess.run(
+            [sys.executable, "-c", "import time; print(time.time())"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=T,
+        )
+        assert abs(float(skewed.stdout) - (time.time() - behind)) < 1, skewed.stdout
+        b = GatewayProcess(
+            pg_url,  # type: ignore[arg-type]
+            extra=(
+                "--bus",
+                nats_server.url,
+                "--sweep-interval",
+                str(SWEEP),
+                "--lease-seconds",
+                "30",
+            ),
+        )
+    try:
+        a = replica(lease_seconds=30)
+        fleet_a = a.replicas
+        assert fleet_a is not None
+
+        async def scenario() -> None:
+            async with sled(a, "moved") as old:
+                await _until(lambda: _holder(a, "moved") is not None, "A's row of the sled")
+                on_b = b.url.replace("http://", "ws://") + f"/api/sled-uplink?token={SLED_TOKEN}"
+                async with connect(on_b) as new:
+                    await new.send(frame("identity", "identity", {"project": "moved"}))
+                    with pytest.raises(ConnectionClosed) as closed:
+                        await asyncio.wait_for(old.recv(), T)
+                    assert closed.value.rcvd is not None
+                    assert closed.value.rcvd.code == 4000, closed.value.rcvd
+                    held = await asyncio.to_thread(_holder, a, "moved")
+                    assert held is not None and held[0] != fleet_a.id, held
+                    # The live session stays, sweeps later.
+                    with pytest.raises(TimeoutError):
+                        await asyncio.wait_for(new.recv(), 6 * SWEEP)
+                    assert await asyncio.to_thread(_holder, a, "moved") == held
+
+        asyncio.run(asyncio.wait_for(scenario(), 6 * T))
+    finally:
+        b.kill()
+
+
+def test_a_replica_never_claims_back_a_sled_that_another_replica_holds(pg_url: str) -> None:
+    """The sled's link to A went half-open with A's writes to it stuck (its socket
+    buffers full), and the sled reconnected to B. A lets the old session go, but its
+    close waits behind those writes, so A still has the session for a while. Were A's
+    sweep to claim the sled back for it meanwhile, as it re-claims sleds after a
+    release, B would read A's row as newer than its own and close the sled's live
+    session (4000), and again whenever the sled came back while A held the old one."""
+    # The in-process bus: no rings, so every sweep of each replica reads the whole fleet
+    # (where a replica re-claims its sleds), and an MCP relay has no size cap of a bus.
+    made = [
+        Gateway(
+            token=REFERENCE_TOKEN,
+            operator_token=OPERATOR,
+            db=pg_url,
+            sweep_interval=SWEEP,
+            lease_seconds=4 * SWEEP,
+        ).start()
+        for _ in range(2)
+    ]
+    a, b = made
+    assert a.replicas is not None and b.replicas is not None
+    fleet_b = b.replicas
+    logged: list[str] = []
+    sink = logger.add(
+        lambda m: logged.append(str(m)),
+        level="DEBUG",
+        format="{message}",
+        filter="sled_gateway.hub",
+    )
+
+    def said(words: str) -> bool:
+        return any(words in line for line in logged)
+
+    async def scenario() -> None:
+        # A socket with little room to receive, and frames not compressed: A's writes to
+        # it fill its buffers (the kernel's, then A's own) and stay there.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", a.port))
+        async with connect(
+            a.url_for_sleds(), sock=sock, compression=None, max_size=None, close_timeout=1
+        ) as old:
+            await old.send(frame("identity", "identity", {"project": "moved"}))
+            await asyncio.to_thread(
+                b.wait_for, lambda s: (x := sled_of(s, "moved")) is not None and x["replica"], T
+            )
+            old.transport.pause_reading()  # half-open: nothing it is sent is read
+            padding = "x" * (6 << 20)
+            body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping", "params": padding})
+            relay = asyncio.create_task(
+                asyncio.to_thread(
+                    httpx.post, a.mcp_url("moved"), content=body, headers=api(a), timeout=3 * T
+                )
+            )
+            await _until(lambda: said("relaying MCP request"), "the relay reaching the sled")
+            async with connect(b.url_for_sleds()) as new:
+                await new.send(frame("identity", "identity", {"project": "moved"}))
+                await _until(
+                    lambda: said(f"a newer session on replica {fleet_b.id}"),
+                    "A letting its session of the sled go",
+                )
+                # Sweeps of both replicas later, B's session is the sled's still.
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(new.recv(), 6 * SWEEP)
+                live = sled_of(b.state(), "moved")
+                assert live is not None and live["replica"] is None, live
+                assert await asyncio.to_thread(_holder, b, "moved") == (
+                    fleet_b.id,
+                    live["session"],
+                )
+                # A's close of the old session still waits behind the relay's frame.
+                mine = sled_of(a.state(), "moved")
+                assert mine is not None and mine["replica"] is None, mine
+                assert mine["disconnected_at"] is None, mine
+                # The old link reads again: behind the relay comes A's close (4000).
+                old.transport.resume_reading()
+                assert (await recv(old))["type"] == "mcp_request"
+                with pytest.raises(ConnectionClosed) as closed:
+                    await asyncio.wait_for(old.recv(), T)
+                assert closed.value.rcvd is not None
+                assert closed.value.rcvd.code == 4000, closed.value.rcvd
+            with contextlib.suppress(httpx.HTTPError):
+                await relay
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 6 * T))
+    finally:
+        logger.remove(sink)
+        for gw in made:
+            gw.stop()
 
 
 def test_a_clean_stop_gives_up_the_lease_and_ends_what_it_held_at_once(
