@@ -3,7 +3,8 @@ a 4xx or a 2xx, never a 5xx, and every refusal is JSON: property-based requests 
 real gateway on a loopback port (hypothesis draws the route, the path's parts, the query
 and the body; the operator's token and the gateway's own origin get them past the guard,
 so that the handlers behind it are what is tried). The console's page (``GET /``)
-answers a browser with a page, refusals included.
+answers a browser with a page, refusals included. And a handler's own bug answers
+JSON as well, telling nothing of itself.
 
 Each run draws 15 requests for each gateway route and 20 for each ingress route (about
 18 s); runs of 8,000 found no 5xx either. A 500 planted in a query check is found.
@@ -425,3 +426,27 @@ def test_no_request_to_the_ingress_gets_a_5xx_or_a_refusal_that_is_not_json(
         headers={"Authorization": f"Bearer {INGRESS_TOKEN}"},
         content_type=content_type,
     )
+
+
+def test_a_handler_that_fails_answers_json_and_tells_nothing_of_the_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug behind a route still answers in the house's shape (an API client parses every
+    answer as JSON), and the exception's text stays in the gateway's log."""
+    from sled_gateway.hub import Hub
+    from tests.conftest import ReferenceGateway
+
+    def broken(_hub: Hub) -> int:
+        raise RuntimeError("a detail for the log only")
+
+    gw = ReferenceGateway(token=TOKEN).start()
+    try:
+        with monkeypatch.context() as planted:
+            planted.setattr(Hub, "sled_count", property(broken))
+            answer = httpx.get(gw.http_url + "/healthz", timeout=T)
+        assert answer.status_code == 500, answer.text
+        assert answer.headers["content-type"].startswith("application/json")
+        assert answer.json() == {"error": "internal error"}
+        assert httpx.get(gw.http_url + "/healthz", timeout=T).status_code == 200
+    finally:
+        gw.stop()

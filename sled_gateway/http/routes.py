@@ -164,7 +164,9 @@ class Routes:
                 # (an HTTP 403); a 404 says what is wrong: the path.
                 WebSocketRoute("/{path:path}", self._no_such_websocket),
             ],
-            exception_handlers={HTTPException: self._http_error},
+            # A handler's bug answers in the house's JSON shape too, as on the lean
+            # path; Starlette then raises it again, for the server to log.
+            exception_handlers={HTTPException: self._http_error, Exception: self._internal_error},
         )
         #: What the request guard serves: the decision POST on its lean path, the rest
         #: through Starlette (:mod:`sled_gateway.http.lean`).
@@ -173,6 +175,9 @@ class Routes:
     async def _http_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    async def _internal_error(self, request: Request, exc: Exception) -> Response:
+        return error(500, "internal error")
 
     async def _upgrade_required(self, request: Request) -> Response:
         return JSONResponse(
