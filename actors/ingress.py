@@ -457,7 +457,7 @@ class Ingress:
             return
         mounted = self._mounts.get(scope["path"])
         if mounted is not None:
-            await mounted(scope, body, send)
+            await _serve_mounted(mounted, scope, body, send)
             return
         methods = self._routes.get(scope["path"])
         extra: list[tuple[bytes, bytes]] = []
@@ -616,6 +616,27 @@ class Ingress:
 def _listen_hosts(host: str) -> list[str]:
     entry = listen_host_entry(host)
     return [] if entry is None else [entry]
+
+
+async def _serve_mounted(
+    app: Callable[..., Awaitable[None]], scope: Scope, body: _Body, send: Send
+) -> None:
+    """A mounted app (the MCP endpoint), whose bug answers in JSON too if it had not
+    begun its answer; after that, the server cuts the connection."""
+    began = False
+
+    async def tracked(message: dict[str, Any]) -> None:
+        nonlocal began
+        began = began or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, body, tracked)
+    except Exception:
+        if began:
+            raise
+        _log.exception("{} {} failed", scope["method"], scope["path"])
+        await _respond(send, body, 500, error_body("internal error"), [])
 
 
 async def _respond(

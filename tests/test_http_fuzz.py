@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
@@ -27,6 +27,9 @@ from hypothesis import strategies as st
 
 from sled_gateway import Gateway
 from tests.test_gateway import TOKEN, T
+
+if TYPE_CHECKING:
+    from actors import Uplink
 
 pytestmark = [pytest.mark.security, pytest.mark.timeout(300)]
 
@@ -377,10 +380,10 @@ INGRESS_SHAPES: dict[str, dict[str, st.SearchStrategy[Any]]] = {
 
 
 @pytest.fixture
-def ingress() -> Iterator[str]:
-    """An uplink's ingress (its token set) whose gateway denies every request at once;
-    one for each route (the suite stops every actor after each test), shared by its
-    examples."""
+def uplink() -> Iterator[Uplink]:
+    """An uplink whose ingress has its token set and whose gateway denies every request
+    at once; one for each route (the suite stops every actor after each test), shared by
+    its examples."""
     from actors import Uplink, UplinkConfig
     from tests.conftest import FAST
     from tests.support.gateway import Gateway as TestGateway
@@ -393,12 +396,17 @@ def ingress() -> Iterator[str]:
             ingress_token=INGRESS_TOKEN,
             **{**FAST, "permission_timeout": 5.0},
         )
-        uplink = Uplink(config).start()
+        started = Uplink(config).start()
         try:
-            assert uplink.wait_connected(T)
-            yield f"http://127.0.0.1:{uplink._ingress.port}"
+            assert started.wait_connected(T)
+            yield started
         finally:
-            uplink.stop()
+            started.stop()
+
+
+@pytest.fixture
+def ingress(uplink: Uplink) -> str:
+    return f"http://127.0.0.1:{uplink._ingress.port}"
 
 
 @pytest.mark.parametrize("route", INGRESS_ROUTES, ids=[f"{m} {p}" for m, p in INGRESS_ROUTES])
@@ -450,3 +458,24 @@ def test_a_handler_that_fails_answers_json_and_tells_nothing_of_the_failure(
         assert httpx.get(gw.http_url + "/healthz", timeout=T).status_code == 200
     finally:
         gw.stop()
+
+
+def test_a_bug_in_the_ingress_mcp_endpoint_answers_json_and_tells_nothing(uplink: Uplink) -> None:
+    """The mounted MCP endpoint (Claude Code's permission prompt) answers a bug of its
+    own in the ingress's JSON shape, as every other ingress route does."""
+
+    async def broken(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("a detail for the log only")
+
+    ingress = uplink._ingress
+    assert ingress is not None and "/mcp" in ingress._mounts
+    ingress._mounts["/mcp"] = broken
+    answer = httpx.post(
+        f"http://127.0.0.1:{ingress.port}/mcp",
+        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+        headers={"Authorization": f"Bearer {INGRESS_TOKEN}", "Accept": "application/json"},
+        timeout=T,
+    )
+    assert answer.status_code == 500, answer.text
+    assert answer.headers["content-type"].startswith("application/json")
+    assert answer.json() == {"error": "internal error"}
