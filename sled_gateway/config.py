@@ -546,7 +546,8 @@ class GatewayConfig:
         LOGIN_RATE,
         "--login-rate",
         "sign-ins (GET /login) one client address may start a minute, in bursts of twice "
-        "that, and at most three times that in flight; 429 beyond (docs/sign-in.md)",
+        "that, and at most three times that in flight (over every replica on one database); "
+        "429 beyond (docs/sign-in.md)",
         rule=positive_int,
         metavar="N",
     )
