@@ -1,13 +1,17 @@
 """A colleague with the wrong role, as property-based requests: whatever a viewer (or an
 approver outside their projects, or someone no grant names) sends to the gateway's
-state-changing routes, nothing changes. A real gateway with the access file of
+state-changing routes, nothing changes; and whatever they read, nothing of a sled they
+have no role on comes back. A real gateway with the access file of
 ``tests/test_people.py``, a raw WebSocket sled on each of two projects with a request
 pending, a rule and a token made by the operator; hypothesis draws the route, the
 project and request named, and the body (plausible fields as often as any). Each answer
 is a 4xx (never a 2xx, never a 5xx; a bulk decision by someone who approves other sleds
 answers each item, each refused), and after each one the requests are still pending,
 the rules and tokens are as they were, the audit has no decision, and neither sled was
-sent anything.
+sent anything. Each sled's inputs and rules carry a marker (``api-1-secret``) that no
+answer to someone who may not view that sled may contain. Planting a project-blind role
+check, a viewer allowed to make rules, or a read that skips its filter (the audit's, the
+state's pending list) makes these tests fail.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ pytestmark = [pytest.mark.security, pytest.mark.timeout(300)]
 NOBODY = "eve@example.test"
 PROJECTS = ("web-1", "api-1")
 PENDING = "r1"
+#: A request of each sled decided by the operator before the test: in the audit.
+DECIDED = "r0"
 
 
 @dataclass
@@ -70,10 +76,23 @@ def team(tmp_path: Path) -> Iterator[Team]:
             ws = connect(gw.url_for_sleds()).__enter__()
             sleds.append(ws)
             ws.send(frame("identity", "identity", {"project": project}))
-            ws.send(perm_request(PENDING, "Bash", {"command": f"make {project}"}))
-        gw.wait_for(lambda s: _pending(gw) == {(p, PENDING) for p in PROJECTS}, T)
-        shown = {p["project"]: p["input_sha256"] for p in gw.state()["pending"]}
+            ws.send(perm_request(DECIDED, "Bash", {"command": f"deploy {project}-secret-decided"}))
+            ws.send(perm_request(PENDING, "Bash", {"command": f"make {project}-secret-pending"}))
+        gw.wait_for(lambda s: len(_pending(gw)) == 2 * len(PROJECTS), T)
         with httpx.Client(base_url=gw.http_url, headers=gw.api_headers(), timeout=T) as op:
+            for project, ws in zip(PROJECTS, sleds, strict=True):
+                url = f"/api/permissions/{project}/{DECIDED}"
+                assert op.post(url, json={"decision": "deny"}).status_code == 200
+                assert json.loads(ws.recv(timeout=T))["req_id"] == DECIDED
+                made = op.post(
+                    "/api/rules",
+                    json={
+                        "rule": f"Bash(make {project}-secret-rule:*)",
+                        "action": "allow",
+                        "project": project,
+                    },
+                )
+                assert made.status_code == 201, made.text
             made = op.post("/api/rules", json={"rule": "Bash(ls:*)", "action": "allow"})
             assert made.status_code == 201, made.text
             tokens = {}
@@ -83,6 +102,7 @@ def team(tmp_path: Path) -> Iterator[Team]:
                 tokens[person] = issued.json()["token"]
             rules = op.get("/api/rules").json()["rules"]
             token_rows = op.get("/api/tokens").json()["tokens"]
+        shown = {p["project"]: p["input_sha256"] for p in gw.state()["pending"]}
         yield Team(gw, tokens, sleds, rules, token_rows, shown)
     finally:
         for ws in sleds:
@@ -233,3 +253,68 @@ def test_a_colleague_with_the_wrong_role_changes_nothing(
     assert answer.headers["content-type"].startswith("application/json"), shown
     assert time.monotonic() - started < T, shown
     _unchanged(team)
+
+
+#: What each person may see of each sled: none of api-1; eve nothing of web-1 either.
+MAY_NOT_SEE = {VIEWER: ("api-1",), APPROVER: ("api-1",), NOBODY: PROJECTS}
+READS = (
+    "/api/state",
+    "/api/audit",
+    "/api/rules",
+    "/api/rules/impact",
+    "/api/tokens",
+    "/api/permissions/{}/{}",
+    "/api/me",
+    "/api/rules/check",
+)
+
+
+@pytest.mark.parametrize("path", READS)
+@settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+@pytest.mark.parametrize("person", sorted(MAY_NOT_SEE))
+def test_a_colleague_reads_nothing_of_a_sled_they_may_not_view(
+    team: Team, person: str, path: str, data: st.DataObject
+) -> None:
+    """Every read (the state, the audit with its filters, the rules, a rule's impact, the
+    tokens, one request, who they are, a rule check) answers without a trace of a sled
+    they have no role on: its requests' inputs, decided or pending, and its rules."""
+    project = data.draw(st.sampled_from([*PROJECTS, ""]), label="project")
+    query = data.draw(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "project": st.just(project),
+                "limit": st.sampled_from(["1", "500"]),
+                "since": st.just("0"),
+                "include_revoked": st.just("1"),
+                "decision": st.sampled_from(["deny", "approve"]),
+                "person": st.sampled_from([VIEWER, "operator"]),
+                "rule": st.sampled_from(["Bash(make:*)", "Bash"]),
+                "action": st.sampled_from(["allow", "deny"]),
+            },
+        ),
+        label="query",
+    )
+    headers = {"Authorization": f"Bearer {team.tokens[person]}"}
+    with httpx.Client(base_url=team.gw.http_url, timeout=T, headers=headers) as client:
+        if path == "/api/rules/check":
+            answer = client.post(
+                "/api/rules/check",
+                json={
+                    "tool_name": "Bash",
+                    "tool_input": {"command": "make x"},
+                    **({"project": project} if project else {}),
+                },
+            )
+        else:
+            req_id = data.draw(st.sampled_from([PENDING, DECIDED]), label="req_id")
+            answer = client.get(path.format(project or "web-1", req_id), params=query)
+    shown = f"{person}: {answer.request.url} -> {answer.status_code} {answer.text[:300]}"
+    assert answer.status_code < 500, shown
+    for hidden in MAY_NOT_SEE[person]:
+        assert f"{hidden}-secret" not in answer.text, shown
