@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
@@ -34,6 +34,7 @@ from websockets.sync.client import ClientConnection, connect
 from sled_gateway import Gateway
 from sled_gateway.access import load_access
 from tests.test_gateway import TOKEN, T, frame, perm_request
+from tests.test_http_fuzz import FUZZ_SETTINGS
 from tests.test_people import ACCESS, APPROVER, VIEWER
 
 pytestmark = [pytest.mark.security, pytest.mark.timeout(300)]
@@ -221,11 +222,7 @@ WHO = {
 }
 
 
-@settings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@settings(max_examples=40, **FUZZ_SETTINGS)
 @given(data=st.data())
 @pytest.mark.parametrize("person", sorted(WHO))
 def test_a_colleague_with_the_wrong_role_changes_nothing(
@@ -270,11 +267,7 @@ READS = (
 
 
 @pytest.mark.parametrize("path", READS)
-@settings(
-    max_examples=8,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@settings(max_examples=8, **FUZZ_SETTINGS)
 @given(data=st.data())
 @pytest.mark.parametrize("person", sorted(MAY_NOT_SEE))
 def test_a_colleague_reads_nothing_of_a_sled_they_may_not_view(
