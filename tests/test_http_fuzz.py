@@ -16,7 +16,7 @@ hostile client would send them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -30,6 +30,7 @@ from tests.test_gateway import TOKEN, T
 
 if TYPE_CHECKING:
     from actors import Uplink
+    from tests.support.gateway import Gateway as TestGateway
 
 pytestmark = [pytest.mark.security, pytest.mark.timeout(300)]
 
@@ -301,7 +302,9 @@ def send_and_check(
 
 
 @pytest.fixture(scope="module")
-def gateway() -> Iterator[Gateway]:
+def reference() -> Iterator[Gateway]:
+    """One gateway for every route's examples (module-wide: the function-scoped
+    ``make_reference_gateway`` would start one a route)."""
     from tests.conftest import ReferenceGateway
 
     gw = ReferenceGateway(token=TOKEN).start()
@@ -321,7 +324,7 @@ def gateway() -> Iterator[Gateway]:
     content_type=CONTENT_TYPES,
 )
 def test_no_request_gets_a_5xx_or_a_refusal_that_is_not_json(
-    gateway: Gateway,
+    reference: Gateway,
     route: tuple[str, str],
     parts: list[str],
     query: dict[str, str],
@@ -332,12 +335,12 @@ def test_no_request_gets_a_5xx_or_a_refusal_that_is_not_json(
     shapes = [v for k, v in SHAPES.items() if k.split("#")[0] == template and method == "POST"]
     read = data.draw(st.fixed_dictionaries({}, optional=QUERIES.get(template, {})), label="query")
     send_and_check(
-        gateway.http_url,
+        reference.http_url,
         method,
         template.format(*(_part(p) for p in parts[: template.count("{}")])),
         query={**query, **read},
         body=draw_body(data, shapes),
-        headers={**gateway.api_headers(), "Origin": gateway.http_url},
+        headers={**reference.api_headers(), "Origin": reference.http_url},
         content_type=content_type,
         json_refusals=template != "/",  # the console's page answers a page
     )
@@ -380,28 +383,20 @@ INGRESS_SHAPES: dict[str, dict[str, st.SearchStrategy[Any]]] = {
 
 
 @pytest.fixture
-def uplink() -> Iterator[Uplink]:
+def uplink(gateway: TestGateway, make_uplink: Callable[..., Uplink]) -> Uplink:
     """An uplink whose ingress has its token set and whose gateway denies every request
     at once; one for each route (the suite stops every actor after each test), shared by
     its examples."""
-    from actors import Uplink, UplinkConfig
-    from tests.conftest import FAST
-    from tests.support.gateway import Gateway as TestGateway
-
-    with TestGateway(auto="deny") as gw:
-        config = UplinkConfig(
-            upstream_url=gw.url,
-            project="fuzz",
-            listen="127.0.0.1:0",
-            ingress_token=INGRESS_TOKEN,
-            **{**FAST, "permission_timeout": 5.0},
-        )
-        started = Uplink(config).start()
-        try:
-            assert started.wait_connected(T)
-            yield started
-        finally:
-            started.stop()
+    gateway.auto = "deny"
+    started = make_uplink(
+        gateway.url,
+        project="fuzz",
+        listen="127.0.0.1:0",
+        ingress_token=INGRESS_TOKEN,
+        permission_timeout=5.0,
+    )
+    assert started.wait_connected(T)
+    return started
 
 
 @pytest.fixture
@@ -437,27 +432,23 @@ def test_no_request_to_the_ingress_gets_a_5xx_or_a_refusal_that_is_not_json(
 
 
 def test_a_handler_that_fails_answers_json_and_tells_nothing_of_the_failure(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, make_reference_gateway: Callable[..., Gateway]
 ) -> None:
     """A bug behind a route still answers in the house's shape (an API client parses every
     answer as JSON), and the exception's text stays in the gateway's log."""
     from sled_gateway.hub import Hub
-    from tests.conftest import ReferenceGateway
 
     def broken(_hub: Hub) -> int:
         raise RuntimeError("a detail for the log only")
 
-    gw = ReferenceGateway(token=TOKEN).start()
-    try:
-        with monkeypatch.context() as planted:
-            planted.setattr(Hub, "sled_count", property(broken))
-            answer = httpx.get(gw.http_url + "/healthz", timeout=T)
-        assert answer.status_code == 500, answer.text
-        assert answer.headers["content-type"].startswith("application/json")
-        assert answer.json() == {"error": "internal error"}
-        assert httpx.get(gw.http_url + "/healthz", timeout=T).status_code == 200
-    finally:
-        gw.stop()
+    gw = make_reference_gateway(token=TOKEN)
+    with monkeypatch.context() as planted:
+        planted.setattr(Hub, "sled_count", property(broken))
+        answer = httpx.get(gw.http_url + "/healthz", timeout=T)
+    assert answer.status_code == 500, answer.text
+    assert answer.headers["content-type"].startswith("application/json")
+    assert answer.json() == {"error": "internal error"}
+    assert httpx.get(gw.http_url + "/healthz", timeout=T).status_code == 200
 
 
 def test_a_bug_in_the_ingress_mcp_endpoint_answers_json_and_tells_nothing(uplink: Uplink) -> None:

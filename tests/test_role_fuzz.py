@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,12 +65,10 @@ def _pending(gw: Gateway) -> set[tuple[str, str]]:
 
 
 @pytest.fixture
-def team(tmp_path: Path) -> Iterator[Team]:
-    from tests.conftest import ReferenceGateway
-
+def team(tmp_path: Path, make_reference_gateway: Callable[..., Gateway]) -> Iterator[Team]:
     access = tmp_path / "access.toml"
     access.write_text(ACCESS)
-    gw = ReferenceGateway(token=TOKEN, access=load_access(access)).start()
+    gw = make_reference_gateway(token=TOKEN, access=load_access(access))
     sleds: list[ClientConnection] = []
     try:
         for project in PROJECTS:
@@ -108,7 +106,6 @@ def team(tmp_path: Path) -> Iterator[Team]:
     finally:
         for ws in sleds:
             ws.close()
-        gw.stop()
 
 
 DECISIONS = st.sampled_from(["approve", "deny", "always_allow"])
