@@ -8,11 +8,17 @@ session (404), a re-initialize with the gateway's last ``initialize`` body and
 one retry. Every failure becomes a JSON-RPC error object carrying the
 request's id: the caller always gets an answer to send.
 
-httpx is imported on the first replay, not with the uplink: a gateway that
-never relays MCP never costs the sled its memory (httpx loads its command
-line's click and pygments too). The import runs in a worker thread, so the
-event loop keeps serving heartbeats and permissions meanwhile; if it fails,
-that replay, like any other failure, is answered with a JSON-RPC error.
+The replays keep httpx's API on aiohttp's HTTP/1.1 engine
+(``httpx_aiohttp.AiohttpTransport``, by an httpx maintainer): in the same run
+it took a third off the uplink's CPU a replay and a quarter off its latency
+against httpx's own httpcore (docs/benchmarks.md, "The MCP replay on aiohttp's
+engine").
+
+httpx and aiohttp are imported on the first replay, not with the uplink: a
+gateway that never relays MCP never costs the sled their memory. The import
+runs in a worker thread, so the event loop keeps serving heartbeats and
+permissions meanwhile; if it fails, that replay, like any other failure, is
+answered with a JSON-RPC error.
 """
 
 from __future__ import annotations
@@ -77,6 +83,50 @@ def _no_cookies() -> Any:
     return NoCookies()
 
 
+def _load_http() -> tuple[Any, Any, Any]:
+    """httpx, aiohttp and the transport joining them (in a worker thread: slow)."""
+    return (
+        importlib.import_module("httpx"),
+        importlib.import_module("aiohttp"),
+        importlib.import_module("httpx_aiohttp"),
+    )
+
+
+def _replay_client(
+    http: Any, aiohttp: Any, transports: Any, *, timeout: float, pool: int
+) -> httpx.AsyncClient:
+    """An httpx client for the replays, on aiohttp's engine.
+
+    Each of httpx's defaults that matters here is set again on the aiohttp
+    side, which has its own:
+    - no cookies on either side (see ``_no_cookies``): aiohttp's session keeps
+      a jar of its own unless given a ``DummyCookieJar``;
+    - no proxy from the environment (``trust_env=False`` on both): a proxy set
+      for the internet must not catch loopback MCP;
+    - no redirects (the transport asks aiohttp for none, and httpx follows none
+      by default);
+    - the pool's size, and httpx's 5 s keep-alive.
+    """
+    limits = http.Limits(max_connections=pool, max_keepalive_connections=8)
+
+    def session() -> Any:  # made in the loop, on the first request (aiohttp asks that)
+        connector = aiohttp.TCPConnector(limit=pool, keepalive_timeout=limits.keepalive_expiry)
+        return aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
+        )
+
+    client: httpx.AsyncClient = http.AsyncClient(
+        transport=transports.AiohttpTransport(limits=limits, trust_env=False, client=session),
+        timeout=timeout,
+        limits=limits,
+        trust_env=False,
+        cookies=_no_cookies(),
+        # Every replay's; given once, not merged in from a dict each time.
+        headers={"Content-Type": "application/json", "Accept": ACCEPT},
+    )
+    return client
+
+
 class LocalMcpClient:
     """Replays JSON-RPC bodies against one local MCP URL, keeping its session."""
 
@@ -104,31 +154,26 @@ class LocalMcpClient:
         self._client: httpx.AsyncClient | None = None
         self._target: httpx.URL | None = None  # self.url, parsed by httpx once it is loaded
         # What a failed exchange raises: httpx.HTTPError once httpx is loaded.
-        self._http_error: type[Exception] = _NotLoaded
+        self._http_error: type[Exception] | tuple[type[Exception], ...] = _NotLoaded
+        self._unreachable: tuple[type[Exception], ...] = ()  # a refused connect, once loaded
 
     async def _http(self) -> httpx.AsyncClient:
         if self._client is None:
             try:
-                loaded = await asyncio.to_thread(importlib.import_module, "httpx")
+                http, aiohttp, transports = await asyncio.to_thread(_load_http)
             except ImportError as exc:
                 raise ReplayError(f"the HTTP client for local MCP cannot load: {exc}") from None
             if self._client is None:  # not made by another replay while this one waited
-                limits = loaded.Limits(
-                    max_connections=self._concurrency + 2, max_keepalive_connections=8
+                self._client = _replay_client(
+                    http, aiohttp, transports, timeout=self.timeout, pool=self._concurrency + 2
                 )
-                # trust_env=False: a proxy set for the internet must not catch loopback MCP.
-                self._client = loaded.AsyncClient(
-                    timeout=self.timeout,
-                    limits=limits,
-                    trust_env=False,
-                    cookies=_no_cookies(),
-                    # Every replay's; given once, not merged in from a dict each time.
-                    headers={"Content-Type": "application/json", "Accept": ACCEPT},
-                )
-                self._http_error = loaded.HTTPError
+                # What the engine may raise past the transport's mapping (a header over
+                # aiohttp's size limit, say) is a failed exchange all the same.
+                self._http_error = (http.HTTPError, aiohttp.ClientError)
+                self._unreachable = (http.ConnectError, aiohttp.ClientConnectorError)
                 # Parsed once: httpx parses a str URL again on every request
                 # (several times over: about twice the rest of building it).
-                self._target = loaded.URL(self.url)
+                self._target = http.URL(self.url)
         return self._client
 
     async def aclose(self) -> None:
@@ -162,10 +207,16 @@ class LocalMcpClient:
             except ReplayError as exc:
                 return error_for(body, INTERNAL_ERROR, str(exc))
             except self._http_error as exc:
+                # The engine's own error says more than the transport's mapping of it
+                # (which calls a refused connection a ConnectTimeout).
+                cause = exc.__cause__ if isinstance(exc.__cause__, self._http_error) else exc
+                failed = (
+                    "unreachable" if isinstance(cause, self._unreachable) else "exchange failed"
+                )
                 return error_for(
                     body,
                     INTERNAL_ERROR,
-                    f"local MCP server unreachable: {type(exc).__name__}: {exc}",
+                    f"local MCP server {failed}: {type(cause).__name__}: {cause}",
                 )
             finally:
                 self.in_flight -= 1

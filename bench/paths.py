@@ -33,10 +33,11 @@ than the process it is compared with.
    how much of the floor is the hop and how much the parts.
 2. MCP replay: a gateway in this process sends ``mcp_request`` frames; the p50
    of their answers against a direct POST of the same body to the same
-   JSON-RPC server with httpx (the client the uplink replays with) plus a raw
-   WebSocket round trip. Target: p50 ≤ POST + WS + 0.3 ms. aiohttp's direct
-   POST is printed too: the distance between the two is what the HTTP client
-   costs.
+   JSON-RPC server with the client the uplink replays with (httpx on aiohttp's
+   engine, ``httpx_aiohttp``) plus a raw WebSocket round trip. Target: p50 ≤
+   POST + WS + 0.3 ms. The direct POSTs of httpx on its own engine (httpcore)
+   and of aiohttp alone are printed too: the distances between the three are
+   what httpx's engine and httpx's models cost.
 4. Gateway round trip at one sled (``bench.gateway_fleet``'s probe: a
    ``perm_request`` in, the decision POSTed, the ``perm_response`` out, the
    SQLite audit committed before it) against a raw WebSocket round trip + a raw
@@ -67,6 +68,7 @@ from typing import Any
 
 import aiohttp
 import httpx
+from httpx_aiohttp import AiohttpTransport
 
 from bench.gateway_fleet import FLEET_PAUSE
 from bench.peers import new_event_loop, run_loop
@@ -351,9 +353,15 @@ def mcp(checkouts: dict[str, Path], rounds: int, n: int) -> None:
             cpu = dict.fromkeys(checkouts, 0.0)
             loop = new_event_loop()
             light, heavy = loop.run_until_complete(_sessions())
+            engine = httpx.AsyncClient(
+                transport=AiohttpTransport(client=aiohttp.ClientSession, trust_env=False),
+                timeout=10,
+                trust_env=False,
+            )
             try:
                 loop.run_until_complete(aiohttp_sequential(light, rpc_url, RPC_BODY, 100))
                 loop.run_until_complete(httpx_sequential(heavy, rpc_url, RPC_BODY, 100))
+                loop.run_until_complete(httpx_sequential(engine, rpc_url, RPC_BODY, 100))
                 start = 1000
                 for r in range(rounds):
                     sides.add(
@@ -371,6 +379,11 @@ def mcp(checkouts: dict[str, Path], rounds: int, n: int) -> None:
                         "raw",
                         loop.run_until_complete(aiohttp_sequential(light, rpc_url, RPC_BODY, n)),
                     )
+                    sides.add(
+                        "httpx-aiohttp",
+                        "raw",
+                        loop.run_until_complete(httpx_sequential(engine, rpc_url, RPC_BODY, n)),
+                    )
                     for side in sides.order(r):
                         before = proc_cpu_seconds(procs[side].pid)
                         gateway = gateways[side]
@@ -380,16 +393,18 @@ def mcp(checkouts: dict[str, Path], rounds: int, n: int) -> None:
             finally:
                 loop.run_until_complete(light.close())
                 loop.run_until_complete(heavy.aclose())
+                loop.run_until_complete(engine.aclose())
                 loop.close()
-    ws, post, light_post = sides.get("ws"), sides.get("httpx"), sides.get("aiohttp")
+    ws, post = sides.get("ws"), sides.get("httpx-aiohttp")
+    httpcore_post, light_post = sides.get("httpx"), sides.get("aiohttp")
     bound = post + ws + 0.0003
     print(f"\n2. MCP replay, {rounds} rounds × {n} sequential")
     print(f"   raw WebSocket round trip {us(ws)}")
     print(
-        f"   direct POST: httpx {us(post)}, aiohttp {us(light_post)} "
-        f"(httpx costs {us(post - light_post)} more)"
+        f"   direct POST: httpx on aiohttp's engine (the uplink's client) {us(post)}; "
+        f"httpx on httpcore {us(httpcore_post)}, aiohttp alone {us(light_post)}"
     )
-    print(f"   bound: httpx POST + WS + 300 µs = {us(bound)}")
+    print(f"   bound: the uplink's client's POST + WS + 300 µs = {us(bound)}")
     for side in checkouts:
         value = sides.get("replay", side)
         verdict = "ok" if value <= bound else "MISS"

@@ -92,6 +92,8 @@ START_IMPORTS = (
 #: and the MCP SDK behind ``/mcp`` (its types, then its server).
 FIRST_USE_IMPORTS = (
     "httpx",
+    "aiohttp",
+    "httpx_aiohttp",
     "prometheus_client",
     "mcp_types",
     "mcp.server.lowlevel",

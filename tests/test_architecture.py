@@ -93,6 +93,8 @@ IO_LIBRARIES = {
     "websockets",
     "httpx",
     "httpcore",
+    "aiohttp",
+    "httpx_aiohttp",
     "anyio",
     "asyncio",
     "socket",

@@ -311,12 +311,17 @@ class _SetsCookies(RecordingJsonServer):
         )
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_a_cookie_the_local_server_sets_never_goes_out_with_a_later_replay(
-    gateway: Gateway, make_uplink
+    gateway: Gateway, make_uplink, host: str
 ) -> None:
-    """Replays carry different callers' requests: one's cookie is not the next one's."""
+    """Replays carry different callers' requests: one's cookie is not the next one's.
+
+    By name as well as by address: a cookie jar that keeps nothing for an IP
+    address (aiohttp's, by default) still keeps a host name's.
+    """
     with _SetsCookies() as srv:
-        link = Link(gateway, make_uplink, srv.url)
+        link = Link(gateway, make_uplink, srv.url.replace("127.0.0.1", host))
         for i in range(3):
             assert link.ask(f"r{i}", request(i, "ping"))["id"] == i
         assert len(srv.requests) == 3
@@ -505,6 +510,45 @@ def test_failures_answer_32603_with_the_request_ids(
     finally:
         if server is not None:
             server.stop()
+
+
+def test_a_proxy_in_the_environment_does_not_catch_the_replays(
+    gateway: Gateway, make_uplink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy set for the internet must not see loopback MCP, by name or address."""
+    with RecordingJsonServer() as proxy, RecordingJsonServer() as local:
+        proxy_url = proxy.url.rsplit("/", 1)[0]
+        for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.setenv(name, proxy_url)
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        link = Link(gateway, make_uplink, local.url.replace("127.0.0.1", "localhost"))
+        for i in range(2):
+            assert link.ask(f"r{i}", request(i, "ping"))["id"] == i
+        assert len(local.requests) == 2
+        assert proxy.requests == []
+
+
+def test_a_redirect_is_not_followed(gateway: Gateway, make_uplink) -> None:
+    """The replay goes to the configured server only: a 3xx is an error, not a hop."""
+    with RecordingJsonServer() as elsewhere:
+        with StatusServer(307, b"", None, {"Location": elsewhere.url}) as moved:
+            link = Link(gateway, make_uplink, moved.url)
+            assert_error(link.ask("r", request(1, "ping")), 1, -32603, "HTTP 307")
+            assert len(moved.requests) == 1
+        assert elsewhere.requests == []
+
+
+def test_an_answer_whose_header_is_too_large_is_an_error_and_the_next_replay_works(
+    gateway: Gateway, make_uplink
+) -> None:
+    """A header past the HTTP engine's limit fails that replay only."""
+    good = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {}})
+    with StatusServer(200, good, "application/json", {"X-Padding": "a" * 20_000}) as big:
+        link = Link(gateway, make_uplink, big.url)
+        assert_error(link.ask("r1", request(1, "ping")), 1, -32603, "exchange failed")
+        big.extra_headers.clear()
+        assert link.ask("r2", request(1, "ping")) == json.loads(good)
 
 
 def test_timeout_default_is_not_hit_by_a_slow_but_answering_server(

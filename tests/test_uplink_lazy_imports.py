@@ -44,7 +44,17 @@ ROOT = Path(__file__).resolve().parent.parent
 T = scaled(15.0)
 
 #: Top-level packages an idle uplink must not have loaded (some load on first use).
-LAZY = ("mcp", "mcp_types", "pydantic", "starlette", "httpx", "httpcore", "prometheus_client")
+LAZY = (
+    "mcp",
+    "mcp_types",
+    "pydantic",
+    "starlette",
+    "httpx",
+    "httpcore",
+    "aiohttp",
+    "httpx_aiohttp",
+    "prometheus_client",
+)
 #: The gateway's side: never part of the uplink.
 NEVER = ("sled_gateway", "sqlalchemy", "alembic")
 
@@ -199,10 +209,10 @@ def test_an_idle_uplink_has_not_loaded_what_it_loads_on_first_use(
         assert ask_permission(uplink)["behavior"] == "allow"
         assert sorted(uplink.modules() & set(LAZY)) == []
 
-        # The first MCP replay: answered, httpx loaded for it.
+        # The first MCP replay: answered, httpx on aiohttp's engine loaded for it.
         answer = replay(gw, "m1")
         assert answer["id"] == 7 and "result" in answer, answer
-        assert {"httpx", "httpcore"} <= uplink.modules()
+        assert {"httpx", "aiohttp", "httpx_aiohttp"} <= uplink.modules()
 
         # The first scrape: Prometheus text, prometheus_client loaded for it.
         metrics = httpx.get(f"{uplink.base}/metrics", timeout=T)
