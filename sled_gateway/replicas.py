@@ -74,7 +74,7 @@ from sled_gateway.events import (
 from sled_gateway.principal import Principal
 from sled_gateway.records import WITHDRAWN, DecisionRecord, PendingPermission
 from sled_gateway.state import GatewayState, SledRecord
-from sled_gateway.store import AuditEntry
+from sled_gateway.store import AuditEntry, SessionEnded
 from sled_gateway.store.fleet import (
     DECIDED,
     PENDING,
@@ -526,9 +526,27 @@ class Replicas:
         self._spawn(self._hold(event))
 
     async def _hold(self, event: SledUp) -> None:
+        def still_held() -> bool:  # in the store's writer thread: reads only
+            hub = self.hub
+            if hub is None:
+                return True
+            session = hub.by_project.get(event.project)
+            return session is not None and session.id == event.session and not session.moved
+
         try:
             await self.store.hold_sled(
-                event.project, self.id, event.session, event.remote, event.info
+                event.project,
+                self.id,
+                event.session,
+                event.remote,
+                event.info,
+                still_held=still_held,
+            )
+        except SessionEnded:
+            log.debug(
+                "sled {!r}: session {} ended before its row committed; not recorded",
+                event.project,
+                event.session,
             )
         except Exception as exc:
             log.warning("sled {!r} not recorded as held here: {}", event.project, exc)

@@ -29,10 +29,12 @@ from websockets.exceptions import ConnectionClosed
 
 from protocol import ConfigError
 from sled_gateway import Gateway
-from sled_gateway.store.fleet import FleetStore
+from sled_gateway.store.fleet import FleetStore, SledRow
 from tests.conftest import REFERENCE_TOKEN
+from tests.pg import PostgresServer
 from tests.support import nats as nats_support
 from tests.support.nats import NatsServer
+from tests.support.relay import FreezableRelay
 from tests.test_exactly_once import SLED_TOKEN, GatewayProcess
 from tests.test_gateway import api, frame, perm_request, recv, sled, sled_of
 
@@ -59,9 +61,13 @@ def replica(nats_server: NatsServer, pg_url: str) -> Iterator[Callable[..., Gate
         gateway = Gateway(
             token=REFERENCE_TOKEN,
             operator_token=OPERATOR,
-            db=pg_url,
-            bus=nats_server.url,
-            **{"sweep_interval": SWEEP, "lease_seconds": 4 * SWEEP, **settings},
+            **{
+                "db": pg_url,
+                "bus": nats_server.url,
+                "sweep_interval": SWEEP,
+                "lease_seconds": 4 * SWEEP,
+                **settings,
+            },
         )
         made.append(gateway.start())
         return made[-1]
@@ -439,6 +445,61 @@ def test_a_sled_moved_to_a_replica_whose_clock_is_behind_is_let_go_by_its_old_on
         asyncio.run(asyncio.wait_for(scenario(), 6 * T))
     finally:
         b.kill()
+
+
+def _row(gw: Gateway, project: str) -> SledRow | None:
+    """``project``'s row as the shared store has it, read through ``gw``'s store (whose
+    writer runs it after every operation queued there before it)."""
+    store = gw.store
+    assert isinstance(store, FleetStore)
+    sleds, _pending = gw.run_on_loop(store.fleet()).result(T)
+    return next((s for s in sleds if s.project == project), None)
+
+
+def test_a_hold_that_waited_past_its_sessions_end_writes_nothing(
+    replica: Callable[..., Gateway], postgres: PostgresServer, pg_url: str
+) -> None:
+    """A's link to the database stalls (for less than a store operation's timeout) while
+    the sled connects to A and leaves again, then connects to B, whose row commits. A's
+    hold of the ended session waited behind the stall: committed now, it would name a
+    session that is gone, after B's row. B, reading it, would let go of the live session,
+    or A's let-go of the old session would erase the row and B claim the sled back a
+    sweep later. A's hold sees, before it commits, that its session has ended, and
+    writes nothing: B's row stands as B wrote it, and the sled's session on B stays."""
+    with FreezableRelay(postgres.port) as link:
+        # The same database as B's, through the relay (the port is the URL's only one).
+        a = replica(db=pg_url.replace(f":{postgres.port}/", f":{link.port}/"), lease_seconds=30)
+        b = replica(lease_seconds=30)
+        assert a.replicas is not None and b.replicas is not None
+        fleet_b = b.replicas
+
+        async def scenario() -> None:
+            link.pause()
+            try:
+                async with sled(a, "moved"):
+                    pass  # identified on A, then gone: A's hold and let-go wait behind the stall
+                async with connect(b.url_for_sleds()) as new:
+                    await new.send(frame("identity", "identity", {"project": "moved"}))
+                    await _until(
+                        lambda: (row := _row(b, "moved")) is not None and row.replica == fleet_b.id,
+                        "B's row of the sled",
+                    )
+                    written = await asyncio.to_thread(_row, b, "moved")
+                    link.resume()
+                    # A's read runs after its hold and its let-go: both have answered.
+                    await asyncio.to_thread(_row, a, "moved")
+                    # Sweeps of both replicas later, the row is B's as it wrote it, and
+                    # the session is still live.
+                    with pytest.raises(TimeoutError):
+                        await asyncio.wait_for(new.recv(), 6 * SWEEP)
+                    assert await asyncio.to_thread(_row, b, "moved") == written
+            finally:
+                link.resume()
+
+        try:
+            asyncio.run(asyncio.wait_for(scenario(), 6 * T))
+        finally:
+            a.stop()  # while its link to the database still stands (idempotent)
 
 
 def test_a_replica_never_claims_back_a_sled_that_another_replica_holds(pg_url: str) -> None:

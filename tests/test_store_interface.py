@@ -30,6 +30,7 @@ from sled_gateway.store import (
     AuditEntry,
     Rule,
     RuleRevoked,
+    SessionEnded,
     Store,
     StoreError,
     UnknownRule,
@@ -526,6 +527,37 @@ def test_a_dead_replicas_requests_and_sleds_are_released(engine: Engine) -> None
         assert sorted(s.project for s in (await store.fleet())[0]) == ["p", "q"]
         await store.let_go_sled("p", "B", 9)
         assert [s.project for s in (await store.fleet())[0]] == ["q"]
+
+    run(scenario())
+
+
+def test_a_hold_whose_session_ended_before_its_commit_writes_nothing(engine: Engine) -> None:
+    """The session is asked about last, just before the commit: ended, the hold writes
+    nothing (the row it would have replaced stays), alone or in a batch with others."""
+    store: Any = engine.open()
+    asked: list[str] = []
+
+    def ended(project: str) -> Callable[[], bool]:
+        def still_held() -> bool:
+            asked.append(project)
+            return False
+
+        return still_held
+
+    async def scenario() -> None:
+        await store.hold_sled("p", "B", 9, "127.0.0.1:3", {})
+        with pytest.raises(SessionEnded):
+            await store.hold_sled("p", "A", 1, "127.0.0.1:1", {}, still_held=ended("p"))
+        # In one burst with a hold that stands: only the ended one is undone.
+        late, live = await asyncio.gather(
+            store.hold_sled("p", "A", 2, "127.0.0.1:1", {}, still_held=ended("p")),
+            store.hold_sled("q", "A", 3, "127.0.0.1:1", {}, still_held=lambda: True),
+            return_exceptions=True,
+        )
+        assert isinstance(late, SessionEnded) and live is None, (late, live)
+        rows = {(s.project, s.replica, s.session) for s in (await store.fleet())[0]}
+        assert rows == {("p", "B", 9), ("q", "A", 3)}
+        assert asked and set(asked) == {"p"}
 
     run(scenario())
 

@@ -46,7 +46,7 @@ from sqlalchemy import (
 from sqlalchemy.types import TypeEngine
 
 from sled_gateway.store import postgresql
-from sled_gateway.store.models import AuditEntry, Recorded, Rule, StoreError
+from sled_gateway.store.models import AuditEntry, Recorded, Rule, SessionEnded, StoreError
 
 T = TypeVar("T")
 
@@ -357,9 +357,23 @@ class FleetStore:
     # -- sleds ----------------------------------------------------------------------------
 
     async def hold_sled(
-        self, project: str, replica: str, session: int, remote: str, info: dict[str, Any]
+        self,
+        project: str,
+        replica: str,
+        session: int,
+        remote: str,
+        info: dict[str, Any],
+        *,
+        still_held: Callable[[], bool] = lambda: True,
     ) -> None:
-        """``replica`` holds ``project``'s sled now (the newest session wins)."""
+        """``replica`` holds ``project``'s sled now (the newest session wins).
+
+        ``still_held`` is asked last, in the writer's thread, just before the commit:
+        if the session has ended by then, nothing is written and :class:`SessionEnded`
+        is raised. A hold that waited (a slow database, a stalled link to it) would
+        otherwise commit after the row of the sled's newer session on another replica,
+        and name as holder a session that is gone: that replica would then let go of
+        the live one, or the old session's let-go would erase its row."""
         now = time.time()
 
         def hold(conn: Connection) -> None:
@@ -376,6 +390,8 @@ class FleetStore:
                     "last_seen": now,
                 },
             )
+            if not still_held():  # raising rolls the transaction back
+                raise SessionEnded(f"the session {session} of sled {project!r} has ended")
 
         await self._run(hold)
 

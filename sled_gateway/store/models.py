@@ -44,6 +44,11 @@ class ClientLoginsFull(StoreError):
         self.retry_after = retry_after
 
 
+class SessionEnded(StoreError):
+    """The session a replica was recording as a sled's holder ended before the row
+    committed: the row is not written (sled_gateway.replicas)."""
+
+
 class UnknownRule(LookupError):
     pass
 

@@ -4,6 +4,10 @@ It forwards bytes both ways between a client and an upstream port until
 ``freeze()``; then it stops forwarding in both directions but keeps both
 sockets open, exactly as a dead NAT or a pulled cable looks to each side.
 ``heal()`` forwards again (for new connections).
+
+``pause()`` is a slow path rather than a dead one: bytes are held, not
+swallowed, until ``resume()`` delivers them in order, as a stalled link that
+recovers does (a database's connection stuck for seconds, say).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ class FreezableRelay(ThreadedTcpServer):
         super().__init__()
         self.upstream_port = upstream_port
         self.frozen = False
+        self.paused = False
         self.connections = 0
 
     def __enter__(self) -> FreezableRelay:
@@ -29,6 +34,12 @@ class FreezableRelay(ThreadedTcpServer):
 
     def heal(self) -> None:
         self.frozen = False
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
 
     def url(self, path: str) -> str:
         return f"ws://127.0.0.1:{self.port}{path}"
@@ -46,6 +57,8 @@ class FreezableRelay(ThreadedTcpServer):
             while data := await reader.read(65536):
                 if self.frozen:
                     continue  # swallow: both sockets stay open, nothing gets through
+                while self.paused:  # hold: delivered, in order, on resume
+                    await asyncio.sleep(0.005)
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
