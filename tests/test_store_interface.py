@@ -532,8 +532,10 @@ def test_a_dead_replicas_requests_and_sleds_are_released(engine: Engine) -> None
 
 
 def test_a_hold_whose_session_ended_before_its_commit_writes_nothing(engine: Engine) -> None:
-    """The session is asked about last, just before the commit: ended, the hold writes
-    nothing (the row it would have replaced stays), alone or in a batch with others."""
+    """The session is asked about last, just before the commit, when the hold would
+    replace another replica's row: ended, the hold writes nothing (that row stays), alone
+    or in a batch with others. Over no other replica's row it is written, for its let-go
+    to mark the sled left."""
     store: Any = engine.open()
     asked: list[str] = []
 
@@ -555,8 +557,9 @@ def test_a_hold_whose_session_ended_before_its_commit_writes_nothing(engine: Eng
             return_exceptions=True,
         )
         assert isinstance(late, SessionEnded) and live is None, (late, live)
+        await store.hold_sled("r", "A", 4, "127.0.0.1:1", {}, still_held=ended("r"))
         rows = {(s.project, s.replica, s.session) for s in (await store.fleet())[0]}
-        assert rows == {("p", "B", 9), ("q", "A", 3)}
+        assert rows == {("p", "B", 9), ("q", "A", 3), ("r", "A", 4)}
         assert asked and set(asked) == {"p"}
 
     run(scenario())

@@ -368,16 +368,21 @@ class FleetStore:
     ) -> None:
         """``replica`` holds ``project``'s sled now (the newest session wins).
 
-        ``still_held`` is asked last, in the writer's thread, just before the commit:
-        if the session has ended by then, nothing is written and :class:`SessionEnded`
-        is raised. A hold that waited (a slow database, a stalled link to it) would
-        otherwise commit after the row of the sled's newer session on another replica,
-        and name as holder a session that is gone: that replica would then let go of
-        the live one, or the old session's let-go would erase its row."""
+        ``still_held`` is asked last, in the writer's thread, just before the commit.
+        If the session has ended by then and the row this hold replaced was another
+        replica's, nothing is written and :class:`SessionEnded` is raised. A hold that
+        waited (a slow database, a stalled link to it) would otherwise commit after the
+        row of the sled's newer session on another replica, and name as holder a session
+        that is gone: that replica would then let go of the live one, or the old
+        session's let-go would erase its row. An ended session over no other replica's
+        row is written as before, for its let-go (queued behind it) to mark it left."""
         now = time.time()
 
         def hold(conn: Connection) -> None:
-            conn.execute(delete(SLEDS).where(SLEDS.c.project == project))
+            replaced = conn.execute(
+                delete(SLEDS).where(SLEDS.c.project == project).returning(SLEDS.c.replica)
+            ).scalars()
+            others = {r for r in replaced if r not in (replica, GONE)}
             conn.execute(
                 SLEDS.insert(),
                 {
@@ -390,8 +395,11 @@ class FleetStore:
                     "last_seen": now,
                 },
             )
-            if not still_held():  # raising rolls the transaction back
-                raise SessionEnded(f"the session {session} of sled {project!r} has ended")
+            if others and not still_held():  # raising rolls the transaction back
+                raise SessionEnded(
+                    f"the session {session} of sled {project!r} ended before its row "
+                    f"could replace replica {sorted(others)[0]}'s"
+                )
 
         await self._run(hold)
 
