@@ -172,6 +172,7 @@ def test_no_allow_while_postgresql_is_away_readyz_503_and_recovery_after(
     run(scenario())
 
 
+@pytest.mark.slow  # 11 s (a frozen PostgreSQL's timeouts): in CI's second pass
 def test_a_gateway_started_against_a_frozen_postgresql_exits_2_with_one_line(
     frozen_later: PostgresServer, pg_url: str
 ) -> None:

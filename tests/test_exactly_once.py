@@ -714,6 +714,7 @@ def test_a_decision_committing_while_its_sled_lets_go_is_its_one_outcome(
     assert (status, outcome) == ((200, ["approve"]) if commits else (503, ["withdrawn"]))
 
 
+@pytest.mark.slow  # 11 s (a burst, a stop, a restart): in CI's second pass
 def test_a_gateway_stopped_mid_burst_accounts_for_every_request(gateways: Gateways) -> None:
     """SIGTERM (a deploy): the gateway closes its sleds and ends what they had pending."""
 

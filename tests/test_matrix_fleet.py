@@ -184,6 +184,7 @@ def test_a_request_of_a_sled_on_replica_b_is_posted_by_replica_as_bot_and_decide
     assert len(decisions_of(b, "fleet-web", "x1")) == 1
 
 
+@pytest.mark.slow  # 10 s (two Matrix round trips and a speaker handing over): in CI's second pass
 def test_with_a_bot_on_every_replica_one_posts_and_another_takes_over_when_it_stops(
     replica: Callable[[], Gateway],
     bots: Callable[[Gateway], MatrixTransport],

@@ -336,6 +336,7 @@ def test_with_nats_stopped_a_revoked_rule_stops_on_b_within_the_sweep(
     eventually(lambda: check(b, "cargo build") == "allow", WITHOUT_BUS, "the sweep at B")
 
 
+@pytest.mark.slow  # 16 s (five revocations, each watched for 1.5 rule sweeps): in CI's second pass
 def test_a_revoked_rule_never_allows_again_on_the_replica_that_revoked_it(
     two: list[Replica],
 ) -> None:
