@@ -446,6 +446,15 @@ class Hub:
             return False
         return await held.send(perm_response(req_id, decision))
 
+    def serving(self, project: str, session_id: int) -> Session | None:
+        """Session ``session_id`` if it is ``project``'s live one here and has not been
+        let go of for a newer one elsewhere (:meth:`moved_away`). A dict read: safe from
+        another thread (the store's writer asks it)."""
+        session = self.by_project.get(project)
+        if session is None or session.id != session_id or session.moved:
+            return None
+        return session
+
     def moved_away(self, project: str, session_id: int, replica: str) -> None:
         """``replica`` holds ``project``'s sled in a session newer than this process's
         session ``session_id`` of it (:class:`~sled_gateway.replicas.Replicas` knows):
@@ -455,8 +464,8 @@ class Hub:
         sled gets each MCP relay and the requester takes the first reply, so an error
         from here ("not sent": retry; "gone": it may have run) would beat the real
         answer."""
-        session = self.by_project.get(project)
-        if session is None or session.id != session_id or session.moved:
+        session = self.serving(project, session_id)
+        if session is None:
             return
         session.moved = True
         if session.stop_serving is not None:

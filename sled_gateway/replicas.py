@@ -526,12 +526,9 @@ class Replicas:
         self._spawn(self._hold(event))
 
     async def _hold(self, event: SledUp) -> None:
-        def still_held() -> bool:  # in the store's writer thread: reads only
+        def still_held() -> bool:  # in the store's writer thread
             hub = self.hub
-            if hub is None:
-                return True
-            session = hub.by_project.get(event.project)
-            return session is not None and session.id == event.session and not session.moved
+            return hub is None or hub.serving(event.project, event.session) is not None
 
         try:
             await self.store.hold_sled(

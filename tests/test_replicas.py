@@ -365,10 +365,17 @@ def test_a_relay_in_flight_to_a_sleds_old_session_is_answered_by_its_new_one(
 
 def _holder(gw: Gateway, project: str) -> tuple[str, int] | None:
     """The replica and session the shared store names as holding ``project``'s sled."""
+    row = _row(gw, project)
+    return None if row is None else (row.replica, row.session)
+
+
+def _row(gw: Gateway, project: str) -> SledRow | None:
+    """``project``'s row as the shared store has it, read through ``gw``'s store (whose
+    writer runs it after every operation queued there before it)."""
     store = gw.store
     assert isinstance(store, FleetStore)
     sleds, _pending = gw.run_on_loop(store.fleet()).result(T)
-    return next(((s.replica, s.session) for s in sleds if s.project == project), None)
+    return next((s for s in sleds if s.project == project), None)
 
 
 async def _until(predicate: Callable[[], object], what: str) -> None:
@@ -445,15 +452,6 @@ def test_a_sled_moved_to_a_replica_whose_clock_is_behind_is_let_go_by_its_old_on
         asyncio.run(asyncio.wait_for(scenario(), 6 * T))
     finally:
         b.kill()
-
-
-def _row(gw: Gateway, project: str) -> SledRow | None:
-    """``project``'s row as the shared store has it, read through ``gw``'s store (whose
-    writer runs it after every operation queued there before it)."""
-    store = gw.store
-    assert isinstance(store, FleetStore)
-    sleds, _pending = gw.run_on_loop(store.fleet()).result(T)
-    return next((s for s in sleds if s.project == project), None)
 
 
 def test_a_hold_that_waited_past_its_sessions_end_writes_nothing(

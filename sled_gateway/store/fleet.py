@@ -379,10 +379,9 @@ class FleetStore:
         now = time.time()
 
         def hold(conn: Connection) -> None:
-            replaced = conn.execute(
+            replaced = conn.execute(  # the one row of the project (its primary key), if any
                 delete(SLEDS).where(SLEDS.c.project == project).returning(SLEDS.c.replica)
-            ).scalars()
-            others = {r for r in replaced if r not in (replica, GONE)}
+            ).scalar()
             conn.execute(
                 SLEDS.insert(),
                 {
@@ -395,10 +394,11 @@ class FleetStore:
                     "last_seen": now,
                 },
             )
-            if others and not still_held():  # raising rolls the transaction back
+            if replaced not in (None, replica, GONE) and not still_held():
+                # Raising rolls the transaction back: the other replica's row stays.
                 raise SessionEnded(
                     f"the session {session} of sled {project!r} ended before its row "
-                    f"could replace replica {sorted(others)[0]}'s"
+                    f"could replace replica {replaced}'s"
                 )
 
         await self._run(hold)
