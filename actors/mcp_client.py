@@ -83,7 +83,7 @@ def _no_cookies() -> Any:
     return NoCookies()
 
 
-def _load_http() -> tuple[Any, Any, Any]:
+def load_http() -> tuple[Any, Any, Any]:
     """httpx, aiohttp and the transport joining them (in a worker thread: slow)."""
     return (
         importlib.import_module("httpx"),
@@ -92,10 +92,11 @@ def _load_http() -> tuple[Any, Any, Any]:
     )
 
 
-def _replay_client(
+def replay_client(
     http: Any, aiohttp: Any, transports: Any, *, timeout: float, pool: int
 ) -> httpx.AsyncClient:
-    """An httpx client for the replays, on aiohttp's engine.
+    """An httpx client for the replays, on aiohttp's engine (``bench.paths`` takes
+    the same one for target 2's baseline, so both sides use one client).
 
     Each of httpx's defaults that matters here is set again on the aiohttp
     side, which has its own:
@@ -160,11 +161,11 @@ class LocalMcpClient:
     async def _http(self) -> httpx.AsyncClient:
         if self._client is None:
             try:
-                http, aiohttp, transports = await asyncio.to_thread(_load_http)
+                http, aiohttp, transports = await asyncio.to_thread(load_http)
             except ImportError as exc:
                 raise ReplayError(f"the HTTP client for local MCP cannot load: {exc}") from None
             if self._client is None:  # not made by another replay while this one waited
-                self._client = _replay_client(
+                self._client = replay_client(
                     http, aiohttp, transports, timeout=self.timeout, pool=self._concurrency + 2
                 )
                 # What the engine may raise past the transport's mapping (a header over

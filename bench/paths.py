@@ -68,8 +68,8 @@ from typing import Any
 
 import aiohttp
 import httpx
-from httpx_aiohttp import AiohttpTransport
 
+from actors.mcp_client import load_http, replay_client
 from bench.gateway_fleet import FLEET_PAUSE
 from bench.peers import new_event_loop, run_loop
 from bench.run import (
@@ -353,11 +353,7 @@ def mcp(checkouts: dict[str, Path], rounds: int, n: int) -> None:
             cpu = dict.fromkeys(checkouts, 0.0)
             loop = new_event_loop()
             light, heavy = loop.run_until_complete(_sessions())
-            engine = httpx.AsyncClient(
-                transport=AiohttpTransport(client=aiohttp.ClientSession, trust_env=False),
-                timeout=10,
-                trust_env=False,
-            )
+            engine = replay_client(*load_http(), timeout=10, pool=8)  # the uplink's
             try:
                 loop.run_until_complete(aiohttp_sequential(light, rpc_url, RPC_BODY, 100))
                 loop.run_until_complete(httpx_sequential(heavy, rpc_url, RPC_BODY, 100))
