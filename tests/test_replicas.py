@@ -133,6 +133,7 @@ def test_replica_b_lists_and_decides_a_request_of_a_sled_held_by_replica_a(
     assert sorted(rows) == [("r1", "approve"), ("r2", "deny")]
 
 
+@pytest.mark.slow  # about 8 s (sweeps and leases on two replicas): in CI's second pass
 def test_a_dead_replicas_pending_requests_are_withdrawn_by_a_survivor(
     replica: Callable[..., Gateway], pg_url: str, nats_server: NatsServer
 ) -> None:
@@ -210,6 +211,7 @@ def test_the_embedded_gateway_is_no_replica() -> None:
         assert gw._app.replicas is None and gw._app.approvals.replicas is None
 
 
+@pytest.mark.slow  # about 8 s (sweeps and leases on two replicas): in CI's second pass
 def test_a_replica_released_while_alive_lists_its_sled_again_and_drops_what_ended(
     replica: Callable[..., Gateway],
 ) -> None:
@@ -305,6 +307,7 @@ async def _answered_by_new(
     assert got.json() == {"from": "new"}
 
 
+@pytest.mark.slow  # about 8 s (sweeps and leases on two replicas): in CI's second pass
 def test_a_sled_reconnected_to_another_replica_is_let_go_by_its_old_one(
     replica: Callable[..., Gateway],
 ) -> None:
@@ -454,6 +457,7 @@ def test_a_sled_moved_to_a_replica_whose_clock_is_behind_is_let_go_by_its_old_on
         b.kill()
 
 
+@pytest.mark.slow  # about 8 s (sweeps and leases on two replicas): in CI's second pass
 def test_a_hold_that_waited_past_its_sessions_end_writes_nothing(
     replica: Callable[..., Gateway], postgres: PostgresServer, pg_url: str
 ) -> None:
@@ -821,6 +825,7 @@ def test_a_sealed_delivery_ring_is_sent_without_a_read_and_a_forged_one_is_not_b
     asyncio.run(scenario())
 
 
+@pytest.mark.slow  # about 8 s (sweeps and leases on two replicas): in CI's second pass
 def test_with_the_bus_up_rings_carry_changes_and_the_whole_fleet_is_read_only_while_it_is_away(
     replica: Callable[..., Gateway], nats_server: NatsServer
 ) -> None:
